@@ -6,6 +6,8 @@
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <string_view>
+#include <vector>
 
 #include "tensor/threadpool.h"
 #include "tensor/types.h"
@@ -26,6 +28,13 @@ struct WeightView {
 // does) and integer dot products; F32/F16/BF16 weights use float dot products.
 // Threads split the rows; prefill (n_tok > 1) tiles tokens so each weight block is unpacked
 // once per tile, not once per token.
+//
+// Activation quantization, per block of 32 (the same on every SIMD target):
+//   d = max|x| / 127, id = d != 0 ? 1 / d : 0, q = round_half_away_from_zero(x * id) in [-127, 127]
+// computed in float; the block's d and s = d * sum(q) (Q4_1's min term) stay in float.
+// Accumulation is in float, one block scale at a time, so results differ from a double
+// reference on the same quantized inputs by float rounding only.
+// Quantized types need cols % 32 == 0. x and y must not overlap. Throws qf::Error on bad input.
 void matmul(const WeightView& w, const float* x, int64_t n_tok, float* y, ThreadPool& pool);
 
 // Dequantizes row `row` of w into out[0..cols).
@@ -36,12 +45,24 @@ float dot_f32(const float* a, const float* b, size_t n);
 void axpy_f32(float a, const float* x, float* y, size_t n);  // y += a * x
 void scale_f32(float* y, float a, size_t n);                // y *= a
 
-// Name of the SIMD target chosen at run time (e.g. "AVX3_ZEN4", "AVX2", "EMU128").
+// Name of the SIMD target chosen at run time, as Highway names it ("AVX3_DL" = AVX-512 with
+// VNNI/VBMI, "AVX3" = AVX-512, "AVX2", "SCALAR").
 std::string simd_target_name();
 
-// fp16 / bf16 conversion (scalar, exact).
+// Caps run-time dispatch at a lower SIMD target, for tests and benchmarks. Names, best first:
+// "best" (no cap), "avx512vnni" (AVX3_DL), "avx512" (AVX3), "avx2", "scalar" (portable C++).
+// Returns false and changes nothing when the name is unknown or this CPU/OS cannot run it.
+// The environment variable QF_SIMD_TARGET=<name> does the same before the first kernel call
+// (an unknown or unsupported name there throws qf::Error from that call).
+// Not thread-safe: call it while no kernel runs.
+bool force_simd_target(std::string_view name);
+// The names force_simd_target accepts on this machine, best first ("best" excluded).
+std::vector<std::string> available_simd_targets();
+
+// fp16 / bf16 conversion (scalar, exact; round to nearest even; NaN stays NaN).
 float fp16_to_f32(uint16_t h);
 uint16_t f32_to_fp16(float f);
 float bf16_to_f32(uint16_t h);
+uint16_t f32_to_bf16(float f);
 
 }  // namespace qf

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Runs every test: sets up what is missing, writes the Python fixtures, builds, and runs ctest
+# (C++ unit tests against numpy references, llama.cpp goldens on SmolLM2, CLI tests).
+#   QF_SANITIZE=1 scripts/test.sh   the same under AddressSanitizer + UBSan (build-asan/)
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+scripts/setup.sh --deps
+python3 tests/python/make_fixtures.py --out tests/fixtures
+
+build=build
+flags=(-DCMAKE_BUILD_TYPE=Release)
+if [ "${QF_SANITIZE:-0}" = 1 ]; then
+  build=build-asan
+  flags=(-DCMAKE_BUILD_TYPE=RelWithDebInfo -DQF_SANITIZE=ON -DQF_BUILD_BENCH=OFF)
+fi
+cmake -S . -B "$build" -G Ninja "${flags[@]}" >/dev/null
+cmake --build "$build" -j"$(nproc)"
+cd "$build"
+ctest --output-on-failure -j"$(nproc)" --timeout 1800

@@ -1,0 +1,102 @@
+// qf run: generate text from a prompt, streaming tokens as they come.
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <iterator>
+#include <memory>
+
+#include "cli/commands.h"
+#include "cli/common.h"
+#include "sample/sampler.h"
+#include "tokenizer/tokenizer.h"
+#include "util/error.h"
+
+namespace qf::cli {
+
+namespace {
+
+struct RunOptions {
+  ModelOptions model;
+  KvOptions kv;
+  SamplerOptions sampling;
+  std::string prompt, prompt_file;
+  int n_predict = 128;
+  bool ignore_eos = false;
+  bool no_display_prompt = false;
+};
+
+std::string read_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) fail("cannot read ", path);
+  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+}
+
+double ms_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+}
+
+int run(const RunOptions& o) {
+  if (o.prompt.empty() == o.prompt_file.empty()) fail("give the prompt with exactly one of -p TEXT or -f FILE");
+  const std::string prompt = o.prompt_file.empty() ? o.prompt : read_file(o.prompt_file);
+  Engine e = make_engine(o.model, o.kv);
+  Session& s = *e.session;
+  const Tokenizer tok = Tokenizer::from_gguf(e.model->file());
+  const std::vector<int32_t> ids = tok.encode(prompt, /*add_special=*/true, /*parse_special=*/true);
+  if (ids.empty()) fail("the prompt is empty after tokenization");
+  if (static_cast<int>(ids.size()) >= s.n_ctx())
+    fail("prompt has ", ids.size(), " tokens, the context holds ", s.n_ctx(), " (raise -c or shorten the prompt)");
+
+  if (!o.no_display_prompt) {
+    std::fwrite(prompt.data(), 1, prompt.size(), stdout);
+    std::fflush(stdout);
+  }
+  Sampler sampler(o.sampling);
+  StreamDecoder stream(tok);
+  const auto t0 = std::chrono::steady_clock::now();
+  std::span<const float> logits = s.prefill(ids);
+  const double prompt_ms = ms_since(t0);
+
+  const auto t1 = std::chrono::steady_clock::now();
+  int n_gen = 0;
+  const int limit = o.n_predict < 0 ? s.n_ctx() : o.n_predict;
+  while (n_gen < limit && s.n_past() < s.n_ctx()) {
+    const int32_t next = sampler.sample(logits);
+    ++n_gen;
+    if (tok.is_eog(next) && !o.ignore_eos) break;
+    const std::string text = stream.push(next);
+    std::fwrite(text.data(), 1, text.size(), stdout);
+    std::fflush(stdout);
+    if (n_gen == limit || s.n_past() >= s.n_ctx()) break;
+    logits = s.eval(std::span<const int32_t>(&next, 1));
+  }
+  const std::string rest = stream.flush();
+  std::fwrite(rest.data(), 1, rest.size(), stdout);
+  std::printf("\n");
+  const double gen_ms = ms_since(t1);
+  std::fprintf(stderr, "\nprompt: %zu tokens in %.1f ms (%.1f tok/s) | generation: %d tokens in %.1f ms (%.1f tok/s) | %d threads, %s\n",
+               ids.size(), prompt_ms, ids.size() * 1e3 / prompt_ms, n_gen, gen_ms,
+               n_gen > 0 ? n_gen * 1e3 / gen_ms : 0.0, s.pool().size(), simd_target_name().c_str());
+  std::fprintf(stderr, "%s\n", kv_summary(s).c_str());
+  return 0;
+}
+
+}  // namespace
+
+void register_run(CLI::App& app) {
+  auto o = std::make_shared<RunOptions>();
+  CLI::App* cmd = app.add_subcommand("run", "generate text from a prompt");
+  add_model_options(cmd, o->model);
+  cmd->add_option("-p,--prompt", o->prompt, "prompt text (special tokens such as <|im_start|> are parsed)");
+  cmd->add_option("-f,--file", o->prompt_file, "read the prompt from a file")->check(CLI::ExistingFile);
+  cmd->add_option("-n,--n-predict", o->n_predict, "tokens to generate (-1 = until end of text or context)");
+  cmd->add_option("--temp", o->sampling.temperature, "temperature (0 = greedy)");
+  cmd->add_option("--top-k", o->sampling.top_k, "top-k cut (0 = off)");
+  cmd->add_option("--top-p", o->sampling.top_p, "nucleus cut (1 = off)");
+  cmd->add_option("-s,--seed", o->sampling.seed, "sampling seed");
+  cmd->add_flag("--ignore-eos", o->ignore_eos, "keep generating past end-of-text tokens");
+  cmd->add_flag("--no-display-prompt", o->no_display_prompt, "do not echo the prompt");
+  add_kv_options(cmd, o->kv);
+  cmd->callback([o] { run(*o); });
+}
+
+}  // namespace qf::cli

@@ -1,0 +1,102 @@
+#include "kv/compressor.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+
+#include "util/error.h"
+
+namespace qf::kv {
+
+namespace {
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+}  // namespace
+
+void CompressionConfig::validate(int n_layers) const {
+  if (budget < 0) fail("--kv-budget must be >= 0");
+  if (window < 0) fail("--kv-window must be >= 0");
+  if (budget > 0 && window >= budget) fail("--kv-window (", window, ") must be smaller than --kv-budget (", budget, ")");
+  if (evict_every < 1) fail("--kv-evict-every must be >= 1");
+  if (budget > 0 && evict_every > budget - window)
+    fail("--kv-evict-every (", evict_every, ") must not exceed budget - window (", budget - window, ")");
+  if (!(prefill_ratio >= 0.0f && prefill_ratio < 1.0f)) fail("--kv-ratio must be in [0, 1)");
+  if (skip_layers < 0 || skip_layers > n_layers) fail("--kv-skip-layers must be in [0, ", n_layers, "]");
+}
+
+Compressor::Compressor(std::unique_ptr<Policy> policy, PolicyOptions options, CompressionConfig config)
+    : policy_(std::move(policy)), options_(options), config_(config) {
+  if (!policy_) fail("compressor needs a policy");
+}
+
+int Compressor::capacity(int layer, int n_ctx, int max_step) const {
+  if (layer < config_.skip_layers || config_.budget <= 0 || config_.prefill_ratio > 0) return n_ctx;
+  return std::min(n_ctx, config_.budget + max_step);
+}
+
+void Compressor::after_step(Cache& cache) {
+  if (config_.budget <= 0) return;
+  const int target = std::max(config_.window, config_.budget - (config_.evict_every - 1));
+  for (int l = config_.skip_layers; l < cache.shape().n_layers; ++l) {
+    bool over = false;
+    for (int h = 0; h < cache.shape().n_kv_heads; ++h) over |= cache.head(l, h).n > config_.budget;
+    if (over) compress_layer(cache, l, target, config_.window);
+  }
+}
+
+void Compressor::after_prefill(Cache& cache, int n_prompt) {
+  if (config_.prefill_ratio <= 0) return;
+  for (int l = config_.skip_layers; l < cache.shape().n_layers; ++l) {
+    // All heads of a layer hold the same count before compression.
+    const int n = cache.head(l, 0).n;
+    const int target = static_cast<int>(static_cast<double>(std::min(n, n_prompt)) * (1.0 - config_.prefill_ratio));
+    compress_layer(cache, l, std::max(target, 1), std::min(config_.window, std::max(target, 1)));
+  }
+}
+
+void Compressor::compress_layer(Cache& cache, int layer, int target, int keep_recent) {
+  if (keep_recent > target) fail("compress_layer: keep_recent > target");
+  auto t0 = std::chrono::steady_clock::now();
+  policy_->score_layer(cache, layer, scores_);
+  stats_.score_seconds += seconds_since(t0);
+
+  t0 = std::chrono::steady_clock::now();
+  bool any = false;
+  for (int h = 0; h < cache.shape().n_kv_heads; ++h) {
+    const int n = cache.head(layer, h).n;
+    if (n <= target) continue;
+    any = true;
+    const int n_old = n - keep_recent, n_keep_old = target - keep_recent;
+    const std::vector<float>& s = scores_[h];
+    order_.resize(n_old);
+    for (int i = 0; i < n_old; ++i) order_[i] = i;
+    // Descending score; among equal scores the newer slot ranks first. NaN ranks last.
+    auto better = [&](int a, int b) {
+      const float sa = s[a], sb = s[b];
+      if (sa != sb && !(std::isnan(sa) && std::isnan(sb))) {  // two NaNs tie like equal scores
+        if (std::isnan(sa)) return false;
+        if (std::isnan(sb)) return true;
+        return sa > sb;
+      }
+      return a > b;
+    };
+    if (n_keep_old < n_old) std::nth_element(order_.begin(), order_.begin() + n_keep_old, order_.end(), better);
+    keep_.assign(order_.begin(), order_.begin() + n_keep_old);
+    std::sort(keep_.begin(), keep_.end());
+    for (int i = n_old; i < n; ++i) keep_.push_back(i);
+    cache.retain(layer, h, keep_);
+    stats_.evicted += n - target;
+  }
+  // Window statistics (snapkv) observe the queries since the layer's last scoring round.
+  const AttentionStats want = needs();
+  if (want.window > 0 && !want.accumulate)
+    for (int h = 0; h < cache.shape().n_kv_heads; ++h) {
+      HeadCache& hc = cache.head(layer, h);
+      std::fill(hc.attn_sum.begin(), hc.attn_sum.end(), 0.0f);
+    }
+  if (any) ++stats_.evictions;
+  stats_.evict_seconds += seconds_since(t0);
+}
+
+}  // namespace qf::kv

@@ -1,0 +1,66 @@
+// When and how much to evict. Two modes, usable together:
+//  - streaming (generation): a head holds at most `budget` tokens between steps; the newest
+//    `window` tokens are always kept; once a head exceeds the budget, the lowest-scored older
+//    tokens go, `evict_every` at a time so the scoring cost is amortised;
+//  - prefill: after the prompt, each head keeps int(T * (1 - ratio)) of its T prompt tokens by
+//    top score (kvpress ScorerPress semantics).
+// The first `skip_layers` layers are never compressed.
+#pragma once
+#include <cstdint>
+#include <memory>
+
+#include "kv/cache.h"
+#include "kv/policy.h"
+
+namespace qf::kv {
+
+struct CompressionConfig {
+  int budget = 0;           // 0: no streaming cap
+  int window = 0;           // newest tokens always kept (streaming)
+  int evict_every = 1;      // streaming eviction granularity
+  float prefill_ratio = 0;  // 0: no prefill compression; else in (0, 1)
+  int skip_layers = 0;
+  bool enabled() const { return budget > 0 || prefill_ratio > 0; }
+  // Throws qf::Error on inconsistent settings (window >= budget, ratio outside [0, 1), ...).
+  void validate(int n_layers) const;
+};
+
+struct CompressionStats {
+  int64_t evicted = 0;       // slots evicted, over all heads
+  int64_t evictions = 0;     // eviction rounds
+  double score_seconds = 0;  // time in policy scoring
+  double evict_seconds = 0;  // time compacting the cache
+};
+
+class Compressor {
+ public:
+  Compressor(std::unique_ptr<Policy> policy, PolicyOptions options, CompressionConfig config);
+
+  const Policy& policy() const { return *policy_; }
+  const CompressionConfig& config() const { return config_; }
+  const CompressionStats& stats() const { return stats_; }
+  AttentionStats needs() const { return policy_->needs(options_); }
+
+  // Tokens each head of `layer` must be able to hold at once, when at most `max_step` tokens
+  // are appended between compressions and a sequence is at most `n_ctx` long.
+  int capacity(int layer, int n_ctx, int max_step) const;
+
+  // Streaming: call after every forward step.
+  void after_step(Cache& cache);
+  // Prefill: call once after the whole prompt of `n_prompt` tokens is in the cache.
+  void after_prefill(Cache& cache, int n_prompt);
+
+  // Keeps, in each head of `layer`, the `keep_recent` newest slots plus the top-scored
+  // `target - keep_recent` older ones (ties: the newer slot wins). Exposed for tests.
+  void compress_layer(Cache& cache, int layer, int target, int keep_recent);
+
+ private:
+  std::unique_ptr<Policy> policy_;
+  PolicyOptions options_;
+  CompressionConfig config_;
+  CompressionStats stats_;
+  std::vector<std::vector<float>> scores_;  // reused between calls
+  std::vector<int> order_, keep_;
+};
+
+}  // namespace qf::kv

@@ -1,0 +1,23 @@
+// K-norm: keys with a small L2 norm tend to receive more attention (keep the smallest norms).
+#include "kv/policies/policies.h"
+#include "tensor/kernels.h"
+
+#include <cmath>
+
+namespace qf::kv::policies {
+
+namespace {
+class KNorm final : public Policy {
+ public:
+  std::string_view name() const override { return "knorm"; }
+  void score_head(const Cache& cache, int layer, int kv_head, std::span<float> scores) override {
+    const int d = cache.shape().head_dim;
+    const HeadCache& hc = cache.head(layer, kv_head);
+    for (int j = 0; j < hc.n; ++j) scores[j] = -std::sqrt(dot_f32(hc.key(j, d), hc.key(j, d), d));
+  }
+};
+}  // namespace
+
+std::unique_ptr<Policy> make_knorm(const PolicyOptions&) { return std::make_unique<KNorm>(); }
+
+}  // namespace qf::kv::policies

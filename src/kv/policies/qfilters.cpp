@@ -1,0 +1,33 @@
+// Q-Filters (Godey et al., 2025): a key's projection on its head's filter estimates the mean
+// attention logit future queries will give it, without computing any attention weight.
+#include "kv/policies/policies.h"
+#include "tensor/kernels.h"
+#include "util/error.h"
+
+namespace qf::kv::policies {
+
+namespace {
+class QFilters final : public Policy {
+ public:
+  explicit QFilters(std::span<const float> filters) : filters_(filters) {}
+  std::string_view name() const override { return "qfilters"; }
+  void score_head(const Cache& cache, int layer, int kv_head, std::span<float> scores) override {
+    const CacheShape& s = cache.shape();
+    if (filters_.size() != static_cast<size_t>(s.n_layers) * s.n_kv_heads * s.head_dim)
+      fail("qfilters: filters have ", filters_.size(), " values, the model needs ", s.n_layers, "x", s.n_kv_heads, "x", s.head_dim);
+    const float* f = filters_.data() + (static_cast<size_t>(layer) * s.n_kv_heads + kv_head) * s.head_dim;
+    const HeadCache& hc = cache.head(layer, kv_head);
+    for (int j = 0; j < hc.n; ++j) scores[j] = dot_f32(hc.key(j, s.head_dim), f, s.head_dim);
+  }
+
+ private:
+  std::span<const float> filters_;
+};
+}  // namespace
+
+std::unique_ptr<Policy> make_qfilters(const PolicyOptions& o) {
+  if (o.filters.empty()) fail("--kv-policy qfilters needs a filter file (--filters FILE; make one with qf calibrate)");
+  return std::make_unique<QFilters>(o.filters);
+}
+
+}  // namespace qf::kv::policies

@@ -1,0 +1,41 @@
+#include <string>
+#include <utility>
+
+#include "kv/policies/policies.h"
+#include "util/error.h"
+
+namespace qf::kv {
+
+namespace {
+using Factory = std::unique_ptr<Policy> (*)(const PolicyOptions&);
+constexpr std::pair<std::string_view, Factory> kPolicies[] = {
+    {"qfilters", policies::make_qfilters}, {"knorm", policies::make_knorm},
+    {"streaming", policies::make_streaming}, {"random", policies::make_random},
+    {"snapkv", policies::make_snapkv}, {"tova", policies::make_tova},
+    {"h2o", policies::make_h2o},
+};
+}  // namespace
+
+std::vector<std::string> policy_names() {
+  std::vector<std::string> names{"none"};
+  for (const auto& [name, factory] : kPolicies) names.emplace_back(name);
+  return names;
+}
+
+std::unique_ptr<Policy> make_policy(std::string_view name, const PolicyOptions& options) {
+  for (const auto& [n, factory] : kPolicies)
+    if (n == name) return factory(options);
+  std::string known;
+  for (const auto& n : policy_names()) known += (known.empty() ? "" : ", ") + n;
+  fail("unknown KV policy '", name, "' (known: ", known, ")");
+}
+
+void Policy::score_layer(const Cache& cache, int layer, std::vector<std::vector<float>>& scores) {
+  scores.resize(cache.shape().n_kv_heads);
+  for (int h = 0; h < cache.shape().n_kv_heads; ++h) {
+    scores[h].resize(cache.head(layer, h).n);
+    score_head(cache, layer, h, scores[h]);
+  }
+}
+
+}  // namespace qf::kv

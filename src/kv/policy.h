@@ -1,0 +1,44 @@
+// Eviction policies. A policy only scores cached tokens (higher = more worth keeping); the
+// Compressor decides when to evict and how many, so a new policy is one small file with one
+// scoring function (see kv/policies/), registered in kv/policies/registry.cpp.
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "kv/cache.h"
+
+namespace qf::kv {
+
+struct PolicyOptions {
+  uint64_t seed = 0;                 // random
+  int n_sink = 4;                    // streaming
+  int snapkv_window = 64;            // snapkv: queries whose attention is observed
+  int snapkv_kernel = 5;             // snapkv: average-pooling width
+  // qfilters: [n_layers][n_kv_heads][head_dim], oriented so that a larger <k, f> means keep.
+  std::span<const float> filters;
+};
+
+class Policy {
+ public:
+  virtual ~Policy() = default;
+  virtual std::string_view name() const = 0;
+  // Attention statistics the cache must keep for this policy (forces the non-fused path).
+  virtual AttentionStats needs(const PolicyOptions&) const { return {}; }
+  // Scores the first `hc.n` slots of one head into scores[0..n). Higher is kept.
+  virtual void score_head(const Cache& cache, int layer, int kv_head, std::span<float> scores) = 0;
+  // Scores every head of a layer; policies whose score mixes heads (tova) override this.
+  virtual void score_layer(const Cache& cache, int layer, std::vector<std::vector<float>>& scores);
+};
+
+// Names accepted by make_policy, e.g. for --help and error messages.
+std::vector<std::string> policy_names();
+// Throws qf::Error for an unknown name or options the policy cannot use (e.g. qfilters
+// without filters).
+std::unique_ptr<Policy> make_policy(std::string_view name, const PolicyOptions& options);
+
+}  // namespace qf::kv
