@@ -795,6 +795,7 @@ TEST(Gguf, PythonFixturesOpen) {
     EXPECT_EQ(j.at("logits").size(), toks.size());
     EXPECT_EQ(j.at("logits").at(0).size(), static_cast<size_t>(V));
     EXPECT_EQ(j.at("logits_actq8").size(), toks.size());
+    EXPECT_EQ(j.at("actq8_margin").size(), toks.size());
   }
   EXPECT_GE(n, 6) << "expected the fixtures written by tests/python/make_fixtures.py in " << dir;
 }

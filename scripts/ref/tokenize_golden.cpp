@@ -79,7 +79,9 @@ int main(int argc, char** argv) {
     return 1;
   }
   const llama_vocab* vocab = llama_model_get_vocab(model);
-  const json req = json::parse(std::istreambuf_iterator<char>(std::cin), std::istreambuf_iterator<char>());
+  // Read stdin whole first: parsing straight from istreambuf_iterator spins in libstdc++ 12.
+  const std::string input((std::istreambuf_iterator<char>(std::cin)), std::istreambuf_iterator<char>());
+  const json req = json::parse(input);
 
   json out;
   const int32_t n_vocab = llama_vocab_n_tokens(vocab);

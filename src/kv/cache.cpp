@@ -59,9 +59,11 @@ void Cache::retain(int layer, int kv_head, std::span<const int> keep) {
     fail("kv cache: retain() on layer ", layer, " head ", kv_head, " out of range");
   HeadCache& hc = head(layer, kv_head);
   const int d = shape_.head_dim;
-  int out = 0;
+  int out = 0, prev = -1;
   for (int slot : keep) {
-    if (slot < out || slot >= hc.n) fail("kv cache: retain() needs ascending slots inside the cache");
+    // Strictly ascending: a repeated slot would duplicate a token.
+    if (slot <= prev || slot >= hc.n) fail("kv cache: retain() needs strictly ascending slots inside the cache");
+    prev = slot;
     if (slot != out) {
       std::memmove(hc.k.data() + static_cast<size_t>(out) * d, hc.k.data() + static_cast<size_t>(slot) * d,
                    d * sizeof(float));

@@ -36,6 +36,9 @@ Session::Session(const Model& model, SessionOptions opt)
     stats = compressor_->needs();
     for (int l = 0; l < c.n_layers; ++l) capacity[l] = compressor_->capacity(l, n_ctx_, n_batch_);
   }
+  stats.accumulate |= opt.stats.accumulate;
+  stats.last_query |= opt.stats.last_query;
+  stats.window = std::max(stats.window, opt.stats.window);
   cache_ = std::make_unique<kv::Cache>(kv::CacheShape{c.n_layers, c.n_kv_heads, c.head_dim}, capacity, stats);
 
   // Rotary frequencies: pairs (2i, 2i+1) rotate by pos * base^(-2i/n_rot) (GGUF's row order).
@@ -62,6 +65,40 @@ void Session::reset() {
   cache_->clear();
   n_past_ = 0;
   prompt_end_ = 0;
+}
+
+void Session::copy_state_from(const Session& src) {
+  if (&src == this) return;
+  if (&src.model_ != &model_) fail("copy_state_from: the sessions run different models");
+  if (src.n_past_ > n_ctx_) fail("copy_state_from: ", src.n_past_, " tokens exceed this session's context of ", n_ctx_);
+  const kv::Cache& from = *src.cache_;
+  kv::Cache& to = *cache_;
+  const kv::CacheShape& s = to.shape();
+  for (int l = 0; l < s.n_layers; ++l)
+    for (int h = 0; h < s.n_kv_heads; ++h)
+      if (from.head(l, h).n > to.capacity(l))
+        fail("copy_state_from: layer ", l, " holds ", from.head(l, h).n, " tokens, this cache only ", to.capacity(l));
+  auto copy_stat = [](const auto& a, auto& b, int n) {
+    if (b.empty()) return;
+    if (a.empty()) std::fill(b.begin(), b.begin() + n, 0);
+    else std::copy(a.begin(), a.begin() + n, b.begin());
+  };
+  const size_t d = s.head_dim;
+  for (int l = 0; l < s.n_layers; ++l)
+    for (int h = 0; h < s.n_kv_heads; ++h) {
+      const kv::HeadCache& a = from.head(l, h);
+      kv::HeadCache& b = to.head(l, h);
+      std::copy(a.k.begin(), a.k.begin() + a.n * d, b.k.begin());
+      std::copy(a.v.begin(), a.v.begin() + a.n * d, b.v.begin());
+      std::copy(a.pos.begin(), a.pos.begin() + a.n, b.pos.begin());
+      copy_stat(a.attn_sum, b.attn_sum, a.n);
+      copy_stat(a.attn_cnt, b.attn_cnt, a.n);
+      copy_stat(a.attn_last, b.attn_last, a.n);
+      b.n = a.n;
+    }
+  to.queries_seen = from.queries_seen;
+  n_past_ = src.n_past_;
+  prompt_end_ = src.prompt_end_;
 }
 
 std::span<const float> Session::prefill(std::span<const int32_t> tokens) {

@@ -20,6 +20,10 @@ struct SessionOptions {
   int n_threads = 0;  // 0 = all cores
   int n_batch = 256;  // tokens per forward chunk during prefill
   std::unique_ptr<kv::Compressor> compressor;  // null = full cache
+  // Attention statistics to keep in addition to the compressor's needs (e.g. for a session whose
+  // cache is shared with several policies through copy_state_from). accumulate and window both
+  // write attn_sum, so asking for both mixes them.
+  kv::AttentionStats stats;
 };
 
 // Called inside the forward pass with each layer's queries and keys after the rotary embedding:
@@ -48,6 +52,12 @@ class Session {
 
   // Forgets the sequence; memory stays allocated.
   void reset();
+
+  // Continues `src`'s sequence: copies its position and, per head, the cached keys, values,
+  // positions and the attention statistics this cache keeps (zero where src keeps none), so one
+  // prefill can be shared by several policies. Same model required; throws qf::Error when a head
+  // of src holds more tokens than this cache can.
+  void copy_state_from(const Session& src);
 
   void set_qk_hook(QkHook hook) { qk_hook_ = std::move(hook); }
 

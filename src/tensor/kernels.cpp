@@ -4,6 +4,7 @@
 
 #include <hwy/targets.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <memory>

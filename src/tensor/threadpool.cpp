@@ -13,7 +13,18 @@ namespace qf {
 
 namespace {
 constexpr int kSpinIterations = 1 << 16;  // ~a few hundred microseconds before sleeping
+// After spinning this long (~40 us), also give the core away now and then: when there are more
+// runnable threads than cores (other processes, or a pool larger than the machine) the thread we
+// wait for may be queued behind us, and pure spinning would stall each run() for a whole
+// scheduler time slice. Short waits, the common case in decode, never yield.
+constexpr int kSpinBeforeYield = 2048;
+constexpr int kYieldEvery = 64;
+
+inline void spin_pause(int spin) {
+  if (spin >= kSpinBeforeYield && spin % kYieldEvery == 0) std::this_thread::yield();
+  else QF_CPU_RELAX();
 }
+}  // namespace
 
 int ThreadPool::default_threads() {
   unsigned n = std::thread::hardware_concurrency();
@@ -40,7 +51,7 @@ void ThreadPool::worker(int index) {
   for (;;) {
     uint64_t gen = generation_.load(std::memory_order_acquire);
     for (int spin = 0; gen == seen && spin < kSpinIterations; ++spin) {
-      QF_CPU_RELAX();
+      spin_pause(spin);
       gen = generation_.load(std::memory_order_acquire);
     }
     if (gen == seen) {
@@ -71,7 +82,7 @@ void ThreadPool::run(const std::function<void(int, int)>& fn) {
   }
   if (sleepers_.load() > 0) cv_.notify_all();
   fn(0, n_threads_);
-  while (pending_.load(std::memory_order_acquire) != 0) QF_CPU_RELAX();
+  for (int spin = 0; pending_.load(std::memory_order_acquire) != 0; ++spin) spin_pause(spin);
   job_ = nullptr;
 }
 

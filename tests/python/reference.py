@@ -54,6 +54,7 @@ class Linear:
     """A weight matrix [n_out, n_in] (float64, dequantized) and the ggml type it was stored as."""
     w: np.ndarray
     qtype: QT = QT.F32
+    mins: np.ndarray | None = None   # Q4_1 only: per-block minimum m [n_out, n_in/32], for llamacpp mode
 
 
 @dataclass
@@ -108,7 +109,13 @@ def load(path: str) -> Model:
         return a.reshape(-1, cols) if len(t.shape) > 1 else a.reshape(cols)
 
     def lin(name: str) -> Linear:
-        return Linear(mat(name), QT(int(tensors[name].tensor_type)))
+        t = tensors[name]
+        qt = QT(int(t.tensor_type))
+        mins = None
+        if qt == QT.Q4_1:  # block: fp16 d, fp16 m, 16 bytes of nibbles
+            raw = np.ascontiguousarray(t.data).reshape(t.data.shape[0], -1, 20)
+            mins = np.ascontiguousarray(raw[:, :, 2:4]).view(np.float16)[..., 0].astype(np.float64)
+        return Linear(mat(name), qt, mins)
 
     n_vocab = int(tensors["token_embd.weight"].shape[1])
     head_dim = n_embd // n_head
@@ -149,22 +156,60 @@ def round_half_away(x: np.ndarray) -> np.ndarray:
     return np.sign(x) * (f + (a - f >= 0.5))
 
 
-def quantize_act_q8(x: np.ndarray) -> np.ndarray:
-    """Emulates ggml's Q8_0 activation blocks: returns q * fp16(d) per 32-element block."""
-    shape = x.shape
-    b = x.reshape(-1, 32)
-    d = np.abs(b).max(axis=1, keepdims=True) / 127.0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        q = np.where(d > 0, round_half_away(b / np.where(d > 0, d, 1.0)), 0.0)
-    q = np.clip(q, -127, 127)
-    return (q * d.astype(np.float16).astype(np.float64)).reshape(shape)
+def _act_q8_blocks(x: np.ndarray, margins: np.ndarray | None = None):
+    """x [T, n] (n a multiple of 32) -> q [T, n/32, 32] (integers as float64) and d [T, n/32]."""
+    T, n = x.shape
+    b = x.reshape(T, n // 32, 32)
+    d = np.abs(b).max(axis=2) / 127.0
+    v = np.abs(b) / np.where(d > 0, d, 1.0)[..., None]
+    q = np.clip(np.sign(b) * round_half_away(v), -127, 127)   # all zero where d == 0
+    if margins is not None:
+        gap = np.where(d[..., None] > 0, np.abs(v - np.floor(v) - 0.5), np.inf)
+        np.minimum(margins, gap.reshape(T, -1).min(axis=1), out=margins)
+    return q, d
 
 
-def matmul(x: np.ndarray, lin: Linear, act_q8: bool) -> np.ndarray:
-    """x [T, n_in] -> [T, n_out]."""
-    if act_q8 and lin.qtype in Q8_ACT_TYPES:
-        x = quantize_act_q8(x)
-    return x @ lin.w.T
+def quantize_act_q8(x: np.ndarray, margins: np.ndarray | None = None) -> np.ndarray:
+    """Emulates ggml's Q8_0 activation blocks on x [T, n]: returns q * fp16(d) per block.
+
+    If `margins` [T] is given, it is lowered to the smallest distance, in units of q, between
+    |x|/d and a rounding boundary k + 1/2 seen in each row: where that is tiny, an engine
+    computing in float32 may round the other way (see README)."""
+    q, d = _act_q8_blocks(x, margins)
+    return (q * _fp16(d)[..., None]).reshape(x.shape)
+
+
+def _fp16(x: np.ndarray) -> np.ndarray:
+    return x.astype(np.float32).astype(np.float16).astype(np.float64)
+
+
+def _bf16(x: np.ndarray) -> np.ndarray:
+    """fp32 -> bf16 with round-to-nearest-even, as ggml_compute_fp32_to_bf16 (finite inputs)."""
+    u = x.astype(np.float32).view(np.uint32).astype(np.uint64)
+    u = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16
+    return u.astype(np.uint32).view(np.float32).astype(np.float64)
+
+
+def matmul(x: np.ndarray, lin: Linear, act_q8: bool, margins: np.ndarray | None = None,
+           llamacpp: bool = False) -> np.ndarray:
+    """x [T, n_in] -> [T, n_out].
+
+    llamacpp=True additionally mimics what llama.cpp's CPU backend does, for cross-checks only:
+    activations are rounded to fp16 / bf16 before F16 / BF16 matmuls, and for Q4_1 the block sum
+    term m * sum(x') uses ggml's Q8_1 field s = fp16(d * sum(q)) instead of the exact sum."""
+    if llamacpp and lin.qtype == QT.F16:
+        return _fp16(x) @ lin.w.T
+    if llamacpp and lin.qtype == QT.BF16:
+        return _bf16(x) @ lin.w.T
+    if not (act_q8 or llamacpp) or lin.qtype not in Q8_ACT_TYPES:
+        return x @ lin.w.T
+    q, d = _act_q8_blocks(x, margins)
+    y = (q * _fp16(d)[..., None]).reshape(x.shape) @ lin.w.T
+    if llamacpp and lin.qtype == QT.Q4_1:
+        # exact sum(x') is fp16(d) * sum(q); ggml uses its stored s = fp16(d * sum(q)) instead
+        sum_q = q.sum(axis=2)
+        y = y + (_fp16(d * sum_q) - _fp16(d) * sum_q) @ lin.mins.T
+    return y
 
 
 def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
@@ -187,11 +232,13 @@ def silu(x: np.ndarray) -> np.ndarray:
     return x / (1.0 + np.exp(-x))
 
 
-def forward(m: Model, tokens, act_q8: bool = False, collect_qk: list | None = None) -> np.ndarray:
+def forward(m: Model, tokens, act_q8: bool = False, collect_qk: list | None = None,
+            margins: np.ndarray | None = None, llamacpp: bool = False) -> np.ndarray:
     """Logits [T, n_vocab] for every position of `tokens` (positions 0..T-1, causal).
 
     If collect_qk is a list, (q, k) per layer are appended: post-RoPE queries [T, n_head, head_dim]
-    and keys [T, n_head_kv, head_dim]."""
+    and keys [T, n_head_kv, head_dim]. margins: see quantize_act_q8 (only used with act_q8).
+    llamacpp: see matmul; implies act_q8."""
     c = m.cfg
     tokens = np.asarray(tokens, dtype=np.int64)
     T = len(tokens)
@@ -201,9 +248,9 @@ def forward(m: Model, tokens, act_q8: bool = False, collect_qk: list | None = No
     causal = np.triu(np.full((T, T), -np.inf), k=1)
     for L in m.layers:
         h = rmsnorm(x, L.attn_norm, c.rms_eps)
-        q = matmul(h, L.wq, act_q8).reshape(T, c.n_head, c.head_dim)
-        k = matmul(h, L.wk, act_q8).reshape(T, c.n_head_kv, c.head_dim)
-        v = matmul(h, L.wv, act_q8).reshape(T, c.n_head_kv, c.head_dim)
+        q = matmul(h, L.wq, act_q8, margins, llamacpp).reshape(T, c.n_head, c.head_dim)
+        k = matmul(h, L.wk, act_q8, margins, llamacpp).reshape(T, c.n_head_kv, c.head_dim)
+        v = matmul(h, L.wv, act_q8, margins, llamacpp).reshape(T, c.n_head_kv, c.head_dim)
         q = rope(q, pos, c.n_rot, c.rope_base)
         k = rope(k, pos, c.n_rot, c.rope_base)
         if collect_qk is not None:
@@ -215,11 +262,13 @@ def forward(m: Model, tokens, act_q8: bool = False, collect_qk: list | None = No
             s = np.exp(s - s.max(axis=1, keepdims=True))
             s /= s.sum(axis=1, keepdims=True)
             att[:, hh, :] = s @ v[:, kv, :]
-        x = x + matmul(att.reshape(T, -1), L.wo, act_q8)
+        x = x + matmul(att.reshape(T, -1), L.wo, act_q8, margins, llamacpp)
         h = rmsnorm(x, L.ffn_norm, c.rms_eps)
-        x = x + matmul(silu(matmul(h, L.w_gate, act_q8)) * matmul(h, L.w_up, act_q8), L.w_down, act_q8)
+        gate = matmul(h, L.w_gate, act_q8, margins, llamacpp)
+        up = matmul(h, L.w_up, act_q8, margins, llamacpp)
+        x = x + matmul(silu(gate) * up, L.w_down, act_q8, margins, llamacpp)
     h = rmsnorm(x, m.output_norm, c.rms_eps)
-    return matmul(h, m.output, act_q8)
+    return matmul(h, m.output, act_q8, margins, llamacpp)
 
 
 def queries_keys(m: Model, tokens, act_q8: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -235,7 +284,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("model")
     ap.add_argument("--tokens", required=True, help="comma-separated token ids")
-    ap.add_argument("--act-q8", action="store_true", help="emulate llama.cpp's 8-bit activations")
+    ap.add_argument("--act-q8", action="store_true", help="8-bit activations before Q4_0/Q4_1/Q8_0 matmuls")
+    ap.add_argument("--llamacpp", action="store_true",
+                    help="also mimic llama.cpp's fp16/bf16 activations and Q4_1 fp16 block sums (cross-checks)")
     ap.add_argument("--top", type=int, default=5, help="top logits to print per position")
     ap.add_argument("--greedy", type=int, default=0, help="then greedily generate this many tokens")
     ap.add_argument("--npy", help="save the [T, n_vocab] logits here")
@@ -245,7 +296,7 @@ def main(argv=None) -> int:
     if any(t < 0 or t >= m.cfg.n_vocab for t in toks):
         print(f"token ids must be in [0, {m.cfg.n_vocab})", file=sys.stderr)
         return 2
-    logits = forward(m, toks, act_q8=a.act_q8)
+    logits = forward(m, toks, act_q8=a.act_q8, llamacpp=a.llamacpp)
     if a.npy:
         np.save(a.npy, logits)
     names = None
@@ -261,7 +312,7 @@ def main(argv=None) -> int:
     if a.greedy:
         seq = list(toks)
         for _ in range(a.greedy):
-            seq.append(int(np.argmax(forward(m, seq, act_q8=a.act_q8)[-1])))
+            seq.append(int(np.argmax(forward(m, seq, act_q8=a.act_q8, llamacpp=a.llamacpp)[-1])))
         gen = seq[len(toks):]
         print("greedy:", gen)
         if names:

@@ -1,0 +1,167 @@
+#!/usr/bin/env python3
+"""Prefill and decode speed of qf against llama.cpp on the same model, threads and shapes.
+
+Runs `qf bench` and `llama_ref bench` (scripts/ref/llama_ref.cpp) one repetition at a time,
+alternating engines (qf, llama.cpp, qf, ...) so that both see the same machine noise, then
+prints a markdown table of medians and writes results/bench_vs_llamacpp.json.
+
+Both engines measure llama-bench style: prefill = one P-token prompt in a single batch;
+decode = N greedy single-token steps on top of that P-token context.
+
+  scripts/bench_vs_llamacpp.py [--model M] [--threads T] [--reps R] [--qf build/qf]
+  scripts/bench_vs_llamacpp.py --llama-only     # just llama.cpp (e.g. before qf bench exists)
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+DEFAULT_MODEL = os.path.join(ROOT, "models", "SmolLM2-135M-Instruct.Q4_1.gguf")
+LLAMA_REF = os.path.join(ROOT, "build-ref", "llama_ref")
+REQUIRED = ["prefill_tok_s", "decode_tok_s", "prompt_tokens", "gen_tokens", "threads",
+            "peak_rss_mb"]
+
+
+def fail(msg):
+    sys.exit("bench_vs_llamacpp: error: " + msg)
+
+
+def ensure_llama_ref():
+    # build.sh fetches llama.cpp when missing and is a no-op when the binary is up to date.
+    subprocess.run([os.path.join(ROOT, "scripts", "ref", "build.sh")], check=True)
+    if not os.access(LLAMA_REF, os.X_OK):
+        fail("scripts/ref/build.sh did not produce " + LLAMA_REF)
+
+
+def check_qf(qf, model):
+    if not os.access(qf, os.X_OK):
+        fail("qf binary not found at %s (build it: cmake --build build --target qf, or pass --qf)"
+             % qf)
+    # CLI11 answers --help even for an unknown subcommand, so also look for bench in the text.
+    proc = subprocess.run([qf, "bench", "--help"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+    if proc.returncode != 0 or "bench" not in proc.stdout:
+        first = (proc.stdout.strip().splitlines() or ["(no output)"])[0]
+        fail("`%s bench` is not available (%s); run with --llama-only to time llama.cpp alone"
+             % (qf, first))
+
+
+def run_json(cmd, engine):
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        fail("%s failed (exit %d): %s\n  command: %s"
+             % (engine, proc.returncode, proc.stderr.strip()[-2000:], " ".join(cmd)))
+    try:
+        out = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        fail("%s printed no JSON object on its last line\n  command: %s" % (engine, " ".join(cmd)))
+    missing = [k for k in REQUIRED if k not in out]
+    if missing:
+        fail("%s output lacks %s" % (engine, ", ".join(missing)))
+    return out
+
+
+def summarize(engine, outs):
+    # One rep per call, so each call's median is that rep's value; fall back to the median key.
+    pre = [r for o in outs for r in o.get("prefill_runs", [o["prefill_tok_s"]])]
+    dec = [r for o in outs for r in o.get("decode_runs", [o["decode_tok_s"]])]
+    return {
+        "engine": engine,
+        "prefill_tok_s": statistics.median(pre),
+        "decode_tok_s": statistics.median(dec),
+        "prefill_runs": pre,
+        "decode_runs": dec,
+        "peak_rss_mb": max(o["peak_rss_mb"] for o in outs),
+        "details": {k: v for k, v in outs[-1].items()
+                    if k not in ("prefill_runs", "decode_runs", "prefill_tok_s", "decode_tok_s")},
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--model", default=DEFAULT_MODEL)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--qf", default=os.path.join(ROOT, "build", "qf"))
+    ap.add_argument("-p", "--prompt", type=int, default=512, help="prefill tokens (one batch)")
+    ap.add_argument("-n", "--gen", type=int, default=128, help="decode tokens after the prompt")
+    ap.add_argument("--llama-args", default="",
+                    help="extra llama_ref bench options, e.g. '--flash-attn off --kv-f32'")
+    ap.add_argument("--llama-only", action="store_true", help="skip qf")
+    ap.add_argument("--out", default=os.path.join(ROOT, "results", "bench_vs_llamacpp.json"))
+    args = ap.parse_args()
+    if args.threads < 1 or args.reps < 1 or args.prompt < 1 or args.gen < 1:
+        fail("--threads, --reps, -p and -n must be positive")
+    if not os.path.isfile(args.model):
+        fail("model not found: %s (scripts/fetch_model.sh fetches the default)" % args.model)
+    if not args.llama_only:
+        check_qf(args.qf, args.model)
+    ensure_llama_ref()
+
+    shape = ["-m", args.model, "-p", str(args.prompt), "-n", str(args.gen),
+             "-t", str(args.threads), "-r", "1"]
+    qf_cmd = [args.qf, "bench"] + shape + ["--json"]
+    llama_cmd = [LLAMA_REF, "bench"] + shape + args.llama_args.split()
+
+    engines = [("llama.cpp", llama_cmd)] if args.llama_only else [("qf", qf_cmd),
+                                                                  ("llama.cpp", llama_cmd)]
+    outs = {name: [] for name, _ in engines}
+    load_before = os.getloadavg()
+    for rep in range(args.reps):
+        for name, cmd in engines:
+            o = run_json(cmd, name)
+            outs[name].append(o)
+            print("rep %d/%d %-9s prefill %8.1f tok/s  decode %7.1f tok/s"
+                  % (rep + 1, args.reps, name, o["prefill_tok_s"], o["decode_tok_s"]),
+                  file=sys.stderr)
+
+    rows = [summarize(name, outs[name]) for name, _ in engines]
+    llama = rows[-1]
+    print("\nmodel %s, %d threads, pp%d / tg%d at depth %d, median of %d (load avg %.1f -> %.1f)\n"
+          % (os.path.basename(args.model), args.threads, args.prompt, args.gen, args.prompt,
+             args.reps, load_before[0], os.getloadavg()[0]))
+    print("| engine | prefill tok/s | decode tok/s | prefill qf/llama.cpp | decode qf/llama.cpp | peak RSS MB |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        rp = r["prefill_tok_s"] / llama["prefill_tok_s"]
+        rd = r["decode_tok_s"] / llama["decode_tok_s"]
+        r["ratio_prefill"], r["ratio_decode"] = round(rp, 4), round(rd, 4)
+        print("| %s | %.1f | %.1f | %.2f | %.2f | %.0f |"
+              % (r["engine"], r["prefill_tok_s"], r["decode_tok_s"], rp, rd, r["peak_rss_mb"]))
+
+    result = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "host": {"machine": platform.machine(), "cpus": os.cpu_count(),
+                 "cpu": _cpu_name(),
+                 "loadavg_1m_before_after": [round(load_before[0], 2),
+                                             round(os.getloadavg()[0], 2)]},
+        "model": os.path.basename(args.model),
+        "threads": args.threads, "reps": args.reps,
+        "prompt_tokens": args.prompt, "gen_tokens": args.gen,
+        "commands": {name: cmd for name, cmd in engines},
+        "engines": rows,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print("\nwrote %s" % os.path.relpath(args.out, ROOT), file=sys.stderr)
+
+
+def _cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+if __name__ == "__main__":
+    main()

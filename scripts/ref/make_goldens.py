@@ -1,0 +1,213 @@
+#!/usr/bin/env python3
+"""Writes the llama.cpp goldens for SmolLM2 into tests/golden/ (see scripts/ref/README.md).
+
+  smollm2_teacher_forced.json  teacher-forced logits summary over the first 2,100 tokens of a
+                               State of the Union address, plus how much llama.cpp disagrees with
+                               itself across configurations (a floor for test tolerances)
+  smollm2_generate.json        greedy continuations of four prompts
+
+Run through scripts/ref/make_goldens.sh, which fetches llama.cpp and builds build-ref/llama_ref.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+MODEL = os.path.join(ROOT, "models", "SmolLM2-135M-Instruct.Q4_1.gguf")
+TOOL = os.path.join(ROOT, "build-ref", "llama_ref")
+TEXT = os.path.join(ROOT, "data", "sotu", "2001_george_w_bush_r.txt")
+N_TEACHER = 2100
+N_CTX = 4096
+# The tightest llama.cpp configuration: F32 K/V and plain (non-flash) attention, which on CPU
+# keeps scores and softmax in F32 (flash attention rounds K/V to F16 even with an F32 cache).
+TIGHT = ["--kv-f32", "--flash-attn", "off"]
+# A greedy step whose top1 - top2 logit gap is below this is a near tie: llama.cpp's own logits
+# move by a few tenths between configurations on this model (see llama_cpp_self_agreement).
+STABLE_MARGIN = 1.0
+
+CHAT = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+        "<|im_end|>\n<|im_start|>user\n%s<|im_end|>\n<|im_start|>assistant\n")
+PROMPTS = [
+    ("plain", "The capital of France is"),
+    # ChatML for the instruct model, special tokens parsed. llama.cpp's first answer token here
+    # is a near tie (margin ~0.06, "L" over "The"), so the second chat prompt is the one whose
+    # continuation is stable enough to compare token for token.
+    ("chat", CHAT % "What is the capital of France?"),
+    ("chat_colors", CHAT % "What are the three primary colors?"),
+    ("code", "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"),
+]
+
+
+def run_tool(args):
+    proc = subprocess.run([TOOL] + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        sys.exit("llama_ref %s failed: %s" % (" ".join(args), proc.stderr.strip()))
+    return json.loads(proc.stdout)
+
+
+def tokenize(text, tmp):
+    path = os.path.join(tmp, "text.txt")
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        f.write(text)
+    return run_tool(["tokenize", "-m", MODEL, "--text-file", path])
+
+
+def write_tokens(tokens, tmp, name):
+    path = os.path.join(tmp, name)
+    with open(path, "w") as f:
+        json.dump(tokens, f)
+    return path
+
+
+def provenance(out):
+    """Fields that say which llama.cpp produced a golden, and how."""
+    with open(os.path.join(ROOT, "third_party", "llama.cpp", "llama.cpp.info.json")) as f:
+        info = json.load(f)
+    keep = ["llama_cpp_version", "llama_cpp_commit", "devices", "system_info", "model", "n_ctx",
+            "n_batch", "threads", "kv_type", "flash_attn"]
+    p = {"generator": "scripts/ref/make_goldens.sh", "llama_cpp_tag": info.get("tag")}
+    p.update({k: out[k] for k in keep if k in out})
+    return p
+
+
+def agreement(ref, other):
+    """How far `other` (another llama.cpp configuration) is from the golden run."""
+    d = [abs(a - b) for a, b in zip(ref["target_logprob"], other["target_logprob"])]
+    t1 = [abs(a[0] - b[0]) for a, b in zip(ref["top5_logits"], other["top5_logits"])]
+    same = sum(a == b for a, b in zip(ref["argmax"], other["argmax"]))
+    return {
+        "n_batch": other["n_batch"], "kv_type": other["kv_type"], "flash_attn": other["flash_attn"],
+        "perplexity": other["perplexity"],
+        "mean_abs_dlogprob": round(sum(d) / len(d), 5),
+        "max_abs_dlogprob": round(max(d), 5),
+        "mean_abs_dtop1_logit": round(sum(t1) / len(t1), 5),
+        "max_abs_dtop1_logit": round(max(t1), 5),
+        "argmax_agreement": round(same / len(ref["argmax"]), 5),
+    }
+
+
+def dump(obj, path):
+    """One top-level key per line: compact, yet diffs stay readable."""
+    lines = ["{"]
+    items = list(obj.items())
+    for i, (k, v) in enumerate(items):
+        sep = "," if i + 1 < len(items) else ""
+        lines.append(" %s: %s%s" % (json.dumps(k), json.dumps(v, ensure_ascii=False,
+                                                              separators=(",", ":")), sep))
+    lines.append("}")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    print("wrote %s (%d bytes)" % (os.path.relpath(path, ROOT), os.path.getsize(path)),
+          file=sys.stderr)
+
+
+def teacher_forced(tmp, threads, out_dir):
+    with open(TEXT, encoding="utf-8") as f:
+        text = f.read()
+    tok = tokenize(text, tmp)
+    if tok["n_tokens"] < N_TEACHER:
+        sys.exit("%s has only %d tokens, need %d" % (TEXT, tok["n_tokens"], N_TEACHER))
+    path = write_tokens(tok["tokens"][:N_TEACHER], tmp, "teacher.json")
+    base = ["score", "-m", MODEL, "--tokens-file", path, "-c", str(N_CTX), "-t", str(threads)]
+    print("scoring %d tokens (golden configuration) ..." % N_TEACHER, file=sys.stderr)
+    ref = run_tool(base + ["-b", "512"] + TIGHT)
+    print("scoring again one token per batch (llama.cpp's decode path) ...", file=sys.stderr)
+    b1 = run_tool(base + ["-b", "1"] + TIGHT)
+    print("scoring again with llama.cpp's defaults (F16 cache, flash attention auto) ...",
+          file=sys.stderr)
+    dflt = run_tool(base + ["-b", "512"])
+
+    golden = {
+        "description": ref["description"],
+        "text_file": os.path.relpath(TEXT, ROOT),
+        "text_tokens_total": tok["n_tokens"],
+        "note": "tokens = llama.cpp's tokenization of the whole text (no BOS), first %d kept"
+                % N_TEACHER,
+        "provenance": provenance(ref),
+        "digits": ref["digits"],
+        "n_tokens": ref["n_tokens"],
+        "perplexity": ref["perplexity"],
+        "mean_nll": ref["mean_nll"],
+        "llama_cpp_self_agreement": {
+            "note": "the same tokens through other llama.cpp configurations, compared with this "
+                    "golden; llama.cpp quantizes activations to 8 bits for its quantized matmuls, "
+                    "so this is the noise to expect from any faithful engine",
+            "decode_path_batch1": agreement(ref, b1),
+            "defaults_f16_cache": agreement(ref, dflt),
+        },
+        "tokens": ref["tokens"],
+        "argmax": ref["argmax"],
+        "target_logprob": ref["target_logprob"],
+        "logsumexp": ref["logsumexp"],
+        "top5_ids": ref["top5_ids"],
+        "top5_logits": ref["top5_logits"],
+    }
+    dump(golden, os.path.join(out_dir, "smollm2_teacher_forced.json"))
+    return golden
+
+
+def generate(tmp, threads, out_dir, n_predict):
+    cases = []
+    out = None
+    for name, text in PROMPTS:
+        tok = tokenize(text, tmp)
+        path = write_tokens(tok["tokens"], tmp, name + ".json")
+        print("generating %d tokens for prompt '%s' ..." % (n_predict, name), file=sys.stderr)
+        out = run_tool(["generate", "-m", MODEL, "--prompt-tokens", path, "-n", str(n_predict),
+                        "-c", str(N_CTX), "-t", str(threads)] + TIGHT)
+        stable = 0
+        while stable < len(out["margins"]) and out["margins"][stable] >= STABLE_MARGIN:
+            stable += 1
+        cases.append({
+            "name": name,
+            "prompt": text,
+            "parse_special": tok["parse_special"],
+            "prompt_tokens": out["prompt_tokens"],
+            "tokens": out["tokens"],
+            "text": out["text"],
+            "stop": out["stop"],
+            "margins": out["margins"],
+            "stable_prefix": stable,
+        })
+    golden = {
+        "description": out["description"] + " stable_prefix = number of leading steps whose "
+                       "margin is >= stable_margin (steps after a near tie may legitimately "
+                       "differ in another engine).",
+        "provenance": provenance(out),
+        "n_predict": n_predict,
+        "stable_margin": STABLE_MARGIN,
+        "cases": cases,
+    }
+    dump(golden, os.path.join(out_dir, "smollm2_generate.json"))
+    return golden
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--out-dir", default=os.path.join(ROOT, "tests", "golden"))
+    ap.add_argument("--only", choices=["teacher", "generate"], help="write just one golden")
+    ap.add_argument("-n", type=int, default=64, help="greedy tokens per prompt")
+    args = ap.parse_args()
+    for p in (MODEL, TOOL, TEXT):
+        if not os.path.exists(p):
+            sys.exit("missing %s (run scripts/ref/make_goldens.sh, which fetches and builds)" % p)
+    os.makedirs(args.out_dir, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.only in (None, "teacher"):
+            g = teacher_forced(tmp, args.threads, args.out_dir)
+            print("teacher-forced perplexity %.4f over %d tokens; self-agreement %s"
+                  % (g["perplexity"], g["n_tokens"],
+                     json.dumps(g["llama_cpp_self_agreement"])), file=sys.stderr)
+        if args.only in (None, "generate"):
+            g = generate(tmp, args.threads, args.out_dir, args.n)
+            for c in g["cases"]:
+                print("%-6s stop=%s stable_prefix=%d/%d %r" % (c["name"], c["stop"],
+                      c["stable_prefix"], len(c["tokens"]), c["text"]), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+#include "eval/engine.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "tensor/kernels.h"
+#include "util/error.h"
+
+namespace qf::eval {
+
+void check_policy(const EvalContext& ctx, const std::string& policy) {
+  if (policy == "none") return;
+  (void)kv::make_policy(policy, ctx.policy_options);
+}
+
+kv::AttentionStats policy_needs(const EvalContext& ctx, const std::string& policy) {
+  if (policy == "none") return {};
+  return kv::make_policy(policy, ctx.policy_options)->needs(ctx.policy_options);
+}
+
+bool is_attention_policy(const EvalContext& ctx, const std::string& policy) {
+  const kv::AttentionStats s = policy_needs(ctx, policy);
+  return s.accumulate || s.last_query || s.window > 0;
+}
+
+kv::AttentionStats union_needs(const EvalContext& ctx, const std::vector<std::string>& policies) {
+  kv::AttentionStats u;
+  for (const auto& p : policies) {
+    const kv::AttentionStats s = policy_needs(ctx, p);
+    u.accumulate |= s.accumulate || s.window > 0;
+    u.last_query |= s.last_query;
+  }
+  return u;
+}
+
+std::unique_ptr<kv::Compressor> new_compressor(const EvalContext& ctx, const std::string& policy,
+                                               const kv::CompressionConfig& cc) {
+  if (ctx.model == nullptr) fail("evaluation context without a model");
+  cc.validate(ctx.model->config().n_layers);
+  return std::make_unique<kv::Compressor>(kv::make_policy(policy, ctx.policy_options), ctx.policy_options, cc);
+}
+
+std::unique_ptr<Session> new_session(const EvalContext& ctx, int n_ctx, const std::string& policy,
+                                     const kv::CompressionConfig& cc, const kv::AttentionStats& extra) {
+  if (ctx.model == nullptr) fail("evaluation context without a model");
+  SessionOptions so;
+  so.n_ctx = n_ctx;
+  so.n_threads = ctx.n_threads;
+  so.n_batch = ctx.n_batch;
+  so.stats = extra;
+  if (policy != "none" && cc.enabled()) so.compressor = new_compressor(ctx, policy, cc);
+  return std::make_unique<Session>(*ctx.model, std::move(so));
+}
+
+QueryTail::QueryTail(int n_layers, int n_heads, int head_dim, int window)
+    : n_layers_(n_layers), n_heads_(n_heads), head_dim_(head_dim), window_(window), q_(n_layers), pos_(n_layers) {
+  if (n_layers <= 0 || n_heads <= 0 || head_dim <= 0 || window <= 0) fail("QueryTail: invalid shape");
+}
+
+void QueryTail::clear() {
+  for (auto& v : q_) v.clear();
+  for (auto& v : pos_) v.clear();
+}
+
+void QueryTail::add(int layer, const float* q, const int32_t* pos, int n_tok) {
+  if (layer < 0 || layer >= n_layers_) fail("QueryTail: layer ", layer, " out of range");
+  const size_t row = static_cast<size_t>(n_heads_) * head_dim_;
+  const int first = std::max(0, n_tok - window_);  // older rows of this chunk can never be kept
+  std::vector<float>& qs = q_[layer];
+  std::vector<int32_t>& ps = pos_[layer];
+  qs.insert(qs.end(), q + first * row, q + static_cast<size_t>(n_tok) * row);
+  ps.insert(ps.end(), pos + first, pos + n_tok);
+  if (static_cast<int>(ps.size()) > window_) {
+    const size_t drop = ps.size() - window_;
+    ps.erase(ps.begin(), ps.begin() + drop);
+    qs.erase(qs.begin(), qs.begin() + drop * row);
+  }
+}
+
+QkHook QueryTail::hook() {
+  return [this](int layer, const float* q, const float*, const int32_t* pos, int n_tok) { add(layer, q, pos, n_tok); };
+}
+
+void QueryTail::fill_window_attention(kv::Cache& cache, ThreadPool& pool) const {
+  const kv::CacheShape& s = cache.shape();
+  if (s.n_layers != n_layers_ || s.head_dim != head_dim_ || n_heads_ % s.n_kv_heads != 0)
+    fail("QueryTail: cache shape does not match the captured queries");
+  const int d = head_dim_, group = n_heads_ / s.n_kv_heads;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  for (int l = 0; l < s.n_layers; ++l)
+    for (int h = 0; h < s.n_kv_heads; ++h)
+      if (cache.head(l, h).attn_sum.empty()) fail("QueryTail: the cache keeps no attn_sum");
+  const int64_t items = static_cast<int64_t>(s.n_layers) * s.n_kv_heads;
+  // No throwing inside: workers must not leak exceptions.
+  pool.parallel_for(items, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> p;
+    for (int64_t it = begin; it < end; ++it) {
+      const int l = static_cast<int>(it / s.n_kv_heads), kvh = static_cast<int>(it % s.n_kv_heads);
+      kv::HeadCache& hc = cache.head(l, kvh);
+      std::fill(hc.attn_sum.begin(), hc.attn_sum.begin() + hc.n, 0.0f);
+      const std::vector<int32_t>& ps = pos_[l];
+      // Same operations, in the same order, as attend_with_stats, so the sums match it.
+      for (size_t t = 0; t < ps.size(); ++t) {
+        const int n = static_cast<int>(std::upper_bound(hc.pos.begin(), hc.pos.begin() + hc.n, ps[t]) - hc.pos.begin());
+        p.resize(n);
+        for (int g = 0; g < group; ++g) {
+          const float* q = q_[l].data() + (t * n_heads_ + static_cast<size_t>(kvh) * group + g) * d;
+          float mx = -std::numeric_limits<float>::infinity();
+          for (int j = 0; j < n; ++j) {
+            p[j] = dot_f32(q, hc.key(j, d), d) * scale;
+            mx = std::max(mx, p[j]);
+          }
+          float sum = 0.0f;
+          for (int j = 0; j < n; ++j) sum += (p[j] = std::exp(p[j] - mx));
+          const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+          const float share = 1.0f / group;
+          for (int j = 0; j < n; ++j) hc.attn_sum[j] += (p[j] * inv) * share;
+        }
+      }
+    }
+  });
+}
+
+}  // namespace qf::eval

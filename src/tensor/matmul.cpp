@@ -1,0 +1,754 @@
+// SIMD kernels: matmul over GGUF weights and the float vector ops, compiled once per target by
+// Highway (foreach_target re-includes this file) and dispatched at run time.
+//
+// Quantized weights (Q8_0, Q4_0, Q4_1) are multiplied with activations quantized to int8 blocks
+// of 32 (see kernels.h). Three engines, best first:
+//   vnni   AVX3_DL and the CPU reports AVX512-VNNI: four blocks per 512-bit register, one block
+//          per 128-bit lane, weights unpacked with vpermt2b and multiplied with vpdpbusd.
+//   x256   AVX2 / AVX3: one block per 256-bit register, vpmaddubsw + vpmaddwd.
+//   generic everything else: plain C++ on the same data layout as x256.
+// Each engine provides Quantize (activation layout) and Tile<type, R, T>: R weight rows against T
+// tokens, all columns, so each weight block is unpacked once per T tokens (prefill) and rows
+// stream once (decode, T = 1).
+#include "tensor/simd_config.h"  // first: fixes the Highway target set
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+
+#include "tensor/kernels.h"
+#include "tensor/kernels_internal.h"
+#include "util/error.h"
+
+#ifndef QF_TENSOR_MATMUL_ONCE_
+#define QF_TENSOR_MATMUL_ONCE_
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
+
+namespace qf::detail {
+
+// Highway's AVX3_DL check covers the OS (XCR0 ZMM state) and VBMI etc.; VNNI is checked here so
+// the vpdpbusd engine never runs on a CPU without it.
+inline bool cpu_has_avx512vnni() {
+#if defined(__x86_64__) || defined(__i386__)
+  static const bool has = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    return ((c >> 11) & 1u) != 0;
+  }();
+  return has;
+#else
+  return false;
+#endif
+}
+
+constexpr int64_t kQKi = kQK;
+// Prefill processes weights in row blocks of about this many bytes, so a block stays in L2
+// while every token tile passes over it.
+constexpr size_t kRowBlockBytes = 512 * 1024;
+// Quantize activations on all threads once there are this many elements.
+constexpr int64_t kParallelQuantElems = 32 * 1024;
+// Give each thread at least this many rows of a matmul.
+constexpr int64_t kMinRowsPerThread = 16;
+
+inline size_t round_up64(size_t n) { return (n + 63) / 64 * 64; }
+
+// Arguments of one Tile call: R rows starting at w, T tokens starting at act; results go to
+// y[t * ystride + r].
+struct TileArgs {
+  const uint8_t* w;
+  size_t wrb;  // bytes per weight row
+  int64_t nb;  // blocks per row
+  const uint8_t* act;
+  size_t astride;  // bytes per token of quantized activations
+  float* y;
+  int64_t ystride;
+};
+
+}  // namespace qf::detail
+#endif  // QF_TENSOR_MATMUL_ONCE_
+
+#undef HWY_TARGET_INCLUDE
+#define HWY_TARGET_INCLUDE "tensor/matmul.cpp"
+#include <hwy/foreach_target.h>  // IWYU pragma: keep
+#include <hwy/highway.h>
+
+#undef QF_X86_SIMD
+#if HWY_TARGET == HWY_AVX2 || HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL
+#include <immintrin.h>
+#define QF_X86_SIMD 1
+#else
+#define QF_X86_SIMD 0
+#endif
+
+HWY_BEFORE_NAMESPACE();
+namespace qf {
+namespace HWY_NAMESPACE {
+namespace hn = hwy::HWY_NAMESPACE;
+using detail::kQKi;
+using detail::TileArgs;
+
+int64_t TargetBit() { return HWY_TARGET; }
+
+// =============================================================================================
+// Float vector ops
+
+float DotF32(const float* HWY_RESTRICT a, const float* HWY_RESTRICT b, size_t n) {
+  const hn::ScalableTag<float> d;
+  const size_t N = hn::Lanes(d);
+  auto s0 = hn::Zero(d), s1 = hn::Zero(d);
+  size_t i = 0;
+  for (; i + 2 * N <= n; i += 2 * N) {
+    s0 = hn::MulAdd(hn::LoadU(d, a + i), hn::LoadU(d, b + i), s0);
+    s1 = hn::MulAdd(hn::LoadU(d, a + i + N), hn::LoadU(d, b + i + N), s1);
+  }
+  if (i + N <= n) {
+    s0 = hn::MulAdd(hn::LoadU(d, a + i), hn::LoadU(d, b + i), s0);
+    i += N;
+  }
+  if (i < n) {
+    const auto m = hn::FirstN(d, n - i);
+    s1 = hn::MulAdd(hn::MaskedLoad(m, d, a + i), hn::MaskedLoad(m, d, b + i), s1);
+  }
+  return hn::GetLane(hn::SumOfLanes(d, hn::Add(s0, s1)));
+}
+
+void AxpyF32(float a, const float* HWY_RESTRICT x, float* HWY_RESTRICT y, size_t n) {
+  const hn::ScalableTag<float> d;
+  const size_t N = hn::Lanes(d);
+  const auto va = hn::Set(d, a);
+  size_t i = 0;
+  for (; i + N <= n; i += N) hn::StoreU(hn::MulAdd(va, hn::LoadU(d, x + i), hn::LoadU(d, y + i)), d, y + i);
+  if (i < n) {
+    const auto m = hn::FirstN(d, n - i);
+    hn::BlendedStore(hn::MulAdd(va, hn::MaskedLoad(m, d, x + i), hn::MaskedLoad(m, d, y + i)), m, d, y + i);
+  }
+}
+
+void ScaleF32(float* HWY_RESTRICT y, float a, size_t n) {
+  const hn::ScalableTag<float> d;
+  const size_t N = hn::Lanes(d);
+  const auto va = hn::Set(d, a);
+  size_t i = 0;
+  for (; i + N <= n; i += N) hn::StoreU(hn::Mul(va, hn::LoadU(d, y + i)), d, y + i);
+  if (i < n) {
+    const auto m = hn::FirstN(d, n - i);
+    hn::BlendedStore(hn::Mul(va, hn::MaskedLoad(m, d, y + i)), m, d, y + i);
+  }
+}
+
+// =============================================================================================
+// Row splitting shared by all matmuls: contiguous row ranges, multiples of `align` except the
+// last, at most one per pool thread.
+
+template <class Fn>
+void SplitRows(ThreadPool& pool, int64_t rows, int64_t align, const Fn& fn) {
+  const int64_t chunks =
+      std::clamp<int64_t>(rows / detail::kMinRowsPerThread, 1, static_cast<int64_t>(pool.size()));
+  if (chunks == 1) {
+    fn(int64_t{0}, rows);
+    return;
+  }
+  struct Ctx {
+    const Fn* fn;
+    int64_t rows, align, chunks;
+  } ctx{&fn, rows, align, chunks};
+  const Ctx* c = &ctx;  // one pointer captured: std::function stores it without allocating
+  pool.run([c](int i, int) {
+    if (i >= c->chunks) return;
+    const int64_t begin = c->rows * i / c->chunks / c->align * c->align;
+    const int64_t end = i + 1 == c->chunks ? c->rows : c->rows * (i + 1) / c->chunks / c->align * c->align;
+    if (begin < end) (*c->fn)(begin, end);
+  });
+}
+
+// =============================================================================================
+// F32 / F16 / BF16 weights: float dot products, weights converted on the fly.
+
+template <GgmlType TY, class DF>
+HWY_INLINE hn::Vec<DF> LoadWeights(DF df, const uint8_t* row, size_t i) {
+  if constexpr (TY == GgmlType::F32) {
+    return hn::LoadU(df, reinterpret_cast<const float*>(row) + i);
+  } else if constexpr (TY == GgmlType::F16) {
+    const hn::Rebind<hwy::float16_t, DF> dh;
+    return hn::PromoteTo(df, hn::LoadU(dh, reinterpret_cast<const hwy::float16_t*>(row) + i));
+  } else {
+    const hn::Rebind<uint16_t, DF> d16;
+    const hn::Rebind<uint32_t, DF> d32;
+    const auto bits = hn::PromoteTo(d32, hn::LoadU(d16, reinterpret_cast<const uint16_t*>(row) + i));
+    return hn::BitCast(df, hn::ShiftLeft<16>(bits));
+  }
+}
+
+template <GgmlType TY>
+HWY_INLINE float WeightAt(const uint8_t* row, size_t i) {
+  if constexpr (TY == GgmlType::F32) {
+    float f;
+    std::memcpy(&f, row + 4 * i, 4);
+    return f;
+  } else {
+    uint16_t h;
+    std::memcpy(&h, row + 2 * i, 2);
+    return TY == GgmlType::F16 ? fp16_to_f32(h) : bf16_to_f32(h);
+  }
+}
+
+template <GgmlType TY, int R, int T>
+HWY_NOINLINE void FloatTile(const uint8_t* w, size_t wrb, size_t cols, const float* x, float* y,
+                            int64_t ystride) {
+  const hn::ScalableTag<float> df;
+  const size_t N = hn::Lanes(df);
+  using V = hn::Vec<decltype(df)>;
+  V acc[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) acc[r][t] = hn::Zero(df);
+  size_t i = 0;
+  for (; i + N <= cols; i += N) {
+    V wv[R];
+    for (int r = 0; r < R; ++r) wv[r] = LoadWeights<TY>(df, w + r * wrb, i);
+    for (int t = 0; t < T; ++t) {
+      const V xv = hn::LoadU(df, x + t * cols + i);
+      for (int r = 0; r < R; ++r) acc[r][t] = hn::MulAdd(wv[r], xv, acc[r][t]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int t = 0; t < T; ++t) {
+      float s = hn::GetLane(hn::SumOfLanes(df, acc[r][t]));
+      for (size_t j = i; j < cols; ++j) s += WeightAt<TY>(w + r * wrb, j) * x[t * cols + j];
+      y[t * ystride + r] = s;
+    }
+  }
+}
+
+template <GgmlType TY, int R, int T>
+HWY_INLINE void FloatTileT(int nt, const uint8_t* w, size_t wrb, size_t cols, const float* x,
+                           float* y, int64_t ystride) {
+  if constexpr (T > 1) {
+    if (nt < T) return FloatTileT<TY, R, T - 1>(nt, w, wrb, cols, x, y, ystride);
+  }
+  FloatTile<TY, R, T>(w, wrb, cols, x, y, ystride);
+}
+
+template <GgmlType TY>
+void FloatMatmul(const WeightView& w, const float* x, int64_t n_tok, float* y, ThreadPool& pool) {
+  constexpr int kR = 2, kT = 4;
+  const size_t cols = static_cast<size_t>(w.cols);
+  const size_t wrb = row_bytes(w.type, w.cols);
+  const int64_t rows = w.rows;
+  SplitRows(pool, rows, kR, [&](int64_t r0, int64_t r1) {
+    for (int64_t t0 = 0; t0 < n_tok; t0 += kT) {
+      const int nt = static_cast<int>(std::min<int64_t>(kT, n_tok - t0));
+      const float* xt = x + t0 * w.cols;
+      float* yt = y + t0 * rows;
+      int64_t r = r0;
+      for (; r + kR <= r1; r += kR) FloatTileT<TY, kR, kT>(nt, w.data + r * wrb, wrb, cols, xt, yt + r, rows);
+      for (; r < r1; ++r) FloatTileT<TY, 1, kT>(nt, w.data + r * wrb, wrb, cols, xt, yt + r, rows);
+    }
+  });
+}
+
+// =============================================================================================
+// Activation quantization, natural layout (x256 and generic engines). Per token:
+//   int8 qs[32 * nb] | float d[nb] | float s[nb], where s = d * sum(q) of the block.
+
+inline size_t NatStride(int64_t nb) { return detail::round_up64(static_cast<size_t>(nb) * 40); }
+
+// round(v) with halves away from zero, as C's roundf, then clamped to the int8 range. NaN -> 0.
+template <class D, class V>
+HWY_INLINE V RoundHalfAway(D d, V v) {
+  v = hn::IfThenElseZero(v == v, v);
+  const V t = hn::Trunc(v);
+  const V one = hn::CopySign(hn::Set(d, 1.0f), v);
+  const V r = hn::Add(t, hn::IfThenElseZero(hn::Abs(hn::Sub(v, t)) > hn::Set(d, 0.5f), one));
+  return hn::Min(hn::Max(r, hn::Set(d, -127.0f)), hn::Set(d, 127.0f));
+}
+
+void QuantizeNat(const float* HWY_RESTRICT x, int64_t nb, uint8_t* HWY_RESTRICT out) {
+  const hn::ScalableTag<float> df;
+  const hn::RebindToSigned<decltype(df)> di;
+  const hn::Rebind<int8_t, decltype(df)> d8;
+  const size_t N = hn::Lanes(df);  // divides 32 on every target we build
+  int8_t* qs = reinterpret_cast<int8_t*>(out);
+  float* dd = reinterpret_cast<float*>(out + 32 * nb);
+  float* ss = dd + nb;
+  for (int64_t b = 0; b < nb; ++b) {
+    const float* xb = x + b * kQKi;
+    auto vmax = hn::Zero(df);
+    for (size_t j = 0; j < kQKi; j += N) vmax = hn::Max(vmax, hn::Abs(hn::LoadU(df, xb + j)));
+    const float amax = hn::GetLane(hn::MaxOfLanes(df, vmax));
+    const float d = amax / 127.0f;
+    const auto id = hn::Set(df, d != 0.0f ? 1.0f / d : 0.0f);
+    auto isum = hn::Zero(di);
+    for (size_t j = 0; j < kQKi; j += N) {
+      const auto qi = hn::ConvertTo(di, RoundHalfAway(df, hn::Mul(hn::LoadU(df, xb + j), id)));
+      isum = hn::Add(isum, qi);
+      hn::StoreU(hn::DemoteTo(d8, qi), d8, qs + b * kQKi + j);
+    }
+    dd[b] = d;
+    ss[b] = d * static_cast<float>(hn::GetLane(hn::SumOfLanes(di, isum)));
+  }
+}
+
+constexpr size_t BlockBytes(GgmlType t) {
+  return t == GgmlType::Q8_0 ? sizeof(BlockQ8_0) : t == GgmlType::Q4_0 ? sizeof(BlockQ4_0) : sizeof(BlockQ4_1);
+}
+
+// =============================================================================================
+// Generic engine: plain C++ (the compiler may vectorize it for the target).
+
+struct GenericEngine {
+  static constexpr int kR = 2, kT = 4, kRDecode = 2;
+  static size_t Stride(int64_t nb) { return NatStride(nb); }
+  static void Quantize(const float* x, int64_t nb, GgmlType, uint8_t* out) { QuantizeNat(x, nb, out); }
+
+  template <GgmlType TY, int R, int T>
+  static HWY_NOINLINE void Tile(const TileArgs& a) {
+    float acc[R][T] = {};
+    for (int64_t b = 0; b < a.nb; ++b) {
+      int8_t wq[R][kQK];
+      float dw[R], mw[R];
+      for (int r = 0; r < R; ++r) {
+        const uint8_t* p = a.w + r * a.wrb + b * BlockBytes(TY);
+        uint16_t h;
+        std::memcpy(&h, p, 2);
+        dw[r] = fp16_to_f32(h);
+        if constexpr (TY == GgmlType::Q8_0) {
+          std::memcpy(wq[r], p + 2, kQK);
+          mw[r] = 0.0f;
+        } else {
+          const uint8_t* qs = p + (TY == GgmlType::Q4_1 ? 4 : 2);
+          for (int j = 0; j < kQK / 2; ++j) {
+            wq[r][j] = static_cast<int8_t>(qs[j] & 0xF);
+            wq[r][j + kQK / 2] = static_cast<int8_t>(qs[j] >> 4);
+          }
+          if constexpr (TY == GgmlType::Q4_1) {
+            std::memcpy(&h, p + 2, 2);
+            mw[r] = fp16_to_f32(h);
+          } else {
+            mw[r] = -8.0f * dw[r];  // d * (q - 8) = d * q + (-8 d)
+          }
+        }
+      }
+      for (int t = 0; t < T; ++t) {
+        const uint8_t* at = a.act + t * a.astride;
+        const int8_t* xq = reinterpret_cast<const int8_t*>(at) + b * kQK;
+        const float* dx = reinterpret_cast<const float*>(at + 32 * a.nb);
+        const float sx = dx[a.nb + b];
+        for (int r = 0; r < R; ++r) {
+          int32_t s = 0;
+          for (int j = 0; j < kQK; ++j) s += static_cast<int32_t>(wq[r][j]) * xq[j];
+          acc[r][t] += dw[r] * dx[b] * static_cast<float>(s);
+          if constexpr (TY != GgmlType::Q8_0) acc[r][t] += mw[r] * sx;
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < T; ++t) a.y[t * a.ystride + r] = acc[r][t];
+  }
+};
+
+#if QF_X86_SIMD
+// =============================================================================================
+// x256 engine (AVX2, AVX3): natural layout, one block per __m256i.
+
+struct X256Engine {
+  static constexpr int kR = 2, kT = 4, kRDecode = 4;
+  static size_t Stride(int64_t nb) { return NatStride(nb); }
+  static void Quantize(const float* x, int64_t nb, GgmlType, uint8_t* out) { QuantizeNat(x, nb, out); }
+
+  static HWY_INLINE float Half(const uint8_t* p) {
+    uint16_t h;
+    std::memcpy(&h, p, 2);
+    return _cvtsh_ss(h);
+  }
+  static HWY_INLINE float HSum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+
+  template <GgmlType TY, int R, int T>
+  static HWY_NOINLINE void Tile(const TileArgs& a) {
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    const __m256i ones16 = _mm256_set1_epi16(1);
+    __m256 acc[R][T];
+    float macc[R][T];
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < T; ++t) {
+        acc[r][t] = _mm256_setzero_ps();
+        macc[r][t] = 0.0f;
+      }
+    for (int64_t b = 0; b < a.nb; ++b) {
+      __m256i wv[R], wabs[R];
+      float dw[R], mw[R];
+      for (int r = 0; r < R; ++r) {
+        const uint8_t* p = a.w + r * a.wrb + b * BlockBytes(TY);
+        dw[r] = Half(p);
+        if constexpr (TY == GgmlType::Q8_0) {
+          wv[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 2));
+          wabs[r] = _mm256_abs_epi8(wv[r]);
+          mw[r] = 0.0f;
+        } else {
+          const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + (TY == GgmlType::Q4_1 ? 4 : 2)));
+          // Elements 0..15 are the low nibbles, 16..31 the high ones: natural order.
+          wv[r] = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), low4);
+          mw[r] = TY == GgmlType::Q4_1 ? Half(p + 2) : -8.0f * dw[r];
+        }
+      }
+      for (int t = 0; t < T; ++t) {
+        const uint8_t* at = a.act + t * a.astride;
+        const __m256i xv = _mm256_load_si256(reinterpret_cast<const __m256i*>(at + b * kQK));
+        const float* dx = reinterpret_cast<const float*>(at + 32 * a.nb);
+        const float xd = dx[b], xs = dx[a.nb + b];
+        for (int r = 0; r < R; ++r) {
+          // vpmaddubsw multiplies unsigned by signed bytes. Q4 nibbles are unsigned already; for
+          // Q8_0 move w's sign onto x (|w| <= 128, |x| <= 127: pair sums fit in int16).
+          const __m256i p16 = TY == GgmlType::Q8_0 ? _mm256_maddubs_epi16(wabs[r], _mm256_sign_epi8(xv, wv[r]))
+                                                   : _mm256_maddubs_epi16(wv[r], xv);
+          const __m256 f = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones16));
+          acc[r][t] = _mm256_fmadd_ps(f, _mm256_set1_ps(dw[r] * xd), acc[r][t]);
+          if constexpr (TY != GgmlType::Q8_0) macc[r][t] += mw[r] * xs;
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < T; ++t) a.y[t * a.ystride + r] = HSum(acc[r][t]) + macc[r][t];
+  }
+};
+#endif  // QF_X86_SIMD
+
+#if HWY_TARGET == HWY_AVX3_DL
+// =============================================================================================
+// vnni engine (AVX3_DL + AVX512-VNNI). Blocks are taken four at a time ("a group"); in every
+// 512-bit register 128-bit lane k belongs to block k of the group.
+//
+// Activations, per token and group, 256 bytes:
+//   lo[64]  int8: elements 0..15 of blocks 0..3 (16 bytes each)
+//   hi[64]  int8: elements 16..31 of blocks 0..3
+//   d[16]   float: each block's d, repeated in its 4 lanes
+//   aux[16] 32-bit, for lane j of block k the sum of the 8 x bytes that int32 lane j of
+//           vpdpbusd accumulates (psum), pre-scaled for the weight type:
+//           Q4_1: float d * psum (the lanes of a block add up to s), so s * m is one FMA;
+//           Q4_0: int -8 * psum  (nibbles are q = w + 8: sum q x - 8 sum x);
+//           Q8_0: int -128 * psum (vpdpbusd needs unsigned weights: w ^ 0x80 = w + 128).
+//           The int forms seed the vpdpbusd accumulator, so the offsets cost nothing per row.
+// Groups past the last block are zero. Weights are read in place (ggml layout): a group is 4
+// consecutive blocks, gathered into lanes with one or two vpermt2b.
+
+#pragma GCC push_options
+#pragma GCC target("avx512vnni")
+
+namespace vnni {
+
+constexpr size_t kGroupBytes = 256;
+
+struct Tables {
+  alignas(64) uint8_t q41[64];   // Q4_1 qs bytes, from [p, p+64) | [p+16, p+80)
+  alignas(64) uint8_t q40[64];   // Q4_0 qs bytes, from [p, p+64) | [p+8, p+72)
+  alignas(64) uint8_t q80lo[64];  // Q8_0 elements 0..15, from [p, p+64) | [p+64, p+128)
+  alignas(64) uint8_t q80hi[64];  // Q8_0 elements 16..31, from [p+8, p+72) | [p+72, p+136)
+  alignas(64) uint16_t dm41[32];  // Q4_1 words: d of each block x4, then m of each block x4
+  alignas(64) uint16_t d40[32];   // Q4_0 words: d x4 (upper half unused)
+  alignas(64) uint16_t d80[32];   // Q8_0 words from [p, p+128): d x4
+};
+
+constexpr Tables MakeTables() {
+  Tables t{};
+  for (int k = 0; k < 64; ++k) {
+    const int blk = k / 16, i = k % 16;
+    const int o41 = 20 * blk + 4 + i, o40 = 18 * blk + 2 + i;
+    t.q41[k] = static_cast<uint8_t>(o41 < 64 ? o41 : 64 + o41 - 16);
+    t.q40[k] = static_cast<uint8_t>(o40 < 64 ? o40 : 64 + o40 - 8);
+    t.q80lo[k] = static_cast<uint8_t>(34 * blk + 2 + i);
+    t.q80hi[k] = static_cast<uint8_t>(34 * blk + 18 + i - 8);
+  }
+  for (int j = 0; j < 16; ++j) {
+    t.dm41[j] = static_cast<uint16_t>(10 * (j / 4));
+    t.dm41[16 + j] = static_cast<uint16_t>(10 * (j / 4) + 1);
+    t.d40[j] = static_cast<uint16_t>(9 * (j / 4));
+    t.d80[j] = static_cast<uint16_t>(17 * (j / 4));
+  }
+  return t;
+}
+alignas(64) constexpr Tables kTab = MakeTables();
+
+HWY_INLINE __m512i Idx(const void* p) { return _mm512_load_si512(p); }
+
+HWY_INLINE __mmask64 ByteMask(int64_t n) {
+  return n <= 0 ? __mmask64{0} : n >= 64 ? ~__mmask64{0} : (__mmask64{1} << n) - 1;
+}
+
+// 64 bytes at p; for the last, partial group only the `valid` bytes are read (masked loads do
+// not fault), the rest are zero.
+template <bool kTail>
+HWY_INLINE __m512i Load64(const uint8_t* p, int64_t valid) {
+  if constexpr (kTail) return _mm512_maskz_loadu_epi8(ByteMask(valid), p);
+  return _mm512_loadu_si512(p);
+}
+
+struct WGroup {
+  __m512i lo, hi;  // unsigned weight bytes for x lo / x hi
+  __m512 d, m;     // per-lane block scale (and Q4_1 min)
+};
+
+template <GgmlType TY, bool kTail>
+HWY_INLINE WGroup LoadGroup(const uint8_t* p, int nblk) {
+  WGroup g;
+  if constexpr (TY == GgmlType::Q4_1) {
+    const int64_t v = 20 * nblk;
+    const __m512i a = Load64<kTail>(p, v), b = Load64<kTail>(p + 16, v - 16);
+    const __m512i q = _mm512_permutex2var_epi8(a, Idx(kTab.q41), b);
+    const __m512i low4 = _mm512_set1_epi8(0x0F);
+    g.lo = _mm512_and_si512(q, low4);
+    g.hi = _mm512_and_si512(_mm512_srli_epi16(q, 4), low4);
+    const __m512i dm = _mm512_permutexvar_epi16(Idx(kTab.dm41), a);
+    g.d = _mm512_cvtph_ps(_mm512_castsi512_si256(dm));
+    g.m = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(dm, 1));
+  } else if constexpr (TY == GgmlType::Q4_0) {
+    const int64_t v = 18 * nblk;
+    const __m512i a = Load64<kTail>(p, v), b = Load64<kTail>(p + 8, v - 8);
+    const __m512i q = _mm512_permutex2var_epi8(a, Idx(kTab.q40), b);
+    const __m512i low4 = _mm512_set1_epi8(0x0F);
+    g.lo = _mm512_and_si512(q, low4);
+    g.hi = _mm512_and_si512(_mm512_srli_epi16(q, 4), low4);
+    g.d = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutexvar_epi16(Idx(kTab.d40), a)));
+    g.m = _mm512_setzero_ps();
+  } else {
+    const int64_t v = 34 * nblk;
+    const __m512i a = Load64<kTail>(p, v), b = Load64<kTail>(p + 64, v - 64);
+    const __m512i c = Load64<kTail>(p + 8, v - 8), e = Load64<kTail>(p + 72, v - 72);
+    const __m512i bias = _mm512_set1_epi8(static_cast<char>(0x80));
+    g.lo = _mm512_xor_si512(_mm512_permutex2var_epi8(a, Idx(kTab.q80lo), b), bias);
+    g.hi = _mm512_xor_si512(_mm512_permutex2var_epi8(c, Idx(kTab.q80hi), e), bias);
+    g.d = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutex2var_epi16(a, Idx(kTab.d80), b)));
+    g.m = _mm512_setzero_ps();
+  }
+  return g;
+}
+
+template <GgmlType TY, int R, int T, bool kTail>
+HWY_INLINE void Step(const uint8_t* w, size_t wrb, const uint8_t* act, size_t astride, int nblk,
+                     __m512 (&acc)[R][T]) {
+  WGroup g[R];
+  for (int r = 0; r < R; ++r) g[r] = LoadGroup<TY, kTail>(w + r * wrb, nblk);
+  for (int t = 0; t < T; ++t) {
+    const uint8_t* at = act + t * astride;
+    const __m512i xlo = _mm512_load_si512(at), xhi = _mm512_load_si512(at + 64);
+    const __m512 xd = _mm512_load_ps(at + 128);
+    for (int r = 0; r < R; ++r) {
+      __m512i i = TY == GgmlType::Q4_1 ? _mm512_setzero_si512() : _mm512_load_si512(at + 192);
+      i = _mm512_dpbusd_epi32(i, g[r].lo, xlo);
+      i = _mm512_dpbusd_epi32(i, g[r].hi, xhi);
+      acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), _mm512_mul_ps(g[r].d, xd), acc[r][t]);
+      if constexpr (TY == GgmlType::Q4_1)
+        acc[r][t] = _mm512_fmadd_ps(g[r].m, _mm512_load_ps(at + 192), acc[r][t]);
+    }
+  }
+}
+
+// Quantizes 16 floats (already multiplied by 1/d) to int8 with roundf semantics.
+HWY_INLINE __m128i Quantize16(__m512 v) {
+  v = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, v, _CMP_ORD_Q), v);  // NaN -> 0
+  const __m512 sign = _mm512_set1_ps(-0.0f);
+  __m512 t = _mm512_roundscale_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+  const __mmask16 up = _mm512_cmp_ps_mask(_mm512_andnot_ps(sign, _mm512_sub_ps(v, t)), _mm512_set1_ps(0.5f), _CMP_GE_OQ);
+  t = _mm512_mask_add_ps(t, up, t, _mm512_or_ps(_mm512_and_ps(v, sign), _mm512_set1_ps(1.0f)));
+  t = _mm512_min_ps(_mm512_max_ps(t, _mm512_set1_ps(-127.0f)), _mm512_set1_ps(127.0f));
+  return _mm512_cvtsepi32_epi8(_mm512_cvttps_epi32(t));
+}
+
+}  // namespace vnni
+
+struct VnniEngine {
+  static constexpr int kR = 2, kT = 8, kRDecode = 4;
+  static size_t Stride(int64_t nb) { return static_cast<size_t>((nb + 3) / 4) * vnni::kGroupBytes; }
+
+  static void Quantize(const float* x, int64_t nb, GgmlType wt, uint8_t* out) {
+    const __m512 sign = _mm512_set1_ps(-0.0f);
+    const __m512i ones = _mm512_set1_epi8(1);
+    for (int64_t g = 0; g < (nb + 3) / 4; ++g) {
+      uint8_t* rec = out + g * vnni::kGroupBytes;
+      for (int k = 0; k < 4; ++k) {
+        const int64_t b = 4 * g + k;
+        __m128i q0 = _mm_setzero_si128(), q1 = _mm_setzero_si128();
+        float d = 0.0f;
+        if (b < nb) {
+          const __m512 x0 = _mm512_loadu_ps(x + b * kQKi), x1 = _mm512_loadu_ps(x + b * kQKi + 16);
+          const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_andnot_ps(sign, x0), _mm512_andnot_ps(sign, x1)));
+          d = amax / 127.0f;
+          const __m512 id = _mm512_set1_ps(d != 0.0f ? 1.0f / d : 0.0f);
+          q0 = vnni::Quantize16(_mm512_mul_ps(x0, id));
+          q1 = vnni::Quantize16(_mm512_mul_ps(x1, id));
+        }
+        _mm_store_si128(reinterpret_cast<__m128i*>(rec + 16 * k), q0);
+        _mm_store_si128(reinterpret_cast<__m128i*>(rec + 64 + 16 * k), q1);
+        _mm_store_ps(reinterpret_cast<float*>(rec + 128 + 16 * k), _mm_set1_ps(d));
+      }
+      const __m512i xlo = _mm512_load_si512(rec), xhi = _mm512_load_si512(rec + 64);
+      const __m512i psum = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, xlo), ones, xhi);
+      uint8_t* aux = rec + 192;
+      if (wt == GgmlType::Q4_1) {
+        _mm512_store_ps(aux, _mm512_mul_ps(_mm512_cvtepi32_ps(psum), _mm512_load_ps(rec + 128)));
+      } else {
+        const int shift = wt == GgmlType::Q4_0 ? 3 : 7;
+        _mm512_store_si512(aux, _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_sll_epi32(psum, _mm_cvtsi32_si128(shift))));
+      }
+    }
+  }
+
+  template <GgmlType TY, int R, int T>
+  static HWY_NOINLINE void Tile(const TileArgs& a) {
+    __m512 acc[R][T];
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
+    constexpr size_t kGroupW = 4 * BlockBytes(TY);
+    const int64_t nfull = a.nb / 4;
+    for (int64_t g = 0; g < nfull; ++g)
+      vnni::Step<TY, R, T, false>(a.w + g * kGroupW, a.wrb, a.act + g * vnni::kGroupBytes, a.astride, 4, acc);
+    if (a.nb % 4 != 0)
+      vnni::Step<TY, R, T, true>(a.w + nfull * kGroupW, a.wrb, a.act + nfull * vnni::kGroupBytes, a.astride,
+                                 static_cast<int>(a.nb % 4), acc);
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < T; ++t) a.y[t * a.ystride + r] = _mm512_reduce_add_ps(acc[r][t]);
+  }
+};
+
+#pragma GCC pop_options
+#endif  // HWY_TARGET == HWY_AVX3_DL
+
+// =============================================================================================
+// Quantized matmul driver
+
+// Runs Tile<TY, R, nt> for the runtime token count nt in [1, T].
+template <class E, GgmlType TY, int R, int T>
+HWY_INLINE void TileT(int nt, const TileArgs& a) {
+  if constexpr (T > 1) {
+    if (nt < T) return TileT<E, TY, R, T - 1>(nt, a);
+  }
+  E::template Tile<TY, R, T>(a);
+}
+
+template <class E, GgmlType TY>
+void QuantRows(const WeightView& w, const uint8_t* act, size_t astride, int64_t n_tok, float* y,
+               int64_t r0, int64_t r1) {
+  const size_t wrb = row_bytes(w.type, w.cols);
+  TileArgs a{nullptr, wrb, w.cols / kQKi, act, astride, nullptr, w.rows};
+  auto at = [&](int64_t r, int64_t t0) {
+    a.w = w.data + r * wrb;
+    a.act = act + t0 * astride;
+    a.y = y + t0 * w.rows + r;
+    return a;
+  };
+  if (n_tok == 1) {  // decode: stream each row once
+    int64_t r = r0;
+    for (; r + E::kRDecode <= r1; r += E::kRDecode) E::template Tile<TY, E::kRDecode, 1>(at(r, 0));
+    for (; r < r1; ++r) E::template Tile<TY, 1, 1>(at(r, 0));
+    return;
+  }
+  const int64_t block_rows = std::max<int64_t>(E::kR, static_cast<int64_t>(detail::kRowBlockBytes / wrb) / E::kR * E::kR);
+  for (int64_t rb = r0; rb < r1; rb += block_rows) {
+    const int64_t re = std::min(r1, rb + block_rows);
+    for (int64_t t0 = 0; t0 < n_tok; t0 += E::kT) {
+      const int nt = static_cast<int>(std::min<int64_t>(E::kT, n_tok - t0));
+      int64_t r = rb;
+      for (; r + E::kR <= re; r += E::kR) TileT<E, TY, E::kR, E::kT>(nt, at(r, t0));
+      for (; r < re; ++r) TileT<E, TY, 1, E::kT>(nt, at(r, t0));
+    }
+  }
+}
+
+template <class E>
+void QuantMatmul(const WeightView& w, const float* x, int64_t n_tok, float* y, ThreadPool& pool) {
+  const int64_t nb = w.cols / kQKi;
+  const size_t astride = E::Stride(nb);
+  uint8_t* act = detail::scratch(astride * static_cast<size_t>(n_tok));
+  const auto quantize = [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) E::Quantize(x + t * w.cols, nb, w.type, act + t * astride);
+  };
+  if (n_tok * w.cols >= detail::kParallelQuantElems && pool.size() > 1)
+    pool.parallel_for(n_tok, 1, quantize);
+  else
+    quantize(0, n_tok);
+
+  const auto rows = [&](int64_t r0, int64_t r1) {
+    switch (w.type) {
+      case GgmlType::Q8_0: return QuantRows<E, GgmlType::Q8_0>(w, act, astride, n_tok, y, r0, r1);
+      case GgmlType::Q4_0: return QuantRows<E, GgmlType::Q4_0>(w, act, astride, n_tok, y, r0, r1);
+      case GgmlType::Q4_1: return QuantRows<E, GgmlType::Q4_1>(w, act, astride, n_tok, y, r0, r1);
+      default: return;
+    }
+  };
+  SplitRows(pool, w.rows, std::max(E::kR, E::kRDecode), rows);
+}
+
+void MatmulImpl(const WeightView& w, const float* x, int64_t n_tok, float* y, ThreadPool& pool) {
+  switch (w.type) {
+    case GgmlType::F32: return FloatMatmul<GgmlType::F32>(w, x, n_tok, y, pool);
+    case GgmlType::F16: return FloatMatmul<GgmlType::F16>(w, x, n_tok, y, pool);
+    case GgmlType::BF16: return FloatMatmul<GgmlType::BF16>(w, x, n_tok, y, pool);
+    default: break;
+  }
+#if HWY_TARGET == HWY_AVX3_DL
+  if (detail::cpu_has_avx512vnni()) return QuantMatmul<VnniEngine>(w, x, n_tok, y, pool);
+#endif
+#if QF_X86_SIMD
+  QuantMatmul<X256Engine>(w, x, n_tok, y, pool);
+#else
+  QuantMatmul<GenericEngine>(w, x, n_tok, y, pool);
+#endif
+}
+
+}  // namespace HWY_NAMESPACE
+}  // namespace qf
+HWY_AFTER_NAMESPACE();
+
+#if HWY_ONCE
+namespace qf {
+
+HWY_EXPORT(TargetBit);
+HWY_EXPORT(DotF32);
+HWY_EXPORT(AxpyF32);
+HWY_EXPORT(ScaleF32);
+HWY_EXPORT(MatmulImpl);
+
+void matmul(const WeightView& w, const float* x, int64_t n_tok, float* y, ThreadPool& pool) {
+  detail::init_simd_once();
+  const TypeInfo ti = type_info(w.type);
+  switch (w.type) {
+    case GgmlType::F32: case GgmlType::F16: case GgmlType::BF16:
+    case GgmlType::Q8_0: case GgmlType::Q4_0: case GgmlType::Q4_1: break;
+    default: fail("matmul: weight type ", ti.name, " is not supported");
+  }
+  if (w.cols <= 0 || w.rows < 0 || n_tok < 0)
+    fail("matmul: bad shape ", w.rows, " x ", w.cols, " with ", n_tok, " tokens");
+  row_bytes(w.type, w.cols);  // throws unless cols is a whole number of blocks
+  if (w.rows == 0 || n_tok == 0) return;
+  if (w.data == nullptr || x == nullptr || y == nullptr) fail("matmul: null pointer");
+  HWY_DYNAMIC_DISPATCH(MatmulImpl)(w, x, n_tok, y, pool);
+}
+
+float dot_f32(const float* a, const float* b, size_t n) {
+  detail::init_simd_once();
+  return HWY_DYNAMIC_DISPATCH(DotF32)(a, b, n);
+}
+
+void axpy_f32(float a, const float* x, float* y, size_t n) {
+  detail::init_simd_once();
+  HWY_DYNAMIC_DISPATCH(AxpyF32)(a, x, y, n);
+}
+
+void scale_f32(float* y, float a, size_t n) {
+  detail::init_simd_once();
+  HWY_DYNAMIC_DISPATCH(ScaleF32)(y, a, n);
+}
+
+std::string simd_target_name() {
+  detail::init_simd_once();
+  return hwy::TargetName(HWY_DYNAMIC_DISPATCH(TargetBit)());
+}
+
+}  // namespace qf
+#endif  // HWY_ONCE

@@ -1,0 +1,130 @@
+// The qf binary on bad input: one clear line on stderr and a non-zero exit, never a crash.
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+
+#include <array>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <string>
+
+#include "test_paths.h"
+
+namespace {
+
+struct Result {
+  int exit_code = -1;    // -1 if killed by a signal
+  int signal = 0;
+  std::string out, err;
+};
+
+Result run_qf(const std::string& args) {
+  const auto dir = std::filesystem::temp_directory_path();
+  const std::string out_path = (dir / "qf_cli_test_out.txt").string();
+  const std::string err_path = (dir / "qf_cli_test_err.txt").string();
+  const std::string cmd = qf::test::qf_binary() + " " + args + " </dev/null >" + out_path + " 2>" + err_path;
+  const int status = std::system(cmd.c_str());
+  Result r;
+  if (WIFEXITED(status)) r.exit_code = WEXITSTATUS(status);
+  if (WIFSIGNALED(status)) r.signal = WTERMSIG(status);
+  auto slurp = [](const std::string& p) {
+    std::ifstream in(p, std::ios::binary);
+    return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  };
+  r.out = slurp(out_path);
+  r.err = slurp(err_path);
+  return r;
+}
+
+// A clean failure: exit code 1 or 2 (CLI11 parse errors), no signal, a short message.
+void expect_clean_failure(const Result& r, const std::string& must_mention) {
+  EXPECT_EQ(r.signal, 0) << "crashed with signal " << r.signal << "; stderr: " << r.err;
+  EXPECT_GT(r.exit_code, 0) << "stderr: " << r.err;
+  EXPECT_LT(r.exit_code, 128);
+  EXPECT_NE(r.err.find(must_mention), std::string::npos) << "stderr was: " << r.err;
+  EXPECT_LT(r.err.size(), 600u) << "error output should be short: " << r.err;
+  EXPECT_EQ(r.err.find("terminate called"), std::string::npos);
+}
+
+std::string model() { return qf::test::smollm2_path(); }
+
+std::string write_temp(const std::string& name, const std::string& bytes) {
+  const auto p = std::filesystem::temp_directory_path() / name;
+  std::ofstream(p, std::ios::binary) << bytes;
+  return p.string();
+}
+
+TEST(Cli, MissingModelFile) { expect_clean_failure(run_qf("run -m /nonexistent.gguf -p hi"), "nonexistent"); }
+
+TEST(Cli, UnknownFlag) { expect_clean_failure(run_qf("run -m " + model() + " -p hi --no-such-flag"), "no-such-flag"); }
+
+TEST(Cli, NoSubcommand) { expect_clean_failure(run_qf(""), "subcommand"); }
+
+TEST(Cli, NotAGgufFile) {
+  const std::string p = write_temp("qf_not_gguf.gguf", "this is not a gguf file at all, just text");
+  expect_clean_failure(run_qf("run -m " + p + " -p hi"), "qf_not_gguf.gguf");
+}
+
+TEST(Cli, TruncatedModel) {
+  std::ifstream in(model(), std::ios::binary);
+  std::string head(200000, '\0');
+  in.read(head.data(), static_cast<std::streamsize>(head.size()));
+  const std::string p = write_temp("qf_truncated.gguf", head);
+  expect_clean_failure(run_qf("run -m " + p + " -p hi -n 1"), "qf_truncated.gguf");
+}
+
+TEST(Cli, PromptLongerThanContext) {
+  expect_clean_failure(run_qf("run -m " + model() + " -c 16 -n 4 -p \"" + std::string(400, 'a') + " b c d e f g\""),
+                       "context");
+}
+
+TEST(Cli, UnknownPolicy) {
+  expect_clean_failure(run_qf("run -m " + model() + " -p hi -n 1 --kv-policy nosuch --kv-budget 64"), "nosuch");
+}
+
+TEST(Cli, WindowLargerThanBudget) {
+  expect_clean_failure(run_qf("run -m " + model() + " -p hi -n 1 --kv-policy knorm --kv-budget 16 --kv-window 32"),
+                       "--kv-window");
+}
+
+TEST(Cli, QFiltersWithoutFilters) {
+  expect_clean_failure(run_qf("run -m " + model() + " -p hi -n 1 --kv-policy qfilters --kv-budget 64"), "--filters");
+}
+
+TEST(Cli, BadRatio) {
+  expect_clean_failure(run_qf("run -m " + model() + " -p hi -n 1 --kv-policy knorm --kv-ratio 1.5"), "--kv-ratio");
+}
+
+TEST(Cli, CorruptFilterFile) {
+  const std::string p = write_temp("qf_bad_filters.safetensors", std::string("\x10\0\0\0\0\0\0\0{\"broken", 15));
+  expect_clean_failure(
+      run_qf("run -m " + model() + " -p hi -n 1 --kv-policy qfilters --kv-budget 64 --filters " + p), "qf_bad_filters");
+}
+
+TEST(Cli, InfoDescribesTheModel) {
+  const Result r = run_qf("info " + model());
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("llama"), std::string::npos);
+  EXPECT_NE(r.out.find("30 layers"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("Q4_1"), std::string::npos);
+}
+
+TEST(Cli, RunGeneratesAndReportsTimingAndKv) {
+  const Result r = run_qf("run -m " + model() + " -p \"The capital of France is\" -n 8 -t 2");
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("The capital of France is"), std::string::npos);
+  EXPECT_GT(r.out.size(), std::string("The capital of France is").size() + 2);
+  EXPECT_NE(r.err.find("tok/s"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("kv:"), std::string::npos) << r.err;
+}
+
+TEST(Cli, SameSeedSameOutput) {
+  const std::string args = "run -m " + model() + " -p \"Once upon a time\" -n 24 --temp 0.9 --seed 7";
+  const Result a = run_qf(args), b = run_qf(args);
+  ASSERT_EQ(a.exit_code, 0) << a.err;
+  EXPECT_EQ(a.out, b.out);
+  const Result c = run_qf("run -m " + model() + " -p \"Once upon a time\" -n 24 --temp 0.9 --seed 8");
+  EXPECT_NE(a.out, c.out) << "different seeds gave the same 24 sampled tokens";
+}
+
+}  // namespace

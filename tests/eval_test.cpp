@@ -1,0 +1,529 @@
+// The evaluation suite: metrics against hand-computed values, the results log's resume rules, and
+// the work-sharing shortcuts (one prefill copied to every policy, snapkv's window rebuilt from
+// captured queries) against the straightforward computation they replace, on a tiny fixture model.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <limits>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "eval/corpus.h"
+#include "eval/engine.h"
+#include "eval/fidelity.h"
+#include "eval/metrics.h"
+#include "eval/needle.h"
+#include "eval/ppl.h"
+#include "eval/results.h"
+#include "model/model.h"
+#include "model/session.h"
+#include "sample/sampler.h"
+#include "test_paths.h"
+#include "util/error.h"
+
+namespace qf::eval {
+namespace {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+// ---- metrics ----------------------------------------------------------------------------------
+
+TEST(Metrics, TokenNllIsMinusLogSoftmax) {
+  const std::vector<float> logits{1.0f, 2.0f, 3.0f};
+  const double z = std::exp(1.0) + std::exp(2.0) + std::exp(3.0);
+  EXPECT_NEAR(token_nll(logits, 0), -std::log(std::exp(1.0) / z), 1e-12);
+  EXPECT_NEAR(token_nll(logits, 2), -std::log(std::exp(3.0) / z), 1e-12);
+  // Large logits do not overflow: the max is subtracted.
+  const std::vector<float> big{1000.0f, 1000.0f};
+  EXPECT_NEAR(token_nll(big, 1), std::log(2.0), 1e-12);
+  EXPECT_THROW(token_nll(logits, 3), Error);
+  EXPECT_THROW(token_nll(logits, -1), Error);
+}
+
+TEST(Metrics, PerplexityAndGapRatio) {
+  const std::vector<double> nll{std::log(2.0), std::log(8.0)};
+  EXPECT_NEAR(perplexity(nll), 4.0, 1e-12);  // geometric mean of 2 and 8
+  EXPECT_TRUE(std::isnan(perplexity({})));
+  EXPECT_DOUBLE_EQ(gap_ratio(12.0, 10.0, 20.0), 0.2);
+  EXPECT_DOUBLE_EQ(gap_ratio(10.0, 10.0, 20.0), 0.0);
+  EXPECT_DOUBLE_EQ(gap_ratio(20.0, 10.0, 20.0), 1.0);
+  EXPECT_TRUE(std::isnan(gap_ratio(12.0, 10.0, 10.0)));
+  EXPECT_TRUE(std::isnan(gap_ratio(NAN, 10.0, 20.0)));
+}
+
+TEST(Metrics, AverageRanksShareTies) {
+  const std::vector<double> x{10, 20, 20, 5, std::numeric_limits<double>::infinity(), 20};
+  const std::vector<double> r = average_ranks(x);
+  EXPECT_EQ(r, (std::vector<double>{2, 4, 4, 1, 6, 4}));
+  EXPECT_THROW(average_ranks(std::vector<double>{1, NAN}), Error);
+}
+
+TEST(Metrics, SpearmanKnownValues) {
+  const std::vector<double> a{1, 2, 3, 4, 5};
+  EXPECT_NEAR(spearman(a, std::vector<double>{2, 4, 8, 16, 1000}), 1.0, 1e-12);  // monotone, not linear
+  EXPECT_NEAR(spearman(a, std::vector<double>{5, 4, 3, 2, 1}), -1.0, 1e-12);
+  // Hand computation: ranks b = (1, 3, 2, 5, 4); d = (0, -1, 1, -1, 1); rho = 1 - 6*4/(5*24) = 0.8.
+  EXPECT_NEAR(spearman(a, std::vector<double>{10, 30, 20, 50, 40}), 0.8, 1e-12);
+  // With ties (scipy.stats.spearmanr([1,2,3,4],[1,1,2,2]) = 0.894427...).
+  EXPECT_NEAR(spearman(std::vector<double>{1, 2, 3, 4}, std::vector<double>{1, 1, 2, 2}), 0.8944271909999159, 1e-12);
+  EXPECT_TRUE(std::isnan(spearman(a, std::vector<double>{3, 3, 3, 3, 3})));
+  EXPECT_TRUE(std::isnan(spearman(std::vector<double>{1}, std::vector<double>{1})));
+  EXPECT_THROW(spearman(a, std::vector<double>{1, 2}), Error);
+}
+
+TEST(Metrics, AnswerMatching) {
+  EXPECT_TRUE(answer_matches(" The special magic number is 7341952.", "7341952"));
+  EXPECT_TRUE(answer_matches("7,341,952", "7341952"));
+  EXPECT_TRUE(answer_matches("It is 7341952", "7341952"));
+  EXPECT_FALSE(answer_matches("73419520", "7341952"));  // a longer number is not the number
+  EXPECT_FALSE(answer_matches("734195", "7341952"));
+  EXPECT_FALSE(answer_matches("no number here", "7341952"));
+  EXPECT_FALSE(answer_matches("7341952", ""));
+  EXPECT_EQ(digit_runs("a 12, b 3.4 c 5. 6"), (std::vector<std::string>{"12", "34", "5", "6"}));
+}
+
+TEST(Metrics, MeanMedian) {
+  EXPECT_DOUBLE_EQ(mean(std::vector<double>{1, 2, 6}), 3.0);
+  EXPECT_DOUBLE_EQ(median(std::vector<double>{5, 1, 3}), 3.0);
+  EXPECT_DOUBLE_EQ(median(std::vector<double>{4, 1, 3, 2}), 2.5);
+  EXPECT_TRUE(std::isnan(median({})));
+}
+
+// ---- results log, corpus ----------------------------------------------------------------------
+
+struct TempDir {
+  fs::path path;
+  TempDir() {
+    path = fs::temp_directory_path() / ("qf_eval_test_" + std::to_string(::getpid()) + "_" +
+                                        std::to_string(std::random_device{}()));
+    fs::create_directories(path);
+  }
+  ~TempDir() { fs::remove_all(path); }
+};
+
+TEST(CellLog, ResumesOnlyUnderTheSameSettings) {
+  TempDir tmp;
+  const std::string path = (tmp.path / "sub" / "x.jsonl").string();
+  const json settings{{"a", 1}};
+  {
+    CellLog log(path, settings, true);
+    EXPECT_EQ(log.size(), 0u);
+    log.add("k1", {{"v", 1}});
+    log.add("k2", {{"v", 2}});
+  }
+  {
+    CellLog log(path, settings, true);
+    EXPECT_EQ(log.resumed(), 2u);
+    EXPECT_TRUE(log.has("k1"));
+    EXPECT_EQ(log.get("k2")["v"], 2);
+    EXPECT_THROW(log.get("k3"), Error);
+  }
+  EXPECT_THROW(CellLog(path, json{{"a", 2}}, true), Error);
+  {
+    CellLog log(path, json{{"a", 2}}, false);  // fresh: starts over
+    EXPECT_EQ(log.size(), 0u);
+  }
+  {
+    CellLog log(path, json{{"a", 2}}, true);
+    EXPECT_EQ(log.size(), 0u);
+    log.add("k1", {{"v", 1}});
+  }
+  // A torn last line (killed mid-write) is dropped, and appending resumes on a clean line.
+  {
+    std::ofstream(path, std::ios::app) << "{\"key\": \"k2\", \"v\"";
+  }
+  {
+    CellLog log(path, json{{"a", 2}}, true);
+    EXPECT_EQ(log.size(), 1u);
+    log.add("k2", {{"v", 2}});
+  }
+  CellLog log(path, json{{"a", 2}}, true);
+  EXPECT_EQ(log.size(), 2u);
+  EXPECT_EQ(log.cells()[1]["v"], 2);
+  // A file that is not ours is refused.
+  const std::string other = (tmp.path / "other.jsonl").string();
+  std::ofstream(other) << "hello\nworld\n";
+  EXPECT_THROW(CellLog(other, settings, true), Error);
+}
+
+TEST(Corpus, SelectsByYear) {
+  TempDir tmp;
+  for (const char* name : {"1949_a.txt", "1950_b.txt", "2001_c.txt", "notes.txt", "2005_d.md"})
+    std::ofstream(tmp.path / name) << name;
+  EXPECT_EQ(year_of("2001_george_w_bush_r.txt"), 2001);
+  EXPECT_EQ(year_of("notes.txt"), -1);
+  EXPECT_EQ(year_of("200x_a.txt"), -1);
+  auto docs = load_documents({tmp.path.string()}, 1950, 0);
+  ASSERT_EQ(docs.size(), 3u);  // 1950, 2001, and the year-less file; .md ignored
+  EXPECT_EQ(docs[0].name, "1950_b.txt");
+  EXPECT_EQ(docs[0].text, "1950_b.txt");
+  EXPECT_EQ(docs[2].name, "notes.txt");
+  docs = load_documents({tmp.path.string()}, 0, 1949);
+  ASSERT_EQ(docs.size(), 2u);
+  EXPECT_EQ(docs[0].name, "1949_a.txt");
+  EXPECT_THROW(load_documents({(tmp.path / "missing").string()}), Error);
+  docs = load_documents({tmp.path.string()}, 3000, 0);  // year-less files always pass the filter
+  ASSERT_EQ(docs.size(), 1u);
+  EXPECT_EQ(docs[0].name, "notes.txt");
+  fs::remove(tmp.path / "notes.txt");
+  EXPECT_THROW(load_documents({tmp.path.string()}, 3000, 0), Error);
+}
+
+// ---- work sharing on a tiny model ---------------------------------------------------------------
+
+class Tiny : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    model_ = Model::load(test::fixture("llama_f32_gqa_tied.gguf"));
+    const ModelConfig& c = model_->config();
+    ctx_.model = model_.get();
+    ctx_.n_threads = 2;
+    ctx_.n_batch = 32;
+    ctx_.progress = false;
+    ctx_.policy_options.seed = 7;
+    ctx_.policy_options.snapkv_window = 8;
+    std::mt19937 rng(3);
+    std::normal_distribution<float> nd(0.0f, 1.0f);
+    filters_.resize(static_cast<size_t>(c.n_layers) * c.n_kv_heads * c.head_dim);
+    for (auto& f : filters_) f = nd(rng);
+    ctx_.policy_options.filters = filters_;
+  }
+  std::vector<int32_t> tokens(int n, uint32_t seed) const {
+    std::mt19937 rng(seed);
+    std::vector<int32_t> t(n);
+    for (auto& x : t) x = static_cast<int32_t>(rng() % model_->config().n_vocab);
+    return t;
+  }
+  static std::vector<std::string> all_policies() {
+    return {"none", "qfilters", "knorm", "streaming", "random", "snapkv", "tova", "h2o"};
+  }
+
+  std::unique_ptr<Model> model_;
+  EvalContext ctx_;
+  std::vector<float> filters_;
+};
+
+TEST_F(Tiny, CopiedStateContinuesExactly) {
+  const auto t = tokens(70, 1);
+  auto a = new_session(ctx_, 128, "none", {}, {.accumulate = true, .last_query = true});
+  auto b = new_session(ctx_, 128, "none", {}, {.accumulate = true});
+  a->eval(std::span<const int32_t>(t.data(), 60));
+  b->copy_state_from(*a);
+  EXPECT_EQ(b->n_past(), 60);
+  for (int i = 60; i < 70; ++i) {
+    const auto la = a->eval(std::span<const int32_t>(&t[i], 1));
+    const std::vector<float> va(la.begin(), la.end());
+    const auto lb = b->eval(std::span<const int32_t>(&t[i], 1));
+    ASSERT_EQ(va, std::vector<float>(lb.begin(), lb.end())) << "token " << i;
+  }
+  for (int l = 0; l < model_->config().n_layers; ++l)
+    for (int h = 0; h < model_->config().n_kv_heads; ++h) {
+      const auto& ha = a->cache().head(l, h);
+      const auto& hb = b->cache().head(l, h);
+      ASSERT_EQ(ha.n, hb.n);
+      for (int j = 0; j < ha.n; ++j) ASSERT_EQ(ha.attn_sum[j], hb.attn_sum[j]);
+    }
+  // A cache too small for the source is an error, not a silent truncation.
+  kv::CompressionConfig cc;
+  cc.budget = 20;
+  cc.window = 4;
+  auto small = new_session(ctx_, 128, "knorm", cc);
+  EXPECT_THROW(small->copy_state_from(*a), Error);
+}
+
+TEST_F(Tiny, QueryTailRebuildsSnapKvStatistics) {
+  const auto ctx_tokens = tokens(77, 2);  // not a multiple of the batch: the window spans chunks
+  const ModelConfig& c = model_->config();
+  // Reference: the engine's own snapkv statistics over the prompt's last `window` queries.
+  auto ref = new_session(ctx_, 128, "none", {}, {.window = ctx_.policy_options.snapkv_window});
+  ref->prefill(ctx_tokens);
+  auto base = new_session(ctx_, 128, "none", {}, {.accumulate = true});
+  QueryTail tail(c.n_layers, c.n_heads, c.head_dim, ctx_.policy_options.snapkv_window);
+  base->set_qk_hook(tail.hook());
+  base->prefill(ctx_tokens);
+  tail.fill_window_attention(base->cache(), base->pool());
+  for (int l = 0; l < c.n_layers; ++l)
+    for (int h = 0; h < c.n_kv_heads; ++h) {
+      const auto& a = ref->cache().head(l, h);
+      const auto& b = base->cache().head(l, h);
+      ASSERT_EQ(a.n, b.n);
+      for (int j = 0; j < a.n; ++j) ASSERT_EQ(a.attn_sum[j], b.attn_sum[j]) << "layer " << l << " head " << h << " slot " << j;
+    }
+}
+
+// The shared path (one prefill, copies, external compression) must answer exactly as a session
+// that prefills the context under the policy itself.
+TEST_F(Tiny, NeedleRunnerMatchesDirectPrefillCompression) {
+  const auto context = tokens(90, 4), question = tokens(7, 5);
+  const int max_new = 6;
+  // A runner serving every policy, and one per policy. Attention-based policies are exact in the
+  // shared runner (same attention kernel as their own session); score-only ones are exact in a
+  // runner of their own (fused kernel) and differ by float rounding only in the shared one.
+  NeedleRunner shared(ctx_, 128, all_policies());
+  shared.prefill(context);
+  for (const auto& p : all_policies()) {
+    NeedleRunner own(ctx_, 128, {p});
+    own.prefill(context);
+    NeedleRunner& runner = is_attention_policy(ctx_, p) ? shared : own;
+    for (int x : {1, 4}) {
+      if (p == "none" && x != 1) continue;
+      for (int skip : {0, 1}) {
+        SCOPED_TRACE(p + " x" + std::to_string(x) + " skip " + std::to_string(skip));
+        const NeedleRunner::Answer got = runner.answer(p, x, skip, question, max_new, nullptr, nullptr);
+        // Direct: the policy's own session.
+        kv::CompressionConfig cc;
+        cc.prefill_ratio = ratio_for_compression(x);
+        cc.skip_layers = skip;
+        auto s = new_session(ctx_, 128, p, cc);
+        s->prefill(context);
+        for (int l = 0; l < model_->config().n_layers; ++l)
+          for (int h = 0; h < model_->config().n_kv_heads; ++h) {
+            const auto& a = s->cache().head(l, h);
+            const auto& b = runner.work().cache().head(l, h);
+            const std::vector<int32_t> pa(a.pos.begin(), a.pos.begin() + a.n);
+            // runner.work() has also seen the question and answer: compare the context part.
+            std::vector<int32_t> pb;
+            for (int j = 0; j < b.n; ++j)
+              if (b.pos[j] < static_cast<int32_t>(context.size())) pb.push_back(b.pos[j]);
+            ASSERT_EQ(pa, pb) << "kept positions, layer " << l << " head " << h;
+          }
+        std::span<const float> logits = s->eval(question);
+        std::vector<int32_t> want;
+        for (int i = 0; i < max_new; ++i) {
+          want.push_back(argmax(logits));
+          if (i + 1 < max_new) logits = s->eval(std::span<const int32_t>(&want.back(), 1));
+        }
+        EXPECT_EQ(got.tokens, want);
+        if (x == 4) {
+          EXPECT_LT(got.kept_per_head, context.size() / 3.0);
+        } else {
+          EXPECT_EQ(got.kept_per_head, context.size());
+        }
+        if (&runner != &shared)  // float rounding apart, the shared runner agrees
+          EXPECT_EQ(shared.answer(p, x, skip, question, max_new, nullptr, nullptr).tokens, want);
+      }
+    }
+  }
+  EXPECT_THROW(shared.answer("h2o", 0, 0, question, 1, nullptr, nullptr), Error);
+  NeedleRunner few(ctx_, 128, {"knorm"});
+  EXPECT_THROW(few.answer("knorm", 2, 0, question, 1, nullptr, nullptr), Error);  // before prefill
+  few.prefill(context);
+  EXPECT_THROW(few.answer("h2o", 2, 0, question, 1, nullptr, nullptr), Error);  // undeclared policy
+}
+
+TEST_F(Tiny, NeedleRunnerStopsOnRequest) {
+  const auto context = tokens(40, 6), question = tokens(5, 7);
+  NeedleRunner runner(ctx_, 128, {"none"});
+  runner.prefill(context);
+  const auto all = runner.answer("none", 1, 0, question, 8, nullptr, nullptr);
+  ASSERT_EQ(all.tokens.size(), 8u);
+  // End-of-generation tokens are not part of the answer; done() keeps the token that ends it.
+  const int32_t third = all.tokens[2];
+  auto a = runner.answer("none", 1, 0, question, 8, [&](int32_t t) { return t == third; }, nullptr);
+  EXPECT_EQ(a.tokens, std::vector<int32_t>(all.tokens.begin(), std::find(all.tokens.begin(), all.tokens.end(), third)));
+  a = runner.answer("none", 1, 0, question, 8, nullptr, [](const std::vector<int32_t>& v) { return v.size() == 3; });
+  EXPECT_EQ(a.tokens, std::vector<int32_t>(all.tokens.begin(), all.tokens.begin() + 3));
+}
+
+// The ppl cells must equal the straightforward run: the policy's own session through the document.
+TEST_F(Tiny, StreamingPerplexityMatchesDirectDecoding) {
+  TempDir tmp;
+  PplSettings st;
+  st.budgets = {40, 72};
+  st.window = 8;
+  st.evict_every = 2;
+  st.n_tokens = 150;
+  st.n_docs = 1;
+  st.skip_layers = 1;
+  const std::vector<TokenDoc> docs{{"doc", tokens(150, 8)}};
+  const auto policies = all_policies();
+  CellLog log((tmp.path / "ppl.jsonl").string(), st.to_json(), true);
+  run_ppl(ctx_, docs, st, policies, log);
+  const int N = st.n_tokens, n_vocab = model_->config().n_vocab;
+  const auto& x = docs[0].tokens;
+
+  // Full cache: one token at a time (no batching) gives the same NLL up to float rounding.
+  std::vector<double> full(N - 1);
+  {
+    auto s = new_session(ctx_, N, "none", {});
+    for (int t = 0; t < N - 1; ++t) full[t] = token_nll(s->eval(std::span<const int32_t>(&x[t], 1)), x[t + 1]);
+    const json& cell = log.get("doc|0|none");
+    ASSERT_EQ(cell["nll"].size(), static_cast<size_t>(N - 1));
+    for (int t = 0; t < N - 1; ++t) EXPECT_NEAR(cell["nll"][t].get<double>(), full[t], 2e-4) << t;
+  }
+  for (int b : st.budgets)
+    for (const auto& p : policies) {
+      if (p == "none") continue;
+      SCOPED_TRACE(p + " B=" + std::to_string(b));
+      kv::CompressionConfig cc;
+      cc.budget = b;
+      cc.window = st.window;
+      cc.evict_every = st.evict_every;
+      cc.skip_layers = st.skip_layers;
+      auto s = new_session(ctx_, N, p, cc);
+      s->eval(std::span<const int32_t>(x.data(), b));  // batched, as the shared base does
+      const json& cell = log.get("doc|" + std::to_string(b) + "|" + p);
+      ASSERT_EQ(cell["nll"].size(), static_cast<size_t>(N - 1 - b));
+      EXPECT_GT(cell["evicted"].get<int64_t>(), 0);
+      for (int t = b; t < N - 1; ++t) {
+        const double want = token_nll(s->eval(std::span<const int32_t>(&x[t], 1)), x[t + 1]);
+        ASSERT_NEAR(cell["nll"][t - b].get<double>(), want, 6e-6) << "target " << t + 1;
+      }
+      (void)n_vocab;
+    }
+
+  // Summary: full = every cell's none NLL; a policy's "all" perplexity mixes the full cache's NLL
+  // before the budget with its own after it.
+  const PplSummary sum = summarize_ppl(log, docs, st, policies);
+  const json& res = sum.json["results"];
+  ASSERT_EQ(res.size(), st.budgets.size() * policies.size());
+  auto row = [&](int b, const std::string& p) {
+    for (const auto& r : res)
+      if (r["budget"] == b && r["policy"] == p) return r;
+    ADD_FAILURE() << "no row " << b << " " << p;
+    return json();
+  };
+  const json& fcell = log.get("doc|0|none");
+  std::vector<double> fn;
+  for (const auto& v : fcell["nll"]) fn.push_back(v.get<double>());
+  EXPECT_NEAR(row(40, "none")["ppl_all"].get<double>(), perplexity(fn), 1e-5);
+  EXPECT_NEAR(row(40, "none")["ppl_after_budget"].get<double>(),
+              perplexity(std::vector<double>(fn.begin() + 40, fn.end())), 1e-5);
+  const json& kcell = log.get("doc|72|knorm");
+  std::vector<double> kn(fn.begin(), fn.begin() + 72);
+  for (const auto& v : kcell["nll"]) kn.push_back(v.get<double>());
+  EXPECT_NEAR(row(72, "knorm")["ppl_all"].get<double>(), perplexity(kn), 1e-5);
+  const double pf = row(72, "none")["ppl_after_budget"], ps = row(72, "streaming")["ppl_after_budget"],
+               pk = row(72, "knorm")["ppl_after_budget"];
+  EXPECT_NEAR(row(72, "knorm")["gap_ratio_after_budget"].get<double>(), (pk - pf) / (ps - pf), 1e-5);
+  EXPECT_NEAR(row(72, "streaming")["gap_ratio_after_budget"].get<double>(), 1.0, 1e-9);
+  EXPECT_NE(sum.csv.find("budget,policy,ppl_all"), std::string::npos);
+  EXPECT_NE(sum.curve_csv.find("40,knorm,1,32,"), std::string::npos);
+
+  // Resume: nothing left to do, nothing recomputed.
+  CellLog again((tmp.path / "ppl.jsonl").string(), st.to_json(), true);
+  const size_t n = again.size();
+  run_ppl(ctx_, docs, st, policies, again);
+  EXPECT_EQ(again.size(), n);
+}
+
+TEST_F(Tiny, PplSettingsAreChecked) {
+  PplSettings st;
+  st.n_tokens = 100;
+  st.window = 8;
+  st.budgets = {8};
+  EXPECT_THROW(st.validate(), Error);  // budget <= window
+  st.budgets = {99};
+  EXPECT_THROW(st.validate(), Error);  // nothing to evict
+  st.budgets = {20};
+  st.evict_every = 13;
+  EXPECT_THROW(st.validate(), Error);
+  st.evict_every = 12;
+  EXPECT_NO_THROW(st.validate());
+  const std::vector<TokenDoc> docs{{"a", tokens(50, 1)}, {"b", tokens(120, 2)}};
+  EXPECT_THROW(select_docs(docs, 2, 100), Error);
+  const auto sel = select_docs(docs, 1, 100);
+  ASSERT_EQ(sel.size(), 1u);
+  EXPECT_EQ(sel[0].name, "b");
+  EXPECT_EQ(sel[0].tokens.size(), 100u);
+}
+
+// Brute-force double-precision reference of the fidelity target.
+TEST(Fidelity, MeanReceivedAttentionMatchesBruteForce) {
+  const int T = 23, H = 4, KV = 2, D = 8, group = H / KV;
+  std::mt19937 rng(11);
+  std::normal_distribution<float> nd(0.0f, 1.5f);
+  std::vector<float> q(size_t(T) * H * D), k(size_t(T) * KV * D);
+  for (auto& v : q) v = nd(rng);
+  for (auto& v : k) v = nd(rng);
+  ThreadPool pool(2);
+  const auto got = mean_received_attention(q.data(), k.data(), T, H, KV, D, pool);
+  for (int kvh = 0; kvh < KV; ++kvh) {
+    std::vector<double> want(T, 0.0);
+    for (int g = 0; g < group; ++g) {
+      const int h = kvh * group + g;
+      for (int i = 1; i < T; ++i) {
+        std::vector<double> s(i + 1);
+        double mx = -1e300, z = 0;
+        for (int j = 0; j <= i; ++j) {
+          double dot = 0;
+          for (int e = 0; e < D; ++e) dot += double(q[(size_t(i) * H + h) * D + e]) * k[(size_t(j) * KV + kvh) * D + e];
+          mx = std::max(mx, s[j] = dot / std::sqrt(double(D)));
+        }
+        for (double& v : s) z += (v = std::exp(v - mx));
+        for (int j = 0; j < i; ++j) want[j] += s[j] / z / group / (T - 1 - j);
+      }
+    }
+    for (int j = 0; j < T - 1; ++j) EXPECT_NEAR(got[kvh][j], want[j], 1e-6 * std::max(1.0, want[j])) << kvh << " " << j;
+    EXPECT_TRUE(std::isnan(got[kvh][T - 1]));
+  }
+  EXPECT_THROW(mean_received_attention(q.data(), k.data(), T, 3, 2, D, pool), Error);
+}
+
+TEST_F(Tiny, FidelityCellsAreSpearmanOfPolicyScoreAndTarget) {
+  TempDir tmp;
+  FidelitySettings st;
+  st.n_tokens = 64;
+  st.n_docs = 1;
+  const std::vector<TokenDoc> docs{{"d", tokens(64, 9)}};
+  const auto policies = all_policies();
+  CellLog log((tmp.path / "fid.jsonl").string(), st.to_json(), true);
+  run_fidelity(ctx_, docs, st, policies, log);
+  const json& cell = log.get("d");
+  const ModelConfig& c = model_->config();
+  for (const auto& p : policies) {
+    if (p == "none") {
+      EXPECT_FALSE(cell["spearman"].contains(p));
+      continue;
+    }
+    ASSERT_TRUE(cell["spearman"].contains(p)) << p;
+    ASSERT_EQ(cell["spearman"][p].size(), static_cast<size_t>(c.n_layers));
+    for (const auto& layer : cell["spearman"][p])
+      for (const auto& v : layer)
+        if (!v.is_null()) {
+          EXPECT_GE(v.get<double>(), -1.0);
+          EXPECT_LE(v.get<double>(), 1.0);
+        }
+  }
+  // Independent recomputation for knorm and qfilters: hook the queries and keys, brute-force the
+  // target, score the keys by hand.
+  std::vector<std::vector<float>> qs(c.n_layers), ks(c.n_layers);
+  auto s = new_session(ctx_, 64, "none", {});
+  s->set_qk_hook([&](int l, const float* q, const float* k, const int32_t*, int n) {
+    qs[l].insert(qs[l].end(), q, q + size_t(n) * c.n_heads * c.head_dim);
+    ks[l].insert(ks[l].end(), k, k + size_t(n) * c.n_kv_heads * c.head_dim);
+  });
+  s->eval(docs[0].tokens);
+  ThreadPool pool(1);
+  const int T = st.n_tokens, D = c.head_dim;
+  for (int l = 0; l < c.n_layers; ++l) {
+    const auto target = mean_received_attention(qs[l].data(), ks[l].data(), T, c.n_heads, c.n_kv_heads, D, pool);
+    for (int h = 0; h < c.n_kv_heads; ++h) {
+      std::vector<double> kn(T - 1), qf(T - 1), tg(target[h].begin(), target[h].end() - 1);
+      const float* f = filters_.data() + (size_t(l) * c.n_kv_heads + h) * D;
+      for (int j = 0; j < T - 1; ++j) {
+        const float* key = ks[l].data() + (size_t(j) * c.n_kv_heads + h) * D;
+        double nn = 0, dot = 0;
+        for (int e = 0; e < D; ++e) nn += double(key[e]) * key[e], dot += double(key[e]) * f[e];
+        kn[j] = -std::sqrt(nn);
+        qf[j] = dot;
+      }
+      EXPECT_NEAR(cell["spearman"]["knorm"][l][h].get<double>(), spearman(kn, tg), 2e-5);
+      EXPECT_NEAR(cell["spearman"]["qfilters"][l][h].get<double>(), spearman(qf, tg), 2e-5);
+    }
+  }
+  const FidelitySummary sum = summarize_fidelity(ctx_, log, docs, st, policies);
+  ASSERT_TRUE(sum.json.contains("qfilters_beats_knorm"));
+  EXPECT_EQ(sum.json["qfilters_beats_knorm"]["heads"], c.n_layers * c.n_kv_heads);
+  for (const auto& r : sum.json["results"])
+    EXPECT_EQ(r["circular"].get<bool>(), r["policy"] == "snapkv" || r["policy"] == "tova" || r["policy"] == "h2o");
+}
+
+}  // namespace
+}  // namespace qf::eval

@@ -1,0 +1,549 @@
+// Tests for src/tensor: fp16/bf16 conversions, row dequantization, matmul on every weight type and
+// SIMD target against scalar double-precision references, the float vector ops, and the pool.
+//
+// References here are written from the ggml format description, independently of the kernels:
+// fp16 is decoded with ldexp, blocks are read byte by byte, and activations are quantized with
+// the formula documented in kernels.h.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "tensor/kernels.h"
+#include "tensor/threadpool.h"
+#include "tensor/types.h"
+#include "util/error.h"
+
+namespace qf {
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// Independent references
+
+double ref_fp16(uint16_t h) {
+  const int sign = h >> 15, exp = (h >> 10) & 31, mant = h & 1023;
+  double v;
+  if (exp == 0) v = std::ldexp(static_cast<double>(mant), -24);
+  else if (exp == 31) v = mant == 0 ? INFINITY : NAN;
+  else v = std::ldexp(static_cast<double>(1024 + mant), exp - 25);
+  return sign ? -v : v;
+}
+
+// Nearest fp16 (ties to even) of a finite float, found by binary search over the ordered
+// positive half values instead of bit manipulation.
+uint16_t ref_f32_to_fp16(float f) {
+  const uint16_t sign = std::signbit(f) ? 0x8000 : 0;
+  const double a = std::fabs(static_cast<double>(f));
+  if (a >= 65520.0) return sign | 0x7C00;  // 65504 + half an ulp (2^4) and up round to inf
+  uint16_t lo = 0, hi = 0x7BFF;            // largest h with ref_fp16(h) <= a
+  while (lo < hi) {
+    const uint16_t mid = static_cast<uint16_t>((lo + hi + 1) / 2);
+    if (ref_fp16(mid) <= a) lo = mid;
+    else hi = static_cast<uint16_t>(mid - 1);
+  }
+  if (ref_fp16(lo) == a || lo == 0x7BFF) return sign | lo;  // 0x7BFF: a < 65520 rounds down
+  const double dlo = a - ref_fp16(lo), dhi = ref_fp16(lo + 1) - a;
+  uint16_t r = lo;
+  if (dhi < dlo || (dhi == dlo && (lo & 1))) r = static_cast<uint16_t>(lo + 1);
+  return sign | r;
+}
+
+uint16_t rd16(const uint8_t* p) { return static_cast<uint16_t>(p[0] | (p[1] << 8)); }
+
+// Row r of w decoded to doubles, straight from the bytes.
+std::vector<double> ref_row(const WeightView& w, int64_t r) {
+  const size_t rb = row_bytes(w.type, w.cols);
+  const uint8_t* p = w.data + r * rb;
+  std::vector<double> out(w.cols);
+  for (int64_t j = 0; j < w.cols; ++j) {
+    const int64_t b = j / 32, i = j % 32;
+    switch (w.type) {
+      case GgmlType::F32: {
+        float f;
+        std::memcpy(&f, p + 4 * j, 4);
+        out[j] = f;
+        break;
+      }
+      case GgmlType::F16: out[j] = ref_fp16(rd16(p + 2 * j)); break;
+      case GgmlType::BF16: {
+        const uint32_t bits = static_cast<uint32_t>(rd16(p + 2 * j)) << 16;
+        float f;
+        std::memcpy(&f, &bits, 4);
+        out[j] = f;
+        break;
+      }
+      case GgmlType::Q8_0: {
+        const uint8_t* blk = p + 34 * b;
+        out[j] = ref_fp16(rd16(blk)) * static_cast<int8_t>(blk[2 + i]);
+        break;
+      }
+      case GgmlType::Q4_0: {
+        const uint8_t* blk = p + 18 * b;
+        const int q = i < 16 ? (blk[2 + i] & 15) : (blk[2 + i - 16] >> 4);
+        out[j] = ref_fp16(rd16(blk)) * (q - 8);
+        break;
+      }
+      case GgmlType::Q4_1: {
+        const uint8_t* blk = p + 20 * b;
+        const int q = i < 16 ? (blk[4 + i] & 15) : (blk[4 + i - 16] >> 4);
+        out[j] = ref_fp16(rd16(blk)) * q + ref_fp16(rd16(blk + 2));
+        break;
+      }
+      default: ADD_FAILURE() << "unexpected type";
+    }
+  }
+  return out;
+}
+
+// The activation quantization of kernels.h, per block of 32.
+struct QuantRef {
+  std::vector<int> q;
+  std::vector<float> d;  // per block
+};
+QuantRef ref_quantize(const float* x, int64_t n) {
+  QuantRef r;
+  r.q.resize(n);
+  for (int64_t b = 0; b < n / 32; ++b) {
+    float amax = 0.0f;
+    for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(x[32 * b + j]));
+    const float d = amax / 127.0f;
+    const float id = d != 0.0f ? 1.0f / d : 0.0f;
+    for (int j = 0; j < 32; ++j) r.q[32 * b + j] = static_cast<int>(std::round(x[32 * b + j] * id));
+    r.d.push_back(d);
+  }
+  return r;
+}
+
+bool is_quant(GgmlType t) { return t == GgmlType::Q8_0 || t == GgmlType::Q4_0 || t == GgmlType::Q4_1; }
+
+// ---------------------------------------------------------------------------------------------
+// Random weights
+
+// A random finite fp16 in about [-scale, scale], sometimes subnormal or zero.
+uint16_t random_half(std::mt19937& rng, float scale) {
+  std::uniform_int_distribution<int> pick(0, 19);
+  const int k = pick(rng);
+  if (k == 0) return static_cast<uint16_t>(std::uniform_int_distribution<int>(0, 1023)(rng));  // subnormal
+  if (k == 1) return 0;
+  return f32_to_fp16(std::uniform_real_distribution<float>(-scale, scale)(rng));
+}
+
+std::vector<uint8_t> random_weights(GgmlType t, int64_t rows, int64_t cols, std::mt19937& rng) {
+  std::vector<uint8_t> data(row_bytes(t, cols) * rows);
+  std::uniform_int_distribution<int> byte(0, 255);
+  std::uniform_real_distribution<float> uni(-1.0f, 1.0f);
+  auto put16 = [](uint8_t* p, uint16_t v) { p[0] = v & 0xFF; p[1] = v >> 8; };
+  const size_t n = static_cast<size_t>(rows * cols);
+  switch (t) {
+    case GgmlType::F32:
+      for (size_t i = 0; i < n; ++i) {
+        const float f = uni(rng);
+        std::memcpy(data.data() + 4 * i, &f, 4);
+      }
+      break;
+    case GgmlType::F16:
+      for (size_t i = 0; i < n; ++i) put16(data.data() + 2 * i, f32_to_fp16(uni(rng)));
+      break;
+    case GgmlType::BF16:
+      for (size_t i = 0; i < n; ++i) put16(data.data() + 2 * i, f32_to_bf16(uni(rng)));
+      break;
+    default: {
+      const size_t bb = type_info(t).block_bytes;
+      for (size_t b = 0; b < n / 32; ++b) {
+        uint8_t* p = data.data() + b * bb;
+        for (size_t i = 0; i < bb; ++i) p[i] = static_cast<uint8_t>(byte(rng));  // qs: full range
+        put16(p, random_half(rng, 0.05f));
+        if (t == GgmlType::Q4_1) put16(p + 2, random_half(rng, 0.5f));
+      }
+    }
+  }
+  return data;
+}
+
+// Activations with the cases the quantizer must get right: an all-zero token, a zero block,
+// exact .5 ties, and a wide dynamic range.
+std::vector<float> random_activations(int64_t n_tok, int64_t cols, std::mt19937& rng) {
+  std::vector<float> x(n_tok * cols);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (auto& v : x) v = normal(rng);
+  for (int64_t t = 0; t < n_tok; ++t) {
+    float* xt = x.data() + t * cols;
+    switch (t % 5) {
+      case 1: std::fill(xt, xt + cols, 0.0f); break;
+      case 2:
+        for (int64_t j = 0; j < cols; ++j) xt[j] = (j % 32 == 0) ? 127.0f : static_cast<float>(j % 32) - 15.5f;
+        break;  // d = 1: every other element is an exact tie
+      case 3: std::fill(xt, xt + std::min<int64_t>(cols, 32), 0.0f); break;
+      case 4:
+        for (int64_t j = 0; j < cols; ++j) xt[j] *= std::ldexp(1.0f, static_cast<int>(j % 7) * 3 - 9);
+        break;
+      default: break;
+    }
+  }
+  return x;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Conversions
+
+TEST(Fp16, DecodeAllValuesExactly) {
+  for (uint32_t h = 0; h < 65536; ++h) {
+    const float f = fp16_to_f32(static_cast<uint16_t>(h));
+    const double ref = ref_fp16(static_cast<uint16_t>(h));
+    if (std::isnan(ref)) {
+      ASSERT_TRUE(std::isnan(f)) << h;
+    } else {
+      ASSERT_EQ(static_cast<double>(f), ref) << h;
+      ASSERT_EQ(std::signbit(f), (h & 0x8000) != 0) << h;  // also -0
+    }
+  }
+}
+
+TEST(Fp16, RoundTripAllValues) {
+  for (uint32_t h = 0; h < 65536; ++h) {
+    const uint16_t back = f32_to_fp16(fp16_to_f32(static_cast<uint16_t>(h)));
+    const bool nan = (h & 0x7C00) == 0x7C00 && (h & 0x3FF) != 0;
+    if (nan) {
+      ASSERT_EQ(back & 0x7C00, 0x7C00) << h;
+      ASSERT_NE(back & 0x3FF, 0) << h;
+      ASSERT_EQ(back & 0x8000, h & 0x8000) << h;
+    } else {
+      ASSERT_EQ(back, h) << h;
+    }
+  }
+}
+
+TEST(Fp16, EncodeRoundsToNearestEven) {
+  // Every midpoint between neighbouring finite halves (exact ties), one float ulp either side,
+  // and random floats over the whole range including subnormals and overflow.
+  std::vector<float> cases;
+  for (uint16_t h = 0; h < 0x7C00; ++h) {
+    const double mid = (ref_fp16(h) + ref_fp16(static_cast<uint16_t>(h + 1))) / 2;  // exact in double
+    const float m = static_cast<float>(mid);
+    cases.push_back(m);
+    cases.push_back(std::nextafter(m, 0.0f));
+    cases.push_back(std::nextafter(m, INFINITY));
+  }
+  std::mt19937 rng(7);
+  std::uniform_int_distribution<uint32_t> bits(0, 0x7F7FFFFF);
+  for (int i = 0; i < 100000; ++i) {
+    uint32_t b = bits(rng) % 0x47900000u;  // up to a bit past 65536
+    float f;
+    std::memcpy(&f, &b, 4);
+    cases.push_back(f);
+  }
+  cases.push_back(65504.0f);
+  cases.push_back(65519.99f);
+  cases.push_back(65520.0f);
+  cases.push_back(1e30f);
+  cases.push_back(INFINITY);
+  for (float f : cases) {
+    ASSERT_EQ(f32_to_fp16(f), ref_f32_to_fp16(f)) << f;
+    ASSERT_EQ(f32_to_fp16(-f), ref_f32_to_fp16(-f)) << -f;
+  }
+  EXPECT_TRUE(std::isnan(fp16_to_f32(f32_to_fp16(NAN))));
+}
+
+TEST(Bf16, DecodeEncode) {
+  for (uint32_t h = 0; h < 65536; ++h) {
+    const float f = bf16_to_f32(static_cast<uint16_t>(h));
+    uint32_t bits;
+    std::memcpy(&bits, &f, 4);
+    ASSERT_EQ(bits, h << 16);
+    if (!std::isnan(f)) ASSERT_EQ(f32_to_bf16(f), h);
+    else ASSERT_TRUE(std::isnan(bf16_to_f32(f32_to_bf16(f))));
+  }
+  // Ties go to even; just above a tie goes up.
+  EXPECT_EQ(f32_to_bf16(1.0f + 0x1p-8f), 0x3F80);           // 1 + half ulp: tie, even is 1.0
+  EXPECT_EQ(f32_to_bf16(1.0f + 0x1p-8f + 0x1p-20f), 0x3F81);
+  EXPECT_EQ(f32_to_bf16(1.0f + 3 * 0x1p-8f), 0x3F82);       // tie between 0x3F81 and 0x3F82
+  EXPECT_EQ(f32_to_bf16(3.4e38f), 0x7F80);                  // rounds up to inf
+}
+
+// ---------------------------------------------------------------------------------------------
+// dequantize_row
+
+const GgmlType kAllTypes[] = {GgmlType::F32, GgmlType::F16, GgmlType::BF16,
+                              GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1};
+
+TEST(Dequantize, MatchesByteLevelDecoding) {
+  std::mt19937 rng(1);
+  for (GgmlType t : kAllTypes) {
+    for (int64_t cols : {32, 64, 576}) {
+      const int64_t rows = 5;
+      const auto data = random_weights(t, rows, cols, rng);
+      const WeightView w{t, cols, rows, data.data()};
+      std::vector<float> out(cols);
+      for (int64_t r = 0; r < rows; ++r) {
+        dequantize_row(w, r, out.data());
+        const auto ref = ref_row(w, r);
+        for (int64_t j = 0; j < cols; ++j) {
+          // Q4_1 is d * q + m rounded once more in float; everything else is exact.
+          const double tol = t == GgmlType::Q4_1 ? std::fabs(ref[j]) * 1e-7 + 1e-12 : 0.0;
+          ASSERT_NEAR(out[j], ref[j], tol) << type_info(t).name << " row " << r << " col " << j;
+        }
+      }
+    }
+  }
+}
+
+TEST(Dequantize, RejectsBadInput) {
+  std::vector<uint8_t> data(34 * 2);
+  float out[64];
+  const WeightView w{GgmlType::Q8_0, 64, 1, data.data()};
+  EXPECT_THROW(dequantize_row(w, 1, out), Error);
+  EXPECT_THROW(dequantize_row(w, -1, out), Error);
+  EXPECT_THROW(dequantize_row(WeightView{GgmlType::Q5_0, 64, 1, data.data()}, 0, out), Error);
+  EXPECT_THROW(dequantize_row(WeightView{GgmlType::Q8_0, 48, 1, data.data()}, 0, out), Error);
+  EXPECT_THROW(dequantize_row(WeightView{GgmlType::Q8_0, 64, 1, nullptr}, 0, out), Error);
+  EXPECT_NO_THROW(dequantize_row(w, 0, out));
+}
+
+// ---------------------------------------------------------------------------------------------
+// matmul
+
+// Restores the best target when a test that forces targets ends, even on failure.
+class SimdTargets : public ::testing::Test {
+ protected:
+  void TearDown() override { ASSERT_TRUE(force_simd_target("best")); }
+};
+
+TEST_F(SimdTargets, NamesAndForcing) {
+  const auto names = available_simd_targets();
+  ASSERT_FALSE(names.empty());
+  EXPECT_EQ(names.back(), "scalar");
+  const std::string best = simd_target_name();
+  const std::pair<const char*, const char*> expect[] = {
+      {"avx512vnni", "AVX3_DL"}, {"avx512", "AVX3"}, {"avx2", "AVX2"}, {"scalar", "SCALAR"}};
+  for (const auto& [name, hwy_name] : expect) {
+    const bool available = std::find(names.begin(), names.end(), name) != names.end();
+    EXPECT_EQ(force_simd_target(name), available) << name;
+    if (available) {
+      EXPECT_EQ(simd_target_name(), hwy_name) << name;
+    }
+  }
+  EXPECT_FALSE(force_simd_target("sse9"));
+  ASSERT_TRUE(force_simd_target("best"));
+  EXPECT_EQ(simd_target_name(), best);
+  std::printf("SIMD targets here: best %s; available:", best.c_str());
+  for (const auto& n : names) std::printf(" %s", n.c_str());
+  std::printf("\n");
+}
+
+struct Shape {
+  int64_t rows, cols, n_tok;
+};
+
+// Checks one matmul result against
+//  (a) tight: double-precision dot products of the exactly decoded weights with the activations
+//      quantized by the documented formula. Only float rounding separates the kernel from this:
+//      |y - ref| <= 2e-5 * sum |terms| (terms counted before any cancellation, e.g. Q4_1's d*q
+//      and m separately), i.e. about 300 float ulps of the magnitude that was accumulated.
+//  (b) loose: double dot products with the unquantized activations. Rounding x to d*q moves each
+//      element by at most d/2 (plus float error in x * (1/d)), so
+//      |y - ref| <= sum_blocks 0.5005 * d * sum |w| + tight bound.
+// Float weight types skip quantization; (b) then uses the tight bound only.
+void check_matmul(const WeightView& w, const std::vector<float>& x, int64_t n_tok, const std::vector<float>& y,
+                  const std::string& what) {
+  const int64_t rows = w.rows, cols = w.cols;
+  std::vector<std::vector<double>> wr(rows);
+  for (int64_t r = 0; r < rows; ++r) wr[r] = ref_row(w, r);
+  // Magnitudes of the separately rounded parts of each weight (see the tight bound above).
+  std::vector<std::vector<double>> wmag(rows, std::vector<double>(cols));
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint8_t* p = w.data + r * row_bytes(w.type, cols);
+    for (int64_t j = 0; j < cols; ++j) {
+      const int64_t i = j % 32;
+      wmag[r][j] = std::fabs(wr[r][j]);
+      if (w.type == GgmlType::Q4_0) {  // d * q and -8 d
+        const uint8_t* blk = p + 18 * (j / 32);
+        const int q = i < 16 ? (blk[2 + i] & 15) : (blk[2 + i - 16] >> 4);
+        wmag[r][j] = std::fabs(ref_fp16(rd16(blk))) * (q + 8);
+      }
+      if (w.type == GgmlType::Q4_1) {  // d * q and m
+        const uint8_t* blk = p + 20 * (j / 32);
+        const int q = i < 16 ? (blk[4 + i] & 15) : (blk[4 + i - 16] >> 4);
+        wmag[r][j] = std::fabs(ref_fp16(rd16(blk))) * q + std::fabs(ref_fp16(rd16(blk + 2)));
+      }
+    }
+  }
+  for (int64_t t = 0; t < n_tok; ++t) {
+    const float* xt = x.data() + t * cols;
+    QuantRef qr;
+    if (is_quant(w.type)) qr = ref_quantize(xt, cols);
+    for (int64_t r = 0; r < rows; ++r) {
+      double tight = 0, mag = 0, loose = 0, slack = 0;
+      for (int64_t j = 0; j < cols; ++j) {
+        loose += wr[r][j] * xt[j];
+        if (is_quant(w.type)) {
+          const double xq = static_cast<double>(qr.d[j / 32]) * qr.q[j];
+          tight += wr[r][j] * xq;
+          mag += wmag[r][j] * std::fabs(xq);
+          slack += 0.5005 * qr.d[j / 32] * std::fabs(wr[r][j]);
+        } else {
+          tight += wr[r][j] * xt[j];
+          mag += std::fabs(wr[r][j] * xt[j]);
+        }
+      }
+      const double got = y[t * rows + r];
+      const double tol = 2e-5 * mag + 1e-30;
+      ASSERT_NEAR(got, tight, tol) << what << " tight, token " << t << " row " << r;
+      ASSERT_NEAR(got, loose, tol + slack) << what << " loose, token " << t << " row " << r;
+    }
+  }
+}
+
+std::vector<Shape> shapes_for(GgmlType t) {
+  std::vector<Shape> s = {
+      {1, 32, 1},    {3, 64, 3},     {17, 96, 17},  {35, 160, 1},  {35, 224, 3},   {64, 576, 17},
+      {13, 576, 64}, {37, 1536, 3},  {5, 1536, 64}, {130, 288, 5}, {33, 576, 1},   {193, 1536, 1},
+  };
+  if (!is_quant(t)) {  // float rows need not be whole blocks
+    s.push_back({7, 33, 3});
+    s.push_back({9, 1, 2});
+    s.push_back({5, 70, 17});
+  }
+  return s;
+}
+
+TEST_F(SimdTargets, MatmulAllTypesShapesThreadsTargets) {
+  ThreadPool pools[] = {ThreadPool(1), ThreadPool(2), ThreadPool(3)};
+  for (const std::string& target : available_simd_targets()) {
+    ASSERT_TRUE(force_simd_target(target));
+    std::mt19937 rng(42);  // same data for every target
+    for (GgmlType t : kAllTypes) {
+      for (const Shape& s : shapes_for(t)) {
+        const auto data = random_weights(t, s.rows, s.cols, rng);
+        const WeightView w{t, s.cols, s.rows, data.data()};
+        const auto x = random_activations(s.n_tok, s.cols, rng);
+        const std::string what = target + " " + std::string(type_info(t).name) + " " + std::to_string(s.rows) +
+                                 "x" + std::to_string(s.cols) + " n_tok " + std::to_string(s.n_tok);
+        std::vector<float> first;
+        for (ThreadPool& pool : pools) {
+          std::vector<float> y(s.rows * s.n_tok, NAN);
+          matmul(w, x.data(), s.n_tok, y.data(), pool);
+          if (first.empty()) {
+            first = y;
+            check_matmul(w, x, s.n_tok, y, what);
+            if (HasFatalFailure()) return;
+          } else {
+            // Each output is computed by the same instructions whatever the split: bit-identical.
+            ASSERT_EQ(0, std::memcmp(first.data(), y.data(), y.size() * sizeof(float)))
+                << what << " differs with " << pool.size() << " threads";
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST(Matmul, RejectsBadInput) {
+  ThreadPool pool(1);
+  std::vector<uint8_t> data(34 * 4);
+  std::vector<float> x(64), y(4);
+  EXPECT_THROW(matmul(WeightView{GgmlType::Q5_0, 64, 2, data.data()}, x.data(), 1, y.data(), pool), Error);
+  EXPECT_THROW(matmul(WeightView{GgmlType::Q4_K, 256, 1, data.data()}, x.data(), 1, y.data(), pool), Error);
+  EXPECT_THROW(matmul(WeightView{GgmlType::Q8_0, 48, 2, data.data()}, x.data(), 1, y.data(), pool), Error);
+  EXPECT_THROW(matmul(WeightView{GgmlType::Q8_0, 0, 2, data.data()}, x.data(), 1, y.data(), pool), Error);
+  EXPECT_THROW(matmul(WeightView{GgmlType::Q8_0, 64, -1, data.data()}, x.data(), 1, y.data(), pool), Error);
+  EXPECT_THROW(matmul(WeightView{GgmlType::Q8_0, 64, 2, nullptr}, x.data(), 1, y.data(), pool), Error);
+  EXPECT_THROW(matmul(WeightView{GgmlType::Q8_0, 64, 2, data.data()}, nullptr, 1, y.data(), pool), Error);
+  EXPECT_THROW(matmul(WeightView{static_cast<GgmlType>(99), 64, 2, data.data()}, x.data(), 1, y.data(), pool), Error);
+  // Empty products are no-ops, even with null buffers.
+  EXPECT_NO_THROW(matmul(WeightView{GgmlType::Q8_0, 64, 2, data.data()}, nullptr, 0, nullptr, pool));
+  EXPECT_NO_THROW(matmul(WeightView{GgmlType::Q8_0, 64, 0, nullptr}, nullptr, 3, nullptr, pool));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Float vector ops
+
+TEST_F(SimdTargets, VectorOps) {
+  std::mt19937 rng(3);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (const std::string& target : available_simd_targets()) {
+    ASSERT_TRUE(force_simd_target(target));
+    for (size_t n : {0, 1, 3, 7, 8, 15, 16, 17, 31, 32, 33, 63, 64, 65, 100, 576, 1001}) {
+      // Guard elements past n catch writes beyond the end.
+      std::vector<float> a(n + 4), b(n + 4), y(n + 4);
+      for (auto& v : a) v = normal(rng);
+      for (auto& v : b) v = normal(rng);
+      double ref = 0, mag = 0;
+      for (size_t i = 0; i < n; ++i) {
+        ref += static_cast<double>(a[i]) * b[i];
+        mag += std::fabs(static_cast<double>(a[i]) * b[i]);
+      }
+      EXPECT_NEAR(dot_f32(a.data(), b.data(), n), ref, 1e-6 * mag + 1e-30) << target << " n " << n;
+
+      y = b;
+      axpy_f32(0.75f, a.data(), y.data(), n);
+      for (size_t i = 0; i < n + 4; ++i) {
+        const float want = i < n ? std::fma(0.75f, a[i], b[i]) : b[i];
+        ASSERT_NEAR(y[i], want, 1e-6f * (std::fabs(want) + std::fabs(a[i]))) << target << " axpy n " << n << " i " << i;
+      }
+      y = b;
+      scale_f32(y.data(), -1.5f, n);
+      for (size_t i = 0; i < n + 4; ++i) ASSERT_EQ(y[i], i < n ? b[i] * -1.5f : b[i]) << target << " scale n " << n;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Thread pool
+
+TEST(ThreadPool, RunCoversEveryThreadOnceRepeatedly) {
+  for (int n = 1; n <= 5; ++n) {
+    ThreadPool pool(n);
+    ASSERT_EQ(pool.size(), n);
+    std::vector<std::atomic<int>> hits(n);
+    const int reps = n <= 2 ? 5000 : 300;  // more threads than cores: a run may wait on the OS
+    for (int rep = 0; rep < reps; ++rep) {
+      pool.run([&](int i, int total) {
+        EXPECT_EQ(total, n);
+        hits[i].fetch_add(1, std::memory_order_relaxed);
+      });
+    }
+    for (int i = 0; i < n; ++i) EXPECT_EQ(hits[i].load(), reps) << n << " threads, thread " << i;
+  }
+}
+
+TEST(ThreadPool, ParallelForCoversEveryIndexOnce) {
+  for (int n = 1; n <= 5; ++n) {
+    ThreadPool pool(n);
+    for (int64_t items : {0, 1, 2, 3, 4, 5, 7, 64, 1000, 4097}) {
+      for (int64_t grain : {1, 3, 100}) {
+        std::vector<std::atomic<int>> hits(items);
+        pool.parallel_for(items, grain, [&](int64_t b, int64_t e) {
+          EXPECT_LE(0, b);
+          EXPECT_LT(b, e);
+          EXPECT_LE(e, items);
+          for (int64_t i = b; i < e; ++i) hits[i].fetch_add(1, std::memory_order_relaxed);
+        });
+        for (int64_t i = 0; i < items; ++i) ASSERT_EQ(hits[i].load(), 1) << n << " threads, " << items << " items";
+      }
+    }
+  }
+}
+
+TEST(ThreadPool, WakesSleepingWorkersAndShutsDown) {
+  // Let the workers pass their spin phase and block, then wake them; then destroy idle pools.
+  for (int n = 2; n <= 4; ++n) {
+    ThreadPool pool(n);
+    std::atomic<int> calls{0};
+    for (int rep = 0; rep < 3; ++rep) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(30));
+      pool.run([&](int, int) { calls.fetch_add(1); });
+    }
+    EXPECT_EQ(calls.load(), 3 * n);
+  }
+  for (int rep = 0; rep < 20; ++rep) ThreadPool idle(3);  // destroyed right after start
+}
+
+}  // namespace
+}  // namespace qf
