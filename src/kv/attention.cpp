@@ -5,14 +5,13 @@
 #include <limits>
 #include <vector>
 
+#include "tensor/attention_kernel.h"
 #include "tensor/kernels.h"
 #include "util/error.h"
 
 namespace qf::kv {
 
 namespace {
-
-constexpr int kTile = 32;  // keys scored per online-softmax step
 
 // Slots visible to a query at position p: positions increase with the slot index.
 int visible_slots(const HeadCache& hc, int32_t p) {
@@ -25,47 +24,23 @@ void check_args(const Cache& cache, const AttentionArgs& a) {
   if (a.layer < 0 || a.layer >= cache.shape().n_layers) fail("attention: layer out of range");
 }
 
-// One query head against one KV head, online softmax over tiles.
-void attend_one(const HeadCache& hc, int d, float scale, const float* q, int32_t qpos, float* out) {
-  const int n = visible_slots(hc, qpos);
-  std::fill(out, out + d, 0.0f);
-  float running_max = -std::numeric_limits<float>::infinity();
-  float running_sum = 0.0f;
-  float s[kTile];
-  for (int j0 = 0; j0 < n; j0 += kTile) {
-    const int m = std::min(kTile, n - j0);
-    float tile_max = -std::numeric_limits<float>::infinity();
-    for (int j = 0; j < m; ++j) {
-      s[j] = dot_f32(q, hc.key(j0 + j, d), d) * scale;
-      tile_max = std::max(tile_max, s[j]);
-    }
-    if (tile_max > running_max) {
-      const float correction = std::exp(running_max - tile_max);  // 0 on the first tile
-      running_sum *= correction;
-      scale_f32(out, correction, d);
-      running_max = tile_max;
-    }
-    for (int j = 0; j < m; ++j) {
-      const float w = std::exp(s[j] - running_max);
-      running_sum += w;
-      axpy_f32(w, hc.value(j0 + j, d), out, d);
-    }
-  }
-  if (running_sum > 0.0f) scale_f32(out, 1.0f / running_sum, d);
-}
-
 }  // namespace
 
 void attend_fused(const Cache& cache, const AttentionArgs& a, ThreadPool& pool) {
   check_args(cache, a);
   const int d = cache.shape().head_dim;
-  const int group = a.n_heads / cache.shape().n_kv_heads;
-  const int64_t items = static_cast<int64_t>(a.n_tok) * a.n_heads;
+  const int nkv = cache.shape().n_kv_heads;
+  const int group = a.n_heads / nkv;
+  // One work item = one token's GQA group: its query heads are contiguous in q and out, and
+  // share every key and value row loaded.
+  const int64_t items = static_cast<int64_t>(a.n_tok) * nkv;
   pool.parallel_for(items, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const int t = static_cast<int>(i / a.n_heads), h = static_cast<int>(i % a.n_heads);
-      const size_t off = (static_cast<size_t>(t) * a.n_heads + h) * d;
-      attend_one(cache.head(a.layer, h / group), d, a.scale, a.q + off, a.q_pos[t], a.out + off);
+      const int t = static_cast<int>(i / nkv), g = static_cast<int>(i % nkv);
+      const HeadCache& hc = cache.head(a.layer, g);
+      const size_t off = (static_cast<size_t>(t) * a.n_heads + static_cast<size_t>(g) * group) * d;
+      attention_group_f32(a.q + off, group, hc.k.data(), hc.v.data(), visible_slots(hc, a.q_pos[t]), d, a.scale,
+                          a.out + off);
     }
   });
 }
