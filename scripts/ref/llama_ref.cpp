@@ -27,7 +27,6 @@
 #include <fstream>
 #include <iostream>
 #include <limits>
-#include <map>
 #include <memory>
 #include <random>
 #include <sstream>
@@ -377,6 +376,12 @@ void check_finite(const float* logits, int n, size_t pos) {
   }
 }
 
+const float* last_logits(llama_context* ctx) {
+  const float* row = llama_get_logits_ith(ctx, -1);
+  if (!row) fail("llama.cpp returned no logits for the last token");
+  return row;
+}
+
 // Feeds tokens [begin, end) at positions begin.. in batches of n_batch. When all_logits is set,
 // on_row(pos, logits) is called for every position; otherwise only the last position has logits.
 template <typename OnRow>
@@ -442,7 +447,7 @@ json cmd_score(const Backend& be, const Options& o) {
   std::vector<double> target_lp(n - 1);
   std::vector<double> lse(n);
   double nll = 0.0;
-  decode_range(ctx.get(), toks, 0, n, o.n_batch, true, [&](size_t pos, const float* row) {
+  decode_range(ctx.get(), toks, 0, n, static_cast<int>(llama_n_batch(ctx.get())), true, [&](size_t pos, const float* row) {
     if (!row) fail("llama.cpp returned no logits for position " + std::to_string(pos));
     check_finite(row, n_vocab, pos);
     am[pos] = argmax(row, n_vocab);
@@ -494,10 +499,10 @@ json cmd_generate(const Backend& be, const Options& o) {
   std::vector<llama_token> out;
   std::vector<double> margins;  // top1 - top2 logit per step: small margins mark fragile steps
   std::string stop = "length";
-  decode_range(ctx.get(), seq, 0, seq.size(), o.n_batch, false, [](size_t, const float*) {});
+  decode_range(ctx.get(), seq, 0, seq.size(), static_cast<int>(llama_n_batch(ctx.get())), false,
+               [](size_t, const float*) {});
   for (int step = 0; step < o.n_predict; ++step) {
-    const float* row = llama_get_logits_ith(ctx.get(), -1);
-    if (!row) fail("llama.cpp returned no logits");
+    const float* row = last_logits(ctx.get());
     check_finite(row, n_vocab, seq.size() - 1);
     const std::vector<int> top2 = top_k(row, n_vocab, 2);
     const llama_token next = top2[0];
@@ -545,6 +550,7 @@ json cmd_bench(const Backend& be, const Options& o) {
   const int n_ctx = o.n_ctx > 0 ? o.n_ctx : o.n_prompt + o.n_predict;
   ContextPtr ctx = make_context(model.get(), o, n_ctx, o.n_batch);
   llama_memory_t mem = llama_get_memory(ctx.get());
+  const int n_batch = static_cast<int>(llama_n_batch(ctx.get()));
 
   // Content does not change the cost; fixed pseudo-random ids keep runs comparable.
   std::mt19937 rng(1234);
@@ -560,11 +566,11 @@ json cmd_bench(const Backend& be, const Options& o) {
     llama_memory_clear(mem, false);
     std::vector<llama_token> seq(prompt.begin(), prompt.begin() + n_prompt);
     const auto t0 = clock::now();
-    decode_range(ctx.get(), seq, 0, seq.size(), o.n_batch, false, [](size_t, const float*) {});
+    decode_range(ctx.get(), seq, 0, seq.size(), n_batch, false, [](size_t, const float*) {});
     llama_synchronize(ctx.get());
     const auto t1 = clock::now();
     for (int i = 0; i < n_gen; ++i) {
-      seq.push_back(argmax(llama_get_logits_ith(ctx.get(), -1), n_vocab));
+      seq.push_back(argmax(last_logits(ctx.get()), n_vocab));
       decode_range(ctx.get(), seq, seq.size() - 1, seq.size(), 1, false, [](size_t, const float*) {});
     }
     llama_synchronize(ctx.get());

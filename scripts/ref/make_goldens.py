@@ -22,7 +22,8 @@ TEXT = os.path.join(ROOT, "data", "sotu", "2001_george_w_bush_r.txt")
 N_TEACHER = 2100
 N_CTX = 4096
 # The tightest llama.cpp configuration: F32 K/V and plain (non-flash) attention, which on CPU
-# keeps scores and softmax in F32 (flash attention rounds K/V to F16 even with an F32 cache).
+# keeps K/V, scores and softmax in F32 (in this build flash attention, which `auto` picks on CPU,
+# gives bit-identical logits with F32 and F16 caches, i.e. F16 precision either way).
 TIGHT = ["--kv-f32", "--flash-attn", "off"]
 # A greedy step whose top1 - top2 logit gap is below this is a near tie: llama.cpp's own logits
 # move by a few tenths between configurations on this model (see llama_cpp_self_agreement).

@@ -48,8 +48,10 @@ uint64_t header_length(const uint8_t* prefix, uint64_t file_size, std::string_vi
   if (file_size < 8) fail(name, ": ", file_size, " bytes is too short for a safetensors file");
   const uint64_t n = load_u64_le(prefix);
   if (n == 0) fail(name, ": safetensors header length is 0");
-  if (n > kMaxHeaderBytes) fail(name, ": safetensors header length ", n, " exceeds the ", kMaxHeaderBytes, " byte limit");
-  if (n > file_size - 8) fail(name, ": safetensors header length ", n, " runs past the end of the file (", file_size, " bytes)");
+  if (n > kMaxHeaderBytes)
+    fail(name, ": safetensors header length ", n, " exceeds the ", kMaxHeaderBytes, " byte limit");
+  if (n > file_size - 8)
+    fail(name, ": safetensors header length ", n, " runs past the end of the file (", file_size, " bytes)");
   return n;
 }
 
@@ -101,14 +103,17 @@ TensorSpec parse_header(std::string_view text, uint64_t data_size, std::string_v
   const auto sh = t->find("shape");
   if (sh == t->end() || !sh->is_array()) fail(name, ": tensor '", kFilterTensorName, "' has no shape array");
   if (sh->size() != 3)
-    fail(name, ": tensor '", kFilterTensorName, "' has rank ", sh->size(), ", expected 3 [n_layers, n_kv_heads, head_dim]");
+    fail(name, ": tensor '", kFilterTensorName, "' has rank ", sh->size(),
+         ", expected 3 [n_layers, n_kv_heads, head_dim]");
   spec.count = 1;
   for (size_t i = 0; i < 3; ++i) {
     const uint64_t d = unsigned_field((*sh)[i], "shape entry", name);
-    if (d == 0 || d > kMaxDim) fail(name, ": tensor '", kFilterTensorName, "' shape entry ", d, " is out of range 1..", kMaxDim);
+    if (d == 0 || d > kMaxDim)
+      fail(name, ": tensor '", kFilterTensorName, "' shape entry ", d, " is out of range 1..", kMaxDim);
     spec.shape[i] = d;
     spec.count *= d;  // <= 2^60: no overflow
-    if (spec.count > kMaxElements) fail(name, ": tensor '", kFilterTensorName, "' has more than ", kMaxElements, " elements");
+    if (spec.count > kMaxElements)
+      fail(name, ": tensor '", kFilterTensorName, "' has more than ", kMaxElements, " elements");
   }
 
   const auto off = t->find("data_offsets");
@@ -116,9 +121,11 @@ TensorSpec parse_header(std::string_view text, uint64_t data_size, std::string_v
     fail(name, ": tensor '", kFilterTensorName, "' needs data_offsets [begin, end]");
   spec.begin = unsigned_field((*off)[0], "data_offsets begin", name);
   spec.end = unsigned_field((*off)[1], "data_offsets end", name);
-  if (spec.begin > spec.end) fail(name, ": tensor '", kFilterTensorName, "' data_offsets begin ", spec.begin, " > end ", spec.end);
+  if (spec.begin > spec.end)
+    fail(name, ": tensor '", kFilterTensorName, "' data_offsets begin ", spec.begin, " > end ", spec.end);
   if (spec.end > data_size)
-    fail(name, ": tensor '", kFilterTensorName, "' data ends at ", spec.end, " but the data section has ", data_size, " bytes");
+    fail(name, ": tensor '", kFilterTensorName, "' data ends at ", spec.end, " but the data section has ",
+         data_size, " bytes");
   if (spec.end - spec.begin != spec.count * spec.elem_bytes)
     fail(name, ": tensor '", kFilterTensorName, "' holds ", spec.end - spec.begin, " bytes, its shape and dtype need ",
          spec.count * spec.elem_bytes);
@@ -166,7 +173,8 @@ StoredFilters decode(const TensorSpec& spec, const uint8_t* data, std::string_vi
 void check_consistent(const Filters& f) {
   if (f.n_layers <= 0 || f.n_kv_heads <= 0 || f.head_dim <= 0 ||
       f.data.size() != size_t(f.n_layers) * size_t(f.n_kv_heads) * size_t(f.head_dim))
-    fail("filters: data size ", f.data.size(), " does not match shape ", f.n_layers, "x", f.n_kv_heads, "x", f.head_dim);
+    fail("filters: data size ", f.data.size(), " does not match shape ", f.n_layers, "x", f.n_kv_heads, "x",
+         f.head_dim);
   for (size_t i = 0; i < f.data.size(); ++i)
     if (!std::isfinite(f.data[i])) fail("filters: non-finite value at element ", i);
 }
@@ -279,7 +287,8 @@ StoredFilters read_filters(const std::string& path) {
   const TensorSpec spec = parse_header(text, size - 8 - n, path);
   std::vector<uint8_t> data(spec.end - spec.begin);
   in.seekg(std::streamoff(8 + n + spec.begin));
-  if (!in.read(reinterpret_cast<char*>(data.data()), std::streamsize(data.size()))) fail(path, ": read error in the tensor data");
+  if (!in.read(reinterpret_cast<char*>(data.data()), std::streamsize(data.size())))
+    fail(path, ": read error in the tensor data");
   return decode(spec, data.data(), path);
 }
 
@@ -308,7 +317,8 @@ T resolve(std::string_view name, const std::map<std::string, std::string>& md, c
 
 LoadedFilters interpret(StoredFilters s, std::string_view name, const FilterExpectation& expect, const LoadOptions& opt) {
   if (expect.n_layers <= 0 || expect.n_kv_heads <= 0 || expect.head_dim <= 0)
-    fail(name, ": internal: expected filter shape ", expect.n_layers, "x", expect.n_kv_heads, "x", expect.head_dim, " is invalid");
+    fail(name, ": internal: expected filter shape ", expect.n_layers, "x", expect.n_kv_heads, "x",
+         expect.head_dim, " is invalid");
   const Filters& f = s.filters;
   const auto& md = f.metadata;
   LoadedFilters out;
@@ -317,7 +327,8 @@ LoadedFilters interpret(StoredFilters s, std::string_view name, const FilterExpe
   out.foreign = fmt == md.end() || fmt->second != kFilterFormat;
 
   if (f.n_layers != expect.n_layers || f.n_kv_heads != expect.n_kv_heads || f.head_dim != expect.head_dim)
-    fail(name, ": filters are ", f.n_layers, "x", f.n_kv_heads, "x", f.head_dim, " [layers x kv_heads x head_dim] but the model needs ",
+    fail(name, ": filters are ", f.n_layers, "x", f.n_kv_heads, "x", f.head_dim,
+         " [layers x kv_heads x head_dim] but the model needs ",
          expect.n_layers, "x", expect.n_kv_heads, "x", expect.head_dim);
   if (auto it = md.find("fingerprint"); it != md.end() && !it->second.empty()) {
     if (!expect.fingerprint.empty() && it->second != expect.fingerprint)
@@ -330,7 +341,8 @@ LoadedFilters interpret(StoredFilters s, std::string_view name, const FilterExpe
       resolve<FilterLayout>(name, md, "layout", opt.layout, !out.foreign, parse_filter_layout, "filter layout");
   const SignConvention sign =
       resolve<SignConvention>(name, md, "sign_convention", opt.sign, !out.foreign, parse_sign_convention, "sign convention");
-  if (layout == FilterLayout::kHf && f.head_dim % 2 != 0) fail(name, ": hf layout needs an even head_dim, got ", f.head_dim);
+  if (layout == FilterLayout::kHf && f.head_dim % 2 != 0)
+    fail(name, ": hf layout needs an even head_dim, got ", f.head_dim);
   out.filters = to_canonical(f, layout, sign);
   return out;
 }

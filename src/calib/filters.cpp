@@ -146,7 +146,8 @@ Calibrator::Calibrator(int n_layers, int n_head, int n_head_kv, int head_dim, Or
 }
 
 void Calibrator::add_layer(int layer, const float* queries, int n_samples) {
-  if (layer < 0 || layer >= filters_.n_layers) fail("calibration: layer ", layer, " out of range 0..", filters_.n_layers - 1);
+  if (layer < 0 || layer >= filters_.n_layers)
+    fail("calibration: layer ", layer, " out of range 0..", filters_.n_layers - 1);
   if (done_[layer]) fail("calibration: layer ", layer, " was already added");
   std::vector<OrientationReport> reps =
       layer_filters(queries, n_samples, n_head_, n_head_kv_, filters_.head_dim, filters_.at(layer, 0), rule_);

@@ -16,7 +16,7 @@ int main(int argc, char** argv) {
   qf::cli::register_bench(app);
   // qf::cli::register_calibrate(app);
   // qf::cli::register_filters(app);
-  // qf::cli::register_eval(app);
+  qf::cli::register_eval(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

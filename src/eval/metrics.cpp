@@ -31,6 +31,7 @@ double perplexity(std::span<const double> nll) {
 }
 
 double gap_ratio(double ppl_policy, double ppl_full, double ppl_streaming) {
+  if (ppl_policy == ppl_full && std::isfinite(ppl_full)) return 0.0;  // also when streaming == full
   const double den = ppl_streaming - ppl_full;
   if (!std::isfinite(ppl_policy) || !std::isfinite(ppl_full) || !std::isfinite(ppl_streaming) || den == 0.0)
     return kNaN;

@@ -261,7 +261,7 @@ HWY_INLINE V RoundHalfAway(D d, V v) {
   v = hn::IfThenElseZero(v == v, v);
   const V t = hn::Trunc(v);
   const V one = hn::CopySign(hn::Set(d, 1.0f), v);
-  const V r = hn::Add(t, hn::IfThenElseZero(hn::Abs(hn::Sub(v, t)) > hn::Set(d, 0.5f), one));
+  const V r = hn::Add(t, hn::IfThenElseZero(hn::Abs(hn::Sub(v, t)) >= hn::Set(d, 0.5f), one));
   return hn::Min(hn::Max(r, hn::Set(d, -127.0f)), hn::Set(d, 127.0f));
 }
 
@@ -533,7 +533,12 @@ template <GgmlType TY, int R, int T, bool kTail>
 HWY_INLINE void Step(const uint8_t* w, size_t wrb, const uint8_t* act, size_t astride, int nblk,
                      __m512 (&acc)[R][T]) {
   WGroup g[R];
-  for (int r = 0; r < R; ++r) g[r] = LoadGroup<TY, kTail>(w + r * wrb, nblk);
+  for (int r = 0; r < R; ++r) {
+    if constexpr (T == 1 && QF_PF > 0) {
+      for (size_t off = 0; off < 4 * BlockBytes(TY); off += 64) _mm_prefetch(reinterpret_cast<const char*>(w + r * wrb + QF_PF + off), _MM_HINT_T0);
+    }
+    g[r] = LoadGroup<TY, kTail>(w + r * wrb, nblk);
+  }
   for (int t = 0; t < T; ++t) {
     const uint8_t* at = act + t * astride;
     const __m512i xlo = _mm512_load_si512(at), xhi = _mm512_load_si512(at + 64);
@@ -562,8 +567,16 @@ HWY_INLINE __m128i Quantize16(__m512 v) {
 
 }  // namespace vnni
 
+#ifndef QF_PF
+#define QF_PF 0
+#endif
+#ifndef QF_VNNI_R
+#define QF_VNNI_R 2
+#define QF_VNNI_T 8
+#define QF_VNNI_RD 4
+#endif
 struct VnniEngine {
-  static constexpr int kR = 2, kT = 8, kRDecode = 4;
+  static constexpr int kR = QF_VNNI_R, kT = QF_VNNI_T, kRDecode = QF_VNNI_RD;
   static size_t Stride(int64_t nb) { return static_cast<size_t>((nb + 3) / 4) * vnni::kGroupBytes; }
 
   static void Quantize(const float* x, int64_t nb, GgmlType wt, uint8_t* out) {

@@ -291,7 +291,7 @@ def make_one(out: Path, idx: int, spec: Spec, vocab_parts, prompt_tokens: list[i
     p /= p.sum(axis=1, keepdims=True)
     return {"name": spec.name, "changed": changed, "logit_std": float(logits.std(axis=1).mean()),
             "max_abs": float(np.abs(logits).max()), "top_p": float(p.max(axis=1).mean()),
-            "q8_rel": float(np.abs(logits_q8 - logits).max() / np.abs(logits).max())}
+            "q8_rel": float((np.abs(logits_q8 - logits).max(axis=1) / np.abs(logits).max(axis=1)).max())}
 
 
 def main(argv=None) -> int:

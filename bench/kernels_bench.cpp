@@ -1,0 +1,146 @@
+// Matmul micro-benchmarks on SmolLM2-135M shapes (n_embd 576, n_ff 1536, 3 KV heads of 64,
+// vocab 49152).
+//
+//   BM_Matmul/<matrix>/<type>/<n_tok>/<threads>: one weight matrix. Decode (n_tok 1) reports
+//     weight GB/s; with a single matrix those bytes are mostly cache-resident, so see also:
+//   BM_DecodeModel/<type>/<threads>: every matmul of one decode step of a 30-layer model
+//     (96 MB of weights for Q4_1 + Q8_0 output), i.e. weights streamed as in real decode.
+//   GOPS counts 2 ops (multiply + add) per weight element per token.
+//
+// QF_SIMD_TARGET=avx2|avx512|scalar selects a lower SIMD target.
+#include <benchmark/benchmark.h>
+
+#include <cstring>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "tensor/kernels.h"
+#include "tensor/threadpool.h"
+#include "tensor/types.h"
+
+namespace qf {
+namespace {
+
+struct MatrixShape {
+  const char* name;
+  int64_t rows, cols;
+};
+// rows = output features, cols = input features (ggml ne[1], ne[0]).
+constexpr MatrixShape kShapes[] = {
+    {"attn_q_576x576", 576, 576},   {"attn_k_192x576", 192, 576},   {"ffn_up_1536x576", 1536, 576},
+    {"ffn_down_576x1536", 576, 1536}, {"output_49152x576", 49152, 576},
+};
+
+ThreadPool& pool(int n) {
+  static std::unique_ptr<ThreadPool> pools[9];
+  if (!pools[n]) pools[n] = std::make_unique<ThreadPool>(n);
+  return *pools[n];
+}
+
+// Random but realistic blocks: finite fp16 scales (no NaN/inf/denormal slow paths).
+std::vector<uint8_t> make_weights(GgmlType t, int64_t rows, int64_t cols, uint32_t seed) {
+  std::vector<uint8_t> data(row_bytes(t, cols) * rows);
+  std::mt19937 rng(seed);
+  for (auto& b : data) b = static_cast<uint8_t>(rng());
+  const size_t bb = type_info(t).block_bytes;
+  const uint16_t d = f32_to_fp16(0.01f), m = f32_to_fp16(-0.08f);
+  for (size_t off = 0; off < data.size(); off += bb) {
+    std::memcpy(&data[off], &d, 2);
+    if (t == GgmlType::Q4_1) std::memcpy(&data[off + 2], &m, 2);
+  }
+  return data;
+}
+
+std::vector<float> make_x(int64_t n) {
+  std::vector<float> x(n);
+  std::mt19937 rng(5);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (auto& v : x) v = normal(rng);
+  return x;
+}
+
+void BM_Matmul(benchmark::State& state) {
+  const MatrixShape& s = kShapes[state.range(0)];
+  const auto type = static_cast<GgmlType>(state.range(1));
+  const int64_t n_tok = state.range(2);
+  const int threads = static_cast<int>(state.range(3));
+  const auto w = make_weights(type, s.rows, s.cols, 1);
+  const WeightView wv{type, s.cols, s.rows, w.data()};
+  const auto x = make_x(s.cols * n_tok);
+  std::vector<float> y(s.rows * n_tok);
+  ThreadPool& p = pool(threads);
+  for (auto _ : state) {
+    matmul(wv, x.data(), n_tok, y.data(), p);
+    benchmark::DoNotOptimize(y.data());
+    benchmark::ClobberMemory();
+  }
+  const double iters = static_cast<double>(state.iterations());
+  state.counters["GB/s"] = benchmark::Counter(iters * w.size() / 1e9, benchmark::Counter::kIsRate);
+  state.counters["GOPS"] = benchmark::Counter(iters * 2.0 * s.rows * s.cols * n_tok / 1e9, benchmark::Counter::kIsRate);
+  state.SetLabel(std::string(s.name) + " " + std::string(type_info(type).name) + " " + simd_target_name());
+}
+
+void MatmulArgs(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"shape", "type", "n_tok", "threads"});
+  for (int shape = 0; shape < 5; ++shape)
+    for (auto type : {GgmlType::Q4_1, GgmlType::Q8_0}) {
+      if (shape == 4 && type == GgmlType::Q4_1) continue;  // the output matrix is Q8_0
+      for (int n_tok : {1, 64, 512})
+        for (int threads : {1, 2}) b->Args({shape, static_cast<int>(type), n_tok, threads});
+    }
+  b->UseRealTime();
+}
+BENCHMARK(BM_Matmul)->Apply(MatmulArgs);
+
+// One decode step of SmolLM2-135M: 30 x (q, k, v, o, gate, up, down) + output, all different
+// memory, so weights come from L3/DRAM as in real decoding.
+void BM_DecodeModel(benchmark::State& state) {
+  const auto type = static_cast<GgmlType>(state.range(0));
+  const int threads = static_cast<int>(state.range(1));
+  struct Mat {
+    std::vector<uint8_t> data;
+    WeightView view;
+  };
+  std::vector<Mat> mats;
+  const int64_t shapes[7][2] = {{576, 576}, {192, 576}, {192, 576}, {576, 576}, {1536, 576}, {1536, 576}, {576, 1536}};
+  uint32_t seed = 1;
+  for (int layer = 0; layer < 30; ++layer)
+    for (const auto& sh : shapes) mats.push_back({make_weights(type, sh[0], sh[1], seed++), {}});
+  mats.push_back({make_weights(GgmlType::Q8_0, 49152, 576, seed++), {}});
+  size_t bytes = 0;
+  for (size_t i = 0; i < mats.size(); ++i) {
+    const bool out = i + 1 == mats.size();
+    const int64_t rows = out ? 49152 : shapes[i % 7][0], cols = out ? 576 : shapes[i % 7][1];
+    mats[i].view = {out ? GgmlType::Q8_0 : type, cols, rows, mats[i].data.data()};
+    bytes += mats[i].data.size();
+  }
+  const auto x = make_x(1536);
+  std::vector<float> y(49152);
+  ThreadPool& p = pool(threads);
+  for (auto _ : state) {
+    for (const Mat& m : mats) matmul(m.view, x.data(), 1, y.data(), p);
+    benchmark::ClobberMemory();
+  }
+  const double iters = static_cast<double>(state.iterations());
+  state.counters["GB/s"] = benchmark::Counter(iters * bytes / 1e9, benchmark::Counter::kIsRate);
+  state.counters["tok/s"] = benchmark::Counter(iters, benchmark::Counter::kIsRate);
+  state.SetLabel(std::to_string(bytes >> 20) + " MiB " + simd_target_name());
+}
+BENCHMARK(BM_DecodeModel)
+    ->ArgNames({"type", "threads"})
+    ->Args({static_cast<int>(GgmlType::Q4_1), 1})
+    ->Args({static_cast<int>(GgmlType::Q4_1), 2})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
+
+void BM_DotF32(benchmark::State& state) {
+  const size_t n = static_cast<size_t>(state.range(0));
+  const auto a = make_x(n), b = make_x(n);
+  for (auto _ : state) benchmark::DoNotOptimize(dot_f32(a.data(), b.data(), n));
+}
+BENCHMARK(BM_DotF32)->Arg(64)->Arg(576);
+
+}  // namespace
+}  // namespace qf
