@@ -1,10 +1,13 @@
 // Cost of one decode step's attention in one layer (SmolLM2-135M shape: 9 query heads, 3 KV
 // heads, head_dim 64), fused vs with the statistics attention-based policies need, and the cost
-// of one streaming eviction round (score + select + compact) per policy at budget 512.
-// One thread, so the numbers are per-core work; multiply by 30 layers for a whole step.
+// of one streaming eviction round per policy at budget 512: scoring alone (BM_Score) and the
+// whole round (BM_ScoreAndEvict: score + select + compact). One thread, so the numbers are
+// per-core work; multiply by the compressed layers for a whole decode step. Read CPU time on a
+// shared machine.
 #include <benchmark/benchmark.h>
 
 #include <cmath>
+#include <memory>
 #include <numeric>
 #include <random>
 #include <string>
@@ -91,45 +94,67 @@ const std::vector<std::string>& bench_policies() {
   return names;
 }
 
-// One streaming round in one layer at budget 512, window 64, evict_every 1: append the new
-// token, then score the 513 cached tokens of each KV head and evict one. Args: policy index.
+// A cache of one layer holding budget + 1 tokens per head (the state after a decode step's
+// append), with the statistics the policy needs set to plausible values.
+struct RoundSetup {
+  static constexpr int kBudget = 512, kWindow = 64;
+  std::vector<float> filters = std::vector<float>(kKvHeads * kDim);
+  PolicyOptions opt;
+  std::unique_ptr<Compressor> comp;
+  std::unique_ptr<Cache> cache;
+  std::vector<float> k = std::vector<float>(kKvHeads * kDim), v = std::vector<float>(kKvHeads * kDim);
+
+  explicit RoundSetup(const std::string& name) {
+    std::mt19937 rng(2);
+    std::normal_distribution<float> nd;
+    for (auto& x : filters) x = nd(rng);
+    opt.filters = filters;
+    opt.seed = 3;
+    comp = std::make_unique<Compressor>(make_policy(name, opt), opt, CompressionConfig{.budget = kBudget, .window = kWindow});
+    cache = std::make_unique<Cache>(CacheShape{1, kKvHeads, kDim}, std::vector<int>{comp->capacity(0, 1 << 30, 1)}, comp->needs());
+    fill(*cache, kBudget + 1, rng);
+    std::uniform_real_distribution<float> u(0.0f, 0.01f);
+    for (int h = 0; h < kKvHeads; ++h) {
+      HeadCache& hc = cache->head(0, h);
+      for (int j = 0; j < hc.n; ++j) {
+        if (!hc.attn_sum.empty()) hc.attn_sum[j] = u(rng);
+        if (!hc.attn_cnt.empty()) hc.attn_cnt[j] = kBudget + 1 - j;
+        if (!hc.attn_last.empty()) hc.attn_last[j] = u(rng);
+      }
+    }
+    for (auto& x : k) x = nd(rng);
+    for (auto& x : v) x = nd(rng);
+  }
+};
+
+// Scoring alone: every KV head of one layer at budget + 1 tokens. Args: policy index.
+void BM_Score(benchmark::State& state) {
+  const std::string& name = bench_policies()[state.range(0)];
+  state.SetLabel(name);
+  RoundSetup s(name);
+  auto policy = make_policy(name, s.opt);
+  std::vector<std::vector<float>> scores;
+  for (auto _ : state) {
+    policy->score_layer(*s.cache, 0, scores);
+    benchmark::DoNotOptimize(scores.data());
+  }
+}
+BENCHMARK(BM_Score)->DenseRange(0, 6)->Unit(benchmark::kMicrosecond);
+
+// One streaming round in one layer at budget 512, window 64, evict_every 1: score the 513
+// cached tokens of each KV head, evict one, compact; then append the next token (a memcpy of
+// 3 x 64 x 2 floats). Args: policy index.
 void BM_ScoreAndEvict(benchmark::State& state) {
   const std::string& name = bench_policies()[state.range(0)];
   state.SetLabel(name);
-  constexpr int kBudget = 512, kWindow = 64;
-  std::mt19937 rng(2);
-  std::normal_distribution<float> nd;
-  std::vector<float> filters(kKvHeads * kDim);
-  for (auto& x : filters) x = nd(rng);
-  PolicyOptions opt;
-  opt.filters = filters;
-  opt.seed = 3;
-  Compressor comp(make_policy(name, opt), opt, {.budget = kBudget, .window = kWindow});
-  Cache c({1, kKvHeads, kDim}, {comp.capacity(0, 1 << 30, 1)}, comp.needs());
-  fill(c, kBudget, rng);
-  // Plausible statistics so the selection is not on a constant score.
-  std::uniform_real_distribution<float> u(0.0f, 0.01f);
-  for (int h = 0; h < kKvHeads; ++h) {
-    HeadCache& hc = c.head(0, h);
-    for (int j = 0; j < hc.n; ++j) {
-      if (!hc.attn_sum.empty()) hc.attn_sum[j] = u(rng);
-      if (!hc.attn_cnt.empty()) hc.attn_cnt[j] = kBudget - j;
-      if (!hc.attn_last.empty()) hc.attn_last[j] = u(rng);
-    }
-  }
-  std::vector<float> k(kKvHeads * kDim), v(k.size());
-  for (auto& x : k) x = nd(rng);
-  for (auto& x : v) x = nd(rng);
-  int32_t pos = kBudget;
+  RoundSetup s(name);
+  int32_t pos = RoundSetup::kBudget + 1;
   for (auto _ : state) {
-    c.append(0, k.data(), v.data(), &pos, 1);
+    s.comp->after_step(*s.cache);
+    s.cache->append(0, s.k.data(), s.v.data(), &pos, 1);
     ++pos;
-    comp.after_step(c);
   }
-  const double it = double(state.iterations());
-  state.counters["score_us"] = comp.stats().score_seconds / it * 1e6;
-  state.counters["evict_us"] = comp.stats().evict_seconds / it * 1e6;
-  if (comp.stats().evictions != state.iterations()) state.SkipWithError("expected one eviction per step");
+  if (s.comp->stats().evictions != state.iterations()) state.SkipWithError("expected one eviction per step");
 }
 BENCHMARK(BM_ScoreAndEvict)->DenseRange(0, 6)->Unit(benchmark::kMicrosecond);
 

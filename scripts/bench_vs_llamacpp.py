@@ -51,7 +51,7 @@ def check_qf(qf, model):
              % (qf, first))
 
 
-def run_json(cmd, engine):
+def run_json(cmd, engine, expect):
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if proc.returncode != 0:
         fail("%s failed (exit %d): %s\n  command: %s"
@@ -63,6 +63,10 @@ def run_json(cmd, engine):
     missing = [k for k in REQUIRED if k not in out]
     if missing:
         fail("%s output lacks %s" % (engine, ", ".join(missing)))
+    # Both engines must have measured the same shapes, or the ratio means nothing.
+    for k, v in expect.items():
+        if out[k] != v:
+            fail("%s reports %s = %s, asked for %s" % (engine, k, out[k], v))
     return out
 
 
@@ -110,11 +114,12 @@ def main():
 
     engines = [("llama.cpp", llama_cmd)] if args.llama_only else [("qf", qf_cmd),
                                                                   ("llama.cpp", llama_cmd)]
+    expect = {"prompt_tokens": args.prompt, "gen_tokens": args.gen, "threads": args.threads}
     outs = {name: [] for name, _ in engines}
     load_before = os.getloadavg()
     for rep in range(args.reps):
         for name, cmd in engines:
-            o = run_json(cmd, name)
+            o = run_json(cmd, name, expect)
             outs[name].append(o)
             print("rep %d/%d %-9s prefill %8.1f tok/s  decode %7.1f tok/s"
                   % (rep + 1, args.reps, name, o["prefill_tok_s"], o["decode_tok_s"]),

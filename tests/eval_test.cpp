@@ -18,6 +18,7 @@
 #include "eval/fidelity.h"
 #include "eval/metrics.h"
 #include "eval/needle.h"
+#include "eval/niah.h"
 #include "eval/ppl.h"
 #include "eval/results.h"
 #include "model/model.h"
@@ -87,6 +88,30 @@ TEST(Metrics, AnswerMatching) {
   EXPECT_FALSE(answer_matches("no number here", "7341952"));
   EXPECT_FALSE(answer_matches("7341952", ""));
   EXPECT_EQ(digit_runs("a 12, b 3.4 c 5. 6"), (std::vector<std::string>{"12", "34", "5", "6"}));
+}
+
+TEST(Niah, AnswerCompleteAndNumbers) {
+  EXPECT_FALSE(answer_complete(""));
+  EXPECT_FALSE(answer_complete(" The"));
+  EXPECT_FALSE(answer_complete(" 734"));       // the number may go on
+  EXPECT_FALSE(answer_complete(" 7,341,"));    // a separator may be followed by more digits
+  EXPECT_FALSE(answer_complete(" 7341952."));  // "." could still be a separator
+  EXPECT_TRUE(answer_complete(" 7341952.\n"));
+  EXPECT_TRUE(answer_complete(" 7341952 is"));
+  EXPECT_TRUE(answer_complete(" unsure\n"));
+  EXPECT_FALSE(answer_complete("\n"));
+  const std::string a = needle_number(42, 1024, 3, 7), b = needle_number(42, 1024, 4, 7);
+  EXPECT_EQ(a.size(), 7u);
+  EXPECT_NE(a[0], '0');
+  EXPECT_NE(a, b);
+  EXPECT_EQ(a, needle_number(42, 1024, 3, 7));  // fixed seed, fixed numbers
+  EXPECT_NE(a, needle_number(43, 1024, 3, 7));
+  NiahSettings st;
+  EXPECT_EQ(st.depths().size(), 11u);
+  EXPECT_DOUBLE_EQ(st.depths()[10], 100.0);
+  EXPECT_EQ(effective_lengths(st, 8192), (std::vector<int>{1024, 2048, 4096, 8192 - st.answer_tokens()}));
+  st.compressions = {1};
+  EXPECT_THROW(st.validate(), Error);
 }
 
 TEST(Metrics, MeanMedian) {

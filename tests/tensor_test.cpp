@@ -5,6 +5,8 @@
 // fp16 is decoded with ldexp, blocks are read byte by byte, and activations are quantized with
 // the formula documented in kernels.h.
 #include <gtest/gtest.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -12,6 +14,7 @@
 #include <cmath>
 #include <cstring>
 #include <random>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
@@ -438,6 +441,58 @@ TEST_F(SimdTargets, MatmulAllTypesShapesThreadsTargets) {
             ASSERT_EQ(0, std::memcmp(first.data(), y.data(), y.size() * sizeof(float)))
                 << what << " differs with " << pool.size() << " threads";
           }
+        }
+      }
+    }
+  }
+}
+
+// Memory whose last byte is followed by an inaccessible page, so a kernel that reads even one
+// byte past a weight matrix or an activation row crashes instead of silently using junk (ASan
+// does not see masked or vector loads from intrinsics).
+class GuardedBuffer {
+ public:
+  explicit GuardedBuffer(size_t bytes) {
+    const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+    data_pages_ = (bytes + page - 1) / page * page;
+    total_ = data_pages_ + page;
+    base_ = static_cast<uint8_t*>(mmap(nullptr, total_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
+    if (base_ == MAP_FAILED) throw std::runtime_error("mmap failed");
+    if (mprotect(base_ + data_pages_, page, PROT_NONE) != 0) throw std::runtime_error("mprotect failed");
+    begin_ = base_ + data_pages_ - bytes;
+  }
+  ~GuardedBuffer() { munmap(base_, total_); }
+  GuardedBuffer(const GuardedBuffer&) = delete;
+  GuardedBuffer& operator=(const GuardedBuffer&) = delete;
+  uint8_t* data() { return begin_; }
+
+ private:
+  uint8_t* base_;
+  uint8_t* begin_;
+  size_t data_pages_, total_;
+};
+
+TEST_F(SimdTargets, MatmulReadsNothingPastTheEnd) {
+  ThreadPool pool(2);
+  for (const std::string& target : available_simd_targets()) {
+    ASSERT_TRUE(force_simd_target(target));
+    std::mt19937 rng(9);
+    for (GgmlType t : kAllTypes) {
+      // Block counts 1..9 cover every partial group of four; odd rows cover row tails.
+      for (int64_t nb : {1, 2, 3, 4, 5, 6, 7, 9}) {
+        for (int64_t n_tok : {1, 5}) {
+          const int64_t rows = 7, cols = 32 * nb;
+          const auto src = random_weights(t, rows, cols, rng);
+          GuardedBuffer wbuf(src.size());
+          std::memcpy(wbuf.data(), src.data(), src.size());
+          const auto xs = random_activations(n_tok, cols, rng);
+          GuardedBuffer xbuf(xs.size() * sizeof(float));
+          std::memcpy(xbuf.data(), xs.data(), xs.size() * sizeof(float));
+          std::vector<float> y(rows * n_tok);
+          const WeightView w{t, cols, rows, wbuf.data()};
+          matmul(w, reinterpret_cast<const float*>(xbuf.data()), n_tok, y.data(), pool);
+          check_matmul(w, xs, n_tok, y, target + " guarded " + std::string(type_info(t).name));
+          if (HasFatalFailure()) return;
         }
       }
     }

@@ -552,7 +552,7 @@ TEST_F(SmolLM2, BadMetadataIsAnError) {
   {
     GgufBuilder b = metadata();
     b.erase("tokenizer.ggml.model");
-    expect_error(b, "tokenizer.ggml.model");
+    expect_error(b, "tokenizer.ggml.model is missing");
   }
   {
     GgufBuilder b = metadata();

@@ -90,7 +90,8 @@ int32_t Tokenizer::intern(std::string_view s) {
 Tokenizer Tokenizer::from_gguf(const gguf::File& f) {
   const std::string& path = f.path();
   Tokenizer t;
-  const std::string model = f.get_str("tokenizer.ggml.model", "");
+  if (!f.has("tokenizer.ggml.model")) fail(path, ": tokenizer.ggml.model is missing (no tokenizer in this file?)");
+  const std::string model = f.get_str("tokenizer.ggml.model");
   if (model != "gpt2")
     fail(path, ": tokenizer.ggml.model is '", model, "'; only byte-level BPE ('gpt2') is supported");
   t.pre_name_ = f.get_str("tokenizer.ggml.pre", "");
@@ -127,6 +128,8 @@ Tokenizer Tokenizer::from_gguf(const gguf::File& f) {
   // part never starts with a space in GPT-2's alphabet, but llama.cpp allows it); lines without
   // one can never apply and are skipped; a repeated pair keeps its first (best) rank.
   const std::vector<std::string> merges = f.get_str_array("tokenizer.ggml.merges");
+  if (merges.size() > static_cast<size_t>(INT32_MAX / 8))  // symbol ids must stay int32
+    fail(path, ": tokenizer.ggml.merges has ", merges.size(), " entries, too many");
   t.merges_.reserve(merges.size());
   for (size_t i = 0; i < merges.size(); ++i) {
     const std::string_view m = merges[i];

@@ -1,0 +1,259 @@
+#!/usr/bin/env python3
+"""Plots the results of `qf eval` (ppl, niah, fidelity) from a results directory.
+
+    python3 scripts/plot_results.py results/SmolLM2-135M-Instruct.Q4_1 --out docs/img [--format svg]
+
+Reads what is there among ppl.json, niah.json, fidelity.json / fidelity_heads.csv and writes:
+  ppl_curve_B<budget>.<fmt>   perplexity along the sequence per policy (one plot per budget)
+  ppl_budgets.<fmt>           perplexity after the budget vs the budget, per policy
+  niah_heatmaps.<fmt>         accuracy per (length x depth), one panel per policy and compression
+  niah_bars.<fmt>             average accuracy of each policy at each compression
+  fidelity_hist.<fmt>         per-head Spearman correlation histograms, one panel per policy
+  fidelity_qf_vs_knorm.<fmt>  per-head Spearman of qfilters against knorm
+Only matplotlib and the standard library are needed.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+# One colour per policy, the same in every plot.
+COLORS = {
+    "none": "#000000",
+    "qfilters": "#d62728",
+    "knorm": "#1f77b4",
+    "streaming": "#2ca02c",
+    "random": "#7f7f7f",
+    "snapkv": "#9467bd",
+    "tova": "#ff7f0e",
+    "h2o": "#8c564b",
+}
+LABELS = {"none": "full cache"}
+
+
+def color(p: str) -> str:
+    return COLORS.get(p, "#17becf")
+
+
+def label(p: str) -> str:
+    return LABELS.get(p, p)
+
+
+def load(path: Path):
+    with path.open() as f:
+        return json.load(f)
+
+
+def save(fig, out: Path, name: str, fmt: str) -> Path:
+    p = out / f"{name}.{fmt}"
+    fig.savefig(p, dpi=130, bbox_inches="tight")
+    plt.close(fig)
+    print(f"wrote {p}")
+    return p
+
+
+def smooth(values: list[float], k: int) -> list[float]:
+    """Centered moving average over k points (shorter at the ends)."""
+    if k <= 1:
+        return values
+    out = []
+    for i in range(len(values)):
+        lo, hi = max(0, i - k // 2), min(len(values), i + k // 2 + 1)
+        out.append(sum(values[lo:hi]) / (hi - lo))
+    return out
+
+
+def plot_ppl(d: dict, out: Path, fmt: str, smoothing: int) -> list[Path]:
+    made = []
+    budgets = sorted({c["budget"] for c in d["curve"]})
+    policies = d["policies"]
+    title_docs = f'{len(d["docs"])} docs x {d["settings"]["n_tokens"]} tokens, window {d["settings"]["window"]}'
+    for b in budgets:
+        fig, (ax, dx) = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 2]})
+        full = next((c for c in d["curve"] if c["budget"] == b and c["policy"] == "none"), None)
+        for p in policies:
+            cur = next((c for c in d["curve"] if c["budget"] == b and c["policy"] == p), None)
+            if cur is None:
+                continue
+            xs = [(pt[0] + pt[1]) / 2 for pt in cur["points"]]
+            nll = [pt[2] for pt in cur["points"]]
+            # Smooth before and after the budget separately: before it every policy is the full cache.
+            cut = sum(1 for pt in cur["points"] if pt[1] <= b)
+            sm = lambda v: smooth(v[:cut], smoothing) + smooth(v[cut:], smoothing)  # noqa: E731
+            lw = 2.2 if p in ("none", "qfilters") else 1.3
+            ax.plot(xs, [math.exp(v) for v in sm(nll)], label=label(p), color=color(p), lw=lw)
+            if full is not None:
+                diff = [a - f[2] for a, f in zip(nll, full["points"])]
+                dx.plot(xs, sm(diff), label=label(p), color=color(p), lw=lw)
+        for a in (ax, dx):
+            a.axvline(b, color="#999999", ls="--", lw=1)
+            a.grid(alpha=0.3)
+        ax.text(b, ax.get_ylim()[1], f" budget {b}", va="top", fontsize=8, color="#666666")
+        ax.set_ylabel("perplexity (moving average)")
+        ax.set_title(f"Streaming perplexity, cache budget {b} ({title_docs})", fontsize=10)
+        ax.legend(fontsize=8, ncol=2)
+        dx.set_ylabel("NLL - NLL(full cache)")
+        dx.set_xlabel("position in the document (tokens)")
+        fig.tight_layout()
+        made.append(save(fig, out, f"ppl_curve_B{b}", fmt))
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for p in policies:
+        rows = sorted((r for r in d["results"] if r["policy"] == p and r["ppl_after_budget"] is not None),
+                      key=lambda r: r["budget"])
+        if not rows:
+            continue
+        ax.plot([r["budget"] for r in rows], [r["ppl_after_budget"] for r in rows], marker="o", label=label(p),
+                color=color(p), lw=2.2 if p in ("none", "qfilters") else 1.3)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(budgets)
+    ax.set_xticklabels([str(b) for b in budgets])
+    ax.set_xlabel("cache budget (tokens per KV head)")
+    ax.set_ylabel("perplexity of the tokens after the budget")
+    ax.set_title(f"Perplexity vs cache budget ({title_docs})", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    made.append(save(fig, out, "ppl_budgets", fmt))
+    return made
+
+
+def plot_niah(d: dict, out: Path, fmt: str) -> list[Path]:
+    made = []
+    lengths, depths = d["lengths"], d["depths"]
+    comps = d["settings"]["compressions"]
+    grid = {}
+    for g in d["grid"]:
+        grid.setdefault((g["policy"], g["compression"]), {})[(g["length"], round(g["depth"], 3))] = 1.0 if g["correct"] else 0.0
+    panels = [(p, 1) for p in d["policies"] if p == "none"] + [(p, x) for p in d["policies"] if p != "none" for x in comps]
+    panels = [k for k in panels if k in grid]
+    if panels:
+        rows_p = [p for p in d["policies"] if any(k[0] == p for k in panels)]
+        ncols = max(len(comps), 1)
+        fig, axes = plt.subplots(len(rows_p), ncols, figsize=(2.4 * ncols + 1, 1.9 * len(rows_p) + 0.6), squeeze=False)
+        for i, p in enumerate(rows_p):
+            xs = [1] if p == "none" else comps
+            for j in range(ncols):
+                ax = axes[i][j]
+                if j >= len(xs) or (p, xs[j]) not in grid:
+                    ax.axis("off")
+                    continue
+                cells = grid[(p, xs[j])]
+                m = [[cells.get((L, round(dp, 3)), float("nan")) for L in lengths] for dp in depths]
+                ax.imshow(m, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto", origin="upper")
+                acc = [v for row in m for v in row if not math.isnan(v)]
+                ax.set_title(f"{label(p)} x{xs[j]}: {100 * sum(acc) / max(len(acc), 1):.0f}%", fontsize=8)
+                ax.set_xticks(range(len(lengths)))
+                ax.set_xticklabels([f"{L / 1024:.1f}k" if L % 1024 else f"{L // 1024}k" for L in lengths], fontsize=6)
+                ax.set_yticks(range(len(depths)))
+                ax.set_yticklabels([f"{dp:.0f}" for dp in depths], fontsize=5)
+                if j == 0:
+                    ax.set_ylabel("depth %", fontsize=7)
+        fig.suptitle("Needle in a haystack: exact match (green) per context length (x) and needle depth (y)", fontsize=10)
+        fig.tight_layout()
+        made.append(save(fig, out, "niah_heatmaps", fmt))
+
+    res = d["results"]
+    full = next((r["accuracy"] for r in res if r["policy"] == "none"), None)
+    pols = [p for p in d["policies"] if p != "none"]
+    if pols and comps:
+        fig, ax = plt.subplots(figsize=(8, 4.2))
+        w = 0.8 / len(pols)
+        for k, p in enumerate(pols):
+            ys = [next((r["accuracy"] for r in res if r["policy"] == p and r["compression"] == x), None) for x in comps]
+            ax.bar([i + (k - (len(pols) - 1) / 2) * w for i in range(len(comps))], [y if y is not None else 0 for y in ys],
+                   width=w, color=color(p), label=label(p))
+        if full is not None:
+            ax.axhline(full, color="black", ls="--", lw=1, label=f"full cache ({100 * full:.0f}%)")
+        ax.set_xticks(range(len(comps)))
+        ax.set_xticklabels([f"x{x}" for x in comps])
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel("exact-match accuracy")
+        ax.set_xlabel("compression (prefill)")
+        ax.set_title("Needle in a haystack: accuracy per policy and compression", fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=7, ncol=3)
+        made.append(save(fig, out, "niah_bars", fmt))
+    return made
+
+
+def plot_fidelity(d: dict, heads_csv: Path, out: Path, fmt: str) -> list[Path]:
+    made = []
+    per = {}
+    with heads_csv.open() as f:
+        for r in csv.DictReader(f):
+            if r["spearman"]:
+                per.setdefault(r["policy"], {})[(int(r["layer"]), int(r["kv_head"]))] = float(r["spearman"])
+    pols = [p for p in d["policies"] if p in per]
+    if not pols:
+        return made
+    circ = {r["policy"]: r["circular"] for r in d["results"]}
+    n = len(pols)
+    ncols = min(4, n)
+    nrows = (n + ncols - 1) // ncols
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3 * ncols, 2.4 * nrows), squeeze=False, sharex=True)
+    bins = [i / 20 - 1 for i in range(41)]
+    for i, p in enumerate(pols):
+        ax = axes[i // ncols][i % ncols]
+        vals = list(per[p].values())
+        ax.hist(vals, bins=bins, color=color(p))
+        mean = sum(vals) / len(vals)
+        ax.axvline(mean, color="black", lw=1)
+        ax.set_title(f"{label(p)}{' (circular)' if circ.get(p) else ''}: mean {mean:.2f}", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for i in range(n, nrows * ncols):
+        axes[i // ncols][i % ncols].axis("off")
+    fig.supxlabel("Spearman correlation of key score with attention received (per layer x KV head)", fontsize=9)
+    fig.tight_layout()
+    made.append(save(fig, out, "fidelity_hist", fmt))
+
+    if "qfilters" in per and "knorm" in per:
+        keys = sorted(set(per["qfilters"]) & set(per["knorm"]))
+        fig, ax = plt.subplots(figsize=(4.6, 4.4))
+        sc = ax.scatter([per["knorm"][k] for k in keys], [per["qfilters"][k] for k in keys], c=[k[0] for k in keys],
+                        cmap="viridis", s=18)
+        ax.plot([-1, 1], [-1, 1], color="#999999", lw=1, ls="--")
+        wins = sum(per["qfilters"][k] > per["knorm"][k] for k in keys)
+        ax.set_xlabel("knorm Spearman")
+        ax.set_ylabel("qfilters Spearman")
+        ax.set_title(f"per head: qfilters above the diagonal on {wins}/{len(keys)}", fontsize=9)
+        fig.colorbar(sc, ax=ax, label="layer")
+        ax.grid(alpha=0.3)
+        made.append(save(fig, out, "fidelity_qf_vs_knorm", fmt))
+    return made
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("results", type=Path, help="directory written by qf eval (--out)")
+    ap.add_argument("--out", type=Path, default=Path("docs/img"), help="where to write the plots (default docs/img)")
+    ap.add_argument("--format", choices=("png", "svg"), default="png")
+    ap.add_argument("--smoothing", type=int, default=5, help="moving average over this many curve bins")
+    a = ap.parse_args(argv)
+    if not a.results.is_dir():
+        print(f"error: {a.results} is not a directory", file=sys.stderr)
+        return 1
+    a.out.mkdir(parents=True, exist_ok=True)
+    made = []
+    if (a.results / "ppl.json").exists():
+        made += plot_ppl(load(a.results / "ppl.json"), a.out, a.format, a.smoothing)
+    if (a.results / "niah.json").exists():
+        made += plot_niah(load(a.results / "niah.json"), a.out, a.format)
+    if (a.results / "fidelity.json").exists() and (a.results / "fidelity_heads.csv").exists():
+        made += plot_fidelity(load(a.results / "fidelity.json"), a.results / "fidelity_heads.csv", a.out, a.format)
+    if not made:
+        print(f"error: no ppl.json, niah.json or fidelity.json in {a.results}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
