@@ -193,6 +193,14 @@ TEST(Cache, BadArgumentsThrow) {
   EXPECT_THROW(c.retain(1, 0, ok), Error);
   EXPECT_THROW(c.retain(0, 1, ok), Error);
   EXPECT_THROW(append_random(c, 1, 1, 9, rng), Error);
+  // Positions must keep increasing (attention binary-searches them), within a batch too.
+  EXPECT_THROW(append_random(c, 0, 1, 3, rng), Error);
+  const float kv[8] = {};
+  const int32_t repeated[] = {7, 7};
+  EXPECT_THROW(c.append(0, kv, kv, repeated, 2), Error);
+  EXPECT_EQ(c.head(0, 0).n, 4);
+  append_random(c, 0, 1, 10, rng);  // gaps are fine
+  EXPECT_EQ(c.head(0, 0).pos[4], 10);
 }
 
 // ---------------------------------------------------------------------------------------------

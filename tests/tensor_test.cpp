@@ -12,6 +12,8 @@
 #include <atomic>
 #include <chrono>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <random>
 #include <stdexcept>
@@ -499,6 +501,51 @@ TEST_F(SimdTargets, MatmulReadsNothingPastTheEnd) {
   }
 }
 
+TEST_F(SimdTargets, NonFiniteActivationsAreSafe) {
+  // Garbage in, garbage out, but no crash or UB (UBSan checks the float->int conversions).
+  ThreadPool pool(2);
+  for (const std::string& target : available_simd_targets()) {
+    ASSERT_TRUE(force_simd_target(target));
+    std::mt19937 rng(11);
+    for (GgmlType t : kAllTypes) {
+      const int64_t rows = 5, cols = 96, n_tok = 3;
+      const auto data = random_weights(t, rows, cols, rng);
+      std::vector<float> x(n_tok * cols, 1.0f);
+      x[3] = NAN;
+      x[40] = INFINITY;
+      x[cols + 7] = -INFINITY;
+      x[2 * cols + 9] = 3e38f;
+      x[2 * cols + 70] = 1e-45f;
+      std::vector<float> y(rows * n_tok);
+      matmul(WeightView{t, cols, rows, data.data()}, x.data(), n_tok, y.data(), pool);
+    }
+  }
+}
+
+TEST(SimdEnv, EnvironmentVariableForcesTarget) {
+  // Each statement runs in a fresh process, where the first kernel call reads QF_SIMD_TARGET.
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_EXIT(
+      {
+        setenv("QF_SIMD_TARGET", "scalar", 1);
+        std::fprintf(stderr, "target=%s\n", simd_target_name().c_str());
+        std::exit(0);
+      },
+      ::testing::ExitedWithCode(0), "target=SCALAR");
+  EXPECT_EXIT(
+      {
+        setenv("QF_SIMD_TARGET", "bogus", 1);
+        try {
+          simd_target_name();
+        } catch (const Error& e) {
+          std::fprintf(stderr, "%s\n", e.what());
+          std::exit(3);
+        }
+        std::exit(0);
+      },
+      ::testing::ExitedWithCode(3), "QF_SIMD_TARGET=bogus");
+}
+
 TEST(Matmul, RejectsBadInput) {
   ThreadPool pool(1);
   std::vector<uint8_t> data(34 * 4);
@@ -557,7 +604,7 @@ TEST(ThreadPool, RunCoversEveryThreadOnceRepeatedly) {
     ThreadPool pool(n);
     ASSERT_EQ(pool.size(), n);
     std::vector<std::atomic<int>> hits(n);
-    const int reps = n <= 2 ? 5000 : 300;  // more threads than cores: a run may wait on the OS
+    const int reps = n <= 2 ? 2000 : 200;  // more threads than cores: a run may wait on the OS
     for (int rep = 0; rep < reps; ++rep) {
       pool.run([&](int i, int total) {
         EXPECT_EQ(total, n);
@@ -584,6 +631,23 @@ TEST(ThreadPool, ParallelForCoversEveryIndexOnce) {
       }
     }
   }
+}
+
+TEST(ThreadPool, ExceptionOnCallingThreadWaitsForWorkers) {
+  ThreadPool pool(3);
+  std::atomic<int> finished{0};
+  for (int rep = 0; rep < 20; ++rep) {
+    EXPECT_THROW(pool.run([&](int i, int) {
+      if (i == 0) throw Error("boom");
+      std::this_thread::sleep_for(std::chrono::microseconds(200));
+      finished.fetch_add(1);
+    }),
+                 Error);
+    EXPECT_EQ(finished.load(), 2 * (rep + 1));  // both workers were done before run() threw
+  }
+  std::atomic<int> calls{0};
+  pool.run([&](int, int) { calls.fetch_add(1); });  // still usable
+  EXPECT_EQ(calls.load(), 3);
 }
 
 TEST(ThreadPool, WakesSleepingWorkersAndShutsDown) {

@@ -16,6 +16,7 @@
 
 #include <dlfcn.h>
 #include <sys/resource.h>
+#include <time.h>
 
 #include <algorithm>
 #include <chrono>
@@ -562,30 +563,48 @@ json cmd_bench(const Backend& be, const Options& o) {
   auto seconds = [](clock::time_point a, clock::time_point b) {
     return std::chrono::duration<double>(b - a).count();
   };
-  auto run_once = [&](int n_prompt, int n_gen, double* pp_s, double* tg_s) {
+  // Process CPU time alongside wall time: with -t 1 on a machine shared with other jobs, tokens per
+  // CPU second approximates the idle-machine speed. (With more threads it counts spin-waiting.)
+  auto cpu_seconds = [] {
+    timespec ts{};
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
+  };
+  struct Times {
+    double pp_wall = 0, tg_wall = 0, pp_cpu = 0, tg_cpu = 0;
+  };
+  auto run_once = [&](int n_prompt, int n_gen) {
     llama_memory_clear(mem, false);
     std::vector<llama_token> seq(prompt.begin(), prompt.begin() + n_prompt);
+    Times t;
+    const double c0 = cpu_seconds();
     const auto t0 = clock::now();
     decode_range(ctx.get(), seq, 0, seq.size(), n_batch, false, [](size_t, const float*) {});
     llama_synchronize(ctx.get());
     const auto t1 = clock::now();
+    const double c1 = cpu_seconds();
     for (int i = 0; i < n_gen; ++i) {
       seq.push_back(argmax(last_logits(ctx.get()), n_vocab));
       decode_range(ctx.get(), seq, seq.size() - 1, seq.size(), 1, false, [](size_t, const float*) {});
     }
     llama_synchronize(ctx.get());
     const auto t2 = clock::now();
-    *pp_s = seconds(t0, t1);
-    *tg_s = seconds(t1, t2);
+    const double c2 = cpu_seconds();
+    t.pp_wall = seconds(t0, t1);
+    t.tg_wall = seconds(t1, t2);
+    t.pp_cpu = c1 - c0;
+    t.tg_cpu = c2 - c1;
+    return t;
   };
 
-  double pp_s = 0, tg_s = 0;
-  run_once(std::min(o.n_prompt, 32), std::min(o.n_predict, 4), &pp_s, &tg_s);  // warm-up
-  std::vector<double> pp_runs, tg_runs;
+  run_once(std::min(o.n_prompt, 32), std::min(o.n_predict, 4));  // warm-up
+  std::vector<double> pp_runs, tg_runs, pp_cpu_runs, tg_cpu_runs;
   for (int r = 0; r < o.reps; ++r) {
-    run_once(o.n_prompt, o.n_predict, &pp_s, &tg_s);
-    pp_runs.push_back(o.n_prompt / pp_s);
-    tg_runs.push_back(o.n_predict > 0 ? o.n_predict / tg_s : 0.0);
+    const Times t = run_once(o.n_prompt, o.n_predict);
+    pp_runs.push_back(o.n_prompt / t.pp_wall);
+    pp_cpu_runs.push_back(o.n_prompt / t.pp_cpu);
+    tg_runs.push_back(o.n_predict > 0 ? o.n_predict / t.tg_wall : 0.0);
+    tg_cpu_runs.push_back(o.n_predict > 0 ? o.n_predict / t.tg_cpu : 0.0);
   }
   rusage ru{};
   getrusage(RUSAGE_SELF, &ru);
@@ -600,6 +619,8 @@ json cmd_bench(const Backend& be, const Options& o) {
   j["decode_tok_s"] = median(tg_runs);
   j["prefill_runs"] = pp_runs;
   j["decode_runs"] = tg_runs;
+  j["prefill_tok_per_cpu_s"] = median(pp_cpu_runs);
+  j["decode_tok_per_cpu_s"] = median(tg_cpu_runs);
   j["peak_rss_mb"] = static_cast<double>(ru.ru_maxrss) / 1024.0;  // ru_maxrss is in KiB on Linux
   return j;
 }

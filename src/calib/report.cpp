@@ -214,4 +214,75 @@ nlohmann::json FilterReport::to_json() const {
   return nlohmann::json{{"layers", std::move(ls)}, {"summary", std::move(sum)}};
 }
 
+FilterReport FilterReport::from_json(const nlohmann::json& j) {
+  using nlohmann::json;
+  auto obj = [](const json& v, const char* what) -> const json& {
+    if (!v.is_object()) fail("filter report: ", what, " is not a JSON object");
+    return v;
+  };
+  // null stands for NaN (to_json writes NaN as null).
+  auto real = [](const json& o, const char* key) {
+    const auto it = o.find(key);
+    if (it == o.end() || it->is_null()) return kNaN;
+    if (!it->is_number()) fail("filter report: '", key, "' is not a number");
+    return it->get<double>();
+  };
+  auto count = [](const json& o, const char* key, int max) {
+    const auto it = o.find(key);
+    if (it == o.end() || !it->is_number_integer()) fail("filter report: '", key, "' is missing or not an integer");
+    const int64_t v = it->get<int64_t>();
+    if (v < 0 || v > max) fail("filter report: '", key, "' = ", v, " is out of range 0..", max);
+    return static_cast<int>(v);
+  };
+  constexpr int kMax = 1 << 24;
+  obj(j, "the report");
+  const auto ls = j.find("layers");
+  const auto sm = j.find("summary");
+  if (ls == j.end() || !ls->is_array() || sm == j.end()) fail("filter report: needs 'layers' (array) and 'summary'");
+  const json& sum = obj(*sm, "'summary'");
+  FilterReport r;
+  r.has_queries = sum.contains("energy_share_mean");
+  r.has_keys = sum.contains("keys_against");
+  r.has_reference = sum.contains("cosine_to_reference");
+  r.energy_share_mean = r.has_queries ? real(sum, "energy_share_mean") : kNaN;
+  if (r.has_queries) {
+    r.n_heads = count(sum, "n_heads", kMax);
+    r.orientation_disagreements = count(sum, "orientation_disagreements", r.n_heads);
+  }
+  if (r.has_keys) {
+    r.n_kv_heads = count(sum, "n_kv_heads", kMax);
+    r.keys_against = count(sum, "keys_against", r.n_kv_heads);
+  }
+  r.similarity_mean = r.has_reference ? real(sum, "cosine_to_reference") : kNaN;
+  for (const json& lj : *ls) {
+    obj(lj, "a layer entry");
+    LayerReport l;
+    l.layer = count(lj, "layer", kMax);
+    l.energy_share_mean = l.energy_share_min = l.mean_key_dot = l.similarity = kNaN;
+    if (r.has_queries) {
+      l.n_heads = count(lj, "n_heads", kMax);
+      l.orientation_disagreements = count(lj, "orientation_disagreements", l.n_heads);
+      l.energy_share_mean = real(lj, "energy_share_mean");
+      l.energy_share_min = real(lj, "energy_share_min");
+    }
+    if (lj.contains("keys_against")) {
+      l.keys_counted = true;
+      l.n_kv_heads = count(lj, "n_kv_heads", kMax);
+      l.keys_against = count(lj, "keys_against", l.n_kv_heads);
+      l.mean_key_dot = real(lj, "mean_key_dot");
+    }
+    if (r.has_reference) l.similarity = real(lj, "cosine_to_reference");
+    r.layers.push_back(l);
+  }
+  return r;
+}
+
+void FilterReport::set_reference(const FilterSimilarity& s) {
+  if (s.n_layers != static_cast<int>(layers.size()))
+    fail("filter report: a comparison of ", s.n_layers, " layers for a report of ", layers.size());
+  for (size_t l = 0; l < layers.size(); ++l) layers[l].similarity = s.per_layer[l];
+  similarity_mean = s.mean;
+  has_reference = true;
+}
+
 }  // namespace qf::calib

@@ -66,6 +66,11 @@ struct FilterReport {
 
   std::string to_text() const;      // one header line, one line per layer, one "all" line
   nlohmann::json to_json() const;   // {"layers": [...], "summary": {...}}; NaN becomes null
+  // Inverse of to_json (qf calibrate stores the report in the filter file's metadata). Throws
+  // qf::Error on anything to_json would not have written.
+  static FilterReport from_json(const nlohmann::json& j);
+  // Fills the cos_ref column from a comparison (replacing any stored one). Throws on a shape mismatch.
+  void set_reference(const FilterSimilarity& s);
 };
 
 // heads: [n_layers][n_head] (Calibrator::head_reports()) or empty; keys, reference optional.

@@ -26,6 +26,12 @@ void add_kv_options(CLI::App* app, KvOptions& o) {
   app->add_option("--kv-policy", o.policy, "KV eviction policy: " + names)->group("KV cache");
   app->add_option("--filters", o.filters, "Q-Filters file (safetensors) for --kv-policy qfilters")
       ->check(CLI::ExistingFile)->group("KV cache");
+  app->add_option("--filter-layout", o.filter_layout,
+                  "row order of a --filters file not made by qf (published filters: hf)")
+      ->check(CLI::IsMember({"gguf", "hf"}))->group("KV cache");
+  app->add_option("--filter-sign", o.filter_sign,
+                  "sign convention of a --filters file not made by qf (published filters: keep_smallest_dot)")
+      ->check(CLI::IsMember({"keep_largest_dot", "keep_smallest_dot"}))->group("KV cache");
   app->add_option("--kv-budget", o.budget, "streaming: tokens each KV head keeps (0 = unbounded)")
       ->check(CLI::NonNegativeNumber)->group("KV cache");
   app->add_option("--kv-window", o.window, "streaming: newest tokens always kept")->check(CLI::NonNegativeNumber)->group("KV cache");
@@ -53,7 +59,10 @@ std::unique_ptr<Session> make_session(const Model& model, const ModelOptions& mo
     po.seed = ko.seed;
     if (!ko.filters.empty()) {
       calib::FilterExpectation expect{c.n_layers, c.n_kv_heads, c.head_dim, c.fingerprint()};
-      calib::LoadedFilters lf = calib::load_filters(ko.filters, expect);
+      calib::LoadOptions lo;
+      if (!ko.filter_layout.empty()) lo.layout = calib::parse_filter_layout(ko.filter_layout);
+      if (!ko.filter_sign.empty()) lo.sign = calib::parse_sign_convention(ko.filter_sign);
+      calib::LoadedFilters lf = calib::load_filters(ko.filters, expect, lo);
       if (lf.fingerprint_missing)
         std::fprintf(stderr, "warning: %s does not say which model it was made for\n", ko.filters.c_str());
       filters_storage = std::move(lf.filters.data);
@@ -71,6 +80,9 @@ std::unique_ptr<Session> make_session(const Model& model, const ModelOptions& mo
     so.compressor = std::make_unique<kv::Compressor>(kv::make_policy(ko.policy, po), po, cc);
   } else if (compress || !ko.filters.empty()) {
     fail("--kv-budget, --kv-ratio and --filters need a --kv-policy (e.g. qfilters)");
+  }
+  if (ko.filters.empty() && (!ko.filter_layout.empty() || !ko.filter_sign.empty())) {
+    fail("--filter-layout and --filter-sign describe a --filters FILE, and none was given");
   }
   return std::make_unique<Session>(model, std::move(so));
 }

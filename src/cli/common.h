@@ -21,6 +21,8 @@ struct ModelOptions {
 struct KvOptions {
   std::string policy = "none";
   std::string filters;
+  std::string filter_layout;  // "" = as the file says; gguf | hf for files not made by qf calibrate
+  std::string filter_sign;    // "" = as the file says; keep_largest_dot | keep_smallest_dot
   int budget = 0;
   int window = 0;
   int evict_every = 1;

@@ -160,7 +160,7 @@ Setup setup(const CommonOptions& o) {
   if (o.policies.empty()) {
     for (const auto& p : kv::policy_names()) {
       if (p == "qfilters" && s.filters.empty()) {
-        std::fprintf(stderr, "note: qfilters skipped: no --filters FILE (make one with: qf calibrate -m MODEL -o FILE)\n");
+        std::fprintf(stderr, "note: qfilters skipped: no --filters FILE (make one with: qf calibrate -m MODEL --text data/sotu -o FILE)\n");
         continue;
       }
       s.policies.push_back(p);
@@ -221,6 +221,29 @@ void finish(const Setup& s, json& summary, double seconds) {
   summary["run"]["finished"] = eval::utc_now();
 }
 
+// Appends the run's identity (model, filters, seeds, version, start time) as trailing columns to
+// every row, so a CSV row is self-describing once tables of several runs are concatenated.
+std::string with_run_columns(const std::string& csv, const json& run,
+                             const std::vector<std::pair<std::string, std::string>>& extra = {}) {
+  auto str = [](const json& v) { return v.is_string() ? v.get<std::string>() : v.is_null() ? std::string() : v.dump(); };
+  std::string head = ",model,filters,policy_seed";
+  std::string vals = "," + str(run["model"]) + "," + str(run["filters"]) + "," + str(run["policy_seed"]);
+  for (const auto& [k, v] : extra) head += "," + k, vals += "," + v;
+  head += ",version,time";
+  vals += "," + str(run["version"]) + "," + str(run["time"]);
+  std::string out;
+  size_t start = 0;
+  bool first = true;
+  while (start < csv.size()) {
+    size_t end = csv.find('\n', start);
+    if (end == std::string::npos) end = csv.size();
+    out += csv.substr(start, end - start) + (first ? head : vals) + "\n";
+    first = false;
+    start = end + 1;
+  }
+  return out;
+}
+
 double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
@@ -243,7 +266,7 @@ void eval_ppl(const EvalOptions& o, Setup& s) {
   eval::PplSummary sum = eval::summarize_ppl(log, docs, o.ppl, pols);
   finish(s, sum.json, seconds_since(t0));
   eval::write_text_file(path_in(s, "ppl.json"), sum.json.dump(1) + "\n");
-  eval::write_text_file(path_in(s, "ppl.csv"), sum.csv);
+  eval::write_text_file(path_in(s, "ppl.csv"), with_run_columns(sum.csv, s.run));
   eval::write_text_file(path_in(s, "ppl_curve.csv"), sum.curve_csv);
   std::printf("streaming perplexity: %zu docs x %d tokens, window %d (%s)\n", docs.size(), o.ppl.n_tokens, o.ppl.window,
               path_in(s, "ppl.json").c_str());
@@ -270,8 +293,9 @@ void eval_niah(const EvalOptions& o, Setup& s) {
   eval::NiahSummary sum = eval::summarize_niah(log, st, s.policies, n_ctx_train);
   finish(s, sum.json, seconds_since(t0));
   eval::write_text_file(path_in(s, "niah.json"), sum.json.dump(1) + "\n");
-  eval::write_text_file(path_in(s, "niah.csv"), sum.csv);
-  eval::write_text_file(path_in(s, "niah_grid.csv"), sum.grid_csv);
+  const std::vector<std::pair<std::string, std::string>> seed{{"needle_seed", std::to_string(st.seed)}};
+  eval::write_text_file(path_in(s, "niah.csv"), with_run_columns(sum.csv, s.run, seed));
+  eval::write_text_file(path_in(s, "niah_grid.csv"), with_run_columns(sum.grid_csv, s.run, seed));
   std::printf("needle in a haystack: lengths");
   for (int l : eval::effective_lengths(st, n_ctx_train)) std::printf(" %d", l);
   std::printf(", %d depths (%s)\n", st.n_depths, path_in(s, "niah.json").c_str());
@@ -290,7 +314,7 @@ void eval_fidelity(const EvalOptions& o, Setup& s) {
   eval::FidelitySummary sum = eval::summarize_fidelity(s.ctx, log, docs, o.fid, s.policies);
   finish(s, sum.json, seconds_since(t0));
   eval::write_text_file(path_in(s, "fidelity.json"), sum.json.dump(1) + "\n");
-  eval::write_text_file(path_in(s, "fidelity.csv"), sum.csv);
+  eval::write_text_file(path_in(s, "fidelity.csv"), with_run_columns(sum.csv, s.run));
   eval::write_text_file(path_in(s, "fidelity_heads.csv"), sum.heads_csv);
   std::printf("attention fidelity: %zu docs x %d tokens (%s)\n", docs.size(), o.fid.n_tokens,
               path_in(s, "fidelity.json").c_str());

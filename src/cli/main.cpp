@@ -14,8 +14,8 @@ int main(int argc, char** argv) {
   qf::cli::register_chat(app);
   qf::cli::register_info(app);
   qf::cli::register_bench(app);
-  // qf::cli::register_calibrate(app);
-  // qf::cli::register_filters(app);
+  qf::cli::register_calibrate(app);
+  qf::cli::register_filters(app);
   qf::cli::register_eval(app);
   try {
     app.parse(argc, argv);

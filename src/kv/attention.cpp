@@ -54,7 +54,6 @@ void attend_with_stats(Cache& cache, const AttentionArgs& a, ThreadPool& pool) {
   // Statistics are per KV head, so a KV head's queries run on one thread, in token order.
   pool.parallel_for(nkv, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> p;
-    std::vector<double> acc(d);
     for (int64_t kvh = begin; kvh < end; ++kvh) {
       HeadCache& hc = cache.head(a.layer, static_cast<int>(kvh));
       if (st.last_query) std::fill(hc.attn_last.begin(), hc.attn_last.begin() + hc.n, 0.0f);

@@ -39,6 +39,13 @@ void Cache::append(int layer, const float* k, const float* v, const int32_t* pos
       fail("kv cache full: layer ", layer, " holds ", hc.n, " tokens, capacity ", capacity_[layer],
            ", cannot add ", n_tok);
   }
+  // Attention finds a query's visible slots by binary search on position.
+  for (int t = 0; t < n_tok; ++t) {
+    int32_t prev = t > 0 ? pos[t - 1] : -1;
+    for (int h = 0; t == 0 && h < nkv; ++h)
+      if (head(layer, h).n > 0) prev = std::max(prev, head(layer, h).pos[head(layer, h).n - 1]);
+    if (pos[t] <= prev) fail("kv cache: positions must increase (layer ", layer, ": ", pos[t], " after ", prev, ")");
+  }
   for (int h = 0; h < nkv; ++h) {
     HeadCache& hc = head(layer, h);
     for (int t = 0; t < n_tok; ++t) {

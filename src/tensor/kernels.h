@@ -35,12 +35,13 @@ struct WeightView {
 // Accumulation is in float, one block scale at a time, so results differ from a double
 // reference on the same quantized inputs by float rounding only.
 // Quantized types need cols % 32 == 0. x and y must not overlap. Throws qf::Error on bad input.
+// Runs its own pool.run(), so it must not be called from inside a job of the same pool.
 void matmul(const WeightView& w, const float* x, int64_t n_tok, float* y, ThreadPool& pool);
 
-// Dequantizes row `row` of w into out[0..cols).
+// Dequantizes row `row` of w into out[0..cols). Throws qf::Error on a bad type, row or pointer.
 void dequantize_row(const WeightView& w, int64_t row, float* out);
 
-// Float vector kernels (n may be any size).
+// Float vector kernels (n may be any size; x and y must not overlap).
 float dot_f32(const float* a, const float* b, size_t n);
 void axpy_f32(float a, const float* x, float* y, size_t n);  // y += a * x
 void scale_f32(float* y, float a, size_t n);                // y *= a

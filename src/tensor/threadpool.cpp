@@ -81,9 +81,19 @@ void ThreadPool::run(const std::function<void(int, int)>& fn) {
     generation_.fetch_add(1, std::memory_order_acq_rel);
   }
   if (sleepers_.load() > 0) cv_.notify_all();
-  fn(0, n_threads_);
-  for (int spin = 0; pending_.load(std::memory_order_acquire) != 0; ++spin) spin_pause(spin);
-  job_ = nullptr;
+  const auto wait_for_workers = [this] {
+    for (int spin = 0; pending_.load(std::memory_order_acquire) != 0; ++spin) spin_pause(spin);
+    job_ = nullptr;
+  };
+  try {
+    fn(0, n_threads_);
+  } catch (...) {
+    // The workers still run fn, which may live on the caller's stack: let them finish first.
+    // (An exception escaping fn on a worker thread still terminates the process.)
+    wait_for_workers();
+    throw;
+  }
+  wait_for_workers();
 }
 
 void ThreadPool::parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {

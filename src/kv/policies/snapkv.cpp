@@ -11,6 +11,10 @@
 //    eviction round (one query with --kv-evict-every 1, k with k). The newest `window`
 //    positions are still protected, because they have been observed by too few queries to be
 //    judged; a budget <= snapkv_window therefore degenerates to keeping the most recent tokens.
+//    The first round sees everything accumulated since the cache started (or was copied).
+//    Sums are divided by `window`: the exact mean in prefill, a constant factor in streaming
+//    (rankings, all the Compressor uses, are unaffected). kvpress's DecodingPress likewise
+//    scores from the tokens buffered since its previous compression.
 //
 // Pooling: kvpress calls F.avg_pool1d(kernel, padding=kernel//2, stride=1) with the default
 // count_include_pad=True, so a border key's sum is divided by the full kernel width, not by the

@@ -1,0 +1,472 @@
+// qf calibrate: compute a model's Q-Filters on the CPU, from text files or from text the model
+// samples itself. qf filters: show a filter file's stored diagnostics, compare two files, and
+// import published filters (Hugging Face row order, reference sign) into this engine's form.
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <iterator>
+#include <numeric>
+#include <optional>
+#include <random>
+
+#include "calib/collect.h"
+#include "calib/filter_file.h"
+#include "calib/filters.h"
+#include "calib/report.h"
+#include "cli/commands.h"
+#include "cli/common.h"
+#include "eval/corpus.h"
+#include "eval/progress.h"
+#include "sample/sampler.h"
+#include "tokenizer/tokenizer.h"
+#include "util/error.h"
+
+namespace qf::cli {
+
+namespace {
+
+using nlohmann::json;
+namespace fs = std::filesystem;
+
+// Openings in varied registers (story, news, science, code, letters, dialogue, lists, maths, law)
+// so that text sampled from them covers more than one kind of prose.
+const char* const kSeedPrompts[] = {
+    "The history of the city begins",
+    "Once upon a time, in a small village,",
+    "Abstract. We study the problem of",
+    "def parse_config(path):\n",
+    "Dear Mr. Thompson,\n\nThank you for your letter of",
+    "Q: What is the best way to learn a new language?\nA:",
+    "Ingredients:\n- 2 cups of flour\n",
+    "BREAKING NEWS: Officials confirmed on Tuesday that",
+    "Chapter 1\n\nThe rain had not stopped for three days when",
+    "In mathematics, a prime number is",
+    "The committee met on the morning of",
+    "#include <stdio.h>\n\nint main(void) {\n",
+    "Section 2. Definitions. For the purposes of this Act,",
+    "Here are five tips for staying healthy during the winter:\n1.",
+    "\"Where are you going?\" she asked.",
+    "The experiment was repeated with a larger sample,",
+    "Photosynthesis is the process by which",
+    "My grandfather used to tell me stories about",
+    "The quarterly report shows that revenue",
+    "To install the package, run the following command:",
+    "The river flows through the valley and",
+    "Ladies and gentlemen, it is an honor to",
+    "The following table summarizes the results of",
+    "She opened the old wooden box and found",
+};
+
+struct CalibrateOptions {
+  ModelOptions model;
+  std::string output;
+  std::vector<std::string> text;
+  int max_year = 1949;
+  int n_docs = 0, doc_len = 0;  // 0: the default of the text source
+  int n_samples = 3000;
+  uint64_t seed = 0;
+  std::string orientation = "mean";
+  float temperature = 1.0f, top_p = 0.95f;
+  int top_k = 0;
+  int segment_len = 0;
+  std::string save_text;
+  std::string compare;
+  bool report = false, json = false, no_progress = false;
+};
+
+// Defaults. With text files: the reference's 20 documents of 2048 tokens. Sampled text: fewer,
+// shorter documents, since every token is a decoding step (see docs in the lead's report).
+constexpr int kTextDocs = 20, kTextDocLen = 2048;
+constexpr int kGenDocs = 4, kGenDocLen = 512;
+
+std::string file_stem(const std::string& path) { return fs::path(path).stem().string(); }
+
+// Documents from text files: each file is one document truncated to doc_len tokens. With more
+// files than n_docs, n_docs are drawn at random (seeded); with fewer, files longer than doc_len
+// are cut into doc_len pieces (second pieces first, then third, ...) to make up the number.
+std::vector<std::vector<int32_t>> text_documents(const std::vector<eval::Document>& files, const Tokenizer& tok,
+                                                 int n_docs, int doc_len, uint64_t seed) {
+  std::vector<size_t> order(files.size());
+  std::iota(order.begin(), order.end(), size_t{0});
+  std::mt19937_64 rng(calib::stream_seed(seed, 0x7465787474657874ull));  // independent of the position draws
+  for (size_t i = order.size(); i > 1; --i) std::swap(order[i - 1], order[rng() % i]);
+  if (order.size() > static_cast<size_t>(n_docs)) order.resize(n_docs);
+  std::sort(order.begin(), order.end());  // keep file order: the result does not depend on the shuffle's tail
+
+  std::vector<std::vector<int32_t>> tokens;
+  for (size_t i : order) tokens.push_back(tok.encode(files[i].text, /*add_special=*/true, /*parse_special=*/false));
+  std::vector<std::vector<int32_t>> docs;
+  for (size_t piece = 0; static_cast<int>(docs.size()) < n_docs; ++piece) {
+    bool any = false;
+    for (const auto& t : tokens) {
+      const size_t begin = piece * static_cast<size_t>(doc_len);
+      // Pieces after the first must be worth a document (a quarter of the length at least).
+      if (begin >= t.size() || (piece > 0 && t.size() - begin < static_cast<size_t>(doc_len) / 4)) continue;
+      const size_t end = std::min(t.size(), begin + doc_len);
+      if (end - begin < 2) continue;
+      docs.emplace_back(t.begin() + begin, t.begin() + end);
+      any = true;
+      if (static_cast<int>(docs.size()) == n_docs) break;
+    }
+    if (!any) break;
+  }
+  if (docs.empty()) fail("the calibration text is empty after tokenization");
+  return docs;
+}
+
+std::string fmt(const char* f, double v) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, f, v);
+  return buf;
+}
+
+// Loads a filter file in canonical form. Files of our format describe themselves; the layout and
+// sign flags apply only to foreign ones (a published file compared with ours, say).
+calib::LoadedFilters load_any(const std::string& path, const calib::FilterExpectation* model_expect,
+                              const calib::LoadOptions& foreign_opt, calib::StoredFilters* stored_out = nullptr) {
+  calib::StoredFilters stored = calib::read_filters(path);
+  const auto fmt_it = stored.filters.metadata.find("format");
+  const bool ours = fmt_it != stored.filters.metadata.end() && fmt_it->second == calib::kFilterFormat;
+  calib::FilterExpectation expect{stored.filters.n_layers, stored.filters.n_kv_heads, stored.filters.head_dim, ""};
+  if (model_expect) expect = *model_expect;
+  calib::LoadedFilters lf = calib::load_filters(path, expect, ours ? calib::LoadOptions{} : foreign_opt);
+  if (stored_out) *stored_out = std::move(stored);
+  return lf;
+}
+
+int calibrate(const CalibrateOptions& o) {
+  if (o.output.empty() && !o.report && !o.json) fail("give -o FILE to write the filters (or --report to only print them)");
+  if (o.n_samples <= 0) fail("--samples must be positive");
+  const calib::OrientationRule rule = calib::parse_orientation_rule(o.orientation);
+  const bool from_text = !o.text.empty();
+  const auto t0 = std::chrono::steady_clock::now();
+
+  std::unique_ptr<Model> model = Model::load(o.model.model);
+  const ModelConfig& c = model->config();
+  const Tokenizer tok = Tokenizer::from_gguf(model->file());
+  const int ctx = o.model.n_ctx > 0 ? o.model.n_ctx : c.n_ctx_train;
+  const int n_docs = o.n_docs > 0 ? o.n_docs : (from_text ? kTextDocs : kGenDocs);
+  int doc_len = o.doc_len > 0 ? o.doc_len : (from_text ? kTextDocLen : kGenDocLen);
+  if (doc_len > ctx) {
+    std::fprintf(stderr, "note: documents clipped to the context of %d tokens\n", ctx);
+    doc_len = ctx;
+  }
+  if (doc_len < 2) fail("--doc-len must be at least 2");
+
+  SessionOptions so;
+  so.n_ctx = doc_len;  // the cache never holds more than one document
+  so.n_threads = o.model.n_threads;
+  so.n_batch = o.model.n_batch;
+  Session session(*model, std::move(so));
+
+  calib::CollectOptions co;
+  co.n_samples = o.n_samples;
+  co.seed = o.seed;
+  co.rule = rule;
+  const bool progress_on = !o.no_progress;
+
+  std::string corpus;
+  std::vector<std::vector<int32_t>> docs;
+  std::optional<calib::CalibrationRun> run;
+  if (from_text) {
+    std::vector<eval::Document> files;
+    try {
+      files = eval::load_documents(o.text, 0, o.max_year);
+    } catch (const Error& e) {
+      fail("calibration text: ", e.what(), o.max_year > 0 ? " (--max-year 0 lifts the year filter)" : "");
+    }
+    docs = text_documents(files, tok, n_docs, doc_len, o.seed);
+    int64_t n_tok = 0;
+    for (const auto& d : docs) n_tok += static_cast<int64_t>(d.size());
+    std::string paths;
+    for (const auto& p : o.text) paths += (paths.empty() ? "" : " ") + p;
+    corpus = paths + " (" + std::to_string(docs.size()) + " of " + std::to_string(files.size()) + " files" +
+             (o.max_year > 0 ? ", years <= " + std::to_string(o.max_year) : "") + ")";
+    if (static_cast<int>(docs.size()) < n_docs)
+      std::fprintf(stderr, "note: the text makes only %zu documents (asked for %d)\n", docs.size(), n_docs);
+    std::fprintf(stderr, "calibrating on %zu documents, %lld tokens, from %s\n", docs.size(),
+                 static_cast<long long>(n_tok), corpus.c_str());
+    eval::Progress bar("calibrate", static_cast<double>(n_tok), progress_on);
+    int64_t last = 0;
+    run.emplace(calib::calibrate_documents(session, docs, co, [&](int64_t done, int64_t) {
+      bar.advance(static_cast<double>(done - last), std::to_string(done) + " tokens");
+      last = done;
+    }));
+    bar.finish();
+  } else {
+    std::vector<std::vector<int32_t>> prompts;
+    for (const char* p : kSeedPrompts) prompts.push_back(tok.encode(p, /*add_special=*/true, /*parse_special=*/false));
+    calib::SynthesisOptions gen;
+    gen.n_docs = n_docs;
+    gen.doc_len = doc_len;
+    gen.segment_len = o.segment_len;
+    SamplerOptions sopt;
+    sopt.temperature = o.temperature;
+    sopt.top_k = o.top_k;
+    sopt.top_p = o.top_p;
+    sopt.seed = calib::stream_seed(o.seed, 0x73616d706c65ull);
+    Sampler sampler(sopt);
+    calib::QueryCollector col(c, calib::SamplePlan(std::vector<int>(n_docs, doc_len), c.n_layers, o.n_samples, o.seed));
+    corpus = "sampled from the model: " + std::to_string(n_docs) + " x " + std::to_string(doc_len) + " tokens, " +
+             std::to_string(std::size(kSeedPrompts)) + " seed prompts, temperature " + fmt("%g", o.temperature) +
+             ", top-k " + std::to_string(o.top_k) + ", top-p " + fmt("%g", o.top_p) +
+             (o.segment_len > 0 ? ", new prompt every " + std::to_string(o.segment_len) + " tokens" : "");
+    std::fprintf(stderr, "calibrating on text sampled from the model (%d documents x %d tokens; --text FILE... to use text)\n",
+                 n_docs, doc_len);
+    eval::Progress bar("sample+collect", static_cast<double>(n_docs) * doc_len, progress_on);
+    int64_t last = 0;
+    docs = calib::synthesize_documents(
+        session, prompts, tok.eog_ids(), gen, [&](std::span<const float> logits) { return sampler.sample(logits); }, &col,
+        [&](int64_t done, int64_t) {
+          bar.advance(static_cast<double>(done - last), std::to_string(done) + " tokens");
+          last = done;
+        });
+    bar.finish();
+    run.emplace(calib::CalibrationRun{calib::Calibrator(c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim, rule),
+                                      col.key_means(), col.plan().n_samples(), col.plan().n_tokens()});
+    col.finish(run->calibrator);
+    if (!o.save_text.empty()) {
+      std::ofstream out(o.save_text, std::ios::binary);
+      for (size_t d = 0; d < docs.size(); ++d)
+        out << "=== document " << d << " ===\n" << tok.decode(docs[d], /*render_special=*/true) << "\n";
+      if (!out) fail("cannot write ", o.save_text);
+    }
+  }
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+
+  calib::Filters filters = run->calibrator.filters();
+  calib::CalibrationInfo info;
+  info.model_name = c.name.empty() ? file_stem(o.model.model) : c.name;
+  info.architecture = c.arch;
+  info.fingerprint = c.fingerprint();
+  info.corpus = corpus;
+  info.n_docs = static_cast<int>(docs.size());
+  info.doc_len = doc_len;
+  info.n_samples = run->n_samples;
+  info.seed = o.seed;
+  info.orientation = std::string(calib::to_string(rule));
+  calib::set_calibration_metadata(filters, info);
+  filters.metadata["n_tokens"] = std::to_string(run->n_tokens);
+  filters.metadata["text_source"] = from_text ? "files" : "model";
+
+  const calib::FilterReport stored_report =
+      calib::make_report(filters, run->calibrator.head_reports(), c.n_heads, &run->keys);
+  filters.metadata["report"] = stored_report.to_json().dump();
+
+  calib::FilterReport report = stored_report;
+  if (!o.compare.empty()) {
+    const calib::FilterExpectation expect{c.n_layers, c.n_kv_heads, c.head_dim, c.fingerprint()};
+    const calib::LoadedFilters other = load_any(o.compare, &expect, {});
+    report.set_reference(calib::cosine_similarity(filters, other.filters));
+  }
+  if (!o.output.empty()) calib::write_filters(o.output, filters);
+
+  if (o.json) {
+    json j = report.to_json();
+    j["seconds"] = seconds;
+    j["n_tokens"] = run->n_tokens;
+    j["n_samples"] = run->n_samples;
+    j["corpus"] = corpus;
+    if (!o.compare.empty()) j["compare"] = o.compare;
+    std::printf("%s\n", j.dump(2).c_str());
+  } else if (o.report) {
+    std::printf("%s", report.to_text().c_str());
+  }
+  std::fprintf(stderr,
+               "calibrated %d layers x %d query heads on %lld tokens (%d samples per layer) in %.1f s (%.0f tok/s, %d threads), "
+               "peak RSS %.0f MiB\n",
+               c.n_layers, c.n_heads, static_cast<long long>(run->n_tokens), run->n_samples, seconds,
+               run->n_tokens / seconds, session.pool().size(), peak_rss_mib());
+  std::fprintf(stderr, "energy on the filter direction %.3f (mean over heads), keys against the filter %d/%d KV heads, "
+                       "orientation rules disagree on %d/%d heads%s\n",
+               report.energy_share_mean, report.keys_against, report.n_kv_heads, report.orientation_disagreements,
+               report.n_heads, report.has_reference ? (", cosine to " + o.compare + " " + fmt("%.4f", report.similarity_mean)).c_str() : "");
+  if (!o.output.empty()) std::fprintf(stderr, "wrote %s\n", o.output.c_str());
+  return 0;
+}
+
+// ---- qf filters ---------------------------------------------------------------------------------
+
+struct FiltersOptions {
+  std::string file, compare, model;
+  std::string layout, sign;  // for foreign files
+  bool json = false;
+};
+
+struct ImportOptions {
+  std::string input, output, model, layout, sign;
+};
+
+calib::LoadOptions foreign_options(const std::string& layout, const std::string& sign) {
+  calib::LoadOptions lo;
+  if (!layout.empty()) lo.layout = calib::parse_filter_layout(layout);
+  if (!sign.empty()) lo.sign = calib::parse_sign_convention(sign);
+  return lo;
+}
+
+int show_filters(const FiltersOptions& o) {
+  if (o.file.empty()) fail("qf filters needs a filter file (or: qf filters import IN -o OUT ...)");
+  std::unique_ptr<Model> model;
+  std::optional<calib::FilterExpectation> expect;
+  if (!o.model.empty()) {
+    model = Model::load(o.model);
+    const ModelConfig& c = model->config();
+    expect = calib::FilterExpectation{c.n_layers, c.n_kv_heads, c.head_dim, c.fingerprint()};
+  }
+  const calib::LoadOptions lo = foreign_options(o.layout, o.sign);
+  calib::StoredFilters stored;
+  const calib::LoadedFilters lf = load_any(o.file, expect ? &*expect : nullptr, lo, &stored);
+  const calib::Filters& f = lf.filters;
+
+  std::optional<calib::FilterReport> report;
+  if (auto it = stored.filters.metadata.find("report"); it != stored.filters.metadata.end()) {
+    json j;
+    try {
+      j = json::parse(it->second);
+    } catch (const json::exception& e) {
+      fail(o.file, ": metadata 'report' is not valid JSON");
+    }
+    try {
+      report = calib::FilterReport::from_json(j);
+    } catch (const Error& e) {
+      fail(o.file, ": metadata ", e.what());
+    }
+    if (static_cast<int>(report->layers.size()) != f.n_layers)
+      fail(o.file, ": stored report has ", report->layers.size(), " layers, the filters ", f.n_layers);
+  }
+  std::optional<calib::FilterSimilarity> sim;
+  if (!o.compare.empty()) {
+    const calib::LoadedFilters other = load_any(o.compare, expect ? &*expect : nullptr, lo);
+    sim = calib::cosine_similarity(f, other.filters);
+    if (!report) report = calib::make_report(f, {}, 0, nullptr, &*sim);
+    else report->set_reference(*sim);
+  }
+
+  if (o.json) {
+    json j;
+    j["file"] = o.file;
+    j["shape"] = {f.n_layers, f.n_kv_heads, f.head_dim};
+    j["dtype"] = lf.stored_dtype;
+    j["foreign"] = lf.foreign;
+    json md = json::object();
+    for (const auto& [k, v] : stored.filters.metadata)
+      if (k != "report") md[k] = v;
+    j["metadata"] = md;
+    if (expect) j["model_fingerprint_matches"] = !lf.fingerprint_missing;
+    if (report) j["report"] = report->to_json();
+    if (sim) {
+      j["compare"] = o.compare;
+      j["cosine_per_head"] = sim->per_head;
+    }
+    std::printf("%s\n", j.dump(2).c_str());
+    return 0;
+  }
+  std::printf("file: %s\nshape: %d layers x %d KV heads x %d dims (%s)%s\n", o.file.c_str(), f.n_layers, f.n_kv_heads,
+              f.head_dim, lf.stored_dtype.c_str(), lf.foreign ? ", not made by qf (converted on load)" : "");
+  for (const auto& [k, v] : stored.filters.metadata)
+    if (k != "report") std::printf("%s: %s\n", k.c_str(), v.c_str());
+  if (expect)
+    std::printf("model check: %s\n", lf.fingerprint_missing ? "shape matches; the file names no model"
+                                                              : "fingerprint matches the model");
+  if (report) {
+    std::printf("\n%s", report->to_text().c_str());
+    if (!report->has_queries) std::printf("(no stored calibration diagnostics: the file was not made by qf calibrate)\n");
+  } else {
+    std::printf("\nno stored calibration diagnostics (the file was not made by qf calibrate)\n");
+  }
+  if (sim) std::printf("cosine similarity to %s: mean %.4f, min %.4f over %zu KV heads\n", o.compare.c_str(), sim->mean,
+                       *std::min_element(sim->per_head.begin(), sim->per_head.end()), sim->per_head.size());
+  return 0;
+}
+
+int import_filters(const ImportOptions& o) {
+  std::unique_ptr<Model> model = Model::load(o.model);
+  const ModelConfig& c = model->config();
+  const calib::FilterExpectation expect{c.n_layers, c.n_kv_heads, c.head_dim, c.fingerprint()};
+  calib::LoadedFilters lf = calib::load_filters(o.input, expect, foreign_options(o.layout, o.sign));
+  calib::Filters f = std::move(lf.filters);
+  // The source's own metadata (e.g. {"format": "pt"}) is kept under source_*; ours describes the result.
+  std::map<std::string, std::string> md;
+  for (const auto& [k, v] : f.metadata)
+    if (k != "format" && k != "layout" && k != "sign_convention" && k != "converted_from" && k != "report")
+      md[lf.foreign ? "source_" + k : k] = v;
+  if (auto it = f.metadata.find("converted_from"); it != f.metadata.end()) md["converted_from"] = it->second;
+  md["model"] = c.name.empty() ? file_stem(o.model) : c.name;
+  md["architecture"] = c.arch;
+  md["fingerprint"] = c.fingerprint();
+  md["imported_from"] = fs::path(o.input).filename().string();
+  if (lf.foreign) md["corpus"] = "imported (published filters)";
+  f.metadata = std::move(md);
+  calib::write_filters(o.output, f);
+  std::fprintf(stderr, "wrote %s (%d x %d x %d, for %s%s)\n", o.output.c_str(), f.n_layers, f.n_kv_heads, f.head_dim,
+               c.fingerprint().c_str(),
+               lf.foreign ? (", converted from " + o.layout + " / " + o.sign).c_str() : "");
+  return 0;
+}
+
+}  // namespace
+
+void register_calibrate(CLI::App& app) {
+  auto o = std::make_shared<CalibrateOptions>();
+  CLI::App* cmd = app.add_subcommand("calibrate", "compute Q-Filters for a model (from text files, or text it samples itself)");
+  add_model_options(cmd, o->model);
+  cmd->add_option("-o,--output", o->output, "filter file to write (safetensors)");
+  cmd->add_option("--text", o->text,
+                  "calibration text: files or directories of .txt, each file one document (default: text sampled from "
+                  "the model)");
+  cmd->add_option("--max-year", o->max_year,
+                  "leave out text files named YYYY_* after this year (default 1949: data/sotu from 2000 on is evaluation "
+                  "text; 0 = no bound)");
+  cmd->add_option("--docs", o->n_docs, "documents (default 20 with --text, 4 sampled)")->check(CLI::NonNegativeNumber);
+  cmd->add_option("--doc-len", o->doc_len, "tokens per document (default 2048 with --text, 512 sampled; clipped to the context)")
+      ->check(CLI::NonNegativeNumber);
+  cmd->add_option("--samples", o->n_samples, "query positions drawn per layer")->check(CLI::PositiveNumber);
+  cmd->add_option("-s,--seed", o->seed, "seed of the position draws, document choice and sampling");
+  cmd->add_option("--orientation", o->orientation, "sign rule: mean (mean projection > 0) or majority (reference vote)")
+      ->check(CLI::IsMember({"mean", "majority"}));
+  cmd->add_option("--temp", o->temperature, "sampled text: temperature");
+  cmd->add_option("--top-k", o->top_k, "sampled text: top-k cut (0 = off)");
+  cmd->add_option("--top-p", o->top_p, "sampled text: nucleus cut (1 = off)");
+  cmd->add_option("--segment-len", o->segment_len, "sampled text: a new seed prompt every N sampled tokens (0 = only at end of text)")
+      ->check(CLI::NonNegativeNumber);
+  cmd->add_option("--save-text", o->save_text, "sampled text: write the documents to this file");
+  cmd->add_option("--compare", o->compare, "report the cosine similarity to another filter file")->check(CLI::ExistingFile);
+  cmd->add_flag("--report", o->report, "print the per-layer diagnostics");
+  cmd->add_flag("--json", o->json, "print the diagnostics as JSON");
+  cmd->add_flag("--no-progress", o->no_progress, "no progress line on stderr");
+  cmd->callback([o] { calibrate(*o); });
+}
+
+void register_filters(CLI::App& app) {
+  auto o = std::make_shared<FiltersOptions>();
+  CLI::App* cmd = app.add_subcommand("filters", "show a filter file's diagnostics, compare two, import published ones");
+  cmd->add_option("file", o->file, "filter file (safetensors)")->check(CLI::ExistingFile);
+  cmd->add_option("--compare", o->compare, "cosine similarity per layer to another filter file")->check(CLI::ExistingFile);
+  cmd->add_option("-m,--model", o->model, "check the file against this GGUF model")->check(CLI::ExistingFile);
+  cmd->add_option("--layout", o->layout, "row order of files not made by qf (published: hf)")->check(CLI::IsMember({"gguf", "hf"}));
+  cmd->add_option("--sign", o->sign, "sign convention of files not made by qf (published: keep_smallest_dot)")
+      ->check(CLI::IsMember({"keep_largest_dot", "keep_smallest_dot"}));
+  cmd->add_flag("--json", o->json, "print JSON");
+
+  auto io = std::make_shared<ImportOptions>();
+  CLI::App* imp = cmd->add_subcommand("import", "convert published filters (e.g. huggingface.co/nthngdy) to this engine's form");
+  imp->add_option("input", io->input, "filter file to convert")->required()->check(CLI::ExistingFile);
+  imp->add_option("-o,--output", io->output, "file to write")->required();
+  imp->add_option("-m,--model", io->model, "GGUF model the filters are for")->required()->check(CLI::ExistingFile);
+  imp->add_option("--layout", io->layout, "row order of the input: hf (published) or gguf")
+      ->required()->check(CLI::IsMember({"gguf", "hf"}));
+  imp->add_option("--sign", io->sign, "sign convention of the input: keep_smallest_dot (published) or keep_largest_dot")
+      ->required()->check(CLI::IsMember({"keep_largest_dot", "keep_smallest_dot"}));
+  imp->callback([io] { import_filters(*io); });
+
+  cmd->callback([o, cmd] {
+    if (cmd->got_subcommand("import")) return;
+    show_filters(*o);
+  });
+}
+
+}  // namespace qf::cli
