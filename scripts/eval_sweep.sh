@@ -36,4 +36,4 @@ fi
 start=$(date +%s)
 "$qf" eval all -m "$model" --filters "$filters" -o "$out" "${args[@]}"
 echo "sweep: $(( $(date +%s) - start )) s, results in $out" >&2
-python3 scripts/plot_results.py "$out" --out "$img"
+python3 scripts/plot_results.py "$out" --out "$img" --markdown "$out/tables.md"

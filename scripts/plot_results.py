@@ -10,6 +10,7 @@ Reads what is there among ppl.json, niah.json, fidelity.json / fidelity_heads.cs
   niah_bars.<fmt>             average accuracy of each policy at each compression
   fidelity_hist.<fmt>         per-head Spearman correlation histograms, one panel per policy
   fidelity_qf_vs_knorm.<fmt>  per-head Spearman of qfilters against knorm
+and, with --markdown FILE, the tables of docs/results.md (so the page quotes the files exactly).
 Only matplotlib and the standard library are needed.
 """
 from __future__ import annotations
@@ -231,12 +232,97 @@ def plot_fidelity(d: dict, heads_csv: Path, out: Path, fmt: str) -> list[Path]:
     return made
 
 
+def fmt(x, f="{:.3f}") -> str:
+    return "-" if x is None else f.format(x)
+
+
+def markdown_tables(res: Path) -> str:
+    out = []
+    if (res / "ppl.json").exists():
+        d = load(res / "ppl.json")
+        budgets = sorted({r["budget"] for r in d["results"]})
+        pols = d["policies"]
+        get = {(r["budget"], r["policy"]): r for r in d["results"]}
+        st = d["settings"]
+        out.append(f"**Streaming perplexity** ({len(d['docs'])} documents x {st['n_tokens']} tokens, window "
+                   f"{st['window']}, eviction every {st['evict_every']} token(s)): perplexity of the tokens after "
+                   "the budget; gap ratio in brackets (0 = full cache, 1 = StreamingLLM).\n")
+        out.append("| policy | " + " | ".join(f"B={b}" for b in budgets) + " |")
+        out.append("|---|" + "---:|" * len(budgets))
+        for p in pols:
+            cells = []
+            for b in budgets:
+                r = get.get((b, p))
+                if r is None:
+                    cells.append("-")
+                elif p == "none":
+                    cells.append(fmt(r["ppl_after_budget"]))
+                else:
+                    cells.append(f'{fmt(r["ppl_after_budget"])} ({fmt(r["gap_ratio_after_budget"], "{:+.2f}")})')
+            out.append(f"| {label(p)} | " + " | ".join(cells) + " |")
+        out.append("")
+        out.append("Perplexity over all tokens (the first B are the full cache's):\n")
+        out.append("| policy | " + " | ".join(f"B={b}" for b in budgets) + " |")
+        out.append("|---|" + "---:|" * len(budgets))
+        for p in pols:
+            out.append(f"| {label(p)} | " + " | ".join(fmt(get[(b, p)]["ppl_all"]) if (b, p) in get else "-"
+                                                      for b in budgets) + " |")
+        out.append("")
+    if (res / "niah.json").exists():
+        d = load(res / "niah.json")
+        comps = d["settings"]["compressions"]
+        lengths = d["lengths"]
+        get = {(r["policy"], r["compression"]): r for r in d["results"]}
+        out.append(f"**Needle in a haystack** (lengths {', '.join(str(L) for L in lengths)}; {len(d['depths'])} depths; "
+                   f"first {d['settings']['skip_layers']} layers uncompressed): exact-match accuracy.\n")
+        out.append("| policy | " + " | ".join(f"x{x}" for x in comps) + " |")
+        out.append("|---|" + "---:|" * len(comps))
+        if ("none", 1) in get:
+            out.append("| full cache | " + " | ".join(fmt(get[("none", 1)]["accuracy"], "{:.0%}") for _ in comps) + " |")
+        for p in d["policies"]:
+            if p == "none":
+                continue
+            out.append(f"| {label(p)} | " + " | ".join(fmt(get[(p, x)]["accuracy"], "{:.0%}") if (p, x) in get else "-"
+                                                      for x in comps) + " |")
+        out.append("")
+        out.append("Accuracy per context length, averaged over the compressions (full cache: uncompressed):\n")
+        out.append("| policy | " + " | ".join(str(L) for L in lengths) + " |")
+        out.append("|---|" + "---:|" * len(lengths))
+        for p in d["policies"]:
+            xs = [1] if p == "none" else comps
+            row = []
+            for L in lengths:
+                v = [get[(p, x)]["by_length"].get(str(L)) for x in xs if (p, x) in get]
+                v = [x for x in v if x is not None]
+                row.append(fmt(sum(v) / len(v), "{:.0%}") if v else "-")
+            out.append(f"| {label(p)} | " + " | ".join(row) + " |")
+        out.append("")
+    if (res / "fidelity.json").exists():
+        d = load(res / "fidelity.json")
+        out.append(f"**Attention fidelity** ({len(d['docs'])} documents x {d['settings']['n_tokens']} tokens, "
+                   "90 (layer, KV head) pairs): Spearman correlation per head of the key score with the mean "
+                   "attention the key receives from later queries.\n")
+        out.append("| policy | mean | median | min | max | note |")
+        out.append("|---|---:|---:|---:|---:|---|")
+        for r in d["results"]:
+            out.append(f'| {label(r["policy"])} | {fmt(r["mean_spearman"])} | {fmt(r["median_spearman"])} | '
+                       f'{fmt(r["min_spearman"])} | {fmt(r["max_spearman"])} | '
+                       f'{"circular (scored from attention)" if r["circular"] else ""} |')
+        if "qfilters_beats_knorm" in d:
+            w = d["qfilters_beats_knorm"]
+            out.append(f"\nqfilters has the higher correlation on {w['wins']} of {w['heads']} heads "
+                       f"({fmt(w['share'], '{:.0%}')}).")
+        out.append("")
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("results", type=Path, help="directory written by qf eval (--out)")
     ap.add_argument("--out", type=Path, default=Path("docs/img"), help="where to write the plots (default docs/img)")
     ap.add_argument("--format", choices=("png", "svg"), default="png")
     ap.add_argument("--smoothing", type=int, default=5, help="moving average over this many curve bins")
+    ap.add_argument("--markdown", type=Path, help="also write the result tables (markdown) to this file")
     a = ap.parse_args(argv)
     if not a.results.is_dir():
         print(f"error: {a.results} is not a directory", file=sys.stderr)
@@ -252,6 +338,9 @@ def main(argv=None) -> int:
     if not made:
         print(f"error: no ppl.json, niah.json or fidelity.json in {a.results}", file=sys.stderr)
         return 1
+    if a.markdown:
+        a.markdown.write_text(markdown_tables(a.results))
+        print(f"wrote {a.markdown}")
     return 0
 
 

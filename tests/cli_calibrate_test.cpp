@@ -207,6 +207,14 @@ TEST_F(CliCalibrate, PublishedFiltersImportAndLoad) {
   expect_clean_failure(run_qf("filters import " + published + " -o " + tmp("x.safetensors") + " -m " + model()), "--layout");
 }
 
+TEST(CliCalibrateText, ShortOnFilesLongFilesAreSplit) {
+  // One long address, three documents of 128 tokens: its first three pieces.
+  const Result r = run_qf("calibrate -m " + model() + " --text " + sotu("1861_abraham_lincoln_r.txt") +
+                          " --docs 3 --doc-len 128 --samples 50 -t 2 --no-progress -o " + tmp("split.safetensors"));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_TRUE(contains(r.err, "3 documents, 384 tokens")) << r.err;
+}
+
 TEST(CliCalibrateSampled, SameSeedSameFile) {
   auto calibrate = [](const std::string& out, int seed) {
     return run_qf("calibrate -m " + model() + " --docs 1 --doc-len 40 --samples 30 -t 2 --no-progress -s " +

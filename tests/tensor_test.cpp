@@ -110,7 +110,7 @@ std::vector<double> ref_row(const WeightView& w, int64_t r) {
 // The activation quantization of kernels.h, per block of 32.
 struct QuantRef {
   std::vector<int> q;
-  std::vector<float> d;  // per block
+  std::vector<float> d;  // per block, fp16-rounded
 };
 QuantRef ref_quantize(const float* x, int64_t n) {
   QuantRef r;
@@ -121,7 +121,7 @@ QuantRef ref_quantize(const float* x, int64_t n) {
     const float d = amax / 127.0f;
     const float id = d != 0.0f ? 1.0f / d : 0.0f;
     for (int j = 0; j < 32; ++j) r.q[32 * b + j] = static_cast<int>(std::round(x[32 * b + j] * id));
-    r.d.push_back(d);
+    r.d.push_back(qf::fp16_to_f32(qf::f32_to_fp16(d)));  // the scale is kept in fp16, as ggml's q8 blocks
   }
   return r;
 }

@@ -175,10 +175,19 @@ int calibrate(const CalibrateOptions& o) {
   if (from_text) {
     std::vector<eval::Document> files;
     try {
-      files = eval::load_documents(o.text, 0, o.max_year);
+      files = eval::load_documents(o.text);
     } catch (const Error& e) {
-      fail("calibration text: ", e.what(), o.max_year > 0 ? " (--max-year 0 lifts the year filter)" : "");
+      fail("calibration text: ", e.what());
     }
+    const size_t n_found = files.size();
+    if (o.max_year > 0)
+      std::erase_if(files, [&](const eval::Document& d) { return eval::year_of(d.name) > o.max_year; });
+    if (files.empty())
+      fail("calibration text: all ", n_found, " files are named after years later than ", o.max_year,
+           " (held out for evaluation); --max-year 0 lifts the year filter");
+    if (files.size() < n_found)
+      std::fprintf(stderr, "note: %zu files named after years later than %d left out (held out for evaluation)\n",
+                   n_found - files.size(), o.max_year);
     docs = text_documents(files, tok, n_docs, doc_len, o.seed);
     int64_t n_tok = 0;
     for (const auto& d : docs) n_tok += static_cast<int64_t>(d.size());

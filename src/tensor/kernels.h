@@ -31,7 +31,8 @@ struct WeightView {
 //
 // Activation quantization, per block of 32 (the same on every SIMD target):
 //   d = max|x| / 127, id = d != 0 ? 1 / d : 0, q = round_half_away_from_zero(x * id) in [-127, 127]
-// computed in float; the block's d and s = d * sum(q) (Q4_1's min term) stay in float.
+// computed in float; the block's scale is then rounded to fp16 (as ggml's q8 blocks store it,
+// so results match llama.cpp's), and s = fp16(d) * sum(q) (Q4_1's min term) is exact.
 // Accumulation is in float, one block scale at a time, so results differ from a double
 // reference on the same quantized inputs by float rounding only.
 // Quantized types need cols % 32 == 0. x and y must not overlap. Throws qf::Error on bad input.

@@ -291,8 +291,10 @@ void QuantizeNat(const float* HWY_RESTRICT x, int64_t nb, uint8_t* HWY_RESTRICT 
       isum = hn::Add(isum, qi);
       hn::StoreU(hn::DemoteTo(d8, qi), d8, qs + b * kQKi + j);
     }
-    dd[b] = d;
-    ss[b] = d * static_cast<float>(hn::GetLane(hn::SumOfLanes(di, isum)));
+    // The scale is kept in fp16, like ggml's q8 blocks: llama.cpp's numbers, bit for bit.
+    const float d16 = fp16_to_f32(f32_to_fp16(d));
+    dd[b] = d16;
+    ss[b] = d16 * static_cast<float>(hn::GetLane(hn::SumOfLanes(di, isum)));
   }
 }
 
@@ -646,7 +648,8 @@ struct VnniEngine {
         }
         _mm_store_si128(reinterpret_cast<__m128i*>(rec + 16 * k), q0);
         _mm_store_si128(reinterpret_cast<__m128i*>(rec + 64 + 16 * k), q1);
-        _mm_store_ps(reinterpret_cast<float*>(rec + 128 + 16 * k), _mm_set1_ps(d));
+        // The scale is kept in fp16, like ggml's q8 blocks (see QuantizeNat).
+        _mm_store_ps(reinterpret_cast<float*>(rec + 128 + 16 * k), _mm_set1_ps(fp16_to_f32(f32_to_fp16(d))));
       }
       const __m512i xlo = _mm512_load_si512(rec), xhi = _mm512_load_si512(rec + 64);
       const __m512i psum = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, xlo), ones, xhi);
