@@ -399,13 +399,16 @@ int import_filters(const ImportOptions& o) {
   std::unique_ptr<Model> model = Model::load(o.model);
   const ModelConfig& c = model->config();
   const calib::FilterExpectation expect{c.n_layers, c.n_kv_heads, c.head_dim, c.fingerprint()};
+  const calib::StoredFilters stored = calib::read_filters(o.input);
   calib::LoadedFilters lf = calib::load_filters(o.input, expect, foreign_options(o.layout, o.sign));
   calib::Filters f = std::move(lf.filters);
-  // The source's own metadata (e.g. {"format": "pt"}) is kept under source_*; ours describes the result.
+  // A foreign file's own metadata (e.g. {"format": "pt"}) is kept under source_*; ours describes the result.
   std::map<std::string, std::string> md;
-  for (const auto& [k, v] : f.metadata)
-    if (k != "format" && k != "layout" && k != "sign_convention" && k != "converted_from" && k != "report")
-      md[lf.foreign ? "source_" + k : k] = v;
+  if (lf.foreign) {
+    for (const auto& [k, v] : stored.filters.metadata) md["source_" + k] = v;
+  } else {
+    md = f.metadata;
+  }
   if (auto it = f.metadata.find("converted_from"); it != f.metadata.end()) md["converted_from"] = it->second;
   md["model"] = c.name.empty() ? file_stem(o.model) : c.name;
   md["architecture"] = c.arch;
