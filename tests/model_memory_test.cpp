@@ -12,6 +12,14 @@
 
 namespace {
 
+// AddressSanitizer keeps freed blocks in a quarantine instead of reusing them, so small
+// transient allocations (thread-pool jobs) show up as slow growth there; not in normal builds.
+#if defined(__SANITIZE_ADDRESS__)
+constexpr double kSlackMiB = 16.0;
+#else
+constexpr double kSlackMiB = 2.0;
+#endif
+
 double resident_mib() {
   std::ifstream in("/proc/self/statm");
   long size = 0, resident = 0;
@@ -50,7 +58,7 @@ TEST(ModelMemory, FlatOver20000TokensWithBudget512) {
   for (int l = 0; l < m->config().n_layers; ++l)
     for (int h = 0; h < m->config().n_kv_heads; ++h) EXPECT_LE(s.cache().head(l, h).n, 512);
   EXPECT_LT(s.cache().bytes_used() * 20, s.cache().full_cache_bytes(20000));
-  EXPECT_LT(rss_late - rss_early, 2.0) << "resident memory grew from " << rss_early << " to " << rss_late << " MiB";
+  EXPECT_LT(rss_late - rss_early, kSlackMiB) << "resident memory grew from " << rss_early << " to " << rss_late << " MiB";
   std::printf("resident: %.1f MiB after 1000 tokens, %.1f MiB after 20000; cache %lld bytes reserved\n", rss_early,
               rss_late, static_cast<long long>(reserved));
 }
