@@ -270,11 +270,15 @@ TEST_F(SmolLM2, SynthesisFillsDocumentsAndRestartsAfterTheEnd) {
   Calibrator cal(c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim);
   col.finish(cal);
 
-  // segment_len: a new prompt after every 4 sampled tokens.
+  // segment_len: a new prompt, after the separator, every 4 sampled tokens.
   auto greedy = [](std::span<const float> l) { return int32_t(std::max_element(l.begin(), l.end()) - l.begin()); };
-  const auto seg = synthesize_documents(s, prompts, {}, SynthesisOptions{.n_docs = 1, .doc_len = 30, .segment_len = 4}, greedy);
+  const std::vector<int32_t> sep = tok_->encode("\n\n", false, false);
+  ASSERT_FALSE(sep.empty());
+  const auto seg = synthesize_documents(
+      s, prompts, {}, SynthesisOptions{.n_docs = 1, .doc_len = 30, .segment_len = 4, .separator = sep}, greedy);
   ASSERT_EQ(seg[0].size(), 30u);
-  EXPECT_TRUE(std::equal(p1.begin(), p1.end(), seg[0].begin() + p0.size() + 4));
+  EXPECT_TRUE(std::equal(sep.begin(), sep.end(), seg[0].begin() + p0.size() + 4));
+  EXPECT_TRUE(std::equal(p1.begin(), p1.end(), seg[0].begin() + p0.size() + 4 + sep.size()));
 
   EXPECT_THROW(synthesize_documents(s, prompts, {}, SynthesisOptions{.n_docs = 1, .doc_len = 41}, greedy), Error)
       << "longer than the context";

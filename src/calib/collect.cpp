@@ -235,8 +235,8 @@ std::vector<std::vector<int32_t>> synthesize_documents(Session& session, const s
       if (progress) progress(done, total);
     };
     auto next_seed = [&] {
-      const std::vector<int32_t>& p = prompts[next_prompt++ % prompts.size()];
-      feed(p);
+      if (!doc.empty() && !opt.separator.empty()) feed(opt.separator);
+      if (static_cast<int>(doc.size()) < opt.doc_len) feed(prompts[next_prompt++ % prompts.size()]);
     };
     next_seed();
     int sampled = 0;

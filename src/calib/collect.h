@@ -109,12 +109,13 @@ struct SynthesisOptions {
   int n_docs = 4;
   int doc_len = 512;    // tokens per document, seed prompts included
   int segment_len = 0;  // > 0: a new seed prompt every segment_len sampled tokens within a document
+  std::vector<int32_t> separator = {};  // fed before every seed prompt but a document's first (e.g. "\n\n")
 };
 
 // Samples `n_docs` documents of exactly doc_len tokens. Each document starts with a seed prompt
 // (prompts are used in turn, cycling), continues by sampling, and whenever the model ends its text
 // (an end-of-generation token, kept in the document) or segment_len tokens were sampled, the next
-// prompt is appended and sampling goes on. When `collector` is given (its plan must have these
+// prompt is appended (after opt.separator) and sampling goes on. When `collector` is given (its plan must have these
 // document lengths), queries are collected during generation, so no second pass is needed.
 // Returns the token ids of every document.
 std::vector<std::vector<int32_t>> synthesize_documents(Session& session, const std::vector<std::vector<int32_t>>& prompts,

@@ -92,7 +92,8 @@ std::string file_stem(const std::string& path) { return fs::path(path).stem().st
 // files than n_docs, n_docs are drawn at random (seeded); with fewer, files longer than doc_len
 // are cut into doc_len pieces (second pieces first, then third, ...) to make up the number.
 std::vector<std::vector<int32_t>> text_documents(const std::vector<eval::Document>& files, const Tokenizer& tok,
-                                                 int n_docs, int doc_len, uint64_t seed) {
+                                                 int n_docs, int doc_len, uint64_t seed,
+                                                 std::string& used_files) {
   std::vector<size_t> order(files.size());
   std::iota(order.begin(), order.end(), size_t{0});
   std::mt19937_64 rng(calib::stream_seed(seed, 0x7465787474657874ull));  // independent of the position draws
@@ -101,7 +102,10 @@ std::vector<std::vector<int32_t>> text_documents(const std::vector<eval::Documen
   std::sort(order.begin(), order.end());  // keep file order: the result does not depend on the shuffle's tail
 
   std::vector<std::vector<int32_t>> tokens;
-  for (size_t i : order) tokens.push_back(tok.encode(files[i].text, /*add_special=*/true, /*parse_special=*/false));
+  for (size_t i : order) {
+    tokens.push_back(tok.encode(files[i].text, /*add_special=*/true, /*parse_special=*/false));
+    used_files += (used_files.empty() ? "" : ",") + files[i].name;
+  }
   std::vector<std::vector<int32_t>> docs;
   for (size_t piece = 0; static_cast<int>(docs.size()) < n_docs; ++piece) {
     bool any = false;
@@ -172,7 +176,7 @@ int calibrate(const CalibrateOptions& o) {
   co.rule = rule;
   const bool progress_on = !o.no_progress;
 
-  std::string corpus;
+  std::string corpus, used_files;
   std::vector<std::vector<int32_t>> docs;
   std::optional<calib::CalibrationRun> run;
   if (from_text) {
@@ -191,7 +195,7 @@ int calibrate(const CalibrateOptions& o) {
     if (files.size() < n_found)
       std::fprintf(stderr, "note: %zu files named after years later than %d left out (held out for evaluation)\n",
                    n_found - files.size(), o.max_year);
-    docs = text_documents(files, tok, n_docs, doc_len, o.seed);
+    docs = text_documents(files, tok, n_docs, doc_len, o.seed, used_files);
     int64_t n_tok = 0;
     for (const auto& d : docs) n_tok += static_cast<int64_t>(d.size());
     std::string paths;
@@ -216,6 +220,7 @@ int calibrate(const CalibrateOptions& o) {
     gen.n_docs = n_docs;
     gen.doc_len = doc_len;
     gen.segment_len = o.segment_len;
+    gen.separator = tok.encode("\n\n", /*add_special=*/false, /*parse_special=*/false);
     SamplerOptions sopt;
     sopt.temperature = o.temperature;
     sopt.top_k = o.top_k;
@@ -264,6 +269,7 @@ int calibrate(const CalibrateOptions& o) {
   calib::set_calibration_metadata(filters, info);
   filters.metadata["n_tokens"] = std::to_string(run->n_tokens);
   filters.metadata["text_source"] = from_text ? "files" : "model";
+  if (from_text) filters.metadata["text_files"] = used_files;
 
   const calib::FilterReport stored_report =
       calib::make_report(filters, run->calibrator.head_reports(), c.n_heads, &run->keys);
