@@ -195,7 +195,7 @@ SessionOptions session_options(int n_ctx, int n_batch = 256) {
   return o;
 }
 
-class SmolLM2 : public ::testing::Test {
+class CalibSmolLM2 : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
     model_ = Model::load(qf::test::smollm2_path()).release();
@@ -214,11 +214,11 @@ class SmolLM2 : public ::testing::Test {
   static Model* model_;
   static Tokenizer* tok_;
 };
-Model* SmolLM2::model_ = nullptr;
-Tokenizer* SmolLM2::tok_ = nullptr;
+Model* CalibSmolLM2::model_ = nullptr;
+Tokenizer* CalibSmolLM2::tok_ = nullptr;
 
 // The collector stores exactly the rows the forward pass computed at the planned positions.
-TEST_F(SmolLM2, CollectorRowsAreTheForwardPassQueries) {
+TEST_F(CalibSmolLM2, CollectorRowsAreTheForwardPassQueries) {
   const ModelConfig& c = model_->config();
   const std::vector<int32_t> d = doc("1901_theodore_roosevelt_r.txt", 96);
   Session s(*model_, session_options(96, 32));
@@ -243,7 +243,7 @@ TEST_F(SmolLM2, CollectorRowsAreTheForwardPassQueries) {
   }
 }
 
-TEST_F(SmolLM2, SynthesisFillsDocumentsAndRestartsAfterTheEnd) {
+TEST_F(CalibSmolLM2, SynthesisFillsDocumentsAndRestartsAfterTheEnd) {
   const ModelConfig& c = model_->config();
   Session s(*model_, session_options(40));
   const std::vector<std::vector<int32_t>> prompts = {tok_->encode("Once upon a time", false, false),
@@ -270,15 +270,19 @@ TEST_F(SmolLM2, SynthesisFillsDocumentsAndRestartsAfterTheEnd) {
   Calibrator cal(c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim);
   col.finish(cal);
 
-  // segment_len: a new prompt, after the separator, every 4 sampled tokens.
+  // segment_len: a new prompt, after the separator, every 4 sampled tokens; the prefix opens the document.
   auto greedy = [](std::span<const float> l) { return int32_t(std::max_element(l.begin(), l.end()) - l.begin()); };
   const std::vector<int32_t> sep = tok_->encode("\n\n", false, false);
   ASSERT_FALSE(sep.empty());
+  const int32_t prefix = 1;
   const auto seg = synthesize_documents(
-      s, prompts, {}, SynthesisOptions{.n_docs = 1, .doc_len = 30, .segment_len = 4, .separator = sep}, greedy);
+      s, prompts, {},
+      SynthesisOptions{.n_docs = 1, .doc_len = 30, .segment_len = 4, .separator = sep, .doc_prefix = {prefix}}, greedy);
   ASSERT_EQ(seg[0].size(), 30u);
-  EXPECT_TRUE(std::equal(sep.begin(), sep.end(), seg[0].begin() + p0.size() + 4));
-  EXPECT_TRUE(std::equal(p1.begin(), p1.end(), seg[0].begin() + p0.size() + 4 + sep.size()));
+  EXPECT_EQ(seg[0][0], prefix);
+  EXPECT_TRUE(std::equal(p0.begin(), p0.end(), seg[0].begin() + 1));
+  EXPECT_TRUE(std::equal(sep.begin(), sep.end(), seg[0].begin() + 1 + p0.size() + 4));
+  EXPECT_TRUE(std::equal(p1.begin(), p1.end(), seg[0].begin() + 1 + p0.size() + 4 + sep.size()));
 
   EXPECT_THROW(synthesize_documents(s, prompts, {}, SynthesisOptions{.n_docs = 1, .doc_len = 41}, greedy), Error)
       << "longer than the context";
@@ -286,7 +290,7 @@ TEST_F(SmolLM2, SynthesisFillsDocumentsAndRestartsAfterTheEnd) {
 }
 
 // Calibrate on pre-1950 addresses, then check the filters against real attention on a 2001 one.
-TEST_F(SmolLM2, FiltersPredictAttentionBetterThanKeyNorm) {
+TEST_F(CalibSmolLM2, FiltersPredictAttentionBetterThanKeyNorm) {
   const ModelConfig& c = model_->config();
   const int L = 512;
   const std::vector<std::vector<int32_t>> cal_docs = {doc("1861_abraham_lincoln_r.txt", L), doc("1905_theodore_roosevelt_r.txt", L),

@@ -235,9 +235,10 @@ std::vector<std::vector<int32_t>> synthesize_documents(Session& session, const s
       if (progress) progress(done, total);
     };
     auto next_seed = [&] {
-      if (!doc.empty() && !opt.separator.empty()) feed(opt.separator);
+      if (doc.size() > opt.doc_prefix.size() && !opt.separator.empty()) feed(opt.separator);
       if (static_cast<int>(doc.size()) < opt.doc_len) feed(prompts[next_prompt++ % prompts.size()]);
     };
+    if (!opt.doc_prefix.empty()) feed(opt.doc_prefix);
     next_seed();
     int sampled = 0;
     while (static_cast<int>(doc.size()) < opt.doc_len) {

@@ -110,6 +110,7 @@ struct SynthesisOptions {
   int doc_len = 512;    // tokens per document, seed prompts included
   int segment_len = 0;  // > 0: a new seed prompt every segment_len sampled tokens within a document
   std::vector<int32_t> separator = {};  // fed before every seed prompt but a document's first (e.g. "\n\n")
+  std::vector<int32_t> doc_prefix = {};  // fed at the start of every document (e.g. BOS)
 };
 
 // Samples `n_docs` documents of exactly doc_len tokens. Each document starts with a seed prompt

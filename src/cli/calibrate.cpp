@@ -215,12 +215,13 @@ int calibrate(const CalibrateOptions& o) {
     bar.finish();
   } else {
     std::vector<std::vector<int32_t>> prompts;
-    for (const char* p : kSeedPrompts) prompts.push_back(tok.encode(p, /*add_special=*/true, /*parse_special=*/false));
+    for (const char* p : kSeedPrompts) prompts.push_back(tok.encode(p, /*add_special=*/false, /*parse_special=*/false));
     calib::SynthesisOptions gen;
     gen.n_docs = n_docs;
     gen.doc_len = doc_len;
     gen.segment_len = o.segment_len;
     gen.separator = tok.encode("\n\n", /*add_special=*/false, /*parse_special=*/false);
+    if (tok.add_bos() && tok.bos() >= 0) gen.doc_prefix = {tok.bos()};  // as text files get from encode()
     SamplerOptions sopt;
     sopt.temperature = o.temperature;
     sopt.top_k = o.top_k;
@@ -442,7 +443,7 @@ void register_calibrate(CLI::App& app) {
   cmd->add_option("--max-year", o->max_year,
                   "leave out text files named YYYY_* after this year (default 1949: data/sotu from 2000 on is evaluation "
                   "text; 0 = no bound)");
-  cmd->add_option("--docs", o->n_docs, "documents (default 20 with --text, 4 sampled)")->check(CLI::NonNegativeNumber);
+  cmd->add_option("--docs", o->n_docs, "documents (default 20 with --text, 1 of sampled text)")->check(CLI::NonNegativeNumber);
   cmd->add_option("--doc-len", o->doc_len, "tokens per document (default 2048; clipped to the context)")
       ->check(CLI::NonNegativeNumber);
   cmd->add_option("--samples", o->n_samples, "query positions drawn per layer")->check(CLI::PositiveNumber);
