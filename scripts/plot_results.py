@@ -107,22 +107,54 @@ def plot_ppl(d: dict, out: Path, fmt: str, smoothing: int) -> list[Path]:
         fig.tight_layout()
         made.append(save(fig, out, f"ppl_curve_B{b}", fmt))
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for p in policies:
-        rows = sorted((r for r in d["results"] if r["policy"] == p and r["ppl_after_budget"] is not None),
-                      key=lambda r: r["budget"])
-        if not rows:
+    # Budgets: the increase over the full cache (left) and the gap ratio (right). Policies far
+    # off the scale (random) would flatten every other line, so the axis is cut and they are named.
+    get = {(r["budget"], r["policy"]): r for r in d["results"]}
+    compressed = [p for p in policies if p != "none"]
+    fig, (ax, gx) = plt.subplots(1, 2, figsize=(12, 4.5))
+    incr = {}
+    for p in compressed:
+        pts = [(b, 100 * (get[(b, p)]["ppl_after_budget"] / get[(b, "none")]["ppl_after_budget"] - 1))
+               for b in budgets if (b, p) in get and (b, "none") in get and get[(b, p)]["ppl_after_budget"]]
+        if pts:
+            incr[p] = pts
+    typical = sorted(v for p, pts in incr.items() if p != "random" for _, v in pts)
+    top = max(typical) * 1.25 if typical else None
+    off_scale = []
+    for p, pts in incr.items():
+        if top is not None and all(v > top for _, v in pts):
+            off_scale.append(f"{label(p)}: +{min(v for _, v in pts):.0f}% to +{max(v for _, v in pts):.0f}%")
             continue
-        ax.plot([r["budget"] for r in rows], [r["ppl_after_budget"] for r in rows], marker="o", label=label(p),
-                color=color(p), lw=2.2 if p in ("none", "qfilters") else 1.3)
+        ax.plot([b for b, _ in pts], [v for _, v in pts], marker="o", label=label(p), color=color(p),
+                lw=2.2 if p == "qfilters" else 1.3)
     ax.set_xscale("log", base=2)
     ax.set_xticks(budgets)
     ax.set_xticklabels([str(b) for b in budgets])
+    if top is not None:
+        ax.set_ylim(0, top)
     ax.set_xlabel("cache budget (tokens per KV head)")
-    ax.set_ylabel("perplexity of the tokens after the budget")
-    ax.set_title(f"Perplexity vs cache budget ({title_docs})", fontsize=10)
+    ax.set_ylabel("perplexity after the budget: % above the full cache")
+    ax.set_title(f"Perplexity cost of compression ({title_docs})", fontsize=10)
+    if off_scale:
+        ax.text(0.98, 0.97, "off the scale: " + "; ".join(off_scale), transform=ax.transAxes, ha="right", va="top",
+                fontsize=7, color="#555555")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
+    ax.legend(fontsize=8, ncol=2, loc="lower left")
+    bar_pols = [p for p in compressed if p not in ("streaming", "random")]
+    w = 0.8 / max(len(bar_pols), 1)
+    for k, p in enumerate(bar_pols):
+        ys = [get[(b, p)]["gap_ratio_after_budget"] if (b, p) in get else None for b in budgets]
+        xs = [i + (k - (len(bar_pols) - 1) / 2) * w for i in range(len(budgets))]
+        gx.bar([x for x, y in zip(xs, ys) if y is not None], [y for y in ys if y is not None], width=w, color=color(p),
+               label=label(p))
+    gx.axhline(1.0, color=color("streaming"), ls="--", lw=1.2, label="streaming (= 1)")
+    gx.set_xticks(range(len(budgets)))
+    gx.set_xticklabels([f"B={b}" for b in budgets])
+    gx.set_ylabel("gap ratio (ppl - full) / (streaming - full)")
+    gx.set_title("Gap ratio: below 1 beats StreamingLLM, 0 = no loss", fontsize=10)
+    gx.grid(axis="y", alpha=0.3)
+    gx.legend(fontsize=7, ncol=3)
+    fig.tight_layout()
     made.append(save(fig, out, "ppl_budgets", fmt))
     return made
 
@@ -285,6 +317,17 @@ def markdown_tables(res: Path) -> str:
             out.append(f"| {label(p)} | " + " | ".join(fmt(get[(p, x)]["accuracy"], "{:.0%}") if (p, x) in get else "-"
                                                       for x in comps) + " |")
         out.append("")
+        if any(r.get("number_kept") is not None for r in d["results"]):
+            out.append("Share of the needle's number tokens still in the cache after compression (mean over the "
+                       "compressed layers' KV heads and all prompts; keeping a random subset would give 1/x):\n")
+            out.append("| policy | " + " | ".join(f"x{x}" for x in comps) + " |")
+            out.append("|---|" + "---:|" * len(comps))
+            for p in d["policies"]:
+                if p == "none":
+                    continue
+                out.append(f"| {label(p)} | " + " | ".join(
+                    fmt(get[(p, x)].get("number_kept"), "{:.0%}") if (p, x) in get else "-" for x in comps) + " |")
+            out.append("")
         out.append("Accuracy per context length, averaged over the compressions (full cache: uncompressed):\n")
         out.append("| policy | " + " | ".join(str(L) for L in lengths) + " |")
         out.append("|---|" + "---:|" * len(lengths))

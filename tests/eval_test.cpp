@@ -301,16 +301,22 @@ TEST_F(Tiny, NeedleRunnerMatchesDirectPrefillCompression) {
       if (p == "none" && x != 1) continue;
       for (int skip : {0, 1}) {
         SCOPED_TRACE(p + " x" + std::to_string(x) + " skip " + std::to_string(skip));
-        const NeedleRunner::Answer got = runner.answer(p, x, skip, question, max_new, nullptr, nullptr);
+        const std::vector<int> watch{40, 41, 42, 43, 44, 45, 46};
+        const NeedleRunner::Answer got = runner.answer(p, x, skip, question, max_new, nullptr, nullptr, watch);
         // Direct: the policy's own session.
         kv::CompressionConfig cc;
         cc.prefill_ratio = ratio_for_compression(x);
         cc.skip_layers = skip;
         auto s = new_session(ctx_, 128, p, cc);
         s->prefill(context);
+        int64_t watched = 0, pairs = 0;
         for (int l = 0; l < model_->config().n_layers; ++l)
           for (int h = 0; h < model_->config().n_kv_heads; ++h) {
             const auto& a = s->cache().head(l, h);
+            if (l >= skip) {
+              pairs += static_cast<int64_t>(watch.size());
+              for (int j = 0; j < a.n; ++j) watched += std::count(watch.begin(), watch.end(), a.pos[j]);
+            }
             const auto& b = runner.work().cache().head(l, h);
             const std::vector<int32_t> pa(a.pos.begin(), a.pos.begin() + a.n);
             // runner.work() has also seen the question and answer: compare the context part.
@@ -326,6 +332,13 @@ TEST_F(Tiny, NeedleRunnerMatchesDirectPrefillCompression) {
           if (i + 1 < max_new) logits = s->eval(std::span<const int32_t>(&want.back(), 1));
         }
         EXPECT_EQ(got.tokens, want);
+        EXPECT_DOUBLE_EQ(got.watched_kept, static_cast<double>(watched) / pairs);
+        if (x == 1) {
+          EXPECT_EQ(got.watched_kept, 1.0);
+        }
+        if (p == "streaming" && x == 4) {
+          EXPECT_EQ(got.watched_kept, 0.0);  // sinks + newest only
+        }
         if (x == 4) {
           EXPECT_LT(got.kept_per_head, context.size() / 3.0);
         } else {

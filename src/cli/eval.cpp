@@ -84,7 +84,7 @@ void add_niah(CLI::App* cmd, eval::NiahSettings& s, EvalOptions& o) {
       ->delimiter(',');
   cmd->add_option("--depths", s.n_depths, "needle depths, evenly spaced from 0% to 100%");
   cmd->add_option("--compressions", s.compressions, "compression factors, comma-separated (4 = keep 1/4)")->delimiter(',');
-  cmd->add_option("--skip-layers", s.skip_layers, "first layers left uncompressed (the paper's needle test: 2)");
+  cmd->add_option("--skip-layers", s.skip_layers, "first layers left uncompressed (default 2, as in the paper's needle test)");
   cmd->add_option("--digits", s.digits, "digits of the magic number");
   cmd->add_option("--max-new", s.max_new, "answer tokens (0 = digits + 8)");
   cmd->add_option("--seed", s.seed, "seed of the magic numbers");

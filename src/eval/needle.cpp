@@ -39,7 +39,8 @@ void NeedleRunner::prefill(std::span<const int32_t> context) {
 NeedleRunner::Answer NeedleRunner::answer(const std::string& policy, int compression, int skip_layers,
                                           std::span<const int32_t> question, int max_new,
                                           const std::function<bool(int32_t)>& eog,
-                                          const std::function<bool(const std::vector<int32_t>&)>& done) {
+                                          const std::function<bool(const std::vector<int32_t>&)>& done,
+                                          std::span<const int> watch) {
   if (n_context_ == 0) fail("needle: answer() before prefill()");
   if (std::find(policies_.begin(), policies_.end(), policy) == policies_.end())
     fail("needle: policy ", policy, " was not declared to the runner");
@@ -57,10 +58,15 @@ NeedleRunner::Answer NeedleRunner::answer(const std::string& policy, int compres
   }
   Answer a;
   const kv::CacheShape& s = cache.shape();
-  int64_t held = 0, heads = 0;
+  int64_t held = 0, heads = 0, watched = 0;
   for (int l = skip_layers; l < s.n_layers; ++l)
-    for (int h = 0; h < s.n_kv_heads; ++h) held += cache.head(l, h).n, ++heads;
+    for (int h = 0; h < s.n_kv_heads; ++h) {
+      const kv::HeadCache& hc = cache.head(l, h);
+      held += hc.n, ++heads;
+      for (int i = 0; i < hc.n; ++i) watched += std::find(watch.begin(), watch.end(), hc.pos[i]) != watch.end();
+    }
   a.kept_per_head = heads ? static_cast<double>(held) / heads : n_context_;
+  if (heads && !watch.empty()) a.watched_kept = static_cast<double>(watched) / (static_cast<double>(heads) * watch.size());
 
   std::span<const float> logits = work_->eval(question);
   for (int i = 0; i < max_new; ++i) {

@@ -8,6 +8,7 @@
 // queries by QueryTail); each cell copies the base cache into a work session, compresses the copy
 // exactly as Compressor::after_prefill would have after its own prefill, and decodes.
 #pragma once
+#include <cmath>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -30,12 +31,14 @@ class NeedleRunner {
   struct Answer {
     std::vector<int32_t> tokens;  // greedy answer (a stopping token included, end-of-generation excluded)
     double kept_per_head = 0;     // mean tokens per KV head after compression (before the question)
+    double watched_kept = NAN;    // share of (compressed head, watched position) pairs still cached
   };
   // Stops when `done(answer so far)` is true or after max_new tokens; `eog(token)` tokens end the
   // answer without being part of it. compression 1 (or policy "none") keeps the whole context.
+  // `watch`: context positions (e.g. the needle's number) whose survival is reported.
   Answer answer(const std::string& policy, int compression, int skip_layers, std::span<const int32_t> question,
                 int max_new, const std::function<bool(int32_t)>& eog,
-                const std::function<bool(const std::vector<int32_t>&)>& done);
+                const std::function<bool(const std::vector<int32_t>&)>& done, std::span<const int> watch = {});
 
   int context_tokens() const { return n_context_; }
   Session& work() { return *work_; }

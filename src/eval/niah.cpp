@@ -125,6 +125,9 @@ NeedlePrompt NeedleBuilder::build(int length, double depth, const std::string& n
   p.context = prefix_;
   p.context.insert(p.context.end(), hay_.begin(), hay_.begin() + at);
   p.needle_at = static_cast<int>(p.context.size());
+  for (size_t i = 0; i < needle.size(); ++i)
+    if (tok_.token_bytes(needle[i]).find_first_of("0123456789") != std::string::npos)
+      p.number_at.push_back(p.needle_at + static_cast<int>(i));
   p.context.insert(p.context.end(), needle.begin(), needle.end());
   p.context.insert(p.context.end(), hay_.begin() + at, hay_.begin() + n_hay);
   p.question = question_;
@@ -229,7 +232,7 @@ void run_niah(const EvalContext& ctx, const Tokenizer& tok, const std::string& h
       for (const Cell& c : todo) {
         const auto t0 = std::chrono::steady_clock::now();
         const NeedleRunner::Answer a =
-            runner.answer(c.policy, c.compression, st.skip_layers, prompt.question, max_new, eog, done);
+            runner.answer(c.policy, c.compression, st.skip_layers, prompt.question, max_new, eog, done, prompt.number_at);
         const std::string text = tok.decode(a.tokens, false);
         const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
         log.add(cell_key(L, static_cast<int>(di), c.policy, c.compression),
@@ -247,6 +250,7 @@ void run_niah(const EvalContext& ctx, const Tokenizer& tok, const std::string& h
                  {"answer", text},
                  {"correct", answer_matches(text, number)},
                  {"kept_per_head", round_to(a.kept_per_head, 2)},
+                 {"number_kept", json_number(a.watched_kept, 4)},
                  {"seconds", round_to(secs + pre_s / todo.size(), 3)}});
         bar.advance(40 * kBatchedTokenCost + max_new, std::string(where) + " " + c.policy + " x" + std::to_string(c.compression));
       }
@@ -259,13 +263,19 @@ NiahSummary summarize_niah(const CellLog& log, const NiahSettings& st, const std
   const std::vector<int> lengths = effective_lengths(st, n_ctx_train);
   const std::vector<double> depths = st.depths();
   struct Acc {
-    int n = 0, ok = 0;
-    void add(bool c) { ++n, ok += c; }
+    int n = 0, ok = 0, n_kept = 0;
+    double kept = 0;  // sum of number_kept over the cells that report it
+    void add(const json& cell) {
+      ++n, ok += cell.value("correct", false);
+      const auto it = cell.find("number_kept");
+      if (it != cell.end() && it->is_number()) kept += it->get<double>(), ++n_kept;
+    }
     double rate() const { return n ? static_cast<double>(ok) / n : NAN; }
+    double kept_rate() const { return n_kept ? kept / n_kept : NAN; }
   };
   json rows = json::array(), grid = json::array();
   std::ostringstream csv, gcsv;
-  csv << "policy,compression,length,accuracy,n\n";
+  csv << "policy,compression,length,accuracy,n,number_kept\n";
   gcsv << "policy,compression,length,depth,accuracy,n\n";
   auto num = [](double x) { return std::isfinite(x) ? std::to_string(x) : std::string(); };
   for (const auto& p : policies) {
@@ -278,22 +288,24 @@ NiahSummary summarize_niah(const CellLog& log, const NiahSettings& st, const std
         for (size_t di = 0; di < depths.size(); ++di) {
           const std::string k = cell_key(L, static_cast<int>(di), p, x);
           if (!log.has(k)) continue;
-          const bool c = log.get(k).value("correct", false);
-          acc_l.add(c);
-          all.add(c);
+          const json& cell = log.get(k);
+          const bool c = cell.value("correct", false);
+          acc_l.add(cell);
+          all.add(cell);
           grid.push_back({{"policy", p}, {"compression", x}, {"length", L}, {"depth", round_to(depths[di], 3)},
                           {"correct", c}});
           gcsv << p << ',' << x << ',' << L << ',' << round_to(depths[di], 3) << ',' << (c ? 1 : 0) << ",1\n";
         }
         if (acc_l.n) {
           per_len[std::to_string(L)] = json_number(acc_l.rate(), 4);
-          csv << p << ',' << x << ',' << L << ',' << num(acc_l.rate()) << ',' << acc_l.n << '\n';
+          csv << p << ',' << x << ',' << L << ',' << num(acc_l.rate()) << ',' << acc_l.n << ',' << num(acc_l.kept_rate())
+              << '\n';
         }
       }
       if (!all.n) continue;
       rows.push_back({{"policy", p}, {"compression", x}, {"accuracy", json_number(all.rate(), 4)}, {"n", all.n},
-                      {"by_length", per_len}});
-      csv << p << ',' << x << ",all," << num(all.rate()) << ',' << all.n << '\n';
+                      {"number_kept", json_number(all.kept_rate(), 4)}, {"by_length", per_len}});
+      csv << p << ',' << x << ",all," << num(all.rate()) << ',' << all.n << ',' << num(all.kept_rate()) << '\n';
     }
   }
   NiahSummary s;

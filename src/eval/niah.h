@@ -20,7 +20,7 @@ struct NiahSettings {
   std::vector<int> lengths{1024, 2048, 4096, 8192};  // prompt tokens (context + question)
   int n_depths = 11;                                  // 0%, 10%, ..., 100%
   std::vector<int> compressions{4, 8, 16, 32};
-  int skip_layers = 0;   // first layers left uncompressed
+  int skip_layers = 2;   // first layers left uncompressed (as in the paper's needle test)
   int digits = 7;        // length of the magic number
   int max_new = 0;       // answer tokens (0 = digits + 8)
   uint64_t seed = 42;    // numbers; the haystack is fixed
@@ -36,6 +36,7 @@ struct NeedlePrompt {
   std::vector<int32_t> question;  // appended uncompressed
   std::string number;
   int needle_at = 0;              // token index of the needle inside `context`
+  std::vector<int> number_at;     // token indices (in `context`) of the tokens spelling the number
   double depth_actual = 0;        // percent of the haystack before the needle
 };
 
