@@ -28,21 +28,18 @@ void check_args(const Cache& cache, const AttentionArgs& a) {
 
 void attend_fused(const Cache& cache, const AttentionArgs& a, ThreadPool& pool) {
   check_args(cache, a);
-  const int d = cache.shape().head_dim;
   const int nkv = cache.shape().n_kv_heads;
-  const int group = a.n_heads / nkv;
-  // One work item = one token's GQA group: its query heads are contiguous in q and out, and
-  // share every key and value row loaded.
-  const int64_t items = static_cast<int64_t>(a.n_tok) * nkv;
-  pool.parallel_for(items, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int t = static_cast<int>(i / nkv), g = static_cast<int>(i % nkv);
-      const HeadCache& hc = cache.head(a.layer, g);
-      const size_t off = (static_cast<size_t>(t) * a.n_heads + static_cast<size_t>(g) * group) * d;
-      attention_group_f32(a.q + off, group, hc.k.data(), hc.v.data(), visible_slots(hc, a.q_pos[t]), d, a.scale,
-                          a.out + off);
-    }
-  });
+  if (a.n_tok <= 0) return;
+  // Each head keeps its own slots, so each has its own visible count per token.
+  std::vector<int> visible(static_cast<size_t>(nkv) * a.n_tok);
+  std::vector<AttentionKv> heads(nkv);
+  for (int g = 0; g < nkv; ++g) {
+    const HeadCache& hc = cache.head(a.layer, g);
+    int* vis = visible.data() + static_cast<size_t>(g) * a.n_tok;
+    for (int t = 0; t < a.n_tok; ++t) vis[t] = visible_slots(hc, a.q_pos[t]);
+    heads[g] = {hc.k.data(), hc.v.data(), vis};
+  }
+  attention_f32(a.q, a.n_tok, a.n_heads, heads.data(), nkv, cache.shape().head_dim, a.scale, a.out, pool);
 }
 
 void attend_with_stats(Cache& cache, const AttentionArgs& a, ThreadPool& pool) {

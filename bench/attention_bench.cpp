@@ -1,0 +1,128 @@
+// Attention kernels on the SmolLM2-135M shape (9 query heads over 3 KV heads, head_dim 64):
+//
+//   BM_Prefill/<context>/<threads>/<kernel>: the last 256-token chunk of a causal prefill of
+//     <context> tokens (the chunk's queries against all keys up to each one's position), i.e.
+//     one layer's attention work for the most expensive chunk. kernel 0 = per-token kernel
+//     (attention_group_f32 per token and KV head, the pre-tiling code path), 1 = attention_f32
+//     (tiled blocks for many tokens). tok/s counts the chunk's tokens.
+//   BM_Decode/<context>/<kernel>: one token against <context> keys, one thread.
+//
+// QF_SIMD_TARGET=avx2|avx512|scalar selects a lower SIMD target. Read CPU time on a shared machine.
+#include <benchmark/benchmark.h>
+
+#include <algorithm>
+#include <cmath>
+#include <random>
+#include <vector>
+
+#include "tensor/attention_kernel.h"
+#include "tensor/threadpool.h"
+
+namespace {
+
+using namespace qf;
+
+constexpr int kHeads = 9, kKvHeads = 3, kDim = 64, kChunk = 256;
+
+struct Layer {
+  std::vector<float> q, out;
+  std::vector<std::vector<float>> k, v;
+  std::vector<std::vector<int>> visible;
+  std::vector<AttentionKv> heads;
+  int n_tok;
+};
+
+// n_tok queries at positions [context - n_tok, context) over `context` keys per KV head.
+Layer make_layer(int context, int n_tok) {
+  std::mt19937 rng(1);
+  std::normal_distribution<float> nd;
+  Layer l;
+  l.n_tok = n_tok;
+  l.q.resize(size_t(n_tok) * kHeads * kDim);
+  l.out.resize(l.q.size());
+  for (auto& x : l.q) x = nd(rng);
+  for (int g = 0; g < kKvHeads; ++g) {
+    std::vector<float> k(size_t(context) * kDim), v(k.size());
+    for (auto& x : k) x = nd(rng);
+    for (auto& x : v) x = nd(rng);
+    std::vector<int> vis(n_tok);
+    for (int t = 0; t < n_tok; ++t) vis[t] = context - n_tok + t + 1;
+    l.k.push_back(std::move(k));
+    l.v.push_back(std::move(v));
+    l.visible.push_back(std::move(vis));
+  }
+  for (int g = 0; g < kKvHeads; ++g) l.heads.push_back({l.k[g].data(), l.v[g].data(), l.visible[g].data()});
+  return l;
+}
+
+void run(Layer& l, int kernel, ThreadPool& pool) {
+  const float scale = 1.0f / std::sqrt(float(kDim));
+  if (kernel == 1) {
+    attention_f32(l.q.data(), l.n_tok, kHeads, l.heads.data(), kKvHeads, kDim, scale, l.out.data(), pool);
+    return;
+  }
+  const int group = kHeads / kKvHeads;
+  pool.parallel_for(int64_t(l.n_tok) * kKvHeads, 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const int t = int(i / kKvHeads), g = int(i % kKvHeads);
+      const size_t off = (size_t(t) * kHeads + size_t(g) * group) * kDim;
+      attention_group_f32(l.q.data() + off, group, l.k[g].data(), l.v[g].data(), l.visible[g][t], kDim, scale,
+                          l.out.data() + off);
+    }
+  });
+}
+
+void BM_Prefill(benchmark::State& state) {
+  const int context = int(state.range(0)), threads = int(state.range(1)), kernel = int(state.range(2));
+  Layer l = make_layer(context, std::min(kChunk, context));
+  ThreadPool pool(threads);
+  for (auto _ : state) {
+    run(l, kernel, pool);
+    benchmark::DoNotOptimize(l.out.data());
+  }
+  state.SetLabel(kernel == 0 ? "per-token" : "tiled");
+  state.counters["tok/s"] = benchmark::Counter(double(l.n_tok) * state.iterations(), benchmark::Counter::kIsRate);
+}
+BENCHMARK(BM_Prefill)
+    ->ArgsProduct({{512, 2048, 8192}, {1, 2}, {0, 1}})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
+
+void BM_Decode(benchmark::State& state) {
+  const int context = int(state.range(0)), kernel = int(state.range(1));
+  Layer l = make_layer(context, 1);
+  ThreadPool pool(1);
+  for (auto _ : state) {
+    run(l, kernel, pool);
+    benchmark::DoNotOptimize(l.out.data());
+  }
+  state.SetLabel(kernel == 0 ? "per-token" : "attention_f32");
+}
+BENCHMARK(BM_Decode)->ArgsProduct({{512, 8192}, {0, 1}})->Unit(benchmark::kMicrosecond);
+
+// Small batches (speculative / short chunks): where the tiled kernel starts to pay.
+// Args: tokens, kernel (0 per-token, 2 tiled forced via a one-block call).
+void BM_SmallBatch(benchmark::State& state) {
+  const int n_tok = int(state.range(0)), kernel = int(state.range(1));
+  const int context = 2048;
+  Layer l = make_layer(context, n_tok);
+  ThreadPool pool(1);
+  const float scale = 1.0f / std::sqrt(float(kDim));
+  const int group = kHeads / kKvHeads;
+  for (auto _ : state) {
+    if (kernel == 0) {
+      run(l, 0, pool);
+    } else {
+      for (int g = 0; g < kKvHeads; ++g) {
+        const size_t off = size_t(g) * group * kDim, stride = size_t(kHeads) * kDim;
+        attention_block_f32(l.q.data() + off, stride, n_tok, group, l.k[g].data(), l.v[g].data(), l.visible[g].data(),
+                            kDim, scale, l.out.data() + off, stride);
+      }
+    }
+    benchmark::DoNotOptimize(l.out.data());
+  }
+  state.SetLabel(kernel == 0 ? "per-token" : "tiled");
+}
+BENCHMARK(BM_SmallBatch)->ArgsProduct({{1, 2, 3, 4, 6, 8}, {0, 1}})->Unit(benchmark::kMicrosecond);
+
+}  // namespace
