@@ -6,6 +6,12 @@
 //     (attention_group_f32 per token and KV head, the pre-tiling code path), 1 = attention_f32
 //     (tiled blocks for many tokens). tok/s counts the chunk's tokens.
 //   BM_Decode/<context>/<kernel>: one token against <context> keys, one thread.
+//   BM_PrefillStats/<context>/<threads>/<mode>: the BM_Prefill chunk through
+//     attention_stats_f32 (what attend_with_stats runs for snapkv / tova / h2o): mode 0 =
+//     attention_f32 alone for comparison, 1 = every token's weights summed (h2o), 2 = the last
+//     32 tokens' (snapkv's window), 3 = the last token's only (tova).
+//   BM_DecodeStats/<context>/<mode>: one token, one thread; mode 0 = attention_f32, 1 = with
+//     sums and last-query weights (h2o + tova).
 //
 // QF_SIMD_TARGET=avx2|avx512|scalar selects a lower SIMD target. Read CPU time on a shared machine.
 #include <benchmark/benchmark.h>
@@ -99,6 +105,69 @@ void BM_Decode(benchmark::State& state) {
   state.SetLabel(kernel == 0 ? "per-token" : "attention_f32");
 }
 BENCHMARK(BM_Decode)->ArgsProduct({{512, 8192}, {0, 1}})->Unit(benchmark::kMicrosecond);
+
+struct Stats {
+  std::vector<std::vector<float>> sum, last;
+  std::vector<std::vector<int32_t>> cnt;
+  std::vector<AttentionColumns> cols;
+  std::vector<uint8_t> counted;
+};
+
+Stats make_stats(const Layer& l, int context, int mode) {
+  Stats s;
+  s.counted.assign(l.n_tok, 0);
+  for (int t = 0; t < l.n_tok; ++t) s.counted[t] = mode == 1 || (mode == 2 && t >= l.n_tok - 32);
+  for (int g = 0; g < kKvHeads; ++g) {
+    s.sum.emplace_back(context, 0.0f);
+    s.last.emplace_back(context, 0.0f);
+    s.cnt.emplace_back(context, 0);
+    s.cols.push_back({context, s.sum[g].data(), mode == 1 ? s.cnt[g].data() : nullptr,
+                      mode == 3 ? s.last[g].data() : nullptr});
+  }
+  return s;
+}
+
+void run_stats(Layer& l, Stats& s, int mode, ThreadPool& pool) {
+  const float scale = 1.0f / std::sqrt(float(kDim));
+  if (mode == 0)
+    attention_f32(l.q.data(), l.n_tok, kHeads, l.heads.data(), kKvHeads, kDim, scale, l.out.data(), pool);
+  else
+    attention_stats_f32(l.q.data(), l.n_tok, kHeads, l.heads.data(), kKvHeads, kDim, scale, s.counted.data(),
+                        s.cols.data(), l.out.data(), pool);
+}
+
+void BM_PrefillStats(benchmark::State& state) {
+  const int context = int(state.range(0)), threads = int(state.range(1)), mode = int(state.range(2));
+  Layer l = make_layer(context, std::min(kChunk, context));
+  Stats s = make_stats(l, context, mode);
+  ThreadPool pool(threads);
+  for (auto _ : state) {
+    run_stats(l, s, mode, pool);
+    benchmark::DoNotOptimize(l.out.data());
+  }
+  const char* labels[] = {"attention_f32", "stats all", "stats last 32", "stats last"};
+  state.SetLabel(labels[mode]);
+  state.counters["tok/s"] = benchmark::Counter(double(l.n_tok) * state.iterations(), benchmark::Counter::kIsRate);
+}
+BENCHMARK(BM_PrefillStats)
+    ->ArgsProduct({{512, 2048, 8192}, {1, 2}, {0, 1, 2, 3}})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
+
+void BM_DecodeStats(benchmark::State& state) {
+  const int context = int(state.range(0)), mode = int(state.range(1));
+  Layer l = make_layer(context, 1);
+  Stats s = make_stats(l, context, mode);
+  if (mode == 1)
+    for (int g = 0; g < kKvHeads; ++g) s.cols[g].cnt = s.cnt[g].data(), s.cols[g].last = s.last[g].data();
+  ThreadPool pool(1);
+  for (auto _ : state) {
+    run_stats(l, s, mode, pool);
+    benchmark::DoNotOptimize(l.out.data());
+  }
+  state.SetLabel(mode == 0 ? "attention_f32" : "stats");
+}
+BENCHMARK(BM_DecodeStats)->ArgsProduct({{288, 512, 8192}, {0, 1}})->Unit(benchmark::kMicrosecond);
 
 // Small batches (speculative / short chunks): where the tiled kernel starts to pay.
 // Args: tokens, kernel (0 per-token, 2 tiled forced via a one-block call).

@@ -2,9 +2,9 @@
 
 #include <algorithm>
 #include <cmath>
-#include <limits>
+#include <vector>
 
-#include "tensor/kernels.h"
+#include "tensor/attention_kernel.h"
 #include "util/error.h"
 
 namespace qf::eval {
@@ -86,40 +86,32 @@ void QueryTail::fill_window_attention(kv::Cache& cache, ThreadPool& pool) const 
   const kv::CacheShape& s = cache.shape();
   if (s.n_layers != n_layers_ || s.head_dim != head_dim_ || n_heads_ % s.n_kv_heads != 0)
     fail("QueryTail: cache shape does not match the captured queries");
-  const int d = head_dim_, group = n_heads_ / s.n_kv_heads;
-  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim_));
   for (int l = 0; l < s.n_layers; ++l)
     for (int h = 0; h < s.n_kv_heads; ++h)
       if (cache.head(l, h).attn_sum.empty()) fail("QueryTail: the cache keeps no attn_sum");
-  const int64_t items = static_cast<int64_t>(s.n_layers) * s.n_kv_heads;
-  // No throwing inside: workers must not leak exceptions.
-  pool.parallel_for(items, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> p;
-    for (int64_t it = begin; it < end; ++it) {
-      const int l = static_cast<int>(it / s.n_kv_heads), kvh = static_cast<int>(it % s.n_kv_heads);
-      kv::HeadCache& hc = cache.head(l, kvh);
+  // The kernel attend_with_stats uses, on the same queries against the same keys: it adds each
+  // query's weights one query at a time in order, so the sums match however the prefill that
+  // gathered them was split into chunks.
+  std::vector<int> visible;
+  std::vector<AttentionKv> heads(s.n_kv_heads);
+  std::vector<AttentionColumns> cols(s.n_kv_heads);
+  for (int l = 0; l < s.n_layers; ++l) {
+    const std::vector<int32_t>& ps = pos_[l];
+    const int n_tok = static_cast<int>(ps.size());
+    visible.assign(static_cast<size_t>(s.n_kv_heads) * n_tok, 0);
+    for (int h = 0; h < s.n_kv_heads; ++h) {
+      kv::HeadCache& hc = cache.head(l, h);
       std::fill(hc.attn_sum.begin(), hc.attn_sum.begin() + hc.n, 0.0f);
-      const std::vector<int32_t>& ps = pos_[l];
-      // Same operations, in the same order, as attend_with_stats, so the sums match it.
-      for (size_t t = 0; t < ps.size(); ++t) {
-        const int n = static_cast<int>(std::upper_bound(hc.pos.begin(), hc.pos.begin() + hc.n, ps[t]) - hc.pos.begin());
-        p.resize(n);
-        for (int g = 0; g < group; ++g) {
-          const float* q = q_[l].data() + (t * n_heads_ + static_cast<size_t>(kvh) * group + g) * d;
-          float mx = -std::numeric_limits<float>::infinity();
-          for (int j = 0; j < n; ++j) {
-            p[j] = dot_f32(q, hc.key(j, d), d) * scale;
-            mx = std::max(mx, p[j]);
-          }
-          float sum = 0.0f;
-          for (int j = 0; j < n; ++j) sum += (p[j] = std::exp(p[j] - mx));
-          const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
-          const float share = 1.0f / group;
-          for (int j = 0; j < n; ++j) hc.attn_sum[j] += (p[j] * inv) * share;
-        }
-      }
+      int* vis = visible.data() + static_cast<size_t>(h) * n_tok;
+      for (int t = 0; t < n_tok; ++t)
+        vis[t] = static_cast<int>(std::upper_bound(hc.pos.begin(), hc.pos.begin() + hc.n, ps[t]) - hc.pos.begin());
+      heads[h] = {hc.k.data(), hc.v.data(), vis};
+      cols[h] = {.n_keys = hc.n, .sum = hc.attn_sum.data()};
     }
-  });
+    attention_stats_f32(q_[l].data(), n_tok, n_heads_, heads.data(), s.n_kv_heads, head_dim_, scale, nullptr,
+                        cols.data(), nullptr, pool);
+  }
 }
 
 }  // namespace qf::eval

@@ -2,11 +2,9 @@
 
 #include <algorithm>
 #include <cmath>
-#include <limits>
 #include <vector>
 
 #include "tensor/attention_kernel.h"
-#include "tensor/kernels.h"
 #include "util/error.h"
 
 namespace qf::kv {
@@ -44,50 +42,29 @@ void attend_fused(const Cache& cache, const AttentionArgs& a, ThreadPool& pool) 
 
 void attend_with_stats(Cache& cache, const AttentionArgs& a, ThreadPool& pool) {
   check_args(cache, a);
-  const int d = cache.shape().head_dim;
   const int nkv = cache.shape().n_kv_heads;
-  const int group = a.n_heads / nkv;
+  if (a.n_tok <= 0) return;
   const AttentionStats& st = cache.stats();
-  // Statistics are per KV head, so a KV head's queries run on one thread, in token order.
-  pool.parallel_for(nkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> p;
-    for (int64_t kvh = begin; kvh < end; ++kvh) {
-      HeadCache& hc = cache.head(a.layer, static_cast<int>(kvh));
-      if (st.last_query) std::fill(hc.attn_last.begin(), hc.attn_last.begin() + hc.n, 0.0f);
-      for (int t = 0; t < a.n_tok; ++t) {
-        const int n = visible_slots(hc, a.q_pos[t]);
-        const bool accumulate = !hc.attn_sum.empty() && a.q_pos[t] >= a.accumulate_from_pos;
-        const bool last = st.last_query && t == a.n_tok - 1;
-        p.resize(n);
-        for (int g = 0; g < group; ++g) {
-          const int h = static_cast<int>(kvh) * group + g;
-          const size_t off = (static_cast<size_t>(t) * a.n_heads + h) * d;
-          const float* q = a.q + off;
-          float mx = -std::numeric_limits<float>::infinity();
-          for (int j = 0; j < n; ++j) {
-            p[j] = dot_f32(q, hc.key(j, d), d) * a.scale;
-            mx = std::max(mx, p[j]);
-          }
-          float sum = 0.0f;
-          for (int j = 0; j < n; ++j) sum += (p[j] = std::exp(p[j] - mx));
-          const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
-          float* out = a.out + off;
-          std::fill(out, out + d, 0.0f);
-          for (int j = 0; j < n; ++j) {
-            p[j] *= inv;
-            axpy_f32(p[j], hc.value(j, d), out, d);
-          }
-          const float share = 1.0f / group;  // statistics average the group's query heads
-          if (accumulate)
-            for (int j = 0; j < n; ++j) hc.attn_sum[j] += p[j] * share;
-          if (last)
-            for (int j = 0; j < n; ++j) hc.attn_last[j] += p[j] * share;
-        }
-        if (accumulate && !hc.attn_cnt.empty())
-          for (int j = 0; j < n; ++j) ++hc.attn_cnt[j];
-      }
+  std::vector<int> visible(static_cast<size_t>(nkv) * a.n_tok);
+  std::vector<AttentionKv> heads(nkv);
+  std::vector<AttentionColumns> cols(nkv);
+  for (int g = 0; g < nkv; ++g) {
+    HeadCache& hc = cache.head(a.layer, g);
+    int* vis = visible.data() + static_cast<size_t>(g) * a.n_tok;
+    for (int t = 0; t < a.n_tok; ++t) vis[t] = visible_slots(hc, a.q_pos[t]);
+    heads[g] = {hc.k.data(), hc.v.data(), vis};
+    AttentionColumns& c = cols[g];
+    c.n_keys = hc.n;
+    if (!hc.attn_sum.empty()) {
+      c.sum = hc.attn_sum.data();
+      if (!hc.attn_cnt.empty()) c.cnt = hc.attn_cnt.data();
     }
-  });
+    if (st.last_query && !hc.attn_last.empty()) c.last = hc.attn_last.data();
+  }
+  std::vector<uint8_t> counted(a.n_tok);
+  for (int t = 0; t < a.n_tok; ++t) counted[t] = a.q_pos[t] >= a.accumulate_from_pos;
+  attention_stats_f32(a.q, a.n_tok, a.n_heads, heads.data(), nkv, cache.shape().head_dim, a.scale, counted.data(),
+                      cols.data(), a.out, pool);
 }
 
 void attend_reference(const Cache& cache, const AttentionArgs& a) {

@@ -2,8 +2,13 @@
 //  - attend_fused: FlashAttention-style online softmax over tiles of keys; never materialises
 //    the attention weights. What every score-only policy (qfilters, knorm, streaming, random)
 //    and the full cache use.
-//  - attend_with_stats: computes each query's softmax weights explicitly so attention-based
-//    policies (snapkv, tova, h2o) can read them; it is the price those policies pay.
+//  - attend_with_stats: the same output (bit for bit: the same kernel), plus the softmax weights
+//    each cached slot gets, which the attention-based policies (snapkv, tova, h2o) read. A second
+//    pass over the keys recomputes the weights per tile of keys (attention_stats_f32): the price
+//    those policies pay. Per KV head, a query's weights are averaged over its GQA group; queries
+//    at position >= accumulate_from_pos add them to attn_sum (and 1 to attn_cnt of every slot
+//    they see); attn_last is overwritten with the call's last query's weights. The sums do not
+//    depend on the thread count nor on how a prompt is split into calls.
 // Causality: a query at position p sees the cached slots whose position is <= p.
 #pragma once
 #include <cstdint>

@@ -28,82 +28,6 @@ namespace hn = hwy::HWY_NAMESPACE;
 constexpr int kTile = 64;  // keys per online-softmax step
 constexpr int kMaxQ = 4;   // query heads processed together (each key row is loaded once for all)
 
-void AttentionGroup(const float* HWY_RESTRICT q, int n_q, const float* HWY_RESTRICT k, const float* HWY_RESTRICT v,
-                    int n, int d, float scale, float* HWY_RESTRICT out) {
-  const hn::ScalableTag<float> df;
-  const int N = static_cast<int>(hn::Lanes(df));
-  const int d_vec = d / N * N;  // SIMD part of each row; the rest (if any) is scalar
-  HWY_ALIGN float s[kMaxQ][kTile];
-
-  for (int q0 = 0; q0 < n_q; q0 += kMaxQ) {
-    const int nq = std::min(kMaxQ, n_q - q0);
-    const float* qs[kMaxQ];
-    float* os[kMaxQ];
-    float run_max[kMaxQ], run_sum[kMaxQ];
-    for (int i = 0; i < nq; ++i) {
-      qs[i] = q + static_cast<size_t>(q0 + i) * d;
-      os[i] = out + static_cast<size_t>(q0 + i) * d;
-      std::fill(os[i], os[i] + d, 0.0f);
-      run_max[i] = -INFINITY;
-      run_sum[i] = 0.0f;
-    }
-    for (int j0 = 0; j0 < n; j0 += kTile) {
-      const int m = std::min(kTile, n - j0);
-      // Scores of the tile.
-      for (int j = 0; j < m; ++j) {
-        const float* kj = k + static_cast<size_t>(j0 + j) * d;
-        for (int i = 0; i < nq; ++i) {
-          auto acc = hn::Zero(df);
-          for (int x = 0; x < d_vec; x += N) acc = hn::MulAdd(hn::LoadU(df, qs[i] + x), hn::LoadU(df, kj + x), acc);
-          float dot = hn::GetLane(hn::SumOfLanes(df, acc));
-          for (int x = d_vec; x < d; ++x) dot += qs[i][x] * kj[x];
-          s[i][j] = dot * scale;
-        }
-      }
-      // Online softmax: rescale what was accumulated when the running maximum grows.
-      for (int i = 0; i < nq; ++i) {
-        float tile_max = -INFINITY;
-        for (int j = 0; j < m; ++j) tile_max = std::max(tile_max, s[i][j]);
-        if (tile_max > run_max[i]) {
-          const float corr = std::exp(run_max[i] - tile_max);  // 0 on the first tile
-          run_sum[i] *= corr;
-          const auto vc = hn::Set(df, corr);
-          for (int x = 0; x < d_vec; x += N) hn::StoreU(hn::Mul(hn::LoadU(df, os[i] + x), vc), df, os[i] + x);
-          for (int x = d_vec; x < d; ++x) os[i][x] *= corr;
-          run_max[i] = tile_max;
-        }
-        const auto vmax = hn::Set(df, run_max[i]);
-        const auto floor = hn::Set(df, -87.0f);  // exp underflows to ~0 below; keeps Exp in range
-        int j = 0;
-        for (; j + N <= m; j += N)
-          hn::Store(hn::CallExp(df, hn::Max(hn::Sub(hn::Load(df, &s[i][j]), vmax), floor)), df, &s[i][j]);
-        for (; j < m; ++j) s[i][j] = std::exp(s[i][j] - run_max[i]);
-        float tile_sum = 0.0f;
-        for (int jj = 0; jj < m; ++jj) tile_sum += s[i][jj];
-        run_sum[i] += tile_sum;
-      }
-      // Weighted values.
-      for (int j = 0; j < m; ++j) {
-        const float* vj = v + static_cast<size_t>(j0 + j) * d;
-        for (int x = 0; x < d_vec; x += N) {
-          const auto vv = hn::LoadU(df, vj + x);
-          for (int i = 0; i < nq; ++i)
-            hn::StoreU(hn::MulAdd(hn::Set(df, s[i][j]), vv, hn::LoadU(df, os[i] + x)), df, os[i] + x);
-        }
-        for (int x = d_vec; x < d; ++x)
-          for (int i = 0; i < nq; ++i) os[i][x] += s[i][j] * vj[x];
-      }
-    }
-    for (int i = 0; i < nq; ++i) {
-      if (run_sum[i] <= 0.0f) continue;
-      const auto inv = hn::Set(df, 1.0f / run_sum[i]);
-      for (int x = 0; x < d_vec; x += N) hn::StoreU(hn::Mul(hn::LoadU(df, os[i] + x), inv), df, os[i] + x);
-      for (int x = d_vec; x < d; ++x) os[i][x] /= run_sum[i];
-    }
-  }
-}
-
-
 // ---------------------------------------------------------------------------------------------
 // Tiled kernel for blocks of tokens.
 //
@@ -114,6 +38,7 @@ void AttentionGroup(const float* HWY_RESTRICT q, int n_q, const float* HWY_RESTR
 // rows in registers while streaming the tile's values.
 
 constexpr int kKeyTile = 64;  // keys per online-softmax step
+constexpr size_t kMaxLanes = 16;  // floats in the widest vector (AVX-512)
 // Register tiles: kKeyStep keys x up to 4 row vectors of score accumulators, and kRowTile rows x
 // 4 vectors of output accumulators, plus the loaded operands, must fit the register file
 // (32 vectors on AVX-512, 16 on AVX2 and the others).
@@ -125,10 +50,12 @@ constexpr int kKeyStep = 2;
 constexpr int kRowTile = 2;
 #endif
 
-// pt[jj][0, NV * N) = sum_x k[jj][x] * qt[x][0, NV * N) for jj in [0, J).
+// pt[jj][0, NV * N) = sum_x k[jj][x] * qt[x][0, NV * N) for jj in [0, J), qt and pt with row
+// strides ldq and ldp. Each score is one FMA chain over x in order from zero, whatever J and NV
+// are: the statistics pass (ColumnSums) relies on getting the very same scores.
 template <int J, int NV, class D>
-HWY_INLINE void ScoreTile(D df, const float* HWY_RESTRICT qt, size_t ld, const float* HWY_RESTRICT k, int d,
-                          float* HWY_RESTRICT pt) {
+HWY_INLINE void ScoreTile(D df, const float* HWY_RESTRICT qt, size_t ldq, const float* HWY_RESTRICT k, int d,
+                          float* HWY_RESTRICT pt, size_t ldp) {
   using V = decltype(hn::Zero(df));
   const int N = static_cast<int>(hn::Lanes(df));
   V a[J][NV];
@@ -136,23 +63,23 @@ HWY_INLINE void ScoreTile(D df, const float* HWY_RESTRICT qt, size_t ld, const f
     for (int i = 0; i < NV; ++i) a[jj][i] = hn::Zero(df);
   for (int x = 0; x < d; ++x) {
     V qv[NV];
-    for (int i = 0; i < NV; ++i) qv[i] = hn::Load(df, qt + x * ld + i * N);
+    for (int i = 0; i < NV; ++i) qv[i] = hn::Load(df, qt + x * ldq + i * N);
     for (int jj = 0; jj < J; ++jj) {
       const V b = hn::Set(df, k[static_cast<size_t>(jj) * d + x]);
       for (int i = 0; i < NV; ++i) a[jj][i] = hn::MulAdd(b, qv[i], a[jj][i]);
     }
   }
   for (int jj = 0; jj < J; ++jj)
-    for (int i = 0; i < NV; ++i) hn::Store(a[jj][i], df, pt + jj * ld + i * N);
+    for (int i = 0; i < NV; ++i) hn::Store(a[jj][i], df, pt + jj * ldp + i * N);
 }
 
 template <int NV, class D>
-HWY_INLINE void ScoreColumns(D df, const float* HWY_RESTRICT qt, size_t ld, const float* HWY_RESTRICT k, int d, int m,
-                             float* HWY_RESTRICT pt) {
+HWY_INLINE void ScoreColumns(D df, const float* HWY_RESTRICT qt, size_t ldq, const float* HWY_RESTRICT k, int d,
+                             int m, float* HWY_RESTRICT pt, size_t ldp) {
   int j = 0;
   for (; j + kKeyStep <= m; j += kKeyStep)
-    ScoreTile<kKeyStep, NV>(df, qt, ld, k + static_cast<size_t>(j) * d, d, pt + j * ld);
-  for (; j < m; ++j) ScoreTile<1, NV>(df, qt, ld, k + static_cast<size_t>(j) * d, d, pt + j * ld);
+    ScoreTile<kKeyStep, NV>(df, qt, ldq, k + static_cast<size_t>(j) * d, d, pt + j * ldp, ldp);
+  for (; j < m; ++j) ScoreTile<1, NV>(df, qt, ldq, k + static_cast<size_t>(j) * d, d, pt + j * ldp, ldp);
 }
 
 // o[r][x0, x0 + NV * N) = corr[r] * o[r][...] + sum_{j < m} pt[j][r] v_j[...] for r in [0, R).
@@ -207,14 +134,138 @@ HWY_INLINE void ForTiles(int n, const F& f) {
   }
 }
 
+// One token's GQA group (see attention_group_f32). Per tile of keys: one dot product per key and
+// query row, the row maxima (exact in any order) and sums (key order, rows interleaved), and the
+// weighted values with the output rows held in registers across the tile (AccumulateAllColumns).
+void AttentionGroup(const float* HWY_RESTRICT q, int n_q, const float* HWY_RESTRICT k, const float* HWY_RESTRICT v,
+                    int n, int d, float scale, float* HWY_RESTRICT out) {
+  const hn::ScalableTag<float> df;
+  using V = decltype(hn::Zero(df));
+  const int N = static_cast<int>(hn::Lanes(df));
+  const int d_vec = d / N * N;  // SIMD part of each row; the rest (if any) is scalar
+  HWY_ALIGN float s[kMaxQ][kTile];
+  HWY_ALIGN float pw[kTile * kMaxQ];  // weights transposed, pw[j * kMaxQ + i], for AccumulateAllColumns
+
+  for (int q0 = 0; q0 < n_q; q0 += kMaxQ) {
+    const int nq = std::min(kMaxQ, n_q - q0);
+    const float* qs[kMaxQ];
+    float* o = out + static_cast<size_t>(q0) * d;  // nq rows of d
+    float run_max[kMaxQ], run_sum[kMaxQ], corr[kMaxQ], tile_sum[kMaxQ];
+    for (int i = 0; i < nq; ++i) {
+      qs[i] = q + static_cast<size_t>(q0 + i) * d;
+      run_max[i] = -INFINITY;
+      run_sum[i] = 0.0f;
+    }
+    std::fill(o, o + static_cast<size_t>(nq) * d, 0.0f);
+    for (int j0 = 0; j0 < n; j0 += kTile) {
+      const int m = std::min(kTile, n - j0);
+      // Scores of the tile.
+      for (int j = 0; j < m; ++j) {
+        const float* kj = k + static_cast<size_t>(j0 + j) * d;
+        for (int i = 0; i < nq; ++i) {
+          auto acc = hn::Zero(df);
+          for (int x = 0; x < d_vec; x += N) acc = hn::MulAdd(hn::LoadU(df, qs[i] + x), hn::LoadU(df, kj + x), acc);
+          float dot = hn::GetLane(hn::SumOfLanes(df, acc));
+          for (int x = d_vec; x < d; ++x) dot += qs[i][x] * kj[x];
+          s[i][j] = dot * scale;
+        }
+      }
+      // Online softmax: rescale what was accumulated when the running maximum grows.
+      const V floor = hn::Set(df, -87.0f);  // exp underflows to ~0 below; keeps Exp in range
+      for (int i = 0; i < nq; ++i) {
+        int j = 0;
+        V vmax = hn::Set(df, -INFINITY);
+        for (; j + N <= m; j += N) vmax = hn::Max(vmax, hn::Load(df, &s[i][j]));
+        float tile_max = hn::GetLane(hn::MaxOfLanes(df, vmax));
+        for (; j < m; ++j) tile_max = std::max(tile_max, s[i][j]);
+        corr[i] = 1.0f;
+        if (tile_max > run_max[i]) {
+          corr[i] = std::exp(run_max[i] - tile_max);  // 0 on the first tile
+          run_sum[i] *= corr[i];
+          run_max[i] = tile_max;
+        }
+        const auto vrun = hn::Set(df, run_max[i]);
+        j = 0;
+        for (; j + N <= m; j += N)
+          hn::Store(hn::CallExp(df, hn::Max(hn::Sub(hn::Load(df, &s[i][j]), vrun), floor)), df, &s[i][j]);
+        for (; j < m; ++j) s[i][j] = std::exp(s[i][j] - run_max[i]);
+        tile_sum[i] = 0.0f;
+      }
+      // Each row's sum in key order; the rows' chains interleaved.
+      for (int j = 0; j < m; ++j)
+        for (int i = 0; i < nq; ++i) {
+          tile_sum[i] += s[i][j];
+          pw[j * kMaxQ + i] = s[i][j];
+        }
+      for (int i = 0; i < nq; ++i) run_sum[i] += tile_sum[i];
+      // Weighted values: o[i] = corr[i] * o[i] + sum_j p[i][j] v_j.
+      const float* vt = v + static_cast<size_t>(j0) * d;
+      ForTiles<kRowTile>(nq, [&](int r, auto nr) {
+        AccumulateAllColumns<decltype(nr)::value>(df, o + static_cast<size_t>(r) * d, d, pw + r, kMaxQ, corr + r, vt, m);
+      });
+    }
+    for (int i = 0; i < nq; ++i) {
+      if (run_sum[i] <= 0.0f) continue;
+      float* oi = o + static_cast<size_t>(i) * d;
+      const auto inv = hn::Set(df, 1.0f / run_sum[i]);
+      for (int x = 0; x < d_vec; x += N) hn::StoreU(hn::Mul(hn::LoadU(df, oi + x), inv), df, oi + x);
+      for (int x = d_vec; x < d; ++x) oi[x] /= run_sum[i];
+    }
+  }
+}
+
+// Online softmax down the key axis over one tile of scores pt[j][row] (keys [j0, j0 + m)), a
+// vector of rows at a time for row vectors [v_lo, v_hi): rescale what was accumulated when a
+// row's running maximum grows (corr), overwrite the scores with exp(s - max) (0 for keys a row
+// must not see: cnt[row] is its visible count, in float) and add them to run_sum. A row's state
+// depends only on its own scores and count.
+template <class D>
+HWY_INLINE void SoftmaxStep(D df, float* HWY_RESTRICT pt, size_t ld, int j0, int m, int v_lo, int v_hi,
+                            const float* HWY_RESTRICT cnt, float* HWY_RESTRICT run_max, float* HWY_RESTRICT run_sum,
+                            float* HWY_RESTRICT corr) {
+  using V = decltype(hn::Zero(df));
+  const int N = static_cast<int>(hn::Lanes(df));
+  const V floor = hn::Set(df, -87.0f);  // exp underflows to ~0 below; keeps Exp in range
+  const V neg_inf = hn::Set(df, -INFINITY);
+  for (int i = v_lo; i < v_hi; ++i) {
+    const size_t c = static_cast<size_t>(i) * N;
+    const V vcnt = hn::Load(df, cnt + c);
+    V vmax = neg_inf;
+    for (int j = 0; j < m; ++j) {
+      const auto seen = hn::Lt(hn::Set(df, static_cast<float>(j0 + j)), vcnt);
+      vmax = hn::Max(vmax, hn::IfThenElse(seen, hn::Load(df, pt + j * ld + c), neg_inf));
+    }
+    const V old_max = hn::Load(df, run_max + c);
+    const V new_max = hn::Max(old_max, vmax);
+    // Rows that have seen no key yet keep max -inf (and zero sums): no rescaling.
+    const auto none = hn::Eq(new_max, neg_inf);
+    const V vc = hn::IfThenElse(none, hn::Set(df, 1.0f),
+                                hn::CallExp(df, hn::Max(hn::Sub(hn::IfThenElse(none, new_max, old_max), new_max), floor)));
+    V vsum = hn::Zero(df);
+    for (int j = 0; j < m; ++j) {
+      const auto seen = hn::Lt(hn::Set(df, static_cast<float>(j0 + j)), vcnt);
+      const V e = hn::CallExp(df, hn::Max(hn::Sub(hn::Load(df, pt + j * ld + c), new_max), floor));
+      const V p = hn::IfThenElseZero(seen, e);
+      hn::Store(p, df, pt + j * ld + c);
+      vsum = hn::Add(vsum, p);
+    }
+    hn::Store(new_max, df, run_max + c);
+    hn::Store(vc, df, corr + c);
+    hn::Store(hn::MulAdd(hn::Load(df, run_sum + c), vc, vsum), df, run_sum + c);
+  }
+}
+
 // Floats of each scratch region, padded to whole 64-byte lines.
 inline size_t Pad16(size_t n) { return (n + 15) / 16 * 16; }
 
+// v == nullptr: softmax state only (no weighted values, out unused). row_max / row_sum (both or
+// neither): each row's final running maximum and sum, at [t * stat_stride + i] for row i of
+// token t; they depend only on the row's query and the keys it sees.
 void AttentionBlock(const float* HWY_RESTRICT q, size_t q_stride, int n_tok, int n_q, const float* HWY_RESTRICT k,
                     const float* HWY_RESTRICT v, const int* HWY_RESTRICT visible, int d, float scale,
-                    float* HWY_RESTRICT out, size_t out_stride, uint8_t* scratch) {
+                    float* HWY_RESTRICT out, size_t out_stride, float* HWY_RESTRICT row_max,
+                    float* HWY_RESTRICT row_sum, size_t stat_stride, uint8_t* scratch) {
   const hn::ScalableTag<float> df;
-  using V = decltype(hn::Zero(df));
   const int N = static_cast<int>(hn::Lanes(df));
   const int rows = n_tok * n_q;
   if (rows <= 0) return;
@@ -242,10 +293,8 @@ void AttentionBlock(const float* HWY_RESTRICT q, size_t q_stride, int n_tok, int
     run_sum[r] = 0.0f;
     corr[r] = 1.0f;
   }
-  std::fill(o, o + static_cast<size_t>(rows) * d, 0.0f);
+  if (v != nullptr) std::fill(o, o + static_cast<size_t>(rows) * d, 0.0f);
 
-  const V floor = hn::Set(df, -87.0f);  // exp underflows to ~0 below; keeps Exp in range
-  const V neg_inf = hn::Set(df, -INFINITY);
   for (int j0 = 0; j0 < n_max; j0 += kKeyTile) {
     // Rows that see any key of this tile: [r_lo, r_hi). With causal counts that is a suffix of
     // the block; rows inside it that see none get zero weights and keep their state.
@@ -257,38 +306,12 @@ void AttentionBlock(const float* HWY_RESTRICT q, size_t q_stride, int n_tok, int
 
     ForTiles<4>(v_hi - v_lo, [&](int i, auto nv) {
       const size_t c = static_cast<size_t>(v_lo + i) * N;
-      ScoreColumns<decltype(nv)::value>(df, qt + c, ld, k + static_cast<size_t>(j0) * d, d, m, pt + c);
+      ScoreColumns<decltype(nv)::value>(df, qt + c, ld, k + static_cast<size_t>(j0) * d, d, m, pt + c, ld);
     });
 
-    // Online softmax down the key axis, a vector of rows at a time: rescale what was
-    // accumulated when a row's running maximum grows; keys a row must not see weigh 0.
-    for (int i = v_lo; i < v_hi; ++i) {
-      const size_t c = static_cast<size_t>(i) * N;
-      const V vcnt = hn::Load(df, cnt + c);
-      V vmax = neg_inf;
-      for (int j = 0; j < m; ++j) {
-        const auto seen = hn::Lt(hn::Set(df, static_cast<float>(j0 + j)), vcnt);
-        vmax = hn::Max(vmax, hn::IfThenElse(seen, hn::Load(df, pt + j * ld + c), neg_inf));
-      }
-      const V old_max = hn::Load(df, run_max + c);
-      const V new_max = hn::Max(old_max, vmax);
-      // Rows that have seen no key yet keep max -inf (and zero sums): no rescaling.
-      const auto none = hn::Eq(new_max, neg_inf);
-      const V vc = hn::IfThenElse(none, hn::Set(df, 1.0f),
-                                  hn::CallExp(df, hn::Max(hn::Sub(hn::IfThenElse(none, new_max, old_max), new_max), floor)));
-      V vsum = hn::Zero(df);
-      for (int j = 0; j < m; ++j) {
-        const auto seen = hn::Lt(hn::Set(df, static_cast<float>(j0 + j)), vcnt);
-        const V e = hn::CallExp(df, hn::Max(hn::Sub(hn::Load(df, pt + j * ld + c), new_max), floor));
-        const V p = hn::IfThenElseZero(seen, e);
-        hn::Store(p, df, pt + j * ld + c);
-        vsum = hn::Add(vsum, p);
-      }
-      hn::Store(new_max, df, run_max + c);
-      hn::Store(vc, df, corr + c);
-      hn::Store(hn::MulAdd(hn::Load(df, run_sum + c), vc, vsum), df, run_sum + c);
-    }
+    SoftmaxStep(df, pt, ld, j0, m, v_lo, v_hi, cnt, run_max, run_sum, corr);
 
+    if (v == nullptr) continue;
     const float* vt = v + static_cast<size_t>(j0) * d;
     ForTiles<kRowTile>(r_hi - r_lo, [&](int i, auto nr) {
       const int r = r_lo + i;
@@ -296,11 +319,187 @@ void AttentionBlock(const float* HWY_RESTRICT q, size_t q_stride, int n_tok, int
     });
   }
 
+  if (row_max != nullptr)
+    for (int r = 0; r < rows; ++r) {
+      row_max[(r / n_q) * stat_stride + r % n_q] = run_max[r];
+      row_sum[(r / n_q) * stat_stride + r % n_q] = run_sum[r];
+    }
+  if (v == nullptr) return;
   for (int r = 0; r < rows; ++r) {
     float* dst = out + (r / n_q) * out_stride + static_cast<size_t>(r % n_q) * d;
     const float* src = o + static_cast<size_t>(r) * d;
     const float inv = run_sum[r] > 0.0f ? 1.0f / run_sum[r] : 0.0f;
     for (int x = 0; x < d; ++x) dst[x] = src[x] * inv;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attention statistics, pass 2: one KV head's stat rows against one tile of keys [j0, j0 + m).
+//
+// Row r (a query head of a token, rows in token order) gives key j the weight
+//   c[r][j] = exp(max(s[r][j] - rmax[r], -87)) * rw[r]   (0 for keys it does not see),
+// with s the same FMA-chain score as AttentionBlock computes, rmax the row's final maximum there
+// and rw = share / row sum. Each key's column sums then add c[r][j] one row at a time in row
+// order, starting from their current value, so a sum does not depend on how the rows are split
+// into calls or tiles: rows [0, sum_rows) add to sum, rows [last_lo, rows) to last (both over
+// keys [0, m) of the tile; either may be null). Scores are computed with rows in the lanes, like
+// AttentionBlock, from queries transposed once per call (qt[x][row], scaled, ldq floats a row);
+// the per-key additions are scalar, each key's sum a chain of its own.
+
+// acc[j] += pt[j][r] for r in [r0, r1), in that order, for j in [0, m).
+inline void AddRows(float* HWY_RESTRICT acc, const float* HWY_RESTRICT pt, size_t ldp, int m, int r0, int r1) {
+  if (r0 >= r1) return;
+  int j = 0;
+  for (; j + 4 <= m; j += 4) {  // four independent chains hide the add latency
+    const float* p0 = pt + j * ldp;
+    float a0 = acc[j], a1 = acc[j + 1], a2 = acc[j + 2], a3 = acc[j + 3];
+    for (int r = r0; r < r1; ++r) {
+      a0 += p0[r];
+      a1 += p0[ldp + r];
+      a2 += p0[2 * ldp + r];
+      a3 += p0[3 * ldp + r];
+    }
+    acc[j] = a0, acc[j + 1] = a1, acc[j + 2] = a2, acc[j + 3] = a3;
+  }
+  for (; j < m; ++j) {
+    float a = acc[j];
+    for (int r = r0; r < r1; ++r) a += pt[j * ldp + r];
+    acc[j] = a;
+  }
+}
+
+// pt[j][0, N) (scores of keys j0 + j, j < m, for one vector of rows) becomes the rows' weights
+// exp(max(s - rmax, -87)) * rw, 0 for keys a row does not see (rvis: visible counts in float).
+template <class D>
+HWY_INLINE void Weights(D df, float* HWY_RESTRICT pt, size_t ldp, int j0, int m, const float* HWY_RESTRICT rmax,
+                        const float* HWY_RESTRICT rw, const float* HWY_RESTRICT rvis) {
+  using V = decltype(hn::Zero(df));
+  const V floor = hn::Set(df, -87.0f);  // as SoftmaxStep
+  const V vm = hn::Load(df, rmax), vw = hn::Load(df, rw), vcnt = hn::Load(df, rvis);
+  for (int j = 0; j < m; ++j) {
+    float* pj = pt + j * ldp;
+    const auto seen = hn::Lt(hn::Set(df, static_cast<float>(j0 + j)), vcnt);
+    const V e = hn::CallExp(df, hn::Max(hn::Sub(hn::Load(df, pj), vm), floor));
+    hn::Store(hn::Mul(hn::IfThenElseZero(seen, e), vw), df, pj);
+  }
+}
+
+// pt: scratch of kKeyTile * 4 * Lanes floats.
+void ColumnSums(const float* HWY_RESTRICT qt, size_t ldq, int rows, const float* HWY_RESTRICT rmax,
+                      const float* HWY_RESTRICT rw, const float* HWY_RESTRICT rvis, int sum_rows, int last_lo,
+                      const float* HWY_RESTRICT k, int d, int j0, int m, float* HWY_RESTRICT sum,
+                      float* HWY_RESTRICT last, float* HWY_RESTRICT pt) {
+  const hn::ScalableTag<float> df;
+  const int N = static_cast<int>(hn::Lanes(df));
+  const size_t ldp = 4 * static_cast<size_t>(N);
+  if (sum == nullptr) sum_rows = 0;
+  if (last == nullptr) last_lo = rows;
+  // Rows that see a key of the tile and add somewhere.
+  int r_lo = rows, r_hi = 0;
+  const float first = static_cast<float>(j0);
+  for (int r = 0; r < rows; ++r)
+    if (rvis[r] > first && (r < sum_rows || r >= last_lo)) r_lo = std::min(r_lo, r), r_hi = r + 1;
+  if (r_lo >= r_hi || m <= 0) return;
+
+  HWY_ALIGN float acc_sum[kKeyTile], acc_last[kKeyTile];
+  if (sum != nullptr) std::copy(sum, sum + m, acc_sum);
+  if (last != nullptr) std::copy(last, last + m, acc_last);
+  const int v_lo = r_lo / N, v_hi = (r_hi + N - 1) / N;
+  for (int c0 = v_lo; c0 < v_hi; c0 += 4) {
+    const int nv = std::min(4, v_hi - c0);
+    const float* qc = qt + static_cast<size_t>(c0) * N;
+    const float* kt = k + static_cast<size_t>(j0) * d;
+    switch (nv) {
+      case 1: ScoreColumns<1>(df, qc, ldq, kt, d, m, pt, ldp); break;
+      case 2: ScoreColumns<2>(df, qc, ldq, kt, d, m, pt, ldp); break;
+      case 3: ScoreColumns<3>(df, qc, ldq, kt, d, m, pt, ldp); break;
+      default: ScoreColumns<4>(df, qc, ldq, kt, d, m, pt, ldp); break;
+    }
+    for (int i = 0; i < nv; ++i) {
+      const size_t c = static_cast<size_t>(c0 + i) * N;
+      Weights(df, pt + static_cast<size_t>(i) * N, ldp, j0, m, rmax + c, rw + c, rvis + c);
+    }
+    const int base = c0 * N;
+    const int lo = std::max(r_lo, base), hi = std::min(r_hi, base + nv * N);
+    if (sum != nullptr) AddRows(acc_sum, pt, ldp, m, lo - base, std::min(hi, sum_rows) - base);
+    if (last != nullptr) AddRows(acc_last, pt, ldp, m, std::max(lo, last_lo) - base, hi - base);
+  }
+  if (sum != nullptr) std::copy(acc_sum, acc_sum + m, sum);
+  if (last != nullptr) std::copy(acc_last, acc_last + m, last);
+}
+
+// Both passes for a few rows (a decode step: one token's group), one KV head, all its keys: the
+// scores are computed once and kept (scores[j][row], ldq floats a key), the running maximum and
+// sum follow AttentionBlock's online softmax step for step (so they are its values bit for bit),
+// then the weights and column sums are exactly ColumnSums'. Avoids a second score pass, which
+// for one vector of rows costs as much as the first, and most second exponentials: where a
+// tile's running maximum already was the final one, its exp(s - max) are the weights' (kept in
+// probs). n: keys any row sees; sum / last cover [0, n). work: (2 n + ceil(n / kKeyTile) + 4) ldq
+// floats.
+
+void SmallColumnSums(const float* HWY_RESTRICT qt, size_t ldq, int rows, float share,
+                     const float* HWY_RESTRICT rvis, int n, int sum_rows, int last_lo, const float* HWY_RESTRICT k,
+                     int d, float* HWY_RESTRICT sum, float* HWY_RESTRICT last, float* HWY_RESTRICT work) {
+  const hn::ScalableTag<float> df;
+  using V = decltype(hn::Zero(df));
+  const int N = static_cast<int>(hn::Lanes(df));
+  if (sum == nullptr) sum_rows = 0;
+  if (last == nullptr) last_lo = rows;
+  const int nv = (rows + N - 1) / N;
+  float* scores = work;
+  float* probs = scores + static_cast<size_t>(n) * ldq;
+  float* tile_max = probs + static_cast<size_t>(n) * ldq;  // running maximum after each tile
+  float* run_max = tile_max + static_cast<size_t>((n + kKeyTile - 1) / kKeyTile) * ldq;
+  float* run_sum = run_max + ldq;
+  float* corr = run_sum + ldq;
+  float* rw = corr + ldq;
+  for (size_t r = 0; r < ldq; ++r) run_max[r] = -INFINITY, run_sum[r] = 0.0f, corr[r] = 1.0f;
+  for (int j0 = 0; j0 < n; j0 += kKeyTile) {
+    const int m = std::min(kKeyTile, n - j0);
+    float* st = scores + static_cast<size_t>(j0) * ldq;
+    float* pt = probs + static_cast<size_t>(j0) * ldq;
+    ForTiles<4>(nv, [&](int i, auto nvt) {
+      const size_t c = static_cast<size_t>(i) * N;
+      ScoreColumns<decltype(nvt)::value>(df, qt + c, ldq, k + static_cast<size_t>(j0) * d, d, m, st + c, ldq);
+    });
+    std::copy(st, st + static_cast<size_t>(m) * ldq, pt);
+    SoftmaxStep(df, pt, ldq, j0, m, 0, nv, rvis, run_max, run_sum, corr);
+    std::copy(run_max, run_max + ldq, tile_max + static_cast<size_t>(j0 / kKeyTile) * ldq);
+  }
+  // As the driver: a row that sees no key adds nothing.
+  for (int r = 0; r < rows; ++r) rw[r] = rvis[r] > 0.0f && run_sum[r] > 0.0f ? share / run_sum[r] : 0.0f;
+  for (size_t r = rows; r < ldq; ++r) rw[r] = 0.0f;
+  HWY_ALIGN float acc[kKeyTile];
+  for (int j0 = 0; j0 < n; j0 += kKeyTile) {
+    const int m = std::min(kKeyTile, n - j0);
+    float* st = scores + static_cast<size_t>(j0) * ldq;
+    const float* pt = probs + static_cast<size_t>(j0) * ldq;
+    const float* tm = tile_max + static_cast<size_t>(j0 / kKeyTile) * ldq;
+    for (int i = 0; i < nv; ++i) {
+      const size_t c = static_cast<size_t>(i) * N;
+      const V vcnt = hn::Load(df, rvis + c), vm = hn::Load(df, run_max + c);
+      // Lanes that see none of the tile weigh 0 either way; rows that see no key are among them.
+      const auto kept = hn::Or(hn::Eq(hn::Load(df, tm + c), vm), hn::Le(vcnt, hn::Set(df, static_cast<float>(j0))));
+      if (hn::AllTrue(df, kept)) {
+        const V vw = hn::Load(df, rw + c);
+        for (int j = 0; j < m; ++j) hn::Store(hn::Mul(hn::Load(df, pt + j * ldq + c), vw), df, st + j * ldq + c);
+      } else {
+        HWY_ALIGN float rmax[kMaxLanes];
+        for (int l = 0; l < N; ++l) rmax[l] = rvis[c + l] > 0.0f ? run_max[c + l] : 0.0f;
+        Weights(df, st + c, ldq, j0, m, rmax, rw + c, rvis + c);
+      }
+    }
+    // Rows of a tile that do not see it add exact zeros: no need to skip them.
+    if (sum != nullptr && sum_rows > 0) {
+      std::copy(sum + j0, sum + j0 + m, acc);
+      AddRows(acc, st, ldq, m, 0, sum_rows);
+      std::copy(acc, acc + m, sum + j0);
+    }
+    if (last != nullptr && last_lo < rows) {
+      std::copy(last + j0, last + j0 + m, acc);
+      AddRows(acc, st, ldq, m, last_lo, rows);
+      std::copy(acc, acc + m, last + j0);
+    }
   }
 }
 
@@ -312,6 +511,8 @@ HWY_AFTER_NAMESPACE();
 namespace qf {
 HWY_EXPORT(AttentionGroup);
 HWY_EXPORT(AttentionBlock);
+HWY_EXPORT(ColumnSums);
+HWY_EXPORT(SmallColumnSums);
 
 namespace {
 
@@ -321,6 +522,8 @@ constexpr int kBlockRows = 96;
 // Below this many tokens per call the per-token kernel wins: a block of a few rows cannot pay
 // for transposing the keys. Measured with bench/attention_bench.cpp.
 constexpr int kMinTiledTokens = 2;
+constexpr int kKeyTileOnce = 64;  // = kKeyTile of the SIMD code: keys per statistics work item
+constexpr size_t kMaxLanes = 16;  // AVX-512 floats; bounds the statistics scratch
 
 size_t block_scratch_bytes(int rows, int d) {
   const auto pad = [](size_t n) { return (n + 15) / 16 * 16; };
@@ -332,45 +535,30 @@ void check_dim(int d) {
   if (d <= 0 || d > kAttentionMaxDim) fail("attention: head_dim ", d, " is not in [1, ", kAttentionMaxDim, "]");
 }
 
-}  // namespace
-
-void attention_group_f32(const float* q, int n_q, const float* k, const float* v, int n, int d, float scale,
-                         float* out) {
-  detail::init_simd_once();
-  HWY_DYNAMIC_DISPATCH(AttentionGroup)(q, n_q, k, v, n, d, scale, out);
-}
-
-void attention_block_f32(const float* q, size_t q_stride, int n_tok, int n_q, const float* k, const float* v,
-                         const int* visible, int d, float scale, float* out, size_t out_stride) {
-  check_dim(d);
-  if (n_tok <= 0 || n_q <= 0) return;
-  detail::init_simd_once();
-  uint8_t* scratch = detail::scratch(block_scratch_bytes(n_tok * n_q, d));
-  HWY_DYNAMIC_DISPATCH(AttentionBlock)(q, q_stride, n_tok, n_q, k, v, visible, d, scale, out, out_stride, scratch);
-}
-
-void attention_f32(const float* q, int n_tok, int n_heads, const AttentionKv* kv, int n_kv, int d, float scale,
-                   float* out, ThreadPool& pool) {
+void check_layer(int n_heads, int n_kv, int d) {
   check_dim(d);
   if (n_kv <= 0 || n_heads % n_kv != 0) fail("attention: ", n_heads, " query heads do not group over ", n_kv, " KV heads");
-  if (n_tok <= 0) return;
-  detail::init_simd_once();
+}
+
+// Work items taken costliest first from a shared counter: fn(item, thread) for every item, each
+// exactly once, on at most `n_threads` threads. The caller's results must not depend on which
+// thread runs an item.
+template <class Item, class F>
+void run_costliest_first(std::vector<Item>& items, int n_threads, ThreadPool& pool, const F& fn) {
+  std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) { return a.cost > b.cost; });
+  std::atomic<size_t> next{0};
+  pool.run([&](int thread, int) {
+    if (thread >= n_threads) return;
+    for (size_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < items.size();) fn(items[i], thread);
+  });
+}
+
+// The tiled kernel over a whole layer. out == nullptr: softmax state only. row_max / row_sum
+// (both or neither, [n_tok][n_heads]): each row's final running maximum and sum.
+void tiled_layer(const float* q, int n_tok, int n_heads, const AttentionKv* kv, int n_kv, int d, float scale,
+                 float* out, float* row_max, float* row_sum, ThreadPool& pool) {
   const int group = n_heads / n_kv;
   const size_t tok_stride = static_cast<size_t>(n_heads) * d;
-
-  if (n_tok < kMinTiledTokens) {
-    // One work item = one token's GQA group: its query heads are contiguous in q and out.
-    const int64_t items = static_cast<int64_t>(n_tok) * n_kv;
-    pool.parallel_for(items, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const int t = static_cast<int>(i / n_kv), g = static_cast<int>(i % n_kv);
-        const size_t off = t * tok_stride + static_cast<size_t>(g) * group * d;
-        attention_group_f32(q + off, group, kv[g].k, kv[g].v, kv[g].visible[t], d, scale, out + off);
-      }
-    });
-    return;
-  }
-
   // One work item = (block of consecutive tokens, KV head). The blocks are fixed by the shapes
   // alone, and each row's result does not depend on its block, so the output is the same for
   // any pool size. Items differ in cost (causal: later tokens see more keys), so threads take
@@ -390,25 +578,197 @@ void attention_f32(const float* q, int n_tok, int n_heads, const AttentionKv* kv
       for (int t = t0; t < t1; ++t) keys = std::max<int64_t>(keys, kv[g].visible[t]);
       items.push_back({keys * (t1 - t0), b, g});
     }
-  std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) { return a.cost > b.cost; });
 
   // Scratch for every thread, allocated here so that workers never throw.
   const size_t bytes = (block_scratch_bytes(block_tok * group, d) + 63) / 64 * 64;
   const int n_threads = std::min<int>(pool.size(), static_cast<int>(items.size()));
   auto scratch = hwy::AllocateAligned<uint8_t>(bytes * n_threads);
   if (!scratch) fail("attention: out of memory allocating ", bytes * n_threads, " bytes of scratch");
-  std::atomic<size_t> next{0};
-  pool.run([&](int thread, int) {
-    if (thread >= n_threads) return;
-    uint8_t* mine = scratch.get() + bytes * thread;
-    for (size_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < items.size();) {
-      const Item& it = items[i];
-      const int t0 = it.block * block_tok, nt = std::min(n_tok - t0, block_tok);
-      const size_t off = t0 * tok_stride + static_cast<size_t>(it.head) * group * d;
-      const AttentionKv& h = kv[it.head];
-      HWY_DYNAMIC_DISPATCH(AttentionBlock)(q + off, tok_stride, nt, group, h.k, h.v, h.visible + t0, d, scale, out + off, tok_stride, mine);
-    }
+  run_costliest_first(items, n_threads, pool, [&](const Item& it, int thread) {
+    const int t0 = it.block * block_tok, nt = std::min(n_tok - t0, block_tok);
+    const size_t off = t0 * tok_stride + static_cast<size_t>(it.head) * group * d;
+    const size_t stat_off = static_cast<size_t>(t0) * n_heads + static_cast<size_t>(it.head) * group;
+    const AttentionKv& h = kv[it.head];
+    HWY_DYNAMIC_DISPATCH(AttentionBlock)(q + off, tok_stride, nt, group, h.k, out ? h.v : nullptr, h.visible + t0, d,
+                                         scale, out ? out + off : nullptr, tok_stride,
+                                         row_max ? row_max + stat_off : nullptr, row_sum ? row_sum + stat_off : nullptr,
+                                         n_heads, scratch.get() + bytes * static_cast<size_t>(thread));
   });
 }
+
+}  // namespace
+
+void attention_group_f32(const float* q, int n_q, const float* k, const float* v, int n, int d, float scale,
+                         float* out) {
+  detail::init_simd_once();
+  HWY_DYNAMIC_DISPATCH(AttentionGroup)(q, n_q, k, v, n, d, scale, out);
+}
+
+void attention_block_f32(const float* q, size_t q_stride, int n_tok, int n_q, const float* k, const float* v,
+                         const int* visible, int d, float scale, float* out, size_t out_stride) {
+  check_dim(d);
+  if (n_tok <= 0 || n_q <= 0) return;
+  detail::init_simd_once();
+  uint8_t* scratch = detail::scratch(block_scratch_bytes(n_tok * n_q, d));
+  HWY_DYNAMIC_DISPATCH(AttentionBlock)(q, q_stride, n_tok, n_q, k, v, visible, d, scale, out, out_stride, nullptr,
+                                       nullptr, 0, scratch);
+}
+
+void attention_f32(const float* q, int n_tok, int n_heads, const AttentionKv* kv, int n_kv, int d, float scale,
+                   float* out, ThreadPool& pool) {
+  check_layer(n_heads, n_kv, d);
+  if (n_tok <= 0) return;
+  detail::init_simd_once();
+  const int group = n_heads / n_kv;
+  const size_t tok_stride = static_cast<size_t>(n_heads) * d;
+
+  if (n_tok < kMinTiledTokens) {
+    // One work item = one token's GQA group: its query heads are contiguous in q and out.
+    const int64_t items = static_cast<int64_t>(n_tok) * n_kv;
+    pool.parallel_for(items, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int t = static_cast<int>(i / n_kv), g = static_cast<int>(i % n_kv);
+        const size_t off = t * tok_stride + static_cast<size_t>(g) * group * d;
+        attention_group_f32(q + off, group, kv[g].k, kv[g].v, kv[g].visible[t], d, scale, out + off);
+      }
+    });
+    return;
+  }
+  tiled_layer(q, n_tok, n_heads, kv, n_kv, d, scale, out, nullptr, nullptr, pool);
+}
+
+void attention_stats_f32(const float* q, int n_tok, int n_heads, const AttentionKv* kv, int n_kv, int d, float scale,
+                         const uint8_t* counted, const AttentionColumns* cols, float* out, ThreadPool& pool) {
+  check_layer(n_heads, n_kv, d);
+  if (n_tok <= 0) return;
+  bool any_sum = false, any_last = false;
+  for (int g = 0; g < n_kv; ++g) {
+    const AttentionColumns& c = cols[g];
+    if (c.n_keys < 0) fail("attention statistics: negative key count");
+    for (int t = 0; t < n_tok; ++t)
+      if (kv[g].visible[t] < 0 || kv[g].visible[t] > c.n_keys)
+        fail("attention statistics: token ", t, " sees ", kv[g].visible[t], " keys of ", c.n_keys);
+    any_sum |= c.sum != nullptr || c.cnt != nullptr;
+    any_last |= c.last != nullptr;
+  }
+  detail::init_simd_once();
+  const int group = n_heads / n_kv;
+
+  // The statistics rows, in token order: the counted tokens', then the last token's if it is
+  // wanted and not counted.
+  std::vector<int> toks;
+  for (int t = 0; t < n_tok; ++t)
+    if (any_sum && (counted == nullptr || counted[t] != 0)) toks.push_back(t);
+  const int sum_rows = static_cast<int>(toks.size()) * group;
+  const int n_sum_tok = static_cast<int>(toks.size());
+  if (any_last && (toks.empty() || toks.back() != n_tok - 1)) toks.push_back(n_tok - 1);
+  const int rows = static_cast<int>(toks.size()) * group;
+  const int last_lo = any_last ? rows - group : rows;
+  // A few rows whose maximum and sum the output kernel does not give anyway (a decode step, or
+  // statistics alone): both passes in one, per KV head, keeping the scores.
+  const bool small = rows == 0 || ((out == nullptr || n_tok < kMinTiledTokens) && rows <= static_cast<int>(kMaxLanes));
+
+  // Pass 1: each row's softmax maximum and sum, from the tiled kernel (which also gives the
+  // output when there is one). For a single token the output comes from the per-token kernel,
+  // as attention_f32 does, and the statistics from the tiled kernel's arithmetic all the same:
+  // rows get the same maximum and sum however a sequence is split into calls.
+  const size_t n_rows = static_cast<size_t>(n_tok) * n_heads;
+  std::vector<float> row_max, row_sum;
+  if (!small) row_max.resize(n_rows), row_sum.resize(n_rows);
+  float* rm = small ? nullptr : row_max.data();
+  float* rs = small ? nullptr : row_sum.data();
+  if (out != nullptr && n_tok >= kMinTiledTokens) {
+    tiled_layer(q, n_tok, n_heads, kv, n_kv, d, scale, out, rm, rs, pool);
+  } else {
+    if (out != nullptr) attention_f32(q, n_tok, n_heads, kv, n_kv, d, scale, out, pool);
+    if (!small) tiled_layer(q, n_tok, n_heads, kv, n_kv, d, scale, nullptr, rm, rs, pool);
+  }
+  for (int g = 0; g < n_kv; ++g)
+    if (cols[g].last != nullptr) std::fill(cols[g].last, cols[g].last + cols[g].n_keys, 0.0f);
+  if (rows == 0) return;
+
+  // Per KV head: the rows' queries transposed and scaled, as AttentionBlock holds them, and each
+  // row's maximum, weight share / sum and visible count (in float, as there).
+  const size_t ldq = (static_cast<size_t>(rows) + kMaxLanes - 1) / kMaxLanes * kMaxLanes;
+  const size_t per_head = (static_cast<size_t>(d) + 3) * ldq;
+  auto buf = hwy::AllocateAligned<float>(per_head * n_kv);
+  if (!buf) fail("attention statistics: out of memory allocating ", per_head * n_kv * sizeof(float), " bytes");
+  std::fill(buf.get(), buf.get() + per_head * n_kv, 0.0f);
+  const float share = 1.0f / static_cast<float>(group);  // statistics average the group's query heads
+  std::vector<int> max_vis(n_kv, 0);
+  for (int g = 0; g < n_kv; ++g) {
+    float* qt = buf.get() + per_head * g;
+    float* rmax = qt + static_cast<size_t>(d) * ldq;
+    float* rw = rmax + ldq;
+    float* rvis = rw + ldq;
+    for (int r = 0; r < rows; ++r) {
+      const int t = toks[r / group], h = g * group + r % group;
+      const float* qr = q + (static_cast<size_t>(t) * n_heads + h) * d;
+      for (int x = 0; x < d; ++x) qt[x * ldq + r] = qr[x] * scale;
+      const int vis = kv[g].visible[t];
+      rvis[r] = static_cast<float>(vis);
+      max_vis[g] = std::max(max_vis[g], vis);
+      if (small) continue;
+      // A row that sees no key has sum 0 and maximum -inf: it adds nothing (all keys masked).
+      const size_t i = static_cast<size_t>(t) * n_heads + h;
+      rmax[r] = vis > 0 ? row_max[i] : 0.0f;
+      rw[r] = vis > 0 && row_sum[i] > 0.0f ? share / row_sum[i] : 0.0f;
+    }
+  }
+  const auto count = [&](int g, int j0, int j1) {  // attn_cnt of keys [j0, j1)
+    if (cols[g].cnt == nullptr) return;
+    for (int ti = 0; ti < n_sum_tok; ++ti) {
+      const int hi = std::min(kv[g].visible[toks[ti]], j1);
+      for (int j = j0; j < hi; ++j) ++cols[g].cnt[j];
+    }
+  };
+
+  // Pass 2: one work item = (KV head, tile of keys), or a whole KV head for the small case; it
+  // owns its keys' sums and adds the rows in order, so the sums are the same for any pool size
+  // and any split of a sequence into calls.
+  struct Item {
+    int64_t cost;
+    int head, j0;
+  };
+  std::vector<Item> items;
+  for (int g = 0; g < n_kv; ++g) {
+    if (small) {
+      if (max_vis[g] > 0) items.push_back({max_vis[g], g, 0});
+      continue;
+    }
+    const float* rvis = buf.get() + per_head * g + (static_cast<size_t>(d) + 2) * ldq;
+    for (int j0 = 0; j0 < max_vis[g]; j0 += kKeyTileOnce) {
+      int64_t seen = 0;
+      for (int r = 0; r < rows; ++r) seen += rvis[r] > static_cast<float>(j0);
+      items.push_back({seen * std::min(kKeyTileOnce, max_vis[g] - j0), g, j0});
+    }
+  }
+  if (items.empty()) return;
+  const int n_threads = std::min<int>(pool.size(), static_cast<int>(items.size()));
+  const size_t max_n = static_cast<size_t>(*std::max_element(max_vis.begin(), max_vis.end()));
+  const size_t scratch_floats =
+      small ? (2 * max_n + (max_n + kKeyTileOnce - 1) / kKeyTileOnce + 4) * ldq : kKeyTileOnce * 4 * kMaxLanes;
+  auto scratch = hwy::AllocateAligned<float>(scratch_floats * n_threads);
+  if (!scratch) fail("attention statistics: out of memory allocating scratch");
+  run_costliest_first(items, n_threads, pool, [&](const Item& it, int thread) {
+    const int g = it.head, j0 = it.j0;
+    const AttentionColumns& c = cols[g];
+    const float* qt = buf.get() + per_head * g;
+    const float* rmax = qt + static_cast<size_t>(d) * ldq;
+    float* mine = scratch.get() + scratch_floats * thread;
+    if (small) {
+      const int n = max_vis[g];
+      HWY_DYNAMIC_DISPATCH(SmallColumnSums)(qt, ldq, rows, share, rmax + 2 * ldq, n, sum_rows, last_lo, kv[g].k, d,
+                                            c.sum, c.last, mine);
+      count(g, 0, n);
+      return;
+    }
+    const int m = std::min(kKeyTileOnce, max_vis[g] - j0);
+    HWY_DYNAMIC_DISPATCH(ColumnSums)(qt, ldq, rows, rmax, rmax + ldq, rmax + 2 * ldq, sum_rows, last_lo, kv[g].k, d,
+                                     j0, m, c.sum ? c.sum + j0 : nullptr, c.last ? c.last + j0 : nullptr, mine);
+    count(g, j0, j0 + m);
+  });
+}
+
 }  // namespace qf
 #endif

@@ -6,9 +6,12 @@
 //    transposed in scratch) against tiles of keys, so scores and the weighted sum of values are
 //    broadcast-FMAs into register tiles with no horizontal sums, and each key and value is read
 //    once per block instead of once per token. Best for prefill (2 or more tokens).
-// attention_f32 runs a whole layer, choosing the kernel and splitting the work over a pool.
+// attention_f32 runs a whole layer, choosing the kernel and splitting the work over a pool;
+// attention_stats_f32 also returns the softmax weights summed per key (two passes: the tiled
+// kernel's per-row maximum and sum, then the weights recomputed per tile of keys).
 #pragma once
 #include <cstddef>
+#include <cstdint>
 
 #include "tensor/threadpool.h"
 
@@ -43,5 +46,28 @@ struct AttentionKv {
 // depend on the pool's size.
 void attention_f32(const float* q, int n_tok, int n_heads, const AttentionKv* kv, int n_kv, int d, float scale,
                    float* out, ThreadPool& pool);
+
+// Per-key attention statistics of one KV head (arrays of n_keys; any pointer may be null).
+struct AttentionColumns {
+  int n_keys = 0;          // keys the arrays cover; no token may see more
+  float* sum = nullptr;    // += over counted tokens' rows: share * softmax weight of the key
+  int32_t* cnt = nullptr;  // += 1 per counted token that sees the key
+  float* last = nullptr;   // = over the last token's rows: share * weight (zeroed first, all n_keys)
+};
+
+// attention_f32 plus the softmax weights each key of each KV head gets, for the attention-based
+// cache policies. A token's rows are its group's query heads, each with share 1 / group (the
+// statistics average the group). counted[t] != 0 (counted == nullptr: every token) makes token t
+// add to sum and cnt. out == nullptr: statistics only.
+// Exact contract, so that callers can rely on bit-identical results:
+//  - out is bit-identical to attention_f32's.
+//  - A row's weights are exp(s - m) * (share / l): s the tiled kernel's score, m and l the
+//    tiled kernel's final running maximum and sum for the row (the same in every call and block).
+//  - Each key's sum adds its rows' weights one at a time, in token then head order, to its
+//    current value. So the statistics of a sequence do not depend on how it is split into calls
+//    (one call for tokens [0, 8) adds exactly what calls for [0, 3) and [3, 8) add), nor on the
+//    pool's size.
+void attention_stats_f32(const float* q, int n_tok, int n_heads, const AttentionKv* kv, int n_kv, int d, float scale,
+                         const uint8_t* counted, const AttentionColumns* cols, float* out, ThreadPool& pool);
 
 }  // namespace qf
