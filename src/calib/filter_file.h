@@ -18,7 +18,7 @@ namespace qf::calib {
 
 inline constexpr std::string_view kFilterTensorName = "q_filters";
 inline constexpr std::string_view kFilterFormat = "qfilters";       // metadata "format" of our files
-inline constexpr uint64_t kMaxHeaderBytes = 16u << 20;              // ours are < 2 KiB
+inline constexpr uint64_t kMaxHeaderBytes = 16u << 20;              // ours are a few KiB
 
 // Shape fingerprint of a model, e.g. "llama:L30:H9:KV3:D64:E576:V49152". Stored in filter files
 // so that loading them on another model is an error rather than silent garbage.

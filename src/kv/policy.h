@@ -31,7 +31,8 @@ class Policy {
   virtual AttentionStats needs(const PolicyOptions&) const { return {}; }
   // Scores the first `hc.n` slots of one head into scores[0..n). Higher is kept.
   virtual void score_head(const Cache& cache, int layer, int kv_head, std::span<float> scores) = 0;
-  // Scores every head of a layer; policies whose score mixes heads (tova) override this.
+  // Scores every head of a layer (one score_head call per KV head); a policy whose heads could
+  // share work may override it. TOVA mixes heads inside score_head, reading the cache.
   virtual void score_layer(const Cache& cache, int layer, std::vector<std::vector<float>>& scores);
 };
 

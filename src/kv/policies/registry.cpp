@@ -23,6 +23,7 @@ std::vector<std::string> policy_names() {
 }
 
 std::unique_ptr<Policy> make_policy(std::string_view name, const PolicyOptions& options) {
+  if (name == "none") fail("KV policy 'none' is the uncompressed cache: it has no eviction policy object");
   for (const auto& [n, factory] : kPolicies)
     if (n == name) return factory(options);
   std::string known;
