@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The evaluation sweep behind docs/results.md: Q-Filters calibrated on State of the Union addresses
 # before 1950, evaluated on those from 2000 on (held out), every policy, then the plots.
-#   scripts/eval_sweep.sh            default sweep   (results/<model>/ and <model>-8k/, plots in docs/img/)
+#   scripts/eval_sweep.sh            default sweep   (results/<model>/,       plots in docs/img/)
 #   scripts/eval_sweep.sh --quick    a few minutes   (results/<model>-quick/, plots in results/<model>-quick/img/)
 # Extra arguments go to every `qf eval` call (e.g. -t 2). Interrupted? Run it again: finished cells
 # are kept (results/*/<eval>.jsonl) and only the missing ones are computed.
@@ -34,20 +34,9 @@ if [ ! -f "$filters" ]; then
 fi
 
 start=$(date +%s)
-common=(-m "$model" --filters "$filters" "${args[@]}")
-if [ $quick = 1 ]; then
-  "$qf" eval all "${common[@]}" -o "$out"
-else
-  # The sweep of docs/results.md, sized for ~30-40 minutes on 2 cores: perplexity at budgets
-  # 128-1024, the needle at 1k-4k tokens x 11 depths and at 8k x 5 depths (an 8k prefill is
-  # the costliest cell), attention fidelity.
-  "$qf" eval ppl "${common[@]}" -o "$out"
-  "$qf" eval niah "${common[@]}" -o "$out" --lengths 1024,2048,4096
-  "$qf" eval niah "${common[@]}" -o "$out-8k" --lengths 8192 --depths 5
-  "$qf" eval fidelity "${common[@]}" -o "$out"
-fi
+# Every evaluation with its defaults (the sweep of docs/results.md): perplexity at budgets
+# 128-1024 on two 2,048-token documents, the needle at 1k-8k tokens x 11 depths x 4
+# compressions, attention fidelity on two documents. About 30 minutes on 2 cores.
+"$qf" eval all -m "$model" --filters "$filters" -o "$out" "${args[@]}"
 echo "sweep: $(( $(date +%s) - start )) s, results in $out" >&2
 python3 scripts/plot_results.py "$out" --out "$img" --markdown "$out/tables.md"
-if [ $quick = 0 ]; then
-  python3 scripts/plot_results.py "$out-8k" --out "$img/8k" --markdown "$out-8k/tables.md"
-fi
