@@ -133,7 +133,7 @@ TEST_F(CliEval, QuickPerplexity) {
     EXPECT_GE(p, full * 0.999);
     EXPECT_LT(p, full * 3.0);  // and a budget of 128 should not wreck the model either
     EXPECT_EQ(row["n_targets_after_budget"], 512 - 1 - 128);
-    if (row["policy"] != "none") EXPECT_GT(row["evicted"].get<int64_t>(), 0);
+    if (row["policy"] != "none") { EXPECT_GT(row["evicted"].get<int64_t>(), 0); }
   }
   EXPECT_NE(r.out.find("qfilters"), std::string::npos);
   std::printf("qf eval ppl --quick: %.1f s\n", secs);
@@ -159,8 +159,15 @@ TEST_F(CliEval, QuickNeedleAndFidelity) {
   const json n = read_json(out / "niah.json");
   // 3 depths x (full + 7 policies x 2 compressions).
   EXPECT_EQ(n["grid"].size(), 3u * (1 + 7 * 2));
-  for (const auto& row : n["results"])
-    if (row["policy"] == "none") EXPECT_GE(row["accuracy"].get<double>(), 2.0 / 3.0) << "the full cache should find the needle";
+  for (const auto& row : n["results"]) {
+    if (row["policy"] == "none") { EXPECT_GE(row["accuracy"].get<double>(), 2.0 / 3.0) << "the full cache should find the needle"; }
+    // Share of the needle's number tokens still cached: all of them uncompressed, at most all otherwise.
+    ASSERT_TRUE(row["number_kept"].is_number()) << row.dump();
+    const double kept = row["number_kept"];
+    if (row["policy"] == "none") { EXPECT_EQ(kept, 1.0); }
+    EXPECT_GE(kept, 0.0);
+    EXPECT_LE(kept, 1.0);
+  }
 
   r = run_qf("eval fidelity --quick " + common() + " -o " + out.string(), dir_);
   ASSERT_EQ(r.exit_code, 0) << r.err;
@@ -171,8 +178,8 @@ TEST_F(CliEval, QuickNeedleAndFidelity) {
     const double m = row["mean_spearman"];
     EXPECT_GE(m, -1.0);
     EXPECT_LE(m, 1.0);
-    if (row["policy"] == "h2o") EXPECT_GT(m, 0.8) << "h2o's score is the attention received itself";
-    if (row["policy"] == "random") EXPECT_LT(std::abs(m), 0.1);
+    if (row["policy"] == "h2o") { EXPECT_GT(m, 0.8) << "h2o's score is the attention received itself"; }
+    if (row["policy"] == "random") { EXPECT_LT(std::abs(m), 0.1); }
   }
 }
 
