@@ -4,6 +4,7 @@
 #include <cmath>
 #include <vector>
 
+#include "kv/attention.h"
 #include "tensor/attention_kernel.h"
 #include "util/error.h"
 
@@ -94,23 +95,16 @@ void QueryTail::fill_window_attention(kv::Cache& cache, ThreadPool& pool) const 
   // query's weights one query at a time in order, so the sums match however the prefill that
   // gathered them was split into chunks.
   std::vector<int> visible;
-  std::vector<AttentionKv> heads(s.n_kv_heads);
   std::vector<AttentionColumns> cols(s.n_kv_heads);
   for (int l = 0; l < s.n_layers; ++l) {
-    const std::vector<int32_t>& ps = pos_[l];
-    const int n_tok = static_cast<int>(ps.size());
-    visible.assign(static_cast<size_t>(s.n_kv_heads) * n_tok, 0);
+    const std::vector<AttentionKv> heads = kv::layer_views(cache, l, pos_[l], visible);
     for (int h = 0; h < s.n_kv_heads; ++h) {
       kv::HeadCache& hc = cache.head(l, h);
       std::fill(hc.attn_sum.begin(), hc.attn_sum.begin() + hc.n, 0.0f);
-      int* vis = visible.data() + static_cast<size_t>(h) * n_tok;
-      for (int t = 0; t < n_tok; ++t)
-        vis[t] = static_cast<int>(std::upper_bound(hc.pos.begin(), hc.pos.begin() + hc.n, ps[t]) - hc.pos.begin());
-      heads[h] = {hc.k.data(), hc.v.data(), vis};
       cols[h] = {.n_keys = hc.n, .sum = hc.attn_sum.data()};
     }
-    attention_stats_f32(q_[l].data(), n_tok, n_heads_, heads.data(), s.n_kv_heads, head_dim_, scale, nullptr,
-                        cols.data(), nullptr, pool);
+    attention_stats_f32(q_[l].data(), static_cast<int>(pos_[l].size()), n_heads_, heads.data(), s.n_kv_heads,
+                        head_dim_, scale, nullptr, cols.data(), nullptr, pool);
   }
 }
 

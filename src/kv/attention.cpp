@@ -24,19 +24,27 @@ void check_args(const Cache& cache, const AttentionArgs& a) {
 
 }  // namespace
 
+std::vector<AttentionKv> layer_views(const Cache& cache, int layer, std::span<const int32_t> q_pos,
+                                     std::vector<int>& visible) {
+  const int nkv = cache.shape().n_kv_heads;
+  const size_t n_tok = q_pos.size();
+  visible.resize(static_cast<size_t>(nkv) * n_tok);
+  std::vector<AttentionKv> heads(nkv);
+  for (int g = 0; g < nkv; ++g) {
+    const HeadCache& hc = cache.head(layer, g);
+    int* vis = visible.data() + g * n_tok;
+    for (size_t t = 0; t < n_tok; ++t) vis[t] = visible_slots(hc, q_pos[t]);
+    heads[g] = {hc.k.data(), hc.v.data(), vis};
+  }
+  return heads;
+}
+
 void attend_fused(const Cache& cache, const AttentionArgs& a, ThreadPool& pool) {
   check_args(cache, a);
   const int nkv = cache.shape().n_kv_heads;
   if (a.n_tok <= 0) return;
-  // Each head keeps its own slots, so each has its own visible count per token.
-  std::vector<int> visible(static_cast<size_t>(nkv) * a.n_tok);
-  std::vector<AttentionKv> heads(nkv);
-  for (int g = 0; g < nkv; ++g) {
-    const HeadCache& hc = cache.head(a.layer, g);
-    int* vis = visible.data() + static_cast<size_t>(g) * a.n_tok;
-    for (int t = 0; t < a.n_tok; ++t) vis[t] = visible_slots(hc, a.q_pos[t]);
-    heads[g] = {hc.k.data(), hc.v.data(), vis};
-  }
+  std::vector<int> visible;
+  const std::vector<AttentionKv> heads = layer_views(cache, a.layer, {a.q_pos, static_cast<size_t>(a.n_tok)}, visible);
   attention_f32(a.q, a.n_tok, a.n_heads, heads.data(), nkv, cache.shape().head_dim, a.scale, a.out, pool);
 }
 
@@ -45,14 +53,11 @@ void attend_with_stats(Cache& cache, const AttentionArgs& a, ThreadPool& pool) {
   const int nkv = cache.shape().n_kv_heads;
   if (a.n_tok <= 0) return;
   const AttentionStats& st = cache.stats();
-  std::vector<int> visible(static_cast<size_t>(nkv) * a.n_tok);
-  std::vector<AttentionKv> heads(nkv);
+  std::vector<int> visible;
+  const std::vector<AttentionKv> heads = layer_views(cache, a.layer, {a.q_pos, static_cast<size_t>(a.n_tok)}, visible);
   std::vector<AttentionColumns> cols(nkv);
   for (int g = 0; g < nkv; ++g) {
     HeadCache& hc = cache.head(a.layer, g);
-    int* vis = visible.data() + static_cast<size_t>(g) * a.n_tok;
-    for (int t = 0; t < a.n_tok; ++t) vis[t] = visible_slots(hc, a.q_pos[t]);
-    heads[g] = {hc.k.data(), hc.v.data(), vis};
     AttentionColumns& c = cols[g];
     c.n_keys = hc.n;
     if (!hc.attn_sum.empty()) {

@@ -12,8 +12,11 @@
 // Causality: a query at position p sees the cached slots whose position is <= p.
 #pragma once
 #include <cstdint>
+#include <span>
+#include <vector>
 
 #include "kv/cache.h"
+#include "tensor/attention_kernel.h"
 #include "tensor/threadpool.h"
 
 namespace qf::kv {
@@ -29,6 +32,12 @@ struct AttentionArgs {
   // attend_with_stats only: queries at position >= this add their weights to attn_sum.
   int32_t accumulate_from_pos = 0;
 };
+
+// The kernels' view of one layer's KV heads for queries at positions q_pos: each head's keys,
+// values and, per query, how many of its slots the query sees (each head keeps its own slots).
+// `visible` holds the counts ([n_kv_heads][q_pos.size()]) and must outlive the views.
+std::vector<AttentionKv> layer_views(const Cache& cache, int layer, std::span<const int32_t> q_pos,
+                                     std::vector<int>& visible);
 
 void attend_fused(const Cache& cache, const AttentionArgs& args, ThreadPool& pool);
 void attend_with_stats(Cache& cache, const AttentionArgs& args, ThreadPool& pool);
