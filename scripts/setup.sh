@@ -29,6 +29,7 @@ if ! python3 -c "import numpy, gguf, safetensors, matplotlib" 2>/dev/null; then
 fi
 
 scripts/fetch_model.sh
+scripts/fetch_model.sh gemma3
 scripts/fetch_text.sh
 
 if [ "${1:-}" != "--deps" ]; then
