@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Prepares a fresh machine, idempotently: Debian packages, Python packages, the default model
-# (SmolLM2-135M-Instruct Q4_1), the State of the Union text, and a Release build in build/.
+# (SmolLM2-135M-Instruct Q4_1) and Gemma 3 270M Q4_K_M, the State of the Union text, and a Release
+# build in build/.
 #   scripts/setup.sh            everything
 #   scripts/setup.sh --deps     packages, model and text only (no build)
 set -euo pipefail
