@@ -101,6 +101,13 @@ TEST(Cli, CorruptFilterFile) {
       run_qf("run -m " + model() + " -p hi -n 1 --kv-policy qfilters --kv-budget 64 --filters " + p), "qf_bad_filters");
 }
 
+TEST(Cli, BadSamplingFlags) {
+  expect_clean_failure(run_qf("run -m " + model() + " -p hi --min-p 1.5"), "--min-p");
+  expect_clean_failure(run_qf("run -m " + model() + " -p hi --seed -7"), "--seed");
+  expect_clean_failure(run_qf("run -m " + model() + " -p hi --repeat-penalty 0"), "--repeat-penalty");
+  expect_clean_failure(run_qf("run -m " + model() + " -p hi --repeat-last-n -3"), "--repeat-last-n");
+}
+
 TEST(Cli, InfoDescribesTheModel) {
   const Result r = run_qf("info " + model());
   ASSERT_EQ(r.exit_code, 0) << r.err;
@@ -125,6 +132,16 @@ TEST(Cli, SameSeedSameOutput) {
   EXPECT_EQ(a.out, b.out);
   const Result c = run_qf("run -m " + model() + " -p \"Once upon a time\" -n 24 --temp 0.9 --seed 8");
   EXPECT_NE(a.out, c.out) << "different seeds gave the same 24 sampled tokens";
+}
+
+// The penalties reach the sampler: greedy decoding of a looping prompt repeats itself, and a
+// strong repetition penalty over the whole window breaks the loop.
+TEST(Cli, RepeatPenaltyChangesGreedyOutput) {
+  const std::string base = "run -m " + model() + " -p \"one two one two one two one two\" -n 16 --temp 0 -t 1";
+  const Result plain = run_qf(base), penalised = run_qf(base + " --repeat-penalty 1.5 --repeat-last-n 64");
+  ASSERT_EQ(plain.exit_code, 0) << plain.err;
+  ASSERT_EQ(penalised.exit_code, 0) << penalised.err;
+  EXPECT_NE(plain.out, penalised.out);
 }
 
 }  // namespace

@@ -226,6 +226,7 @@ int calibrate(const CalibrateOptions& o) {
     sopt.temperature = o.temperature;
     sopt.top_k = o.top_k;
     sopt.top_p = o.top_p;
+    sopt.min_p = 0.0f;  // the calibration recipe: temperature, top-k and top-p only
     sopt.seed = calib::stream_seed(o.seed, 0x73616d706c65ull);
     Sampler sampler(sopt);
     calib::QueryCollector col(c, calib::SamplePlan(std::vector<int>(n_docs, doc_len), c.n_layers, o.n_samples, o.seed));

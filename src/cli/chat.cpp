@@ -22,17 +22,17 @@ namespace {
 struct ChatOptions {
   ModelOptions model;
   KvOptions kv;
-  SamplerOptions sampling{0.7f, 40, 0.95f, 0};
+  SamplingFlags sampling;
   std::string system;
   int n_predict = 512;
 };
 
 int chat(const ChatOptions& o) {
+  Sampler sampler(o.sampling.resolve());  // checks the sampling flags before the model loads
   Engine e = make_engine(o.model, o.kv);
   Session& s = *e.session;
   const Tokenizer tok = Tokenizer::from_gguf(e.model->file());
   const ChatTemplate tmpl = ChatTemplate::from_tokenizer(tok);
-  Sampler sampler(o.sampling);
   std::vector<ChatMessage> messages;
   if (!o.system.empty()) messages.push_back({"system", o.system});
   std::vector<int32_t> fed;  // tokens the session has processed, in order
@@ -57,12 +57,14 @@ int chat(const ChatOptions& o) {
     const std::vector<int32_t> fresh(all.begin() + static_cast<std::ptrdiff_t>(common), all.end());
     std::span<const float> logits = fed.empty() ? s.prefill(fresh) : s.eval(fresh);
     fed.insert(fed.end(), fresh.begin(), fresh.end());
+    if (common == 0) sampler.reset_history();
+    for (int32_t id : fresh) sampler.accept(id);
 
     StreamDecoder stream(tok, /*render_special=*/false);
     std::vector<int32_t> reply;
     const auto t0 = std::chrono::steady_clock::now();
     while (static_cast<int>(reply.size()) < o.n_predict && s.n_past() < s.n_ctx()) {
-      const int32_t next = sampler.sample(logits);
+      const int32_t next = sampler.sample_and_accept(logits);
       if (tok.is_eog(next)) break;
       reply.push_back(next);
       const std::string text = stream.push(next);
@@ -91,10 +93,7 @@ void register_chat(CLI::App& app) {
   add_model_options(cmd, o->model);
   cmd->add_option("--system", o->system, "system message (default: the template's own)");
   cmd->add_option("-n,--n-predict", o->n_predict, "longest reply in tokens");
-  cmd->add_option("--temp", o->sampling.temperature, "temperature (0 = greedy)");
-  cmd->add_option("--top-k", o->sampling.top_k, "top-k cut (0 = off)");
-  cmd->add_option("--top-p", o->sampling.top_p, "nucleus cut (1 = off)");
-  cmd->add_option("-s,--seed", o->sampling.seed, "sampling seed");
+  add_sampling_options(cmd, o->sampling);
   add_kv_options(cmd, o->kv);
   cmd->callback([o] { chat(*o); });
 }

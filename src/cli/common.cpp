@@ -43,6 +43,31 @@ void add_kv_options(CLI::App* app, KvOptions& o) {
   app->add_option("--kv-seed", o.seed, "seed of the random policy")->group("KV cache");
 }
 
+void add_sampling_options(CLI::App* app, SamplingFlags& o) {
+  SamplerOptions& s = o.options;
+  app->add_option("--temp", s.temperature, "temperature (0 = greedy)")->capture_default_str()->group("Sampling");
+  app->add_option("--top-k", s.top_k, "top-k cut (0 = off)")->capture_default_str()->group("Sampling");
+  app->add_option("--top-p", s.top_p, "nucleus cut (1 = off)")->capture_default_str()->group("Sampling");
+  app->add_option("--min-p", s.min_p, "drop tokens less likely than min-p x the best one (0 = off)")
+      ->capture_default_str()->group("Sampling");
+  app->add_option("--repeat-penalty", s.repeat_penalty, "penalise repeats of the last --repeat-last-n tokens (1 = off)")
+      ->capture_default_str()->group("Sampling");
+  app->add_option("--repeat-last-n", s.repeat_last_n, "tokens the penalties look back over (0 = off)")
+      ->capture_default_str()->group("Sampling");
+  app->add_option("--presence-penalty", s.presence_penalty, "subtracted from tokens already in the window (0 = off)")
+      ->capture_default_str()->group("Sampling");
+  app->add_option("--frequency-penalty", s.frequency_penalty, "subtracted per occurrence in the window (0 = off)")
+      ->capture_default_str()->group("Sampling");
+  app->add_option("-s,--seed", o.seed, "sampling seed (-1 = random)")->capture_default_str()->group("Sampling");
+}
+
+SamplerOptions SamplingFlags::resolve() const {
+  if (seed < -1) fail("--seed must be >= 0, or -1 for a random seed");
+  SamplerOptions s = options;
+  s.seed = seed == -1 ? random_seed() : static_cast<uint64_t>(seed);
+  return s;
+}
+
 std::unique_ptr<Session> make_session(const Model& model, const ModelOptions& mo, const KvOptions& ko,
                                       std::vector<float>& filters_storage) {
   const ModelConfig& c = model.config();

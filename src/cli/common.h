@@ -8,6 +8,7 @@
 #include "kv/compressor.h"
 #include "model/model.h"
 #include "model/session.h"
+#include "sample/sampler.h"
 
 namespace qf::cli {
 
@@ -31,8 +32,17 @@ struct KvOptions {
   uint64_t seed = 0;
 };
 
+// Sampling flags as llama.cpp names them; seed -1 (the default) draws a random seed.
+struct SamplingFlags {
+  SamplerOptions options;
+  int64_t seed = -1;
+  // The options with the seed resolved (a random one for -1).
+  SamplerOptions resolve() const;
+};
+
 void add_model_options(CLI::App* app, ModelOptions& o, bool model_required = true);
 void add_kv_options(CLI::App* app, KvOptions& o);
+void add_sampling_options(CLI::App* app, SamplingFlags& o);
 
 // Holds what a compressor points into (the filters) for as long as the session lives.
 struct Engine {

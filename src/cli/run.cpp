@@ -18,7 +18,7 @@ namespace {
 struct RunOptions {
   ModelOptions model;
   KvOptions kv;
-  SamplerOptions sampling;
+  SamplingFlags sampling;
   std::string prompt, prompt_file;
   int n_predict = 128;
   bool ignore_eos = false;
@@ -38,6 +38,7 @@ double ms_since(std::chrono::steady_clock::time_point t0) {
 int run(const RunOptions& o) {
   if (o.prompt.empty() == o.prompt_file.empty()) fail("give the prompt with exactly one of -p TEXT or -f FILE");
   const std::string prompt = o.prompt_file.empty() ? o.prompt : read_file(o.prompt_file);
+  Sampler sampler(o.sampling.resolve());  // checks the sampling flags before the model loads
   Engine e = make_engine(o.model, o.kv);
   Session& s = *e.session;
   const Tokenizer tok = Tokenizer::from_gguf(e.model->file());
@@ -50,7 +51,7 @@ int run(const RunOptions& o) {
     std::fwrite(prompt.data(), 1, prompt.size(), stdout);
     std::fflush(stdout);
   }
-  Sampler sampler(o.sampling);
+  for (int32_t id : ids) sampler.accept(id);  // the prompt counts for the repetition penalties
   StreamDecoder stream(tok);
   const auto t0 = std::chrono::steady_clock::now();
   std::span<const float> logits = s.prefill(ids);
@@ -60,7 +61,7 @@ int run(const RunOptions& o) {
   int n_gen = 0;
   const int limit = o.n_predict < 0 ? s.n_ctx() : o.n_predict;
   while (n_gen < limit && s.n_past() < s.n_ctx()) {
-    const int32_t next = sampler.sample(logits);
+    const int32_t next = sampler.sample_and_accept(logits);
     ++n_gen;
     if (tok.is_eog(next) && !o.ignore_eos) break;
     const std::string text = stream.push(next);
@@ -89,10 +90,7 @@ void register_run(CLI::App& app) {
   cmd->add_option("-p,--prompt", o->prompt, "prompt text (special tokens such as <|im_start|> are parsed)");
   cmd->add_option("-f,--file", o->prompt_file, "read the prompt from a file")->check(CLI::ExistingFile);
   cmd->add_option("-n,--n-predict", o->n_predict, "tokens to generate (-1 = until end of text or context)");
-  cmd->add_option("--temp", o->sampling.temperature, "temperature (0 = greedy)");
-  cmd->add_option("--top-k", o->sampling.top_k, "top-k cut (0 = off)");
-  cmd->add_option("--top-p", o->sampling.top_p, "nucleus cut (1 = off)");
-  cmd->add_option("-s,--seed", o->sampling.seed, "sampling seed");
+  add_sampling_options(cmd, o->sampling);
   cmd->add_flag("--ignore-eos", o->ignore_eos, "keep generating past end-of-text tokens");
   cmd->add_flag("--no-display-prompt", o->no_display_prompt, "do not echo the prompt");
   add_kv_options(cmd, o->kv);
