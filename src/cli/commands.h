@@ -11,5 +11,6 @@ void register_bench(CLI::App& app);
 void register_calibrate(CLI::App& app);
 void register_filters(CLI::App& app);
 void register_eval(CLI::App& app);
+void register_serve(CLI::App& app);
 
 }  // namespace qf::cli

@@ -3,9 +3,7 @@
 #include <sys/resource.h>
 
 #include <cstdio>
-#include <sstream>
 
-#include "calib/filter_file.h"
 #include "util/error.h"
 
 namespace qf::cli {
@@ -68,71 +66,12 @@ SamplerOptions SamplingFlags::resolve() const {
   return s;
 }
 
-std::unique_ptr<Session> make_session(const Model& model, const ModelOptions& mo, const KvOptions& ko,
-                                      std::vector<float>& filters_storage) {
-  const ModelConfig& c = model.config();
-  if (mo.n_ctx > 0 && mo.n_ctx > c.n_ctx_train && ko.budget == 0)
-    std::fprintf(stderr, "warning: -c %d exceeds the model's training context (%d)\n", mo.n_ctx, c.n_ctx_train);
-  SessionOptions so;
-  so.n_ctx = mo.n_ctx;
-  so.n_threads = mo.n_threads;
-  so.n_batch = mo.n_batch;
-  const bool compress = ko.budget > 0 || ko.ratio > 0;
-  if (ko.policy != "none") {
-    if (!compress) fail("--kv-policy ", ko.policy, " needs --kv-budget and/or --kv-ratio");
-    kv::PolicyOptions po;
-    po.seed = ko.seed;
-    if (!ko.filters.empty()) {
-      calib::FilterExpectation expect{c.n_layers, c.n_kv_heads, c.head_dim, c.fingerprint()};
-      calib::LoadOptions lo;
-      if (!ko.filter_layout.empty()) lo.layout = calib::parse_filter_layout(ko.filter_layout);
-      if (!ko.filter_sign.empty()) lo.sign = calib::parse_sign_convention(ko.filter_sign);
-      calib::LoadedFilters lf = calib::load_filters(ko.filters, expect, lo);
-      if (lf.fingerprint_missing)
-        std::fprintf(stderr, "warning: %s does not say which model it was made for\n", ko.filters.c_str());
-      filters_storage = std::move(lf.filters.data);
-      po.filters = filters_storage;
-    } else if (ko.policy == "qfilters") {
-      fail("--kv-policy qfilters needs --filters FILE (make one with: qf calibrate -m MODEL -o FILE)");
-    }
-    kv::CompressionConfig cc;
-    cc.budget = ko.budget;
-    cc.window = ko.window;
-    cc.evict_every = ko.evict_every;
-    cc.prefill_ratio = ko.ratio;
-    cc.skip_layers = ko.skip_layers;
-    cc.validate(c.n_layers);
-    so.compressor = std::make_unique<kv::Compressor>(kv::make_policy(ko.policy, po), po, cc);
-  } else if (compress || !ko.filters.empty()) {
-    fail("--kv-budget, --kv-ratio and --filters need a --kv-policy (e.g. qfilters)");
-  }
-  if (ko.filters.empty() && (!ko.filter_layout.empty() || !ko.filter_sign.empty())) {
-    fail("--filter-layout and --filter-sign describe a --filters FILE, and none was given");
-  }
-  return std::make_unique<Session>(model, std::move(so));
-}
-
 Engine make_engine(const ModelOptions& mo, const KvOptions& ko) {
   Engine e;
-  e.model = Model::load(mo.model);
-  e.session = make_session(*e.model, mo, ko, e.filters);
+  e.runtime = std::make_unique<runtime::Engine>(mo);
+  e.model = &e.runtime->model();
+  e.session = e.runtime->new_session(ko);
   return e;
-}
-
-std::string kv_summary(const Session& s) {
-  const kv::Cache& c = s.cache();
-  const double mib = 1024.0 * 1024.0;
-  std::ostringstream os;
-  os.precision(2);
-  os << std::fixed << "kv: " << c.bytes_used() / mib << " MiB in use (" << c.bytes_reserved() / mib
-     << " MiB reserved) vs " << c.full_cache_bytes(s.n_past()) / mib << " MiB for a full cache of " << s.n_past()
-     << " tokens";
-  if (const kv::Compressor* comp = s.compressor()) {
-    const kv::CompressionStats& st = comp->stats();
-    os << " | policy " << comp->policy().name() << ": " << st.evicted << " slots evicted in " << st.evictions
-       << " rounds, scoring " << st.score_seconds * 1e3 << " ms, evicting " << st.evict_seconds * 1e3 << " ms";
-  }
-  return os.str();
 }
 
 double peak_rss_mib() {

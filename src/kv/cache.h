@@ -67,6 +67,8 @@ class Cache {
   int64_t bytes_reserved() const;
   // Bytes a full, uncompressed cache would need for n_tokens tokens.
   int64_t full_cache_bytes(int64_t n_tokens) const;
+  // Bytes one token's key and value take in one head.
+  static int64_t bytes_per_token_head(int head_dim) { return 2 * static_cast<int64_t>(head_dim) * sizeof(float); }
 
   // Total queries seen (for the accumulate statistics' normaliser).
   int64_t queries_seen = 0;

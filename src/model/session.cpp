@@ -23,7 +23,8 @@ float silu(float x) { return x / (1.0f + std::exp(-x)); }
 
 Session::Session(const Model& model, SessionOptions opt)
     : model_(model),
-      pool_(opt.n_threads),
+      own_pool_(opt.pool ? nullptr : std::make_unique<ThreadPool>(opt.n_threads)),
+      pool_(opt.pool ? *opt.pool : *own_pool_),
       n_ctx_(opt.n_ctx > 0 ? opt.n_ctx : model.config().n_ctx_train),
       n_batch_(std::max(1, opt.n_batch)),
       compressor_(std::move(opt.compressor)) {

@@ -17,7 +17,8 @@ namespace qf {
 
 struct SessionOptions {
   int n_ctx = 0;      // longest sequence (positions); 0 = the model's training context
-  int n_threads = 0;  // 0 = all cores
+  int n_threads = 0;  // 0 = all cores; ignored when `pool` is given
+  ThreadPool* pool = nullptr;  // shared pool (must outlive the session); null = the session owns one
   int n_batch = 256;  // tokens per forward chunk during prefill
   std::unique_ptr<kv::Compressor> compressor;  // null = full cache
   // Attention statistics to keep in addition to the compressor's needs (e.g. for a session whose
@@ -65,7 +66,8 @@ class Session {
   void forward_chunk(const int32_t* tokens, int n, float* logits, bool all_logits);
 
   const Model& model_;
-  ThreadPool pool_;
+  std::unique_ptr<ThreadPool> own_pool_;  // null when the pool is shared
+  ThreadPool& pool_;
   int n_ctx_, n_batch_;
   int n_past_ = 0;
   int prompt_end_ = 0;  // position where the current prompt ends (snapkv's observation window)

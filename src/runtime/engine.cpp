@@ -1,0 +1,103 @@
+#include "runtime/engine.h"
+
+#include <cstdio>
+#include <sstream>
+
+#include "calib/filter_file.h"
+#include "kv/compressor.h"
+#include "util/error.h"
+
+namespace qf::runtime {
+
+Engine::Engine(const ModelOptions& options) : options_(options) {
+  model_ = Model::load(options.model);
+  const ModelConfig& c = model_->config();
+  if (options.n_ctx < 0) fail("-c must be >= 0");
+  if (options.n_batch <= 0) fail("-b must be > 0");
+  if (options.n_ctx > c.n_ctx_train)
+    std::fprintf(stderr, "warning: -c %d exceeds the model's training context (%d)\n", options.n_ctx, c.n_ctx_train);
+  pool_ = std::make_unique<ThreadPool>(options.n_threads);
+}
+
+Engine::~Engine() = default;
+
+int Engine::n_ctx() const { return options_.n_ctx > 0 ? options_.n_ctx : model_->config().n_ctx_train; }
+
+const std::vector<float>& Engine::filters(const KvOptions& kv) {
+  const std::string key = kv.filters + '\n' + kv.filter_layout + '\n' + kv.filter_sign;
+  if (auto it = filters_.find(key); it != filters_.end()) return it->second;
+  const ModelConfig& c = model_->config();
+  calib::FilterExpectation expect{c.n_layers, c.n_kv_heads, c.head_dim, c.fingerprint()};
+  calib::LoadOptions lo;
+  if (!kv.filter_layout.empty()) lo.layout = calib::parse_filter_layout(kv.filter_layout);
+  if (!kv.filter_sign.empty()) lo.sign = calib::parse_sign_convention(kv.filter_sign);
+  calib::LoadedFilters lf = calib::load_filters(kv.filters, expect, lo);
+  if (lf.fingerprint_missing)
+    std::fprintf(stderr, "warning: %s does not say which model it was made for\n", kv.filters.c_str());
+  return filters_.emplace(key, std::move(lf.filters.data)).first->second;
+}
+
+// Null for a full cache. The flag names in the messages are the CLI's (and the server's).
+std::unique_ptr<kv::Compressor> Engine::make_compressor(const KvOptions& kv) {
+  const bool compress = kv.budget > 0 || kv.ratio > 0;
+  if (kv.filters.empty() && (!kv.filter_layout.empty() || !kv.filter_sign.empty()))
+    fail("--filter-layout and --filter-sign describe a --filters FILE, and none was given");
+  if (kv.policy == "none") {
+    if (compress || !kv.filters.empty()) fail("--kv-budget, --kv-ratio and --filters need a --kv-policy (e.g. qfilters)");
+    return nullptr;
+  }
+  if (!compress) fail("--kv-policy ", kv.policy, " needs --kv-budget and/or --kv-ratio");
+  kv::PolicyOptions po;
+  po.seed = kv.seed;
+  if (!kv.filters.empty()) {
+    po.filters = filters(kv);
+  } else if (kv.policy == "qfilters") {
+    fail("--kv-policy qfilters needs --filters FILE (make one with: qf calibrate -m MODEL -o FILE)");
+  }
+  kv::CompressionConfig cc;
+  cc.budget = kv.budget;
+  cc.window = kv.window;
+  cc.evict_every = kv.evict_every;
+  cc.prefill_ratio = kv.ratio;
+  cc.skip_layers = kv.skip_layers;
+  cc.validate(model_->config().n_layers);
+  return std::make_unique<kv::Compressor>(kv::make_policy(kv.policy, po), po, cc);
+}
+
+std::unique_ptr<Session> Engine::new_session(const KvOptions& kv, int n_ctx) {
+  SessionOptions so;
+  so.n_ctx = n_ctx > 0 ? n_ctx : options_.n_ctx;
+  so.n_threads = options_.n_threads;
+  so.n_batch = options_.n_batch;
+  so.pool = pool_.get();
+  so.compressor = make_compressor(kv);
+  return std::make_unique<Session>(*model_, std::move(so));
+}
+
+int64_t Engine::session_kv_bytes(const KvOptions& kv, int n_ctx) {
+  const ModelConfig& c = model_->config();
+  const int ctx = n_ctx > 0 ? n_ctx : this->n_ctx();
+  const int batch = std::min(options_.n_batch, ctx);
+  const std::unique_ptr<kv::Compressor> comp = make_compressor(kv);
+  int64_t slots = 0;
+  for (int l = 0; l < c.n_layers; ++l) slots += comp ? comp->capacity(l, ctx, batch) : ctx;
+  return slots * c.n_kv_heads * kv::Cache::bytes_per_token_head(c.head_dim);
+}
+
+std::string kv_summary(const Session& s) {
+  const kv::Cache& c = s.cache();
+  const double mib = 1024.0 * 1024.0;
+  std::ostringstream os;
+  os.precision(2);
+  os << std::fixed << "kv: " << c.bytes_used() / mib << " MiB in use (" << c.bytes_reserved() / mib
+     << " MiB reserved) vs " << c.full_cache_bytes(s.n_past()) / mib << " MiB for a full cache of " << s.n_past()
+     << " tokens";
+  if (const kv::Compressor* comp = s.compressor()) {
+    const kv::CompressionStats& st = comp->stats();
+    os << " | policy " << comp->policy().name() << ": " << st.evicted << " slots evicted in " << st.evictions
+       << " rounds, scoring " << st.score_seconds * 1e3 << " ms, evicting " << st.evict_seconds * 1e3 << " ms";
+  }
+  return os.str();
+}
+
+}  // namespace qf::runtime

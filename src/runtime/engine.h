@@ -1,0 +1,74 @@
+// The runtime every front end shares (qf's subcommands, the server, later the Python package):
+// options as plain structs, one loaded model, one thread pool for the whole process, and the one
+// builder that turns KV options into a session with its compressor.
+#pragma once
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "model/model.h"
+#include "model/session.h"
+#include "tensor/threadpool.h"
+
+namespace qf::runtime {
+
+struct ModelOptions {
+  std::string model;  // GGUF path
+  int n_ctx = 0;      // 0 = the model's training context
+  int n_threads = 0;  // 0 = all cores
+  int n_batch = 256;  // prompt tokens per forward chunk
+};
+
+// The KV cache of one session: policy and its settings (see kv::CompressionConfig).
+struct KvOptions {
+  std::string policy = "none";
+  std::string filters;        // Q-Filters file
+  std::string filter_layout;  // "" = as the file says; gguf | hf for files not made by qf calibrate
+  std::string filter_sign;    // "" = as the file says; keep_largest_dot | keep_smallest_dot
+  int budget = 0;
+  int window = 0;
+  int evict_every = 1;
+  float ratio = 0.0f;
+  int skip_layers = 0;
+  uint64_t seed = 0;
+
+  bool operator==(const KvOptions&) const = default;
+};
+
+// A model, the thread pool its sessions share, and the filter files loaded for them (each once).
+// Sessions made here borrow the pool: run them from one thread at a time.
+class Engine {
+ public:
+  // Loads and validates the model; throws qf::Error.
+  explicit Engine(const ModelOptions& options);
+  ~Engine();
+
+  const Model& model() const { return *model_; }
+  ThreadPool& pool() { return *pool_; }
+  const ModelOptions& options() const { return options_; }
+  int n_ctx() const;  // sessions' context: -c, or the model's training context
+
+  // A session with the given KV cache; n_ctx 0 = options().n_ctx. Throws qf::Error on
+  // inconsistent KV options (the messages name the CLI flags).
+  std::unique_ptr<Session> new_session(const KvOptions& kv, int n_ctx = 0);
+
+  // Bytes of keys and values a session with these options reserves (what admission control
+  // charges for it), without building one.
+  int64_t session_kv_bytes(const KvOptions& kv, int n_ctx = 0);
+
+ private:
+  std::unique_ptr<kv::Compressor> make_compressor(const KvOptions& kv);
+  const std::vector<float>& filters(const KvOptions& kv);
+
+  ModelOptions options_;
+  std::unique_ptr<Model> model_;
+  std::unique_ptr<ThreadPool> pool_;
+  std::map<std::string, std::vector<float>> filters_;  // by file and layout/sign; never erased
+};
+
+// One line describing the KV cache's state: bytes in use vs a full cache, evictions, time.
+std::string kv_summary(const Session& s);
+
+}  // namespace qf::runtime

@@ -1,0 +1,387 @@
+#include "server/scheduler.h"
+
+#include <algorithm>
+
+#include "util/error.h"
+
+namespace qf::server {
+
+void Job::emit(Event e) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    events_.push_back(std::move(e));
+  }
+  cv_.notify_one();
+}
+
+std::optional<Event> Job::next(std::chrono::milliseconds timeout) {
+  std::unique_lock<std::mutex> lock(mu_);
+  if (!cv_.wait_for(lock, timeout, [&] { return !events_.empty(); })) return std::nullopt;
+  Event e = std::move(events_.front());
+  events_.pop_front();
+  return e;
+}
+
+// A slot's session outlives its jobs, so a conversation that continues finds its cache.
+struct Scheduler::Slot {
+  int id = 0;
+  std::unique_ptr<Session> session;
+  runtime::KvOptions kv;
+  int64_t kv_bytes = 0;        // what admission charged for the session
+  std::vector<int32_t> fed;    // tokens the session has processed, in order
+  int64_t last_used = 0;
+
+  // The job being served (null when idle) and its state.
+  std::shared_ptr<Job> job;
+  bool finished = false;
+  size_t prompt_done = 0;      // prompt tokens already in the cache
+  int32_t pending = -1;        // sampled token not yet fed to the model
+  int n_gen = 0;
+  Usage usage;
+  std::optional<Sampler> sampler;
+  std::optional<StreamDecoder> decoder;
+  std::optional<StopMatcher> stop;
+};
+
+namespace {
+
+size_t common_prefix(const std::vector<int32_t>& a, const std::vector<int32_t>& b) {
+  size_t n = 0;
+  while (n < a.size() && n < b.size() && a[n] == b[n]) ++n;
+  return n;
+}
+
+Event error_event(int status, const std::string& message, const std::string& type = "invalid_request_error") {
+  Event e;
+  e.kind = Event::Kind::kError;
+  e.error = HttpError(status, message, type);
+  return e;
+}
+
+std::string mib(int64_t bytes) { return std::to_string((bytes + (1 << 20) - 1) >> 20) + " MiB"; }
+
+}  // namespace
+
+Scheduler::Scheduler(runtime::Engine& engine, const Tokenizer& tokenizer, SchedulerOptions options)
+    : engine_(engine), tok_(tokenizer), opt_(std::move(options)) {
+  if (opt_.n_slots < 1) fail("-np must be >= 1");
+  for (int i = 0; i < opt_.n_slots; ++i) {
+    slots_.push_back(std::make_unique<Slot>());
+    slots_.back()->id = i;
+  }
+  thread_ = std::thread([this] { loop(); });
+}
+
+Scheduler::~Scheduler() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stop_ = true;
+  }
+  cv_.notify_all();
+  thread_.join();
+  for (auto& s : slots_)
+    if (s->job) s->job->emit(error_event(503, "the server is shutting down", "server_error"));
+  for (auto& j : queue_) j->emit(error_event(503, "the server is shutting down", "server_error"));
+}
+
+std::shared_ptr<Job> Scheduler::submit(CompletionRequest request, std::vector<int32_t> tokens) {
+  if (request.id_slot >= opt_.n_slots)
+    throw HttpError(400, "id_slot " + std::to_string(request.id_slot) + " does not exist (the server has " +
+                             std::to_string(opt_.n_slots) + " slots)", "invalid_request_error", "id_slot");
+  auto job = std::make_shared<Job>(std::move(request), std::move(tokens));
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (draining_ || stop_) throw HttpError(503, "the server is shutting down", "server_error");
+    if (static_cast<int>(queue_.size()) >= opt_.max_queued) {
+      ++metrics_.rejected;
+      throw HttpError(503, "the server is busy: " + std::to_string(queue_.size()) + " requests are waiting", "server_error");
+    }
+    ++metrics_.requests;
+    queue_.push_back(job);
+  }
+  cv_.notify_all();
+  return job;
+}
+
+bool Scheduler::drain(std::chrono::milliseconds timeout) {
+  draining_ = true;
+  std::unique_lock<std::mutex> lock(mu_);
+  return cv_.wait_for(lock, timeout, [&] {
+    return queue_.empty() && std::none_of(slots_.begin(), slots_.end(), [](const auto& s) { return s->job != nullptr; });
+  });
+}
+
+void Scheduler::erase_slot(int id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (id < 0 || id >= static_cast<int>(slots_.size()))
+    throw HttpError(404, "slot " + std::to_string(id) + " does not exist", "invalid_request_error", "id_slot");
+  Slot& s = *slots_[id];
+  if (s.job) throw HttpError(409, "slot " + std::to_string(id) + " is busy", "invalid_request_error", "id_slot");
+  s.session.reset();
+  s.kv_bytes = 0;
+  s.fed.clear();
+}
+
+SchedulerMetrics Scheduler::metrics() {
+  std::lock_guard<std::mutex> lock(mu_);
+  SchedulerMetrics m = metrics_;
+  m.queued = static_cast<int>(queue_.size());
+  return m;
+}
+
+json Scheduler::slots_json() {
+  std::lock_guard<std::mutex> lock(mu_);
+  json out = json::array();
+  for (const auto& s : slots_) {
+    out.push_back({{"id", s->id},
+                   {"is_processing", s->job != nullptr},
+                   {"n_ctx", engine_.n_ctx()},
+                   {"n_past", s->fed.size()},
+                   {"kv_policy", s->session ? s->kv.policy : "none"},
+                   {"kv_budget", s->kv.budget},
+                   {"kv_bytes_reserved", s->kv_bytes},
+                   {"has_session", s->session != nullptr}});
+  }
+  return out;
+}
+
+void Scheduler::loop() {
+  std::unique_lock<std::mutex> lock(mu_);
+  for (;;) {
+    cv_.wait(lock, [&] {
+      return stop_ || !queue_.empty() || std::any_of(slots_.begin(), slots_.end(), [](const auto& s) { return s->job != nullptr; });
+    });
+    if (stop_) return;
+    assign_queued(lock);
+    std::vector<Slot*> active;
+    for (auto& s : slots_)
+      if (s->job) active.push_back(s.get());
+    lock.unlock();
+
+    const auto t0 = std::chrono::steady_clock::now();
+    SchedulerMetrics delta;
+    for (Slot* s : active) {
+      const size_t prompt_before = s->prompt_done;
+      const int gen_before = s->n_gen;
+      try {
+        step(*s);
+      } catch (const std::exception& e) {  // an engine error ends this request, not the server
+        s->job->emit(error_event(500, e.what(), "server_error"));
+        s->session.reset();
+        s->fed.clear();
+        s->finished = true;
+      }
+      delta.prompt_tokens += static_cast<int64_t>(s->prompt_done - prompt_before);
+      delta.generated_tokens += s->n_gen - gen_before;
+    }
+    int64_t used = 0, reserved = 0, full = 0;
+    int sessions = 0;
+    for (auto& s : slots_)
+      if (s->session) {
+        used += s->session->cache().bytes_used();
+        reserved += s->session->cache().bytes_reserved();
+        full += s->session->cache().full_cache_bytes(s->session->n_past());
+        ++sessions;
+      }
+
+    lock.lock();
+    metrics_.prompt_tokens += delta.prompt_tokens;
+    metrics_.generated_tokens += delta.generated_tokens;
+    metrics_.busy_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    metrics_.kv_bytes_used = used;
+    metrics_.kv_bytes_reserved = reserved;
+    metrics_.kv_bytes_full = full;
+    metrics_.sessions = sessions;
+    int n_active = 0;
+    for (Slot* s : active) {
+      if (s->finished) {
+        s->job.reset();
+        s->finished = false;
+      } else {
+        ++n_active;
+      }
+    }
+    metrics_.active = n_active;
+    cv_.notify_all();  // drain() waits on the same condition
+  }
+}
+
+// Moves queued jobs into free slots, oldest first; a job waiting for a busy slot it asked for
+// does not hold back the others.
+void Scheduler::assign_queued(std::unique_lock<std::mutex>&) {
+  for (auto it = queue_.begin(); it != queue_.end();) {
+    const std::shared_ptr<Job>& job = *it;
+    if (job->cancelled) {
+      ++metrics_.cancelled;
+      it = queue_.erase(it);
+      continue;
+    }
+    const CompletionRequest& r = job->request;
+    const runtime::KvOptions& kv = r.kv ? *r.kv : opt_.kv;
+    Slot* best = nullptr;
+    size_t best_reuse = 0;
+    for (auto& s : slots_) {
+      if (s->job || (r.id_slot >= 0 && s->id != r.id_slot)) continue;
+      const size_t reuse = s->session && s->kv == kv && r.cache_prompt ? common_prefix(s->fed, job->tokens) : 0;
+      const bool reusable = reuse > 0 && reuse == s->fed.size() && reuse < job->tokens.size();
+      const size_t score = reusable ? reuse : 0;
+      // Most reuse first; then a slot without a session; then the least recently used.
+      if (!best || score > best_reuse ||
+          (score == best_reuse && (best->session != nullptr) > (s->session != nullptr)) ||
+          (score == best_reuse && (best->session != nullptr) == (s->session != nullptr) && s->last_used < best->last_used)) {
+        best = s.get();
+        best_reuse = score;
+      }
+    }
+    if (!best) {
+      ++it;
+      continue;
+    }
+    std::shared_ptr<Job> taken = job;
+    it = queue_.erase(it);
+    if (!admit(*best, taken)) ++metrics_.rejected;
+  }
+}
+
+// Gives the slot a session fit for the job (reusing its cache when the prompt continues it) and
+// the job's sampling state. False (and an error event) when the job cannot run.
+bool Scheduler::admit(Slot& slot, const std::shared_ptr<Job>& job) {
+  const CompletionRequest& r = job->request;
+  const runtime::KvOptions& kv = r.kv ? *r.kv : opt_.kv;
+  const size_t reuse = slot.session && slot.kv == kv && r.cache_prompt ? common_prefix(slot.fed, job->tokens) : 0;
+  const bool reusable = reuse > 0 && reuse == slot.fed.size() && reuse < job->tokens.size();
+  try {
+    if (!slot.session || slot.kv != kv) {
+      const int64_t cost = engine_.session_kv_bytes(kv);  // also checks the KV options
+      slot.session.reset();
+      slot.kv_bytes = 0;
+      slot.fed.clear();
+      if (opt_.kv_memory > 0) {
+        auto reserved = [&] {
+          int64_t sum = 0;
+          for (auto& s : slots_) sum += s->kv_bytes;
+          return sum;
+        };
+        // Idle sessions (kept for prompt reuse) give way, least recently used first.
+        while (reserved() + cost > opt_.kv_memory) {
+          Slot* victim = nullptr;
+          for (auto& s : slots_)
+            if (!s->job && s->session && (!victim || s->last_used < victim->last_used)) victim = s.get();
+          if (!victim) break;
+          victim->session.reset();
+          victim->kv_bytes = 0;
+          victim->fed.clear();
+        }
+        if (reserved() + cost > opt_.kv_memory) {
+          job->emit(error_event(503, "KV memory is full: this session needs " + mib(cost) + ", " + mib(reserved()) +
+                                         " of --kv-memory " + mib(opt_.kv_memory) + " are held by running sessions",
+                                "server_error"));
+          return false;
+        }
+      }
+      slot.session = engine_.new_session(kv);
+      slot.kv = kv;
+      slot.kv_bytes = cost;
+    } else if (!reusable) {
+      slot.session->reset();
+      slot.fed.clear();
+    }
+  } catch (const Error& e) {
+    job->emit(error_event(400, e.what()));
+    return false;
+  }
+
+  slot.job = job;
+  slot.finished = false;
+  slot.prompt_done = reusable ? reuse : 0;
+  slot.pending = -1;
+  slot.n_gen = 0;
+  slot.usage = Usage{static_cast<int>(job->tokens.size()), 0, static_cast<int>(slot.prompt_done)};
+  SamplerOptions so = r.sampling;
+  if (!r.seed_given) so.seed = random_seed();
+  slot.sampler.emplace(so);
+  for (int32_t t : job->tokens) slot.sampler->accept(t);
+  slot.decoder.emplace(tok_, /*render_special=*/false);
+  slot.stop.emplace(r.stop);
+  slot.last_used = ++tick_;
+  metrics_.prompt_tokens_reused += static_cast<int64_t>(slot.prompt_done);
+  Event admitted;
+  admitted.kind = Event::Kind::kAdmitted;
+  admitted.usage = slot.usage;
+  job->emit(std::move(admitted));
+  return true;
+}
+
+// One forward pass for the slot: the next prompt chunk, or the token sampled last time.
+void Scheduler::step(Slot& slot) {
+  Job& job = *slot.job;
+  if (job.cancelled) {
+    slot.finished = true;
+    std::lock_guard<std::mutex> lock(mu_);
+    ++metrics_.cancelled;
+    return;
+  }
+  Session& s = *slot.session;
+  std::span<const float> logits;
+  if (slot.prompt_done < job.tokens.size()) {
+    const size_t left = job.tokens.size() - slot.prompt_done;
+    // Prefill compression (--kv-ratio) acts once on the whole prompt, so it cannot be chunked.
+    const size_t n = slot.kv.ratio > 0 ? left : std::min<size_t>(left, engine_.options().n_batch);
+    const std::span<const int32_t> chunk(job.tokens.data() + slot.prompt_done, n);
+    logits = slot.kv.ratio > 0 ? s.prefill(chunk) : s.eval(chunk);
+    slot.fed.insert(slot.fed.end(), chunk.begin(), chunk.end());
+    slot.prompt_done += n;
+    if (slot.prompt_done < job.tokens.size()) return;
+  } else {
+    logits = s.eval(std::span<const int32_t>(&slot.pending, 1));
+    slot.fed.push_back(slot.pending);
+  }
+  emit_token(slot, slot.sampler->sample_and_accept(logits));
+}
+
+// Streams one sampled token's text; ends the job at end of text, a stop string, max_tokens or
+// the end of the context. Returns whether the job goes on.
+bool Scheduler::emit_token(Slot& slot, int32_t token) {
+  Job& job = *slot.job;
+  const CompletionRequest& r = job.request;
+  slot.usage.completion_tokens = ++slot.n_gen;
+  if (tok_.is_eog(token)) {
+    finish(slot, FinishReason::kStop);
+    return false;
+  }
+  const std::string text = slot.stop->push(slot.decoder->push(token));
+  if (!text.empty()) {
+    Event e;
+    e.text = text;
+    job.emit(std::move(e));
+  }
+  if (slot.stop->stopped()) {
+    finish(slot, FinishReason::kStop);
+    return false;
+  }
+  if ((r.max_tokens > 0 && slot.n_gen >= r.max_tokens) || slot.session->n_past() + 1 > slot.session->n_ctx()) {
+    finish(slot, FinishReason::kLength);
+    return false;
+  }
+  slot.pending = token;
+  return true;
+}
+
+void Scheduler::finish(Slot& slot, FinishReason why) {
+  Job& job = *slot.job;
+  std::string rest = slot.stop->stopped() ? "" : slot.stop->push(slot.decoder->flush());
+  rest += slot.stop->flush();
+  if (!rest.empty()) {
+    Event e;
+    e.text = rest;
+    job.emit(std::move(e));
+  }
+  Event done;
+  done.kind = Event::Kind::kDone;
+  done.finish = why;
+  done.usage = slot.usage;
+  job.emit(std::move(done));
+  slot.finished = true;
+}
+
+}  // namespace qf::server

@@ -1,0 +1,109 @@
+// Runs every request of the server on one engine: a fixed number of slots, each with its own
+// session (a per-head, possibly compressed KV cache) created when first needed; one scheduler
+// thread steps all active slots in turn, a prompt chunk or one decoded token each, so a long new
+// prompt never freezes the other streams. Sessions share the engine's thread pool, so only the
+// scheduler thread touches the model. HTTP threads talk to it through Jobs.
+#pragma once
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "runtime/engine.h"
+#include "sample/sampler.h"
+#include "server/protocol.h"
+#include "tokenizer/tokenizer.h"
+
+namespace qf::server {
+
+struct SchedulerOptions {
+  int n_slots = 4;                 // sessions generating at once (-np)
+  int max_queued = 64;             // requests waiting for a slot before new ones get 503
+  int64_t kv_memory = 0;           // bytes all sessions' KV caches may reserve (0 = no limit)
+  runtime::KvOptions kv;           // the server's KV settings (requests may override)
+};
+
+// What the scheduler tells the HTTP side about one request, in order: admitted (or an error),
+// text deltas, and a final event with the finish reason and usage.
+struct Event {
+  enum class Kind { kAdmitted, kText, kDone, kError } kind = Kind::kText;
+  std::string text;
+  FinishReason finish = FinishReason::kStop;
+  Usage usage;
+  std::optional<HttpError> error;
+};
+
+// One request in flight. The scheduler produces events; one HTTP thread consumes them.
+class Job {
+ public:
+  Job(CompletionRequest request, std::vector<int32_t> tokens) : request(std::move(request)), tokens(std::move(tokens)) {}
+  const CompletionRequest request;
+  const std::vector<int32_t> tokens;  // the prompt
+  std::atomic<bool> cancelled{false}; // set by the HTTP side: the client went away
+
+  void emit(Event e);
+  // Waits up to `timeout` for the next event.
+  std::optional<Event> next(std::chrono::milliseconds timeout);
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<Event> events_;
+};
+
+struct SchedulerMetrics {
+  int64_t requests = 0, rejected = 0, cancelled = 0;
+  int64_t prompt_tokens = 0, prompt_tokens_reused = 0, generated_tokens = 0;
+  int64_t kv_bytes_used = 0, kv_bytes_reserved = 0, kv_bytes_full = 0;  // full: an uncompressed cache of the same tokens
+  int sessions = 0, active = 0, queued = 0;
+  double busy_seconds = 0;
+};
+
+class Scheduler {
+ public:
+  Scheduler(runtime::Engine& engine, const Tokenizer& tokenizer, SchedulerOptions options);
+  ~Scheduler();  // stops the scheduler thread; jobs still running get an error event
+
+  // Queues a job. Throws HttpError 503 when shutting down or the queue is full.
+  std::shared_ptr<Job> submit(CompletionRequest request, std::vector<int32_t> tokens);
+  // Refuses new jobs from now on; waits (up to `timeout`) for the jobs in flight to finish.
+  bool drain(std::chrono::milliseconds timeout);
+  bool draining() const { return draining_; }
+  // Empties a slot's cache (POST /slots/{id}?action=erase). Throws HttpError 404 / 409.
+  void erase_slot(int id);
+
+  SchedulerMetrics metrics();
+  json slots_json();
+  const SchedulerOptions& options() const { return opt_; }
+
+ private:
+  struct Slot;
+  void loop();
+  void assign_queued(std::unique_lock<std::mutex>& lock);
+  bool admit(Slot& slot, const std::shared_ptr<Job>& job);
+  void step(Slot& slot);
+  bool emit_token(Slot& slot, int32_t token);
+  void finish(Slot& slot, FinishReason why);
+
+  runtime::Engine& engine_;
+  const Tokenizer& tok_;
+  SchedulerOptions opt_;
+  std::vector<std::unique_ptr<Slot>> slots_;
+  std::deque<std::shared_ptr<Job>> queue_;
+  std::mutex mu_;  // queue_, slots' job/session pointers, metrics_, stop_
+  std::condition_variable cv_;
+  std::atomic<bool> draining_{false};
+  bool stop_ = false;
+  int64_t tick_ = 0;
+  SchedulerMetrics metrics_;
+  std::thread thread_;
+};
+
+}  // namespace qf::server

@@ -1,0 +1,300 @@
+#include "server/server.h"
+
+#include <httplib.h>
+
+#include <chrono>
+#include <filesystem>
+#include <optional>
+#include <sstream>
+
+#include "tokenizer/chat_template.h"
+#include "tokenizer/tokenizer.h"
+#include "util/error.h"
+
+namespace qf::server {
+
+namespace {
+
+int64_t unix_now() {
+  return std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch()).count();
+}
+
+void send_json(httplib::Response& res, int status, const json& body) {
+  res.status = status;
+  res.set_content(body.dump(-1, ' ', false, json::error_handler_t::replace), "application/json");
+}
+
+void send_error(httplib::Response& res, const HttpError& e) { send_json(res, e.status, error_body(e)); }
+
+json parse_body(const httplib::Request& req) {
+  try {
+    return json::parse(req.body);
+  } catch (const json::parse_error& e) {
+    throw HttpError(400, std::string("the request body is not valid JSON: ") + e.what());
+  }
+}
+
+std::string sse(const json& j) { return "data: " + j.dump(-1, ' ', false, json::error_handler_t::replace) + "\n\n"; }
+
+}  // namespace
+
+struct Server::Impl {
+  Impl(runtime::Engine& e, ServerOptions o)
+      : engine(e), opt(std::move(o)), tok(Tokenizer::from_gguf(e.model().file())), sched(e, tok, opt.scheduler) {
+    if (opt.model_id.empty()) opt.model_id = std::filesystem::path(e.options().model).filename().string();
+    try {
+      tmpl.emplace(ChatTemplate::from_tokenizer(tok));
+    } catch (const Error&) {
+      // No chat template this engine knows: /v1/chat/completions answers 400, the rest works.
+    }
+    routes();
+  }
+
+  runtime::Engine& engine;
+  ServerOptions opt;
+  Tokenizer tok;
+  std::optional<ChatTemplate> tmpl;
+  Scheduler sched;
+  httplib::Server http;
+  std::atomic<int64_t> next_id{1};
+
+  // Every handler: HttpError -> its status, an engine error -> 400, anything else -> 500.
+  template <class Fn>
+  auto guarded(Fn fn) {
+    return [this, fn](const httplib::Request& req, httplib::Response& res) {
+      try {
+        fn(req, res);
+      } catch (const HttpError& e) {
+        send_error(res, e);
+      } catch (const Error& e) {
+        send_error(res, HttpError(400, e.what()));
+      } catch (const std::exception& e) {
+        send_error(res, HttpError(500, e.what(), "server_error"));
+      }
+    };
+  }
+
+  void routes() {
+    http.Get("/health", guarded([this](const httplib::Request&, httplib::Response& res) {
+      if (sched.draining()) throw HttpError(503, "the server is shutting down", "server_error");
+      send_json(res, 200, {{"status", "ok"}});
+    }));
+    http.Get("/v1/models", guarded([this](const httplib::Request&, httplib::Response& res) { models(res); }));
+    http.Get("/models", guarded([this](const httplib::Request&, httplib::Response& res) { models(res); }));
+    for (const char* path : {"/v1/chat/completions", "/chat/completions"})
+      http.Post(path, guarded([this](const httplib::Request& req, httplib::Response& res) { completion(req, res, true); }));
+    for (const char* path : {"/v1/completions", "/completions"})
+      http.Post(path, guarded([this](const httplib::Request& req, httplib::Response& res) { completion(req, res, false); }));
+    http.Post("/tokenize", guarded([this](const httplib::Request& req, httplib::Response& res) { tokenize(req, res); }));
+    http.Post("/detokenize", guarded([this](const httplib::Request& req, httplib::Response& res) { detokenize(req, res); }));
+    http.Get("/metrics", guarded([this](const httplib::Request&, httplib::Response& res) { metrics(res); }));
+    http.Get("/slots", guarded([this](const httplib::Request&, httplib::Response& res) { send_json(res, 200, sched.slots_json()); }));
+    http.Post(R"(/slots/(\d+))", guarded([this](const httplib::Request& req, httplib::Response& res) { slot_action(req, res); }));
+    http.set_error_handler([](const httplib::Request&, httplib::Response& res) {
+      if (res.body.empty()) {
+        const std::string what = res.status == 404 ? "no such endpoint" : res.status == 413 ? "the request body is too large"
+                                                                                              : "bad request";
+        send_error(res, HttpError(res.status, what));
+      }
+    });
+    http.set_payload_max_length(32u << 20);
+    const int threads = opt.http_threads > 0 ? opt.http_threads : opt.scheduler.n_slots + opt.scheduler.max_queued + 4;
+    http.new_task_queue = [threads] { return new httplib::ThreadPool(static_cast<size_t>(threads)); };
+  }
+
+  void models(httplib::Response& res) {
+    const ModelConfig& c = engine.model().config();
+    json meta = {{"n_ctx", engine.n_ctx()},         {"n_ctx_train", c.n_ctx_train}, {"n_vocab", c.n_vocab},
+                 {"n_layers", c.n_layers},          {"kv_policy", opt.scheduler.kv.policy},
+                 {"kv_budget", opt.scheduler.kv.budget}, {"slots", opt.scheduler.n_slots}};
+    send_json(res, 200, {{"object", "list"},
+                         {"data", json::array({{{"id", opt.model_id},
+                                                {"object", "model"},
+                                                {"created", unix_now()},
+                                                {"owned_by", "qfilters"},
+                                                {"meta", meta}}})}});
+  }
+
+  std::vector<int32_t> prompt_tokens(const CompletionRequest& r) {
+    std::vector<int32_t> ids;
+    if (r.chat) {
+      if (!tmpl) throw HttpError(400, "this model has no chat template the server knows: use /v1/completions");
+      ids = tok.encode(tmpl->apply(r.messages, /*add_generation_prompt=*/true), /*add_special=*/true, /*parse_special=*/true);
+    } else if (!r.prompt_tokens.empty()) {
+      for (int32_t t : r.prompt_tokens)
+        if (t >= tok.n_vocab()) throw HttpError(400, "token id " + std::to_string(t) + " is outside the vocabulary", "invalid_request_error", "prompt");
+      ids = r.prompt_tokens;
+    } else {
+      ids = tok.encode(r.prompt, /*add_special=*/true, /*parse_special=*/true);
+    }
+    if (ids.empty()) throw HttpError(400, "the prompt is empty after tokenization", "invalid_request_error", "prompt");
+    if (static_cast<int>(ids.size()) >= engine.n_ctx())
+      throw HttpError(400, "the prompt has " + std::to_string(ids.size()) + " tokens, the context holds " +
+                               std::to_string(engine.n_ctx()), "invalid_request_error", "messages");
+    return ids;
+  }
+
+  void completion(const httplib::Request& req, httplib::Response& res, bool chat) {
+    CompletionRequest r = parse_completion(parse_body(req), chat, opt.sampling, opt.scheduler.kv);
+    if (!r.model.empty() && r.model != opt.model_id)
+      throw HttpError(404, "the model '" + r.model + "' does not exist (this server runs '" + opt.model_id + "')",
+                      "invalid_request_error", "model");
+    r.model = opt.model_id;
+    std::vector<int32_t> ids = prompt_tokens(r);
+    const std::string id = (chat ? "chatcmpl-" : "cmpl-") + std::to_string(next_id++);
+    const int64_t created = unix_now();
+    std::shared_ptr<Job> job = sched.submit(r, std::move(ids));
+
+    // Wait for the scheduler to admit the request (or refuse it) before answering the headers.
+    std::optional<Event> first;
+    while (!(first = job->next(std::chrono::milliseconds(500)))) {}
+    if (first->kind == Event::Kind::kError) throw *first->error;
+
+    if (!r.stream) {
+      std::string text;
+      for (;;) {
+        std::optional<Event> e = job->next(std::chrono::milliseconds(500));
+        if (!e) continue;
+        if (e->kind == Event::Kind::kError) throw *e->error;
+        if (e->kind == Event::Kind::kText) text += e->text;
+        if (e->kind == Event::Kind::kDone) {
+          send_json(res, 200, completion_response(r, id, created, text, e->finish, e->usage, json::object()));
+          return;
+        }
+      }
+    }
+    res.set_header("Cache-Control", "no-cache");
+    res.set_chunked_content_provider(
+        "text/event-stream",
+        [job, r, id, created, first_chunk = true](size_t, httplib::DataSink& sink) mutable {
+          auto write = [&](const std::string& s) {
+            if (!sink.write(s.data(), s.size())) {
+              job->cancelled = true;
+              return false;
+            }
+            return true;
+          };
+          for (;;) {
+            std::optional<Event> e = job->next(std::chrono::milliseconds(200));
+            if (!e) {
+              if (!sink.is_writable()) {
+                job->cancelled = true;
+                return false;
+              }
+              continue;
+            }
+            if (e->kind == Event::Kind::kError) {
+              write(sse(error_body(*e->error)));
+              sink.done();
+              return true;
+            }
+            if (e->kind == Event::Kind::kText) {
+              if (!write(sse(completion_chunk(r, id, created, e->text, std::nullopt, first_chunk)))) return false;
+              first_chunk = false;
+              continue;
+            }
+            if (!write(sse(completion_chunk(r, id, created, "", e->finish, first_chunk)))) return false;
+            if (r.include_usage) {
+              json u = completion_chunk(r, id, created, "", std::nullopt, false);
+              u["choices"] = json::array();
+              u["usage"] = usage_json(e->usage);
+              if (!write(sse(u))) return false;
+            }
+            write("data: [DONE]\n\n");
+            sink.done();
+            return true;
+          }
+        },
+        [job](bool success) {
+          if (!success) job->cancelled = true;
+        });
+  }
+
+  void tokenize(const httplib::Request& req, httplib::Response& res) {
+    const json body = parse_body(req);
+    if (!body.is_object() || !body.contains("content") || !body["content"].is_string())
+      throw HttpError(400, "'content' must be a string", "invalid_request_error", "content");
+    const bool add_special = body.value("add_special", false);
+    const bool parse_special = body.value("parse_special", true);
+    const bool with_pieces = body.value("with_pieces", false);
+    const std::vector<int32_t> ids = tok.encode(body["content"].get<std::string>(), add_special, parse_special);
+    json tokens = json::array();
+    for (int32_t t : ids) {
+      if (with_pieces) tokens.push_back({{"id", t}, {"piece", tok.token_bytes(t)}});
+      else tokens.push_back(t);
+    }
+    send_json(res, 200, {{"tokens", tokens}});
+  }
+
+  void detokenize(const httplib::Request& req, httplib::Response& res) {
+    const json body = parse_body(req);
+    if (!body.is_object() || !body.contains("tokens") || !body["tokens"].is_array())
+      throw HttpError(400, "'tokens' must be an array of token ids", "invalid_request_error", "tokens");
+    std::vector<int32_t> ids;
+    for (const json& t : body["tokens"]) {
+      if (!t.is_number_integer() || t.get<int64_t>() < 0 || t.get<int64_t>() >= tok.n_vocab())
+        throw HttpError(400, "'tokens' holds something that is not a token id of this model", "invalid_request_error", "tokens");
+      ids.push_back(static_cast<int32_t>(t.get<int64_t>()));
+    }
+    send_json(res, 200, {{"content", tok.decode(ids, /*render_special=*/true)}});
+  }
+
+  void slot_action(const httplib::Request& req, httplib::Response& res) {
+    const int id = std::stoi(req.matches[1].str());
+    const std::string action = req.get_param_value("action");
+    if (action != "erase")
+      throw HttpError(400, "action must be erase (save and restore are not available yet)", "invalid_request_error", "action");
+    sched.erase_slot(id);
+    send_json(res, 200, {{"id_slot", id}, {"action", action}});
+  }
+
+  void metrics(httplib::Response& res) {
+    const SchedulerMetrics m = sched.metrics();
+    std::ostringstream os;
+    os.precision(15);
+    auto put = [&](const char* name, const char* type, const char* help, double value) {
+      os << "# HELP qf_" << name << ' ' << help << "\n# TYPE qf_" << name << ' ' << type << "\nqf_" << name << ' '
+         << value << '\n';
+    };
+    put("requests_total", "counter", "Completion requests accepted into the queue.", m.requests);
+    put("requests_rejected_total", "counter", "Requests refused for lack of queue room or KV memory.", m.rejected);
+    put("requests_cancelled_total", "counter", "Requests whose client went away before the end.", m.cancelled);
+    put("prompt_tokens_total", "counter", "Prompt tokens processed.", m.prompt_tokens);
+    put("prompt_tokens_reused_total", "counter", "Prompt tokens served from a slot's cache instead.", m.prompt_tokens_reused);
+    put("tokens_generated_total", "counter", "Tokens generated.", m.generated_tokens);
+    put("busy_seconds_total", "counter", "Time the scheduler spent in forward passes.", m.busy_seconds);
+    put("requests_processing", "gauge", "Requests generating now.", m.active);
+    put("requests_deferred", "gauge", "Requests waiting for a slot.", m.queued);
+    put("sessions", "gauge", "Sessions holding a KV cache (active or kept for prompt reuse).", m.sessions);
+    put("kv_bytes_used", "gauge", "Bytes of keys and values held by all sessions.", static_cast<double>(m.kv_bytes_used));
+    put("kv_bytes_reserved", "gauge", "Bytes of KV storage allocated by all sessions.", static_cast<double>(m.kv_bytes_reserved));
+    put("kv_bytes_full_cache", "gauge", "Bytes uncompressed caches of the same sequences would hold.",
+        static_cast<double>(m.kv_bytes_full));
+    res.set_content(os.str(), "text/plain; version=0.0.4");
+  }
+};
+
+Server::Server(runtime::Engine& engine, ServerOptions options) : impl_(std::make_unique<Impl>(engine, std::move(options))) {}
+
+Server::~Server() = default;
+
+int Server::bind() {
+  const ServerOptions& o = impl_->opt;
+  if (o.port == 0) return impl_->http.bind_to_any_port(o.host);
+  return impl_->http.bind_to_port(o.host, o.port) ? o.port : -1;
+}
+
+void Server::serve() { impl_->http.listen_after_bind(); }
+
+bool Server::listen() {
+  if (bind() < 0) return false;
+  serve();
+  return true;
+}
+
+void Server::stop(int drain_ms) {
+  impl_->sched.drain(std::chrono::milliseconds(drain_ms));
+  impl_->http.stop();
+}
+
+}  // namespace qf::server
