@@ -85,6 +85,7 @@ struct Server::Impl {
       http.Post(path, guarded([this](const httplib::Request& req, httplib::Response& res) { completion(req, res, true); }));
     for (const char* path : {"/v1/completions", "/completions"})
       http.Post(path, guarded([this](const httplib::Request& req, httplib::Response& res) { completion(req, res, false); }));
+    http.Post("/apply-template", guarded([this](const httplib::Request& req, httplib::Response& res) { apply_template(req, res); }));
     http.Post("/tokenize", guarded([this](const httplib::Request& req, httplib::Response& res) { tokenize(req, res); }));
     http.Post("/detokenize", guarded([this](const httplib::Request& req, httplib::Response& res) { detokenize(req, res); }));
     http.Get("/metrics", guarded([this](const httplib::Request&, httplib::Response& res) { metrics(res); }));
@@ -208,6 +209,13 @@ struct Server::Impl {
         [job](bool success) {
           if (!success) job->cancelled = true;
         });
+  }
+
+  // llama.cpp's /apply-template: the prompt a chat request would be given, as text.
+  void apply_template(const httplib::Request& req, httplib::Response& res) {
+    const CompletionRequest r = parse_completion(parse_body(req), /*chat=*/true, opt.sampling, opt.scheduler.kv);
+    if (!tmpl) throw HttpError(400, "this model has no chat template the server knows");
+    send_json(res, 200, {{"prompt", tmpl->apply(r.messages, /*add_generation_prompt=*/true)}});
   }
 
   void tokenize(const httplib::Request& req, httplib::Response& res) {

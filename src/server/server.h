@@ -2,7 +2,7 @@
 //   POST /v1/chat/completions, /v1/completions (and the same without /v1), streaming as
 //        server-sent events or not
 //   GET  /v1/models, /health, /metrics (Prometheus text), /slots
-//   POST /tokenize, /detokenize, /slots/{id}?action=erase
+//   POST /tokenize, /detokenize, /apply-template, /slots/{id}?action=erase
 // Errors are OpenAI-style bodies with the right status; a bad request never disturbs the others.
 #pragma once
 #include <memory>

@@ -1,0 +1,277 @@
+#!/usr/bin/env python3
+"""qf serve end to end: the official `openai` client against a server started here, concurrent
+sessions against the same requests run alone, prompt reuse, per-request compressed caches, KV
+memory admission, bad input, a client that disconnects mid-stream, and SIGTERM draining.
+Everything talks to 127.0.0.1 only; every wait is bounded.
+Usage: test_server.py BUILD_DIR FIXTURES_DIR"""
+import concurrent.futures
+import http.client
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import unittest
+
+import openai
+
+BUILD = os.path.abspath(sys.argv[1]) if len(sys.argv) > 1 else "build"
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+MODEL = os.path.join(ROOT, "models", "SmolLM2-135M-Instruct.Q4_1.gguf")
+QF = os.path.join(BUILD, "qf")
+MODEL_ID = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class Server:
+    """A qf serve process on a free port; stop() sends SIGTERM and returns the exit code."""
+
+    def __init__(self, *args):
+        self.proc = subprocess.Popen([QF, "serve", "-m", MODEL, "--port", "0", *args],
+                                     stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+        deadline = time.time() + 60
+        self.port = None
+        self.log = []
+        while time.time() < deadline:
+            line = self.proc.stderr.readline()
+            if not line:
+                break
+            self.log.append(line)
+            m = re.search(r"http://127\.0\.0\.1:(\d+)", line)
+            if m:
+                self.port = int(m.group(1))
+                break
+        if self.port is None:
+            self.proc.kill()
+            raise RuntimeError("qf serve did not start: " + "".join(self.log))
+
+    def client(self):
+        return openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key="none", timeout=120, max_retries=0)
+
+    def request(self, method, path, body=None, raw=None, timeout=120):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
+        r = conn.getresponse()
+        text = r.read().decode("utf-8", "replace")
+        conn.close()
+        try:
+            return r.status, json.loads(text)
+        except json.JSONDecodeError:
+            return r.status, text
+
+    def metrics(self):
+        _, text = self.request("GET", "/metrics")
+        return {m.group(1): float(m.group(2)) for m in re.finditer(r"^qf_(\w+) (\S+)$", text, re.M)}
+
+    def stop(self, timeout=60):
+        self.proc.send_signal(signal.SIGTERM)
+        return self.wait(timeout)
+
+    def wait(self, timeout=60):
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            return None
+        finally:
+            self.proc.stderr.close()
+        return self.proc.returncode
+
+
+def wait_until(pred, timeout=30.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if pred():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+class ServerTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.srv = Server("-np", "64", "-c", "512", "-t", "2", "--max-queued", "128")
+        cls.api = cls.srv.client()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.srv.stop()
+
+    def assert_error(self, status, body, want_status, param=None):
+        self.assertEqual(status, want_status, body)
+        self.assertIsInstance(body, dict, body)
+        self.assertIn("error", body)
+        self.assertIsInstance(body["error"]["message"], str)
+        self.assertTrue(body["error"]["type"])
+        if param is not None:
+            self.assertEqual(body["error"]["param"], param)
+
+    def test_models_and_health(self):
+        models = self.api.models.list()
+        self.assertEqual([m.id for m in models.data], [MODEL_ID])
+        self.assertEqual(self.srv.request("GET", "/health"), (200, {"status": "ok"}))
+
+    def test_chat_usage_counts_match_the_tokenizer(self):
+        messages = [{"role": "user", "content": "Write a long essay about the history of the ocean."}]
+        r = self.api.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=12, temperature=0)
+        _, tmpl = self.srv.request("POST", "/apply-template", {"messages": messages})
+        _, toks = self.srv.request("POST", "/tokenize", {"content": tmpl["prompt"], "add_special": True})
+        self.assertEqual(r.usage.prompt_tokens, len(toks["tokens"]))
+        self.assertEqual(r.choices[0].finish_reason, "length")
+        self.assertEqual(r.usage.completion_tokens, 12)
+        self.assertEqual(r.usage.total_tokens, r.usage.prompt_tokens + 12)
+        self.assertTrue(r.choices[0].message.content)
+
+    def test_streaming_equals_non_streaming(self):
+        for chat in (True, False):
+            kw = dict(model=MODEL_ID, max_tokens=16, temperature=0)
+            if chat:
+                kw["messages"] = [{"role": "user", "content": "What is the capital of France?"}]
+                full = self.api.chat.completions.create(**kw).choices[0].message.content
+                chunks = list(self.api.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+                text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+                self.assertEqual(chunks[0].choices[0].delta.role, "assistant")
+            else:
+                kw["prompt"] = "The capital of France is"
+                full = self.api.completions.create(**kw).choices[0].text
+                chunks = list(self.api.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+                text = "".join(c.choices[0].text for c in chunks if c.choices)
+            self.assertEqual(text, full)
+            finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+            self.assertEqual(len(finals), 1)
+            self.assertEqual(chunks[-1].usage.completion_tokens, 16)
+
+    def test_same_seed_same_text_and_stop_strings(self):
+        kw = dict(model=MODEL_ID, prompt="Once upon a time", max_tokens=24, temperature=0.9, seed=11)
+        a = self.api.completions.create(**kw).choices[0].text
+        b = self.api.completions.create(**kw).choices[0].text
+        self.assertEqual(a, b)
+        greedy = self.api.completions.create(model=MODEL_ID, prompt="1, 2, 3, 4,", max_tokens=16, temperature=0)
+        text = greedy.choices[0].text
+        self.assertIn(" 6", text)
+        stopped = self.api.completions.create(model=MODEL_ID, prompt="1, 2, 3, 4,", max_tokens=16, temperature=0,
+                                              stop=[" 6"])
+        self.assertEqual(stopped.choices[0].finish_reason, "stop")
+        self.assertEqual(stopped.choices[0].text, text[:text.index(" 6")])
+
+    def test_concurrent_sessions_match_running_alone(self):
+        prompts = [f"Question {i}: what comes after {i}? Answer:" for i in range(64)]
+
+        def ask(p):
+            return self.api.completions.create(model=MODEL_ID, prompt=p, max_tokens=8, temperature=0,
+                                               extra_body={"cache_prompt": False}).choices[0].text
+
+        alone = [ask(p) for p in prompts[:8]]
+        with concurrent.futures.ThreadPoolExecutor(64) as pool:
+            together = list(pool.map(ask, prompts))
+        alone += [ask(p) for p in prompts[8:]]
+        self.assertEqual(together, alone)
+
+    def test_chat_continuation_reuses_the_cache(self):
+        messages = [{"role": "user", "content": "Tell me a fact about the moon."}]
+        first = self.api.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=20, temperature=0)
+        messages += [{"role": "assistant", "content": first.choices[0].message.content},
+                     {"role": "user", "content": "And one about the sun?"}]
+        second = self.api.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=8, temperature=0)
+        cached = second.usage.prompt_tokens_details.cached_tokens
+        self.assertGreaterEqual(cached, first.usage.prompt_tokens, second.usage)
+        self.assertLess(cached, second.usage.prompt_tokens)
+
+    def test_compressed_cache_per_request(self):
+        r = self.api.completions.create(model=MODEL_ID, prompt="The history of the world, in brief:", max_tokens=120,
+                                        temperature=0.8, seed=1,
+                                        extra_body={"kv_policy": "knorm", "kv_budget": 48, "kv_window": 8})
+        self.assertEqual(r.usage.completion_tokens, 120)
+        _, slots = self.srv.request("GET", "/slots")
+        knorm = [s for s in slots if s["kv_policy"] == "knorm"]
+        self.assertTrue(knorm, slots)
+        full = self.srv.request("GET", "/slots")[1]
+        self.assertLess(min(s["kv_bytes_reserved"] for s in knorm),
+                        max(s["kv_bytes_reserved"] for s in full if s["kv_policy"] == "none"))
+        status, body = self.srv.request("POST", "/v1/completions",
+                                        {"prompt": "x", "kv_policy": "qfilters", "kv_budget": 32})
+        self.assert_error(status, body, 400)
+        self.assertIn("--filters", body["error"]["message"])
+
+    def test_bad_input(self):
+        s = self.srv
+        self.assert_error(*s.request("POST", "/v1/chat/completions", raw=b"{not json"), 400)
+        self.assert_error(*s.request("POST", "/v1/chat/completions", {"messages": "hi"}), 400, "messages")
+        self.assert_error(*s.request("POST", "/v1/completions", {"prompt": "hi", "model": "gpt-4"}), 404, "model")
+        self.assert_error(*s.request("POST", "/v1/completions", {"prompt": ""}), 400, "prompt")
+        self.assert_error(*s.request("POST", "/v1/completions", {"prompt": "word " * 600}), 400)
+        self.assert_error(*s.request("POST", "/v1/completions", raw=b'{"prompt": "\xff\xfe bad"}'), 400)
+        self.assert_error(*s.request("POST", "/v1/completions", {"prompt": "hi", "max_tokens": -5}), 400, "max_tokens")
+        self.assert_error(*s.request("POST", "/v1/completions", {"prompt": "hi", "max_tokens": 10**15}), 400, "max_tokens")
+        self.assert_error(*s.request("POST", "/v1/completions", {"prompt": [1, 10**9]}), 400, "prompt")
+        self.assert_error(*s.request("POST", "/v1/completions", {"prompt": "hi", "temperature": "warm"}), 400, "temperature")
+        self.assert_error(*s.request("POST", "/v1/completions", {"prompt": "hi", "id_slot": 999}), 400, "id_slot")
+        self.assert_error(*s.request("POST", "/detokenize", {"tokens": [1, -4]}), 400, "tokens")
+        self.assert_error(*s.request("GET", "/v1/nothing-here"), 404)
+        self.assert_error(*s.request("POST", "/slots/0?action=save"), 400, "action")
+        with self.assertRaises(openai.BadRequestError):
+            self.api.completions.create(model=MODEL_ID, prompt="hi", max_tokens=-1)
+        # ... and the server still serves.
+        ok = self.api.completions.create(model=MODEL_ID, prompt="Hello", max_tokens=4, temperature=0)
+        self.assertEqual(ok.usage.completion_tokens, 4)
+
+    def test_client_disconnect_frees_the_session(self):
+        before = self.srv.metrics()["requests_cancelled_total"]
+        sock = socket.create_connection(("127.0.0.1", self.srv.port), timeout=30)
+        body = json.dumps({"prompt": "A very long story:", "max_tokens": 400, "stream": True}).encode()
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        got = b""
+        while b"data: " not in got:
+            got += sock.recv(4096)
+        sock.close()
+        self.assertTrue(wait_until(lambda: self.srv.metrics()["requests_cancelled_total"] > before))
+        self.assertTrue(wait_until(lambda: not any(s["is_processing"] for s in self.srv.request("GET", "/slots")[1])))
+        self.assertLess(self.srv.metrics()["tokens_generated_total"], 10**9)
+
+
+class AdmissionAndShutdownTest(unittest.TestCase):
+    def test_kv_memory_limit_answers_503(self):
+        # -c 512 full cache: 512 x 30 layers x 3 heads x 64 x 2 x 4 bytes = 22.5 MiB a session.
+        srv = Server("-np", "4", "-c", "512", "-t", "2", "--kv-memory", "30")
+        try:
+            api = srv.client()
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                long_one = pool.submit(lambda: api.completions.create(model=MODEL_ID, prompt="Story:", max_tokens=200,
+                                                                      temperature=0))
+                self.assertTrue(wait_until(lambda: srv.metrics()["requests_processing"] >= 1))
+                status, body = srv.request("POST", "/v1/completions", {"prompt": "Other", "max_tokens": 4})
+                self.assertEqual(status, 503, body)
+                self.assertIn("KV memory", body["error"]["message"])
+                self.assertEqual(long_one.result(timeout=120).usage.completion_tokens, 200)
+            # Once the first finishes, its idle session gives way to a new one.
+            status, body = srv.request("POST", "/v1/completions", {"prompt": "Other", "max_tokens": 4,
+                                                                     "kv_policy": "knorm", "kv_budget": 64})
+            self.assertEqual(status, 200, body)
+        finally:
+            self.assertEqual(srv.stop(), 0)
+
+    def test_sigterm_drains_requests_in_flight(self):
+        srv = Server("-np", "2", "-c", "512", "-t", "2")
+        api = srv.client()
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            running = pool.submit(lambda: api.completions.create(model=MODEL_ID, prompt="Story:", max_tokens=150,
+                                                                 temperature=0))
+            self.assertTrue(wait_until(lambda: srv.metrics()["requests_processing"] >= 1))
+            srv.proc.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            try:
+                status, _ = srv.request("POST", "/v1/completions", {"prompt": "late", "max_tokens": 2}, timeout=10)
+                self.assertEqual(status, 503)
+            except (ConnectionError, OSError):
+                pass  # already closed: refused is fine too
+            self.assertEqual(running.result(timeout=120).usage.completion_tokens, 150)
+        self.assertEqual(srv.wait(60), 0)
+
+
+if __name__ == "__main__":
+    unittest.main(argv=sys.argv[:1], verbosity=2)
