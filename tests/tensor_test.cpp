@@ -305,7 +305,7 @@ TEST(Dequantize, RejectsBadInput) {
   const WeightView w{GgmlType::Q8_0, 64, 1, data.data()};
   EXPECT_THROW(dequantize_row(w, 1, out), Error);
   EXPECT_THROW(dequantize_row(w, -1, out), Error);
-  EXPECT_THROW(dequantize_row(WeightView{GgmlType::Q5_0, 64, 1, data.data()}, 0, out), Error);
+  EXPECT_THROW(dequantize_row(WeightView{GgmlType::IQ2_XXS, 256, 1, data.data()}, 0, out), Error);
   EXPECT_THROW(dequantize_row(WeightView{GgmlType::Q8_0, 48, 1, data.data()}, 0, out), Error);
   EXPECT_THROW(dequantize_row(WeightView{GgmlType::Q8_0, 64, 1, nullptr}, 0, out), Error);
   EXPECT_NO_THROW(dequantize_row(w, 0, out));
@@ -550,8 +550,8 @@ TEST(Matmul, RejectsBadInput) {
   ThreadPool pool(1);
   std::vector<uint8_t> data(34 * 4);
   std::vector<float> x(64), y(4);
-  EXPECT_THROW(matmul(WeightView{GgmlType::Q5_0, 64, 2, data.data()}, x.data(), 1, y.data(), pool), Error);
-  EXPECT_THROW(matmul(WeightView{GgmlType::Q4_K, 256, 1, data.data()}, x.data(), 1, y.data(), pool), Error);
+  EXPECT_THROW(matmul(WeightView{GgmlType::IQ2_XXS, 256, 1, data.data()}, x.data(), 1, y.data(), pool), Error);
+  EXPECT_THROW(matmul(WeightView{GgmlType::Q8_1, 64, 1, data.data()}, x.data(), 1, y.data(), pool), Error);
   EXPECT_THROW(matmul(WeightView{GgmlType::Q8_0, 48, 2, data.data()}, x.data(), 1, y.data(), pool), Error);
   EXPECT_THROW(matmul(WeightView{GgmlType::Q8_0, 0, 2, data.data()}, x.data(), 1, y.data(), pool), Error);
   EXPECT_THROW(matmul(WeightView{GgmlType::Q8_0, 64, -1, data.data()}, x.data(), 1, y.data(), pool), Error);
