@@ -148,11 +148,13 @@ struct Codec<GgmlType::IQ4_NL> {  // d, qs[16]: w = d * grid[nibble]
 };
 
 // ---- K-quants: 256-element super-blocks (paired with the 8-bit activation super-blocks) -----
+// Each K codec also exposes scales() (the 16 group scales and mins alone, for SIMD engines that
+// unpack the quants themselves) and kOffset: its quants are stored as q + kOffset >= 0.
 
 // Q4_K / Q5_K: eight 6-bit scales and mins packed in 12 bytes. Sub-block j < 4 keeps its low 6
 // bits in bytes j (scale) and j + 4 (min); j >= 4 keeps the low 4 in byte j + 4 and the top 2 in
 // the spare top bits of bytes j - 4 (scale) and j (min).
-inline void unpack_scale_min_k4(const uint8_t* s, DecodedK& o) {
+inline void unpack_scale_min_k4(const uint8_t* s, int8_t* sc16, int8_t* mn16) {
   for (int j = 0; j < 8; ++j) {
     int sc, mn;
     if (j < 4) {
@@ -162,8 +164,8 @@ inline void unpack_scale_min_k4(const uint8_t* s, DecodedK& o) {
       sc = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4);
       mn = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
     }
-    o.sc[2 * j] = o.sc[2 * j + 1] = static_cast<int8_t>(sc);
-    o.mn[2 * j] = o.mn[2 * j + 1] = static_cast<int8_t>(mn);
+    sc16[2 * j] = sc16[2 * j + 1] = static_cast<int8_t>(sc);
+    mn16[2 * j] = mn16[2 * j + 1] = static_cast<int8_t>(mn);
   }
 }
 
@@ -172,12 +174,16 @@ struct Codec<GgmlType::Q2_K> {  // scales[16] (4-bit scale | 4-bit min << 4), qs
   static constexpr int kElems = kQK_K;
   static constexpr size_t kBytes = 84;
   static constexpr bool kHasMin = true;
+  static constexpr int kOffset = 0;
   using Decoded = DecodedK;
-  static void decode(const uint8_t* p, DecodedK& o) {
+  static void scales(const uint8_t* p, int8_t* sc, int8_t* mn) {
     for (int g = 0; g < 16; ++g) {
-      o.sc[g] = static_cast<int8_t>(p[g] & 0xF);
-      o.mn[g] = static_cast<int8_t>(p[g] >> 4);
+      sc[g] = static_cast<int8_t>(p[g] & 0xF);
+      mn[g] = static_cast<int8_t>(p[g] >> 4);
     }
+  }
+  static void decode(const uint8_t* p, DecodedK& o) {
+    scales(p, o.sc, o.mn);
     // Each 128-element half uses 32 bytes; element i of it is 2-bit field i / 32 of byte i % 32.
     for (int i = 0; i < kQK_K; ++i) {
       const int half = i / 128, k = i % 128;
@@ -193,19 +199,23 @@ struct Codec<GgmlType::Q3_K> {  // hmask[32], qs[64], scales[12] (16 x 6-bit, of
   static constexpr int kElems = kQK_K;
   static constexpr size_t kBytes = 110;
   static constexpr bool kHasMin = false;
+  static constexpr int kOffset = 4;
   using Decoded = DecodedK;
-  static void decode(const uint8_t* p, DecodedK& o) {
-    const uint8_t* hmask = p;
-    const uint8_t* qs = p + 32;
+  // Scale g: low 4 bits in byte g % 8 (low nibble for g < 8), top 2 bits in byte 8 + g % 4 at
+  // bit 2 * (g / 4); stored + 32.
+  static void scales(const uint8_t* p, int8_t* sc, int8_t* mn) {
     const uint8_t* s = p + 96;
-    // Scale g: low 4 bits in byte g % 8 (low nibble for g < 8), top 2 bits in byte 8 + g % 4
-    // at bit 2 * (g / 4).
     for (int g = 0; g < 16; ++g) {
       const int lo = (g < 8 ? s[g] : s[g - 8] >> 4) & 0xF;
       const int hi = (s[8 + g % 4] >> (2 * (g / 4))) & 3;
-      o.sc[g] = static_cast<int8_t>((lo | (hi << 4)) - 32);
-      o.mn[g] = 0;
+      sc[g] = static_cast<int8_t>((lo | (hi << 4)) - 32);
+      mn[g] = 0;
     }
+  }
+  static void decode(const uint8_t* p, DecodedK& o) {
+    const uint8_t* hmask = p;
+    const uint8_t* qs = p + 32;
+    scales(p, o.sc, o.mn);
     // Low 2 bits as in Q2_K; a clear bit i / 32 of hmask[i % 32] subtracts 4.
     for (int i = 0; i < kQK_K; ++i) {
       const int half = i / 128, k = i % 128;
@@ -223,11 +233,13 @@ struct Codec<GgmlType::Q4_K> {  // d, dmin, scales[12], qs[128]
   static constexpr int kElems = kQK_K;
   static constexpr size_t kBytes = 144;
   static constexpr bool kHasMin = true;
+  static constexpr int kOffset = 0;
   using Decoded = DecodedK;
+  static void scales(const uint8_t* p, int8_t* sc, int8_t* mn) { unpack_scale_min_k4(p + 4, sc, mn); }
   static void decode(const uint8_t* p, DecodedK& o) {
     o.d = half_at(p);
     o.dmin = half_at(p + 2);
-    unpack_scale_min_k4(p + 4, o);
+    scales(p, o.sc, o.mn);
     // 64-element chunk c uses 32 bytes: low nibbles are its first 32 elements, high the rest.
     const uint8_t* qs = p + 16;
     for (int i = 0; i < kQK_K; ++i) {
@@ -242,11 +254,13 @@ struct Codec<GgmlType::Q5_K> {  // d, dmin, scales[12], qh[32], qs[128]
   static constexpr int kElems = kQK_K;
   static constexpr size_t kBytes = 176;
   static constexpr bool kHasMin = true;
+  static constexpr int kOffset = 0;
   using Decoded = DecodedK;
+  static void scales(const uint8_t* p, int8_t* sc, int8_t* mn) { unpack_scale_min_k4(p + 4, sc, mn); }
   static void decode(const uint8_t* p, DecodedK& o) {
     o.d = half_at(p);
     o.dmin = half_at(p + 2);
-    unpack_scale_min_k4(p + 4, o);
+    scales(p, o.sc, o.mn);
     const uint8_t* qh = p + 16;
     const uint8_t* qs = p + 48;
     // Low 4 bits as in Q4_K; the fifth is bit i / 32 of qh[i % 32].
@@ -263,14 +277,18 @@ struct Codec<GgmlType::Q6_K> {  // ql[128], qh[64], scales[16] (int8), d: w = d 
   static constexpr int kElems = kQK_K;
   static constexpr size_t kBytes = 210;
   static constexpr bool kHasMin = false;
+  static constexpr int kOffset = 32;
   using Decoded = DecodedK;
+  static void scales(const uint8_t* p, int8_t* sc, int8_t* mn) {
+    for (int g = 0; g < 16; ++g) {
+      sc[g] = static_cast<int8_t>(p[192 + g]);
+      mn[g] = 0;
+    }
+  }
   static void decode(const uint8_t* p, DecodedK& o) {
     const uint8_t* ql = p;
     const uint8_t* qh = p + 128;
-    for (int g = 0; g < 16; ++g) {
-      o.sc[g] = static_cast<int8_t>(p[192 + g]);
-      o.mn[g] = 0;
-    }
+    scales(p, o.sc, o.mn);
     // Each 128-element half uses 64 ql bytes (low nibbles: elements 0..63, high: 64..127) and
     // 32 qh bytes (element k's top 2 bits are field k / 32 of qh[k % 32]).
     for (int i = 0; i < kQK_K; ++i) {
