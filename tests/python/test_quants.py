@@ -6,8 +6,11 @@ scales are extreme (largest finite, subnormal, zero, negative zero, negative min
 blocks go through tests/tools/dequant_tool and are compared bit for bit with
 gguf.quants.dequantize. When models/gemma-3-270m-q4_k_m.gguf is present, rows spread over every
 tensor of that real file are compared the same way (all its types go through the same table).
+Finally a fixture whose tensor type is patched to IQ2_XXS (a type qf cannot run) must make
+`qf info` list the type and report, in one line, which tensor has it.
 Usage: test_quants.py BUILD_DIR FIXTURES_DIR"""
 import os
+import struct
 import subprocess
 import sys
 import tempfile
@@ -107,11 +110,40 @@ def check_gemma(build, tmp, rows_per_tensor=3):
     print(f"{GEMMA}: {len(reader.tensors)} tensors bit-exact ({', '.join(f'{k} x{v}' for k, v in sorted(types.items()))})")
 
 
+def check_unsupported_type(build, fixtures, tmp):
+    src = os.path.join(fixtures, "llama_q4_k_gqa.gguf")
+    if not os.path.exists(src):
+        raise SystemExit(f"{src} missing: run tests/python/make_fixtures.py")
+    name = "blk.0.attn_q.weight"
+    data = bytearray(open(src, "rb").read())
+    # Tensor info: u64 name length, name, u32 n_dims, u64 dims[n_dims], u32 type, u64 offset.
+    key = struct.pack("<Q", len(name)) + name.encode()
+    at = data.find(key)
+    if at < 0 or data.find(key, at + 1) >= 0:
+        raise SystemExit(f"cannot locate the tensor info of {name}")
+    at += len(key)
+    n_dims = struct.unpack_from("<I", data, at)[0]
+    type_at = at + 4 + 8 * n_dims
+    if struct.unpack_from("<I", data, type_at)[0] != int(Q.Q4_K):
+        raise SystemExit(f"{name} is not Q4_K in {src}")
+    struct.pack_into("<I", data, type_at, int(Q.IQ2_XXS))  # fewer bytes: still inside the file
+    path = os.path.join(tmp, "iq2_xxs.gguf")
+    open(path, "wb").write(bytes(data))
+    r = subprocess.run([os.path.join(build, "qf"), "info", path], capture_output=True, text=True)
+    lines = r.stdout.splitlines()
+    listed = [l for l in lines if l.startswith("tensor types:") and "IQ2_XXS x1" in l]
+    verdict = [l for l in lines if l.startswith("runnable: no")]
+    if r.returncode != 0 or not listed or len(verdict) != 1 or name not in verdict[0] or "IQ2_XXS" not in verdict[0]:
+        raise SystemExit(f"qf info on an IQ2_XXS tensor: rc {r.returncode}\n{r.stdout}{r.stderr}")
+    print(f"unsupported type reported: {verdict[0]}")
+
+
 def main():
-    build = sys.argv[1]
+    build, fixtures = sys.argv[1], sys.argv[2]
     with tempfile.TemporaryDirectory() as tmp:
         check_random_blocks(build, tmp)
         check_gemma(build, tmp)
+        check_unsupported_type(build, fixtures, tmp)
     print("ok")
 
 
