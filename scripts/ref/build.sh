@@ -22,6 +22,15 @@ if ! { [ -x "$gbin" ] && [ "$gbin" -nt "$gsrc" ] && [ "$gbin" -nt "$0" ]; }; the
   mv "$gbin.tmp" "$gbin"
   echo "built $gbin" >&2
 fi
+# quantize_model (re-quantizes GGUF files with llama_model_quantize, scripts/requantize.sh).
+qsrc="$root/scripts/ref/quantize_model.cpp"
+qbin="$out/quantize_model"
+if ! { [ -x "$qbin" ] && [ "$qbin" -nt "$qsrc" ] && [ "$qbin" -nt "$0" ]; }; then
+  g++ -O2 -std=c++17 -Wall -Wextra -o "$qbin.tmp" "$qsrc" -I "$llama/include" \
+    -L "$llama/lib" -l:libllama.v0.5.0.so -l:libggml.v0.5.0.so -l:libggml-base.so -Wl,-rpath,"$llama/lib" -ldl
+  mv "$qbin.tmp" "$qbin"
+  echo "built $qbin" >&2
+fi
 if [ -x "$bin" ] && [ "$bin" -nt "$src" ] && [ "$bin" -nt "$0" ]; then
   exit 0
 fi
