@@ -6,10 +6,16 @@
 //   BM_DecodeModel/<type>/<threads>: every matmul of one decode step of a 30-layer model
 //     (96 MB of weights for Q4_1 + Q8_0 output), i.e. weights streamed as in real decode.
 //   GOPS counts 2 ops (multiply + add) per weight element per token.
+//   BM_TypeDecode/<type>/<threads>, BM_TypePrefill/<type>/<threads>: every supported quantized
+//     type on 4096 x 4096 matrices. Decode: one token through enough copies to stream 256 MiB of
+//     weights per iteration (GB/s of weights); prefill: 128 tokens through one matrix (GOPS).
+//     scripts/bench_kernels_vs_ggml.py runs these beside the same shapes through libggml.
+//   BM_ReadBandwidth: plain streaming read of 1 GiB, the machine's bound for decode.
 //
 // QF_SIMD_TARGET=avx2|avx512|scalar selects a lower SIMD target.
 #include <benchmark/benchmark.h>
 
+#include <algorithm>
 #include <cstring>
 #include <memory>
 #include <random>
@@ -39,6 +45,17 @@ ThreadPool& pool(int n) {
   return *pools[n];
 }
 
+// Byte offsets of a block's fp16 scale and (where the type has one) min.
+std::pair<size_t, int> half_fields(GgmlType t) {
+  switch (t) {
+    case GgmlType::Q4_1: case GgmlType::Q5_1: case GgmlType::Q4_K: case GgmlType::Q5_K: return {0, 2};
+    case GgmlType::Q2_K: return {80, 82};
+    case GgmlType::Q3_K: return {108, -1};
+    case GgmlType::Q6_K: return {208, -1};
+    default: return {0, -1};
+  }
+}
+
 // Random but realistic blocks: finite fp16 scales (no NaN/inf/denormal slow paths).
 std::vector<uint8_t> make_weights(GgmlType t, int64_t rows, int64_t cols, uint32_t seed) {
   std::vector<uint8_t> data(row_bytes(t, cols) * rows);
@@ -46,9 +63,10 @@ std::vector<uint8_t> make_weights(GgmlType t, int64_t rows, int64_t cols, uint32
   for (auto& b : data) b = static_cast<uint8_t>(rng());
   const size_t bb = type_info(t).block_bytes;
   const uint16_t d = f32_to_fp16(0.01f), m = f32_to_fp16(-0.08f);
+  const auto [d_at, m_at] = half_fields(t);
   for (size_t off = 0; off < data.size(); off += bb) {
-    std::memcpy(&data[off], &d, 2);
-    if (t == GgmlType::Q4_1) std::memcpy(&data[off + 2], &m, 2);
+    std::memcpy(&data[off + d_at], &d, 2);
+    if (m_at >= 0) std::memcpy(&data[off + m_at], &m, 2);
   }
   return data;
 }
@@ -134,6 +152,77 @@ BENCHMARK(BM_DecodeModel)
     ->Args({static_cast<int>(GgmlType::Q4_1), 2})
     ->Unit(benchmark::kMillisecond)
     ->UseRealTime();
+
+// ---- per weight type, shapes shared with scripts/ref/ggml_matmul_bench.cpp ----------------------
+
+constexpr int64_t kTypeRows = 4096, kTypeCols = 4096, kPrefillTokens = 128;
+constexpr double kStreamMiB = 256;
+
+std::vector<GgmlType> quantized_types() {
+  std::vector<GgmlType> v;
+  for (const TypeInfo& t : all_types())
+    if (t.supported && t.block_elems > 1) v.push_back(t.type);
+  return v;
+}
+
+void TypeArgs(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"type", "threads"});
+  for (GgmlType t : quantized_types())
+    for (int threads : {1, 2, 4}) b->Args({static_cast<int>(t), threads});
+  b->UseRealTime();
+}
+
+void BM_TypeDecode(benchmark::State& state) {
+  const auto type = static_cast<GgmlType>(state.range(0));
+  ThreadPool& p = pool(static_cast<int>(state.range(1)));
+  const size_t mat_bytes = row_bytes(type, kTypeCols) * kTypeRows;
+  const int copies = std::max(1, static_cast<int>(kStreamMiB * 1048576.0 / mat_bytes + 0.999));
+  const auto w = make_weights(type, kTypeRows, kTypeCols, 1);
+  std::vector<std::vector<uint8_t>> mats(copies, w);
+  const auto x = make_x(kTypeCols);
+  std::vector<float> y(kTypeRows);
+  for (auto _ : state) {
+    for (const auto& m : mats) matmul(WeightView{type, kTypeCols, kTypeRows, m.data()}, x.data(), 1, y.data(), p);
+    benchmark::ClobberMemory();
+  }
+  const double iters = static_cast<double>(state.iterations());
+  state.counters["GB/s"] = benchmark::Counter(iters * mat_bytes * copies / 1e9, benchmark::Counter::kIsRate);
+  state.counters["GOPS"] = benchmark::Counter(iters * 2.0 * kTypeRows * kTypeCols * copies / 1e9, benchmark::Counter::kIsRate);
+  state.SetLabel(std::string(type_info(type).name) + " " + std::to_string(copies) + " copies " + simd_target_name());
+}
+BENCHMARK(BM_TypeDecode)->Apply(TypeArgs);
+
+void BM_TypePrefill(benchmark::State& state) {
+  const auto type = static_cast<GgmlType>(state.range(0));
+  ThreadPool& p = pool(static_cast<int>(state.range(1)));
+  const auto w = make_weights(type, kTypeRows, kTypeCols, 1);
+  const auto x = make_x(kTypeCols * kPrefillTokens);
+  std::vector<float> y(kTypeRows * kPrefillTokens);
+  for (auto _ : state) {
+    matmul(WeightView{type, kTypeCols, kTypeRows, w.data()}, x.data(), kPrefillTokens, y.data(), p);
+    benchmark::ClobberMemory();
+  }
+  const double iters = static_cast<double>(state.iterations());
+  state.counters["GB/s"] = benchmark::Counter(iters * w.size() / 1e9, benchmark::Counter::kIsRate);
+  state.counters["GOPS"] = benchmark::Counter(iters * 2.0 * kTypeRows * kTypeCols * kPrefillTokens / 1e9, benchmark::Counter::kIsRate);
+  state.SetLabel(std::string(type_info(type).name) + " " + simd_target_name());
+}
+BENCHMARK(BM_TypePrefill)->Apply(TypeArgs);
+
+// Streaming read of 1 GiB (sum of 64-bit words, several accumulators so the loads overlap).
+void BM_ReadBandwidth(benchmark::State& state) {
+  const size_t words = (size_t{1} << 30) / 8;
+  std::vector<uint64_t> buf(words, 1);
+  for (auto _ : state) {
+    uint64_t s[8] = {};
+    for (size_t i = 0; i < words; i += 8)
+      for (int k = 0; k < 8; ++k) s[k] += buf[i + k];
+    benchmark::DoNotOptimize(s);
+  }
+  state.counters["GB/s"] = benchmark::Counter(static_cast<double>(state.iterations()) * words * 8 / 1e9,
+                                              benchmark::Counter::kIsRate);
+}
+BENCHMARK(BM_ReadBandwidth)->Unit(benchmark::kMillisecond)->UseRealTime();
 
 void BM_DotF32(benchmark::State& state) {
   const size_t n = static_cast<size_t>(state.range(0));

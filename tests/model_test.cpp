@@ -66,7 +66,7 @@ std::vector<float> all_logits(const qf::Model& m, const std::vector<int32_t>& to
   return {l.begin(), l.end()};
 }
 
-bool quantized(const std::string& type) { return type.rfind("Q", 0) == 0; }
+bool quantized(const std::string& type) { return type.find('Q') != std::string::npos; }  // Q*, IQ*
 
 TEST(Model, FixturesExist) { EXPECT_GE(fixtures().size(), 6u) << "run python3 tests/python/make_fixtures.py"; }
 

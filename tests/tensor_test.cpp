@@ -3,7 +3,9 @@
 //
 // References here are written from the ggml format description, independently of the kernels:
 // fp16 is decoded with ldexp, blocks are read byte by byte, and activations are quantized with
-// the formula documented in kernels.h.
+// the formula documented in kernels.h. Types added with the type table (Q5_0, Q5_1, IQ4_NL and
+// the K-quants) are decoded by dequantize_row, which tests/python/test_quants.py proves
+// bit-exact against gguf-py's independent numpy decoders.
 #include <gtest/gtest.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -22,6 +24,7 @@
 #include <vector>
 
 #include "tensor/kernels.h"
+#include "tensor/quant_blocks.h"
 #include "tensor/threadpool.h"
 #include "tensor/types.h"
 #include "util/error.h"
@@ -101,18 +104,45 @@ std::vector<double> ref_row(const WeightView& w, int64_t r) {
         out[j] = ref_fp16(rd16(blk)) * q + ref_fp16(rd16(blk + 2));
         break;
       }
-      default: ADD_FAILURE() << "unexpected type";
+      default: {
+        std::vector<float> f(w.cols);
+        dequantize_row(w, r, f.data());
+        return std::vector<double>(f.begin(), f.end());
+      }
     }
   }
   return out;
 }
 
-// The activation quantization of kernels.h, per block of 32.
+// The activation quantization of kernels.h: per block of 32 for the 32-element types, per
+// super-block of 256 (ggml's Q8_K) for the K-quants.
 struct QuantRef {
   std::vector<int> q;
-  std::vector<float> d;  // per block, fp16-rounded
+  std::vector<float> d;  // per block, fp16-rounded for blocks of 32
+  int64_t block = 32;
 };
-QuantRef ref_quantize(const float* x, int64_t n) {
+QuantRef ref_quantize_k(const float* x, int64_t n) {
+  QuantRef r;
+  r.block = 256;
+  r.q.resize(n);
+  for (int64_t b = 0; b < n / 256; ++b) {
+    float amax = 0.0f, max = 0.0f;
+    for (int j = 0; j < 256; ++j)
+      if (std::fabs(x[256 * b + j]) > amax) {
+        amax = std::fabs(x[256 * b + j]);
+        max = x[256 * b + j];
+      }
+    const float iscale = amax != 0.0f ? -127.0f / max : 0.0f;
+    for (int j = 0; j < 256; ++j) {
+      const float v = iscale * x[256 * b + j];  // rounded to float, then to nearest (ties even)
+      r.q[256 * b + j] = std::min(127, static_cast<int>(std::nearbyint(v)));
+    }
+    r.d.push_back(amax != 0.0f ? 1.0f / iscale : 0.0f);
+  }
+  return r;
+}
+QuantRef ref_quantize(const float* x, int64_t n, ActFormat act) {
+  if (act == ActFormat::kQ8K) return ref_quantize_k(x, n);
   QuantRef r;
   r.q.resize(n);
   for (int64_t b = 0; b < n / 32; ++b) {
@@ -126,7 +156,28 @@ QuantRef ref_quantize(const float* x, int64_t n) {
   return r;
 }
 
-bool is_quant(GgmlType t) { return t == GgmlType::Q8_0 || t == GgmlType::Q4_0 || t == GgmlType::Q4_1; }
+bool is_quant(GgmlType t) { return type_info(t).act == ActFormat::kQ8 || type_info(t).act == ActFormat::kQ8K; }
+
+// Every weight type the table marks supported: the matmul and dequantize tests cover exactly these.
+std::vector<GgmlType> supported_types() {
+  std::vector<GgmlType> v;
+  for (const TypeInfo& t : all_types())
+    if (t.supported) v.push_back(t.type);
+  return v;
+}
+const std::vector<GgmlType> kAllTypes = supported_types();
+
+// Byte offsets of the fp16 scale fields in a block of each quantized type (d first, then the
+// min / dmin where the type has one).
+std::vector<size_t> half_fields(GgmlType t) {
+  switch (t) {
+    case GgmlType::Q4_1: case GgmlType::Q5_1: case GgmlType::Q4_K: case GgmlType::Q5_K: return {0, 2};
+    case GgmlType::Q2_K: return {80, 82};
+    case GgmlType::Q3_K: return {108};
+    case GgmlType::Q6_K: return {208};
+    default: return {0};
+  }
+}
 
 // ---------------------------------------------------------------------------------------------
 // Random weights
@@ -160,12 +211,15 @@ std::vector<uint8_t> random_weights(GgmlType t, int64_t rows, int64_t cols, std:
       for (size_t i = 0; i < n; ++i) put16(data.data() + 2 * i, f32_to_bf16(uni(rng)));
       break;
     default: {
-      const size_t bb = type_info(t).block_bytes;
-      for (size_t b = 0; b < n / 32; ++b) {
-        uint8_t* p = data.data() + b * bb;
-        for (size_t i = 0; i < bb; ++i) p[i] = static_cast<uint8_t>(byte(rng));  // qs: full range
-        put16(p, random_half(rng, 0.05f));
-        if (t == GgmlType::Q4_1) put16(p + 2, random_half(rng, 0.5f));
+      const TypeInfo& ti = type_info(t);
+      // K-quant scales multiply d by up to 63 (127 for Q6_K): smaller d keeps weights O(1).
+      const float dscale = ti.block_elems == 32 ? 0.05f : 0.002f;
+      for (size_t b = 0; b < n / ti.block_elems; ++b) {
+        uint8_t* p = data.data() + b * ti.block_bytes;
+        for (size_t i = 0; i < ti.block_bytes; ++i) p[i] = static_cast<uint8_t>(byte(rng));  // qs: full range
+        const auto fields = half_fields(t);
+        put16(p + fields[0], random_half(rng, dscale));
+        if (fields.size() > 1) put16(p + fields[1], random_half(rng, ti.block_elems == 32 ? 0.5f : 0.02f));
       }
     }
   }
@@ -185,7 +239,7 @@ std::vector<float> random_activations(int64_t n_tok, int64_t cols, std::mt19937&
       case 2:
         for (int64_t j = 0; j < cols; ++j) xt[j] = (j % 32 == 0) ? 127.0f : static_cast<float>(j % 32) - 15.5f;
         break;  // d = 1: every other element is an exact tie
-      case 3: std::fill(xt, xt + std::min<int64_t>(cols, 32), 0.0f); break;
+      case 3: std::fill(xt, xt + std::min<int64_t>(cols, 256), 0.0f); break;  // a zero (super-)block
       case 4:
         for (int64_t j = 0; j < cols; ++j) xt[j] *= std::ldexp(1.0f, static_cast<int>(j % 7) * 3 - 9);
         break;
@@ -275,13 +329,11 @@ TEST(Bf16, DecodeEncode) {
 // ---------------------------------------------------------------------------------------------
 // dequantize_row
 
-const GgmlType kAllTypes[] = {GgmlType::F32, GgmlType::F16, GgmlType::BF16,
-                              GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1};
-
 TEST(Dequantize, MatchesByteLevelDecoding) {
   std::mt19937 rng(1);
   for (GgmlType t : kAllTypes) {
-    for (int64_t cols : {32, 64, 576}) {
+    for (int64_t blocks : {1, 2, 18}) {
+      const int64_t cols = blocks * std::max<int64_t>(32, type_info(t).block_elems);
       const int64_t rows = 5;
       const auto data = random_weights(t, rows, cols, rng);
       const WeightView w{t, cols, rows, data.data()};
@@ -305,7 +357,7 @@ TEST(Dequantize, RejectsBadInput) {
   const WeightView w{GgmlType::Q8_0, 64, 1, data.data()};
   EXPECT_THROW(dequantize_row(w, 1, out), Error);
   EXPECT_THROW(dequantize_row(w, -1, out), Error);
-  EXPECT_THROW(dequantize_row(WeightView{GgmlType::Q5_0, 64, 1, data.data()}, 0, out), Error);
+  EXPECT_THROW(dequantize_row(WeightView{GgmlType::IQ2_XXS, 256, 1, data.data()}, 0, out), Error);
   EXPECT_THROW(dequantize_row(WeightView{GgmlType::Q8_0, 48, 1, data.data()}, 0, out), Error);
   EXPECT_THROW(dequantize_row(WeightView{GgmlType::Q8_0, 64, 1, nullptr}, 0, out), Error);
   EXPECT_NO_THROW(dequantize_row(w, 0, out));
@@ -346,6 +398,30 @@ struct Shape {
   int64_t rows, cols, n_tok;
 };
 
+// The newer types with a min/dmin term round d*q and the min separately: count both.
+void add_min_magnitudes(GgmlType t, const uint8_t* row, std::vector<double>& mag) {
+  const TypeInfo& ti = type_info(t);
+  auto each_block = [&](auto codec_tag) {
+    using C = decltype(codec_tag);
+    typename C::Decoded b;
+    for (int64_t k = 0; k < static_cast<int64_t>(mag.size()) / C::kElems; ++k) {
+      C::decode(row + k * C::kBytes, b);
+      for (int j = 0; j < C::kElems; ++j) {
+        if constexpr (C::kElems == 32) {
+          mag[k * 32 + j] = std::fabs(b.d * b.q[j]) + std::fabs(b.m);
+        } else {
+          const int g = j / blocks::kGroup;
+          mag[k * C::kElems + j] = std::fabs(static_cast<double>(b.d) * b.sc[g] * b.q[j]) + std::fabs(static_cast<double>(b.dmin) * b.mn[g]);
+        }
+      }
+    }
+  };
+  if (ti.type == GgmlType::Q5_1) each_block(blocks::Codec<GgmlType::Q5_1>{});
+  if (ti.type == GgmlType::Q2_K) each_block(blocks::Codec<GgmlType::Q2_K>{});
+  if (ti.type == GgmlType::Q4_K) each_block(blocks::Codec<GgmlType::Q4_K>{});
+  if (ti.type == GgmlType::Q5_K) each_block(blocks::Codec<GgmlType::Q5_K>{});
+}
+
 // Checks one matmul result against
 //  (a) tight: double-precision dot products of the exactly decoded weights with the activations
 //      quantized by the documented formula. Only float rounding separates the kernel from this:
@@ -378,20 +454,22 @@ void check_matmul(const WeightView& w, const std::vector<float>& x, int64_t n_to
         wmag[r][j] = std::fabs(ref_fp16(rd16(blk))) * q + std::fabs(ref_fp16(rd16(blk + 2)));
       }
     }
+    add_min_magnitudes(w.type, p, wmag[r]);
   }
   for (int64_t t = 0; t < n_tok; ++t) {
     const float* xt = x.data() + t * cols;
     QuantRef qr;
-    if (is_quant(w.type)) qr = ref_quantize(xt, cols);
+    if (is_quant(w.type)) qr = ref_quantize(xt, cols, type_info(w.type).act);
     for (int64_t r = 0; r < rows; ++r) {
       double tight = 0, mag = 0, loose = 0, slack = 0;
       for (int64_t j = 0; j < cols; ++j) {
         loose += wr[r][j] * xt[j];
         if (is_quant(w.type)) {
-          const double xq = static_cast<double>(qr.d[j / 32]) * qr.q[j];
+          const double dx = qr.d[j / qr.block];
+          const double xq = dx * qr.q[j];
           tight += wr[r][j] * xq;
           mag += wmag[r][j] * std::fabs(xq);
-          slack += 0.5005 * qr.d[j / 32] * std::fabs(wr[r][j]);
+          slack += 0.5005 * std::fabs(dx) * std::fabs(wr[r][j]);
         } else {
           tight += wr[r][j] * xt[j];
           mag += std::fabs(wr[r][j] * xt[j]);
@@ -406,6 +484,9 @@ void check_matmul(const WeightView& w, const std::vector<float>& x, int64_t n_to
 }
 
 std::vector<Shape> shapes_for(GgmlType t) {
+  if (type_info(t).block_elems == 256)
+    return {{1, 256, 1}, {3, 512, 3}, {17, 768, 17}, {35, 256, 1}, {64, 1536, 17}, {13, 512, 64},
+            {37, 1536, 3}, {33, 768, 1}, {193, 1536, 1}, {130, 256, 5}};
   std::vector<Shape> s = {
       {1, 32, 1},    {3, 64, 3},     {17, 96, 17},  {35, 160, 1},  {35, 224, 3},   {64, 576, 17},
       {13, 576, 64}, {37, 1536, 3},  {5, 1536, 64}, {130, 288, 5}, {33, 576, 1},   {193, 1536, 1},
@@ -483,7 +564,7 @@ TEST_F(SimdTargets, MatmulReadsNothingPastTheEnd) {
       // Block counts 1..9 cover every partial group of four; odd rows cover row tails.
       for (int64_t nb : {1, 2, 3, 4, 5, 6, 7, 9}) {
         for (int64_t n_tok : {1, 5}) {
-          const int64_t rows = 7, cols = 32 * nb;
+          const int64_t rows = 7, cols = std::max<int64_t>(32, type_info(t).block_elems) * nb;
           const auto src = random_weights(t, rows, cols, rng);
           GuardedBuffer wbuf(src.size());
           std::memcpy(wbuf.data(), src.data(), src.size());
@@ -508,7 +589,7 @@ TEST_F(SimdTargets, NonFiniteActivationsAreSafe) {
     ASSERT_TRUE(force_simd_target(target));
     std::mt19937 rng(11);
     for (GgmlType t : kAllTypes) {
-      const int64_t rows = 5, cols = 96, n_tok = 3;
+      const int64_t rows = 5, cols = type_info(t).block_elems == 256 ? 512 : 96, n_tok = 3;
       const auto data = random_weights(t, rows, cols, rng);
       std::vector<float> x(n_tok * cols, 1.0f);
       x[3] = NAN;
@@ -550,8 +631,8 @@ TEST(Matmul, RejectsBadInput) {
   ThreadPool pool(1);
   std::vector<uint8_t> data(34 * 4);
   std::vector<float> x(64), y(4);
-  EXPECT_THROW(matmul(WeightView{GgmlType::Q5_0, 64, 2, data.data()}, x.data(), 1, y.data(), pool), Error);
-  EXPECT_THROW(matmul(WeightView{GgmlType::Q4_K, 256, 1, data.data()}, x.data(), 1, y.data(), pool), Error);
+  EXPECT_THROW(matmul(WeightView{GgmlType::IQ2_XXS, 256, 1, data.data()}, x.data(), 1, y.data(), pool), Error);
+  EXPECT_THROW(matmul(WeightView{GgmlType::Q8_1, 64, 1, data.data()}, x.data(), 1, y.data(), pool), Error);
   EXPECT_THROW(matmul(WeightView{GgmlType::Q8_0, 48, 2, data.data()}, x.data(), 1, y.data(), pool), Error);
   EXPECT_THROW(matmul(WeightView{GgmlType::Q8_0, 0, 2, data.data()}, x.data(), 1, y.data(), pool), Error);
   EXPECT_THROW(matmul(WeightView{GgmlType::Q8_0, 64, -1, data.data()}, x.data(), 1, y.data(), pool), Error);

@@ -104,59 +104,13 @@ uint16_t f32_to_bf16(float f) {
 // Row dequantization (not on the hot path: used for embedding lookups and tests).
 
 void dequantize_row(const WeightView& w, int64_t row, float* out) {
-  const TypeInfo ti = type_info(w.type);
+  const TypeInfo& ti = type_info(w.type);
   if (!ti.supported) fail("dequantize_row: tensor type ", ti.name, " is not supported");
   if (w.data == nullptr || out == nullptr) fail("dequantize_row: null pointer");
   if (w.cols <= 0 || row < 0 || row >= w.rows)
     fail("dequantize_row: row ", row, " out of range for a ", w.rows, " x ", w.cols, " tensor");
   const size_t rb = row_bytes(w.type, w.cols);  // also checks cols % block size
-  const uint8_t* p = w.data + static_cast<size_t>(row) * rb;
-  const int64_t n = w.cols;
-  switch (w.type) {
-    case GgmlType::F32:
-      std::memcpy(out, p, static_cast<size_t>(n) * sizeof(float));
-      return;
-    case GgmlType::F16:
-    case GgmlType::BF16:
-      for (int64_t i = 0; i < n; ++i) {
-        uint16_t h;
-        std::memcpy(&h, p + 2 * i, 2);
-        out[i] = w.type == GgmlType::F16 ? fp16_to_f32(h) : bf16_to_f32(h);
-      }
-      return;
-    case GgmlType::Q8_0:
-      for (int64_t b = 0; b < n / kQK; ++b) {
-        BlockQ8_0 blk;
-        std::memcpy(&blk, p + b * sizeof blk, sizeof blk);
-        const float d = fp16_to_f32(blk.d);
-        for (int j = 0; j < kQK; ++j) out[b * kQK + j] = d * static_cast<float>(blk.qs[j]);
-      }
-      return;
-    case GgmlType::Q4_0:
-      for (int64_t b = 0; b < n / kQK; ++b) {
-        BlockQ4_0 blk;
-        std::memcpy(&blk, p + b * sizeof blk, sizeof blk);
-        const float d = fp16_to_f32(blk.d);
-        for (int j = 0; j < kQK / 2; ++j) {
-          out[b * kQK + j] = d * static_cast<float>((blk.qs[j] & 0xF) - 8);
-          out[b * kQK + j + kQK / 2] = d * static_cast<float>((blk.qs[j] >> 4) - 8);
-        }
-      }
-      return;
-    case GgmlType::Q4_1:
-      for (int64_t b = 0; b < n / kQK; ++b) {
-        BlockQ4_1 blk;
-        std::memcpy(&blk, p + b * sizeof blk, sizeof blk);
-        const float d = fp16_to_f32(blk.d), m = fp16_to_f32(blk.m);
-        for (int j = 0; j < kQK / 2; ++j) {
-          out[b * kQK + j] = d * static_cast<float>(blk.qs[j] & 0xF) + m;
-          out[b * kQK + j + kQK / 2] = d * static_cast<float>(blk.qs[j] >> 4) + m;
-        }
-      }
-      return;
-    default:
-      fail("dequantize_row: tensor type ", ti.name, " is not supported");
-  }
+  ti.dequantize(w.data + static_cast<size_t>(row) * rb, w.cols, out);
 }
 
 // ---------------------------------------------------------------------------------------------

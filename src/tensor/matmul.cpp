@@ -1,24 +1,28 @@
 // SIMD kernels: matmul over GGUF weights and the float vector ops, compiled once per target by
 // Highway (foreach_target re-includes this file) and dispatched at run time.
 //
-// Quantized weights (Q8_0, Q4_0, Q4_1) are multiplied with activations quantized to int8 blocks
-// of 32 (see kernels.h). Three engines, best first:
-//   vnni   AVX3_DL and the CPU reports AVX512-VNNI: four blocks per 512-bit register, one block
-//          per 128-bit lane, weights unpacked with vpermt2b and multiplied with vpdpbusd.
-//   x256   AVX2 / AVX3: one block per 256-bit register, vpmaddubsw + vpmaddwd.
-//   generic everything else: plain C++ on the same data layout as x256.
+// Quantized weights are multiplied with activations quantized to int8 in the format their row of
+// the type table names (kernels.h): blocks of 32 for the 32-element types, super-blocks of 256
+// (ggml's Q8_K) for the K-quants. Engines, best first:
+//   vnni    Q8_0/Q4_0/Q4_1 on AVX3_DL when the CPU reports AVX512-VNNI: four blocks per 512-bit
+//           register, one block per 128-bit lane, weights unpacked with vpermt2b, vpdpbusd.
+//   x256    Q8_0/Q4_0/Q4_1 on AVX2 / AVX3: one block per 256-bit register, vpmaddubsw + vpmaddwd.
+//   generic every quantized type on every target: plain C++ over the block codecs of
+//           tensor/quant_blocks.h (GenericEngine for 32-blocks, GenericKEngine for K-quants).
 // Each engine provides Quantize (activation layout) and Tile<type, R, T>: R weight rows against T
 // tokens, all columns, so each weight block is unpacked once per T tokens (prefill) and rows
-// stream once (decode, T = 1).
+// stream once (decode, T = 1). TypedMatmul picks the engine per type and target.
 #include "tensor/simd_config.h"  // first: fixes the Highway target set
 
 #include <algorithm>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
 
 #include "tensor/kernels.h"
 #include "tensor/kernels_internal.h"
+#include "tensor/quant_blocks.h"
 #include "util/error.h"
 
 #ifndef QF_TENSOR_MATMUL_ONCE_
@@ -303,8 +307,52 @@ constexpr size_t BlockBytes(GgmlType t) {
 }
 
 // =============================================================================================
-// Generic engine: plain C++ (the compiler may vectorize it for the target).
+// Activation quantization for K-quants (ggml's Q8_K), per token and super-block of 256:
+//   int8 qs[256 * nb] | float d[nb] | int16 bsum[16 * nb] (sums of qs per 16)
+// With m the element of largest magnitude (the first one on ties): iscale = -127 / m,
+// q = min(127, round_half_even(iscale * x)), d = 1 / iscale; an all-zero block has d = 0.
 
+inline size_t KStride(int64_t nb) { return detail::round_up64(static_cast<size_t>(nb) * (256 + 4 + 32)); }
+
+// Round half to even of |v| < 2^22 without a library call (what ggml's nearest_int computes).
+HWY_INLINE float RoundHalfEven(float v) { return (v + 12582912.0f) - 12582912.0f; }
+
+void QuantizeK(const float* HWY_RESTRICT x, int64_t nb, uint8_t* HWY_RESTRICT out) {
+  int8_t* qs = reinterpret_cast<int8_t*>(out);
+  float* dd = reinterpret_cast<float*>(out + 256 * nb);
+  int16_t* bsum = reinterpret_cast<int16_t*>(out + 260 * nb);
+  for (int64_t b = 0; b < nb; ++b) {
+    const float* xb = x + b * blocks::kQK_K;
+    int8_t* qb = qs + b * blocks::kQK_K;
+    float amax = 0.0f, max = 0.0f;
+    for (int j = 0; j < blocks::kQK_K; ++j) {
+      const float ax = std::fabs(xb[j]);
+      if (ax > amax) {  // NaN never wins
+        amax = ax;
+        max = xb[j];
+      }
+    }
+    const float iscale = amax != 0.0f ? -127.0f / max : 0.0f;
+    for (int j = 0; j < blocks::kQK_K; ++j) {
+      float v = iscale * xb[j];
+      v = v == v ? std::clamp(v, -127.0f, 127.0f) : 0.0f;  // NaN (from inf or NaN inputs) -> 0
+      qb[j] = static_cast<int8_t>(RoundHalfEven(v));
+    }
+    dd[b] = amax != 0.0f ? 1.0f / iscale : 0.0f;
+    for (int g = 0; g < blocks::kQK_K / blocks::kGroup; ++g) {
+      int s = 0;
+      for (int j = 0; j < blocks::kGroup; ++j) s += qb[g * blocks::kGroup + j];
+      bsum[16 * b + g] = static_cast<int16_t>(s);
+    }
+  }
+}
+
+// =============================================================================================
+// Generic engines: plain C++ over the block codecs (tensor/quant_blocks.h), correct on any CPU
+// and for every quantized type; the compiler may vectorize the integer dot loops per target.
+
+// 32-element blocks against the natural Q8 activation layout: w = d q + m, so
+// dot = d dx sum(q x) + m s, with s = dx sum(x) from the activations.
 struct GenericEngine {
   static constexpr int kR = 2, kT = 4, kRDecode = 2;
   static size_t Stride(int64_t nb) { return NatStride(nb); }
@@ -312,42 +360,59 @@ struct GenericEngine {
 
   template <GgmlType TY, int R, int T>
   static HWY_NOINLINE void Tile(const TileArgs& a) {
+    using C = blocks::Codec<TY>;
     float acc[R][T] = {};
+    blocks::Decoded32 wb[R];
     for (int64_t b = 0; b < a.nb; ++b) {
-      int8_t wq[R][kQK];
-      float dw[R], mw[R];
-      for (int r = 0; r < R; ++r) {
-        const uint8_t* p = a.w + r * a.wrb + b * BlockBytes(TY);
-        uint16_t h;
-        std::memcpy(&h, p, 2);
-        dw[r] = fp16_to_f32(h);
-        if constexpr (TY == GgmlType::Q8_0) {
-          std::memcpy(wq[r], p + 2, kQK);
-          mw[r] = 0.0f;
-        } else {
-          const uint8_t* qs = p + (TY == GgmlType::Q4_1 ? 4 : 2);
-          for (int j = 0; j < kQK / 2; ++j) {
-            wq[r][j] = static_cast<int8_t>(qs[j] & 0xF);
-            wq[r][j + kQK / 2] = static_cast<int8_t>(qs[j] >> 4);
-          }
-          if constexpr (TY == GgmlType::Q4_1) {
-            std::memcpy(&h, p + 2, 2);
-            mw[r] = fp16_to_f32(h);
-          } else {
-            mw[r] = -8.0f * dw[r];  // d * (q - 8) = d * q + (-8 d)
-          }
-        }
-      }
+      for (int r = 0; r < R; ++r) C::decode(a.w + r * a.wrb + b * C::kBytes, wb[r]);
       for (int t = 0; t < T; ++t) {
         const uint8_t* at = a.act + t * a.astride;
         const int8_t* xq = reinterpret_cast<const int8_t*>(at) + b * kQK;
         const float* dx = reinterpret_cast<const float*>(at + 32 * a.nb);
-        const float sx = dx[a.nb + b];
         for (int r = 0; r < R; ++r) {
           int32_t s = 0;
-          for (int j = 0; j < kQK; ++j) s += static_cast<int32_t>(wq[r][j]) * xq[j];
-          acc[r][t] += dw[r] * dx[b] * static_cast<float>(s);
-          if constexpr (TY != GgmlType::Q8_0) acc[r][t] += mw[r] * sx;
+          for (int j = 0; j < kQK; ++j) s += static_cast<int32_t>(wb[r].q[j]) * xq[j];
+          acc[r][t] += wb[r].d * dx[b] * static_cast<float>(s);
+          if constexpr (C::kHasMin) acc[r][t] += wb[r].m * dx[a.nb + b];
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < T; ++t) a.y[t * a.ystride + r] = acc[r][t];
+  }
+};
+
+// K-quant super-blocks against the Q8_K activation layout: w = d sc q - dmin mn per group of
+// 16, so dot = d dx sum_g sc_g sum(q x) - dmin dx sum_g mn_g bsum_g, integers inside.
+struct GenericKEngine {
+  static constexpr int kR = 2, kT = 4, kRDecode = 2;
+  static size_t Stride(int64_t nb) { return KStride(nb); }
+  static void Quantize(const float* x, int64_t nb, GgmlType, uint8_t* out) { QuantizeK(x, nb, out); }
+
+  template <GgmlType TY, int R, int T>
+  static HWY_NOINLINE void Tile(const TileArgs& a) {
+    using C = blocks::Codec<TY>;
+    constexpr int kGroups = blocks::kQK_K / blocks::kGroup;
+    float acc[R][T] = {};
+    blocks::DecodedK wb[R];
+    for (int64_t b = 0; b < a.nb; ++b) {
+      for (int r = 0; r < R; ++r) C::decode(a.w + r * a.wrb + b * C::kBytes, wb[r]);
+      for (int t = 0; t < T; ++t) {
+        const uint8_t* at = a.act + t * a.astride;
+        const int8_t* xq = reinterpret_cast<const int8_t*>(at) + b * blocks::kQK_K;
+        const float dx = reinterpret_cast<const float*>(at + 256 * a.nb)[b];
+        const int16_t* bsum = reinterpret_cast<const int16_t*>(at + 260 * a.nb) + kGroups * b;
+        for (int r = 0; r < R; ++r) {
+          int32_t isum = 0, msum = 0;
+          for (int g = 0; g < kGroups; ++g) {
+            int32_t s = 0;
+            for (int j = 0; j < blocks::kGroup; ++j)
+              s += static_cast<int32_t>(wb[r].q[g * blocks::kGroup + j]) * xq[g * blocks::kGroup + j];
+            isum += wb[r].sc[g] * s;
+            if constexpr (C::kHasMin) msum += wb[r].mn[g] * bsum[g];
+          }
+          acc[r][t] += wb[r].d * dx * static_cast<float>(isum);
+          if constexpr (C::kHasMin) acc[r][t] -= wb[r].dmin * dx * static_cast<float>(msum);
         }
       }
     }
@@ -378,9 +443,55 @@ struct X256Engine {
     return _mm_cvtss_f32(s);
   }
 
+  template <GgmlType TY>
+  static constexpr bool kSigned = TY == GgmlType::Q8_0 || TY == GgmlType::IQ4_NL;
+
+  // Byte k of the result is 0x10 when bit k of the 32-bit little-endian qh is set (Q5 blocks).
+  static HWY_INLINE __m256i FifthBits(const uint8_t* qh_bytes) {
+    uint32_t qh;
+    std::memcpy(&qh, qh_bytes, 4);
+    const __m256i spread = _mm256_shuffle_epi8(
+        _mm256_set1_epi32(static_cast<int>(qh)),
+        _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0));
+    const __m256i bit = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201ull));
+    return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit), _mm256_set1_epi8(0x10));
+  }
+
+  // Elements 0..15 are the low nibbles, 16..31 the high ones: natural order.
+  static HWY_INLINE __m256i Nibbles(const uint8_t* qs) {
+    const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), _mm256_set1_epi8(0x0F));
+  }
+
+  // One block's 32 quants (unsigned, or signed for kSigned types) and the weight as
+  // d * quant + mw.
+  template <GgmlType TY>
+  static HWY_INLINE void LoadBlock(const uint8_t* p, float d, __m256i& wv, float& mw) {
+    if constexpr (TY == GgmlType::Q8_0) {
+      wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 2));
+      mw = 0.0f;
+    } else if constexpr (TY == GgmlType::IQ4_NL) {
+      const __m256i grid = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blocks::kIq4nlValues)));
+      wv = _mm256_shuffle_epi8(grid, Nibbles(p + 2));
+      mw = 0.0f;
+    } else if constexpr (TY == GgmlType::Q4_0) {
+      wv = Nibbles(p + 2);
+      mw = -8.0f * d;  // d * (q - 8) = d * q + (-8 d)
+    } else if constexpr (TY == GgmlType::Q4_1) {
+      wv = Nibbles(p + 4);
+      mw = Half(p + 2);
+    } else if constexpr (TY == GgmlType::Q5_0) {
+      wv = _mm256_or_si256(Nibbles(p + 6), FifthBits(p + 2));
+      mw = -16.0f * d;
+    } else {
+      static_assert(TY == GgmlType::Q5_1);
+      wv = _mm256_or_si256(Nibbles(p + 8), FifthBits(p + 4));
+      mw = Half(p + 2);
+    }
+  }
+
   template <GgmlType TY, int R, int T>
   static HWY_NOINLINE void Tile(const TileArgs& a) {
-    const __m256i low4 = _mm256_set1_epi8(0x0F);
     const __m256i ones16 = _mm256_set1_epi16(1);
     __m256 acc[R][T];
     float macc[R][T];
@@ -393,19 +504,11 @@ struct X256Engine {
       __m256i wv[R], wabs[R];
       float dw[R], mw[R];
       for (int r = 0; r < R; ++r) {
-        const uint8_t* p = a.w + r * a.wrb + b * BlockBytes(TY);
+        const uint8_t* p = a.w + r * a.wrb + b * blocks::Codec<TY>::kBytes;
         if constexpr (T == 1) _mm_prefetch(reinterpret_cast<const char*>(p + kDecodePrefetchBytes), _MM_HINT_T0);
         dw[r] = Half(p);
-        if constexpr (TY == GgmlType::Q8_0) {
-          wv[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 2));
-          wabs[r] = _mm256_abs_epi8(wv[r]);
-          mw[r] = 0.0f;
-        } else {
-          const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + (TY == GgmlType::Q4_1 ? 4 : 2)));
-          // Elements 0..15 are the low nibbles, 16..31 the high ones: natural order.
-          wv[r] = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), low4);
-          mw[r] = TY == GgmlType::Q4_1 ? Half(p + 2) : -8.0f * dw[r];
-        }
+        LoadBlock<TY>(p, dw[r], wv[r], mw[r]);
+        if constexpr (kSigned<TY>) wabs[r] = _mm256_abs_epi8(wv[r]);
       }
       for (int t = 0; t < T; ++t) {
         const uint8_t* at = a.act + t * a.astride;
@@ -413,18 +516,127 @@ struct X256Engine {
         const float* dx = reinterpret_cast<const float*>(at + 32 * a.nb);
         const float xd = dx[b], xs = dx[a.nb + b];
         for (int r = 0; r < R; ++r) {
-          // vpmaddubsw multiplies unsigned by signed bytes. Q4 nibbles are unsigned already; for
-          // Q8_0 move w's sign onto x (|w| <= 128, |x| <= 127: pair sums fit in int16).
-          const __m256i p16 = TY == GgmlType::Q8_0 ? _mm256_maddubs_epi16(wabs[r], _mm256_sign_epi8(xv, wv[r]))
-                                                   : _mm256_maddubs_epi16(wv[r], xv);
+          // vpmaddubsw multiplies unsigned by signed bytes. Q4/Q5 quants are unsigned already; for
+          // Q8_0 / IQ4_NL move w's sign onto x (|w| <= 128, |x| <= 127: pair sums fit in int16).
+          const __m256i p16 = kSigned<TY> ? _mm256_maddubs_epi16(wabs[r], _mm256_sign_epi8(xv, wv[r]))
+                                          : _mm256_maddubs_epi16(wv[r], xv);
           const __m256 f = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones16));
           acc[r][t] = _mm256_fmadd_ps(f, _mm256_set1_ps(dw[r] * xd), acc[r][t]);
-          if constexpr (TY != GgmlType::Q8_0) macc[r][t] += mw[r] * xs;
+          if constexpr (!kSigned<TY>) macc[r][t] += mw[r] * xs;
         }
       }
     }
     for (int r = 0; r < R; ++r)
       for (int t = 0; t < T; ++t) a.y[t * a.ystride + r] = HSum(acc[r][t]) + macc[r][t];
+  }
+};
+
+// =============================================================================================
+// x256 K engine (AVX2, AVX3): K-quant super-blocks against the Q8_K activation layout. Each
+// super-block is eight pieces of 32 quants, unpacked to unsigned bytes u = q + kOffset; with
+// 16-element groups g, w = d sc_g q - dmin mn_g = d sc_g u - coef mn'_g where
+//   types with mins:    mn' = mn,            coef = dmin
+//   Q3_K, Q6_K:         mn' = kOffset * sc,  coef = d
+// so dot = d dx sum_g sc_g sum(u x) - coef dx sum_g mn'_g bsum_g: vpmaddubsw (u <= 63, pair sums
+// fit in int16), vpmaddwd by the group scales, and one vpmaddwd of bsums by mn' per block.
+
+struct X256KEngine {
+  static constexpr int kR = 2, kT = 4, kRDecode = 2;
+  static constexpr size_t kDecodePrefetchBytes = 8192;
+  static size_t Stride(int64_t nb) { return KStride(nb); }
+  static void Quantize(const float* x, int64_t nb, GgmlType, uint8_t* out) { QuantizeK(x, nb, out); }
+
+  struct Scales {
+    alignas(32) int16_t sc[16];
+    alignas(32) int16_t mn[16];
+    float d, coef;
+  };
+
+  template <GgmlType TY>
+  static HWY_INLINE void LoadScales(const uint8_t* p, Scales& s) {
+    using C = blocks::Codec<TY>;
+    int8_t sc[16], mn[16];
+    C::scales(p, sc, mn);
+    for (int g = 0; g < 16; ++g) {
+      s.sc[g] = sc[g];
+      s.mn[g] = static_cast<int16_t>(C::kHasMin ? mn[g] : C::kOffset * sc[g]);
+    }
+    constexpr size_t kDAt = TY == GgmlType::Q2_K ? 80 : TY == GgmlType::Q3_K ? 108 : TY == GgmlType::Q6_K ? 208 : 0;
+    s.d = X256Engine::Half(p + kDAt);
+    s.coef = C::kHasMin ? X256Engine::Half(p + kDAt + 2) : s.d;
+  }
+
+  static HWY_INLINE __m256i Load32(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+  // Bits [shift, shift + width) of every byte (16-bit shifts: the mask drops what crossed bytes).
+  static HWY_INLINE __m256i Field(__m256i v, int shift, int mask) {
+    return _mm256_and_si256(_mm256_srli_epi16(v, shift), _mm256_set1_epi8(static_cast<char>(mask)));
+  }
+
+  // Unsigned quants of elements [32 * k, 32 * k + 32) of the super-block at p.
+  template <GgmlType TY>
+  static HWY_INLINE __m256i Piece(const uint8_t* p, int k) {
+    if constexpr (TY == GgmlType::Q2_K) {
+      return Field(Load32(p + 16 + 32 * (k / 4)), 2 * (k % 4), 3);
+    } else if constexpr (TY == GgmlType::Q3_K) {
+      const __m256i low = Field(Load32(p + 32 + 32 * (k / 4)), 2 * (k % 4), 3);
+      return _mm256_or_si256(low, _mm256_slli_epi16(Field(Load32(p), k, 1), 2));
+    } else if constexpr (TY == GgmlType::Q4_K) {
+      return Field(Load32(p + 16 + 32 * (k / 2)), 4 * (k % 2), 0xF);
+    } else if constexpr (TY == GgmlType::Q5_K) {
+      const __m256i low = Field(Load32(p + 48 + 32 * (k / 2)), 4 * (k % 2), 0xF);
+      return _mm256_or_si256(low, _mm256_slli_epi16(Field(Load32(p + 16), k, 1), 4));
+    } else {
+      static_assert(TY == GgmlType::Q6_K);
+      const int half = k / 4, j = k % 4;
+      const __m256i low = Field(Load32(p + 64 * half + 32 * (j % 2)), 4 * (j / 2), 0xF);
+      return _mm256_or_si256(low, _mm256_slli_epi16(Field(Load32(p + 128 + 32 * half), 2 * j, 3), 4));
+    }
+  }
+
+  template <GgmlType TY, int R, int T>
+  static HWY_NOINLINE void Tile(const TileArgs& a) {
+    using C = blocks::Codec<TY>;
+    __m256 acc[R][T];
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < a.nb; ++b) {
+      const uint8_t* blk[R];
+      Scales s[R];
+      for (int r = 0; r < R; ++r) {
+        blk[r] = a.w + r * a.wrb + b * C::kBytes;
+        if constexpr (T == 1)
+          for (size_t off = 0; off < C::kBytes; off += 64)
+            _mm_prefetch(reinterpret_cast<const char*>(blk[r] + kDecodePrefetchBytes + off), _MM_HINT_T0);
+        LoadScales<TY>(blk[r], s[r]);
+      }
+      __m256i sumi[R][T];
+      for (int r = 0; r < R; ++r)
+        for (int t = 0; t < T; ++t) sumi[r][t] = _mm256_setzero_si256();
+      for (int k = 0; k < 8; ++k) {
+        __m256i wq[R], scv[R];
+        for (int r = 0; r < R; ++r) {
+          wq[r] = Piece<TY>(blk[r], k);
+          scv[r] = _mm256_set_m128i(_mm_set1_epi16(s[r].sc[2 * k + 1]), _mm_set1_epi16(s[r].sc[2 * k]));
+        }
+        for (int t = 0; t < T; ++t) {
+          const __m256i xv = _mm256_load_si256(reinterpret_cast<const __m256i*>(a.act + t * a.astride + b * 256 + 32 * k));
+          for (int r = 0; r < R; ++r)
+            sumi[r][t] = _mm256_add_epi32(sumi[r][t], _mm256_madd_epi16(_mm256_maddubs_epi16(wq[r], xv), scv[r]));
+        }
+      }
+      for (int t = 0; t < T; ++t) {
+        const uint8_t* at = a.act + t * a.astride;
+        const float dx = reinterpret_cast<const float*>(at + 256 * a.nb)[b];
+        const __m256i bsum = Load32(at + 260 * a.nb + 32 * b);
+        for (int r = 0; r < R; ++r) {
+          const __m256i m = _mm256_madd_epi16(bsum, _mm256_load_si256(reinterpret_cast<const __m256i*>(s[r].mn)));
+          acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[r][t]), _mm256_set1_ps(s[r].d * dx), acc[r][t]);
+          acc[r][t] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(m), _mm256_set1_ps(s[r].coef * dx), acc[r][t]);
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < T; ++t) a.y[t * a.ystride + r] = X256Engine::HSum(acc[r][t]);
   }
 };
 #endif  // QF_X86_SIMD
@@ -698,7 +910,7 @@ template <class E, GgmlType TY>
 void QuantRows(const WeightView& w, const uint8_t* act, size_t astride, int64_t n_tok, float* y,
                int64_t r0, int64_t r1) {
   const size_t wrb = row_bytes(w.type, w.cols);
-  TileArgs a{nullptr, wrb, w.cols / kQKi, act, astride, nullptr, w.rows};
+  TileArgs a{nullptr, wrb, w.cols / blocks::Codec<TY>::kElems, act, astride, nullptr, w.rows};
   auto at = [&](int64_t r, int64_t t0) {
     a.w = w.data + r * wrb;
     a.act = act + t0 * astride;
@@ -723,9 +935,9 @@ void QuantRows(const WeightView& w, const uint8_t* act, size_t astride, int64_t 
   }
 }
 
-template <class E>
+template <class E, GgmlType TY>
 void QuantMatmul(const WeightView& w, const float* x, int64_t n_tok, float* y, ThreadPool& pool) {
-  const int64_t nb = w.cols / kQKi;
+  const int64_t nb = w.cols / blocks::Codec<TY>::kElems;
   const size_t astride = E::Stride(nb);
   uint8_t* act = detail::scratch(astride * static_cast<size_t>(n_tok));
   const auto quantize = [&](int64_t t0, int64_t t1) {
@@ -735,33 +947,61 @@ void QuantMatmul(const WeightView& w, const float* x, int64_t n_tok, float* y, T
     pool.parallel_for(n_tok, 1, quantize);
   else
     quantize(0, n_tok);
+  SplitRows(pool, w.rows, std::max(E::kR, E::kRDecode),
+            [&](int64_t r0, int64_t r1) { QuantRows<E, TY>(w, act, astride, n_tok, y, r0, r1); });
+}
 
-  const auto rows = [&](int64_t r0, int64_t r1) {
-    switch (w.type) {
-      case GgmlType::Q8_0: return QuantRows<E, GgmlType::Q8_0>(w, act, astride, n_tok, y, r0, r1);
-      case GgmlType::Q4_0: return QuantRows<E, GgmlType::Q4_0>(w, act, astride, n_tok, y, r0, r1);
-      case GgmlType::Q4_1: return QuantRows<E, GgmlType::Q4_1>(w, act, astride, n_tok, y, r0, r1);
-      default: return;
-    }
-  };
-  SplitRows(pool, w.rows, std::max(E::kR, E::kRDecode), rows);
+// The matmul of one weight type on this target: the hand-tuned engine where there is one, else
+// the generic engine of the type's block shape.
+template <GgmlType TY>
+void TypedMatmul(const WeightView& w, const float* x, int64_t n_tok, float* y, ThreadPool& pool) {
+  if constexpr (TY == GgmlType::F32 || TY == GgmlType::F16 || TY == GgmlType::BF16) {
+    FloatMatmul<TY>(w, x, n_tok, y, pool);
+  } else if constexpr (TY == GgmlType::Q8_0 || TY == GgmlType::Q4_0 || TY == GgmlType::Q4_1) {
+#if HWY_TARGET == HWY_AVX3_DL
+    if (detail::cpu_has_avx512vnni()) return QuantMatmul<VnniEngine, TY>(w, x, n_tok, y, pool);
+#endif
+#if QF_X86_SIMD
+    QuantMatmul<X256Engine, TY>(w, x, n_tok, y, pool);
+#else
+    QuantMatmul<GenericEngine, TY>(w, x, n_tok, y, pool);
+#endif
+  } else if constexpr (blocks::Codec<TY>::kElems == 32) {
+#if QF_X86_SIMD
+    QuantMatmul<X256Engine, TY>(w, x, n_tok, y, pool);
+#else
+    QuantMatmul<GenericEngine, TY>(w, x, n_tok, y, pool);
+#endif
+  } else {
+#if QF_X86_SIMD
+    QuantMatmul<X256KEngine, TY>(w, x, n_tok, y, pool);
+#else
+    QuantMatmul<GenericKEngine, TY>(w, x, n_tok, y, pool);
+#endif
+  }
+}
+
+// Types with kernels; every supported row of the type table (types.cpp) must be listed here
+// (MatmulAllTypesShapesThreadsTargets in tests/tensor_test.cpp runs them all).
+template <GgmlType... Ts>
+struct TypeList {};
+using KernelTypes = TypeList<GgmlType::F32, GgmlType::F16, GgmlType::BF16, GgmlType::Q4_0, GgmlType::Q4_1,
+                             GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::Q8_0, GgmlType::IQ4_NL, GgmlType::Q2_K,
+                             GgmlType::Q3_K, GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K>;
+
+using MatmulFn = void (*)(const WeightView&, const float*, int64_t, float*, ThreadPool&);
+
+template <GgmlType... Ts>
+MatmulFn KernelFor(GgmlType t, TypeList<Ts...>) {
+  MatmulFn fn = nullptr;
+  ((t == Ts ? (fn = &TypedMatmul<Ts>, true) : false) || ...);
+  return fn;
 }
 
 void MatmulImpl(const WeightView& w, const float* x, int64_t n_tok, float* y, ThreadPool& pool) {
-  switch (w.type) {
-    case GgmlType::F32: return FloatMatmul<GgmlType::F32>(w, x, n_tok, y, pool);
-    case GgmlType::F16: return FloatMatmul<GgmlType::F16>(w, x, n_tok, y, pool);
-    case GgmlType::BF16: return FloatMatmul<GgmlType::BF16>(w, x, n_tok, y, pool);
-    default: break;
-  }
-#if HWY_TARGET == HWY_AVX3_DL
-  if (detail::cpu_has_avx512vnni()) return QuantMatmul<VnniEngine>(w, x, n_tok, y, pool);
-#endif
-#if QF_X86_SIMD
-  QuantMatmul<X256Engine>(w, x, n_tok, y, pool);
-#else
-  QuantMatmul<GenericEngine>(w, x, n_tok, y, pool);
-#endif
+  const MatmulFn fn = KernelFor(w.type, KernelTypes{});
+  if (fn == nullptr) fail("matmul: no kernel for weight type ", type_info(w.type).name);
+  fn(w, x, n_tok, y, pool);
 }
 
 }  // namespace HWY_NAMESPACE
@@ -779,12 +1019,8 @@ HWY_EXPORT(MatmulImpl);
 
 void matmul(const WeightView& w, const float* x, int64_t n_tok, float* y, ThreadPool& pool) {
   detail::init_simd_once();
-  const TypeInfo ti = type_info(w.type);
-  switch (w.type) {
-    case GgmlType::F32: case GgmlType::F16: case GgmlType::BF16:
-    case GgmlType::Q8_0: case GgmlType::Q4_0: case GgmlType::Q4_1: break;
-    default: fail("matmul: weight type ", ti.name, " is not supported");
-  }
+  const TypeInfo& ti = type_info(w.type);
+  if (!ti.supported) fail("matmul: weight type ", ti.name, " is not supported");
   if (w.cols <= 0 || w.rows < 0 || n_tok < 0)
     fail("matmul: bad shape ", w.rows, " x ", w.cols, " with ", n_tok, " tokens");
   row_bytes(w.type, w.cols);  // throws unless cols is a whole number of blocks

@@ -159,7 +159,46 @@ SPECS = [
     Spec("llama_q4_0_mha", 64, 4, 4, 96, 3, False, "Q4_0", "Q4_0", "Q4_0"),
     Spec("llama_q4_1_gqa_tied", 128, 4, 2, 192, 2, True, "Q4_1", "Q8_0", None, rope_base=100000.0),  # SmolLM2's mix
     Spec("llama_q4_1_mqa", 64, 4, 1, 96, 2, False, "Q4_1", "Q4_1", "Q8_0"),
+    # The other weight types of the type table. K-quants need rows of 256: n_embd 256, n_ff 512.
+    Spec("llama_q5_0_gqa", 64, 4, 2, 96, 2, False, "Q5_0", "Q5_0", "Q8_0"),
+    Spec("llama_q5_1_mqa_tied", 64, 4, 1, 96, 2, True, "Q5_1", "Q5_1", None),
+    Spec("llama_iq4_nl_gqa", 64, 4, 2, 96, 1, False, "IQ4_NL", "Q8_0", "IQ4_NL"),
+    Spec("llama_q4_k_gqa", 256, 4, 2, 512, 2, False, "Q4_K", "Q6_K", "Q6_K"),  # a Q4_K_M-like mix
+    Spec("llama_q5_k_mqa_tied", 256, 4, 1, 768, 1, True, "Q5_K", "Q5_K", None),
+    Spec("llama_q6_k_mha", 256, 2, 2, 512, 1, False, "Q6_K", "Q8_0", "Q6_K"),
+    Spec("llama_q3_k_gqa", 256, 4, 2, 512, 1, False, "Q3_K", "Q3_K", "Q6_K"),
+    Spec("llama_q2_k_gqa_tied", 256, 4, 2, 512, 1, True, "Q2_K", "Q2_K", None),
 ]
+
+# gguf-py has no quantizer for these; their fixtures hold random blocks instead, with d (and
+# dmin) set so the weights have about the wanted standard deviation and mean ~0:
+# type: (byte offset of d, d / std, byte offset of dmin or None, dmin / d)
+RANDOM_BLOCK_TYPES = {
+    QT.IQ4_NL: (0, 1 / 60, None, 0.0),
+    QT.Q2_K: (80, 1 / 10, 82, 1.5),
+    QT.Q3_K: (108, 1 / 42, None, 0.0),
+    QT.Q4_K: (0, 1 / 143, 2, 7.5),
+    QT.Q5_K: (0, 1 / 320, 2, 15.5),
+    QT.Q6_K: (208, 1 / 1370, None, 0.0),
+}
+
+
+def random_blocks(qtype: QT, a: np.ndarray) -> np.ndarray:
+    """Random blocks of qtype for a float32 [rows, cols] array, scaled like a (not encoding it)."""
+    from gguf.constants import GGML_QUANT_SIZES
+    block, size = GGML_QUANT_SIZES[qtype]
+    rows, cols = a.shape
+    rng = np.random.default_rng([SEED, rows, cols, int(qtype)])
+    b = rng.integers(0, 256, size=(rows * cols // block, size), dtype=np.uint8)
+    d_at, d_per_std, m_at, m_per_d = RANDOM_BLOCK_TYPES[qtype]
+    # Scales vary per block: with one d (and dmin a fixed multiple of it) every weight would sit
+    # on a lattice of d / 2, and activations could hit exact rounding ties.
+    d = (float(a.std()) * d_per_std * rng.uniform(0.5, 1.5, len(b))).astype(np.float32)
+    b[:, d_at:d_at + 2] = d.astype(np.float16).view(np.uint8).reshape(-1, 2)
+    if m_at is not None:
+        dmin = d * m_per_d * rng.uniform(0.9, 1.1, len(b)).astype(np.float32)
+        b[:, m_at:m_at + 2] = dmin.astype(np.float16).view(np.uint8).reshape(-1, 2)
+    return b.reshape(rows, -1)
 
 
 def store(qtype: QT, a: np.ndarray) -> tuple[np.ndarray, QT | None]:
@@ -168,6 +207,8 @@ def store(qtype: QT, a: np.ndarray) -> tuple[np.ndarray, QT | None]:
         return a.astype(np.float32), None
     if qtype == QT.F16:
         return a.astype(np.float16), None
+    if qtype in RANDOM_BLOCK_TYPES:
+        return random_blocks(qtype, a), qtype
     return quantize(a.astype(np.float32), qtype), qtype
 
 

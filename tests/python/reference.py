@@ -17,6 +17,8 @@ matmul whose weight is Q4_0, Q4_1 or Q8_0, each input row is cut into 32-element
 replaced by x' = q * fp16(d), where d = max|x| / 127 over the block, q = x / d rounded half
 away from zero (|q| <= 127 by construction), and q = 0 when d == 0. This is ggml's Q8_0/Q8_1
 activation format (the scale is STORED as fp16, which is why fp16(d) and not d multiplies q).
+Q5_0, Q5_1 and IQ4_NL weights get the same blocks; K-quant weights (Q2_K..Q6_K) get ggml's
+Q8_K super-blocks of 256 instead (see _act_q8k).
 
 CLI (spot checks):  python3 tests/python/reference.py MODEL.gguf --tokens 1,2,3 [--act-q8]
 """
@@ -31,7 +33,8 @@ from gguf import GGMLQuantizationType as QT
 from gguf import GGUFReader
 from gguf.quants import dequantize
 
-Q8_ACT_TYPES = (QT.Q4_0, QT.Q4_1, QT.Q8_0)
+Q8_ACT_TYPES = (QT.Q4_0, QT.Q4_1, QT.Q8_0, QT.Q5_0, QT.Q5_1, QT.IQ4_NL)   # blocks of 32 (ggml's Q8_0/Q8_1)
+Q8K_ACT_TYPES = (QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K)          # super-blocks of 256 (ggml's Q8_K)
 
 
 @dataclass
@@ -54,7 +57,7 @@ class Linear:
     """A weight matrix [n_out, n_in] (float64, dequantized) and the ggml type it was stored as."""
     w: np.ndarray
     qtype: QT = QT.F32
-    mins: np.ndarray | None = None   # Q4_1 only: per-block minimum m [n_out, n_in/32], for llamacpp mode
+    mins: np.ndarray | None = None   # Q4_1/Q5_1 only: per-block minimum m [n_out, n_in/32], for llamacpp mode
 
 
 @dataclass
@@ -112,8 +115,8 @@ def load(path: str) -> Model:
         t = tensors[name]
         qt = QT(int(t.tensor_type))
         mins = None
-        if qt == QT.Q4_1:  # block: fp16 d, fp16 m, 16 bytes of nibbles
-            raw = np.ascontiguousarray(t.data).reshape(t.data.shape[0], -1, 20)
+        if qt in (QT.Q4_1, QT.Q5_1):  # block: fp16 d, fp16 m, then the quants
+            raw = np.ascontiguousarray(t.data).reshape(t.data.shape[0], -1, 20 if qt == QT.Q4_1 else 24)
             mins = np.ascontiguousarray(raw[:, :, 2:4]).view(np.float16)[..., 0].astype(np.float64)
         return Linear(mat(name), qt, mins)
 
@@ -169,6 +172,26 @@ def _act_q8_blocks(x: np.ndarray, margins: np.ndarray | None = None):
     return q, d
 
 
+def _act_q8k(x: np.ndarray, margins: np.ndarray | None = None) -> np.ndarray:
+    """Emulates ggml's Q8_K activation super-blocks on x [T, n] (n a multiple of 256), in float32
+    as ggml computes them: m = the element of largest |x| (first on ties), iscale = -127 / m,
+    q = min(127, round_half_even(iscale * x)), d = 1 / iscale. Returns q * d. margins: as
+    quantize_act_q8, with distances to ties of iscale * x."""
+    T, n = x.shape
+    b = x.astype(np.float32).reshape(T, n // 256, 256)
+    idx = np.abs(b).argmax(axis=2)[..., None]
+    m = np.take_along_axis(b, idx, axis=2)[..., 0]
+    nz = m != 0
+    iscale = np.where(nz, np.float32(-127.0) / np.where(nz, m, np.float32(1)), np.float32(0)).astype(np.float32)
+    v = (iscale[..., None] * b).astype(np.float32)
+    q = np.minimum(np.rint(v), 127).astype(np.float64)
+    d = np.where(nz, np.float32(1) / np.where(nz, iscale, np.float32(1)), np.float32(0)).astype(np.float64)
+    if margins is not None:
+        gap = np.where(nz[..., None], np.abs(v - np.floor(v) - 0.5), np.inf)
+        np.minimum(margins, gap.reshape(T, -1).min(axis=1), out=margins)
+    return (q * d[..., None]).reshape(x.shape)
+
+
 def quantize_act_q8(x: np.ndarray, margins: np.ndarray | None = None) -> np.ndarray:
     """Emulates ggml's Q8_0 activation blocks on x [T, n]: returns q * fp16(d) per block.
 
@@ -201,11 +224,13 @@ def matmul(x: np.ndarray, lin: Linear, act_q8: bool, margins: np.ndarray | None 
         return _fp16(x) @ lin.w.T
     if llamacpp and lin.qtype == QT.BF16:
         return _bf16(x) @ lin.w.T
+    if (act_q8 or llamacpp) and lin.qtype in Q8K_ACT_TYPES:
+        return _act_q8k(x, margins) @ lin.w.T
     if not (act_q8 or llamacpp) or lin.qtype not in Q8_ACT_TYPES:
         return x @ lin.w.T
     q, d = _act_q8_blocks(x, margins)
     y = (q * _fp16(d)[..., None]).reshape(x.shape) @ lin.w.T
-    if llamacpp and lin.qtype == QT.Q4_1:
+    if llamacpp and lin.qtype in (QT.Q4_1, QT.Q5_1):
         # exact sum(x') is fp16(d) * sum(q); ggml uses its stored s = fp16(d * sum(q)) instead
         sum_q = q.sum(axis=2)
         y = y + (_fp16(d * sum_q) - _fp16(d) * sum_q) @ lin.mins.T
@@ -284,7 +309,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("model")
     ap.add_argument("--tokens", required=True, help="comma-separated token ids")
-    ap.add_argument("--act-q8", action="store_true", help="8-bit activations before Q4_0/Q4_1/Q8_0 matmuls")
+    ap.add_argument("--act-q8", action="store_true", help="8-bit activations before quantized matmuls (Q8 blocks of 32, Q8_K for K-quants)")
     ap.add_argument("--llamacpp", action="store_true",
                     help="also mimic llama.cpp's fp16/bf16 activations and Q4_1 fp16 block sums (cross-checks)")
     ap.add_argument("--top", type=int, default=5, help="top logits to print per position")
