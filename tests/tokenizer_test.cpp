@@ -546,8 +546,8 @@ TEST_F(SmolLM2, BadMetadataIsAnError) {
   }
   {
     GgufBuilder b = metadata();
-    b.set("tokenizer.ggml.model", GgufBuilder::str("llama"));
-    expect_error(b, "only byte-level BPE");
+    b.set("tokenizer.ggml.model", GgufBuilder::str("bert"));
+    expect_error(b, "tokenizer.ggml.model is 'bert'; supported: 'gpt2'");
   }
   {
     GgufBuilder b = metadata();
