@@ -212,9 +212,13 @@ def build_driver() -> None:
                     "-l:libggml.v0.5.0.so", "-l:libggml-base.so", f"-Wl,-rpath,{lib}", "-ldl"], check=True)
 
 
-def run_driver(model: Path, cases: list[tuple[bytes, bool, bool]], chats: list[dict]) -> dict:
+def run_driver(model: Path, cases: list[tuple[bytes, bool, bool]], chats: list[dict],
+               template_name: str | None = None) -> dict:
+    """template_name: a llama.cpp built-in chat template to use instead of the file's."""
     req = {"cases": [{"text_hex": t.hex(), "add_special": a, "parse_special": p} for t, a, p in cases],
            "chats": chats}
+    if template_name:
+        req["chat_template"] = template_name
     res = subprocess.run([str(DRIVER), str(model)], input=json.dumps(req).encode(), capture_output=True, check=True)
     return json.loads(res.stdout)
 
@@ -394,18 +398,10 @@ GEMMA_CHATS = CHATS + [
 
 def vocab_results(model: Path, cases, chats=(), template_name: str | None = None) -> tuple[dict, list, list]:
     req = [(t, a, p) for _, t, a, p in cases]
-    res = run_driver(model, req, list(chats)) if template_name is None else \
-        run_driver_named(model, req, list(chats), template_name)
+    res = run_driver(model, req, list(chats), template_name)
     results = res.pop("results")
     chat_res = res.pop("chats")
     return res, results, chat_res
-
-
-def run_driver_named(model: Path, cases: list[tuple[bytes, bool, bool]], chats: list[dict], name: str) -> dict:
-    req = {"cases": [{"text_hex": t.hex(), "add_special": a, "parse_special": p} for t, a, p in cases],
-           "chats": chats, "chat_template": name}
-    res = subprocess.run([str(DRIVER), str(model)], input=json.dumps(req).encode(), capture_output=True, check=True)
-    return json.loads(res.stdout)
 
 
 def case_records(cases, results, what: str) -> list[dict]:

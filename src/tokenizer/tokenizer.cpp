@@ -55,6 +55,7 @@ bool one_of(std::string_view s, const std::string_view (&set)[N]) {
 }
 
 constexpr char kHexDigits[] = "0123456789ABCDEF";
+constexpr std::string_view kSpaceMark = "\xe2\x96\x81";  // U+2581, SentencePiece's space
 
 }  // namespace
 
@@ -83,6 +84,8 @@ struct Tokenizer::Scratch {
   std::vector<Sym> syms;
   std::vector<Bigram> heap;
   std::vector<SpmBigram> spm_heap;
+  // SPM: the tokens of every word seen in this encode() call.
+  std::unordered_map<std::string, std::vector<int32_t>, TransparentHash, std::equal_to<>> spm_words;
 };
 
 int32_t Tokenizer::lookup(std::string_view s) const {
@@ -105,13 +108,12 @@ Tokenizer Tokenizer::from_gguf(const gguf::File& f) {
   else if (model == "llama") t.model_ = TokenizerModel::kSpm;
   else fail(path, ": tokenizer.ggml.model is '", model, "'; supported: 'gpt2' (byte-level BPE), 'llama' (SentencePiece)");
 
+  // SPM ignores tokenizer.ggml.pre, as llama.cpp does.
   if (t.model_ == TokenizerModel::kBpe) {
     t.pre_name_ = f.get_str("tokenizer.ggml.pre", "");
     if (!pre_tokenizer_from_name(t.pre_name_, t.pre_))
       fail(path, ": unsupported pre-tokenizer tokenizer.ggml.pre = '", t.pre_name_, "' (supported: ",
            supported_pre_tokenizers(), ")");
-    if (!f.has("tokenizer.ggml.tokens")) fail(path, ": tokenizer.ggml.tokens is missing");
-    if (!f.has("tokenizer.ggml.merges")) fail(path, ": tokenizer.ggml.merges is missing (needed by BPE)");
   }
   t.load_tokens(f);
   if (t.model_ == TokenizerModel::kBpe) t.load_bpe(f);
@@ -159,6 +161,7 @@ void Tokenizer::load_tokens(const gguf::File& f) {
 void Tokenizer::load_bpe(const gguf::File& f) {
   const std::string& path = f.path();
   const int32_t n = n_vocab();
+  if (!f.has("tokenizer.ggml.merges")) fail(path, ": tokenizer.ggml.merges is missing (needed by BPE)");
   // Merges "left right": rank = index. The first space after the first byte splits (a left
   // part never starts with a space in GPT-2's alphabet, but llama.cpp allows it); lines without
   // one can never apply and are skipped; a repeated pair keeps its first (best) rank.
@@ -210,6 +213,12 @@ void Tokenizer::load_spm(const gguf::File& f) {
     }
   }
   add_space_prefix_ = f.get_bool("tokenizer.ggml.add_space_prefix", true);
+  for (const std::string& p : pieces_) {
+    max_piece_len_ = std::max(max_piece_len_, p.size());
+    // Bytes a U+2581 follows inside some token: a word cut must not fall after them.
+    for (size_t at = p.find(kSpaceMark, 1); at != std::string::npos; at = p.find(kSpaceMark, at + 1))
+      joins_space_after_[static_cast<uint8_t>(p[at - 1])] = true;
+  }
 
   // Byte fallback: "<0xAB>" (upper-case hex, as llama.cpp looks it up), else the byte itself.
   for (int b = 0; b < 256; ++b) {
@@ -319,6 +328,7 @@ void Tokenizer::build_special_matcher() {
     const int32_t id = special_[r];
     special_rank_[id] = static_cast<int32_t>(r);
     int32_t node = 0;
+    trie_first_byte_[static_cast<unsigned char>(pieces_[id][0])] = true;
     for (unsigned char c : pieces_[id]) {
       const auto [it, added] = trie_edges_.try_emplace((uint64_t(uint32_t(node)) << 8) | c,
                                                         static_cast<int32_t>(trie_token_.size()));
@@ -385,6 +395,7 @@ void Tokenizer::split_special(std::string_view text, bool parse_special, std::ve
   std::vector<uint8_t> occurs(special_.size(), 0);
   bool any = false;
   for (size_t i = 0; i < text.size(); ++i) {
+    if (!trie_first_byte_[static_cast<unsigned char>(text[i])]) continue;
     int32_t node = 0;
     for (size_t j = i; j < text.size(); ++j) {
       const auto it = trie_edges_.find((uint64_t(uint32_t(node)) << 8) | static_cast<unsigned char>(text[j]));
@@ -512,11 +523,14 @@ void Tokenizer::bpe_word(std::string_view bytes, Scratch& sc, std::vector<int32_
 // SentencePiece on one raw fragment, as llama.cpp's SPM session: spaces become U+2581, the text
 // is cut into UTF-8 characters (by lead byte only: invalid UTF-8 is no error), and the adjacent
 // pair whose concatenation is the highest-scoring token is merged until no pair is a token (ties:
-// the leftmost pair). A final symbol that is no token (an unmerged character missing from the
-// vocabulary) becomes byte tokens. llama.cpp also keeps a table to re-split such a symbol into
-// the pair that formed it, but merges only ever form tokens, so that table is never consulted.
+// the leftmost pair).
+//
+// llama.cpp runs one priority queue over the whole fragment (a whole document when it has no
+// newlines). Merges are local, though: where no token contains the previous character followed
+// by U+2581, no merge can ever join the two sides, and each side's merges happen in the same
+// order on their own. So the fragment is cut there (before most spaces) into words, each merged
+// alone, and a word seen before in this call reuses its tokens. Same result, far less work.
 void Tokenizer::spm_fragment(std::string_view text, bool space_prefix, Scratch& sc, std::vector<int32_t>& out) const {
-  static constexpr std::string_view kSpaceMark = "\xe2\x96\x81";  // U+2581
   std::string& s = sc.bytes;
   s.clear();
   if (space_prefix) s += kSpaceMark;
@@ -527,12 +541,40 @@ void Tokenizer::spm_fragment(std::string_view text, bool space_prefix, Scratch& 
   if (s.size() >= UINT32_MAX) fail("text too long to tokenize (", text.size(), " bytes)");
   const std::string_view str = s;
 
-  auto& syms = sc.syms;
-  syms.clear();
+  size_t word = 0;
+  auto flush_word = [&](size_t end) {
+    const std::string_view w = str.substr(word, end - word);
+    const auto it = sc.spm_words.find(w);
+    if (it != sc.spm_words.end()) {
+      out.insert(out.end(), it->second.begin(), it->second.end());
+    } else {
+      const size_t first = out.size();
+      spm_word(w, sc, out);
+      sc.spm_words.emplace(std::string(w), std::vector<int32_t>(out.begin() + static_cast<std::ptrdiff_t>(first), out.end()));
+    }
+    word = end;
+  };
+  // Characters as llama.cpp cuts them, so that a cut never falls inside one.
   for (size_t off = 0; off < s.size();) {
     const size_t len = std::min(unicode::utf8_len(static_cast<uint8_t>(s[off])), s.size() - off);
+    if (off > word && str.substr(off, len) == kSpaceMark && !joins_space_after_[static_cast<uint8_t>(s[off - 1])])
+      flush_word(off);
+    off += len;
+  }
+  if (word < s.size()) flush_word(s.size());
+}
+
+// The merging of one word (see spm_fragment). A final symbol that is no token (an unmerged
+// character missing from the vocabulary) becomes byte tokens. llama.cpp also keeps a table to
+// re-split such a symbol into the pair that formed it, but merges only ever form tokens, so that
+// table is never consulted.
+void Tokenizer::spm_word(std::string_view str, Scratch& sc, std::vector<int32_t>& out) const {
+  auto& syms = sc.syms;
+  syms.clear();
+  for (size_t off = 0; off < str.size();) {
+    const size_t len = std::min(unicode::utf8_len(static_cast<uint8_t>(str[off])), str.size() - off);
     const auto idx = static_cast<int32_t>(syms.size());
-    syms.push_back({-1, idx - 1, off + len < s.size() ? idx + 1 : -1, static_cast<uint32_t>(off),
+    syms.push_back({-1, idx - 1, off + len < str.size() ? idx + 1 : -1, static_cast<uint32_t>(off),
                     static_cast<uint32_t>(len)});
     off += len;
   }
@@ -547,6 +589,7 @@ void Tokenizer::spm_fragment(std::string_view text, bool space_prefix, Scratch& 
   auto try_add = [&](int32_t l, int32_t r) {
     if (l < 0 || r < 0) return;
     const uint32_t size = syms[l].len + syms[r].len;
+    if (size > max_piece_len_) return;
     const int32_t tok = lookup(str.substr(syms[l].off, size));
     if (tok < 0) return;
     heap.push_back({scores_[tok], l, r, size});

@@ -112,6 +112,7 @@ class Tokenizer {
   void encode_fragment(std::string_view text, Scratch& sc, std::vector<int32_t>& out) const;
   void bpe_word(std::string_view bytes, Scratch& sc, std::vector<int32_t>& out) const;
   void spm_fragment(std::string_view text, bool space_prefix, Scratch& sc, std::vector<int32_t>& out) const;
+  void spm_word(std::string_view word, Scratch& sc, std::vector<int32_t>& out) const;
   std::string bytes_of(int32_t id) const;
   std::string bpe_bytes_of(int32_t id) const;
   std::string spm_bytes_of(int32_t id) const;
@@ -135,9 +136,12 @@ class Tokenizer {
   // A byte trie over the special tokens' texts, to find which of them occur in a text at all.
   std::unordered_map<uint64_t, int32_t> trie_edges_;  // (node << 8 | byte) -> child node
   std::vector<int32_t> trie_token_;                   // per node: the token spelled so far, or -1
+  bool trie_first_byte_[256] = {};                    // some special token starts with this byte
   // SPM: per-token scores (higher merges first) and the <0xXX> token of every byte (-1: none).
   std::vector<float> scores_;
   int32_t byte_token_[256];
+  size_t max_piece_len_ = 0;          // no pair longer than this can be a token
+  bool joins_space_after_[256] = {};  // some token has this byte right before a U+2581
 
   std::string pre_name_;
   PreTokenizerInfo pre_{};
