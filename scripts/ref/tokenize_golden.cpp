@@ -1,9 +1,11 @@
 // tokenize_golden: llama.cpp's side of tests/golden/tokenizer_smollm2.json. Loads a GGUF's
 // vocabulary (vocab_only) with the prebuilt libllama and answers one JSON request on stdin:
 //   {"cases": [{"text_hex": "...", "add_special": bool, "parse_special": bool}, ...],
-//    "chats": [{"messages": [{"role": "...", "content": "..."}], "add_generation_prompt": bool}]}
+//    "chats": [{"messages": [{"role": "...", "content": "..."}], "add_generation_prompt": bool}],
+//    "chat_template": "gemma"}   (optional: a built-in template name instead of the file's)
 // with one JSON object on stdout: vocabulary facts (bos, eos, eog ids, a hash of every token's
-// piece), and per case the tokens (or the exception llama.cpp threw) and the concatenated pieces.
+// piece), and per case the tokens (or the exception llama.cpp threw), the concatenated pieces and
+// llama_detokenize's text (which drops the leading space add_space_prefix put in).
 // Texts travel as hex so that invalid UTF-8 survives JSON. Driven and built by
 // scripts/ref/tokenize_golden.py; never part of the qfilters build.
 //
@@ -48,6 +50,19 @@ std::string piece(const llama_vocab* vocab, llama_token t) {
   if (n < 0) {
     buf.resize(-n);
     n = llama_token_to_piece(vocab, t, buf.data(), static_cast<int32_t>(buf.size()), 0, true);
+  }
+  buf.resize(n);
+  return buf;
+}
+
+std::string detokenize(const llama_vocab* vocab, const std::vector<llama_token>& toks) {
+  std::string buf(toks.size() * 16 + 16, '\0');
+  int32_t n = llama_detokenize(vocab, toks.data(), static_cast<int32_t>(toks.size()), buf.data(),
+                               static_cast<int32_t>(buf.size()), /*remove_special=*/false, /*unparse_special=*/true);
+  if (n < 0) {
+    buf.resize(-n);
+    n = llama_detokenize(vocab, toks.data(), static_cast<int32_t>(toks.size()), buf.data(),
+                         static_cast<int32_t>(buf.size()), false, true);
   }
   buf.resize(n);
   return buf;
@@ -122,6 +137,7 @@ int main(int argc, char** argv) {
       for (llama_token t : toks) detok += piece(vocab, t);
       r["tokens"] = toks;
       r["detok_hex"] = to_hex(detok);
+      r["detokenize_hex"] = to_hex(detokenize(vocab, toks));
     } catch (const std::exception& e) {
       r["error"] = e.what();
     }
@@ -130,7 +146,8 @@ int main(int argc, char** argv) {
   out["results"] = results;
 
   json chats = json::array();
-  const char* tmpl = llama_model_chat_template(model, nullptr);
+  const std::string tmpl_name = req.value("chat_template", std::string());
+  const char* tmpl = tmpl_name.empty() ? llama_model_chat_template(model, nullptr) : tmpl_name.c_str();
   for (const auto& c : req.value("chats", json::array())) {
     std::vector<std::string> roles, contents;
     for (const auto& m : c.at("messages")) {

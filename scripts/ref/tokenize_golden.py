@@ -1,7 +1,10 @@
 #!/usr/bin/env python3
 """Writes tests/golden/tokenizer_smollm2.json: llama.cpp's tokenization of tricky strings, whole
 State of the Union addresses and chat prompts with the SmolLM2 vocabulary, for
-tests/tokenizer_test.cpp to match token for token.
+tests/tokenizer_test.cpp to match token for token; and tests/golden/tokenizer_gemma3.json, the
+same for the Gemma 3 SentencePiece vocabulary (every SOTU address by count and hash, a variant
+with add_space_prefix = true for Llama 2 style files, Gemma chat prompts), for
+tests/tokenizer_spm_test.cpp.
 
 llama.cpp answers through build-ref/tokenize_golden (scripts/ref/tokenize_golden.cpp, built here
 against the prebuilt libllama in third_party/llama.cpp). The other pre-tokenizers (llama-bpe,
@@ -11,7 +14,8 @@ Chat prompts are also rendered with jinja2 from the model's own template (the Hu
 which, unlike llama.cpp's built-in ChatML, adds SmolLM2's default system message.
 
 Texts are stored as base64 so that invalid UTF-8 survives JSON.
-    python3 scripts/ref/tokenize_golden.py            # needs the model, data/sotu and llama.cpp
+    python3 scripts/ref/tokenize_golden.py [smollm2|gemma3]   # default both; needs the models,
+                                                              # data/sotu and llama.cpp
 """
 from __future__ import annotations
 
@@ -30,6 +34,11 @@ LLAMA = ROOT / "third_party" / "llama.cpp"
 DRIVER_SRC = ROOT / "scripts" / "ref" / "tokenize_golden.cpp"
 DRIVER = ROOT / "build-ref" / "tokenize_golden"
 OUT = ROOT / "tests" / "golden" / "tokenizer_smollm2.json"
+GEMMA = ROOT / "models" / "gemma-3-270m-q4_k_m.gguf"
+GEMMA_OUT = ROOT / "tests" / "golden" / "tokenizer_gemma3.json"
+# Gemma 3's chat template from Hugging Face (google/gemma-3-270m-it, tokenizer_config.json); the
+# GGUF file carries none.
+GEMMA_TEMPLATE = ROOT / "scripts" / "ref" / "gemma3_chat_template.jinja"
 SOTU = ROOT / "data" / "sotu"
 
 # Whole documents with full token lists (small ones, one with non-ASCII punctuation) ...
@@ -203,23 +212,31 @@ def build_driver() -> None:
                     "-l:libggml.v0.5.0.so", "-l:libggml-base.so", f"-Wl,-rpath,{lib}", "-ldl"], check=True)
 
 
-def run_driver(model: Path, cases: list[tuple[bytes, bool, bool]], chats: list[dict]) -> dict:
+def run_driver(model: Path, cases: list[tuple[bytes, bool, bool]], chats: list[dict],
+               template_name: str | None = None) -> dict:
+    """template_name: a llama.cpp built-in chat template to use instead of the file's."""
     req = {"cases": [{"text_hex": t.hex(), "add_special": a, "parse_special": p} for t, a, p in cases],
            "chats": chats}
+    if template_name:
+        req["chat_template"] = template_name
     res = subprocess.run([str(DRIVER), str(model)], input=json.dumps(req).encode(), capture_output=True, check=True)
     return json.loads(res.stdout)
 
 
-def write_variant(src: Path, dst: Path, pre: str) -> None:
-    """A vocab-only copy of src (all metadata, no tensors) with tokenizer.ggml.pre = pre."""
+def write_variant(src: Path, dst: Path, pre: str | None = None, overrides: dict | None = None) -> None:
+    """A vocab-only copy of src (all metadata, no tensors) with tokenizer.ggml.pre = pre and the
+    given keys replaced (same type)."""
     import gguf
+    overrides = dict(overrides or {})
+    if pre is not None:
+        overrides["tokenizer.ggml.pre"] = pre
     reader = gguf.GGUFReader(str(src))
     arch = reader.fields["general.architecture"].contents()
     writer = gguf.GGUFWriter(str(dst), arch)
     for name, field in reader.fields.items():
         if name.startswith("GGUF.") or name == "general.architecture":
             continue
-        value = pre if name == "tokenizer.ggml.pre" else field.contents()
+        value = overrides.get(name, field.contents())
         vtype = field.types[0]
         sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
         writer.add_key_value(name, value, vtype, sub_type=sub)
@@ -229,14 +246,19 @@ def write_variant(src: Path, dst: Path, pre: str) -> None:
     writer.close()
 
 
-def render_jinja(template: str, chat: dict) -> str:
+def render_jinja(template: str, chat: dict, **extra) -> str:
     import jinja2
+
+    def raise_exception(msg: str) -> None:
+        raise jinja2.exceptions.TemplateError(msg)
+
     env = jinja2.Environment()
+    env.globals["raise_exception"] = raise_exception
     return env.from_string(template).render(messages=chat["messages"],
-                                              add_generation_prompt=chat["add_generation_prompt"])
+                                              add_generation_prompt=chat["add_generation_prompt"], **extra)
 
 
-def main() -> None:
+def smollm2_main() -> None:
     for p in (MODEL, LLAMA / "include" / "llama.h", SOTU):
         if not p.exists():
             sys.exit(f"missing {p} (scripts/fetch_model.sh, scripts/fetch_llamacpp.sh, scripts/fetch_text.sh)")
@@ -331,5 +353,115 @@ def main() -> None:
     print(f"wrote {OUT} ({OUT.stat().st_size} bytes, {len(cases)} cases)", file=sys.stderr)
 
 
+# Gemma's own tokens and SentencePiece corner cases, on top of the tricky set.
+def gemma_cases() -> list[tuple[str, bytes, bool, bool]]:
+    c: list[tuple[str, bytes, bool, bool]] = []
+
+    def add(name: str, text: str | bytes, add_special: bool = False, parse_special: bool = True) -> None:
+        c.append((name, text if isinstance(text, bytes) else b(text), add_special, parse_special))
+
+    for parse in (True, False):
+        tag = "parsed" if parse else "not parsed"
+        add(f"gemma turn {tag}", "<start_of_turn>user\nHi there<end_of_turn>\n<start_of_turn>model\n", False, parse)
+        add(f"gemma bos eos text {tag}", "<bos>Hello<eos> world</s>", False, parse)
+        add(f"gemma unused {tag}", "<unused0> x <unused98><pad><mask>[multimodal]", False, parse)
+        add(f"gemma image tokens {tag}", "see <start_of_image> and <end_of_image>.", False, parse)
+        add(f"gemma html user tokens {tag}", "<table><tr><td>1</td></tr></table> <b>bold</b> <h1>T</h1>", False, parse)
+        add(f"gemma byte token text {tag}", "<0x41><0x0A> <0xff>", False, parse)
+    add("gemma turn add_special", "<start_of_turn>user\nHi<end_of_turn>\n", True, True)
+    add("gemma text add_special", "Hello world", True, False)
+    add("gemma bos text add_special", "<bos>Hello", True, True)
+    add("space runs and tabs", "a  b   c\t\td\t \te" + " " * 40 + "f" + "\t" * 35 + "g")
+    add("newline runs", "a\n\n\nb" + "\n" * 40 + "c\r\n\r\n")
+    add("leading space", " Hello")
+    add("leading spaces", "   Hello  world ")
+    add("only spaces", "     ")
+    add("lower one eighth block", "\u2581x \u2581\u2581 y\u2581")
+    add("rare characters", "\U0001d11e \u0f3a \U0001f9ec \u2e3b \uA66E \U00010300")
+    add("byte fallback cjk ext", "\U00030000\U0002a700 \U000e0100")
+    add("space before special parsed", "a <start_of_turn> b<end_of_turn>c", False, True)
+    return c
+
+
+GEMMA_CHATS = CHATS + [
+    {"messages": [{"role": "user", "content": "  Padded question?  \n"},
+                  {"role": "assistant", "content": "\tPadded answer.\n\n"},
+                  {"role": "user", "content": "Next."}],
+     "add_generation_prompt": True},
+    {"messages": [{"role": "system", "content": " Keep the system spaces. "},
+                  {"role": "user", "content": "Hi"}],
+     "add_generation_prompt": False},
+    {"messages": [{"role": "system", "content": "Only a system message."}],
+     "add_generation_prompt": True},
+]
+
+
+def vocab_results(model: Path, cases, chats=(), template_name: str | None = None) -> tuple[dict, list, list]:
+    req = [(t, a, p) for _, t, a, p in cases]
+    res = run_driver(model, req, list(chats), template_name)
+    results = res.pop("results")
+    chat_res = res.pop("chats")
+    return res, results, chat_res
+
+
+def case_records(cases, results, what: str) -> list[dict]:
+    out = []
+    for (name, text, add_special, parse_special), r in zip(cases, results):
+        if "error" in r:
+            sys.exit(f"llama.cpp ({what}) failed on case {name!r}: {r['error']}")
+        out.append({"name": name, "text_b64": b64(text), "add_special": add_special, "parse_special": parse_special,
+                    "tokens": r["tokens"], "detok_b64": b64(bytes.fromhex(r["detok_hex"])),
+                    "detokenize_b64": b64(bytes.fromhex(r["detokenize_hex"]))})
+    return out
+
+
+def gemma3_main() -> None:
+    for p in (GEMMA, LLAMA / "include" / "llama.h", SOTU):
+        if not p.exists():
+            sys.exit(f"missing {p} (scripts/fetch_model.sh gemma3, scripts/fetch_llamacpp.sh, scripts/fetch_text.sh)")
+    build_driver()
+    template = GEMMA_TEMPLATE.read_text()
+    cases = tricky_cases() + gemma_cases()
+    chats = GEMMA_CHATS
+    chat_texts = [render_jinja(template, ch, bos_token="<bos>") for ch in chats]
+
+    vocab, results, llama_chats = vocab_results(GEMMA, cases + [("chat", b(t), False, True) for t in chat_texts],
+                                                chats, "gemma")
+    out: dict = {
+        "comment": "Generated by scripts/ref/tokenize_golden.py from llama.cpp (prebuilt libllama); do not edit.",
+        "model": GEMMA.name,
+        "model_sha256": hashlib.sha256(GEMMA.read_bytes()).hexdigest(),
+        "llama_cpp": json.loads((LLAMA / "llama.cpp.info.json").read_text()),
+        "vocab": vocab,
+        "cases": case_records(cases, results[:len(cases)], "gemma3"),
+    }
+    out["chats"] = [{"messages": ch["messages"], "add_generation_prompt": ch["add_generation_prompt"],
+                     "jinja": jt, "llama_cpp_builtin": lc.get("text"), "jinja_tokens": r["tokens"]}
+                    for ch, jt, lc, r in zip(chats, chat_texts, llama_chats, results[len(cases):])]
+
+    # Whole documents: two with full token lists, every address by count and hash.
+    full = DOCUMENTS[:2]
+    _, doc_res, _ = vocab_results(GEMMA, [(n, (SOTU / n).read_bytes(), False, True) for n in full])
+    out["documents"] = [{"file": n, "bytes": (SOTU / n).stat().st_size, "fnv1a": fnv1a((SOTU / n).read_bytes()),
+                         "tokens": r["tokens"]} for n, r in zip(full, doc_res)]
+    corpus_files = sorted(p.name for p in SOTU.glob("*.txt"))
+    corpus = run_driver(GEMMA, [((SOTU / f).read_bytes(), False, True) for f in corpus_files], [])["results"]
+    out["corpus"] = [{"file": f, "bytes": (SOTU / f).stat().st_size, "fnv1a": fnv1a((SOTU / f).read_bytes()),
+                      "n_tokens": len(r["tokens"]), "tokens_fnv1a": fnv1a_tokens(r["tokens"])}
+                     for f, r in zip(corpus_files, corpus)]
+
+    # Llama 2 style: the same vocabulary with add_space_prefix = true.
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "vocab-space-prefix.gguf"
+        write_variant(GEMMA, path, overrides={"tokenizer.ggml.add_space_prefix": True})
+        v, vres, _ = vocab_results(path, cases)
+        out["space_prefix_variant"] = {"vocab": v, "cases": case_records(cases, vres, "space prefix")}
+
+    GEMMA_OUT.write_text(json.dumps(out, ensure_ascii=True, separators=(",", ":")) + "\n")
+    print(f"wrote {GEMMA_OUT} ({GEMMA_OUT.stat().st_size} bytes, {len(cases)} cases)", file=sys.stderr)
+
+
 if __name__ == "__main__":
-    main()
+    which = sys.argv[1:] or ["smollm2", "gemma3"]
+    for w in which:
+        {"smollm2": smollm2_main, "gemma3": gemma3_main}[w]()

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cmath>
 
 #include "gguf/gguf.h"
 #include "tokenizer/unicode.h"
@@ -53,12 +54,15 @@ bool one_of(std::string_view s, const std::string_view (&set)[N]) {
   return std::find(std::begin(set), std::end(set), s) != std::end(set);
 }
 
-struct Fragment {
+constexpr char kHexDigits[] = "0123456789ABCDEF";
+constexpr std::string_view kSpaceMark = "\xe2\x96\x81";  // U+2581, SentencePiece's space
+
+}  // namespace
+
+struct Tokenizer::Fragment {
   int32_t token;  // -1: raw text
   size_t off, len;
 };
-
-}  // namespace
 
 // Buffers reused across the words of one encode() call.
 struct Tokenizer::Scratch {
@@ -70,10 +74,18 @@ struct Tokenizer::Scratch {
   struct Bigram {
     int32_t rank, left, right, lsym, rsym, result;
   };
+  struct SpmBigram {
+    float score;
+    int32_t left, right;
+    uint32_t size;  // bytes of the pair when queued
+  };
   std::vector<uint32_t> cpts, words;
   std::string bytes, enc;
   std::vector<Sym> syms;
   std::vector<Bigram> heap;
+  std::vector<SpmBigram> spm_heap;
+  // SPM: the tokens of every word seen in this encode() call.
+  std::unordered_map<std::string, std::vector<int32_t>, TransparentHash, std::equal_to<>> spm_words;
 };
 
 int32_t Tokenizer::lookup(std::string_view s) const {
@@ -92,79 +104,150 @@ Tokenizer Tokenizer::from_gguf(const gguf::File& f) {
   Tokenizer t;
   if (!f.has("tokenizer.ggml.model")) fail(path, ": tokenizer.ggml.model is missing (no tokenizer in this file?)");
   const std::string model = f.get_str("tokenizer.ggml.model");
-  if (model != "gpt2")
-    fail(path, ": tokenizer.ggml.model is '", model, "'; only byte-level BPE ('gpt2') is supported");
-  t.pre_name_ = f.get_str("tokenizer.ggml.pre", "");
-  if (!pre_tokenizer_from_name(t.pre_name_, t.pre_))
-    fail(path, ": unsupported pre-tokenizer tokenizer.ggml.pre = '", t.pre_name_, "' (supported: ",
-         supported_pre_tokenizers(), ")");
+  if (model == "gpt2") t.model_ = TokenizerModel::kBpe;
+  else if (model == "llama") t.model_ = TokenizerModel::kSpm;
+  else fail(path, ": tokenizer.ggml.model is '", model, "'; supported: 'gpt2' (byte-level BPE), 'llama' (SentencePiece)");
 
-  if (!f.has("tokenizer.ggml.tokens")) fail(path, ": tokenizer.ggml.tokens is missing");
-  if (!f.has("tokenizer.ggml.merges")) fail(path, ": tokenizer.ggml.merges is missing (needed by BPE)");
-  t.pieces_ = f.get_str_array("tokenizer.ggml.tokens");
+  // SPM ignores tokenizer.ggml.pre, as llama.cpp does.
+  if (t.model_ == TokenizerModel::kBpe) {
+    t.pre_name_ = f.get_str("tokenizer.ggml.pre", "");
+    if (!pre_tokenizer_from_name(t.pre_name_, t.pre_))
+      fail(path, ": unsupported pre-tokenizer tokenizer.ggml.pre = '", t.pre_name_, "' (supported: ",
+           supported_pre_tokenizers(), ")");
+  }
+  t.load_tokens(f);
+  if (t.model_ == TokenizerModel::kBpe) t.load_bpe(f);
+  else t.load_spm(f);
+  t.load_special_tokens(f);
+  t.find_end_of_generation();
+  t.build_special_matcher();
+
   const size_t n = t.pieces_.size();
+  t.bytes_.resize(n);
+  for (size_t i = 0; i < n; ++i) t.bytes_[i] = t.bytes_of(static_cast<int32_t>(i));
+  t.chat_template_ = f.get_str("tokenizer.chat_template", "");
+  return t;
+}
+
+// tokenizer.ggml.tokens and token_type; every token's text gets its id as symbol.
+void Tokenizer::load_tokens(const gguf::File& f) {
+  const std::string& path = f.path();
+  if (!f.has("tokenizer.ggml.tokens")) fail(path, ": tokenizer.ggml.tokens is missing");
+  pieces_ = f.get_str_array("tokenizer.ggml.tokens");
+  const size_t n = pieces_.size();
   if (n == 0) fail(path, ": tokenizer.ggml.tokens is empty");
   if (n > static_cast<size_t>(INT32_MAX / 2)) fail(path, ": tokenizer.ggml.tokens has ", n, " entries, too many");
 
-  t.types_.assign(n, TokenType::kNormal);
+  types_.assign(n, TokenType::kNormal);
   if (f.has("tokenizer.ggml.token_type")) {
     const std::vector<int64_t> types = f.get_int_array("tokenizer.ggml.token_type");
     if (types.size() < n)
       fail(path, ": tokenizer.ggml.token_type has ", types.size(), " entries for ", n, " tokens");
     for (size_t i = 0; i < n; ++i)
-      t.types_[i] = (types[i] >= 1 && types[i] <= 6) ? static_cast<TokenType>(types[i]) : TokenType::kUndefined;
+      types_[i] = (types[i] >= 1 && types[i] <= 6) ? static_cast<TokenType>(types[i]) : TokenType::kUndefined;
   }
 
-  t.symbols_.reserve(n * 2);
+  symbols_.reserve(n * 2);
   for (size_t i = 0; i < n; ++i) {
-    std::string& p = t.pieces_[i];
+    std::string& p = pieces_[i];
     if (p.empty()) p = "[EMPTY_" + std::to_string(i) + "]";  // as llama.cpp names empty tokens
-    if (!t.symbols_.try_emplace(p, static_cast<int32_t>(i)).second)
+    if (!symbols_.try_emplace(p, static_cast<int32_t>(i)).second)
       fail(path, ": tokenizer.ggml.tokens has a duplicate token '", p, "' at id ", i);
   }
-  t.n_symbols_ = static_cast<int32_t>(n);
+  n_symbols_ = static_cast<int32_t>(n);
+}
 
+// Merges and the byte alphabet.
+void Tokenizer::load_bpe(const gguf::File& f) {
+  const std::string& path = f.path();
+  const int32_t n = n_vocab();
+  if (!f.has("tokenizer.ggml.merges")) fail(path, ": tokenizer.ggml.merges is missing (needed by BPE)");
   // Merges "left right": rank = index. The first space after the first byte splits (a left
   // part never starts with a space in GPT-2's alphabet, but llama.cpp allows it); lines without
   // one can never apply and are skipped; a repeated pair keeps its first (best) rank.
   const std::vector<std::string> merges = f.get_str_array("tokenizer.ggml.merges");
   if (merges.size() > static_cast<size_t>(INT32_MAX / 8))  // symbol ids must stay int32
     fail(path, ": tokenizer.ggml.merges has ", merges.size(), " entries, too many");
-  t.merges_.reserve(merges.size());
+  merges_.reserve(merges.size());
   for (size_t i = 0; i < merges.size(); ++i) {
     const std::string_view m = merges[i];
     const size_t sp = m.find(' ', 1);
     if (sp == std::string_view::npos) continue;
     const std::string_view left = m.substr(0, sp), right = m.substr(sp + 1);
     if (right.empty()) continue;
-    const int32_t l = t.intern(left);
-    const int32_t r = t.intern(right);
-    const int32_t res = t.intern(std::string(left) + std::string(right));
+    const int32_t l = intern(left);
+    const int32_t r = intern(right);
+    const int32_t res = intern(std::string(left) + std::string(right));
     const uint64_t key = (uint64_t(uint32_t(l)) << 32) | uint32_t(r);
-    t.merges_.try_emplace(key, Merge{static_cast<int32_t>(i), res});
+    merges_.try_emplace(key, Merge{static_cast<int32_t>(i), res});
   }
 
   const auto cp = byte_to_codepoint();
   for (int b = 0; b < 256; ++b) {
-    t.byte_char_[b].clear();
-    unicode::append_utf8(cp[b], t.byte_char_[b]);
-    t.byte_symbol_[b] = t.lookup(t.byte_char_[b]);
-    const auto it = t.symbols_.find(std::string_view(std::string(1, static_cast<char>(b))));
-    t.single_byte_token_[b] = (it != t.symbols_.end() && it->second < static_cast<int32_t>(n)) ? it->second : -1;
+    byte_char_[b].clear();
+    unicode::append_utf8(cp[b], byte_char_[b]);
+    byte_symbol_[b] = lookup(byte_char_[b]);
+    const int32_t s = lookup(std::string_view(std::string(1, static_cast<char>(b))));
+    single_byte_token_[b] = (s >= 0 && s < n) ? s : -1;
+  }
+}
+
+// Scores, the space prefix and the byte-fallback tokens.
+void Tokenizer::load_spm(const gguf::File& f) {
+  const std::string& path = f.path();
+  const size_t n = pieces_.size();
+  scores_.assign(n, 0.0f);  // llama.cpp: no scores, all zero
+  if (f.has("tokenizer.ggml.scores")) {
+    const gguf::Value* v = f.find("tokenizer.ggml.scores");
+    const bool ints = v->type == gguf::ValueType::ARRAY && std::get<gguf::Array>(v->v).elem_type == gguf::ValueType::I32;
+    std::vector<float> scores;
+    if (ints) {
+      for (int64_t s : f.get_int_array("tokenizer.ggml.scores")) scores.push_back(static_cast<float>(s));
+    } else {
+      scores = f.get_float_array("tokenizer.ggml.scores");
+    }
+    if (scores.size() < n) fail(path, ": tokenizer.ggml.scores has ", scores.size(), " entries for ", n, " tokens");
+    for (size_t i = 0; i < n; ++i) {
+      if (std::isnan(scores[i])) fail(path, ": tokenizer.ggml.scores[", i, "] is NaN");
+      scores_[i] = scores[i];
+    }
+  }
+  add_space_prefix_ = f.get_bool("tokenizer.ggml.add_space_prefix", true);
+  for (const std::string& p : pieces_) {
+    max_piece_len_ = std::max(max_piece_len_, p.size());
+    // Bytes a U+2581 follows inside some token: a word cut must not fall after them.
+    for (size_t at = p.find(kSpaceMark, 1); at != std::string::npos; at = p.find(kSpaceMark, at + 1))
+      joins_space_after_[static_cast<uint8_t>(p[at - 1])] = true;
   }
 
-  // Special token ids: llama.cpp's BPE defaults (11), replaced by the metadata when in range.
+  // Byte fallback: "<0xAB>" (upper-case hex, as llama.cpp looks it up), else the byte itself.
+  for (int b = 0; b < 256; ++b) {
+    const char name[] = {'<', '0', 'x', kHexDigits[b >> 4], kHexDigits[b & 15], '>'};
+    int32_t id = lookup(std::string_view(name, sizeof name));
+    if (id < 0) id = lookup(std::string_view(std::string(1, static_cast<char>(b))));
+    byte_token_[b] = id;
+  }
+}
+
+// BOS/EOS and the add_* flags, the roles llama.cpp finds by text, and the special-token list.
+void Tokenizer::load_special_tokens(const gguf::File& f) {
+  const std::string& path = f.path();
+  const size_t n = pieces_.size();
+  const bool spm = model_ == TokenizerModel::kSpm;
+  // Special token ids: llama.cpp's defaults (BPE 11/11, SPM 1/2), replaced by the metadata when
+  // in range.
   auto special_id = [&](std::string_view key, int32_t def) -> int32_t {
     if (def >= static_cast<int32_t>(n)) def = -1;
     const int64_t v = f.get_i64(key, -1);
     return (v >= 0 && v < static_cast<int64_t>(n)) ? static_cast<int32_t>(v) : def;
   };
-  t.bos_ = special_id("tokenizer.ggml.bos_token_id", 11);
-  t.eos_ = special_id("tokenizer.ggml.eos_token_id", 11);
-  t.add_bos_ = f.get_bool("tokenizer.ggml.add_bos_token", t.pre_.add_bos_default);
-  t.add_eos_ = f.get_bool("tokenizer.ggml.add_eos_token", false);
-  if (t.add_bos_ && t.bos_ < 0) fail(path, ": tokenizer.ggml.add_bos_token is set but there is no BOS token");
-  if (t.add_eos_ && t.eos_ < 0) fail(path, ": tokenizer.ggml.add_eos_token is set but there is no EOS token");
+  bos_ = special_id("tokenizer.ggml.bos_token_id", spm ? 1 : 11);
+  eos_ = special_id("tokenizer.ggml.eos_token_id", spm ? 2 : 11);
+  add_bos_ = f.get_bool("tokenizer.ggml.add_bos_token", spm ? true : pre_.add_bos_default);
+  add_eos_ = f.get_bool("tokenizer.ggml.add_eos_token", false);
+  if (!spm) add_space_prefix_ = f.get_bool("tokenizer.ggml.add_space_prefix", false);
+  if (add_bos_ && bos_ < 0) fail(path, ": tokenizer.ggml.add_bos_token is set but there is no BOS token");
+  if (add_eos_ && eos_ < 0) fail(path, ": tokenizer.ggml.add_eos_token is set but there is no EOS token");
 
   // Roles llama.cpp also finds by text (lowest id wins here; llama.cpp takes the first in hash
   // order, which only matters for a vocabulary with several candidates).
@@ -173,8 +256,8 @@ Tokenizer Tokenizer::from_gguf(const gguf::File& f) {
     if (id < 0 && !alt_key.empty()) id = special_id(alt_key, -1);
     if (id >= 0) return id;
     for (size_t i = 0; i < n; ++i) {
-      if (one_of(t.pieces_[i], texts)) {
-        t.types_[i] = TokenType::kControl;
+      if (one_of(pieces_[i], texts)) {
+        types_[i] = TokenType::kControl;
         return static_cast<int32_t>(i);
       }
     }
@@ -189,18 +272,23 @@ Tokenizer Tokenizer::from_gguf(const gguf::File& f) {
   const int32_t fim_rep = role("tokenizer.ggml.fim_rep_token_id", "", kFimRepTexts);
   const int32_t fim_sep = role("tokenizer.ggml.fim_sep_token_id", "", kFimSepTexts);
 
-  t.eog_flag_.assign(n, 0);
-  for (int32_t id : {fim_pad, fim_rep, fim_sep, t.eos_, eot, eom})
-    if (id >= 0) t.eog_flag_[id] = 1;
+  eog_flag_.assign(n, 0);
+  for (int32_t id : {fim_pad, fim_rep, fim_sep, eos_, eot, eom})
+    if (id >= 0) eog_flag_[id] = 1;
+}
+
+// End-of-generation tokens by text, with llama.cpp's exceptions.
+void Tokenizer::find_end_of_generation() {
+  const size_t n = pieces_.size();
   int32_t end_id = -1, s_id = -1;
   bool has_return = false, has_call = false, has_flush = false, has_tool_response = false;
   for (size_t i = 0; i < n; ++i) {
-    const std::string& p = t.pieces_[i];
+    const std::string& p = pieces_[i];
     if (one_of(p, kEogTexts)) {
-      t.eog_flag_[i] = 1;
-      t.types_[i] = TokenType::kControl;
+      eog_flag_[i] = 1;
+      types_[i] = TokenType::kControl;
     }
-    if (!t.eog_flag_[i]) continue;
+    if (!eog_flag_[i]) continue;
     if (p == "<|return|>") has_return = true;
     else if (p == "<|call|>" || p == "<|calls|>") has_call = true;
     else if (p == "<|flush|>") has_flush = true;
@@ -211,31 +299,44 @@ Tokenizer Tokenizer::from_gguf(const gguf::File& f) {
   // llama.cpp's exceptions: "<|end|>" is not an end of generation next to "<|return|>"/"<|call|>"
   // (gpt-oss) or "<|calls|>"/"<|flush|>"; "</s>" is not one next to "<|tool_response>".
   if (end_id >= 0 && has_call && (has_return || has_flush)) {
-    t.eog_flag_[end_id] = 0;
-    t.types_[end_id] = TokenType::kUserDefined;
+    eog_flag_[end_id] = 0;
+    types_[end_id] = TokenType::kUserDefined;
   }
   if (s_id >= 0 && has_tool_response) {
-    t.eog_flag_[s_id] = 0;
-    t.types_[s_id] = TokenType::kNormal;
+    eog_flag_[s_id] = 0;
+    types_[s_id] = TokenType::kNormal;
   }
   for (size_t i = 0; i < n; ++i)
-    if (t.eog_flag_[i]) t.eog_.push_back(static_cast<int32_t>(i));
+    if (eog_flag_[i]) eog_.push_back(static_cast<int32_t>(i));
+}
 
+// The special-token list in matching order and the trie over their texts.
+void Tokenizer::build_special_matcher() {
+  const size_t n = pieces_.size();
   // Special tokens are matched longest first; std::sort with llama.cpp's comparator on the same
   // input order gives the same order for equal lengths too.
   for (size_t i = 0; i < n; ++i) {
-    const TokenType ty = t.types_[i];
+    const TokenType ty = types_[i];
     if (ty == TokenType::kControl || ty == TokenType::kUserDefined || ty == TokenType::kUnknown)
-      t.special_.push_back(static_cast<int32_t>(i));
+      special_.push_back(static_cast<int32_t>(i));
   }
-  std::sort(t.special_.begin(), t.special_.end(),
-            [&](int32_t a, int32_t b) { return t.pieces_[a].size() > t.pieces_[b].size(); });
-
-  t.bytes_.resize(n);
-  for (size_t i = 0; i < n; ++i) t.bytes_[i] = t.bytes_of(static_cast<int32_t>(i));
-
-  t.chat_template_ = f.get_str("tokenizer.chat_template", "");
-  return t;
+  std::sort(special_.begin(), special_.end(),
+            [&](int32_t a, int32_t b) { return pieces_[a].size() > pieces_[b].size(); });
+  special_rank_.assign(n, -1);
+  trie_token_.assign(1, -1);
+  for (size_t r = 0; r < special_.size(); ++r) {
+    const int32_t id = special_[r];
+    special_rank_[id] = static_cast<int32_t>(r);
+    int32_t node = 0;
+    trie_first_byte_[static_cast<unsigned char>(pieces_[id][0])] = true;
+    for (unsigned char c : pieces_[id]) {
+      const auto [it, added] = trie_edges_.try_emplace((uint64_t(uint32_t(node)) << 8) | c,
+                                                        static_cast<int32_t>(trie_token_.size()));
+      if (added) trie_token_.push_back(-1);
+      node = it->second;
+    }
+    trie_token_[node] = id;
+  }
 }
 
 void Tokenizer::check_id(int32_t id) const {
@@ -264,13 +365,55 @@ std::vector<int32_t> Tokenizer::encode(std::string_view text, bool add_special, 
   std::vector<int32_t> out;
   out.reserve(text.size() / 3 + 2);
   if (add_special && add_bos_) out.push_back(bos_);
+  std::vector<Fragment> frags;
+  split_special(text, parse_special, frags);
+  Scratch sc;
+  bool after_special = true;  // SPM: the start of the text counts as following a special token
+  for (const Fragment& fr : frags) {
+    if (fr.token >= 0) {
+      out.push_back(fr.token);
+      after_special = true;
+      continue;
+    }
+    const std::string_view raw = text.substr(fr.off, fr.len);
+    if (model_ == TokenizerModel::kBpe) encode_fragment(raw, sc, out);
+    else spm_fragment(raw, add_space_prefix_ && after_special, sc, out);
+    after_special = false;
+  }
+  if (add_special && add_eos_) out.push_back(eos_);
+  return out;
+}
 
-  // Cut special tokens out of the raw bytes, one token at a time, longest first, every
-  // occurrence left to right within what is still raw text (llama.cpp's tokenizer_st_partition).
-  std::vector<Fragment> frags, next;
-  if (!text.empty()) frags.push_back({-1, 0, text.size()});
-  for (int32_t id : special_) {
-    if (!parse_special && types_[id] != TokenType::kUserDefined) continue;
+// Cuts special tokens out of the raw bytes, one token at a time, longest first, every
+// occurrence left to right within what is still raw text (llama.cpp's tokenizer_st_partition).
+// Only tokens that occur somewhere in the text can cut it, so the trie finds those first and the
+// thousands of others (Gemma has 6,000 "<unusedN>") cost nothing.
+void Tokenizer::split_special(std::string_view text, bool parse_special, std::vector<Fragment>& frags) const {
+  frags.clear();
+  if (text.empty()) return;
+  frags.push_back({-1, 0, text.size()});
+  std::vector<uint8_t> occurs(special_.size(), 0);
+  bool any = false;
+  for (size_t i = 0; i < text.size(); ++i) {
+    if (!trie_first_byte_[static_cast<unsigned char>(text[i])]) continue;
+    int32_t node = 0;
+    for (size_t j = i; j < text.size(); ++j) {
+      const auto it = trie_edges_.find((uint64_t(uint32_t(node)) << 8) | static_cast<unsigned char>(text[j]));
+      if (it == trie_edges_.end()) break;
+      node = it->second;
+      const int32_t id = trie_token_[node];
+      if (id >= 0 && (parse_special || types_[id] == TokenType::kUserDefined)) {
+        occurs[special_rank_[id]] = 1;
+        any = true;
+      }
+    }
+  }
+  if (!any) return;
+
+  std::vector<Fragment> next;
+  for (size_t rank = 0; rank < special_.size(); ++rank) {
+    if (!occurs[rank]) continue;
+    const int32_t id = special_[rank];
     const std::string& st = pieces_[id];
     bool found = false;
     next.clear();
@@ -293,14 +436,6 @@ std::vector<int32_t> Tokenizer::encode(std::string_view text, bool add_special, 
     }
     if (found) frags.swap(next);
   }
-
-  Scratch sc;
-  for (const Fragment& fr : frags) {
-    if (fr.token >= 0) out.push_back(fr.token);
-    else encode_fragment(text.substr(fr.off, fr.len), sc, out);
-  }
-  if (add_special && add_eos_) out.push_back(eos_);
-  return out;
 }
 
 void Tokenizer::encode_fragment(std::string_view text, Scratch& sc, std::vector<int32_t>& out) const {
@@ -385,12 +520,163 @@ void Tokenizer::bpe_word(std::string_view bytes, Scratch& sc, std::vector<int32_
   }
 }
 
+// SentencePiece on one raw fragment, as llama.cpp's SPM session: spaces become U+2581, the text
+// is cut into UTF-8 characters (by lead byte only: invalid UTF-8 is no error), and the adjacent
+// pair whose concatenation is the highest-scoring token is merged until no pair is a token (ties:
+// the leftmost pair).
+//
+// llama.cpp runs one priority queue over the whole fragment (a whole document when it has no
+// newlines). Merges are local, though: where no token contains the previous character followed
+// by U+2581, no merge can ever join the two sides, and each side's merges happen in the same
+// order on their own. So the fragment is cut there (before most spaces) into words, each merged
+// alone, and a word seen before in this call reuses its tokens. Same result, far less work.
+void Tokenizer::spm_fragment(std::string_view text, bool space_prefix, Scratch& sc, std::vector<int32_t>& out) const {
+  std::string& s = sc.bytes;
+  s.clear();
+  if (space_prefix) s += kSpaceMark;
+  for (char c : text) {
+    if (c == ' ') s += kSpaceMark;
+    else s.push_back(c);
+  }
+  if (s.size() >= UINT32_MAX) fail("text too long to tokenize (", text.size(), " bytes)");
+  const std::string_view str = s;
+
+  size_t word = 0;
+  auto flush_word = [&](size_t end) {
+    const std::string_view w = str.substr(word, end - word);
+    const auto it = sc.spm_words.find(w);
+    if (it != sc.spm_words.end()) {
+      out.insert(out.end(), it->second.begin(), it->second.end());
+    } else {
+      const size_t first = out.size();
+      spm_word(w, sc, out);
+      sc.spm_words.emplace(std::string(w), std::vector<int32_t>(out.begin() + static_cast<std::ptrdiff_t>(first), out.end()));
+    }
+    word = end;
+  };
+  // Characters as llama.cpp cuts them, so that a cut never falls inside one.
+  for (size_t off = 0; off < s.size();) {
+    const size_t len = std::min(unicode::utf8_len(static_cast<uint8_t>(s[off])), s.size() - off);
+    if (off > word && str.substr(off, len) == kSpaceMark && !joins_space_after_[static_cast<uint8_t>(s[off - 1])])
+      flush_word(off);
+    off += len;
+  }
+  if (word < s.size()) flush_word(s.size());
+}
+
+// The merging of one word (see spm_fragment). A final symbol that is no token (an unmerged
+// character missing from the vocabulary) becomes byte tokens. llama.cpp also keeps a table to
+// re-split such a symbol into the pair that formed it, but merges only ever form tokens, so that
+// table is never consulted.
+void Tokenizer::spm_word(std::string_view str, Scratch& sc, std::vector<int32_t>& out) const {
+  auto& syms = sc.syms;
+  syms.clear();
+  for (size_t off = 0; off < str.size();) {
+    const size_t len = std::min(unicode::utf8_len(static_cast<uint8_t>(str[off])), str.size() - off);
+    const auto idx = static_cast<int32_t>(syms.size());
+    syms.push_back({-1, idx - 1, off + len < str.size() ? idx + 1 : -1, static_cast<uint32_t>(off),
+                    static_cast<uint32_t>(len)});
+    off += len;
+  }
+
+  using Bigram = Scratch::SpmBigram;
+  // Highest score first; among equal scores the leftmost (llama.cpp's order).
+  auto worse = [](const Bigram& a, const Bigram& b) {
+    return a.score < b.score || (a.score == b.score && a.left > b.left);
+  };
+  auto& heap = sc.spm_heap;
+  heap.clear();
+  auto try_add = [&](int32_t l, int32_t r) {
+    if (l < 0 || r < 0) return;
+    const uint32_t size = syms[l].len + syms[r].len;
+    if (size > max_piece_len_) return;
+    const int32_t tok = lookup(str.substr(syms[l].off, size));
+    if (tok < 0) return;
+    heap.push_back({scores_[tok], l, r, size});
+    std::push_heap(heap.begin(), heap.end(), worse);
+  };
+  for (size_t i = 1; i < syms.size(); ++i) try_add(static_cast<int32_t>(i - 1), static_cast<int32_t>(i));
+
+  while (!heap.empty()) {
+    std::pop_heap(heap.begin(), heap.end(), worse);
+    const Bigram bg = heap.back();
+    heap.pop_back();
+    Scratch::Sym& l = syms[bg.left];
+    Scratch::Sym& r = syms[bg.right];
+    // Stale entry: one side was merged away, or the right side has grown since it was queued.
+    if (l.len == 0 || r.len == 0 || l.len + r.len != bg.size) continue;
+    l.len += r.len;
+    r.len = 0;
+    l.next = r.next;
+    if (r.next >= 0) syms[r.next].prev = bg.left;
+    try_add(l.prev, bg.left);
+    try_add(bg.left, l.next);
+  }
+
+  for (int32_t i = syms.empty() ? -1 : 0; i >= 0; i = syms[i].next) {
+    const std::string_view piece = str.substr(syms[i].off, syms[i].len);
+    const int32_t tok = lookup(piece);
+    if (tok >= 0) {
+      out.push_back(tok);
+      continue;
+    }
+    for (unsigned char b : piece) {
+      if (byte_token_[b] < 0) fail("the vocabulary has no token for byte 0x", kHexDigits[b >> 4], kHexDigits[b & 15],
+                                   " (no <0x", kHexDigits[b >> 4], kHexDigits[b & 15], "> byte-fallback token)");
+      out.push_back(byte_token_[b]);
+    }
+  }
+}
+
 const std::string& Tokenizer::token_bytes(int32_t id) const {
   check_id(id);
   return bytes_[id];
 }
 
 std::string Tokenizer::bytes_of(int32_t id) const {
+  return model_ == TokenizerModel::kSpm ? spm_bytes_of(id) : bpe_bytes_of(id);
+}
+
+// As llama.cpp's SPM token_to_piece: special texts as they are, U+2581 back to spaces, byte
+// tokens as their byte (the hex digits read like strtol, so "<0xA>" is 0x0A), unused ones empty.
+std::string Tokenizer::spm_bytes_of(int32_t id) const {
+  const std::string& p = pieces_[id];
+  switch (types_[id]) {
+    case TokenType::kControl:
+    case TokenType::kUserDefined:
+    case TokenType::kUnknown:
+      return p;
+    case TokenType::kNormal: {
+      std::string out;
+      out.reserve(p.size());
+      for (size_t i = 0; i < p.size(); ++i) {
+        if (p.compare(i, 3, "\xe2\x96\x81") == 0) {
+          out.push_back(' ');
+          i += 2;
+        } else {
+          out.push_back(p[i]);
+        }
+      }
+      return out;
+    }
+    case TokenType::kByte: {
+      int value = 0;
+      for (size_t i = 3; i < std::min<size_t>(p.size(), 5); ++i) {
+        const char c = p[i];
+        const int d = (c >= '0' && c <= '9') ? c - '0' : (c >= 'A' && c <= 'F') ? c - 'A' + 10 : (c >= 'a' && c <= 'f') ? c - 'a' + 10 : -1;
+        if (d < 0) break;
+        value = value * 16 + d;
+      }
+      return std::string(1, static_cast<char>(value));
+    }
+    case TokenType::kUnused:
+    case TokenType::kUndefined:
+      break;
+  }
+  return {};
+}
+
+std::string Tokenizer::bpe_bytes_of(int32_t id) const {
   const std::string& p = pieces_[id];
   switch (types_[id]) {
     case TokenType::kControl:
@@ -437,11 +723,16 @@ std::string Tokenizer::bytes_of(int32_t id) const {
 
 std::string Tokenizer::decode(std::span<const int32_t> tokens, bool render_special) const {
   std::string out;
+  // The first token only (rendered or not), as llama_detokenize.
+  bool strip_space = add_space_prefix_;
   for (int32_t id : tokens) {
     check_id(id);
     const TokenType ty = types_[id];
+    const bool strip = strip_space;
+    strip_space = false;
     if (!render_special && (ty == TokenType::kControl || ty == TokenType::kUnknown)) continue;
-    out += token_bytes(id);
+    const std::string& b = bytes_[id];
+    out.append(b, strip && !b.empty() && b[0] == ' ' ? 1 : 0);
   }
   return out;
 }
