@@ -4,6 +4,7 @@
 // made for another model: cli_calibrate_test.)
 #include <gtest/gtest.h>
 #include <sys/wait.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -24,7 +25,9 @@ struct Result {
 
 // Runs qf with `env` (VAR=value ...) in front; stdout is dropped.
 Result run_qf(const std::string& env, const std::string& args) {
-  const std::string err_path = (std::filesystem::temp_directory_path() / "qf_cli_limits_err.txt").string();
+  // The pid keeps concurrent runs of this test (other checkouts on the machine) apart.
+  const std::string err_path =
+      (std::filesystem::temp_directory_path() / ("qf_cli_limits_err_" + std::to_string(getpid()) + ".txt")).string();
   const std::string cmd = env + " " + qf::test::qf_binary() + " " + args + " </dev/null >/dev/null 2>" + err_path;
   const int status = std::system(cmd.c_str());
   Result r;
@@ -61,7 +64,7 @@ std::string with_metadata(const std::string& fixture, const std::string& key, ui
   } else {
     throw std::runtime_error(key + " is not an unsigned integer in " + fixture);
   }
-  const auto path = std::filesystem::temp_directory_path() / ("qf_limits_" + key + ".gguf");
+  const auto path = std::filesystem::temp_directory_path() / ("qf_limits_" + key + "_" + std::to_string(getpid()) + ".gguf");
   std::ofstream(path, std::ios::binary) << bytes;
   return path.string();
 }
