@@ -9,7 +9,8 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 
 apt_packages=(g++ cmake ninja-build pkg-config libhwy-dev libeigen3-dev nlohmann-json3-dev libcli11-dev
-              libgtest-dev libbenchmark-dev libcpp-httplib-dev python3-pip nodejs npm)
+              libgtest-dev libbenchmark-dev libcpp-httplib-dev python3-pip nodejs npm
+              clang-19 libfuzzer-19-dev)  # clang + libFuzzer: scripts/fuzz.sh
 missing=()
 for p in "${apt_packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 # nodejs/npm may come from outside Debian (e.g. a preinstalled Node): only the commands matter.

@@ -4,6 +4,7 @@
 
 #include <cstdio>
 
+#include "tensor/threadpool.h"
 #include "util/error.h"
 
 namespace qf::cli {
@@ -14,7 +15,15 @@ void add_model_options(CLI::App* app, ModelOptions& o, bool model_required) {
   m->check(CLI::ExistingFile);
   app->add_option("-c,--ctx-size", o.n_ctx, "longest sequence in tokens (0 = the model's training context)")
       ->check(CLI::NonNegativeNumber);
-  app->add_option("-t,--threads", o.n_threads, "threads (0 = all cores)")->check(CLI::NonNegativeNumber);
+  app->add_option_function<int>(
+         "-t,--threads",
+         [&o](int n) {
+           const ThreadCount tc = resolve_thread_count(n);  // absurd counts are capped, with a warning
+           if (!tc.warning.empty()) std::fprintf(stderr, "%s\n", tc.warning.c_str());
+           o.n_threads = tc.n;
+         },
+         "threads (0 = all cores; at most " + std::to_string(kMaxThreadsPerCpu) + " per core)")
+      ->check(CLI::NonNegativeNumber);
   app->add_option("-b,--batch-size", o.n_batch, "prompt tokens per forward chunk")->check(CLI::PositiveNumber);
 }
 

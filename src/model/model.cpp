@@ -91,6 +91,10 @@ std::unique_ptr<Model> Model::load(const std::string& path) {
 
   const int64_t q_dim = static_cast<int64_t>(c.n_heads) * c.head_dim;
   const int64_t kv_dim = static_cast<int64_t>(c.n_kv_heads) * c.head_dim;
+  // Every layer has several tensors: a block_count beyond the tensor table is a lie, and would
+  // size the layer table (up to 2^24 entries) before the first missing tensor is noticed.
+  if (static_cast<size_t>(c.n_layers) > f.tensors().size())
+    fail(path, ": block_count = ", c.n_layers, " but the file has only ", f.tensors().size(), " tensors");
   m->layers_.resize(c.n_layers);
   for (int l = 0; l < c.n_layers; ++l) {
     const std::string p = "blk." + std::to_string(l) + ".";

@@ -5,6 +5,7 @@
 
 #include "kv/attention.h"
 #include "util/error.h"
+#include "util/memory.h"
 
 namespace qf {
 
@@ -18,6 +19,17 @@ void rmsnorm(float* out, const float* x, const float* w, int n, float eps) {
 }
 
 float silu(float x) { return x / (1.0f + std::exp(-x)); }
+
+// What the constructor is about to allocate: keys and values as f32 for every slot of every
+// layer's capacity, plus the per-batch activation buffers.
+uint64_t planned_bytes(const ModelConfig& c, const std::vector<int>& capacity, int n_batch) {
+  uint64_t slots = 0;
+  for (int cap : capacity) slots += static_cast<uint64_t>(cap) * c.n_kv_heads;
+  const uint64_t kv = slots * c.head_dim * 2 * sizeof(float);
+  const uint64_t q_dim = static_cast<uint64_t>(c.n_heads) * c.head_dim, kv_dim = static_cast<uint64_t>(c.n_kv_heads) * c.head_dim;
+  const uint64_t per_token = 2 * c.n_embd + 3 * q_dim + 2 * kv_dim + 2 * static_cast<uint64_t>(c.n_ff);
+  return kv + static_cast<uint64_t>(n_batch) * per_token * sizeof(float);
+}
 
 }  // namespace
 
@@ -40,6 +52,10 @@ Session::Session(const Model& model, SessionOptions opt)
   stats.accumulate |= opt.stats.accumulate;
   stats.last_query |= opt.stats.last_query;
   stats.window = std::max(stats.window, opt.stats.window);
+  check_fits_in_memory(planned_bytes(c, capacity, n_batch_),
+                       "a context of " + std::to_string(n_ctx_) + " tokens (KV cache and activations)",
+                       opt.n_ctx > 0 ? "use a smaller -c or a bounded cache (--kv-budget)"
+                                     : "the model's training context is the default; choose a smaller -c");
   cache_ = std::make_unique<kv::Cache>(kv::CacheShape{c.n_layers, c.n_kv_heads, c.head_dim}, capacity, stats);
 
   // Rotary frequencies: pairs (2i, 2i+1) rotate by pos * base^(-2i/n_rot) (GGUF's row order).

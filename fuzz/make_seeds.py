@@ -1,0 +1,117 @@
+#!/usr/bin/env python3
+"""Writes the small seed corpora of the fuzz harnesses (fuzz/corpus/<harness>/), a few valid
+inputs per format for libFuzzer to mutate. Deterministic; no model weights.
+
+  python3 fuzz/make_seeds.py [--out fuzz/corpus]
+"""
+import argparse
+import json
+import os
+import struct
+
+import numpy as np
+import gguf
+
+
+def byte_pieces():
+    # GPT-2's byte-to-unicode alphabet: printable bytes stand for themselves, the rest are
+    # shifted to U+0100 and up, so each of the 256 bytes is one vocabulary string.
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
+    table, shift = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + shift)
+            shift += 1
+    return [table[b] for b in range(256)]
+
+
+def write_gguf(path, with_tokenizer, tensor_types):
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_uint32("llama.context_length", 64)
+    w.add_uint32("llama.embedding_length", 32)
+    w.add_float32("llama.rope.freq_base", 10000.0)
+    w.add_array("seed.int_array", [1, 2, 3])
+    w.add_array("seed.float_array", [0.5, -1.0])
+    w.add_bool("seed.flag", True)
+    if with_tokenizer:
+        pieces = byte_pieces()
+        merges = ["Ġ t", "h e", "Ġt he", "i n"]
+        pieces += ["Ġt", "he", "Ġthe", "in", "<|im_start|>", "<|im_end|>"]
+        types = [1] * (len(pieces) - 2) + [3, 3]
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("smollm")
+        w.add_token_list(pieces)
+        w.add_token_types(types)
+        w.add_token_merges(merges)
+        w.add_bos_token_id(len(pieces) - 2)
+        w.add_eos_token_id(len(pieces) - 1)
+        w.add_chat_template("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}")
+    rng = np.random.default_rng(0)
+    for i, qtype in enumerate(tensor_types):
+        x = rng.standard_normal((2, 32)).astype(np.float32)
+        data = gguf.quants.quantize(x, qtype) if qtype not in (gguf.GGMLQuantizationType.F32,) else x
+        w.add_tensor(f"t{i}", data, raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def write_filters(path, metadata, dtype="F32", shape=(2, 2, 4)):
+    n = int(np.prod(shape))
+    data = np.linspace(-1, 1, n, dtype=np.float32)
+    raw = data.astype(np.float16).tobytes() if dtype == "F16" else data.tobytes()
+    header = {"q_filters": {"dtype": dtype, "shape": list(shape), "data_offsets": [0, len(raw)]}}
+    if metadata is not None:
+        header["__metadata__"] = metadata
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text + raw)
+
+
+def write(path, data):
+    with open(path, "wb") as f:
+        f.write(data if isinstance(data, bytes) else data.encode())
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus"))
+    out = ap.parse_args().out
+    for d in ("gguf", "filter_file", "tokenizer", "chat_template"):
+        os.makedirs(os.path.join(out, d), exist_ok=True)
+
+    Q = gguf.GGMLQuantizationType
+    write_gguf(os.path.join(out, "gguf", "tokenizer.gguf"), True, [Q.F32])
+    write_gguf(os.path.join(out, "gguf", "tensors.gguf"), False, [Q.F32, Q.F16, Q.Q8_0, Q.Q4_0, Q.Q4_1])
+
+    ours = {"format": "qfilters", "sign_convention": "keep_largest_dot", "layout": "gguf", "fingerprint": "llama/2/4/2/4"}
+    write_filters(os.path.join(out, "filter_file", "qfilters.safetensors"), ours)
+    write_filters(os.path.join(out, "filter_file", "foreign_f16.safetensors"), None, dtype="F16")
+    write_filters(os.path.join(out, "filter_file", "wrong_shape.safetensors"), ours, shape=(3, 2, 4))
+
+    texts = {
+        "english.txt": "The quick brown fox jumps over the lazy dog. It's 2026, isn't it?",
+        "numbers.txt": "3.14159 + 1234567890 = 42\t\n  x",
+        "unicode.txt": "héllo wörld — 日本語のテキスト 🙂 Ελληνικά",
+        "chatml.txt": "<|im_start|>user\nHi!<|im_end|>\n<|im_start|>assistant\n",
+        "code.txt": "def f(x):\n    return x ** 2  # square\n",
+    }
+    for name, text in texts.items():
+        write(os.path.join(out, "tokenizer", name), text)
+    write(os.path.join(out, "tokenizer", "invalid_utf8.bin"), b"ab\xff\xc3(\xe2\x82 \xf0\x9f\x99")
+
+    smollm_template = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+                       "{{ '<|im_start|>system\\nYou are a helpful AI assistant.<|im_end|>\\n' }}{% endif %}"
+                       "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
+                       "{% endfor %}")
+    write(os.path.join(out, "chat_template", "smollm.bin"), smollm_template + "\0user\0Hello\0assistant\0Hi there")
+    write(os.path.join(out, "chat_template", "chatml_name.bin"), "chatml\0system\0Be brief.\0user\0Why?")
+    write(os.path.join(out, "chat_template", "unsupported.bin"), "{{ bos_token }}[INST] {{ m }} [/INST]\0user\0x")
+
+
+if __name__ == "__main__":
+    main()

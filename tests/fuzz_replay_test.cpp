@@ -1,0 +1,73 @@
+// Replays the fuzz harnesses' seed corpora and every past finding (fuzz/regressions/<harness>/)
+// through the harnesses themselves, compiled here without libFuzzer, so that the ordinary test
+// command (and its sanitizer build) keeps each finding fixed without needing clang.
+#include <gtest/gtest.h>
+
+#include <array>
+#include <cstdint>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "calib/filter_file.h"
+#include "gguf/gguf.h"
+#include "test_paths.h"
+#include "tokenizer/chat_template.h"
+#include "tokenizer/tokenizer.h"
+#include "util/error.h"
+
+// Each harness defines the libFuzzer entry points; rename them so that all four fit here.
+#define LLVMFuzzerTestOneInput gguf_fuzz_one
+#include "../fuzz/gguf_fuzz.cpp"
+#undef LLVMFuzzerTestOneInput
+#define LLVMFuzzerTestOneInput filter_file_fuzz_one
+#include "../fuzz/filter_file_fuzz.cpp"
+#undef LLVMFuzzerTestOneInput
+#define LLVMFuzzerTestOneInput chat_template_fuzz_one
+#include "../fuzz/chat_template_fuzz.cpp"
+#undef LLVMFuzzerTestOneInput
+#define LLVMFuzzerTestOneInput tokenizer_fuzz_one
+#define LLVMFuzzerInitialize tokenizer_fuzz_init
+#include "../fuzz/tokenizer_fuzz.cpp"
+#undef LLVMFuzzerTestOneInput
+#undef LLVMFuzzerInitialize
+
+namespace {
+
+namespace fs = std::filesystem;
+using Harness = int (*)(const uint8_t*, size_t);
+
+// Runs every file of fuzz/corpus/<name>/ and fuzz/regressions/<name>/; returns how many ran.
+// A harness aborts on a broken property, which fails the test run.
+int replay(const std::string& name, Harness harness) {
+  int n = 0;
+  for (const char* dir : {"corpus", "regressions"}) {
+    const fs::path root = fs::path(qf::test::source_dir()) / "fuzz" / dir / name;
+    if (!fs::is_directory(root)) continue;
+    for (const auto& entry : fs::directory_iterator(root)) {
+      std::ifstream in(entry.path(), std::ios::binary);
+      const std::vector<uint8_t> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+      SCOPED_TRACE(entry.path().string());
+      EXPECT_EQ(harness(bytes.data(), bytes.size()), 0);
+      ++n;
+    }
+  }
+  return n;
+}
+
+TEST(FuzzReplay, Gguf) { EXPECT_GE(replay("gguf", gguf_fuzz_one), 2); }
+
+TEST(FuzzReplay, FilterFile) { EXPECT_GE(replay("filter_file", filter_file_fuzz_one), 3); }
+
+TEST(FuzzReplay, ChatTemplate) { EXPECT_GE(replay("chat_template", chat_template_fuzz_one), 3); }
+
+TEST(FuzzReplay, Tokenizer) {
+  setenv("QF_FUZZ_MODEL", qf::test::smollm2_path().c_str(), 1);
+  tokenizer_fuzz_init(nullptr, nullptr);
+  EXPECT_GE(replay("tokenizer", tokenizer_fuzz_one), 7);
+}
+
+}  // namespace
