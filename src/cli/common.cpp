@@ -102,6 +102,14 @@ std::string kv_summary(const Session& s) {
   os << std::fixed << "kv: " << c.bytes_used() / mib << " MiB in use (" << c.bytes_reserved() / mib
      << " MiB reserved) vs " << c.full_cache_bytes(s.n_past()) / mib << " MiB for a full cache of " << s.n_past()
      << " tokens";
+  const ModelConfig& mc = s.model().config();
+  if (const int n_local = mc.n_local_layers(); n_local > 0) {
+    std::string global;
+    for (int l = 0; l < mc.n_layers; ++l)
+      if (!mc.layers[l].local()) global += (global.empty() ? "" : ",") + std::to_string(l);
+    os << " | " << n_local << " sliding-window layers keep their window; layers " << (global.empty() ? "(none)" : global)
+       << " are global" << (s.compressor() ? " (the policy acts on these)" : "");
+  }
   if (const kv::Compressor* comp = s.compressor()) {
     const kv::CompressionStats& st = comp->stats();
     os << " | policy " << comp->policy().name() << ": " << st.evicted << " slots evicted in " << st.evictions

@@ -8,46 +8,31 @@
 
 namespace qf {
 
-namespace {
-
-void rmsnorm(float* out, const float* x, const float* w, int n, float eps) {
-  double ss = 0;
-  for (int i = 0; i < n; ++i) ss += static_cast<double>(x[i]) * x[i];
-  const float inv = 1.0f / std::sqrt(static_cast<float>(ss / n) + eps);
-  for (int i = 0; i < n; ++i) out[i] = x[i] * inv * w[i];
-}
-
-float silu(float x) { return x / (1.0f + std::exp(-x)); }
-
-}  // namespace
-
 Session::Session(const Model& model, SessionOptions opt)
     : model_(model),
       pool_(opt.n_threads),
       n_ctx_(opt.n_ctx > 0 ? opt.n_ctx : model.config().n_ctx_train),
       n_batch_(std::max(1, opt.n_batch)),
-      compressor_(std::move(opt.compressor)) {
+      compressor_(std::move(opt.compressor)),
+      rotary_(model.config(), model.rope_freq_factors()) {
   const ModelConfig& c = model.config();
   n_batch_ = std::min(n_batch_, n_ctx_);
   kv::AttentionStats stats;
   std::vector<int> capacity(c.n_layers, n_ctx_);
+  std::vector<bool> local(c.n_layers);
+  for (int l = 0; l < c.n_layers; ++l) local[l] = c.layers[l].local();
   if (compressor_) {
     compressor_->config().validate(c.n_layers);
+    compressor_->exempt_layers(local);  // a sliding window already bounds them
     stats = compressor_->needs();
     for (int l = 0; l < c.n_layers; ++l) capacity[l] = compressor_->capacity(l, n_ctx_, n_batch_);
   }
+  for (int l = 0; l < c.n_layers; ++l)
+    if (local[l]) capacity[l] = std::min(n_ctx_, c.layers[l].window + n_batch_);
   stats.accumulate |= opt.stats.accumulate;
   stats.last_query |= opt.stats.last_query;
   stats.window = std::max(stats.window, opt.stats.window);
   cache_ = std::make_unique<kv::Cache>(kv::CacheShape{c.n_layers, c.n_kv_heads, c.head_dim}, capacity, stats);
-
-  // Rotary frequencies: pairs (2i, 2i+1) rotate by pos * base^(-2i/n_rot) (GGUF's row order).
-  inv_freq_.resize(c.n_rot / 2);
-  for (int i = 0; i < c.n_rot / 2; ++i) {
-    double f = std::pow(static_cast<double>(c.rope_base), -2.0 * i / c.n_rot);
-    if (model.rope_freq_factors()) f /= model.rope_freq_factors()[i];
-    inv_freq_[i] = f / c.rope_scale;
-  }
 
   const size_t nb = n_batch_;
   x_.resize(nb * c.n_embd);
@@ -131,85 +116,105 @@ std::span<const float> Session::eval(std::span<const int32_t> tokens, bool all_l
 
 void Session::forward_chunk(const int32_t* tokens, int n, float* logits, bool all_logits) {
   const ModelConfig& c = model_.config();
-  const int E = c.n_embd, D = c.head_dim, H = c.n_heads, KVH = c.n_kv_heads;
+  const size_t E = c.n_embd;
   for (int t = 0; t < n; ++t) {
     pos_[t] = n_past_ + t;
-    dequantize_row(model_.token_embd(), tokens[t], x_.data() + static_cast<size_t>(t) * E);
+    dequantize_row(model_.token_embd(), tokens[t], x_.data() + t * E);
   }
-
-  // Rotary table for this chunk; pairs (2i, 2i+1) of the first n_rot dimensions rotate.
-  const int half = c.n_rot / 2;
-  rope_cos_.resize(static_cast<size_t>(n) * half);
-  rope_sin_.resize(static_cast<size_t>(n) * half);
-  for (int t = 0; t < n; ++t)
-    for (int i = 0; i < half; ++i) {
-      const double theta = static_cast<double>(pos_[t]) * inv_freq_[i];
-      rope_cos_[static_cast<size_t>(t) * half + i] = static_cast<float>(std::cos(theta));
-      rope_sin_[static_cast<size_t>(t) * half + i] = static_cast<float>(std::sin(theta));
-    }
-  auto rope = [&](float* v, int n_head_vecs) {
-    for (int t = 0; t < n; ++t) {
-      const float* cs = &rope_cos_[static_cast<size_t>(t) * half];
-      const float* sn = &rope_sin_[static_cast<size_t>(t) * half];
-      for (int h = 0; h < n_head_vecs; ++h) {
-        float* p = v + (static_cast<size_t>(t) * n_head_vecs + h) * D;
-        for (int i = 0; i < half; ++i) {
-          const float a = p[2 * i], b = p[2 * i + 1];
-          p[2 * i] = a * cs[i] - b * sn[i];
-          p[2 * i + 1] = a * sn[i] + b * cs[i];
-        }
-      }
-    }
-  };
-
-  const bool with_stats = cache_->stats().accumulate || cache_->stats().last_query || cache_->stats().window > 0;
+  if (c.embd_scale != 1.0f) ops::scale(x_.data(), n * E, c.embd_scale);
+  rotary_.prepare(pos_.data(), n);
   for (int l = 0; l < c.n_layers; ++l) {
-    const LayerWeights& w = model_.layers()[l];
-    for (int t = 0; t < n; ++t) rmsnorm(&h_[static_cast<size_t>(t) * E], &x_[static_cast<size_t>(t) * E], w.attn_norm, E, c.rms_eps);
-    matmul(w.wq, h_.data(), n, q_.data(), pool_);
-    matmul(w.wk, h_.data(), n, k_.data(), pool_);
-    matmul(w.wv, h_.data(), n, v_.data(), pool_);
-    rope(q_.data(), H);
-    rope(k_.data(), KVH);
-    if (qk_hook_) qk_hook_(l, q_.data(), k_.data(), pos_.data(), n);
-    cache_->append(l, k_.data(), v_.data(), pos_.data(), n);
-
-    kv::AttentionArgs args;
-    args.layer = l;
-    args.n_heads = H;
-    args.scale = 1.0f / std::sqrt(static_cast<float>(D));
-    args.n_tok = n;
-    args.q = q_.data();
-    args.q_pos = pos_.data();
-    args.out = att_.data();
-    if (with_stats) {
-      // snapkv observes only the last `window` queries of the prompt; h2o every query.
-      const int window = cache_->stats().window;
-      args.accumulate_from_pos = window > 0 ? std::max(0, prompt_end_ - window) : 0;
-      kv::attend_with_stats(*cache_, args, pool_);
-    } else {
-      kv::attend_fused(*cache_, args, pool_);
-    }
-
-    matmul(w.wo, att_.data(), n, h_.data(), pool_);
-    for (size_t i = 0; i < static_cast<size_t>(n) * E; ++i) x_[i] += h_[i];
-
-    for (int t = 0; t < n; ++t) rmsnorm(&h_[static_cast<size_t>(t) * E], &x_[static_cast<size_t>(t) * E], w.ffn_norm, E, c.rms_eps);
-    matmul(w.ffn_gate, h_.data(), n, ff_a_.data(), pool_);
-    matmul(w.ffn_up, h_.data(), n, ff_b_.data(), pool_);
-    for (size_t i = 0; i < static_cast<size_t>(n) * c.n_ff; ++i) ff_a_[i] = silu(ff_a_[i]) * ff_b_[i];
-    matmul(w.ffn_down, ff_a_.data(), n, h_.data(), pool_);
-    for (size_t i = 0; i < static_cast<size_t>(n) * E; ++i) x_[i] += h_[i];
+    attention_block(l, n);
+    ffn_block(l, n);
   }
   n_past_ += n;
+  if (logits) output_logits(n, logits, all_logits);
+}
 
-  if (!logits) return;
+void Session::attention_block(int l, int n) {
+  const ModelConfig& c = model_.config();
+  const LayerWeights& w = model_.layers()[l];
+  const int E = c.n_embd, D = c.head_dim, H = c.n_heads, KVH = c.n_kv_heads;
+  ops::rmsnorm_rows(h_.data(), x_.data(), w.attn_norm, n, E, c.rms_eps);
+  matmul(w.wq, h_.data(), n, q_.data(), pool_);
+  matmul(w.wk, h_.data(), n, k_.data(), pool_);
+  matmul(w.wv, h_.data(), n, v_.data(), pool_);
+  if (w.bq) {
+    ops::add_bias_rows(q_.data(), w.bq, n, H * D);
+    ops::add_bias_rows(k_.data(), w.bk, n, KVH * D);
+    ops::add_bias_rows(v_.data(), w.bv, n, KVH * D);
+  }
+  if (w.q_norm) {
+    ops::rmsnorm_rows(q_.data(), q_.data(), w.q_norm, static_cast<size_t>(n) * H, D, c.rms_eps);
+    ops::rmsnorm_rows(k_.data(), k_.data(), w.k_norm, static_cast<size_t>(n) * KVH, D, c.rms_eps);
+  }
+  rotary_.apply(l, q_.data(), n, H);
+  rotary_.apply(l, k_.data(), n, KVH);
+  if (qk_hook_) qk_hook_(l, q_.data(), k_.data(), pos_.data(), n);
+  if (c.layers[l].local()) drop_outside_window(l, n);
+  cache_->append(l, k_.data(), v_.data(), pos_.data(), n);
+  attend(l, n);
+  matmul(w.wo, att_.data(), n, h_.data(), pool_);
+  if (w.attn_post_norm) ops::rmsnorm_rows(h_.data(), h_.data(), w.attn_post_norm, n, E, c.rms_eps);
+  ops::add(x_.data(), h_.data(), static_cast<size_t>(n) * E);
+}
+
+void Session::attend(int l, int n) {
+  const ModelConfig& c = model_.config();
+  kv::AttentionArgs args;
+  args.layer = l;
+  args.n_heads = c.n_heads;
+  args.scale = c.attn_scale;
+  args.window = c.layers[l].window;
+  args.n_tok = n;
+  args.q = q_.data();
+  args.q_pos = pos_.data();
+  args.out = att_.data();
+  const kv::AttentionStats& st = cache_->stats();
+  if (st.accumulate || st.last_query || st.window > 0) {
+    // snapkv observes only the last `window` queries of the prompt; h2o every query.
+    args.accumulate_from_pos = st.window > 0 ? std::max(0, prompt_end_ - st.window) : 0;
+    kv::attend_with_stats(*cache_, args, pool_);
+  } else {
+    kv::attend_fused(*cache_, args, pool_);
+  }
+}
+
+void Session::ffn_block(int l, int n) {
+  const ModelConfig& c = model_.config();
+  const LayerWeights& w = model_.layers()[l];
+  const int E = c.n_embd;
+  ops::rmsnorm_rows(h_.data(), x_.data(), w.ffn_norm, n, E, c.rms_eps);
+  matmul(w.ffn_gate, h_.data(), n, ff_a_.data(), pool_);
+  matmul(w.ffn_up, h_.data(), n, ff_b_.data(), pool_);
+  ops::gated_activation(ff_a_.data(), ff_b_.data(), static_cast<size_t>(n) * c.n_ff, c.activation);
+  matmul(w.ffn_down, ff_a_.data(), n, h_.data(), pool_);
+  if (w.ffn_post_norm) ops::rmsnorm_rows(h_.data(), h_.data(), w.ffn_post_norm, n, E, c.rms_eps);
+  ops::add(x_.data(), h_.data(), static_cast<size_t>(n) * E);
+}
+
+void Session::output_logits(int n, float* logits, bool all_logits) {
+  const ModelConfig& c = model_.config();
+  const size_t E = c.n_embd;
   // Only the rows whose logits are wanted go through the (large) output matrix.
   const int first = all_logits ? 0 : n - 1;
   const int rows = n - first;
-  for (int t = first; t < n; ++t)
-    rmsnorm(&h_[static_cast<size_t>(t - first) * E], &x_[static_cast<size_t>(t) * E], model_.output_norm(), E, c.rms_eps);
+  ops::rmsnorm_rows(h_.data(), x_.data() + first * E, model_.output_norm(), rows, c.n_embd, c.rms_eps);
   matmul(model_.output(), h_.data(), rows, logits, pool_);
+  if (c.logit_softcap > 0.0f) ops::softcap(logits, static_cast<size_t>(rows) * c.n_vocab, c.logit_softcap);
+}
+
+void Session::drop_outside_window(int l, int n) {
+  // The next query is at n_past_ or later and sees positions > n_past_ - window.
+  const int32_t oldest_visible = n_past_ - model_.config().layers[l].window + 1;
+  for (int h = 0; h < cache_->shape().n_kv_heads; ++h) {
+    const kv::HeadCache& hc = cache_->head(l, h);
+    if (hc.n + n <= cache_->capacity(l)) continue;
+    const int first = static_cast<int>(std::lower_bound(hc.pos.begin(), hc.pos.begin() + hc.n, oldest_visible) - hc.pos.begin());
+    keep_.resize(hc.n - first);
+    for (size_t i = 0; i < keep_.size(); ++i) keep_[i] = first + static_cast<int>(i);
+    cache_->retain(l, h, keep_);
+  }
 }
 
 }  // namespace qf

@@ -11,6 +11,7 @@
 #include "kv/cache.h"
 #include "kv/compressor.h"
 #include "model/model.h"
+#include "model/ops.h"
 #include "tensor/threadpool.h"
 
 namespace qf {
@@ -26,7 +27,8 @@ struct SessionOptions {
   kv::AttentionStats stats;
 };
 
-// Called inside the forward pass with each layer's queries and keys after the rotary embedding:
+// Called inside the forward pass with each layer's queries and keys after the QK norm (if the
+// model has one) and the rotary embedding, before any query scaling:
 // q [n_tok][n_heads][head_dim], k [n_tok][n_kv_heads][head_dim]. Used by calibration and the
 // attention-fidelity evaluation; must not keep the pointers.
 using QkHook = std::function<void(int layer, const float* q, const float* k, const int32_t* pos, int n_tok)>;
@@ -63,6 +65,16 @@ class Session {
 
  private:
   void forward_chunk(const int32_t* tokens, int n, float* logits, bool all_logits);
+  // x += attention sublayer of layer l, for the n tokens of the chunk.
+  void attention_block(int l, int n);
+  // Attention of the chunk's queries (q_) over layer l's cache, into att_.
+  void attend(int l, int n);
+  // x += feed-forward sublayer of layer l.
+  void ffn_block(int l, int n);
+  void output_logits(int n, float* logits, bool all_logits);
+  // Sliding-window layers: before appending n tokens, drops what no later query can see once
+  // the cache would overflow (a ring of the window, compacted every n_batch tokens or so).
+  void drop_outside_window(int l, int n);
 
   const Model& model_;
   ThreadPool pool_;
@@ -73,11 +85,11 @@ class Session {
   std::unique_ptr<kv::Cache> cache_;
   QkHook qk_hook_;
 
-  std::vector<double> inv_freq_;            // rotary frequency of each pair
-  std::vector<float> rope_cos_, rope_sin_;  // [chunk token][n_rot / 2]
+  ops::Rotary rotary_;
   // Scratch, sized for n_batch tokens.
   std::vector<float> x_, h_, q_, k_, v_, att_, ff_a_, ff_b_, logits_;
   std::vector<int32_t> pos_;
+  std::vector<int> keep_;
 };
 
 }  // namespace qf
