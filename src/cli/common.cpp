@@ -107,8 +107,10 @@ std::string kv_summary(const Session& s) {
     std::string global;
     for (int l = 0; l < mc.n_layers; ++l)
       if (!mc.layers[l].local()) global += (global.empty() ? "" : ",") + std::to_string(l);
-    os << " | " << n_local << " sliding-window layers keep their window; layers " << (global.empty() ? "(none)" : global)
-       << " are global" << (s.compressor() ? " (the policy acts on these)" : "");
+    const bool one = global.find(',') == std::string::npos;
+    os << " | " << n_local << " sliding-window layers keep their window; " << (one ? "layer " : "layers ")
+       << (global.empty() ? "(none)" : global) << (one ? " is" : " are") << " global"
+       << (s.compressor() ? " (the policy acts on " + std::string(one ? "it" : "these") + ")" : "");
   }
   if (const kv::Compressor* comp = s.compressor()) {
     const kv::CompressionStats& st = comp->stats();
