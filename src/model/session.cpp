@@ -10,11 +10,11 @@ namespace qf {
 
 Session::Session(const Model& model, SessionOptions opt)
     : model_(model),
-      pool_(opt.n_threads),
+      own_pool_(opt.pool ? nullptr : std::make_unique<ThreadPool>(opt.n_threads)),
+      pool_(opt.pool ? *opt.pool : *own_pool_),
       n_ctx_(opt.n_ctx > 0 ? opt.n_ctx : model.config().n_ctx_train),
       n_batch_(std::max(1, opt.n_batch)),
-      compressor_(std::move(opt.compressor)),
-      rotary_(model.config(), model.rope_freq_factors()) {
+      compressor_(std::move(opt.compressor)) {
   const ModelConfig& c = model.config();
   n_batch_ = std::min(n_batch_, n_ctx_);
   kv::AttentionStats stats;
@@ -34,16 +34,7 @@ Session::Session(const Model& model, SessionOptions opt)
   stats.window = std::max(stats.window, opt.stats.window);
   cache_ = std::make_unique<kv::Cache>(kv::CacheShape{c.n_layers, c.n_kv_heads, c.head_dim}, capacity, stats);
 
-  const size_t nb = n_batch_;
-  x_.resize(nb * c.n_embd);
-  h_.resize(nb * std::max(c.n_embd, c.n_heads * c.head_dim));
-  q_.resize(nb * c.n_heads * c.head_dim);
-  k_.resize(nb * c.n_kv_heads * c.head_dim);
-  v_.resize(nb * c.n_kv_heads * c.head_dim);
-  att_.resize(nb * c.n_heads * c.head_dim);
-  ff_a_.resize(nb * c.n_ff);
-  ff_b_.resize(nb * c.n_ff);
-  pos_.resize(nb);
+  forward_ = std::make_unique<Forward>(model, n_batch_);
 }
 
 void Session::reset() {
@@ -94,14 +85,20 @@ std::span<const float> Session::prefill(std::span<const int32_t> tokens) {
   return logits;
 }
 
+void Session::check_tokens(std::span<const int32_t> tokens) const {
+  const int64_t n = static_cast<int64_t>(tokens.size());
+  if (n_past_ + n > n_ctx_)
+    fail("sequence of ", n_past_ + n, " tokens exceeds the context of ", n_ctx_, " (raise -c)");
+  for (int32_t t : tokens)
+    if (t < 0 || t >= model_.config().n_vocab)
+      fail("token id ", t, " is outside the vocabulary (", model_.config().n_vocab, ")");
+}
+
 std::span<const float> Session::eval(std::span<const int32_t> tokens, bool all_logits) {
   const ModelConfig& c = model_.config();
   const int64_t n = static_cast<int64_t>(tokens.size());
   if (n == 0) return {};
-  if (n_past_ + n > n_ctx_)
-    fail("sequence of ", n_past_ + n, " tokens exceeds the context of ", n_ctx_, " (raise -c)");
-  for (int32_t t : tokens)
-    if (t < 0 || t >= c.n_vocab) fail("token id ", t, " is outside the vocabulary (", c.n_vocab, ")");
+  check_tokens(tokens);
   const size_t rows = all_logits ? static_cast<size_t>(n) : 1;
   if (logits_.size() < rows * c.n_vocab) logits_.resize(rows * c.n_vocab);
   for (int64_t i = 0; i < n; i += n_batch_) {
@@ -114,94 +111,59 @@ std::span<const float> Session::eval(std::span<const int32_t> tokens, bool all_l
   return {logits_.data(), rows * c.n_vocab};
 }
 
+std::vector<std::span<const float>> Session::eval_batch(std::span<const BatchItem> items, Forward& fw,
+                                                         ThreadPool& pool) {
+  std::vector<Segment> segments;
+  int rows = 0;
+  for (const BatchItem& it : items) {
+    Session& s = *it.session;
+    if (it.tokens.empty()) fail("eval_batch: an item without tokens");
+    for (const Segment& seg : segments)
+      if (seg.session == &s) fail("eval_batch: a session appears twice in one batch");
+    s.check_tokens(it.tokens);
+    const size_t vocab = s.model_.config().n_vocab;
+    if (s.logits_.size() < vocab) s.logits_.resize(vocab);
+    segments.push_back({&s, it.tokens.data(), static_cast<int>(it.tokens.size()), s.logits_.data(), false});
+    rows += static_cast<int>(it.tokens.size());
+  }
+  if (rows > fw.max_rows()) fail("eval_batch: ", rows, " tokens exceed the batch of ", fw.max_rows());
+  fw.run(segments, pool);
+  std::vector<std::span<const float>> out;
+  for (const Segment& seg : segments) {
+    if (seg.session->compressor_) seg.session->compressor_->after_step(*seg.session->cache_);
+    out.emplace_back(seg.session->logits_.data(), seg.session->model_.config().n_vocab);
+  }
+  return out;
+}
+
 void Session::forward_chunk(const int32_t* tokens, int n, float* logits, bool all_logits) {
-  const ModelConfig& c = model_.config();
-  const size_t E = c.n_embd;
-  for (int t = 0; t < n; ++t) {
-    pos_[t] = n_past_ + t;
-    dequantize_row(model_.token_embd(), tokens[t], x_.data() + t * E);
-  }
-  if (c.embd_scale != 1.0f) ops::scale(x_.data(), n * E, c.embd_scale);
-  rotary_.prepare(pos_.data(), n);
-  for (int l = 0; l < c.n_layers; ++l) {
-    attention_block(l, n);
-    ffn_block(l, n);
-  }
-  n_past_ += n;
-  if (logits) output_logits(n, logits, all_logits);
+  const Segment seg{this, tokens, n, logits, all_logits};
+  forward_->run(std::span<const Segment>(&seg, 1), pool_);
 }
 
-void Session::attention_block(int l, int n) {
+void Session::attend_rows(int l, int n, const float* q, const float* k, const float* v, const int32_t* pos,
+                          float* out, ThreadPool& pool) {
   const ModelConfig& c = model_.config();
-  const LayerWeights& w = model_.layers()[l];
-  const int E = c.n_embd, D = c.head_dim, H = c.n_heads, KVH = c.n_kv_heads;
-  ops::rmsnorm_rows(h_.data(), x_.data(), w.attn_norm, n, E, c.rms_eps);
-  matmul(w.wq, h_.data(), n, q_.data(), pool_);
-  matmul(w.wk, h_.data(), n, k_.data(), pool_);
-  matmul(w.wv, h_.data(), n, v_.data(), pool_);
-  if (w.bq) {
-    ops::add_bias_rows(q_.data(), w.bq, n, H * D);
-    ops::add_bias_rows(k_.data(), w.bk, n, KVH * D);
-    ops::add_bias_rows(v_.data(), w.bv, n, KVH * D);
-  }
-  if (w.q_norm) {
-    ops::rmsnorm_rows(q_.data(), q_.data(), w.q_norm, static_cast<size_t>(n) * H, D, c.rms_eps);
-    ops::rmsnorm_rows(k_.data(), k_.data(), w.k_norm, static_cast<size_t>(n) * KVH, D, c.rms_eps);
-  }
-  rotary_.apply(l, q_.data(), n, H);
-  rotary_.apply(l, k_.data(), n, KVH);
-  if (qk_hook_) qk_hook_(l, q_.data(), k_.data(), pos_.data(), n);
+  if (qk_hook_) qk_hook_(l, q, k, pos, n);
   if (c.layers[l].local()) drop_outside_window(l, n);
-  cache_->append(l, k_.data(), v_.data(), pos_.data(), n);
-  attend(l, n);
-  matmul(w.wo, att_.data(), n, h_.data(), pool_);
-  if (w.attn_post_norm) ops::rmsnorm_rows(h_.data(), h_.data(), w.attn_post_norm, n, E, c.rms_eps);
-  ops::add(x_.data(), h_.data(), static_cast<size_t>(n) * E);
-}
-
-void Session::attend(int l, int n) {
-  const ModelConfig& c = model_.config();
+  cache_->append(l, k, v, pos, n);
   kv::AttentionArgs args;
   args.layer = l;
   args.n_heads = c.n_heads;
   args.scale = c.attn_scale;
   args.window = c.layers[l].window;
   args.n_tok = n;
-  args.q = q_.data();
-  args.q_pos = pos_.data();
-  args.out = att_.data();
+  args.q = q;
+  args.q_pos = pos;
+  args.out = out;
   const kv::AttentionStats& st = cache_->stats();
   if (st.accumulate || st.last_query || st.window > 0) {
     // snapkv observes only the last `window` queries of the prompt; h2o every query.
     args.accumulate_from_pos = st.window > 0 ? std::max(0, prompt_end_ - st.window) : 0;
-    kv::attend_with_stats(*cache_, args, pool_);
+    kv::attend_with_stats(*cache_, args, pool);
   } else {
-    kv::attend_fused(*cache_, args, pool_);
+    kv::attend_fused(*cache_, args, pool);
   }
-}
-
-void Session::ffn_block(int l, int n) {
-  const ModelConfig& c = model_.config();
-  const LayerWeights& w = model_.layers()[l];
-  const int E = c.n_embd;
-  ops::rmsnorm_rows(h_.data(), x_.data(), w.ffn_norm, n, E, c.rms_eps);
-  matmul(w.ffn_gate, h_.data(), n, ff_a_.data(), pool_);
-  matmul(w.ffn_up, h_.data(), n, ff_b_.data(), pool_);
-  ops::gated_activation(ff_a_.data(), ff_b_.data(), static_cast<size_t>(n) * c.n_ff, c.activation);
-  matmul(w.ffn_down, ff_a_.data(), n, h_.data(), pool_);
-  if (w.ffn_post_norm) ops::rmsnorm_rows(h_.data(), h_.data(), w.ffn_post_norm, n, E, c.rms_eps);
-  ops::add(x_.data(), h_.data(), static_cast<size_t>(n) * E);
-}
-
-void Session::output_logits(int n, float* logits, bool all_logits) {
-  const ModelConfig& c = model_.config();
-  const size_t E = c.n_embd;
-  // Only the rows whose logits are wanted go through the (large) output matrix.
-  const int first = all_logits ? 0 : n - 1;
-  const int rows = n - first;
-  ops::rmsnorm_rows(h_.data(), x_.data() + first * E, model_.output_norm(), rows, c.n_embd, c.rms_eps);
-  matmul(model_.output(), h_.data(), rows, logits, pool_);
-  if (c.logit_softcap > 0.0f) ops::softcap(logits, static_cast<size_t>(rows) * c.n_vocab, c.logit_softcap);
 }
 
 void Session::drop_outside_window(int l, int n) {

@@ -11,6 +11,7 @@
 #include "kv/cache.h"
 #include "kv/compressor.h"
 #include "model/model.h"
+#include "model/forward.h"
 #include "model/ops.h"
 #include "tensor/threadpool.h"
 
@@ -18,7 +19,8 @@ namespace qf {
 
 struct SessionOptions {
   int n_ctx = 0;      // longest sequence (positions); 0 = the model's training context
-  int n_threads = 0;  // 0 = all cores
+  int n_threads = 0;  // 0 = all cores; ignored when `pool` is given
+  ThreadPool* pool = nullptr;  // shared pool (must outlive the session); null = the session owns one
   int n_batch = 256;  // tokens per forward chunk during prefill
   std::unique_ptr<kv::Compressor> compressor;  // null = full cache
   // Attention statistics to keep in addition to the compressor's needs (e.g. for a session whose
@@ -32,6 +34,14 @@ struct SessionOptions {
 // q [n_tok][n_heads][head_dim], k [n_tok][n_kv_heads][head_dim]. Used by calibration and the
 // attention-fidelity evaluation; must not keep the pointers.
 using QkHook = std::function<void(int layer, const float* q, const float* k, const int32_t* pos, int n_tok)>;
+
+class Session;
+
+// One session's share of a batched step: the tokens to append to it.
+struct BatchItem {
+  Session* session = nullptr;
+  std::span<const int32_t> tokens;
+};
 
 class Session {
  public:
@@ -63,21 +73,29 @@ class Session {
 
   void set_qk_hook(QkHook hook) { qk_hook_ = std::move(hook); }
 
+  // Appends each item's tokens to its session in one forward pass, so the weights are read once
+  // for all of them (continuous batching): sessions of the same model, each at most once, at most
+  // fw.max_rows() tokens in all. Streaming compression then runs per session. Returns, per item,
+  // the logits of its last token (the session's buffer, valid until its next call). The pool
+  // must be free (sessions built with SessionOptions::pool share it).
+  static std::vector<std::span<const float>> eval_batch(std::span<const BatchItem> items, Forward& fw, ThreadPool& pool);
+
  private:
+  friend class Forward;
   void forward_chunk(const int32_t* tokens, int n, float* logits, bool all_logits);
-  // x += attention sublayer of layer l, for the n tokens of the chunk.
-  void attention_block(int l, int n);
-  // Attention of the chunk's queries (q_) over layer l's cache, into att_.
-  void attend(int l, int n);
-  // x += feed-forward sublayer of layer l.
-  void ffn_block(int l, int n);
-  void output_logits(int n, float* logits, bool all_logits);
+  // Layer l for this session's n rows of a forward pass: hands q/k to the hook, stores k/v in the
+  // cache (after trimming a sliding window) and writes the attention output of the n queries.
+  void attend_rows(int l, int n, const float* q, const float* k, const float* v, const int32_t* pos, float* out,
+                   ThreadPool& pool);
+  // Checks that n more tokens fit and are in the vocabulary; throws qf::Error.
+  void check_tokens(std::span<const int32_t> tokens) const;
   // Sliding-window layers: before appending n tokens, drops what no later query can see once
   // the cache would overflow (a ring of the window, compacted every n_batch tokens or so).
   void drop_outside_window(int l, int n);
 
   const Model& model_;
-  ThreadPool pool_;
+  std::unique_ptr<ThreadPool> own_pool_;  // null when the pool is shared
+  ThreadPool& pool_;
   int n_ctx_, n_batch_;
   int n_past_ = 0;
   int prompt_end_ = 0;  // position where the current prompt ends (snapkv's observation window)
@@ -85,10 +103,8 @@ class Session {
   std::unique_ptr<kv::Cache> cache_;
   QkHook qk_hook_;
 
-  ops::Rotary rotary_;
-  // Scratch, sized for n_batch tokens.
-  std::vector<float> x_, h_, q_, k_, v_, att_, ff_a_, ff_b_, logits_;
-  std::vector<int32_t> pos_;
+  std::unique_ptr<Forward> forward_;  // this session's own passes, n_batch rows
+  std::vector<float> logits_;
   std::vector<int> keep_;
 };
 
