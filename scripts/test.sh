@@ -7,6 +7,12 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 scripts/setup.sh --deps
 python3 tests/python/make_fixtures.py --out tests/fixtures
+# Gemma 3 270M with its K-quant and Q5_0 tensors expanded to F32 (tests/gemma3_test.cpp), made
+# once; QF_GEMMA3_MODEL=models/gemma-3-270m-q4_k_m.gguf tests the original file instead.
+if [ ! -f models/gemma-3-270m-deq.gguf ]; then
+  scripts/fetch_model.sh gemma3
+  python3 scripts/dequantize_gguf.py models/gemma-3-270m-q4_k_m.gguf models/gemma-3-270m-deq.gguf
+fi
 
 build=build
 flags=(-DCMAKE_BUILD_TYPE=Release)

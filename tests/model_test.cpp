@@ -1,5 +1,6 @@
 // The forward pass against the independent numpy reference (tests/python/reference.py) on small
-// random-weight fixtures of every weight type, MHA/GQA/MQA, tied and separate outputs.
+// random-weight fixtures of every weight type, MHA/GQA/MQA, tied and separate outputs, and of
+// every architecture (qwen2, qwen3, llama 3.1, mistral, gemma3).
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -153,6 +154,124 @@ TEST(Model, RejectsTokensOutsideVocabularyAndOverlongSequences) {
   EXPECT_THROW(s.eval(bad), qf::Error);
   const std::vector<int32_t> long_seq(9, 1);
   EXPECT_THROW(s.eval(long_seq), qf::Error);
+}
+
+TEST(Model, ArchitectureFixturesExist) {
+  std::vector<std::string> names;
+  for (const Fixture& f : fixtures()) names.push_back(f.name);
+  for (const char* want : {"qwen2_f32_gqa", "qwen3_f32_gqa_tied", "llama31_f32_gqa", "mistral_f32_gqa", "gemma3_f32_mqa_tied"})
+    EXPECT_NE(std::find(names.begin(), names.end(), want), names.end()) << want << ": run python3 tests/python/make_fixtures.py";
+}
+
+Fixture fixture(const std::string& name) {
+  for (Fixture& f : fixtures())
+    if (f.name == name) return f;
+  ADD_FAILURE() << "no fixture " << name;
+  return {};
+}
+
+TEST(Model, ArchitectureConfigFromMetadata) {
+  const auto qwen2 = qf::Model::load(fixture("qwen2_f32_gqa").gguf);
+  EXPECT_TRUE(qwen2->config().qkv_bias);
+  EXPECT_EQ(qwen2->config().rope_pairing, qf::RopePairing::halves);
+  EXPECT_NE(qwen2->layers()[1].bv, nullptr);
+  const auto qwen3 = qf::Model::load(fixture("qwen3_f32_gqa_tied").gguf);
+  EXPECT_TRUE(qwen3->config().qk_norm);
+  EXPECT_EQ(qwen3->config().head_dim, 32);  // key_length, wider than n_embd / n_heads = 16
+  const auto llama31 = qf::Model::load(fixture("llama31_f32_gqa").gguf);
+  ASSERT_NE(llama31->rope_freq_factors(), nullptr);
+  EXPECT_EQ(llama31->config().rope_pairing, qf::RopePairing::adjacent);
+  EXPECT_FLOAT_EQ(llama31->config().rope_base, 500000.0f);
+
+  const auto gemma = qf::Model::load(fixture("gemma3_f32_mqa_tied").gguf);
+  const qf::ModelConfig& c = gemma->config();
+  EXPECT_EQ(c.activation, qf::Activation::gelu_tanh);
+  EXPECT_TRUE(c.qk_norm && c.post_norms && c.tied_output);
+  EXPECT_FLOAT_EQ(c.embd_scale, 8.0f);                 // sqrt(64)
+  EXPECT_FLOAT_EQ(c.attn_scale, 1.0f / std::sqrt(32.0f));  // 1/sqrt(key_length)
+  EXPECT_EQ(c.n_local_layers(), 6);
+  for (int l = 0; l < c.n_layers; ++l) {
+    SCOPED_TRACE(l);
+    const bool global = l == 5;  // llama.cpp's pattern: l % 6 == 5
+    EXPECT_EQ(c.layers[l].window, global ? 0 : 5);
+    EXPECT_FLOAT_EQ(c.layers[l].rope_base, global ? 1e6f : 1e4f);
+  }
+}
+
+// A sliding-window layer keeps a ring of its window: decoding far past it, the local layers hold
+// at most window + n_batch tokens, and the logits stay those of one batch (which holds all).
+TEST(Model, SlidingWindowLayersKeepOnlyTheirWindow) {
+  const Fixture f = fixture("gemma3_f32_mqa_tied");
+  auto m = qf::Model::load(f.gguf);
+  const auto& c = m->config();
+  std::vector<int32_t> tokens = f.j["tokens"].get<std::vector<int32_t>>();
+  for (int rep = 0; rep < 3; ++rep) tokens.insert(tokens.end(), tokens.begin(), tokens.begin() + 20);
+  const std::vector<float> batch = all_logits(*m, tokens, 2, 256);
+  qf::SessionOptions so;
+  so.n_threads = 2;
+  so.n_batch = 3;
+  qf::Session s(*m, std::move(so));
+  std::vector<float> stepped;
+  for (size_t i = 0; i < tokens.size(); i += 2) {  // chunks of two, then (odd length) one
+    const size_t n = std::min<size_t>(2, tokens.size() - i);
+    auto l = s.eval(std::span<const int32_t>(tokens.data() + i, n), /*all_logits=*/true);
+    stepped.insert(stepped.end(), l.begin(), l.end());
+    for (int layer = 0; layer < c.n_layers; ++layer)
+      if (c.layers[layer].local()) {
+        ASSERT_LE(s.cache().head(layer, 0).n, c.layers[layer].window + 3);
+        ASSERT_EQ(s.cache().capacity(layer), c.layers[layer].window + 3);
+      } else {
+        ASSERT_EQ(s.cache().head(layer, 0).n, s.n_past());
+      }
+  }
+  ASSERT_EQ(stepped.size(), batch.size());
+  double max_ref = 0;
+  for (float v : batch) max_ref = std::max(max_ref, static_cast<double>(std::abs(v)));
+  for (size_t i = 0; i < batch.size(); ++i) ASSERT_NEAR(stepped[i], batch[i], 1e-4 * max_ref) << "index " << i;
+}
+
+// A KV policy acts on the global layers only: local layers keep their window, global ones the budget.
+TEST(Model, PolicyActsOnGlobalLayersOnly) {
+  const Fixture f = fixture("gemma3_f32_mqa_tied");
+  auto m = qf::Model::load(f.gguf);
+  const auto& c = m->config();
+  std::vector<int32_t> tokens = f.j["tokens"].get<std::vector<int32_t>>();
+  tokens.insert(tokens.end(), tokens.begin(), tokens.end());
+  qf::kv::PolicyOptions po;
+  qf::kv::CompressionConfig cc;
+  cc.budget = 8;
+  cc.window = 2;
+  qf::SessionOptions so;
+  so.n_threads = 1;
+  so.n_batch = 4;
+  so.compressor = std::make_unique<qf::kv::Compressor>(qf::kv::make_policy("knorm", po), po, cc);
+  qf::Session s(*m, std::move(so));
+  for (size_t i = 0; i < tokens.size(); ++i) s.eval(std::span<const int32_t>(&tokens[i], 1));
+  for (int layer = 0; layer < c.n_layers; ++layer) {
+    SCOPED_TRACE(layer);
+    const int n = s.cache().head(layer, 0).n;
+    if (c.layers[layer].local()) EXPECT_LE(n, c.layers[layer].window + 4);
+    else EXPECT_EQ(n, cc.budget);
+  }
+  EXPECT_GT(s.compressor()->stats().evicted, 0);
+}
+
+TEST(Model, RejectsUnsupportedArchitecture) {
+  // Every fixture's file with its architecture name changed must fail with a one-line error.
+  const Fixture f = fixture("llama_f32_mha");
+  std::ifstream in(f.gguf, std::ios::binary);
+  std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  const size_t at = bytes.find("llama");
+  ASSERT_NE(at, std::string::npos);
+  bytes.replace(at, 5, "lla3a");
+  const std::string path = ::testing::TempDir() + "/unsupported_arch.gguf";
+  std::ofstream(path, std::ios::binary) << bytes;
+  try {
+    qf::Model::load(path);
+    FAIL() << "expected qf::Error";
+  } catch (const qf::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("supported: gemma3, llama, qwen2, qwen3"), std::string::npos) << e.what();
+  }
 }
 
 TEST(Model, SmolLM2ConfigFromMetadata) {

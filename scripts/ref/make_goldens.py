@@ -1,10 +1,13 @@
 #!/usr/bin/env python3
-"""Writes the llama.cpp goldens for SmolLM2 into tests/golden/ (see scripts/ref/README.md).
+"""Writes the llama.cpp goldens for a model into tests/golden/ (see scripts/ref/README.md).
 
-  smollm2_teacher_forced.json  teacher-forced logits summary over the first 2,100 tokens of a
-                               State of the Union address, plus how much llama.cpp disagrees with
-                               itself across configurations (a floor for test tolerances)
-  smollm2_generate.json        greedy continuations of four prompts
+  <set>_teacher_forced.json  teacher-forced logits summary over the first 2,100 tokens of a
+                             State of the Union address, plus how much llama.cpp disagrees with
+                             itself across configurations (a floor for test tolerances)
+  <set>_generate.json        greedy continuations of a few prompts
+
+<set> is --set smollm2 (default; SmolLM2-135M-Instruct Q4_1) or gemma3 (Gemma 3 270M; by default
+the file scripts/dequantize_gguf.py makes from the Q4_K_M one, --model for another).
 
 Run through scripts/ref/make_goldens.sh, which fetches llama.cpp and builds build-ref/llama_ref.
 """
@@ -42,6 +45,24 @@ PROMPTS = [
 ]
 
 
+GEMMA_CHAT = "<start_of_turn>user\n%s<end_of_turn>\n<start_of_turn>model\n"
+GEMMA_PROMPTS = [
+    ("plain", "The capital of France is"),
+    ("chat", GEMMA_CHAT % "What is the capital of France?"),
+    ("chat_colors", GEMMA_CHAT % "What are the three primary colors?"),
+    ("code", "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"),
+]
+
+# Per model set: file, whether tokenization adds BOS (Gemma needs it), generation prompts.
+SETS = {
+    "smollm2": {"model": MODEL, "add_special": False, "prompts": PROMPTS},
+    "gemma3": {"model": os.path.join(ROOT, "models", "gemma-3-270m-deq.gguf"), "add_special": True,
+               "prompts": GEMMA_PROMPTS},
+}
+SET = "smollm2"
+ADD_SPECIAL = False
+
+
 def run_tool(args):
     proc = subprocess.run([TOOL] + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if proc.returncode != 0:
@@ -53,7 +74,7 @@ def tokenize(text, tmp):
     path = os.path.join(tmp, "text.txt")
     with open(path, "w", encoding="utf-8", newline="") as f:
         f.write(text)
-    return run_tool(["tokenize", "-m", MODEL, "--text-file", path])
+    return run_tool(["tokenize", "-m", MODEL, "--text-file", path] + (["--add-special"] if ADD_SPECIAL else []))
 
 
 def write_tokens(tokens, tmp, name):
@@ -125,8 +146,8 @@ def teacher_forced(tmp, threads, out_dir):
         "description": ref["description"],
         "text_file": os.path.relpath(TEXT, ROOT),
         "text_tokens_total": tok["n_tokens"],
-        "note": "tokens = llama.cpp's tokenization of the whole text (no BOS), first %d kept"
-                % N_TEACHER,
+        "note": "tokens = llama.cpp's tokenization of the whole text (%s), first %d kept"
+                % ("with BOS" if ADD_SPECIAL else "no BOS", N_TEACHER),
         "provenance": provenance(ref),
         "digits": ref["digits"],
         "n_tokens": ref["n_tokens"],
@@ -146,14 +167,14 @@ def teacher_forced(tmp, threads, out_dir):
         "top5_ids": ref["top5_ids"],
         "top5_logits": ref["top5_logits"],
     }
-    dump(golden, os.path.join(out_dir, "smollm2_teacher_forced.json"))
+    dump(golden, os.path.join(out_dir, SET + "_teacher_forced.json"))
     return golden
 
 
 def generate(tmp, threads, out_dir, n_predict):
     cases = []
     out = None
-    for name, text in PROMPTS:
+    for name, text in SETS[SET]["prompts"]:
         tok = tokenize(text, tmp)
         path = write_tokens(tok["tokens"], tmp, name + ".json")
         print("generating %d tokens for prompt '%s' ..." % (n_predict, name), file=sys.stderr)
@@ -182,7 +203,7 @@ def generate(tmp, threads, out_dir, n_predict):
         "stable_margin": STABLE_MARGIN,
         "cases": cases,
     }
-    dump(golden, os.path.join(out_dir, "smollm2_generate.json"))
+    dump(golden, os.path.join(out_dir, SET + "_generate.json"))
     return golden
 
 
@@ -192,7 +213,13 @@ def main():
     ap.add_argument("--out-dir", default=os.path.join(ROOT, "tests", "golden"))
     ap.add_argument("--only", choices=["teacher", "generate"], help="write just one golden")
     ap.add_argument("-n", type=int, default=64, help="greedy tokens per prompt")
+    ap.add_argument("--set", choices=sorted(SETS), default="smollm2", help="which model's goldens")
+    ap.add_argument("--model", help="model file (default: the set's)")
     args = ap.parse_args()
+    global SET, MODEL, ADD_SPECIAL
+    SET = args.set
+    MODEL = args.model or SETS[SET]["model"]
+    ADD_SPECIAL = SETS[SET]["add_special"]
     for p in (MODEL, TOOL, TEXT):
         if not os.path.exists(p):
             sys.exit("missing %s (run scripts/ref/make_goldens.sh, which fetches and builds)" % p)

@@ -9,7 +9,10 @@
 //    at position >= accumulate_from_pos add them to attn_sum (and 1 to attn_cnt of every slot
 //    they see); attn_last is overwritten with the call's last query's weights. The sums do not
 //    depend on the thread count nor on how a prompt is split into calls.
-// Causality: a query at position p sees the cached slots whose position is <= p.
+// Causality: a query at position p sees the cached slots whose position is <= p (and, with a
+// sliding window, > p - window). Window-cut queries run one at a time on a view that starts at
+// their first visible slot, so the kernels keep their prefix-of-keys contract; decoding with a
+// ring-trimmed cache and most of a prefill's first window need none of them.
 #pragma once
 #include <cstdint>
 #include <span>
@@ -31,6 +34,9 @@ struct AttentionArgs {
   float* out = nullptr;       // [n_tok][n_heads][head_dim]
   // attend_with_stats only: queries at position >= this add their weights to attn_sum.
   int32_t accumulate_from_pos = 0;
+  // Sliding-window attention: a query at position p sees keys at positions > p - window
+  // (0: all keys up to p).
+  int window = 0;
 };
 
 // The kernels' view of one layer's KV heads for queries at positions q_pos: each head's keys,

@@ -30,8 +30,12 @@ Compressor::Compressor(std::unique_ptr<Policy> policy, PolicyOptions options, Co
   if (!policy_) fail("compressor needs a policy");
 }
 
+bool Compressor::compresses(int layer) const {
+  return layer >= config_.skip_layers && !(static_cast<size_t>(layer) < exempt_.size() && exempt_[layer]);
+}
+
 int Compressor::capacity(int layer, int n_ctx, int max_step) const {
-  if (layer < config_.skip_layers || config_.budget <= 0 || config_.prefill_ratio > 0) return n_ctx;
+  if (!compresses(layer) || config_.budget <= 0 || config_.prefill_ratio > 0) return n_ctx;
   return std::min(n_ctx, config_.budget + max_step);
 }
 
@@ -39,6 +43,7 @@ void Compressor::after_step(Cache& cache) {
   if (config_.budget <= 0) return;
   const int target = std::max(config_.window, config_.budget - (config_.evict_every - 1));
   for (int l = config_.skip_layers; l < cache.shape().n_layers; ++l) {
+    if (!compresses(l)) continue;
     bool over = false;
     for (int h = 0; h < cache.shape().n_kv_heads; ++h) over |= cache.head(l, h).n > config_.budget;
     if (over) compress_layer(cache, l, target, config_.window);
@@ -48,6 +53,7 @@ void Compressor::after_step(Cache& cache) {
 void Compressor::after_prefill(Cache& cache, int n_prompt) {
   if (config_.prefill_ratio <= 0) return;
   for (int l = config_.skip_layers; l < cache.shape().n_layers; ++l) {
+    if (!compresses(l)) continue;
     // All heads of a layer hold the same count before compression.
     const int n = cache.head(l, 0).n;
     const int target = static_cast<int>(static_cast<double>(std::min(n, n_prompt)) * (1.0 - config_.prefill_ratio));

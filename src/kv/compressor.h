@@ -4,10 +4,12 @@
 //    tokens go, `evict_every` at a time so the scoring cost is amortised;
 //  - prefill: after the prompt, each head keeps int(T * (1 - ratio)) of its T prompt tokens by
 //    top score (kvpress ScorerPress semantics).
-// The first `skip_layers` layers are never compressed.
+// The first `skip_layers` layers are never compressed, nor the exempt ones (sliding-window
+// layers, whose window already bounds them).
 #pragma once
 #include <cstdint>
 #include <memory>
+#include <vector>
 
 #include "kv/cache.h"
 #include "kv/policy.h"
@@ -41,6 +43,10 @@ class Compressor {
   const CompressionStats& stats() const { return stats_; }
   AttentionStats needs() const { return policy_->needs(options_); }
 
+  // exempt[l]: leave layer l alone.
+  void exempt_layers(std::vector<bool> exempt) { exempt_ = std::move(exempt); }
+  bool compresses(int layer) const;
+
   // Tokens each head of `layer` must be able to hold at once, when at most `max_step` tokens
   // are appended between compressions and a sequence is at most `n_ctx` long.
   int capacity(int layer, int n_ctx, int max_step) const;
@@ -61,6 +67,7 @@ class Compressor {
   CompressionStats stats_;
   std::vector<std::vector<float>> scores_;  // reused between calls
   std::vector<int> order_, keep_;
+  std::vector<bool> exempt_;
 };
 
 }  // namespace qf::kv

@@ -1,41 +1,27 @@
-// A Llama-family model bound to a memory-mapped GGUF file. Weights are never expanded: the
-// forward pass reads them in place through the fused dequantize-and-dot kernels.
+// A model bound to a memory-mapped GGUF file. Weights are never expanded: the forward pass reads
+// them in place through the fused dequantize-and-dot kernels. What the forward pass computes is
+// in ModelConfig (model/config.h), filled by the file's architecture (model/arch/).
 #pragma once
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "gguf/gguf.h"
+#include "model/config.h"
 #include "tensor/kernels.h"
 
 namespace qf {
 
-struct ModelConfig {
-  std::string arch;         // "llama"
-  std::string name;         // general.name, if any
-  int n_layers = 0;
-  int n_embd = 0;
-  int n_heads = 0;
-  int n_kv_heads = 0;
-  int head_dim = 0;
-  int n_rot = 0;            // rotary dimensions per head (<= head_dim)
-  int n_ff = 0;
-  int n_vocab = 0;
-  int n_ctx_train = 0;
-  float rope_base = 10000.0f;
-  float rope_scale = 1.0f;  // linear position scaling (positions are divided by it)
-  float rms_eps = 1e-5f;
-  bool tied_output = false;
-
-  // Shape fingerprint used to match filter files to models, e.g. "llama:L30:H9:KV3:D64:E576:V49152".
-  std::string fingerprint() const;
-};
-
+// One layer's tensors; the optional ones are null unless the config asks for them.
 struct LayerWeights {
   const float* attn_norm = nullptr;
   WeightView wq, wk, wv, wo;
+  const float *bq = nullptr, *bk = nullptr, *bv = nullptr;  // qkv_bias
+  const float *q_norm = nullptr, *k_norm = nullptr;         // qk_norm: [head_dim]
+  const float* attn_post_norm = nullptr;                    // post_norms
   const float* ffn_norm = nullptr;
   WeightView ffn_gate, ffn_up, ffn_down;
+  const float* ffn_post_norm = nullptr;                     // post_norms
 };
 
 class Model {

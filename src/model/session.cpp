@@ -11,15 +11,6 @@ namespace qf {
 
 namespace {
 
-void rmsnorm(float* out, const float* x, const float* w, int n, float eps) {
-  double ss = 0;
-  for (int i = 0; i < n; ++i) ss += static_cast<double>(x[i]) * x[i];
-  const float inv = 1.0f / std::sqrt(static_cast<float>(ss / n) + eps);
-  for (int i = 0; i < n; ++i) out[i] = x[i] * inv * w[i];
-}
-
-float silu(float x) { return x / (1.0f + std::exp(-x)); }
-
 // What the constructor is about to allocate: keys and values as f32 for every slot of every
 // layer's capacity, plus the per-batch activation buffers.
 uint64_t planned_bytes(const ModelConfig& c, const std::vector<int>& capacity, int n_batch) {
@@ -43,12 +34,14 @@ Session::Session(const Model& model, SessionOptions opt)
   const ModelConfig& c = model.config();
   n_batch_ = std::min(n_batch_, n_ctx_);
   kv::AttentionStats stats;
-  std::vector<int> capacity(c.n_layers, n_ctx_);
   if (compressor_) {
     compressor_->config().validate(c.n_layers);
+    std::vector<bool> local(c.n_layers);
+    for (int l = 0; l < c.n_layers; ++l) local[l] = c.layers[l].local();
+    compressor_->exempt_layers(local);  // a sliding window already bounds them
     stats = compressor_->needs();
-    for (int l = 0; l < c.n_layers; ++l) capacity[l] = compressor_->capacity(l, n_ctx_, n_batch_);
   }
+  const std::vector<int> capacity = cache_capacity(model, compressor_.get(), n_ctx_, n_batch_);
   stats.accumulate |= opt.stats.accumulate;
   stats.last_query |= opt.stats.last_query;
   stats.window = std::max(stats.window, opt.stats.window);
@@ -58,24 +51,19 @@ Session::Session(const Model& model, SessionOptions opt)
                                      : "the model's training context is the default; choose a smaller -c");
   cache_ = std::make_unique<kv::Cache>(kv::CacheShape{c.n_layers, c.n_kv_heads, c.head_dim}, capacity, stats);
 
-  // Rotary frequencies: pairs (2i, 2i+1) rotate by pos * base^(-2i/n_rot) (GGUF's row order).
-  inv_freq_.resize(c.n_rot / 2);
-  for (int i = 0; i < c.n_rot / 2; ++i) {
-    double f = std::pow(static_cast<double>(c.rope_base), -2.0 * i / c.n_rot);
-    if (model.rope_freq_factors()) f /= model.rope_freq_factors()[i];
-    inv_freq_[i] = f / c.rope_scale;
-  }
+  forward_ = std::make_unique<Forward>(model, n_batch_);
+}
 
-  const size_t nb = n_batch_;
-  x_.resize(nb * c.n_embd);
-  h_.resize(nb * std::max(c.n_embd, c.n_heads * c.head_dim));
-  q_.resize(nb * c.n_heads * c.head_dim);
-  k_.resize(nb * c.n_kv_heads * c.head_dim);
-  v_.resize(nb * c.n_kv_heads * c.head_dim);
-  att_.resize(nb * c.n_heads * c.head_dim);
-  ff_a_.resize(nb * c.n_ff);
-  ff_b_.resize(nb * c.n_ff);
-  pos_.resize(nb);
+std::vector<int> Session::cache_capacity(const Model& model, const kv::Compressor* compressor, int n_ctx, int n_batch) {
+  const ModelConfig& c = model.config();
+  if (n_ctx <= 0) n_ctx = c.n_ctx_train;
+  n_batch = std::clamp(n_batch, 1, n_ctx);
+  std::vector<int> capacity(c.n_layers, n_ctx);
+  for (int l = 0; l < c.n_layers; ++l) {
+    if (c.layers[l].local()) capacity[l] = std::min(n_ctx, c.layers[l].window + n_batch);
+    else if (compressor) capacity[l] = compressor->capacity(l, n_ctx, n_batch);
+  }
+  return capacity;
 }
 
 void Session::reset() {
@@ -126,14 +114,20 @@ std::span<const float> Session::prefill(std::span<const int32_t> tokens) {
   return logits;
 }
 
+void Session::check_tokens(std::span<const int32_t> tokens) const {
+  const int64_t n = static_cast<int64_t>(tokens.size());
+  if (n_past_ + n > n_ctx_)
+    fail("sequence of ", n_past_ + n, " tokens exceeds the context of ", n_ctx_, " (raise -c)");
+  for (int32_t t : tokens)
+    if (t < 0 || t >= model_.config().n_vocab)
+      fail("token id ", t, " is outside the vocabulary (", model_.config().n_vocab, ")");
+}
+
 std::span<const float> Session::eval(std::span<const int32_t> tokens, bool all_logits) {
   const ModelConfig& c = model_.config();
   const int64_t n = static_cast<int64_t>(tokens.size());
   if (n == 0) return {};
-  if (n_past_ + n > n_ctx_)
-    fail("sequence of ", n_past_ + n, " tokens exceeds the context of ", n_ctx_, " (raise -c)");
-  for (int32_t t : tokens)
-    if (t < 0 || t >= c.n_vocab) fail("token id ", t, " is outside the vocabulary (", c.n_vocab, ")");
+  check_tokens(tokens);
   const size_t rows = all_logits ? static_cast<size_t>(n) : 1;
   if (logits_.size() < rows * c.n_vocab) logits_.resize(rows * c.n_vocab);
   for (int64_t i = 0; i < n; i += n_batch_) {
@@ -146,87 +140,72 @@ std::span<const float> Session::eval(std::span<const int32_t> tokens, bool all_l
   return {logits_.data(), rows * c.n_vocab};
 }
 
+std::vector<std::span<const float>> Session::eval_batch(std::span<const BatchItem> items, Forward& fw,
+                                                         ThreadPool& pool) {
+  std::vector<Segment> segments;
+  int rows = 0;
+  for (const BatchItem& it : items) {
+    Session& s = *it.session;
+    if (it.tokens.empty()) fail("eval_batch: an item without tokens");
+    for (const Segment& seg : segments)
+      if (seg.session == &s) fail("eval_batch: a session appears twice in one batch");
+    s.check_tokens(it.tokens);
+    const size_t vocab = s.model_.config().n_vocab;
+    if (s.logits_.size() < vocab) s.logits_.resize(vocab);
+    segments.push_back({&s, it.tokens.data(), static_cast<int>(it.tokens.size()), s.logits_.data(), false});
+    rows += static_cast<int>(it.tokens.size());
+  }
+  if (rows > fw.max_rows()) fail("eval_batch: ", rows, " tokens exceed the batch of ", fw.max_rows());
+  fw.run(segments, pool);
+  std::vector<std::span<const float>> out;
+  for (const Segment& seg : segments) {
+    if (seg.session->compressor_) seg.session->compressor_->after_step(*seg.session->cache_);
+    out.emplace_back(seg.session->logits_.data(), seg.session->model_.config().n_vocab);
+  }
+  return out;
+}
+
 void Session::forward_chunk(const int32_t* tokens, int n, float* logits, bool all_logits) {
+  const Segment seg{this, tokens, n, logits, all_logits};
+  forward_->run(std::span<const Segment>(&seg, 1), pool_);
+}
+
+void Session::attend_rows(int l, int n, const float* q, const float* k, const float* v, const int32_t* pos,
+                          float* out, ThreadPool& pool) {
   const ModelConfig& c = model_.config();
-  const int E = c.n_embd, D = c.head_dim, H = c.n_heads, KVH = c.n_kv_heads;
-  for (int t = 0; t < n; ++t) {
-    pos_[t] = n_past_ + t;
-    dequantize_row(model_.token_embd(), tokens[t], x_.data() + static_cast<size_t>(t) * E);
+  if (qk_hook_) qk_hook_(l, q, k, pos, n);
+  if (c.layers[l].local()) drop_outside_window(l, n);
+  cache_->append(l, k, v, pos, n);
+  kv::AttentionArgs args;
+  args.layer = l;
+  args.n_heads = c.n_heads;
+  args.scale = c.attn_scale;
+  args.window = c.layers[l].window;
+  args.n_tok = n;
+  args.q = q;
+  args.q_pos = pos;
+  args.out = out;
+  const kv::AttentionStats& st = cache_->stats();
+  if (st.accumulate || st.last_query || st.window > 0) {
+    // snapkv observes only the last `window` queries of the prompt; h2o every query.
+    args.accumulate_from_pos = st.window > 0 ? std::max(0, prompt_end_ - st.window) : 0;
+    kv::attend_with_stats(*cache_, args, pool);
+  } else {
+    kv::attend_fused(*cache_, args, pool);
   }
+}
 
-  // Rotary table for this chunk; pairs (2i, 2i+1) of the first n_rot dimensions rotate.
-  const int half = c.n_rot / 2;
-  rope_cos_.resize(static_cast<size_t>(n) * half);
-  rope_sin_.resize(static_cast<size_t>(n) * half);
-  for (int t = 0; t < n; ++t)
-    for (int i = 0; i < half; ++i) {
-      const double theta = static_cast<double>(pos_[t]) * inv_freq_[i];
-      rope_cos_[static_cast<size_t>(t) * half + i] = static_cast<float>(std::cos(theta));
-      rope_sin_[static_cast<size_t>(t) * half + i] = static_cast<float>(std::sin(theta));
-    }
-  auto rope = [&](float* v, int n_head_vecs) {
-    for (int t = 0; t < n; ++t) {
-      const float* cs = &rope_cos_[static_cast<size_t>(t) * half];
-      const float* sn = &rope_sin_[static_cast<size_t>(t) * half];
-      for (int h = 0; h < n_head_vecs; ++h) {
-        float* p = v + (static_cast<size_t>(t) * n_head_vecs + h) * D;
-        for (int i = 0; i < half; ++i) {
-          const float a = p[2 * i], b = p[2 * i + 1];
-          p[2 * i] = a * cs[i] - b * sn[i];
-          p[2 * i + 1] = a * sn[i] + b * cs[i];
-        }
-      }
-    }
-  };
-
-  const bool with_stats = cache_->stats().accumulate || cache_->stats().last_query || cache_->stats().window > 0;
-  for (int l = 0; l < c.n_layers; ++l) {
-    const LayerWeights& w = model_.layers()[l];
-    for (int t = 0; t < n; ++t) rmsnorm(&h_[static_cast<size_t>(t) * E], &x_[static_cast<size_t>(t) * E], w.attn_norm, E, c.rms_eps);
-    matmul(w.wq, h_.data(), n, q_.data(), pool_);
-    matmul(w.wk, h_.data(), n, k_.data(), pool_);
-    matmul(w.wv, h_.data(), n, v_.data(), pool_);
-    rope(q_.data(), H);
-    rope(k_.data(), KVH);
-    if (qk_hook_) qk_hook_(l, q_.data(), k_.data(), pos_.data(), n);
-    cache_->append(l, k_.data(), v_.data(), pos_.data(), n);
-
-    kv::AttentionArgs args;
-    args.layer = l;
-    args.n_heads = H;
-    args.scale = 1.0f / std::sqrt(static_cast<float>(D));
-    args.n_tok = n;
-    args.q = q_.data();
-    args.q_pos = pos_.data();
-    args.out = att_.data();
-    if (with_stats) {
-      // snapkv observes only the last `window` queries of the prompt; h2o every query.
-      const int window = cache_->stats().window;
-      args.accumulate_from_pos = window > 0 ? std::max(0, prompt_end_ - window) : 0;
-      kv::attend_with_stats(*cache_, args, pool_);
-    } else {
-      kv::attend_fused(*cache_, args, pool_);
-    }
-
-    matmul(w.wo, att_.data(), n, h_.data(), pool_);
-    for (size_t i = 0; i < static_cast<size_t>(n) * E; ++i) x_[i] += h_[i];
-
-    for (int t = 0; t < n; ++t) rmsnorm(&h_[static_cast<size_t>(t) * E], &x_[static_cast<size_t>(t) * E], w.ffn_norm, E, c.rms_eps);
-    matmul(w.ffn_gate, h_.data(), n, ff_a_.data(), pool_);
-    matmul(w.ffn_up, h_.data(), n, ff_b_.data(), pool_);
-    for (size_t i = 0; i < static_cast<size_t>(n) * c.n_ff; ++i) ff_a_[i] = silu(ff_a_[i]) * ff_b_[i];
-    matmul(w.ffn_down, ff_a_.data(), n, h_.data(), pool_);
-    for (size_t i = 0; i < static_cast<size_t>(n) * E; ++i) x_[i] += h_[i];
+void Session::drop_outside_window(int l, int n) {
+  // The next query is at n_past_ or later and sees positions > n_past_ - window.
+  const int32_t oldest_visible = n_past_ - model_.config().layers[l].window + 1;
+  for (int h = 0; h < cache_->shape().n_kv_heads; ++h) {
+    const kv::HeadCache& hc = cache_->head(l, h);
+    if (hc.n + n <= cache_->capacity(l)) continue;
+    const int first = static_cast<int>(std::lower_bound(hc.pos.begin(), hc.pos.begin() + hc.n, oldest_visible) - hc.pos.begin());
+    keep_.resize(hc.n - first);
+    for (size_t i = 0; i < keep_.size(); ++i) keep_[i] = first + static_cast<int>(i);
+    cache_->retain(l, h, keep_);
   }
-  n_past_ += n;
-
-  if (!logits) return;
-  // Only the rows whose logits are wanted go through the (large) output matrix.
-  const int first = all_logits ? 0 : n - 1;
-  const int rows = n - first;
-  for (int t = first; t < n; ++t)
-    rmsnorm(&h_[static_cast<size_t>(t - first) * E], &x_[static_cast<size_t>(t) * E], model_.output_norm(), E, c.rms_eps);
-  matmul(model_.output(), h_.data(), rows, logits, pool_);
 }
 
 }  // namespace qf

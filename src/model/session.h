@@ -11,6 +11,8 @@
 #include "kv/cache.h"
 #include "kv/compressor.h"
 #include "model/model.h"
+#include "model/forward.h"
+#include "model/ops.h"
 #include "tensor/threadpool.h"
 
 namespace qf {
@@ -27,14 +29,28 @@ struct SessionOptions {
   kv::AttentionStats stats;
 };
 
-// Called inside the forward pass with each layer's queries and keys after the rotary embedding:
+// Called inside the forward pass with each layer's queries and keys after the QK norm (if the
+// model has one) and the rotary embedding, before any query scaling:
 // q [n_tok][n_heads][head_dim], k [n_tok][n_kv_heads][head_dim]. Used by calibration and the
 // attention-fidelity evaluation; must not keep the pointers.
 using QkHook = std::function<void(int layer, const float* q, const float* k, const int32_t* pos, int n_tok)>;
 
+class Session;
+
+// One session's share of a batched step: the tokens to append to it.
+struct BatchItem {
+  Session* session = nullptr;
+  std::span<const int32_t> tokens;
+};
+
 class Session {
  public:
   Session(const Model& model, SessionOptions options);
+
+  // Tokens each head of each layer can hold at once in a session of n_ctx positions (0 = the
+  // model's training context) that appends up to n_batch tokens between compressions: the context
+  // for a full cache, the compressor's budget plus a batch, a sliding window plus a batch.
+  static std::vector<int> cache_capacity(const Model& model, const kv::Compressor* compressor, int n_ctx, int n_batch);
 
   const Model& model() const { return model_; }
   int n_ctx() const { return n_ctx_; }
@@ -62,8 +78,25 @@ class Session {
 
   void set_qk_hook(QkHook hook) { qk_hook_ = std::move(hook); }
 
+  // Appends each item's tokens to its session in one forward pass, so the weights are read once
+  // for all of them (continuous batching): sessions of the same model, each at most once, at most
+  // fw.max_rows() tokens in all. Streaming compression then runs per session. Returns, per item,
+  // the logits of its last token (the session's buffer, valid until its next call). The pool
+  // must be free (sessions built with SessionOptions::pool share it).
+  static std::vector<std::span<const float>> eval_batch(std::span<const BatchItem> items, Forward& fw, ThreadPool& pool);
+
  private:
+  friend class Forward;
   void forward_chunk(const int32_t* tokens, int n, float* logits, bool all_logits);
+  // Layer l for this session's n rows of a forward pass: hands q/k to the hook, stores k/v in the
+  // cache (after trimming a sliding window) and writes the attention output of the n queries.
+  void attend_rows(int l, int n, const float* q, const float* k, const float* v, const int32_t* pos, float* out,
+                   ThreadPool& pool);
+  // Checks that n more tokens fit and are in the vocabulary; throws qf::Error.
+  void check_tokens(std::span<const int32_t> tokens) const;
+  // Sliding-window layers: before appending n tokens, drops what no later query can see once
+  // the cache would overflow (a ring of the window, compacted every n_batch tokens or so).
+  void drop_outside_window(int l, int n);
 
   const Model& model_;
   std::unique_ptr<ThreadPool> own_pool_;  // null when the pool is shared
@@ -75,11 +108,9 @@ class Session {
   std::unique_ptr<kv::Cache> cache_;
   QkHook qk_hook_;
 
-  std::vector<double> inv_freq_;            // rotary frequency of each pair
-  std::vector<float> rope_cos_, rope_sin_;  // [chunk token][n_rot / 2]
-  // Scratch, sized for n_batch tokens.
-  std::vector<float> x_, h_, q_, k_, v_, att_, ff_a_, ff_b_, logits_;
-  std::vector<int32_t> pos_;
+  std::unique_ptr<Forward> forward_;  // this session's own passes, n_batch rows
+  std::vector<float> logits_;
+  std::vector<int> keep_;
 };
 
 }  // namespace qf

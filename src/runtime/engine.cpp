@@ -76,11 +76,10 @@ std::unique_ptr<Session> Engine::new_session(const KvOptions& kv, int n_ctx) {
 
 int64_t Engine::session_kv_bytes(const KvOptions& kv, int n_ctx) {
   const ModelConfig& c = model_->config();
-  const int ctx = n_ctx > 0 ? n_ctx : this->n_ctx();
-  const int batch = std::min(options_.n_batch, ctx);
   const std::unique_ptr<kv::Compressor> comp = make_compressor(kv);
   int64_t slots = 0;
-  for (int l = 0; l < c.n_layers; ++l) slots += comp ? comp->capacity(l, ctx, batch) : ctx;
+  for (int cap : Session::cache_capacity(*model_, comp.get(), n_ctx > 0 ? n_ctx : this->n_ctx(), options_.n_batch))
+    slots += cap;
   return slots * c.n_kv_heads * kv::Cache::bytes_per_token_head(c.head_dim);
 }
 
@@ -92,6 +91,16 @@ std::string kv_summary(const Session& s) {
   os << std::fixed << "kv: " << c.bytes_used() / mib << " MiB in use (" << c.bytes_reserved() / mib
      << " MiB reserved) vs " << c.full_cache_bytes(s.n_past()) / mib << " MiB for a full cache of " << s.n_past()
      << " tokens";
+  const ModelConfig& mc = s.model().config();
+  if (const int n_local = mc.n_local_layers(); n_local > 0) {
+    std::string global;
+    for (int l = 0; l < mc.n_layers; ++l)
+      if (!mc.layers[l].local()) global += (global.empty() ? "" : ",") + std::to_string(l);
+    const bool one = global.find(',') == std::string::npos;
+    os << " | " << n_local << " sliding-window layers keep their window; " << (one ? "layer " : "layers ")
+       << (global.empty() ? "(none)" : global) << (one ? " is" : " are") << " global"
+       << (s.compressor() ? " (the policy acts on " + std::string(one ? "it" : "these") + ")" : "");
+  }
   if (const kv::Compressor* comp = s.compressor()) {
     const kv::CompressionStats& st = comp->stats();
     os << " | policy " << comp->policy().name() << ": " << st.evicted << " slots evicted in " << st.evictions

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Writes small random-weight llama GGUF files and, beside each, a JSON file with reference
+"""Writes small random-weight GGUF files (llama, and the other architectures of ARCH_SPECS) and, beside each, a JSON file with reference
 logits from reference.py. Deterministic (fixed seeds), idempotent (files whose bytes would not
 change are left untouched), a few seconds.
 
@@ -148,6 +148,14 @@ class Spec:
     output_type: str | None  # output.weight (None when tied)
     rope_base: float = 10000.0
     rms_eps: float = 1e-5
+    # architecture (defaults: llama as SmolLM2 has it)
+    arch: str = "llama"
+    head_dim: int | None = None      # attention.key_length; None = n_embd / n_head
+    qkv_bias: bool = False           # qwen2
+    qk_norm: bool = False            # qwen3, gemma3
+    post_norms: bool = False         # gemma3
+    sliding_window: int = 0          # gemma3 (attention.sliding_window)
+    llama3_rope_freqs: bool = False  # Llama 3.1's rope_freqs.weight
 
 
 SPECS = [
@@ -201,6 +209,41 @@ def random_blocks(qtype: QT, a: np.ndarray) -> np.ndarray:
     return b.reshape(rows, -1)
 
 
+# One fixture per architecture feature, float weights. Small windows and short original contexts
+# so that the ~20-token prompt exercises them.
+ARCH_SPECS = [
+    Spec("qwen2_f32_gqa", 64, 4, 2, 96, 2, False, "F32", "F32", "F32", rope_base=1000000.0, rms_eps=1e-6,
+         arch="qwen2", qkv_bias=True),
+    Spec("qwen3_f32_gqa_tied", 64, 4, 2, 96, 2, True, "F32", "F32", None, rope_base=1000000.0, rms_eps=1e-6,
+         arch="qwen3", head_dim=32, qk_norm=True),
+    Spec("llama31_f32_gqa", 64, 4, 2, 96, 2, False, "F32", "F32", "F32", rope_base=500000.0,
+         llama3_rope_freqs=True),
+    Spec("mistral_f32_gqa", 64, 8, 2, 96, 2, False, "F32", "F32", "F32", rope_base=1000000.0),
+    # 7 layers: with the default pattern 6, layers 0-4 and 6 are local (window 5), layer 5 global
+    Spec("gemma3_f32_mqa_tied", 64, 4, 1, 96, 7, True, "F32", "F32", None, rope_base=1000000.0, rms_eps=1e-6,
+         arch="gemma3", head_dim=32, qk_norm=True, post_norms=True, sliding_window=5),
+]
+
+
+def llama3_rope_factors(n_rot: int, base: float, factor: float = 8.0, low: float = 1.0, high: float = 4.0,
+                        original_ctx: int = 64) -> np.ndarray:
+    """Llama 3.1's per-pair frequency divisors (as its converter writes rope_freqs.weight):
+    1 for short wavelengths, `factor` for long ones, smooth in between. original_ctx is 8192 in
+    the real model; 64 here so that the fixture's short prompt meets every regime."""
+    freqs = base ** (-np.arange(0, n_rot, 2, dtype=np.float64) / n_rot)
+    out = []
+    for f in freqs:
+        wavelen = 2 * np.pi / f
+        if wavelen < original_ctx / high:
+            out.append(1.0)
+        elif wavelen > original_ctx / low:
+            out.append(factor)
+        else:
+            smooth = (original_ctx / wavelen - low) / (high - low)
+            out.append(1.0 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
+
+
 def store(qtype: QT, a: np.ndarray) -> tuple[np.ndarray, QT | None]:
     """Encodes a float32 [rows, cols] array for GGUFWriter.add_tensor: (data, raw_dtype)."""
     if qtype == QT.F32:
@@ -220,7 +263,7 @@ def make_weights(spec: Spec, n_vocab: int, rng: np.random.Generator) -> dict[str
     embeddings ~ N(0, 1/n_embd) * 1.5 (after the final rmsnorm, tied logits have std ~1.5),
     norm weights in [0.7, 1.3] so that forgetting to apply them is visible."""
     E, F = spec.n_embd, spec.n_ff
-    hd = E // spec.n_head
+    hd = spec.head_dim or E // spec.n_head
     wt, et = QT[spec.weight_type], QT[spec.embd_type]
 
     def normal(rows, cols, std):
@@ -241,7 +284,19 @@ def make_weights(spec: Spec, n_vocab: int, rng: np.random.Generator) -> dict[str
         w[p + "ffn_gate.weight"] = (normal(F, E, 1 / np.sqrt(E)), wt)
         w[p + "ffn_up.weight"] = (normal(F, E, 1 / np.sqrt(E)), wt)
         w[p + "ffn_down.weight"] = (normal(E, F, 1 / np.sqrt(F)), wt)
+        if spec.qkv_bias:
+            w[p + "attn_q.bias"] = (rng.normal(0, 0.5, spec.n_head * hd).astype(np.float32), QT.F32)
+            w[p + "attn_k.bias"] = (rng.normal(0, 0.5, spec.n_head_kv * hd).astype(np.float32), QT.F32)
+            w[p + "attn_v.bias"] = (rng.normal(0, 0.5, spec.n_head_kv * hd).astype(np.float32), QT.F32)
+        if spec.qk_norm:
+            w[p + "attn_q_norm.weight"] = (norm(hd), QT.F32)
+            w[p + "attn_k_norm.weight"] = (norm(hd), QT.F32)
+        if spec.post_norms:
+            w[p + "post_attention_norm.weight"] = (norm(E), QT.F32)
+            w[p + "post_ffw_norm.weight"] = (norm(E), QT.F32)
     w["output_norm.weight"] = (norm(E), QT.F32)
+    if spec.llama3_rope_freqs:
+        w["rope_freqs.weight"] = (llama3_rope_factors(hd, spec.rope_base), QT.F32)
     if not spec.tied:
         w["output.weight"] = (normal(n_vocab, E, 1.5 / np.sqrt(E)), QT[spec.output_type])
     return w
@@ -250,7 +305,8 @@ def make_weights(spec: Spec, n_vocab: int, rng: np.random.Generator) -> dict[str
 def write_gguf(path: Path, spec: Spec, vocab_parts, weights) -> None:
     tokens, types, merges, _, _ = vocab_parts
     E = spec.n_embd
-    w = GGUFWriter(str(path), "llama")
+    hd = spec.head_dim or E // spec.n_head
+    w = GGUFWriter(str(path), spec.arch)
     w.add_name(spec.name)
     w.add_block_count(spec.n_layer)
     w.add_context_length(256)
@@ -260,7 +316,12 @@ def write_gguf(path: Path, spec: Spec, vocab_parts, weights) -> None:
     w.add_head_count_kv(spec.n_head_kv)
     w.add_rope_freq_base(spec.rope_base)
     w.add_layer_norm_rms_eps(spec.rms_eps)
-    w.add_rope_dimension_count(E // spec.n_head)
+    w.add_rope_dimension_count(hd)
+    if spec.head_dim:
+        w.add_key_length(hd)
+        w.add_value_length(hd)
+    if spec.sliding_window:
+        w.add_sliding_window(spec.sliding_window)
     w.add_vocab_size(len(tokens))
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("smollm")
@@ -347,7 +408,9 @@ def main(argv=None) -> int:
     _, _, _, vocab, ranks = vocab_parts
     prompt_tokens = bpe_encode(PROMPT, vocab, ranks)
     assert 16 <= len(prompt_tokens) <= 24, len(prompt_tokens)
-    for idx, spec in enumerate(SPECS):
+    # architecture fixtures seed from 100 on, so that adding weight-type specs changes none of them
+    numbered = list(enumerate(SPECS)) + [(100 + i, s) for i, s in enumerate(ARCH_SPECS)]
+    for idx, spec in numbered:
         r = make_one(out, idx, spec, vocab_parts, prompt_tokens)
         if not a.quiet:
             print(f"{r['name']:24s} {'written' if r['changed'] else 'unchanged':9s} logit std {r['logit_std']:.2f} "

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Readable numpy forward pass of a llama-architecture GGUF model, the independent reference
-that the C++ forward pass is tested against.
+"""Readable numpy forward pass of a GGUF model (architectures llama, qwen2, qwen3, gemma3), the
+independent reference that the C++ forward pass is tested against.
 
 Everything is float64 on the DEQUANTIZED weights (dequantized by the `gguf` package, so the
 block layouts are ggml's). Layout facts worth knowing:
@@ -11,6 +11,16 @@ block layouts are ggml's). Layout facts worth knowing:
   (2i, 2i+1), theta_i = pos * base**(-2i / n_rot). llama.cpp's converter permuted the Hugging
   Face q/k rows so that this equals HF's rotate_half convention on the original checkpoint.
 * GQA: query head h reads kv head h // (n_head // n_head_kv).
+* What sets the architectures apart (facts from llama.cpp's src/models/<arch>.cpp):
+  - qwen2: biases on the q, k, v projections; NEOX rotary pairs (i, i + n_rot/2).
+  - qwen3: RMS norm of every q and k head (weights [head_dim]) before the rotary embedding;
+    NEOX pairs; attention.key_length may differ from n_embd / n_head.
+  - llama with rope_freqs.weight (Llama 3.1): pair i's frequency is divided by factor i.
+  - gemma3: embeddings * sqrt(n_embd); GeGLU with the tanh GELU; QK norm; RMS norms after
+    attention and after the FFN too (post_attention_norm, post_ffw_norm); NEOX pairs; scores
+    scaled by 1/sqrt(key_length); with attention.sliding_window = W, layer i is local when
+    i % P < P - 1 (P = attention.sliding_window_pattern, default 6): a query at p sees keys at
+    positions > p - W, rotary base rope.freq_base_swa (default 10000), no position scaling.
 
 Optional emulation of llama.cpp's 8-bit activation quantization (act_q8=True): before every
 matmul whose weight is Q4_0, Q4_1 or Q8_0, each input row is cut into 32-element blocks and
@@ -50,6 +60,19 @@ class Config:
     rope_base: float
     rms_eps: float
     n_ctx: int = 0
+    arch: str = "llama"
+    activation: str = "silu"            # of the gated FFN: silu | gelu_tanh
+    rope_neox: bool = False             # rotary pairs (i, i + n_rot/2) instead of (2i, 2i+1)
+    qk_norm: bool = False
+    post_norms: bool = False
+    qkv_bias: bool = False
+    embd_scale: float = 1.0
+    attn_scale: float = 0.0             # 0: 1/sqrt(head_dim)
+    logit_softcap: float = 0.0
+    rope_freqs: list | None = None      # per-pair frequency divisors
+    layer_window: list = field(default_factory=list)      # per layer; 0 = full attention
+    layer_rope_base: list = field(default_factory=list)   # per layer
+    layer_rope_scale: list = field(default_factory=list)  # per layer (positions divided by it)
 
 
 @dataclass
@@ -71,6 +94,13 @@ class Layer:
     w_gate: Linear
     w_up: Linear
     w_down: Linear
+    bq: np.ndarray | None = None
+    bk: np.ndarray | None = None
+    bv: np.ndarray | None = None
+    q_norm: np.ndarray | None = None
+    k_norm: np.ndarray | None = None
+    attn_post_norm: np.ndarray | None = None
+    ffn_post_norm: np.ndarray | None = None
 
 
 @dataclass
@@ -95,13 +125,48 @@ def _field(reader: GGUFReader, key: str, default=None):
     return f.contents()
 
 
+ARCHS = ("llama", "qwen2", "qwen3", "gemma3")
+
+
+def _arch_config(r: GGUFReader, arch: str, n_embd: int, n_head: int, head_dim: int, n_layer: int) -> dict:
+    """The settings that set architectures apart (see the module docstring)."""
+    def key(name, default=None):
+        return _field(r, f"{arch}.{name}", default)
+
+    base = float(key("rope.freq_base", 10000.0))
+    scale = float(key("rope.scaling.factor", 1.0)) if key("rope.scaling.type", "none") == "linear" else 1.0
+    cfg = dict(arch=arch, layer_window=[0] * n_layer, layer_rope_base=[base] * n_layer,
+               layer_rope_scale=[scale] * n_layer, attn_scale=1.0 / np.sqrt(head_dim))
+    if arch == "qwen2":
+        cfg.update(qkv_bias=True, rope_neox=True)
+    elif arch == "qwen3":
+        cfg.update(qk_norm=True, rope_neox=True)
+    elif arch == "gemma3":
+        cfg.update(activation="gelu_tanh", rope_neox=True, qk_norm=True, post_norms=True,
+                   embd_scale=float(np.sqrt(np.float32(n_embd))),
+                   logit_softcap=float(key("final_logit_softcapping", 0.0)))
+        if n_layer == 62:  # the 27B model's query_pre_attn_scalar
+            cfg["attn_scale"] = 1.0 / np.sqrt(n_embd // n_head)
+        window = int(key("attention.sliding_window", 0))
+        if window > 0:
+            pattern = int(key("attention.sliding_window_pattern", 6))
+            local_base = float(key("rope.freq_base_swa", 10000.0))
+            for i in range(n_layer):
+                if pattern == 0 or i % pattern < pattern - 1:
+                    cfg["layer_window"][i] = window
+                    cfg["layer_rope_base"][i] = local_base
+                    cfg["layer_rope_scale"][i] = 1.0
+    return cfg
+
+
 def load(path: str) -> Model:
     r = GGUFReader(path)
     arch = _field(r, "general.architecture")
-    if arch != "llama":
-        raise ValueError(f"{path}: architecture {arch!r}, only llama is supported")
-    n_embd = int(_field(r, "llama.embedding_length"))
-    n_head = int(_field(r, "llama.attention.head_count"))
+    if arch not in ARCHS:
+        raise ValueError(f"{path}: architecture {arch!r}, supported: {', '.join(ARCHS)}")
+    n_embd = int(_field(r, f"{arch}.embedding_length"))
+    n_head = int(_field(r, f"{arch}.attention.head_count"))
+    n_layer = int(_field(r, f"{arch}.block_count"))
     tensors = {t.name: t for t in r.tensors}
 
     def mat(name: str) -> np.ndarray:
@@ -110,6 +175,9 @@ def load(path: str) -> Model:
         a = dequantize(t.data, qt).astype(np.float64)
         cols = int(t.shape[0])
         return a.reshape(-1, cols) if len(t.shape) > 1 else a.reshape(cols)
+
+    def opt(name: str) -> np.ndarray | None:
+        return mat(name) if name in tensors else None
 
     def lin(name: str) -> Linear:
         t = tensors[name]
@@ -121,20 +189,23 @@ def load(path: str) -> Model:
         return Linear(mat(name), qt, mins)
 
     n_vocab = int(tensors["token_embd.weight"].shape[1])
-    head_dim = n_embd // n_head
+    head_dim = int(_field(r, f"{arch}.attention.key_length", n_embd // n_head))
     cfg = Config(
         n_vocab=n_vocab,
         n_embd=n_embd,
         n_head=n_head,
-        n_head_kv=int(_field(r, "llama.attention.head_count_kv", n_head)),
+        n_head_kv=int(_field(r, f"{arch}.attention.head_count_kv", n_head)),
         head_dim=head_dim,
-        n_ff=int(_field(r, "llama.feed_forward_length")),
-        n_layer=int(_field(r, "llama.block_count")),
-        n_rot=int(_field(r, "llama.rope.dimension_count", head_dim)),
-        rope_base=float(_field(r, "llama.rope.freq_base", 10000.0)),
-        rms_eps=float(_field(r, "llama.attention.layer_norm_rms_epsilon")),
-        n_ctx=int(_field(r, "llama.context_length", 0)),
+        n_ff=int(_field(r, f"{arch}.feed_forward_length")),
+        n_layer=n_layer,
+        n_rot=int(_field(r, f"{arch}.rope.dimension_count", head_dim)),
+        rope_base=float(_field(r, f"{arch}.rope.freq_base", 10000.0)),
+        rms_eps=float(_field(r, f"{arch}.attention.layer_norm_rms_epsilon")),
+        n_ctx=int(_field(r, f"{arch}.context_length", 0)),
+        **_arch_config(r, arch, n_embd, n_head, head_dim, n_layer),
     )
+    if "rope_freqs.weight" in tensors:
+        cfg.rope_freqs = mat("rope_freqs.weight").tolist()
     tok = lin("token_embd.weight")
     tied = "output.weight" not in tensors
     m = Model(cfg, tok.w, tok if tied else lin("output.weight"), mat("output_norm.weight"), tied=tied)
@@ -146,7 +217,14 @@ def load(path: str) -> Model:
             wo=lin(p + "attn_output.weight"),
             ffn_norm=mat(p + "ffn_norm.weight"),
             w_gate=lin(p + "ffn_gate.weight"), w_up=lin(p + "ffn_up.weight"), w_down=lin(p + "ffn_down.weight"),
+            bq=opt(p + "attn_q.bias"), bk=opt(p + "attn_k.bias"), bv=opt(p + "attn_v.bias"),
+            q_norm=opt(p + "attn_q_norm.weight"), k_norm=opt(p + "attn_k_norm.weight"),
+            attn_post_norm=opt(p + "post_attention_norm.weight"), ffn_post_norm=opt(p + "post_ffw_norm.weight"),
         ))
+        L = m.layers[-1]
+        assert (L.bq is not None) == cfg.qkv_bias, f"{p}: q/k/v biases do not match the {arch} architecture"
+        assert (L.q_norm is not None) == cfg.qk_norm, f"{p}: q/k norms do not match the {arch} architecture"
+        assert (L.attn_post_norm is not None) == cfg.post_norms, f"{p}: post norms do not match the {arch} architecture"
     return m
 
 
@@ -241,16 +319,31 @@ def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w
 
 
-def rope(x: np.ndarray, positions: np.ndarray, n_rot: int, base: float) -> np.ndarray:
-    """x [T, n_heads, head_dim]; rotates adjacent pairs (2i, 2i+1) of the first n_rot dims."""
+def rope(x: np.ndarray, positions: np.ndarray, n_rot: int, base: float, scale: float = 1.0,
+         neox: bool = False, factors=None) -> np.ndarray:
+    """x [T, n_heads, head_dim]; rotates pairs of the first n_rot dims by
+    theta_i = pos / scale * base**(-2i / n_rot) / factors[i]. Pairs are adjacent (2i, 2i+1)
+    (ggml's normal mode) or, with neox, (i, i + n_rot/2)."""
     i = np.arange(n_rot // 2, dtype=np.float64)
-    theta = positions[:, None].astype(np.float64) * base ** (-2.0 * i / n_rot)   # [T, n_rot/2]
+    freq = base ** (-2.0 * i / n_rot)
+    if factors is not None:
+        freq = freq / np.asarray(factors, dtype=np.float64)
+    theta = (positions[:, None].astype(np.float64) / scale) * freq    # [T, n_rot/2]
     cos, sin = np.cos(theta)[:, None, :], np.sin(theta)[:, None, :]
     out = x.copy()
-    x0, x1 = x[..., 0:n_rot:2], x[..., 1:n_rot:2]
-    out[..., 0:n_rot:2] = x0 * cos - x1 * sin
-    out[..., 1:n_rot:2] = x0 * sin + x1 * cos
+    if neox:
+        x0, x1 = x[..., : n_rot // 2], x[..., n_rot // 2: n_rot]
+        out[..., : n_rot // 2] = x0 * cos - x1 * sin
+        out[..., n_rot // 2: n_rot] = x0 * sin + x1 * cos
+    else:
+        x0, x1 = x[..., 0:n_rot:2], x[..., 1:n_rot:2]
+        out[..., 0:n_rot:2] = x0 * cos - x1 * sin
+        out[..., 1:n_rot:2] = x0 * sin + x1 * cos
     return out
+
+
+def gelu_tanh(x: np.ndarray) -> np.ndarray:
+    return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x ** 3)))
 
 
 def silu(x: np.ndarray) -> np.ndarray:
@@ -268,32 +361,58 @@ def forward(m: Model, tokens, act_q8: bool = False, collect_qk: list | None = No
     tokens = np.asarray(tokens, dtype=np.int64)
     T = len(tokens)
     pos = np.arange(T)
-    x = m.tok_embd[tokens].copy()
+    x = m.tok_embd[tokens] * c.embd_scale
     group = c.n_head // c.n_head_kv
-    causal = np.triu(np.full((T, T), -np.inf), k=1)
-    for L in m.layers:
+    attn_scale = c.attn_scale or 1.0 / np.sqrt(c.head_dim)
+    act = gelu_tanh if c.activation == "gelu_tanh" else silu
+
+    def mm(h, lin):
+        return matmul(h, lin, act_q8, margins, llamacpp)
+
+    for li, L in enumerate(m.layers):
+        window = c.layer_window[li] if c.layer_window else 0
+        base = c.layer_rope_base[li] if c.layer_rope_base else c.rope_base
+        scale = c.layer_rope_scale[li] if c.layer_rope_scale else 1.0
+        # key j is visible to query i when j <= i and, in a sliding-window layer, j > i - window
+        d = pos[:, None] - pos[None, :]
+        visible = (d >= 0) & ((d < window) if window > 0 else True)
+        mask = np.where(visible, 0.0, -np.inf)
+
         h = rmsnorm(x, L.attn_norm, c.rms_eps)
-        q = matmul(h, L.wq, act_q8, margins, llamacpp).reshape(T, c.n_head, c.head_dim)
-        k = matmul(h, L.wk, act_q8, margins, llamacpp).reshape(T, c.n_head_kv, c.head_dim)
-        v = matmul(h, L.wv, act_q8, margins, llamacpp).reshape(T, c.n_head_kv, c.head_dim)
-        q = rope(q, pos, c.n_rot, c.rope_base)
-        k = rope(k, pos, c.n_rot, c.rope_base)
+        q, k, v = mm(h, L.wq), mm(h, L.wk), mm(h, L.wv)
+        if L.bq is not None:
+            q, k, v = q + L.bq, k + L.bk, v + L.bv
+        q = q.reshape(T, c.n_head, c.head_dim)
+        k = k.reshape(T, c.n_head_kv, c.head_dim)
+        v = v.reshape(T, c.n_head_kv, c.head_dim)
+        if L.q_norm is not None:
+            q = rmsnorm(q, L.q_norm, c.rms_eps)
+            k = rmsnorm(k, L.k_norm, c.rms_eps)
+        q = rope(q, pos, c.n_rot, base, scale, c.rope_neox, c.rope_freqs)
+        k = rope(k, pos, c.n_rot, base, scale, c.rope_neox, c.rope_freqs)
         if collect_qk is not None:
             collect_qk.append((q.copy(), k.copy()))
         att = np.empty((T, c.n_head, c.head_dim))
         for hh in range(c.n_head):
             kv = hh // group
-            s = q[:, hh, :] @ k[:, kv, :].T / np.sqrt(c.head_dim) + causal   # [T, T]
+            s = q[:, hh, :] @ k[:, kv, :].T * attn_scale + mask   # [T, T]
             s = np.exp(s - s.max(axis=1, keepdims=True))
             s /= s.sum(axis=1, keepdims=True)
             att[:, hh, :] = s @ v[:, kv, :]
-        x = x + matmul(att.reshape(T, -1), L.wo, act_q8, margins, llamacpp)
+        o = mm(att.reshape(T, -1), L.wo)
+        if L.attn_post_norm is not None:
+            o = rmsnorm(o, L.attn_post_norm, c.rms_eps)
+        x = x + o
         h = rmsnorm(x, L.ffn_norm, c.rms_eps)
-        gate = matmul(h, L.w_gate, act_q8, margins, llamacpp)
-        up = matmul(h, L.w_up, act_q8, margins, llamacpp)
-        x = x + matmul(silu(gate) * up, L.w_down, act_q8, margins, llamacpp)
+        f = mm(act(mm(h, L.w_gate)) * mm(h, L.w_up), L.w_down)
+        if L.ffn_post_norm is not None:
+            f = rmsnorm(f, L.ffn_post_norm, c.rms_eps)
+        x = x + f
     h = rmsnorm(x, m.output_norm, c.rms_eps)
-    return matmul(h, m.output, act_q8, margins, llamacpp)
+    logits = mm(h, m.output)
+    if c.logit_softcap > 0:
+        logits = c.logit_softcap * np.tanh(logits / c.logit_softcap)
+    return logits
 
 
 def queries_keys(m: Model, tokens, act_q8: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:

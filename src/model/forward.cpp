@@ -1,0 +1,127 @@
+#include "model/forward.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "model/session.h"
+#include "util/error.h"
+
+namespace qf {
+
+Forward::Forward(const Model& model, int max_rows)
+    : model_(model), max_rows_(std::max(1, max_rows)), rotary_(model.config(), model.rope_freq_factors()) {
+  const ModelConfig& c = model.config();
+  const size_t nr = max_rows_;
+  x_.resize(nr * c.n_embd);
+  h_.resize(nr * std::max(c.n_embd, c.n_heads * c.head_dim));
+  q_.resize(nr * c.n_heads * c.head_dim);
+  k_.resize(nr * c.n_kv_heads * c.head_dim);
+  v_.resize(nr * c.n_kv_heads * c.head_dim);
+  att_.resize(nr * c.n_heads * c.head_dim);
+  ff_a_.resize(nr * c.n_ff);
+  ff_b_.resize(nr * c.n_ff);
+  pos_.resize(nr);
+}
+
+void Forward::run(std::span<const Segment> segments, ThreadPool& pool) {
+  const ModelConfig& c = model_.config();
+  const size_t E = c.n_embd;
+  int n = 0;
+  for (const Segment& s : segments) {
+    if (&s.session->model() != &model_) fail("forward: a session runs another model");
+    for (int t = 0; t < s.n; ++t) {
+      if (n + t >= max_rows_) fail("forward: more than ", max_rows_, " rows in one pass");
+      pos_[n + t] = s.session->n_past_ + t;
+      dequantize_row(model_.token_embd(), s.tokens[t], x_.data() + (n + t) * E);
+    }
+    n += s.n;
+  }
+  if (n == 0) return;
+  if (c.embd_scale != 1.0f) ops::scale(x_.data(), n * E, c.embd_scale);
+  rotary_.prepare(pos_.data(), n);
+  for (int l = 0; l < c.n_layers; ++l) {
+    attention_block(l, segments, n, pool);
+    ffn_block(l, n, pool);
+  }
+  for (const Segment& s : segments) s.session->n_past_ += s.n;
+  output_logits(segments, pool);
+}
+
+void Forward::attention_block(int l, std::span<const Segment> segments, int n, ThreadPool& pool) {
+  const ModelConfig& c = model_.config();
+  const LayerWeights& w = model_.layers()[l];
+  const int E = c.n_embd, D = c.head_dim, H = c.n_heads, KVH = c.n_kv_heads;
+  ops::rmsnorm_rows(h_.data(), x_.data(), w.attn_norm, n, E, c.rms_eps);
+  matmul(w.wq, h_.data(), n, q_.data(), pool);
+  matmul(w.wk, h_.data(), n, k_.data(), pool);
+  matmul(w.wv, h_.data(), n, v_.data(), pool);
+  if (w.bq) {
+    ops::add_bias_rows(q_.data(), w.bq, n, H * D);
+    ops::add_bias_rows(k_.data(), w.bk, n, KVH * D);
+    ops::add_bias_rows(v_.data(), w.bv, n, KVH * D);
+  }
+  if (w.q_norm) {
+    ops::rmsnorm_rows(q_.data(), q_.data(), w.q_norm, static_cast<size_t>(n) * H, D, c.rms_eps);
+    ops::rmsnorm_rows(k_.data(), k_.data(), w.k_norm, static_cast<size_t>(n) * KVH, D, c.rms_eps);
+  }
+  rotary_.apply(l, q_.data(), n, H);
+  rotary_.apply(l, k_.data(), n, KVH);
+  // Each session stores its rows' keys and values and attends over its own cache.
+  int row = 0;
+  for (const Segment& s : segments) {
+    const size_t qo = static_cast<size_t>(row) * H * D, ko = static_cast<size_t>(row) * KVH * D;
+    s.session->attend_rows(l, s.n, q_.data() + qo, k_.data() + ko, v_.data() + ko, pos_.data() + row,
+                           att_.data() + qo, pool);
+    row += s.n;
+  }
+  matmul(w.wo, att_.data(), n, h_.data(), pool);
+  if (w.attn_post_norm) ops::rmsnorm_rows(h_.data(), h_.data(), w.attn_post_norm, n, E, c.rms_eps);
+  ops::add(x_.data(), h_.data(), static_cast<size_t>(n) * E);
+}
+
+void Forward::ffn_block(int l, int n, ThreadPool& pool) {
+  const ModelConfig& c = model_.config();
+  const LayerWeights& w = model_.layers()[l];
+  const int E = c.n_embd;
+  ops::rmsnorm_rows(h_.data(), x_.data(), w.ffn_norm, n, E, c.rms_eps);
+  matmul(w.ffn_gate, h_.data(), n, ff_a_.data(), pool);
+  matmul(w.ffn_up, h_.data(), n, ff_b_.data(), pool);
+  ops::gated_activation(ff_a_.data(), ff_b_.data(), static_cast<size_t>(n) * c.n_ff, c.activation);
+  matmul(w.ffn_down, ff_a_.data(), n, h_.data(), pool);
+  if (w.ffn_post_norm) ops::rmsnorm_rows(h_.data(), h_.data(), w.ffn_post_norm, n, E, c.rms_eps);
+  ops::add(x_.data(), h_.data(), static_cast<size_t>(n) * E);
+}
+
+// Only the rows whose logits are wanted go through the (large) output matrix, all in one product.
+void Forward::output_logits(std::span<const Segment> segments, ThreadPool& pool) {
+  const ModelConfig& c = model_.config();
+  const size_t E = c.n_embd, V = c.n_vocab;
+  out_rows_.clear();
+  int row = 0;
+  for (const Segment& s : segments) {
+    if (s.logits) {
+      for (int t = s.all_logits ? 0 : s.n - 1; t < s.n; ++t) out_rows_.push_back(row + t);
+    }
+    row += s.n;
+  }
+  const int k = static_cast<int>(out_rows_.size());
+  if (k == 0) return;
+  for (int i = 0; i < k; ++i)
+    ops::rmsnorm_rows(h_.data() + i * E, x_.data() + out_rows_[i] * E, model_.output_norm(), 1, c.n_embd, c.rms_eps);
+  // One segment writes straight into its buffer; several share one product, then scatter.
+  const bool direct = segments.size() == 1;
+  if (!direct && logits_.size() < static_cast<size_t>(k) * V) logits_.resize(static_cast<size_t>(k) * V);
+  float* out = direct ? segments[0].logits : logits_.data();
+  matmul(model_.output(), h_.data(), k, out, pool);
+  if (c.logit_softcap > 0.0f) ops::softcap(out, static_cast<size_t>(k) * V, c.logit_softcap);
+  if (direct) return;
+  const float* src = logits_.data();
+  for (const Segment& s : segments) {
+    if (!s.logits) continue;
+    const size_t rows = s.all_logits ? s.n : 1;
+    std::memcpy(s.logits, src, rows * V * sizeof(float));
+    src += rows * V;
+  }
+}
+
+}  // namespace qf
