@@ -57,7 +57,7 @@ Layer make_layer(int context, int n_tok) {
     l.v.push_back(std::move(v));
     l.visible.push_back(std::move(vis));
   }
-  for (int g = 0; g < kKvHeads; ++g) l.heads.push_back({l.k[g].data(), l.v[g].data(), l.visible[g].data()});
+  for (int g = 0; g < kKvHeads; ++g) l.heads.push_back({f32_rows(l.k[g].data(), kDim), f32_rows(l.v[g].data(), kDim), l.visible[g].data()});
   return l;
 }
 

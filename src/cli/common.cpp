@@ -18,7 +18,15 @@ void add_model_options(CLI::App* app, ModelOptions& o, bool model_required) {
       ->check(CLI::NonNegativeNumber);
   app->add_option("-t,--threads", o.n_threads, "threads (0 = all cores)")->check(CLI::NonNegativeNumber);
   app->add_option("-b,--batch-size", o.n_batch, "prompt tokens per forward chunk")->check(CLI::PositiveNumber);
+  std::vector<std::string> types;
+  for (kv::KvType t : kv::kv_types()) types.emplace_back(kv::kv_type_name(t));
+  app->add_option("-ctk,--cache-type-k", o.cache_type_k, "KV cache type for keys (default f16)")
+      ->check(CLI::IsMember(types))->group("KV cache");
+  app->add_option("-ctv,--cache-type-v", o.cache_type_v, "KV cache type for values (default f16)")
+      ->check(CLI::IsMember(types))->group("KV cache");
 }
+
+kv::KvTypes kv_types(const ModelOptions& o) { return {kv::parse_kv_type(o.cache_type_k), kv::parse_kv_type(o.cache_type_v)}; }
 
 void add_kv_options(CLI::App* app, KvOptions& o) {
   std::string names;
@@ -52,6 +60,7 @@ std::unique_ptr<Session> make_session(const Model& model, const ModelOptions& mo
   so.n_ctx = mo.n_ctx;
   so.n_threads = mo.n_threads;
   so.n_batch = mo.n_batch;
+  so.kv_types = kv_types(mo);
   const bool compress = ko.budget > 0 || ko.ratio > 0;
   if (ko.policy != "none") {
     if (!compress) fail("--kv-policy ", ko.policy, " needs --kv-budget and/or --kv-ratio");
@@ -99,7 +108,8 @@ std::string kv_summary(const Session& s) {
   const double mib = 1024.0 * 1024.0;
   std::ostringstream os;
   os.precision(2);
-  os << std::fixed << "kv: " << c.bytes_used() / mib << " MiB in use (" << c.bytes_reserved() / mib
+  os << std::fixed << "kv: " << kv::kv_type_name(c.types().k) << "/" << kv::kv_type_name(c.types().v) << ", "
+     << c.bytes_per_token_per_layer() << " bytes per token per layer | " << c.bytes_used() / mib << " MiB in use (" << c.bytes_reserved() / mib
      << " MiB reserved) vs " << c.full_cache_bytes(s.n_past()) / mib << " MiB for a full cache of " << s.n_past()
      << " tokens";
   if (const kv::Compressor* comp = s.compressor()) {

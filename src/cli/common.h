@@ -16,7 +16,12 @@ struct ModelOptions {
   int n_ctx = 0;
   int n_threads = 0;
   int n_batch = 256;
+  std::string cache_type_k = "f16";  // KV storage types, llama.cpp's -ctk / -ctv (and default)
+  std::string cache_type_v = "f16";
 };
+
+// The parsed -ctk / -ctv types. Throws qf::Error for an unknown name.
+kv::KvTypes kv_types(const ModelOptions& o);
 
 struct KvOptions {
   std::string policy = "none";
@@ -46,7 +51,8 @@ Engine make_engine(const ModelOptions& mo, const KvOptions& ko);
 std::unique_ptr<Session> make_session(const Model& model, const ModelOptions& mo, const KvOptions& ko,
                                       std::vector<float>& filters_storage);
 
-// One line describing the KV cache's state: bytes in use vs a full cache, evictions, time.
+// One line describing the KV cache's state: storage types and bytes per token per layer, bytes
+// in use vs a full cache, evictions, time.
 std::string kv_summary(const Session& s);
 
 // Peak resident set size of this process, in MiB.

@@ -39,7 +39,8 @@ Session::Session(const Model& model, SessionOptions opt)
   stats.accumulate |= opt.stats.accumulate;
   stats.last_query |= opt.stats.last_query;
   stats.window = std::max(stats.window, opt.stats.window);
-  cache_ = std::make_unique<kv::Cache>(kv::CacheShape{c.n_layers, c.n_kv_heads, c.head_dim}, capacity, stats);
+  cache_ = std::make_unique<kv::Cache>(kv::CacheShape{c.n_layers, c.n_kv_heads, c.head_dim}, capacity, stats,
+                                       opt.kv_types);
 
   // Rotary frequencies: pairs (2i, 2i+1) rotate by pos * base^(-2i/n_rot) (GGUF's row order).
   inv_freq_.resize(c.n_rot / 2);
@@ -74,6 +75,8 @@ void Session::copy_state_from(const Session& src) {
   const kv::Cache& from = *src.cache_;
   kv::Cache& to = *cache_;
   const kv::CacheShape& s = to.shape();
+  if (from.types().k != to.types().k || from.types().v != to.types().v)
+    fail("copy_state_from: the caches store different KV types");
   for (int l = 0; l < s.n_layers; ++l)
     for (int h = 0; h < s.n_kv_heads; ++h)
       if (from.head(l, h).n > to.capacity(l))
@@ -83,13 +86,12 @@ void Session::copy_state_from(const Session& src) {
     if (a.empty()) std::fill(b.begin(), b.begin() + n, 0);
     else std::copy(a.begin(), a.begin() + n, b.begin());
   };
-  const size_t d = s.head_dim;
   for (int l = 0; l < s.n_layers; ++l)
     for (int h = 0; h < s.n_kv_heads; ++h) {
       const kv::HeadCache& a = from.head(l, h);
       kv::HeadCache& b = to.head(l, h);
-      std::copy(a.k.begin(), a.k.begin() + a.n * d, b.k.begin());
-      std::copy(a.v.begin(), a.v.begin() + a.n * d, b.v.begin());
+      std::copy(a.k.begin(), a.k.begin() + a.n * a.k_row_bytes, b.k.begin());
+      std::copy(a.v.begin(), a.v.begin() + a.n * a.v_row_bytes, b.v.begin());
       std::copy(a.pos.begin(), a.pos.begin() + a.n, b.pos.begin());
       copy_stat(a.attn_sum, b.attn_sum, a.n);
       copy_stat(a.attn_cnt, b.attn_cnt, a.n);
