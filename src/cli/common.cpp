@@ -20,10 +20,20 @@ void add_model_options(CLI::App* app, ModelOptions& o, bool model_required) {
   app->add_option("-b,--batch-size", o.n_batch, "prompt tokens per forward chunk")->check(CLI::PositiveNumber);
   std::vector<std::string> types;
   for (kv::KvType t : kv::kv_types()) types.emplace_back(kv::kv_type_name(t));
-  app->add_option("-ctk,--cache-type-k", o.cache_type_k, "KV cache type for keys (default f16)")
+  // -ctk / -ctv (llama.cpp's spelling) reach these through spell_out_llama_flags().
+  app->add_option("--cache-type-k", o.cache_type_k, "-ctk: KV cache storage type of keys (default f16)")
       ->check(CLI::IsMember(types))->group("KV cache");
-  app->add_option("-ctv,--cache-type-v", o.cache_type_v, "KV cache type for values (default f16)")
+  app->add_option("--cache-type-v", o.cache_type_v, "-ctv: KV cache storage type of values (default f16)")
       ->check(CLI::IsMember(types))->group("KV cache");
+}
+
+std::vector<std::string> spell_out_llama_flags(int argc, char** argv) {
+  const std::pair<std::string, std::string> names[] = {{"-ctk", "--cache-type-k"}, {"-ctv", "--cache-type-v"}};
+  std::vector<std::string> args(argv, argv + argc);
+  for (std::string& a : args)
+    for (const auto& [short_name, long_name] : names)
+      if (a == short_name || a.rfind(short_name + "=", 0) == 0) a = long_name + a.substr(short_name.size());
+  return args;
 }
 
 kv::KvTypes kv_types(const ModelOptions& o) { return {kv::parse_kv_type(o.cache_type_k), kv::parse_kv_type(o.cache_type_v)}; }

@@ -37,6 +37,9 @@ struct KvOptions {
 };
 
 void add_model_options(CLI::App* app, ModelOptions& o, bool model_required = true);
+// argv with llama.cpp's several-letter one-dash flags (-ctk, -ctv), which CLI11 would read as
+// bundled one-letter flags, spelled out as their long names.
+std::vector<std::string> spell_out_llama_flags(int argc, char** argv);
 void add_kv_options(CLI::App* app, KvOptions& o);
 
 // Holds what a compressor points into (the filters) for as long as the session lives.

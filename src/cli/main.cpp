@@ -2,8 +2,11 @@
 #include <cstdio>
 #include <exception>
 #include <new>
+#include <string>
+#include <vector>
 
 #include "cli/commands.h"
+#include "cli/common.h"
 #include "util/error.h"
 
 int main(int argc, char** argv) {
@@ -18,7 +21,10 @@ int main(int argc, char** argv) {
   qf::cli::register_filters(app);
   qf::cli::register_eval(app);
   try {
-    app.parse(argc, argv);
+    std::vector<std::string> args = qf::cli::spell_out_llama_flags(argc, argv);
+    std::vector<char*> arg_ptrs;
+    for (std::string& a : args) arg_ptrs.push_back(a.data());
+    app.parse(static_cast<int>(arg_ptrs.size()), arg_ptrs.data());
   } catch (const CLI::ParseError& e) {
     return app.exit(e);
   } catch (const qf::Error& e) {
