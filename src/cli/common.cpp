@@ -21,10 +21,10 @@ void add_model_options(CLI::App* app, ModelOptions& o, bool model_required) {
   std::vector<std::string> types;
   for (kv::KvType t : kv::kv_types()) types.emplace_back(kv::kv_type_name(t));
   // -ctk / -ctv (llama.cpp's spelling) reach these through spell_out_llama_flags().
-  app->add_option("--cache-type-k", o.cache_type_k, "-ctk: KV cache storage type of keys (default f16)")
-      ->check(CLI::IsMember(types))->group("KV cache");
-  app->add_option("--cache-type-v", o.cache_type_v, "-ctv: KV cache storage type of values (default f16)")
-      ->check(CLI::IsMember(types))->group("KV cache");
+  app->add_option("--cache-type-k", o.cache_type_k, "-ctk: KV cache storage type of keys")
+      ->check(CLI::IsMember(types))->capture_default_str()->group("KV cache");
+  app->add_option("--cache-type-v", o.cache_type_v, "-ctv: KV cache storage type of values")
+      ->check(CLI::IsMember(types))->capture_default_str()->group("KV cache");
 }
 
 std::vector<std::string> spell_out_llama_flags(int argc, char** argv) {

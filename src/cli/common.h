@@ -16,7 +16,8 @@ struct ModelOptions {
   int n_ctx = 0;
   int n_threads = 0;
   int n_batch = 256;
-  std::string cache_type_k = "f16";  // KV storage types, llama.cpp's -ctk / -ctv (and default)
+  std::string cache_type_k = "f16";  // KV storage types, llama.cpp's -ctk / -ctv (and default);
+                                     // a subcommand may change the default before add_model_options
   std::string cache_type_v = "f16";
 };
 
