@@ -267,6 +267,10 @@ TEST_F(AttentionTypes, BadTypesAndShapesThrow) {
   std::vector<float> sum(4);
   const AttentionColumns cols{.n_keys = 4, .sum = sum.data()};
   EXPECT_THROW(attention_stats_f32(q.data(), 1, 1, &bad, 1, 64, 1.0f, nullptr, &cols, out.data(), pool), Error);
+  EXPECT_THROW(attention_f32(q.data(), 1, 1, &bad, 1, 64, 1.0f, out.data(), pool), Error);
+  const int negative = -1;
+  const AttentionKv before_zero{f32, f32, &vis, &negative};
+  EXPECT_THROW(attention_f32(q.data(), 1, 1, &before_zero, 1, 64, 1.0f, out.data(), pool), Error);
 }
 
 }  // namespace

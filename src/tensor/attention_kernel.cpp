@@ -667,6 +667,14 @@ void check_layer(int n_heads, const AttentionKv* kv, int n_kv, int d) {
 
 int first_slot(const AttentionKv& h, int t) { return h.first != nullptr ? h.first[t] : 0; }
 
+// Every token's visible slots must be a range [first, visible) of non-negative slots.
+void check_slots(const AttentionKv* kv, int n_kv, int n_tok) {
+  for (int g = 0; g < n_kv; ++g)
+    for (int t = 0; t < n_tok; ++t)
+      if (kv[g].visible[t] < 0 || first_slot(kv[g], t) < 0 || first_slot(kv[g], t) > kv[g].visible[t])
+        fail("attention: token ", t, " sees slots [", first_slot(kv[g], t), ", ", kv[g].visible[t], ")");
+}
+
 // Work items taken costliest first from a shared counter: fn(item, thread) for every item, each
 // exactly once, on at most `n_threads` threads. The caller's results must not depend on which
 // thread runs an item.
@@ -771,6 +779,7 @@ void attention_f32(const float* q, int n_tok, int n_heads, const AttentionKv* kv
                    float* out, ThreadPool& pool) {
   check_layer(n_heads, kv, n_kv, d);
   if (n_tok <= 0) return;
+  check_slots(kv, n_kv, n_tok);
   detail::init_simd_once();
   const int group = n_heads / n_kv;
   const size_t tok_stride = static_cast<size_t>(n_heads) * d;
@@ -782,8 +791,8 @@ void attention_f32(const float* q, int n_tok, int n_heads, const AttentionKv* kv
       for (int64_t i = begin; i < end; ++i) {
         const int t = static_cast<int>(i / n_kv), g = static_cast<int>(i % n_kv);
         const size_t off = t * tok_stride + static_cast<size_t>(g) * group * d;
-        const int lo = first_slot(kv[g], t), hi = std::max(lo, kv[g].visible[t]);
-        HWY_DYNAMIC_DISPATCH(AttentionGroup)(q + off, group, &kv[g].k, &kv[g].v, lo, hi, d, scale, out + off);
+        HWY_DYNAMIC_DISPATCH(AttentionGroup)(q + off, group, &kv[g].k, &kv[g].v, first_slot(kv[g], t), kv[g].visible[t],
+                                             d, scale, out + off);
       }
     });
     return;
