@@ -13,14 +13,21 @@
 //   BM_DecodeStats/<context>/<mode>: one token, one thread; mode 0 = attention_f32, 1 = with
 //     sums and last-query weights (h2o + tova).
 //
+//   BM_DecodeTypes/<context>/<pair>, BM_PrefillTypes/<context>/<pair>: BM_Decode (kernel 1) and
+//     BM_Prefill (tiled, 1 thread) with keys and values stored as a KV type pair: 0 f32/f32,
+//     1 f16/f16, 2 bf16/bf16, 3 q8_0/q8_0, 4 q8_0/f16, 5 q4_0/q4_0 (label = the pair).
+//     BM_DecodeStatsTypes/<context>/<pair>: BM_DecodeStats mode 1 on a type pair.
+//
 // QF_SIMD_TARGET=avx2|avx512|scalar selects a lower SIMD target. Read CPU time on a shared machine.
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
 #include <cmath>
 #include <random>
+#include <string>
 #include <vector>
 
+#include "kv/cache.h"
 #include "tensor/attention_kernel.h"
 #include "tensor/threadpool.h"
 
@@ -57,7 +64,7 @@ Layer make_layer(int context, int n_tok) {
     l.v.push_back(std::move(v));
     l.visible.push_back(std::move(vis));
   }
-  for (int g = 0; g < kKvHeads; ++g) l.heads.push_back({l.k[g].data(), l.v[g].data(), l.visible[g].data()});
+  for (int g = 0; g < kKvHeads; ++g) l.heads.push_back({f32_rows(l.k[g].data(), kDim), f32_rows(l.v[g].data(), kDim), l.visible[g].data()});
   return l;
 }
 
@@ -192,6 +199,78 @@ void BM_SmallBatch(benchmark::State& state) {
   }
   state.SetLabel(kernel == 0 ? "per-token" : "tiled");
 }
+// ---------------------------------------------------------------------------------------------
+// KV storage types.
+
+const kv::KvTypes kPairs[] = {{kv::KvType::F32, kv::KvType::F32},   {kv::KvType::F16, kv::KvType::F16},
+                              {kv::KvType::BF16, kv::KvType::BF16}, {kv::KvType::Q8_0, kv::KvType::Q8_0},
+                              {kv::KvType::Q8_0, kv::KvType::F16},  {kv::KvType::Q4_0, kv::KvType::Q4_0}};
+
+// A Layer's keys and values stored as a type pair (the cache's own conversion).
+struct TypedLayer {
+  Layer l;
+  std::vector<std::vector<uint8_t>> k, v;
+  std::string label;
+};
+
+std::vector<uint8_t> store(kv::KvType t, const std::vector<float>& rows) {
+  const size_t n = rows.size() / kDim, rb = kv::kv_row_bytes(t, kDim);
+  std::vector<uint8_t> out(n * rb);
+  for (size_t j = 0; j < n; ++j) kv::kv_quantize_row(t, rows.data() + j * kDim, kDim, out.data() + j * rb);
+  return out;
+}
+
+TypedLayer make_typed(int context, int n_tok, int pair) {
+  const kv::KvTypes types = kPairs[pair];
+  TypedLayer t{make_layer(context, n_tok), {}, {},
+               std::string(kv::kv_type_name(types.k)) + "/" + std::string(kv::kv_type_name(types.v))};
+  for (int g = 0; g < kKvHeads; ++g) {
+    t.k.push_back(store(types.k, t.l.k[g]));
+    t.v.push_back(store(types.v, t.l.v[g]));
+    t.l.heads[g].k = {types.k, t.k[g].data(), kv::kv_row_bytes(types.k, kDim)};
+    t.l.heads[g].v = {types.v, t.v[g].data(), kv::kv_row_bytes(types.v, kDim)};
+  }
+  return t;
+}
+
+void BM_DecodeTypes(benchmark::State& state) {
+  TypedLayer t = make_typed(int(state.range(0)), 1, int(state.range(1)));
+  ThreadPool pool(1);
+  for (auto _ : state) {
+    run(t.l, 1, pool);
+    benchmark::DoNotOptimize(t.l.out.data());
+  }
+  state.SetLabel(t.label);
+}
+BENCHMARK(BM_DecodeTypes)->ArgsProduct({{512, 8192}, {0, 1, 2, 3, 4, 5}})->Unit(benchmark::kMicrosecond);
+
+void BM_PrefillTypes(benchmark::State& state) {
+  const int context = int(state.range(0));
+  TypedLayer t = make_typed(context, std::min(kChunk, context), int(state.range(1)));
+  ThreadPool pool(1);
+  for (auto _ : state) {
+    run(t.l, 1, pool);
+    benchmark::DoNotOptimize(t.l.out.data());
+  }
+  state.SetLabel(t.label);
+  state.counters["tok/s"] = benchmark::Counter(double(t.l.n_tok) * state.iterations(), benchmark::Counter::kIsRate);
+}
+BENCHMARK(BM_PrefillTypes)->ArgsProduct({{2048, 8192}, {0, 1, 3, 5}})->Unit(benchmark::kMillisecond)->UseRealTime();
+
+void BM_DecodeStatsTypes(benchmark::State& state) {
+  const int context = int(state.range(0));
+  TypedLayer t = make_typed(context, 1, int(state.range(1)));
+  Stats s = make_stats(t.l, context, 1);
+  for (int g = 0; g < kKvHeads; ++g) s.cols[g].last = s.last[g].data();
+  ThreadPool pool(1);
+  for (auto _ : state) {
+    run_stats(t.l, s, 1, pool);
+    benchmark::DoNotOptimize(t.l.out.data());
+  }
+  state.SetLabel(t.label);
+}
+BENCHMARK(BM_DecodeStatsTypes)->ArgsProduct({{512, 8192}, {0, 1, 3, 5}})->Unit(benchmark::kMicrosecond);
+
 BENCHMARK(BM_SmallBatch)->ArgsProduct({{1, 2, 3, 4, 6, 8}, {0, 1}})->Unit(benchmark::kMicrosecond);
 
 }  // namespace

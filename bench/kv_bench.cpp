@@ -2,8 +2,9 @@
 // heads, head_dim 64), fused vs with the statistics attention-based policies need, and the cost
 // of one streaming eviction round per policy at budget 512: scoring alone (BM_Score) and the
 // whole round (BM_ScoreAndEvict: score + select + compact). One thread, so the numbers are
-// per-core work; multiply by the compressed layers for a whole decode step. Read CPU time on a
-// shared machine.
+// per-core work; multiply by the compressed layers for a whole decode step. BM_ScoreTypes:
+// qfilters and knorm scoring keys stored as each KV type (f32, f16, bf16, q8_0, q4_0). Read CPU
+// time on a shared machine.
 #include <benchmark/benchmark.h>
 
 #include <cmath>
@@ -104,14 +105,15 @@ struct RoundSetup {
   std::unique_ptr<Cache> cache;
   std::vector<float> k = std::vector<float>(kKvHeads * kDim), v = std::vector<float>(kKvHeads * kDim);
 
-  explicit RoundSetup(const std::string& name) {
+  explicit RoundSetup(const std::string& name, KvTypes types = {}) {
     std::mt19937 rng(2);
     std::normal_distribution<float> nd;
     for (auto& x : filters) x = nd(rng);
     opt.filters = filters;
     opt.seed = 3;
     comp = std::make_unique<Compressor>(make_policy(name, opt), opt, CompressionConfig{.budget = kBudget, .window = kWindow});
-    cache = std::make_unique<Cache>(CacheShape{1, kKvHeads, kDim}, std::vector<int>{comp->capacity(0, 1 << 30, 1)}, comp->needs());
+    cache = std::make_unique<Cache>(CacheShape{1, kKvHeads, kDim}, std::vector<int>{comp->capacity(0, 1 << 30, 1)}, comp->needs(),
+                                    types);
     fill(*cache, kBudget + 1, rng);
     std::uniform_real_distribution<float> u(0.0f, 0.01f);
     for (int h = 0; h < kKvHeads; ++h) {
@@ -140,6 +142,21 @@ void BM_Score(benchmark::State& state) {
   }
 }
 BENCHMARK(BM_Score)->DenseRange(0, 6)->Unit(benchmark::kMicrosecond);
+
+// Scoring from stored keys of each type. Args: 0 qfilters / 1 knorm, KV type index (kv_types()).
+void BM_ScoreTypes(benchmark::State& state) {
+  const std::string name = state.range(0) == 0 ? "qfilters" : "knorm";
+  const KvType type = kv_types()[state.range(1)];
+  state.SetLabel(name + " " + std::string(kv_type_name(type)));
+  RoundSetup s(name, {type, type});
+  auto policy = make_policy(name, s.opt);
+  std::vector<std::vector<float>> scores;
+  for (auto _ : state) {
+    policy->score_layer(*s.cache, 0, scores);
+    benchmark::DoNotOptimize(scores.data());
+  }
+}
+BENCHMARK(BM_ScoreTypes)->ArgsProduct({{0, 1}, {0, 1, 2, 3, 4}})->Unit(benchmark::kMicrosecond);
 
 // One streaming round in one layer at budget 512, window 64, evict_every 1: score the 513
 // cached tokens of each KV head, evict one, compact; then append the next token (a memcpy of

@@ -119,6 +119,8 @@ TEST_F(CliEval, QuickPerplexity) {
   EXPECT_EQ(j["run"]["model"], "SmolLM2-135M-Instruct.Q4_1.gguf");
   EXPECT_EQ(j["run"]["version"], QF_VERSION);
   EXPECT_FALSE(j["run"]["time"].get<std::string>().empty());
+  EXPECT_EQ(j["run"]["cache_type_k"], "f16");  // llama.cpp's default KV storage
+  EXPECT_EQ(j["run"]["cache_type_v"], "f16");
   const std::vector<std::string> want{"none", "qfilters", "knorm", "streaming", "random", "snapkv", "tova", "h2o"};
   EXPECT_EQ(j["policies"].get<std::vector<std::string>>(), want);
   double full = 0;
@@ -147,6 +149,10 @@ TEST_F(CliEval, QuickPerplexity) {
   EXPECT_EQ(read_json(out / "ppl.json")["results"], j["results"]);
   // Other settings on the same results: refused with a hint, not mixed.
   r = run_qf("eval ppl --quick --window 16 " + common() + " -o " + out.string(), dir_);
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("other settings"), std::string::npos) << r.err;
+  // The KV storage types are settings too.
+  r = run_qf("eval ppl --quick -ctk q8_0 " + common() + " -o " + out.string(), dir_);
   EXPECT_EQ(r.exit_code, 1);
   EXPECT_NE(r.err.find("other settings"), std::string::npos) << r.err;
 }

@@ -144,4 +144,25 @@ TEST(Cli, RepeatPenaltyChangesGreedyOutput) {
   EXPECT_NE(plain.out, penalised.out);
 }
 
+// -ctk / -ctv as llama.cpp spells them (and the long names), in the KV summary line with the
+// bytes one token takes per layer (SmolLM2: 3 KV heads of 64 values); f16 by default.
+TEST(Cli, KvCacheTypes) {
+  const std::string base = "run -m " + model() + " -p \"The capital of France is\" -n 4 -t 2";
+  Result r = run_qf(base);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.err.find("kv: f16/f16, 768 bytes per token per layer"), std::string::npos) << r.err;
+  r = run_qf(base + " -ctk q8_0 -ctv f16");
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.err.find("kv: q8_0/f16, 588 bytes per token per layer"), std::string::npos) << r.err;
+  r = run_qf(base + " --cache-type-k=q4_0 -ctv=q4_0 --kv-policy knorm --kv-budget 8");
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.err.find("kv: q4_0/q4_0, 216 bytes per token per layer"), std::string::npos) << r.err;
+  r = run_qf("bench -m " + model() + " -p 16 -n 4 -r 1 -t 2 --json -ctk f32 -ctv bf16");
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("\"cache_type_k\":\"f32\""), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("\"kv_bytes_per_token_per_layer\":1152"), std::string::npos) << r.out;
+  expect_clean_failure(run_qf(base + " -ctk q4_1"), "cache-type-k");
+  expect_clean_failure(run_qf(base + " -ctv f8"), "cache-type-v");
+}
+
 }  // namespace

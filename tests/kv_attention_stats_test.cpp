@@ -83,13 +83,14 @@ void reference_call(const Cache& c, int n_heads, float scale, const std::vector<
     for (int h = 0; h < n_heads; ++h) {
       const int g = h / group;
       const HeadCache& hc = c.head(0, g);
+      const std::vector<float> keys = keys_f32(hc, d), values = values_f32(hc, d);
       const float* qh = q.data() + (size_t(t) * n_heads + h) * d;
       std::vector<double> w(hc.n, 0.0);
       double mx = -INFINITY;
       for (int j = 0; j < hc.n; ++j) {
         if (hc.pos[j] > q_pos[t]) continue;
         double s = 0;
-        for (int x = 0; x < d; ++x) s += double(qh[x]) * hc.key(j, d)[x];
+        for (int x = 0; x < d; ++x) s += double(qh[x]) * keys[size_t(j) * d + x];
         w[j] = s * scale;
         mx = std::max(mx, w[j]);
       }
@@ -99,7 +100,7 @@ void reference_call(const Cache& c, int n_heads, float scale, const std::vector<
       for (int j = 0; j < hc.n; ++j) {
         if (hc.pos[j] > q_pos[t]) continue;
         w[j] /= z;
-        for (int x = 0; x < d; ++x) e.out[(size_t(t) * n_heads + h) * d + x] += w[j] * hc.value(j, d)[x];
+        for (int x = 0; x < d; ++x) e.out[(size_t(t) * n_heads + h) * d + x] += w[j] * values[size_t(j) * d + x];
         if (q_pos[t] >= from) e.sum[g][j] += w[j] / group;
         if (q_pos[t] >= from && h % group == 0) ++e.cnt[g][j];
         if (t == n_tok - 1) e.last[g][j] += w[j] / group;
@@ -287,7 +288,7 @@ TEST_F(AttentionStatsTest, StatisticsOnlyAndMaskedKeys) {
   for (int j = 0; j < n; ++j)
     for (int x = 0; x < d; ++x) k[size_t(j) * d + x] = j < 10 ? 0.01f * j : 50.0f;
   const int visible[n_tok] = {10, 3, 10};
-  const AttentionKv kv{k.data(), v.data(), visible};
+  const AttentionKv kv{f32_rows(k.data(), d), f32_rows(v.data(), d), visible};
   for (const std::string& target : available_simd_targets()) {
     ASSERT_TRUE(force_simd_target(target));
     std::vector<float> sum_a(n, 0.0f), sum_b(n, 0.0f), last_a(n, 7.0f), last_b(n, 7.0f), out(q.size());
@@ -328,7 +329,7 @@ TEST_F(AttentionStatsTest, EveryPathAddsTheSame) {
     for (auto& x : k[g]) x = nd(rng);
     for (auto& x : v[g]) x = nd(rng);
     for (int t = 0; t < n_tok; ++t) vis[g].push_back(past - 30 * g + t + 1);  // causal, ragged per head
-    kv[g] = {k[g].data(), v[g].data(), vis[g].data()};
+    kv[g] = {f32_rows(k[g].data(), d), f32_rows(v[g].data(), d), vis[g].data()};
   }
   const auto q = random_queries(n_tok, n_heads, d, rng);
   std::vector<uint8_t> counted(n_tok);
@@ -373,7 +374,7 @@ TEST_F(AttentionStatsTest, BadInputThrows) {
   ThreadPool pool(1);
   std::vector<float> q(64), out(64), sum(4);
   const int vis = 5;
-  const AttentionKv kv{q.data(), q.data(), &vis};
+  const AttentionKv kv{f32_rows(q.data(), 8), f32_rows(q.data(), 8), &vis};
   const AttentionColumns cols{.n_keys = 4, .sum = sum.data()};
   // A token seeing more keys than the statistics cover.
   EXPECT_THROW(attention_stats_f32(q.data(), 1, 1, &kv, 1, 8, 1.0f, nullptr, &cols, out.data(), pool), Error);

@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cstring>
 #include <cmath>
 #include <limits>
 #include <numeric>
@@ -35,7 +36,7 @@ Cache hand_cache(int d, const std::vector<std::vector<int32_t>>& pos, AttentionS
     hc.n = int(pos[h].size());
     for (int j = 0; j < hc.n; ++j) {
       hc.pos[j] = pos[h][j];
-      if (!keys.empty()) std::copy(keys[h][j].begin(), keys[h][j].end(), hc.k.begin() + size_t(j) * d);
+      if (!keys.empty()) std::memcpy(hc.k.data() + j * hc.k_row_bytes, keys[h][j].data(), hc.k_row_bytes);  // f32
     }
   }
   return c;
@@ -299,9 +300,10 @@ TEST(Policies, SnapKVInStreamingObservesTheQueriesSinceTheLastRound) {
   for (int g = 0; g < group; ++g) {
     std::vector<double> logit(hc.n);
     double mx = -1e300, z = 0;
+    const std::vector<float> keys = keys_f32(hc, d);
     for (int j = 0; j < hc.n; ++j) {
       double s = 0;
-      for (int i = 0; i < d; ++i) s += double(q[g * d + i]) * hc.k[size_t(j) * d + i];
+      for (int i = 0; i < d; ++i) s += double(q[g * d + i]) * keys[size_t(j) * d + i];
       mx = std::max(mx, logit[j] = s * scale);
     }
     for (int j = 0; j < hc.n; ++j) z += std::exp(logit[j] - mx);

@@ -56,13 +56,14 @@ struct NaiveHead {
 NaiveHead naive_head(const Cache& c, int layer, int kv_head, const float* q, int32_t qpos, float scale) {
   const HeadCache& hc = c.head(layer, kv_head);
   const int d = c.shape().head_dim;
+  const std::vector<float> keys = keys_f32(hc, d), values = values_f32(hc, d);
   NaiveHead r{std::vector<double>(hc.n, 0.0), std::vector<double>(d, 0.0)};
   double mx = -std::numeric_limits<double>::infinity();
   std::vector<double> logit(hc.n);
   for (int j = 0; j < hc.n; ++j) {
     if (hc.pos[j] > qpos) continue;
     double s = 0;
-    for (int i = 0; i < d; ++i) s += double(q[i]) * hc.k[size_t(j) * d + i];
+    for (int i = 0; i < d; ++i) s += double(q[i]) * keys[size_t(j) * d + i];
     logit[j] = s * scale;
     mx = std::max(mx, logit[j]);
   }
@@ -72,7 +73,7 @@ NaiveHead naive_head(const Cache& c, int layer, int kv_head, const float* q, int
   for (int j = 0; j < hc.n; ++j) {
     if (hc.pos[j] > qpos) continue;
     r.w[j] /= z;
-    for (int i = 0; i < d; ++i) r.out[i] += r.w[j] * hc.v[size_t(j) * d + i];
+    for (int i = 0; i < d; ++i) r.out[i] += r.w[j] * values[size_t(j) * d + i];
   }
   return r;
 }
@@ -95,8 +96,8 @@ TEST(Cache, AppendRetainClearAndStats) {
     for (int t = 0; t < 3; ++t) {
       EXPECT_EQ(hc.pos[t], 10 + t);
       for (int i = 0; i < 4; ++i) {
-        EXPECT_EQ(hc.key(t, 4)[i], 100.0f * t + 10.0f * h + i);
-        EXPECT_EQ(hc.value(t, 4)[i], -(100.0f * t + 10.0f * h + i));
+        EXPECT_EQ(keys_f32(hc, 4)[size_t(t) * 4 + i], 100.0f * t + 10.0f * h + i);
+        EXPECT_EQ(values_f32(hc, 4)[size_t(t) * 4 + i], -(100.0f * t + 10.0f * h + i));
       }
     }
   }
@@ -109,8 +110,8 @@ TEST(Cache, AppendRetainClearAndStats) {
   c.retain(0, 1, keep);
   ASSERT_EQ(h1.n, 2);
   EXPECT_EQ(positions(h1), (std::vector<int32_t>{10, 12}));
-  EXPECT_EQ(h1.key(1, 4)[3], 213.0f);
-  EXPECT_EQ(h1.value(1, 4)[0], -210.0f);
+  EXPECT_EQ(keys_f32(h1, 4)[size_t(1) * 4 + 3], 213.0f);
+  EXPECT_EQ(values_f32(h1, 4)[size_t(1) * 4 + 0], -210.0f);
   EXPECT_EQ(h1.attn_sum[1], 3.0f);
   EXPECT_EQ(h1.attn_cnt[1], 12);
   EXPECT_EQ(h1.attn_last[1], 1.0f);
@@ -121,7 +122,7 @@ TEST(Cache, AppendRetainClearAndStats) {
   c.append(0, k.data(), v.data(), &p13, 1);
   EXPECT_EQ(h1.n, 3);
   EXPECT_EQ(h1.pos[2], 13);
-  EXPECT_EQ(h1.key(2, 4)[1], 11.0f);
+  EXPECT_EQ(keys_f32(h1, 4)[size_t(2) * 4 + 1], 11.0f);
   EXPECT_EQ(h1.attn_sum[2], 0.0f);
   EXPECT_EQ(h1.attn_cnt[2], 0);
   EXPECT_EQ(h1.attn_last[2], 0.0f);
@@ -138,7 +139,7 @@ TEST(Cache, AppendRetainClearAndStats) {
   EXPECT_EQ(c.bytes_used(), 0);
   EXPECT_EQ(c.queries_seen, 0);
   EXPECT_EQ(c.bytes_reserved(), (8 + 5) * 2 * 4 * 2 * 4);  // memory stays
-  EXPECT_EQ(c.head(1, 1).k.size(), 5u * 4);
+  EXPECT_EQ(c.head(1, 1).k.size(), 5u * 4 * sizeof(float));  // bytes of 5 f32 rows
 }
 
 TEST(Cache, AllocatesOnlyRequestedStatistics) {
@@ -395,13 +396,13 @@ TEST(Compressor, EvictsExactlyTheTopScoredWithTiesAndWindows) {
       for (int j = 0; j < c.head(0, h).n; ++j) s[h].push_back(values[pick(rng)]);
     const int target = 1 + trial % 25, keep_recent = std::min(target, trial % 7);
     std::vector<std::vector<int32_t>> want(nkv);
-    std::vector<std::vector<float>> want_k(nkv);
+    std::vector<std::vector<uint8_t>> want_k(nkv);
     int64_t evicted = 0;
     for (int h = 0; h < nkv; ++h) {
       const HeadCache& hc = c.head(0, h);
       for (int slot : brute_keep(s[h], hc.n, target, keep_recent)) {
         want[h].push_back(hc.pos[slot]);
-        want_k[h].insert(want_k[h].end(), hc.key(slot, d), hc.key(slot, d) + d);
+        want_k[h].insert(want_k[h].end(), hc.k.begin() + slot * hc.k_row_bytes, hc.k.begin() + (slot + 1) * hc.k_row_bytes);
       }
       evicted += hc.n - int(want[h].size());
     }

@@ -66,12 +66,13 @@ AttentionArgs args_for(WindowCase& s, std::vector<float>& out, int window) {
 std::vector<double> weights(const WindowCase& s, int t, int h, int window) {
   const HeadCache& hc = s.cache.head(0, h / (kHeads / kKvHeads));
   const int32_t p = s.q_pos[t];
+  const std::vector<float> keys = keys_f32(hc, kDim);
   std::vector<double> w(hc.n, 0.0);
   double mx = -INFINITY;
   for (int j = 0; j < hc.n; ++j) {
     if (hc.pos[j] > p || hc.pos[j] <= p - window) continue;
     double dot = 0;
-    for (int x = 0; x < kDim; ++x) dot += static_cast<double>(s.q[(static_cast<size_t>(t) * kHeads + h) * kDim + x]) * hc.key(j, kDim)[x];
+    for (int x = 0; x < kDim; ++x) dot += static_cast<double>(s.q[(static_cast<size_t>(t) * kHeads + h) * kDim + x]) * keys[static_cast<size_t>(j) * kDim + x];
     w[j] = dot * 0.25;
     mx = std::max(mx, w[j]);
   }
@@ -90,9 +91,10 @@ void expect_output(const WindowCase& s, const std::vector<float>& out, int windo
     for (int h = 0; h < kHeads; ++h) {
       const HeadCache& hc = s.cache.head(0, h / (kHeads / kKvHeads));
       const std::vector<double> w = weights(s, static_cast<int>(t), h, window);
+      const std::vector<float> values = values_f32(hc, kDim);
       for (int x = 0; x < kDim; ++x) {
         double want = 0;
-        for (int j = 0; j < hc.n; ++j) want += w[j] * hc.value(j, kDim)[x];
+        for (int j = 0; j < hc.n; ++j) want += w[j] * values[static_cast<size_t>(j) * kDim + x];
         ASSERT_NEAR(out[(t * kHeads + h) * kDim + x], want, 2e-5) << "token " << t << " head " << h;
       }
     }

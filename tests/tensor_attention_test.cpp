@@ -46,7 +46,7 @@ struct Problem {
 
   std::vector<AttentionKv> heads() const {
     std::vector<AttentionKv> h(n_kv);
-    for (int g = 0; g < n_kv; ++g) h[g] = {k[g].data(), v[g].data(), visible[g].data()};
+    for (int g = 0; g < n_kv; ++g) h[g] = {f32_rows(k[g].data(), d), f32_rows(v[g].data(), d), visible[g].data()};
     return h;
   }
   int group() const { return n_heads / n_kv; }
@@ -220,7 +220,7 @@ TEST_F(AttentionKernel, BadShapesThrow) {
   ThreadPool pool(1);
   std::vector<float> q(300), out(300);
   const int vis = 0;
-  const AttentionKv kv{q.data(), q.data(), &vis};
+  const AttentionKv kv{f32_rows(q.data(), 8), f32_rows(q.data(), 8), &vis};
   EXPECT_THROW(attention_f32(q.data(), 1, 1, &kv, 1, 257, 1.0f, out.data(), pool), Error);
   EXPECT_THROW(attention_f32(q.data(), 1, 1, &kv, 1, 0, 1.0f, out.data(), pool), Error);
   EXPECT_THROW(attention_f32(q.data(), 1, 4, &kv, 3, 8, 1.0f, out.data(), pool), Error);

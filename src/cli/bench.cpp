@@ -91,6 +91,9 @@ int bench(const BenchOptions& o) {
   j["kv_bytes_used"] = kv_used;
   j["kv_bytes_full"] = kv_full;
   j["kv_bytes_reserved"] = s.cache().bytes_reserved();
+  j["cache_type_k"] = std::string(kv::kv_type_name(s.cache().types().k));
+  j["cache_type_v"] = std::string(kv::kv_type_name(s.cache().types().v));
+  j["kv_bytes_per_token_per_layer"] = s.cache().bytes_per_token_per_layer();
   if (!overhead_share.empty()) j["kv_overhead_share"] = median(overhead_share);
   if (o.json) {
     std::printf("%s\n", j.dump().c_str());
@@ -98,7 +101,10 @@ int bench(const BenchOptions& o) {
     std::printf("prefill %d tokens: %.1f tok/s | decode %d tokens: %.1f tok/s | median of %d, %d threads, %s | peak RSS %.1f MiB\n",
                 o.n_prompt, median(prefill_runs), o.n_gen, median(decode_runs), o.reps, s.pool().size(),
                 simd_target_name().c_str(), peak_rss_mib());
-    std::printf("KV: %.2f MiB in use vs %.2f MiB for a full cache", kv_used / 1048576.0, kv_full / 1048576.0);
+    std::printf("KV %s/%s, %lld bytes per token per layer: %.2f MiB in use vs %.2f MiB for a full cache",
+                std::string(kv::kv_type_name(s.cache().types().k)).c_str(),
+                std::string(kv::kv_type_name(s.cache().types().v)).c_str(),
+                static_cast<long long>(s.cache().bytes_per_token_per_layer()), kv_used / 1048576.0, kv_full / 1048576.0);
     if (!overhead_share.empty()) std::printf(" | scoring+eviction %.2f%% of decode time", 100.0 * median(overhead_share));
     std::printf("\n");
   }

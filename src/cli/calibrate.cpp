@@ -168,6 +168,7 @@ int calibrate(const CalibrateOptions& o) {
   so.n_ctx = doc_len;  // the cache never holds more than one document
   so.n_threads = o.model.n_threads;
   so.n_batch = o.model.n_batch;
+  so.kv_types = kv_types(o.model);
   Session session(*model, std::move(so));
 
   calib::CollectOptions co;
@@ -436,6 +437,8 @@ int import_filters(const ImportOptions& o) {
 void register_calibrate(CLI::App& app) {
   auto o = std::make_shared<CalibrateOptions>();
   CLI::App* cmd = app.add_subcommand("calibrate", "compute Q-Filters for a model (from text files, or text it samples itself)");
+  // An exact f32 cache by default: calibration runs once per model, memory is no concern.
+  o->model.cache_type_k = o->model.cache_type_v = "f32";
   add_model_options(cmd, o->model);
   cmd->add_option("-o,--output", o->output, "filter file to write (safetensors)");
   cmd->add_option("--text", o->text,

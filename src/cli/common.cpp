@@ -25,6 +25,23 @@ void add_model_options(CLI::App* app, ModelOptions& o, bool model_required) {
          "threads (0 = all cores; at most " + std::to_string(kMaxThreadsPerCpu) + " per core)")
       ->check(CLI::NonNegativeNumber);
   app->add_option("-b,--batch-size", o.n_batch, "prompt tokens per forward chunk")->check(CLI::PositiveNumber);
+  std::vector<std::string> types;
+  for (kv::KvType t : kv::kv_types()) types.emplace_back(kv::kv_type_name(t));
+  // -ctk / -ctv (llama.cpp's spelling) reach these through spell_out_llama_flags().
+  app->add_option("--cache-type-k", o.cache_type_k, "-ctk: KV cache storage type of keys")
+      ->check(CLI::IsMember(types))->capture_default_str()->group("KV cache");
+  app->add_option("--cache-type-v", o.cache_type_v, "-ctv: KV cache storage type of values")
+      ->check(CLI::IsMember(types))->capture_default_str()->group("KV cache");
+}
+
+std::vector<std::string> spell_out_llama_flags(int argc, char** argv) {
+  const std::pair<std::string, std::string> names[] = {
+      {"-ctk", "--cache-type-k"}, {"-ctv", "--cache-type-v"}, {"-np", "--parallel"}};
+  std::vector<std::string> args(argv, argv + argc);
+  for (std::string& a : args)
+    for (const auto& [short_name, long_name] : names)
+      if (a == short_name || a.rfind(short_name + "=", 0) == 0) a = long_name + a.substr(short_name.size());
+  return args;
 }
 
 void add_kv_options(CLI::App* app, KvOptions& o) {

@@ -16,6 +16,7 @@ namespace qf::cli {
 using runtime::KvOptions;
 using runtime::ModelOptions;
 using runtime::kv_summary;
+using runtime::kv_types;
 
 // Sampling flags as llama.cpp names them; seed -1 (the default) draws a random seed.
 struct SamplingFlags {
@@ -26,6 +27,9 @@ struct SamplingFlags {
 };
 
 void add_model_options(CLI::App* app, ModelOptions& o, bool model_required = true);
+// argv with llama.cpp's several-letter one-dash flags (-ctk, -ctv, -np), which CLI11 would read
+// as bundled one-letter flags, spelled out as their long names.
+std::vector<std::string> spell_out_llama_flags(int argc, char** argv);
 void add_kv_options(CLI::App* app, KvOptions& o);
 void add_sampling_options(CLI::App* app, SamplingFlags& o);
 

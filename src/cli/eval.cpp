@@ -155,6 +155,7 @@ Setup setup(const CommonOptions& o) {
   s.ctx.policy_options.seed = o.seed;
   s.ctx.policy_options.snapkv_window = o.snapkv_window;
   s.ctx.policy_options.filters = s.filters;
+  s.ctx.kv_types = kv_types(o.model);
   s.ctx.progress = !o.no_progress;
 
   if (o.policies.empty()) {
@@ -184,6 +185,8 @@ Setup setup(const CommonOptions& o) {
   s.run["policy_seed"] = o.seed;
   s.run["snapkv_window"] = o.snapkv_window;
   s.run["batch"] = o.model.n_batch;
+  s.run["cache_type_k"] = o.model.cache_type_k;
+  s.run["cache_type_v"] = o.model.cache_type_v;
   return s;
 }
 
@@ -209,6 +212,8 @@ json cell_settings(const Setup& s, const json& eval_settings) {
           {"policy_seed", s.run["policy_seed"]},
           {"snapkv_window", s.run["snapkv_window"]},
           {"batch", s.run["batch"]},
+          {"cache_type_k", s.run["cache_type_k"]},
+          {"cache_type_v", s.run["cache_type_v"]},
           {"data", s.run["data"]},
           {"min_year", s.run["min_year"]},
           {"max_year", s.run["max_year"]},
@@ -226,8 +231,9 @@ void finish(const Setup& s, json& summary, double seconds) {
 std::string with_run_columns(const std::string& csv, const json& run,
                              const std::vector<std::pair<std::string, std::string>>& extra = {}) {
   auto str = [](const json& v) { return v.is_string() ? v.get<std::string>() : v.is_null() ? std::string() : v.dump(); };
-  std::string head = ",model,filters,policy_seed";
-  std::string vals = "," + str(run["model"]) + "," + str(run["filters"]) + "," + str(run["policy_seed"]);
+  std::string head = ",model,filters,policy_seed,cache_type_k,cache_type_v";
+  std::string vals = "," + str(run["model"]) + "," + str(run["filters"]) + "," + str(run["policy_seed"]) + "," +
+                     str(run["cache_type_k"]) + "," + str(run["cache_type_v"]);
   for (const auto& [k, v] : extra) head += "," + k, vals += "," + v;
   head += ",version,time";
   vals += "," + str(run["version"]) + "," + str(run["time"]);

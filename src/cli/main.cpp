@@ -6,28 +6,10 @@
 #include <vector>
 
 #include "cli/commands.h"
+#include "cli/common.h"
 #include "util/error.h"
 
-namespace {
-
-// llama.cpp spells a few long options with one dash (-np, -ctk, -ctv); CLI11 takes one-dash
-// names of one letter only, so those are rewritten to their long forms before parsing.
-std::vector<std::string> with_llama_aliases(int argc, char** argv) {
-  static const std::pair<const char*, const char*> kAliases[] = {
-      {"-np", "--parallel"}, {"-ctk", "--cache-type-k"}, {"-ctv", "--cache-type-v"}};
-  std::vector<std::string> args(argv, argv + argc);
-  for (std::string& a : args)
-    for (const auto& [from, to] : kAliases)
-      if (a == from) a = to;
-  return args;
-}
-
-}  // namespace
-
 int main(int argc, char** argv) {
-  std::vector<std::string> args = with_llama_aliases(argc, argv);
-  std::vector<char*> arg_ptrs;
-  for (std::string& a : args) arg_ptrs.push_back(a.data());
   CLI::App app{"qf " QF_VERSION ": LLM inference on the CPU with a per-head compressed KV cache (Q-Filters)"};
   app.require_subcommand(1);
   app.set_version_flag("--version", "qf " QF_VERSION);
@@ -40,6 +22,9 @@ int main(int argc, char** argv) {
   qf::cli::register_eval(app);
   qf::cli::register_serve(app);
   try {
+    std::vector<std::string> args = qf::cli::spell_out_llama_flags(argc, argv);
+    std::vector<char*> arg_ptrs;
+    for (std::string& a : args) arg_ptrs.push_back(a.data());
     app.parse(static_cast<int>(arg_ptrs.size()), arg_ptrs.data());
   } catch (const CLI::ParseError& e) {
     return app.exit(e);

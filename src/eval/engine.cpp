@@ -50,6 +50,7 @@ std::unique_ptr<Session> new_session(const EvalContext& ctx, int n_ctx, const st
   so.n_threads = ctx.n_threads;
   so.n_batch = ctx.n_batch;
   so.stats = extra;
+  so.kv_types = ctx.kv_types;
   if (policy != "none" && cc.enabled()) so.compressor = new_compressor(ctx, policy, cc);
   return std::make_unique<Session>(*ctx.model, std::move(so));
 }

@@ -17,6 +17,7 @@ struct EvalContext {
   int n_threads = 0;                  // 0 = all cores
   int n_batch = 256;                  // prefill chunk
   kv::PolicyOptions policy_options;   // seed, snapkv window, filters (storage owned by the caller)
+  kv::KvTypes kv_types;               // storage types of every session's keys and values
   bool progress = true;               // progress line on stderr
 };
 

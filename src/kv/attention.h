@@ -10,9 +10,7 @@
 //    they see); attn_last is overwritten with the call's last query's weights. The sums do not
 //    depend on the thread count nor on how a prompt is split into calls.
 // Causality: a query at position p sees the cached slots whose position is <= p (and, with a
-// sliding window, > p - window). Window-cut queries run one at a time on a view that starts at
-// their first visible slot, so the kernels keep their prefix-of-keys contract; decoding with a
-// ring-trimmed cache and most of a prefill's first window need none of them.
+// sliding window W > 0, > p - W). Keys and values are read in the cache's storage types.
 #pragma once
 #include <cstdint>
 #include <span>
@@ -34,21 +32,23 @@ struct AttentionArgs {
   float* out = nullptr;       // [n_tok][n_heads][head_dim]
   // attend_with_stats only: queries at position >= this add their weights to attn_sum.
   int32_t accumulate_from_pos = 0;
-  // Sliding-window attention: a query at position p sees keys at positions > p - window
-  // (0: all keys up to p).
+  // Sliding-window attention (Gemma 3's local layers): a query at position p sees only keys at
+  // positions > p - window. 0 = off.
   int window = 0;
 };
 
 // The kernels' view of one layer's KV heads for queries at positions q_pos: each head's keys,
-// values and, per query, how many of its slots the query sees (each head keeps its own slots).
-// `visible` holds the counts ([n_kv_heads][q_pos.size()]) and must outlive the views.
+// values and, per query, the slots [first, visible) it sees (each head keeps its own slots).
+// `slots` holds the bounds (visible counts, then first slots when window > 0, each
+// [n_kv_heads][q_pos.size()]) and must outlive the views.
 std::vector<AttentionKv> layer_views(const Cache& cache, int layer, std::span<const int32_t> q_pos,
-                                     std::vector<int>& visible);
+                                     std::vector<int>& slots, int window = 0);
 
 void attend_fused(const Cache& cache, const AttentionArgs& args, ThreadPool& pool);
 void attend_with_stats(Cache& cache, const AttentionArgs& args, ThreadPool& pool);
 
-// Straightforward two-pass softmax attention, in double, for tests.
+// Straightforward two-pass softmax attention, in double, on the dequantized keys and values,
+// for tests.
 void attend_reference(const Cache& cache, const AttentionArgs& args);
 
 }  // namespace qf::kv

@@ -1,17 +1,126 @@
 #include "kv/cache.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 
+#include "tensor/kernels.h"
 #include "util/error.h"
 
 namespace qf::kv {
 
-Cache::Cache(CacheShape shape, std::vector<int> capacity, AttentionStats stats)
-    : shape_(shape), capacity_(std::move(capacity)), stats_(stats) {
+namespace {
+
+// The storage types and their names as llama.cpp's -ctk / -ctv spell them.
+struct KvTypeName {
+  KvType type;
+  std::string_view name;
+};
+constexpr KvTypeName kKvTypeNames[] = {
+    {KvType::F32, "f32"}, {KvType::F16, "f16"}, {KvType::BF16, "bf16"}, {KvType::Q8_0, "q8_0"}, {KvType::Q4_0, "q4_0"}};
+constexpr KvType kKvTypes[] = {KvType::F32, KvType::F16, KvType::BF16, KvType::Q8_0, KvType::Q4_0};
+
+// ggml's reference rounding: q8_0 scales by max|x| / 127 and rounds half away from zero.
+void quantize_q8_0(const float* x, int n, uint8_t* out) {
+  for (int b = 0; b < n / kQK; ++b, x += kQK, out += sizeof(BlockQ8_0)) {
+    float amax = 0.0f;
+    for (int i = 0; i < kQK; ++i) amax = std::max(amax, std::fabs(x[i]));
+    const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+    BlockQ8_0 blk;
+    blk.d = f32_to_fp16(d);
+    for (int i = 0; i < kQK; ++i) blk.qs[i] = static_cast<int8_t>(std::round(x[i] * id));
+    std::memcpy(out, &blk, sizeof blk);
+  }
+}
+
+// q4_0: the value of largest magnitude maps to -8 (so its sign picks the scale's), the others
+// to round(x / d) + 8 clamped to 15.
+void quantize_q4_0(const float* x, int n, uint8_t* out) {
+  for (int b = 0; b < n / kQK; ++b, x += kQK, out += sizeof(BlockQ4_0)) {
+    float amax = 0.0f, max = 0.0f;
+    for (int i = 0; i < kQK; ++i)
+      if (std::fabs(x[i]) > amax) amax = std::fabs(x[i]), max = x[i];
+    const float d = max / -8.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+    BlockQ4_0 blk;
+    blk.d = f32_to_fp16(d);
+    const auto level = [&](float v) { return static_cast<uint8_t>(std::min(15, static_cast<int>(v * id + 8.5f))); };
+    for (int i = 0; i < kQK / 2; ++i) blk.qs[i] = static_cast<uint8_t>(level(x[i]) | level(x[i + kQK / 2]) << 4);
+    std::memcpy(out, &blk, sizeof blk);
+  }
+}
+
+}  // namespace
+
+std::span<const KvType> kv_types() { return kKvTypes; }
+
+std::string_view kv_type_name(KvType t) {
+  for (const KvTypeName& n : kKvTypeNames)
+    if (n.type == t) return n.name;
+  return type_info(t).name;  // not a KV type; named for error messages
+}
+
+KvType parse_kv_type(std::string_view name) {
+  std::string accepted;
+  for (const KvTypeName& n : kKvTypeNames) {
+    if (name == n.name) return n.type;
+    accepted += (accepted.empty() ? "" : ", ") + std::string(n.name);
+  }
+  fail("unknown KV cache type '", name, "' (one of: ", accepted, ")");
+}
+
+size_t kv_row_bytes(KvType t, int head_dim) {
+  if (!is_kv_type(t)) fail("KV cache type ", type_info(t).name, " is not supported (f32, f16, bf16, q8_0, q4_0)");
+  const int64_t block = type_info(t).block_elems;
+  if (head_dim <= 0 || head_dim % block != 0)
+    fail("KV cache type ", kv_type_name(t), " stores blocks of ", block, " values; head_dim ", head_dim,
+         " is not a multiple (use f16 or bf16)");
+  return row_bytes(t, head_dim);
+}
+
+void kv_quantize_row(KvType t, const float* x, int head_dim, uint8_t* row) {
+  switch (t) {
+    case KvType::F32: std::memcpy(row, x, static_cast<size_t>(head_dim) * sizeof(float)); return;
+    case KvType::F16:
+    case KvType::BF16:
+      for (int i = 0; i < head_dim; ++i) {
+        const uint16_t h = t == KvType::F16 ? f32_to_fp16(x[i]) : f32_to_bf16(x[i]);
+        std::memcpy(row + 2 * static_cast<size_t>(i), &h, 2);
+      }
+      return;
+    case KvType::Q8_0: return quantize_q8_0(x, head_dim, row);
+    case KvType::Q4_0: return quantize_q4_0(x, head_dim, row);
+    default: fail("KV cache type ", type_info(t).name, " is not supported");
+  }
+}
+
+void kv_dequantize_row(KvType t, const uint8_t* row, int head_dim, float* x) {
+  kv_row_bytes(t, head_dim);  // checks the type and the shape
+  // The weights' scalar path: independent of the attention kernels' SIMD conversion.
+  dequantize_row(WeightView{t, head_dim, 1, row}, 0, x);
+}
+
+namespace {
+std::vector<float> rows_f32(KvType t, const std::vector<uint8_t>& data, size_t row_bytes, int n, int d) {
+  std::vector<float> out(static_cast<size_t>(n) * d);
+  for (int j = 0; j < n; ++j) kv_dequantize_row(t, data.data() + j * row_bytes, d, out.data() + static_cast<size_t>(j) * d);
+  return out;
+}
+}  // namespace
+
+std::vector<float> keys_f32(const HeadCache& hc, int head_dim) {
+  return rows_f32(hc.k_type, hc.k, hc.k_row_bytes, hc.n, head_dim);
+}
+std::vector<float> values_f32(const HeadCache& hc, int head_dim) {
+  return rows_f32(hc.v_type, hc.v, hc.v_row_bytes, hc.n, head_dim);
+}
+
+Cache::Cache(CacheShape shape, std::vector<int> capacity, AttentionStats stats, KvTypes types)
+    : shape_(shape), capacity_(std::move(capacity)), stats_(stats), types_(types) {
   if (shape_.n_layers <= 0 || shape_.n_kv_heads <= 0 || shape_.head_dim <= 0)
     fail("kv cache: invalid shape");
   if (static_cast<int>(capacity_.size()) != shape_.n_layers) fail("kv cache: one capacity per layer expected");
+  k_row_bytes_ = kv_row_bytes(types_.k, shape_.head_dim);
+  v_row_bytes_ = kv_row_bytes(types_.v, shape_.head_dim);
   heads_.resize(static_cast<size_t>(shape_.n_layers) * shape_.n_kv_heads);
   const bool need_sum = stats_.accumulate || stats_.window > 0;
   for (int l = 0; l < shape_.n_layers; ++l) {
@@ -19,8 +128,12 @@ Cache::Cache(CacheShape shape, std::vector<int> capacity, AttentionStats stats)
     const size_t cap = static_cast<size_t>(capacity_[l]);
     for (int h = 0; h < shape_.n_kv_heads; ++h) {
       HeadCache& hc = head(l, h);
-      hc.k.assign(cap * shape_.head_dim, 0.0f);
-      hc.v.assign(cap * shape_.head_dim, 0.0f);
+      hc.k_type = types_.k;
+      hc.v_type = types_.v;
+      hc.k_row_bytes = k_row_bytes_;
+      hc.v_row_bytes = v_row_bytes_;
+      hc.k.assign(cap * k_row_bytes_, 0);
+      hc.v.assign(cap * v_row_bytes_, 0);
       hc.pos.assign(cap, 0);
       if (need_sum) hc.attn_sum.assign(cap, 0.0f);
       if (stats_.accumulate) hc.attn_cnt.assign(cap, 0);
@@ -50,8 +163,8 @@ void Cache::append(int layer, const float* k, const float* v, const int32_t* pos
     HeadCache& hc = head(layer, h);
     for (int t = 0; t < n_tok; ++t) {
       const size_t src = (static_cast<size_t>(t) * nkv + h) * d;
-      std::memcpy(hc.k.data() + static_cast<size_t>(hc.n) * d, k + src, d * sizeof(float));
-      std::memcpy(hc.v.data() + static_cast<size_t>(hc.n) * d, v + src, d * sizeof(float));
+      kv_quantize_row(types_.k, k + src, d, hc.k.data() + static_cast<size_t>(hc.n) * k_row_bytes_);
+      kv_quantize_row(types_.v, v + src, d, hc.v.data() + static_cast<size_t>(hc.n) * v_row_bytes_);
       hc.pos[hc.n] = pos[t];
       if (!hc.attn_sum.empty()) hc.attn_sum[hc.n] = 0.0f;
       if (!hc.attn_cnt.empty()) hc.attn_cnt[hc.n] = 0;
@@ -65,17 +178,14 @@ void Cache::retain(int layer, int kv_head, std::span<const int> keep) {
   if (layer < 0 || layer >= shape_.n_layers || kv_head < 0 || kv_head >= shape_.n_kv_heads)
     fail("kv cache: retain() on layer ", layer, " head ", kv_head, " out of range");
   HeadCache& hc = head(layer, kv_head);
-  const int d = shape_.head_dim;
   int out = 0, prev = -1;
   for (int slot : keep) {
     // Strictly ascending: a repeated slot would duplicate a token.
     if (slot <= prev || slot >= hc.n) fail("kv cache: retain() needs strictly ascending slots inside the cache");
     prev = slot;
     if (slot != out) {
-      std::memmove(hc.k.data() + static_cast<size_t>(out) * d, hc.k.data() + static_cast<size_t>(slot) * d,
-                   d * sizeof(float));
-      std::memmove(hc.v.data() + static_cast<size_t>(out) * d, hc.v.data() + static_cast<size_t>(slot) * d,
-                   d * sizeof(float));
+      std::memmove(hc.k.data() + out * k_row_bytes_, hc.k.data() + slot * k_row_bytes_, k_row_bytes_);
+      std::memmove(hc.v.data() + out * v_row_bytes_, hc.v.data() + slot * v_row_bytes_, v_row_bytes_);
       hc.pos[out] = hc.pos[slot];
       if (!hc.attn_sum.empty()) hc.attn_sum[out] = hc.attn_sum[slot];
       if (!hc.attn_cnt.empty()) hc.attn_cnt[out] = hc.attn_cnt[slot];
@@ -91,24 +201,24 @@ void Cache::clear() {
   queries_seen = 0;
 }
 
+int64_t Cache::bytes_per_token_per_layer() const { return slot_bytes() * shape_.n_kv_heads; }
+
 int64_t Cache::tokens_held() const {
   int64_t n = 0;
   for (const auto& hc : heads_) n += hc.n;
   return n;
 }
 
-int64_t Cache::bytes_used() const {
-  return tokens_held() * shape_.head_dim * 2 * static_cast<int64_t>(sizeof(float));
-}
+int64_t Cache::bytes_used() const { return tokens_held() * slot_bytes(); }
 
 int64_t Cache::bytes_reserved() const {
   int64_t slots = 0;
   for (int l = 0; l < shape_.n_layers; ++l) slots += static_cast<int64_t>(capacity_[l]) * shape_.n_kv_heads;
-  return slots * shape_.head_dim * 2 * static_cast<int64_t>(sizeof(float));
+  return slots * slot_bytes();
 }
 
 int64_t Cache::full_cache_bytes(int64_t n_tokens) const {
-  return n_tokens * shape_.n_layers * shape_.n_kv_heads * shape_.head_dim * 2 * static_cast<int64_t>(sizeof(float));
+  return n_tokens * shape_.n_layers * bytes_per_token_per_layer();
 }
 
 }  // namespace qf::kv

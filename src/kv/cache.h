@@ -5,13 +5,45 @@
 // Storage for each head is allocated once, at construction, for `capacity` tokens; appends and
 // evictions move data inside it. With a budget the resident memory is therefore flat however
 // long a generation runs.
+//
+// Storage type (the one place it lives): keys and values each have a KvType, llama.cpp's names
+// (f32, f16, bf16, q8_0, q4_0) and ggml's block layouts. A token's head_dim values form one row
+// of whole blocks, so eviction still moves or drops single tokens. Everything that reads the
+// cache (attention, policies, evaluation) goes through HeadCache::keys()/values(), a KvRows view.
 #pragma once
 #include <cstddef>
 #include <cstdint>
 #include <span>
+#include <string>
+#include <string_view>
 #include <vector>
 
+#include "tensor/attention_kernel.h"
+#include "tensor/types.h"
+
 namespace qf::kv {
+
+// A KV storage type is one of the ggml types kv_types() lists.
+using KvType = GgmlType;
+
+struct KvTypes {
+  KvType k = KvType::F32;  // the library default keeps F32 (exact); the CLI defaults to f16
+  KvType v = KvType::F32;
+};
+
+// The types a cache can store, in llama.cpp's order of -ctk/-ctv names.
+std::span<const KvType> kv_types();
+// "f32", "f16", "bf16", "q8_0", "q4_0". Throws qf::Error naming the accepted ones otherwise.
+KvType parse_kv_type(std::string_view name);
+std::string_view kv_type_name(KvType t);
+// Bytes of one token's head_dim values; throws qf::Error when the type is not a KV type or
+// head_dim is not a whole number of its blocks.
+size_t kv_row_bytes(KvType t, int head_dim);
+
+// Stores / reads back one row of head_dim values (ggml's rounding for the quantized types).
+// kv_dequantize_row is the scalar path (tests, references); kernels use dequantize_kv_rows.
+void kv_quantize_row(KvType t, const float* x, int head_dim, uint8_t* row);
+void kv_dequantize_row(KvType t, const uint8_t* row, int head_dim, float* x);
 
 // Attention statistics a policy may need, kept per cached token only when asked for.
 struct AttentionStats {
@@ -23,15 +55,22 @@ struct AttentionStats {
 
 struct HeadCache {
   int n = 0;                     // tokens held, slots [0, n), in increasing position order
-  std::vector<float> k, v;       // capacity * head_dim each
+  std::vector<uint8_t> k, v;     // capacity rows of k_row_bytes / v_row_bytes each
+  KvType k_type = KvType::F32, v_type = KvType::F32;
+  size_t k_row_bytes = 0, v_row_bytes = 0;
   std::vector<int32_t> pos;      // position of each slot
   std::vector<float> attn_sum;   // AttentionStats::accumulate (and window for snapkv)
   std::vector<int32_t> attn_cnt; // queries that saw the slot (accumulate)
   std::vector<float> attn_last;  // AttentionStats::last_query
 
-  const float* key(int slot, int head_dim) const { return k.data() + static_cast<size_t>(slot) * head_dim; }
-  const float* value(int slot, int head_dim) const { return v.data() + static_cast<size_t>(slot) * head_dim; }
+  KvRows keys() const { return {k_type, k.data(), k_row_bytes}; }
+  KvRows values() const { return {v_type, v.data(), v_row_bytes}; }
 };
+
+// Slots [0, n) of a head's keys / values as floats, n rows of head_dim (scalar conversion, the
+// kernels' SIMD one is not involved): for references, tests and diagnostics.
+std::vector<float> keys_f32(const HeadCache& hc, int head_dim);
+std::vector<float> values_f32(const HeadCache& hc, int head_dim);
 
 struct CacheShape {
   int n_layers = 0;
@@ -42,16 +81,17 @@ struct CacheShape {
 class Cache {
  public:
   // capacity[l]: tokens each head of layer l can hold at once.
-  Cache(CacheShape shape, std::vector<int> capacity, AttentionStats stats = {});
+  Cache(CacheShape shape, std::vector<int> capacity, AttentionStats stats = {}, KvTypes types = {});
 
   const CacheShape& shape() const { return shape_; }
   const AttentionStats& stats() const { return stats_; }
+  const KvTypes& types() const { return types_; }
   int capacity(int layer) const { return capacity_[layer]; }
   HeadCache& head(int layer, int kv_head) { return heads_[index(layer, kv_head)]; }
   const HeadCache& head(int layer, int kv_head) const { return heads_[index(layer, kv_head)]; }
 
-  // Appends n_tok tokens to every head of `layer`. k, v: [n_tok][n_kv_heads][head_dim].
-  // Throws qf::Error if a head would overflow its capacity.
+  // Appends n_tok tokens to every head of `layer`, converted to the storage types.
+  // k, v: [n_tok][n_kv_heads][head_dim]. Throws qf::Error if a head would overflow its capacity.
   void append(int layer, const float* k, const float* v, const int32_t* pos, int n_tok);
 
   // Keeps only the slots listed in `keep` (sorted ascending) of one head, compacting in place.
@@ -60,25 +100,29 @@ class Cache {
   // Empties every head (new sequence); memory stays allocated.
   void clear();
 
+  // Bytes one token takes in one layer: keys and values of every KV head.
+  int64_t bytes_per_token_per_layer() const;
   // Number of slots in use over all heads, and the bytes their keys and values take.
   int64_t tokens_held() const;
   int64_t bytes_used() const;
   // Bytes reserved for keys and values (what the process actually holds).
   int64_t bytes_reserved() const;
-  // Bytes a full, uncompressed cache would need for n_tokens tokens.
+  // Bytes a full, uncompressed cache of these types would need for n_tokens tokens.
   int64_t full_cache_bytes(int64_t n_tokens) const;
-  // Bytes one token's key and value take in one head.
-  static int64_t bytes_per_token_head(int head_dim) { return 2 * static_cast<int64_t>(head_dim) * sizeof(float); }
 
   // Total queries seen (for the accumulate statistics' normaliser).
   int64_t queries_seen = 0;
 
  private:
   size_t index(int layer, int kv_head) const { return static_cast<size_t>(layer) * shape_.n_kv_heads + kv_head; }
+  // Bytes of one slot's key and value in one head.
+  int64_t slot_bytes() const { return static_cast<int64_t>(k_row_bytes_ + v_row_bytes_); }
 
   CacheShape shape_;
   std::vector<int> capacity_;
   AttentionStats stats_;
+  KvTypes types_;
+  size_t k_row_bytes_ = 0, v_row_bytes_ = 0;
   std::vector<HeadCache> heads_;
 };
 

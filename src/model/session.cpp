@@ -11,12 +11,12 @@ namespace qf {
 
 namespace {
 
-// What the constructor is about to allocate: keys and values as f32 for every slot of every
-// layer's capacity, plus the per-batch activation buffers.
-uint64_t planned_bytes(const ModelConfig& c, const std::vector<int>& capacity, int n_batch) {
+// What the constructor is about to allocate: keys and values in their storage types for every
+// slot of every layer's capacity, plus the per-batch activation buffers.
+uint64_t planned_bytes(const ModelConfig& c, const std::vector<int>& capacity, int n_batch, kv::KvTypes types) {
   uint64_t slots = 0;
   for (int cap : capacity) slots += static_cast<uint64_t>(cap) * c.n_kv_heads;
-  const uint64_t kv = slots * c.head_dim * 2 * sizeof(float);
+  const uint64_t kv = slots * (kv::kv_row_bytes(types.k, c.head_dim) + kv::kv_row_bytes(types.v, c.head_dim));
   const uint64_t q_dim = static_cast<uint64_t>(c.n_heads) * c.head_dim, kv_dim = static_cast<uint64_t>(c.n_kv_heads) * c.head_dim;
   const uint64_t per_token = 2 * c.n_embd + 3 * q_dim + 2 * kv_dim + 2 * static_cast<uint64_t>(c.n_ff);
   return kv + static_cast<uint64_t>(n_batch) * per_token * sizeof(float);
@@ -45,11 +45,12 @@ Session::Session(const Model& model, SessionOptions opt)
   stats.accumulate |= opt.stats.accumulate;
   stats.last_query |= opt.stats.last_query;
   stats.window = std::max(stats.window, opt.stats.window);
-  check_fits_in_memory(planned_bytes(c, capacity, n_batch_),
+  check_fits_in_memory(planned_bytes(c, capacity, n_batch_, opt.kv_types),
                        "a context of " + std::to_string(n_ctx_) + " tokens (KV cache and activations)",
                        opt.n_ctx > 0 ? "use a smaller -c or a bounded cache (--kv-budget)"
                                      : "the model's training context is the default; choose a smaller -c");
-  cache_ = std::make_unique<kv::Cache>(kv::CacheShape{c.n_layers, c.n_kv_heads, c.head_dim}, capacity, stats);
+  cache_ = std::make_unique<kv::Cache>(kv::CacheShape{c.n_layers, c.n_kv_heads, c.head_dim}, capacity, stats,
+                                       opt.kv_types);
 
   forward_ = std::make_unique<Forward>(model, n_batch_);
 }
@@ -79,6 +80,8 @@ void Session::copy_state_from(const Session& src) {
   const kv::Cache& from = *src.cache_;
   kv::Cache& to = *cache_;
   const kv::CacheShape& s = to.shape();
+  if (from.types().k != to.types().k || from.types().v != to.types().v)
+    fail("copy_state_from: the caches store different KV types");
   for (int l = 0; l < s.n_layers; ++l)
     for (int h = 0; h < s.n_kv_heads; ++h)
       if (from.head(l, h).n > to.capacity(l))
@@ -88,13 +91,12 @@ void Session::copy_state_from(const Session& src) {
     if (a.empty()) std::fill(b.begin(), b.begin() + n, 0);
     else std::copy(a.begin(), a.begin() + n, b.begin());
   };
-  const size_t d = s.head_dim;
   for (int l = 0; l < s.n_layers; ++l)
     for (int h = 0; h < s.n_kv_heads; ++h) {
       const kv::HeadCache& a = from.head(l, h);
       kv::HeadCache& b = to.head(l, h);
-      std::copy(a.k.begin(), a.k.begin() + a.n * d, b.k.begin());
-      std::copy(a.v.begin(), a.v.begin() + a.n * d, b.v.begin());
+      std::copy(a.k.begin(), a.k.begin() + a.n * a.k_row_bytes, b.k.begin());
+      std::copy(a.v.begin(), a.v.begin() + a.n * a.v_row_bytes, b.v.begin());
       std::copy(a.pos.begin(), a.pos.begin() + a.n, b.pos.begin());
       copy_stat(a.attn_sum, b.attn_sum, a.n);
       copy_stat(a.attn_cnt, b.attn_cnt, a.n);

@@ -27,6 +27,8 @@ struct SessionOptions {
   // cache is shared with several policies through copy_state_from). accumulate and window both
   // write attn_sum, so asking for both mixes them.
   kv::AttentionStats stats;
+  // Storage types of the cached keys and values (the CLI's -ctk / -ctv; the CLI defaults to f16).
+  kv::KvTypes kv_types;
 };
 
 // Called inside the forward pass with each layer's queries and keys after the QK norm (if the
@@ -72,8 +74,8 @@ class Session {
 
   // Continues `src`'s sequence: copies its position and, per head, the cached keys, values,
   // positions and the attention statistics this cache keeps (zero where src keeps none), so one
-  // prefill can be shared by several policies. Same model required; throws qf::Error when a head
-  // of src holds more tokens than this cache can.
+  // prefill can be shared by several policies. Same model and KV types required; throws
+  // qf::Error when a head of src holds more tokens than this cache can.
   void copy_state_from(const Session& src);
 
   void set_qk_hook(QkHook hook) { qk_hook_ = std::move(hook); }

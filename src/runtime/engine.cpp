@@ -9,7 +9,12 @@
 
 namespace qf::runtime {
 
+kv::KvTypes kv_types(const ModelOptions& o) {
+  return {kv::parse_kv_type(o.cache_type_k), kv::parse_kv_type(o.cache_type_v)};
+}
+
 Engine::Engine(const ModelOptions& options) : options_(options) {
+  kv_types(options);  // an unknown type fails before the model loads
   model_ = Model::load(options.model);
   const ModelConfig& c = model_->config();
   if (options.n_ctx < 0) fail("-c must be >= 0");
@@ -70,6 +75,7 @@ std::unique_ptr<Session> Engine::new_session(const KvOptions& kv, int n_ctx) {
   so.n_threads = options_.n_threads;
   so.n_batch = options_.n_batch;
   so.pool = pool_.get();
+  so.kv_types = kv_types(options_);
   so.compressor = make_compressor(kv);
   return std::make_unique<Session>(*model_, std::move(so));
 }
@@ -80,7 +86,9 @@ int64_t Engine::session_kv_bytes(const KvOptions& kv, int n_ctx) {
   int64_t slots = 0;
   for (int cap : Session::cache_capacity(*model_, comp.get(), n_ctx > 0 ? n_ctx : this->n_ctx(), options_.n_batch))
     slots += cap;
-  return slots * c.n_kv_heads * kv::Cache::bytes_per_token_head(c.head_dim);
+  const kv::KvTypes types = kv_types(options_);
+  return slots * c.n_kv_heads *
+         static_cast<int64_t>(kv::kv_row_bytes(types.k, c.head_dim) + kv::kv_row_bytes(types.v, c.head_dim));
 }
 
 std::string kv_summary(const Session& s) {
@@ -88,7 +96,9 @@ std::string kv_summary(const Session& s) {
   const double mib = 1024.0 * 1024.0;
   std::ostringstream os;
   os.precision(2);
-  os << std::fixed << "kv: " << c.bytes_used() / mib << " MiB in use (" << c.bytes_reserved() / mib
+  os << std::fixed << "kv: " << kv::kv_type_name(c.types().k) << "/" << kv::kv_type_name(c.types().v) << ", "
+     << c.bytes_per_token_per_layer() << " bytes per token per layer | " << c.bytes_used() / mib << " MiB in use ("
+     << c.bytes_reserved() / mib
      << " MiB reserved) vs " << c.full_cache_bytes(s.n_past()) / mib << " MiB for a full cache of " << s.n_past()
      << " tokens";
   const ModelConfig& mc = s.model().config();

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "model/model.h"
+#include "kv/cache.h"
 #include "model/session.h"
 #include "tensor/threadpool.h"
 
@@ -19,7 +20,14 @@ struct ModelOptions {
   int n_ctx = 0;      // 0 = the model's training context
   int n_threads = 0;  // 0 = all cores
   int n_batch = 256;  // prompt tokens per forward chunk
+  // Storage types of every session's cached keys and values (llama.cpp's -ctk / -ctv and their
+  // default, f16); a subcommand may change the default before registering its flags.
+  std::string cache_type_k = "f16";
+  std::string cache_type_v = "f16";
 };
+
+// The parsed cache types. Throws qf::Error naming the accepted ones for an unknown name.
+kv::KvTypes kv_types(const ModelOptions& o);
 
 // The KV cache of one session: policy and its settings (see kv::CompressionConfig).
 struct KvOptions {

@@ -65,6 +65,8 @@ std::string mib(int64_t bytes) { return std::to_string((bytes + (1 << 20) - 1) >
 Scheduler::Scheduler(runtime::Engine& engine, const Tokenizer& tokenizer, SchedulerOptions options)
     : engine_(engine), tok_(tokenizer), opt_(std::move(options)) {
   if (opt_.n_slots < 1) fail("-np must be >= 1");
+  // Room for one decoded token per slot plus a full prompt chunk.
+  forward_ = std::make_unique<Forward>(engine.model(), engine.options().n_batch + opt_.n_slots);
   for (int i = 0; i < opt_.n_slots; ++i) {
     slots_.push_back(std::make_unique<Slot>());
     slots_.back()->id = i;
@@ -161,18 +163,13 @@ void Scheduler::loop() {
     const auto t0 = std::chrono::steady_clock::now();
     SchedulerMetrics delta;
     for (Slot* s : active) {
-      const size_t prompt_before = s->prompt_done;
-      const int gen_before = s->n_gen;
-      try {
-        step(*s);
-      } catch (const std::exception& e) {  // an engine error ends this request, not the server
-        s->job->emit(error_event(500, e.what(), "server_error"));
-        s->session.reset();
-        s->fed.clear();
-        s->finished = true;
-      }
-      delta.prompt_tokens += static_cast<int64_t>(s->prompt_done - prompt_before);
-      delta.generated_tokens += s->n_gen - gen_before;
+      delta.prompt_tokens -= static_cast<int64_t>(s->prompt_done);
+      delta.generated_tokens -= s->n_gen;
+    }
+    step(active);
+    for (Slot* s : active) {
+      delta.prompt_tokens += static_cast<int64_t>(s->prompt_done);
+      delta.generated_tokens += s->n_gen;
     }
     int64_t used = 0, reserved = 0, full = 0;
     int sessions = 0;
@@ -312,31 +309,73 @@ bool Scheduler::admit(Slot& slot, const std::shared_ptr<Job>& job) {
   return true;
 }
 
-// One forward pass for the slot: the next prompt chunk, or the token sampled last time.
-void Scheduler::step(Slot& slot) {
-  Job& job = *slot.job;
-  if (job.cancelled) {
-    slot.finished = true;
-    std::lock_guard<std::mutex> lock(mu_);
-    ++metrics_.cancelled;
+// Ends a request the engine failed on; the server goes on with the others.
+void Scheduler::fail_slot(Slot& slot, const std::string& why) {
+  slot.job->emit(error_event(500, why, "server_error"));
+  slot.session.reset();
+  slot.kv_bytes = 0;
+  slot.fed.clear();
+  slot.finished = true;
+}
+
+// One forward pass for all active slots (continuous batching): the token each generating slot
+// sampled last time, then prompt chunks of the slots still reading their prompt, as many as fit
+// in the batch; every weight matrix is read once for all of them. Prefill compression
+// (--kv-ratio) acts on a whole prompt at once, so such a prompt runs alone.
+void Scheduler::step(const std::vector<Slot*>& active) {
+  std::vector<BatchItem> items;
+  std::vector<Slot*> who;
+  int rows = 0;
+  for (Slot* s : active) {
+    if (s->job->cancelled) {
+      s->finished = true;
+      std::lock_guard<std::mutex> lock(mu_);
+      ++metrics_.cancelled;
+    } else if (s->prompt_done == s->job->tokens.size()) {
+      items.push_back({s->session.get(), std::span<const int32_t>(&s->pending, 1)});
+      who.push_back(s);
+      ++rows;
+    }
+  }
+  for (Slot* s : active) {
+    if (s->finished || s->prompt_done == s->job->tokens.size()) continue;
+    const size_t left = s->job->tokens.size() - s->prompt_done;
+    if (s->kv.ratio > 0) {
+      try {
+        const std::span<const int32_t> rest(s->job->tokens.data() + s->prompt_done, left);
+        const std::span<const float> logits = s->session->prefill(rest);
+        s->fed.insert(s->fed.end(), rest.begin(), rest.end());
+        s->prompt_done += left;
+        emit_token(*s, s->sampler->sample_and_accept(logits));
+      } catch (const std::exception& e) {
+        fail_slot(*s, e.what());
+      }
+      continue;
+    }
+    const int room = std::min(forward_->max_rows() - rows, engine_.options().n_batch);
+    if (room <= 0) continue;  // its next chunk waits for the next pass
+    const size_t n = std::min<size_t>(left, static_cast<size_t>(room));
+    items.push_back({s->session.get(), std::span<const int32_t>(s->job->tokens.data() + s->prompt_done, n)});
+    who.push_back(s);
+    rows += static_cast<int>(n);
+  }
+  if (items.empty()) return;
+  std::vector<std::span<const float>> logits;
+  try {
+    logits = Session::eval_batch(items, *forward_, engine_.pool());
+  } catch (const std::exception& e) {  // an engine error ends these requests, not the server
+    for (Slot* s : who) fail_slot(*s, e.what());
     return;
   }
-  Session& s = *slot.session;
-  std::span<const float> logits;
-  if (slot.prompt_done < job.tokens.size()) {
-    const size_t left = job.tokens.size() - slot.prompt_done;
-    // Prefill compression (--kv-ratio) acts once on the whole prompt, so it cannot be chunked.
-    const size_t n = slot.kv.ratio > 0 ? left : std::min<size_t>(left, engine_.options().n_batch);
-    const std::span<const int32_t> chunk(job.tokens.data() + slot.prompt_done, n);
-    logits = slot.kv.ratio > 0 ? s.prefill(chunk) : s.eval(chunk);
-    slot.fed.insert(slot.fed.end(), chunk.begin(), chunk.end());
-    slot.prompt_done += n;
-    if (slot.prompt_done < job.tokens.size()) return;
-  } else {
-    logits = s.eval(std::span<const int32_t>(&slot.pending, 1));
-    slot.fed.push_back(slot.pending);
+  for (size_t i = 0; i < who.size(); ++i) {
+    Slot& s = *who[i];
+    s.fed.insert(s.fed.end(), items[i].tokens.begin(), items[i].tokens.end());
+    if (s.prompt_done < s.job->tokens.size()) {
+      s.prompt_done += items[i].tokens.size();
+      if (s.prompt_done < s.job->tokens.size()) continue;  // more prompt next pass
+    }
+    emit_token(s, s.sampler->sample_and_accept(logits[i]));
   }
-  emit_token(slot, slot.sampler->sample_and_accept(logits));
 }
 
 // Streams one sampled token's text; ends the job at end of text, a stop string, max_tokens or

@@ -1,8 +1,10 @@
 // Runs every request of the server on one engine: a fixed number of slots, each with its own
 // session (a per-head, possibly compressed KV cache) created when first needed; one scheduler
-// thread steps all active slots in turn, a prompt chunk or one decoded token each, so a long new
-// prompt never freezes the other streams. Sessions share the engine's thread pool, so only the
-// scheduler thread touches the model. HTTP threads talk to it through Jobs.
+// thread runs all active slots through one batched forward pass per step (continuous batching:
+// each weight matrix is read once per step for all of them), a decoded token for each generating
+// slot plus prompt chunks that fit, so a long new prompt never freezes the other streams.
+// Sessions share the engine's thread pool, so only the scheduler thread touches the model. HTTP
+// threads talk to it through Jobs.
 #pragma once
 #include <atomic>
 #include <chrono>
@@ -16,6 +18,7 @@
 #include <thread>
 #include <vector>
 
+#include "model/forward.h"
 #include "runtime/engine.h"
 #include "sample/sampler.h"
 #include "server/protocol.h"
@@ -88,13 +91,15 @@ class Scheduler {
   void loop();
   void assign_queued(std::unique_lock<std::mutex>& lock);
   bool admit(Slot& slot, const std::shared_ptr<Job>& job);
-  void step(Slot& slot);
+  void step(const std::vector<Slot*>& active);
+  void fail_slot(Slot& slot, const std::string& why);
   bool emit_token(Slot& slot, int32_t token);
   void finish(Slot& slot, FinishReason why);
 
   runtime::Engine& engine_;
   const Tokenizer& tok_;
   SchedulerOptions opt_;
+  std::unique_ptr<Forward> forward_;  // scratch of the batched passes
   std::vector<std::unique_ptr<Slot>> slots_;
   std::deque<std::shared_ptr<Job>> queue_;
   std::mutex mu_;  // queue_, slots' job/session pointers, metrics_, stop_

@@ -10,6 +10,7 @@
 #include <type_traits>
 
 #include "tensor/attention_kernel.h"
+#include "tensor/kernels.h"
 #include "tensor/kernels_internal.h"
 #include "util/error.h"
 
@@ -27,6 +28,89 @@ namespace hn = hwy::HWY_NAMESPACE;
 
 constexpr int kTile = 64;  // keys per online-softmax step
 constexpr int kMaxQ = 4;   // query heads processed together (each key row is loaded once for all)
+
+// ---------------------------------------------------------------------------------------------
+// KV storage types to floats. Each value is what a scalar dequantization gives (d * q in float
+// for the quantized blocks), so every target and every kernel sees the same keys and values.
+
+void HalvesToF32(GgmlType type, const uint8_t* HWY_RESTRICT src, size_t n, float* HWY_RESTRICT out) {
+  const hn::ScalableTag<float> df;
+  const size_t N = hn::Lanes(df);
+  size_t i = 0;
+  if (type == GgmlType::F16) {
+    const hn::Rebind<hwy::float16_t, decltype(df)> dh;
+    const auto* h = reinterpret_cast<const hwy::float16_t*>(src);
+    for (; i + N <= n; i += N) hn::StoreU(hn::PromoteTo(df, hn::LoadU(dh, h + i)), df, out + i);
+  } else {  // bf16: the high half of an f32
+    const hn::Rebind<uint16_t, decltype(df)> d16;
+    const hn::Rebind<uint32_t, decltype(df)> d32;
+    const auto* h = reinterpret_cast<const uint16_t*>(src);
+    for (; i + N <= n; i += N)
+      hn::StoreU(hn::BitCast(df, hn::ShiftLeft<16>(hn::PromoteTo(d32, hn::LoadU(d16, h + i)))), df, out + i);
+  }
+  for (; i < n; ++i) {
+    uint16_t b;
+    std::memcpy(&b, src + 2 * i, 2);
+    out[i] = type == GgmlType::F16 ? fp16_to_f32(b) : bf16_to_f32(b);
+  }
+}
+
+// n_blocks consecutive q8_0 blocks (34 bytes: fp16 scale, 32 int8) to 32 floats each.
+void Q8_0ToF32(const uint8_t* HWY_RESTRICT src, size_t n_blocks, float* HWY_RESTRICT out) {
+  const hn::ScalableTag<float> df;
+  const hn::Rebind<int8_t, decltype(df)> d8;
+  const hn::Rebind<int32_t, decltype(df)> di;
+  const int N = static_cast<int>(hn::Lanes(df));  // divides 32 on every target
+  for (size_t b = 0; b < n_blocks; ++b, src += sizeof(BlockQ8_0), out += kQK) {
+    uint16_t h;
+    std::memcpy(&h, src, 2);
+    const auto scale = hn::Set(df, fp16_to_f32(h));
+    const auto* qs = reinterpret_cast<const int8_t*>(src + 2);
+    for (int i = 0; i < kQK; i += N)
+      hn::StoreU(hn::Mul(hn::ConvertTo(df, hn::PromoteTo(di, hn::LoadU(d8, qs + i))), scale), df, out + i);
+  }
+}
+
+// n_blocks consecutive q4_0 blocks (18 bytes: fp16 scale, 16 bytes of nibbles) to 32 floats
+// each: byte j holds element j in its low nibble and element j + 16 in its high one, offset 8.
+void Q4_0ToF32(const uint8_t* HWY_RESTRICT src, size_t n_blocks, float* HWY_RESTRICT out) {
+  const hn::ScalableTag<float> df;
+  const hn::Rebind<uint8_t, decltype(df)> d8;
+  const hn::Rebind<int32_t, decltype(df)> di;
+  const int N = static_cast<int>(hn::Lanes(df));
+  const auto low = hn::Set(di, 15), eight = hn::Set(di, 8);
+  for (size_t b = 0; b < n_blocks; ++b, src += sizeof(BlockQ4_0), out += kQK) {
+    uint16_t h;
+    std::memcpy(&h, src, 2);
+    const auto scale = hn::Set(df, fp16_to_f32(h));
+    const uint8_t* qs = src + 2;
+    for (int i = 0; i < kQK / 2; i += N) {
+      const auto q = hn::PromoteTo(di, hn::LoadU(d8, qs + i));
+      hn::StoreU(hn::Mul(hn::ConvertTo(df, hn::Sub(hn::And(q, low), eight)), scale), df, out + i);
+      hn::StoreU(hn::Mul(hn::ConvertTo(df, hn::Sub(hn::ShiftRight<4>(q), eight)), scale), df, out + kQK / 2 + i);
+    }
+  }
+}
+
+// n rows of d values, contiguous (rows are whole blocks), to n * d floats.
+void DequantizeRows(GgmlType type, const uint8_t* HWY_RESTRICT src, int n, int d, float* HWY_RESTRICT out) {
+  const size_t values = static_cast<size_t>(n) * d;
+  switch (type) {
+    case GgmlType::F32: std::memcpy(out, src, values * sizeof(float)); break;
+    case GgmlType::F16: case GgmlType::BF16: HalvesToF32(type, src, values, out); break;
+    case GgmlType::Q8_0: Q8_0ToF32(src, values / kQK, out); break;
+    case GgmlType::Q4_0: Q4_0ToF32(src, values / kQK, out); break;
+    default: break;  // callers check the types (check_kv_rows) before any kernel runs
+  }
+}
+
+// Rows [j0, j0 + m) as floats: in place for F32, else converted into buf (m * d floats).
+HWY_INLINE const float* RowsAsF32(const KvRows& rows, int j0, int m, int d, float* HWY_RESTRICT buf) {
+  const uint8_t* p = rows.data + static_cast<size_t>(j0) * rows.row_bytes;
+  if (rows.type == GgmlType::F32) return reinterpret_cast<const float*>(p);
+  DequantizeRows(rows.type, p, m, d, buf);
+  return buf;
+}
 
 // ---------------------------------------------------------------------------------------------
 // Tiled kernel for blocks of tokens.
@@ -134,17 +218,19 @@ HWY_INLINE void ForTiles(int n, const F& f) {
   }
 }
 
-// One token's GQA group (see attention_group_f32). Per tile of keys: one dot product per key and
-// query row, the row maxima (exact in any order) and sums (key order, rows interleaved), and the
-// weighted values with the output rows held in registers across the tile (AccumulateAllColumns).
-void AttentionGroup(const float* HWY_RESTRICT q, int n_q, const float* HWY_RESTRICT k, const float* HWY_RESTRICT v,
-                    int n, int d, float scale, float* HWY_RESTRICT out) {
+// One token's GQA group (see attention_group_f32) against keys [j_begin, j_end). Per tile of
+// keys (converted to floats first unless stored as f32): one dot product per key and query row,
+// the row maxima (exact in any order) and sums (key order, rows interleaved), and the weighted
+// values with the output rows held in registers across the tile (AccumulateAllColumns).
+void AttentionGroup(const float* HWY_RESTRICT q, int n_q, const KvRows* kr, const KvRows* vr, int j_begin,
+                    int j_end, int d, float scale, float* HWY_RESTRICT out) {
   const hn::ScalableTag<float> df;
   using V = decltype(hn::Zero(df));
   const int N = static_cast<int>(hn::Lanes(df));
   const int d_vec = d / N * N;  // SIMD part of each row; the rest (if any) is scalar
   HWY_ALIGN float s[kMaxQ][kTile];
   HWY_ALIGN float pw[kTile * kMaxQ];  // weights transposed, pw[j * kMaxQ + i], for AccumulateAllColumns
+  HWY_ALIGN float kbuf[kTile * kAttentionMaxDim], vbuf[kTile * kAttentionMaxDim];  // converted tiles
 
   for (int q0 = 0; q0 < n_q; q0 += kMaxQ) {
     const int nq = std::min(kMaxQ, n_q - q0);
@@ -157,11 +243,12 @@ void AttentionGroup(const float* HWY_RESTRICT q, int n_q, const float* HWY_RESTR
       run_sum[i] = 0.0f;
     }
     std::fill(o, o + static_cast<size_t>(nq) * d, 0.0f);
-    for (int j0 = 0; j0 < n; j0 += kTile) {
-      const int m = std::min(kTile, n - j0);
+    for (int j0 = j_begin; j0 < j_end; j0 += kTile) {
+      const int m = std::min(kTile, j_end - j0);
       // Scores of the tile.
+      const float* kt = RowsAsF32(*kr, j0, m, d, kbuf);
       for (int j = 0; j < m; ++j) {
-        const float* kj = k + static_cast<size_t>(j0 + j) * d;
+        const float* kj = kt + static_cast<size_t>(j) * d;
         for (int i = 0; i < nq; ++i) {
           auto acc = hn::Zero(df);
           for (int x = 0; x < d_vec; x += N) acc = hn::MulAdd(hn::LoadU(df, qs[i] + x), hn::LoadU(df, kj + x), acc);
@@ -199,7 +286,7 @@ void AttentionGroup(const float* HWY_RESTRICT q, int n_q, const float* HWY_RESTR
         }
       for (int i = 0; i < nq; ++i) run_sum[i] += tile_sum[i];
       // Weighted values: o[i] = corr[i] * o[i] + sum_j p[i][j] v_j.
-      const float* vt = v + static_cast<size_t>(j0) * d;
+      const float* vt = RowsAsF32(*vr, j0, m, d, vbuf);
       ForTiles<kRowTile>(nq, [&](int r, auto nr) {
         AccumulateAllColumns<decltype(nr)::value>(df, o + static_cast<size_t>(r) * d, d, pw + r, kMaxQ, corr + r, vt, m);
       });
@@ -214,25 +301,32 @@ void AttentionGroup(const float* HWY_RESTRICT q, int n_q, const float* HWY_RESTR
   }
 }
 
+// Whether key j is in each lane's row's visible slots [first, cnt) (in float, exact to 2^24).
+template <class D>
+HWY_INLINE auto Seen(D df, int j, hn::Vec<D> first, hn::Vec<D> cnt) {
+  const auto jv = hn::Set(df, static_cast<float>(j));
+  return hn::And(hn::Lt(jv, cnt), hn::Le(first, jv));
+}
+
 // Online softmax down the key axis over one tile of scores pt[j][row] (keys [j0, j0 + m)), a
 // vector of rows at a time for row vectors [v_lo, v_hi): rescale what was accumulated when a
 // row's running maximum grows (corr), overwrite the scores with exp(s - max) (0 for keys a row
-// must not see: cnt[row] is its visible count, in float) and add them to run_sum. A row's state
-// depends only on its own scores and count.
+// must not see: first[row], cnt[row] bound its visible slots, in float) and add them to run_sum.
+// A row's state depends only on its own scores and visible slots.
 template <class D>
 HWY_INLINE void SoftmaxStep(D df, float* HWY_RESTRICT pt, size_t ld, int j0, int m, int v_lo, int v_hi,
-                            const float* HWY_RESTRICT cnt, float* HWY_RESTRICT run_max, float* HWY_RESTRICT run_sum,
-                            float* HWY_RESTRICT corr) {
+                            const float* HWY_RESTRICT first, const float* HWY_RESTRICT cnt,
+                            float* HWY_RESTRICT run_max, float* HWY_RESTRICT run_sum, float* HWY_RESTRICT corr) {
   using V = decltype(hn::Zero(df));
   const int N = static_cast<int>(hn::Lanes(df));
   const V floor = hn::Set(df, -87.0f);  // exp underflows to ~0 below; keeps Exp in range
   const V neg_inf = hn::Set(df, -INFINITY);
   for (int i = v_lo; i < v_hi; ++i) {
     const size_t c = static_cast<size_t>(i) * N;
-    const V vcnt = hn::Load(df, cnt + c);
+    const V vcnt = hn::Load(df, cnt + c), vfirst = hn::Load(df, first + c);
     V vmax = neg_inf;
     for (int j = 0; j < m; ++j) {
-      const auto seen = hn::Lt(hn::Set(df, static_cast<float>(j0 + j)), vcnt);
+      const auto seen = Seen(df, j0 + j, vfirst, vcnt);
       vmax = hn::Max(vmax, hn::IfThenElse(seen, hn::Load(df, pt + j * ld + c), neg_inf));
     }
     const V old_max = hn::Load(df, run_max + c);
@@ -243,7 +337,7 @@ HWY_INLINE void SoftmaxStep(D df, float* HWY_RESTRICT pt, size_t ld, int j0, int
                                 hn::CallExp(df, hn::Max(hn::Sub(hn::IfThenElse(none, new_max, old_max), new_max), floor)));
     V vsum = hn::Zero(df);
     for (int j = 0; j < m; ++j) {
-      const auto seen = hn::Lt(hn::Set(df, static_cast<float>(j0 + j)), vcnt);
+      const auto seen = Seen(df, j0 + j, vfirst, vcnt);
       const V e = hn::CallExp(df, hn::Max(hn::Sub(hn::Load(df, pt + j * ld + c), new_max), floor));
       const V p = hn::IfThenElseZero(seen, e);
       hn::Store(p, df, pt + j * ld + c);
@@ -261,9 +355,9 @@ inline size_t Pad16(size_t n) { return (n + 15) / 16 * 16; }
 // v == nullptr: softmax state only (no weighted values, out unused). row_max / row_sum (both or
 // neither): each row's final running maximum and sum, at [t * stat_stride + i] for row i of
 // token t; they depend only on the row's query and the keys it sees.
-void AttentionBlock(const float* HWY_RESTRICT q, size_t q_stride, int n_tok, int n_q, const float* HWY_RESTRICT k,
-                    const float* HWY_RESTRICT v, const int* HWY_RESTRICT visible, int d, float scale,
-                    float* HWY_RESTRICT out, size_t out_stride, float* HWY_RESTRICT row_max,
+void AttentionBlock(const float* HWY_RESTRICT q, size_t q_stride, int n_tok, int n_q, const KvRows* k,
+                    const KvRows* v, const int* HWY_RESTRICT visible, const int* HWY_RESTRICT first, int d,
+                    float scale, float* HWY_RESTRICT out, size_t out_stride, float* HWY_RESTRICT row_max,
                     float* HWY_RESTRICT row_sum, size_t stat_stride, uint8_t* scratch) {
   const hn::ScalableTag<float> df;
   const int N = static_cast<int>(hn::Lanes(df));
@@ -272,7 +366,8 @@ void AttentionBlock(const float* HWY_RESTRICT q, size_t q_stride, int n_tok, int
   const size_t ld = Pad16(static_cast<size_t>(rows));  // a whole number of vectors on every target
 
   // Scratch (sized by block_scratch_bytes): transposed queries, scores/weights, output
-  // accumulators, per-row visible count and softmax state.
+  // accumulators, per-row visible count and softmax state, first visible slot, and a tile of
+  // keys and one of values converted to floats.
   float* qt = reinterpret_cast<float*>(scratch);
   float* pt = qt + static_cast<size_t>(d) * ld;
   float* o = pt + kKeyTile * ld;
@@ -280,39 +375,50 @@ void AttentionBlock(const float* HWY_RESTRICT q, size_t q_stride, int n_tok, int
   float* run_max = cnt + ld;
   float* run_sum = run_max + ld;
   float* corr = run_sum + ld;
+  float* lo = corr + ld;
+  float* kbuf = lo + ld;
+  float* vbuf = kbuf + static_cast<size_t>(kKeyTile) * d;
 
-  int n_max = 0;
-  for (int t = 0; t < n_tok; ++t) n_max = std::max(n_max, visible[t]);
+  const auto first_of = [&](int t) { return first != nullptr ? first[t] : 0; };
+  // Tiles start at multiples of kKeyTile from slot 0 whatever the window, so a row's arithmetic
+  // is the same in every block and call (the statistics pass relies on it).
+  int n_max = 0, j_min = INT32_MAX;
+  for (int t = 0; t < n_tok; ++t)
+    if (visible[t] > first_of(t)) n_max = std::max(n_max, visible[t]), j_min = std::min(j_min, first_of(t));
   for (size_t r = 0; r < ld; ++r) {
     const bool real = r < static_cast<size_t>(rows);
     const float* qr = real ? q + (r / n_q) * q_stride + (r % n_q) * d : nullptr;
     for (int x = 0; x < d; ++x) qt[x * ld + r] = real ? qr[x] * scale : 0.0f;
     // Counts are exact in float up to 2^24 keys.
     cnt[r] = real ? static_cast<float>(visible[r / n_q]) : 0.0f;
+    lo[r] = real ? static_cast<float>(first_of(static_cast<int>(r / n_q))) : 0.0f;
     run_max[r] = -INFINITY;
     run_sum[r] = 0.0f;
     corr[r] = 1.0f;
   }
   if (v != nullptr) std::fill(o, o + static_cast<size_t>(rows) * d, 0.0f);
 
-  for (int j0 = 0; j0 < n_max; j0 += kKeyTile) {
+  for (int j0 = n_max > 0 ? j_min / kKeyTile * kKeyTile : 0; j0 < n_max; j0 += kKeyTile) {
     // Rows that see any key of this tile: [r_lo, r_hi). With causal counts that is a suffix of
     // the block; rows inside it that see none get zero weights and keep their state.
     int r_lo = rows, r_hi = 0, n_hi = 0;
     for (int t = 0; t < n_tok; ++t)
-      if (visible[t] > j0) r_lo = std::min(r_lo, t * n_q), r_hi = (t + 1) * n_q, n_hi = std::max(n_hi, visible[t]);
+      if (visible[t] > j0 && first_of(t) < j0 + kKeyTile && visible[t] > first_of(t))
+        r_lo = std::min(r_lo, t * n_q), r_hi = (t + 1) * n_q, n_hi = std::max(n_hi, visible[t]);
+    if (r_lo >= r_hi) continue;  // a sliding window can skip a tile for the whole block
     const int m = std::min(kKeyTile, n_hi - j0);  // keys any active row sees
     const int v_lo = r_lo / N, v_hi = (r_hi + N - 1) / N;  // row vectors
 
+    const float* kt = RowsAsF32(*k, j0, m, d, kbuf);
     ForTiles<4>(v_hi - v_lo, [&](int i, auto nv) {
       const size_t c = static_cast<size_t>(v_lo + i) * N;
-      ScoreColumns<decltype(nv)::value>(df, qt + c, ld, k + static_cast<size_t>(j0) * d, d, m, pt + c, ld);
+      ScoreColumns<decltype(nv)::value>(df, qt + c, ld, kt, d, m, pt + c, ld);
     });
 
-    SoftmaxStep(df, pt, ld, j0, m, v_lo, v_hi, cnt, run_max, run_sum, corr);
+    SoftmaxStep(df, pt, ld, j0, m, v_lo, v_hi, lo, cnt, run_max, run_sum, corr);
 
     if (v == nullptr) continue;
-    const float* vt = v + static_cast<size_t>(j0) * d;
+    const float* vt = RowsAsF32(*v, j0, m, d, vbuf);
     ForTiles<kRowTile>(r_hi - r_lo, [&](int i, auto nr) {
       const int r = r_lo + i;
       AccumulateAllColumns<decltype(nr)::value>(df, o + static_cast<size_t>(r) * d, d, pt + r, ld, corr + r, vt, m);
@@ -369,26 +475,28 @@ inline void AddRows(float* HWY_RESTRICT acc, const float* HWY_RESTRICT pt, size_
 }
 
 // pt[j][0, N) (scores of keys j0 + j, j < m, for one vector of rows) becomes the rows' weights
-// exp(max(s - rmax, -87)) * rw, 0 for keys a row does not see (rvis: visible counts in float).
+// exp(max(s - rmax, -87)) * rw, 0 for keys a row does not see (rfirst, rvis: its visible slots
+// [first, count) in float).
 template <class D>
 HWY_INLINE void Weights(D df, float* HWY_RESTRICT pt, size_t ldp, int j0, int m, const float* HWY_RESTRICT rmax,
-                        const float* HWY_RESTRICT rw, const float* HWY_RESTRICT rvis) {
+                        const float* HWY_RESTRICT rw, const float* HWY_RESTRICT rfirst,
+                        const float* HWY_RESTRICT rvis) {
   using V = decltype(hn::Zero(df));
   const V floor = hn::Set(df, -87.0f);  // as SoftmaxStep
-  const V vm = hn::Load(df, rmax), vw = hn::Load(df, rw), vcnt = hn::Load(df, rvis);
+  const V vm = hn::Load(df, rmax), vw = hn::Load(df, rw), vcnt = hn::Load(df, rvis), vfirst = hn::Load(df, rfirst);
   for (int j = 0; j < m; ++j) {
     float* pj = pt + j * ldp;
-    const auto seen = hn::Lt(hn::Set(df, static_cast<float>(j0 + j)), vcnt);
+    const auto seen = Seen(df, j0 + j, vfirst, vcnt);
     const V e = hn::CallExp(df, hn::Max(hn::Sub(hn::Load(df, pj), vm), floor));
     hn::Store(hn::Mul(hn::IfThenElseZero(seen, e), vw), df, pj);
   }
 }
 
-// pt: scratch of kKeyTile * 4 * Lanes floats.
+// pt: scratch of kKeyTile * (4 * Lanes + d) floats (scores, then the tile's keys as floats).
 void ColumnSums(const float* HWY_RESTRICT qt, size_t ldq, int rows, const float* HWY_RESTRICT rmax,
-                      const float* HWY_RESTRICT rw, const float* HWY_RESTRICT rvis, int sum_rows, int last_lo,
-                      const float* HWY_RESTRICT k, int d, int j0, int m, float* HWY_RESTRICT sum,
-                      float* HWY_RESTRICT last, float* HWY_RESTRICT pt) {
+                const float* HWY_RESTRICT rw, const float* HWY_RESTRICT rfirst, const float* HWY_RESTRICT rvis,
+                int sum_rows, int last_lo, const KvRows* k, int d, int j0, int m, float* HWY_RESTRICT sum,
+                float* HWY_RESTRICT last, float* HWY_RESTRICT pt) {
   const hn::ScalableTag<float> df;
   const int N = static_cast<int>(hn::Lanes(df));
   const size_t ldp = 4 * static_cast<size_t>(N);
@@ -396,10 +504,12 @@ void ColumnSums(const float* HWY_RESTRICT qt, size_t ldq, int rows, const float*
   if (last == nullptr) last_lo = rows;
   // Rows that see a key of the tile and add somewhere.
   int r_lo = rows, r_hi = 0;
-  const float first = static_cast<float>(j0);
+  const float tile_lo = static_cast<float>(j0), tile_hi = static_cast<float>(j0 + m);
   for (int r = 0; r < rows; ++r)
-    if (rvis[r] > first && (r < sum_rows || r >= last_lo)) r_lo = std::min(r_lo, r), r_hi = r + 1;
+    if (rvis[r] > tile_lo && rfirst[r] < tile_hi && (r < sum_rows || r >= last_lo))
+      r_lo = std::min(r_lo, r), r_hi = r + 1;
   if (r_lo >= r_hi || m <= 0) return;
+  const float* kt = RowsAsF32(*k, j0, m, d, pt + static_cast<size_t>(kKeyTile) * ldp);
 
   HWY_ALIGN float acc_sum[kKeyTile], acc_last[kKeyTile];
   if (sum != nullptr) std::copy(sum, sum + m, acc_sum);
@@ -408,7 +518,6 @@ void ColumnSums(const float* HWY_RESTRICT qt, size_t ldq, int rows, const float*
   for (int c0 = v_lo; c0 < v_hi; c0 += 4) {
     const int nv = std::min(4, v_hi - c0);
     const float* qc = qt + static_cast<size_t>(c0) * N;
-    const float* kt = k + static_cast<size_t>(j0) * d;
     switch (nv) {
       case 1: ScoreColumns<1>(df, qc, ldq, kt, d, m, pt, ldp); break;
       case 2: ScoreColumns<2>(df, qc, ldq, kt, d, m, pt, ldp); break;
@@ -417,7 +526,7 @@ void ColumnSums(const float* HWY_RESTRICT qt, size_t ldq, int rows, const float*
     }
     for (int i = 0; i < nv; ++i) {
       const size_t c = static_cast<size_t>(c0 + i) * N;
-      Weights(df, pt + static_cast<size_t>(i) * N, ldp, j0, m, rmax + c, rw + c, rvis + c);
+      Weights(df, pt + static_cast<size_t>(i) * N, ldp, j0, m, rmax + c, rw + c, rfirst + c, rvis + c);
     }
     const int base = c0 * N;
     const int lo = std::max(r_lo, base), hi = std::min(r_hi, base + nv * N);
@@ -435,11 +544,12 @@ void ColumnSums(const float* HWY_RESTRICT qt, size_t ldq, int rows, const float*
 // for one vector of rows costs as much as the first, and most second exponentials: where a
 // tile's running maximum already was the final one, its exp(s - max) are the weights' (kept in
 // probs). n: keys any row sees; sum / last cover [0, n). work: (2 n + ceil(n / kKeyTile) + 4) ldq
-// floats.
+// + kKeyTile d floats (the last part holds a tile of keys as floats).
 
 void SmallColumnSums(const float* HWY_RESTRICT qt, size_t ldq, int rows, float share,
-                     const float* HWY_RESTRICT rvis, int n, int sum_rows, int last_lo, const float* HWY_RESTRICT k,
-                     int d, float* HWY_RESTRICT sum, float* HWY_RESTRICT last, float* HWY_RESTRICT work) {
+                     const float* HWY_RESTRICT rfirst, const float* HWY_RESTRICT rvis, int n, int sum_rows,
+                     int last_lo, const KvRows* k, int d, float* HWY_RESTRICT sum, float* HWY_RESTRICT last,
+                     float* HWY_RESTRICT work) {
   const hn::ScalableTag<float> df;
   using V = decltype(hn::Zero(df));
   const int N = static_cast<int>(hn::Lanes(df));
@@ -453,40 +563,49 @@ void SmallColumnSums(const float* HWY_RESTRICT qt, size_t ldq, int rows, float s
   float* run_sum = run_max + ldq;
   float* corr = run_sum + ldq;
   float* rw = corr + ldq;
+  float* kbuf = rw + ldq;
   for (size_t r = 0; r < ldq; ++r) run_max[r] = -INFINITY, run_sum[r] = 0.0f, corr[r] = 1.0f;
-  for (int j0 = 0; j0 < n; j0 += kKeyTile) {
+  // Tiles before every row's first visible slot (a sliding window) are skipped; the rest start
+  // at multiples of kKeyTile, as in AttentionBlock.
+  float lowest = static_cast<float>(n);
+  for (int r = 0; r < rows; ++r) lowest = std::min(lowest, rfirst[r]);
+  const int j_start = static_cast<int>(lowest) / kKeyTile * kKeyTile;
+  for (int j0 = j_start; j0 < n; j0 += kKeyTile) {
     const int m = std::min(kKeyTile, n - j0);
     float* st = scores + static_cast<size_t>(j0) * ldq;
     float* pt = probs + static_cast<size_t>(j0) * ldq;
+    const float* kt = RowsAsF32(*k, j0, m, d, kbuf);
     ForTiles<4>(nv, [&](int i, auto nvt) {
       const size_t c = static_cast<size_t>(i) * N;
-      ScoreColumns<decltype(nvt)::value>(df, qt + c, ldq, k + static_cast<size_t>(j0) * d, d, m, st + c, ldq);
+      ScoreColumns<decltype(nvt)::value>(df, qt + c, ldq, kt, d, m, st + c, ldq);
     });
     std::copy(st, st + static_cast<size_t>(m) * ldq, pt);
-    SoftmaxStep(df, pt, ldq, j0, m, 0, nv, rvis, run_max, run_sum, corr);
+    SoftmaxStep(df, pt, ldq, j0, m, 0, nv, rfirst, rvis, run_max, run_sum, corr);
     std::copy(run_max, run_max + ldq, tile_max + static_cast<size_t>(j0 / kKeyTile) * ldq);
   }
   // As the driver: a row that sees no key adds nothing.
   for (int r = 0; r < rows; ++r) rw[r] = rvis[r] > 0.0f && run_sum[r] > 0.0f ? share / run_sum[r] : 0.0f;
   for (size_t r = rows; r < ldq; ++r) rw[r] = 0.0f;
   HWY_ALIGN float acc[kKeyTile];
-  for (int j0 = 0; j0 < n; j0 += kKeyTile) {
+  for (int j0 = j_start; j0 < n; j0 += kKeyTile) {
     const int m = std::min(kKeyTile, n - j0);
     float* st = scores + static_cast<size_t>(j0) * ldq;
     const float* pt = probs + static_cast<size_t>(j0) * ldq;
     const float* tm = tile_max + static_cast<size_t>(j0 / kKeyTile) * ldq;
     for (int i = 0; i < nv; ++i) {
       const size_t c = static_cast<size_t>(i) * N;
-      const V vcnt = hn::Load(df, rvis + c), vm = hn::Load(df, run_max + c);
+      const V vcnt = hn::Load(df, rvis + c), vm = hn::Load(df, run_max + c), vfirst = hn::Load(df, rfirst + c);
       // Lanes that see none of the tile weigh 0 either way; rows that see no key are among them.
-      const auto kept = hn::Or(hn::Eq(hn::Load(df, tm + c), vm), hn::Le(vcnt, hn::Set(df, static_cast<float>(j0))));
+      const auto unseen = hn::Or(hn::Le(vcnt, hn::Set(df, static_cast<float>(j0))),
+                                 hn::Ge(vfirst, hn::Set(df, static_cast<float>(j0 + m))));
+      const auto kept = hn::Or(hn::Eq(hn::Load(df, tm + c), vm), unseen);
       if (hn::AllTrue(df, kept)) {
         const V vw = hn::Load(df, rw + c);
         for (int j = 0; j < m; ++j) hn::Store(hn::Mul(hn::Load(df, pt + j * ldq + c), vw), df, st + j * ldq + c);
       } else {
         HWY_ALIGN float rmax[kMaxLanes];
         for (int l = 0; l < N; ++l) rmax[l] = rvis[c + l] > 0.0f ? run_max[c + l] : 0.0f;
-        Weights(df, st + c, ldq, j0, m, rmax, rw + c, rvis + c);
+        Weights(df, st + c, ldq, j0, m, rmax, rw + c, rfirst + c, rvis + c);
       }
     }
     // Rows of a tile that do not see it add exact zeros: no need to skip them.
@@ -513,6 +632,7 @@ HWY_EXPORT(AttentionGroup);
 HWY_EXPORT(AttentionBlock);
 HWY_EXPORT(ColumnSums);
 HWY_EXPORT(SmallColumnSums);
+HWY_EXPORT(DequantizeRows);
 
 namespace {
 
@@ -528,16 +648,31 @@ constexpr size_t kMaxLanes = 16;  // AVX-512 floats; bounds the statistics scrat
 size_t block_scratch_bytes(int rows, int d) {
   const auto pad = [](size_t n) { return (n + 15) / 16 * 16; };
   const size_t ld = pad(static_cast<size_t>(rows));
-  return (static_cast<size_t>(d) * ld + 64 * ld + pad(static_cast<size_t>(rows) * d) + 4 * ld) * sizeof(float);
+  const size_t tiles = 2 * static_cast<size_t>(kKeyTileOnce) * d;  // a key tile and a value tile as floats
+  return (static_cast<size_t>(d) * ld + 64 * ld + pad(static_cast<size_t>(rows) * d) + 5 * ld + tiles) * sizeof(float);
 }
 
 void check_dim(int d) {
   if (d <= 0 || d > kAttentionMaxDim) fail("attention: head_dim ", d, " is not in [1, ", kAttentionMaxDim, "]");
 }
 
-void check_layer(int n_heads, int n_kv, int d) {
+void check_layer(int n_heads, const AttentionKv* kv, int n_kv, int d) {
   check_dim(d);
   if (n_kv <= 0 || n_heads % n_kv != 0) fail("attention: ", n_heads, " query heads do not group over ", n_kv, " KV heads");
+  for (int g = 0; g < n_kv; ++g) {
+    check_kv_rows(kv[g].k, d);
+    check_kv_rows(kv[g].v, d);
+  }
+}
+
+int first_slot(const AttentionKv& h, int t) { return h.first != nullptr ? h.first[t] : 0; }
+
+// Every token's visible slots must be a range [first, visible) of non-negative slots.
+void check_slots(const AttentionKv* kv, int n_kv, int n_tok) {
+  for (int g = 0; g < n_kv; ++g)
+    for (int t = 0; t < n_tok; ++t)
+      if (kv[g].visible[t] < 0 || first_slot(kv[g], t) < 0 || first_slot(kv[g], t) > kv[g].visible[t])
+        fail("attention: token ", t, " sees slots [", first_slot(kv[g], t), ", ", kv[g].visible[t], ")");
 }
 
 // Work items taken costliest first from a shared counter: fn(item, thread) for every item, each
@@ -575,7 +710,7 @@ void tiled_layer(const float* q, int n_tok, int n_heads, const AttentionKv* kv, 
     for (int g = 0; g < n_kv; ++g) {
       const int t0 = b * block_tok, t1 = std::min(n_tok, t0 + block_tok);
       int64_t keys = 0;
-      for (int t = t0; t < t1; ++t) keys = std::max<int64_t>(keys, kv[g].visible[t]);
+      for (int t = t0; t < t1; ++t) keys = std::max<int64_t>(keys, kv[g].visible[t] - first_slot(kv[g], t));
       items.push_back({keys * (t1 - t0), b, g});
     }
 
@@ -589,8 +724,9 @@ void tiled_layer(const float* q, int n_tok, int n_heads, const AttentionKv* kv, 
     const size_t off = t0 * tok_stride + static_cast<size_t>(it.head) * group * d;
     const size_t stat_off = static_cast<size_t>(t0) * n_heads + static_cast<size_t>(it.head) * group;
     const AttentionKv& h = kv[it.head];
-    HWY_DYNAMIC_DISPATCH(AttentionBlock)(q + off, tok_stride, nt, group, h.k, out ? h.v : nullptr, h.visible + t0, d,
-                                         scale, out ? out + off : nullptr, tok_stride,
+    HWY_DYNAMIC_DISPATCH(AttentionBlock)(q + off, tok_stride, nt, group, &h.k, out ? &h.v : nullptr,
+                                         h.visible + t0, h.first ? h.first + t0 : nullptr, d, scale,
+                                         out ? out + off : nullptr, tok_stride,
                                          row_max ? row_max + stat_off : nullptr, row_sum ? row_sum + stat_off : nullptr,
                                          n_heads, scratch.get() + bytes * static_cast<size_t>(thread));
   });
@@ -598,10 +734,34 @@ void tiled_layer(const float* q, int n_tok, int n_heads, const AttentionKv* kv, 
 
 }  // namespace
 
+bool is_kv_type(GgmlType t) {
+  switch (t) {
+    case GgmlType::F32: case GgmlType::F16: case GgmlType::BF16: case GgmlType::Q8_0: case GgmlType::Q4_0: return true;
+    default: return false;
+  }
+}
+
+void check_kv_rows(const KvRows& rows, int d) {
+  if (!is_kv_type(rows.type))
+    fail("attention: keys/values of type ", type_info(rows.type).name, " are not supported (f32, f16, bf16, q8_0, q4_0)");
+  if (rows.row_bytes != row_bytes(rows.type, d))  // row_bytes throws when d is not whole blocks
+    fail("attention: ", type_info(rows.type).name, " rows of ", d, " values take ", row_bytes(rows.type, d),
+         " bytes, not ", rows.row_bytes);
+}
+
+void dequantize_kv_rows(const KvRows& rows, int j0, int n, int d, float* out) {
+  check_kv_rows(rows, d);
+  if (n <= 0) return;
+  detail::init_simd_once();
+  HWY_DYNAMIC_DISPATCH(DequantizeRows)(rows.type, rows.data + static_cast<size_t>(j0) * rows.row_bytes, n, d, out);
+}
+
 void attention_group_f32(const float* q, int n_q, const float* k, const float* v, int n, int d, float scale,
                          float* out) {
+  check_dim(d);
   detail::init_simd_once();
-  HWY_DYNAMIC_DISPATCH(AttentionGroup)(q, n_q, k, v, n, d, scale, out);
+  const KvRows kr = f32_rows(k, d), vr = f32_rows(v, d);
+  HWY_DYNAMIC_DISPATCH(AttentionGroup)(q, n_q, &kr, &vr, 0, n, d, scale, out);
 }
 
 void attention_block_f32(const float* q, size_t q_stride, int n_tok, int n_q, const float* k, const float* v,
@@ -609,15 +769,17 @@ void attention_block_f32(const float* q, size_t q_stride, int n_tok, int n_q, co
   check_dim(d);
   if (n_tok <= 0 || n_q <= 0) return;
   detail::init_simd_once();
+  const KvRows kr = f32_rows(k, d), vr = f32_rows(v, d);
   uint8_t* scratch = detail::scratch(block_scratch_bytes(n_tok * n_q, d));
-  HWY_DYNAMIC_DISPATCH(AttentionBlock)(q, q_stride, n_tok, n_q, k, v, visible, d, scale, out, out_stride, nullptr,
-                                       nullptr, 0, scratch);
+  HWY_DYNAMIC_DISPATCH(AttentionBlock)(q, q_stride, n_tok, n_q, &kr, &vr, visible, nullptr, d, scale, out, out_stride,
+                                       nullptr, nullptr, 0, scratch);
 }
 
 void attention_f32(const float* q, int n_tok, int n_heads, const AttentionKv* kv, int n_kv, int d, float scale,
                    float* out, ThreadPool& pool) {
-  check_layer(n_heads, n_kv, d);
+  check_layer(n_heads, kv, n_kv, d);
   if (n_tok <= 0) return;
+  check_slots(kv, n_kv, n_tok);
   detail::init_simd_once();
   const int group = n_heads / n_kv;
   const size_t tok_stride = static_cast<size_t>(n_heads) * d;
@@ -629,7 +791,8 @@ void attention_f32(const float* q, int n_tok, int n_heads, const AttentionKv* kv
       for (int64_t i = begin; i < end; ++i) {
         const int t = static_cast<int>(i / n_kv), g = static_cast<int>(i % n_kv);
         const size_t off = t * tok_stride + static_cast<size_t>(g) * group * d;
-        attention_group_f32(q + off, group, kv[g].k, kv[g].v, kv[g].visible[t], d, scale, out + off);
+        HWY_DYNAMIC_DISPATCH(AttentionGroup)(q + off, group, &kv[g].k, &kv[g].v, first_slot(kv[g], t), kv[g].visible[t],
+                                             d, scale, out + off);
       }
     });
     return;
@@ -639,15 +802,17 @@ void attention_f32(const float* q, int n_tok, int n_heads, const AttentionKv* kv
 
 void attention_stats_f32(const float* q, int n_tok, int n_heads, const AttentionKv* kv, int n_kv, int d, float scale,
                          const uint8_t* counted, const AttentionColumns* cols, float* out, ThreadPool& pool) {
-  check_layer(n_heads, n_kv, d);
+  check_layer(n_heads, kv, n_kv, d);
   if (n_tok <= 0) return;
   bool any_sum = false, any_last = false;
   for (int g = 0; g < n_kv; ++g) {
     const AttentionColumns& c = cols[g];
     if (c.n_keys < 0) fail("attention statistics: negative key count");
     for (int t = 0; t < n_tok; ++t)
-      if (kv[g].visible[t] < 0 || kv[g].visible[t] > c.n_keys)
-        fail("attention statistics: token ", t, " sees ", kv[g].visible[t], " keys of ", c.n_keys);
+      if (kv[g].visible[t] < 0 || kv[g].visible[t] > c.n_keys || first_slot(kv[g], t) < 0 ||
+          first_slot(kv[g], t) > kv[g].visible[t])
+        fail("attention statistics: token ", t, " sees slots [", first_slot(kv[g], t), ", ", kv[g].visible[t],
+             ") of ", c.n_keys);
     any_sum |= c.sum != nullptr || c.cnt != nullptr;
     any_last |= c.last != nullptr;
   }
@@ -688,9 +853,9 @@ void attention_stats_f32(const float* q, int n_tok, int n_heads, const Attention
   if (rows == 0) return;
 
   // Per KV head: the rows' queries transposed and scaled, as AttentionBlock holds them, and each
-  // row's maximum, weight share / sum and visible count (in float, as there).
+  // row's maximum, weight share / sum, visible count and first visible slot (in float, as there).
   const size_t ldq = (static_cast<size_t>(rows) + kMaxLanes - 1) / kMaxLanes * kMaxLanes;
-  const size_t per_head = (static_cast<size_t>(d) + 3) * ldq;
+  const size_t per_head = (static_cast<size_t>(d) + 4) * ldq;
   auto buf = hwy::AllocateAligned<float>(per_head * n_kv);
   if (!buf) fail("attention statistics: out of memory allocating ", per_head * n_kv * sizeof(float), " bytes");
   std::fill(buf.get(), buf.get() + per_head * n_kv, 0.0f);
@@ -701,25 +866,27 @@ void attention_stats_f32(const float* q, int n_tok, int n_heads, const Attention
     float* rmax = qt + static_cast<size_t>(d) * ldq;
     float* rw = rmax + ldq;
     float* rvis = rw + ldq;
+    float* rfirst = rvis + ldq;
     for (int r = 0; r < rows; ++r) {
       const int t = toks[r / group], h = g * group + r % group;
       const float* qr = q + (static_cast<size_t>(t) * n_heads + h) * d;
       for (int x = 0; x < d; ++x) qt[x * ldq + r] = qr[x] * scale;
-      const int vis = kv[g].visible[t];
+      const int vis = kv[g].visible[t], first = first_slot(kv[g], t);
       rvis[r] = static_cast<float>(vis);
+      rfirst[r] = static_cast<float>(first);
       max_vis[g] = std::max(max_vis[g], vis);
       if (small) continue;
       // A row that sees no key has sum 0 and maximum -inf: it adds nothing (all keys masked).
       const size_t i = static_cast<size_t>(t) * n_heads + h;
-      rmax[r] = vis > 0 ? row_max[i] : 0.0f;
-      rw[r] = vis > 0 && row_sum[i] > 0.0f ? share / row_sum[i] : 0.0f;
+      rmax[r] = vis > first ? row_max[i] : 0.0f;
+      rw[r] = vis > first && row_sum[i] > 0.0f ? share / row_sum[i] : 0.0f;
     }
   }
   const auto count = [&](int g, int j0, int j1) {  // attn_cnt of keys [j0, j1)
     if (cols[g].cnt == nullptr) return;
     for (int ti = 0; ti < n_sum_tok; ++ti) {
-      const int hi = std::min(kv[g].visible[toks[ti]], j1);
-      for (int j = j0; j < hi; ++j) ++cols[g].cnt[j];
+      const int lo = std::max(first_slot(kv[g], toks[ti]), j0), hi = std::min(kv[g].visible[toks[ti]], j1);
+      for (int j = lo; j < hi; ++j) ++cols[g].cnt[j];
     }
   };
 
@@ -737,17 +904,21 @@ void attention_stats_f32(const float* q, int n_tok, int n_heads, const Attention
       continue;
     }
     const float* rvis = buf.get() + per_head * g + (static_cast<size_t>(d) + 2) * ldq;
+    const float* rfirst = rvis + ldq;
     for (int j0 = 0; j0 < max_vis[g]; j0 += kKeyTileOnce) {
+      const int m = std::min(kKeyTileOnce, max_vis[g] - j0);
       int64_t seen = 0;
-      for (int r = 0; r < rows; ++r) seen += rvis[r] > static_cast<float>(j0);
-      items.push_back({seen * std::min(kKeyTileOnce, max_vis[g] - j0), g, j0});
+      for (int r = 0; r < rows; ++r) seen += rvis[r] > static_cast<float>(j0) && rfirst[r] < static_cast<float>(j0 + m);
+      if (seen > 0) items.push_back({seen * m, g, j0});
     }
   }
   if (items.empty()) return;
   const int n_threads = std::min<int>(pool.size(), static_cast<int>(items.size()));
   const size_t max_n = static_cast<size_t>(*std::max_element(max_vis.begin(), max_vis.end()));
+  const size_t tile_floats = static_cast<size_t>(kKeyTileOnce) * d;  // a tile of keys as floats
   const size_t scratch_floats =
-      small ? (2 * max_n + (max_n + kKeyTileOnce - 1) / kKeyTileOnce + 4) * ldq : kKeyTileOnce * 4 * kMaxLanes;
+      (small ? (2 * max_n + (max_n + kKeyTileOnce - 1) / kKeyTileOnce + 4) * ldq : kKeyTileOnce * 4 * kMaxLanes) +
+      tile_floats;
   auto scratch = hwy::AllocateAligned<float>(scratch_floats * n_threads);
   if (!scratch) fail("attention statistics: out of memory allocating scratch");
   run_costliest_first(items, n_threads, pool, [&](const Item& it, int thread) {
@@ -755,16 +926,18 @@ void attention_stats_f32(const float* q, int n_tok, int n_heads, const Attention
     const AttentionColumns& c = cols[g];
     const float* qt = buf.get() + per_head * g;
     const float* rmax = qt + static_cast<size_t>(d) * ldq;
+    const float* rvis = rmax + 2 * ldq;
+    const float* rfirst = rvis + ldq;
     float* mine = scratch.get() + scratch_floats * thread;
     if (small) {
       const int n = max_vis[g];
-      HWY_DYNAMIC_DISPATCH(SmallColumnSums)(qt, ldq, rows, share, rmax + 2 * ldq, n, sum_rows, last_lo, kv[g].k, d,
+      HWY_DYNAMIC_DISPATCH(SmallColumnSums)(qt, ldq, rows, share, rfirst, rvis, n, sum_rows, last_lo, &kv[g].k, d,
                                             c.sum, c.last, mine);
       count(g, 0, n);
       return;
     }
     const int m = std::min(kKeyTileOnce, max_vis[g] - j0);
-    HWY_DYNAMIC_DISPATCH(ColumnSums)(qt, ldq, rows, rmax, rmax + ldq, rmax + 2 * ldq, sum_rows, last_lo, kv[g].k, d,
+    HWY_DYNAMIC_DISPATCH(ColumnSums)(qt, ldq, rows, rmax, rmax + ldq, rfirst, rvis, sum_rows, last_lo, &kv[g].k, d,
                                      j0, m, c.sum ? c.sum + j0 : nullptr, c.last ? c.last + j0 : nullptr, mine);
     count(g, j0, j0 + m);
   });

@@ -9,11 +9,16 @@
 // attention_f32 runs a whole layer, choosing the kernel and splitting the work over a pool;
 // attention_stats_f32 also returns the softmax weights summed per key (two passes: the tiled
 // kernel's per-row maximum and sum, then the weights recomputed per tile of keys).
+// The layer kernels read keys and values in any KV storage type (KvRows: f32, f16, bf16, q8_0,
+// q4_0, each of K and V on its own), converting one tile of 64 rows at a time to floats in
+// per-thread scratch with SIMD: the arithmetic after that is the f32 kernels', so every type
+// pair gives the f32 result on the dequantized values up to float rounding.
 #pragma once
 #include <cstddef>
 #include <cstdint>
 
 #include "tensor/threadpool.h"
+#include "tensor/types.h"
 
 namespace qf {
 
@@ -33,17 +38,39 @@ void attention_block_f32(const float* q, size_t q_stride, int n_tok, int n_q, co
 
 constexpr int kAttentionMaxDim = 256;
 
-// One KV head of a layer: keys and values as rows of d floats, and the number of them each of
-// the n_tok tokens sees.
+// Rows of d values in one KV storage type: row j is row_bytes bytes at data + j * row_bytes
+// (whole ggml blocks for q8_0 / q4_0).
+struct KvRows {
+  GgmlType type = GgmlType::F32;
+  const uint8_t* data = nullptr;
+  size_t row_bytes = 0;
+};
+
+// Rows of d floats.
+inline KvRows f32_rows(const float* p, int d) {
+  return {GgmlType::F32, reinterpret_cast<const uint8_t*>(p), static_cast<size_t>(d) * sizeof(float)};
+}
+
+// Whether the attention kernels read this storage type (F32, F16, BF16, Q8_0, Q4_0).
+bool is_kv_type(GgmlType t);
+// Throws qf::Error unless rows of d values of type t can be read (a KV type, whole blocks,
+// row_bytes matching).
+void check_kv_rows(const KvRows& rows, int d);
+
+// out[0, n * d) = rows [j0, j0 + n) as floats (SIMD, runtime dispatch). Types as is_kv_type.
+void dequantize_kv_rows(const KvRows& rows, int j0, int n, int d, float* out);
+
+// One KV head of a layer: keys and values, and the slots [first[t], visible[t]) each of the
+// n_tok tokens sees (first == nullptr: from slot 0; a sliding window sets it).
 struct AttentionKv {
-  const float* k = nullptr;
-  const float* v = nullptr;
+  KvRows k, v;
   const int* visible = nullptr;  // [n_tok]
+  const int* first = nullptr;    // [n_tok] or null
 };
 
 // A layer's attention: q and out are [n_tok][n_heads][d]; query heads [g * n_heads / n_kv, ...)
-// share kv[g]. Requires n_heads % n_kv == 0 and d <= kAttentionMaxDim. The result does not
-// depend on the pool's size.
+// share kv[g]. Requires n_heads % n_kv == 0, d <= kAttentionMaxDim and KV types the kernels read
+// (qf::Error otherwise). The result does not depend on the pool's size.
 void attention_f32(const float* q, int n_tok, int n_heads, const AttentionKv* kv, int n_kv, int d, float scale,
                    float* out, ThreadPool& pool);
 

@@ -16,8 +16,8 @@
 #include "util/error.h"
 
 int main(int argc, char** argv) {
-  if (argc != 9) {
-    std::fprintf(stderr, "usage: kv_trace MODEL POLICY BUDGET WINDOW EVERY CHUNK N_TOKENS OUT.json\n");
+  if (argc != 9 && argc != 11) {
+    std::fprintf(stderr, "usage: kv_trace MODEL POLICY BUDGET WINDOW EVERY CHUNK N_TOKENS OUT.json [CTK CTV]\n");
     return 2;
   }
   try {
@@ -41,6 +41,7 @@ int main(int argc, char** argv) {
     so.n_ctx = n_tokens;
     so.n_threads = 2;
     so.n_batch = chunk;
+    if (argc == 11) so.kv_types = {qf::kv::parse_kv_type(argv[9]), qf::kv::parse_kv_type(argv[10])};
     so.compressor = std::make_unique<qf::kv::Compressor>(qf::kv::make_policy(policy, po), po, cc);
     qf::Session s(*model, std::move(so));
 

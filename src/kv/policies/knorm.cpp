@@ -13,7 +13,7 @@ class KNorm final : public Policy {
   void score_head(const Cache& cache, int layer, int kv_head, std::span<float> scores) override {
     const int d = cache.shape().head_dim;
     const HeadCache& hc = cache.head(layer, kv_head);
-    for (int j = 0; j < hc.n; ++j) scores[j] = -std::sqrt(dot_f32(hc.key(j, d), hc.key(j, d), d));
+    for_each_key(hc, d, [&](int j, const float* key) { scores[j] = -std::sqrt(dot_f32(key, key, d)); });
   }
 };
 }  // namespace

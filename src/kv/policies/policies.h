@@ -1,10 +1,26 @@
 // Factories of the built-in policies, one per file in this folder; make_policy() dispatches.
 #pragma once
+#include <algorithm>
 #include <memory>
+#include <vector>
 
 #include "kv/policy.h"
 
 namespace qf::kv::policies {
+
+// Calls f(slot, key) for every slot of hc, the stored (possibly quantized) key given as d floats:
+// converted 64 rows at a time (the attention kernels' SIMD conversion), so a policy scores the
+// keys attention actually reads.
+template <class F>
+void for_each_key(const HeadCache& hc, int d, const F& f) {
+  constexpr int kRows = 64;
+  std::vector<float> tile(static_cast<size_t>(std::min(kRows, hc.n)) * d);
+  for (int j0 = 0; j0 < hc.n; j0 += kRows) {
+    const int m = std::min(kRows, hc.n - j0);
+    dequantize_kv_rows(hc.keys(), j0, m, d, tile.data());
+    for (int j = 0; j < m; ++j) f(j0 + j, tile.data() + static_cast<size_t>(j) * d);
+  }
+}
 
 std::unique_ptr<Policy> make_qfilters(const PolicyOptions&);
 std::unique_ptr<Policy> make_knorm(const PolicyOptions&);

@@ -17,7 +17,7 @@ class QFilters final : public Policy {
       fail("qfilters: filters have ", filters_.size(), " values, the model needs ", s.n_layers, "x", s.n_kv_heads, "x", s.head_dim);
     const float* f = filters_.data() + (static_cast<size_t>(layer) * s.n_kv_heads + kv_head) * s.head_dim;
     const HeadCache& hc = cache.head(layer, kv_head);
-    for (int j = 0; j < hc.n; ++j) scores[j] = dot_f32(hc.key(j, s.head_dim), f, s.head_dim);
+    for_each_key(hc, s.head_dim, [&](int j, const float* key) { scores[j] = dot_f32(key, f, s.head_dim); });
   }
 
  private:
