@@ -3,15 +3,19 @@
 //
 // Quantized weights are multiplied with activations quantized to int8 in the format their row of
 // the type table names (kernels.h): blocks of 32 for the 32-element types, super-blocks of 256
-// (ggml's Q8_K) for the K-quants. Engines, best first:
+// (ggml's Q8_K) for the K-quants. Engines, best first (TypedMatmul picks one per type and target):
 //   vnni    Q8_0/Q4_0/Q4_1 on AVX3_DL when the CPU reports AVX512-VNNI: four blocks per 512-bit
 //           register, one block per 128-bit lane, weights unpacked with vpermt2b, vpdpbusd.
-//   x256    Q8_0/Q4_0/Q4_1 on AVX2 / AVX3: one block per 256-bit register, vpmaddubsw + vpmaddwd.
-//   generic every quantized type on every target: plain C++ over the block codecs of
-//           tensor/quant_blocks.h (GenericEngine for 32-blocks, GenericKEngine for K-quants).
+//   x256    Q8_0/Q4_0/Q4_1/Q5_0/Q5_1/IQ4_NL on AVX2 / AVX3: one block per 256-bit register,
+//           vpmaddubsw + vpmaddwd.
+//   x512K   K-quants on AVX3 / AVX3_DL: 64 quants per vpmaddubsw, group scales by vpmaddwd.
+//   x256K   K-quants on AVX2: the same on 32 quants.
+//   generic every quantized type on the other targets (the portable path): plain C++ over the
+//           block codecs of tensor/quant_blocks.h (GenericEngine for 32-blocks, GenericKEngine
+//           for K-quants), correct on any CPU.
 // Each engine provides Quantize (activation layout) and Tile<type, R, T>: R weight rows against T
 // tokens, all columns, so each weight block is unpacked once per T tokens (prefill) and rows
-// stream once (decode, T = 1). TypedMatmul picks the engine per type and target.
+// stream once (decode, T = 1).
 #include "tensor/simd_config.h"  // first: fixes the Highway target set
 
 #include <algorithm>
