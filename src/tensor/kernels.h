@@ -24,18 +24,23 @@ struct WeightView {
 };
 
 // y[t * rows + r] = dot(W row r, x[t * cols ...]) for t in [0, n_tok).
-// Quantized weights use the activations quantized to 8 bits per 32-element block (as llama.cpp
-// does) and integer dot products; F32/F16/BF16 weights use float dot products.
-// Threads split the rows; prefill (n_tok > 1) tiles tokens so each weight block is unpacked
-// once per tile, not once per token.
+// Quantized weights use the activations quantized to 8 bits (as llama.cpp does) in the format
+// their type-table row names, and integer dot products; F32/F16/BF16 weights use float dot
+// products. Threads split the rows; prefill (n_tok > 1) tiles tokens so each weight block is
+// unpacked once per tile, not once per token.
 //
-// Activation quantization, per block of 32 (the same on every SIMD target):
-//   d = max|x| / 127, id = d != 0 ? 1 / d : 0, q = round_half_away_from_zero(x * id) in [-127, 127]
-// computed in float; the block's scale is then rounded to fp16 (as ggml's q8 blocks store it,
-// so results match llama.cpp's), and s = fp16(d) * sum(q) (Q4_1's min term) is exact.
+// Activation quantization, the same on every SIMD target:
+//  - 32-element types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL), per block of 32:
+//      d = max|x| / 127, id = d != 0 ? 1 / d : 0, q = round_half_away_from_zero(x * id) in
+//      [-127, 127] computed in float; the block's scale is then rounded to fp16 (as ggml's q8
+//      blocks store it, so results match llama.cpp's), and s = fp16(d) * sum(q) is exact.
+//  - K-quants (Q2_K..Q6_K), per super-block of 256 (ggml's Q8_K): m = the element of largest
+//      |x| (first on ties), iscale = -127 / m, q = min(127, round_half_even(iscale * x)),
+//      d = 1 / iscale (float), plus the sums of q per 16; an all-zero block has d = 0.
 // Accumulation is in float, one block scale at a time, so results differ from a double
 // reference on the same quantized inputs by float rounding only.
-// Quantized types need cols % 32 == 0. x and y must not overlap. Throws qf::Error on bad input.
+// Quantized types need cols to be a whole number of blocks. x and y must not overlap. Throws
+// qf::Error on bad input or a type the table does not support.
 // Runs its own pool.run(), so it must not be called from inside a job of the same pool.
 void matmul(const WeightView& w, const float* x, int64_t n_tok, float* y, ThreadPool& pool);
 

@@ -3,15 +3,19 @@
 //
 // Quantized weights are multiplied with activations quantized to int8 in the format their row of
 // the type table names (kernels.h): blocks of 32 for the 32-element types, super-blocks of 256
-// (ggml's Q8_K) for the K-quants. Engines, best first:
+// (ggml's Q8_K) for the K-quants. Engines, best first (TypedMatmul picks one per type and target):
 //   vnni    Q8_0/Q4_0/Q4_1 on AVX3_DL when the CPU reports AVX512-VNNI: four blocks per 512-bit
 //           register, one block per 128-bit lane, weights unpacked with vpermt2b, vpdpbusd.
-//   x256    Q8_0/Q4_0/Q4_1 on AVX2 / AVX3: one block per 256-bit register, vpmaddubsw + vpmaddwd.
-//   generic every quantized type on every target: plain C++ over the block codecs of
-//           tensor/quant_blocks.h (GenericEngine for 32-blocks, GenericKEngine for K-quants).
+//   x256    Q8_0/Q4_0/Q4_1/Q5_0/Q5_1/IQ4_NL on AVX2 / AVX3: one block per 256-bit register,
+//           vpmaddubsw + vpmaddwd.
+//   x512K   K-quants on AVX3 / AVX3_DL: 64 quants per vpmaddubsw, group scales by vpmaddwd.
+//   x256K   K-quants on AVX2: the same on 32 quants.
+//   generic every quantized type on the other targets (the portable path): plain C++ over the
+//           block codecs of tensor/quant_blocks.h (GenericEngine for 32-blocks, GenericKEngine
+//           for K-quants), correct on any CPU.
 // Each engine provides Quantize (activation layout) and Tile<type, R, T>: R weight rows against T
 // tokens, all columns, so each weight block is unpacked once per T tokens (prefill) and rows
-// stream once (decode, T = 1). TypedMatmul picks the engine per type and target.
+// stream once (decode, T = 1).
 #include "tensor/simd_config.h"  // first: fixes the Highway target set
 
 #include <algorithm>
@@ -641,6 +645,89 @@ struct X256KEngine {
 };
 #endif  // QF_X86_SIMD
 
+#if HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL
+// =============================================================================================
+// x512 K engine (AVX3, AVX3_DL): the x256 K engine's arithmetic on 64 quants per instruction.
+// A 512-bit piece is two x256 pieces; its 32 int16 pair sums belong to groups 4k..4k+3, whose
+// scales one vpermw spreads from the 16 group scales.
+
+struct X512ScaleIdx {
+  alignas(64) uint16_t idx[4][32];  // lane j of piece k takes the scale of group 4k + j / 8
+};
+constexpr X512ScaleIdx MakeX512ScaleIdx() {
+  X512ScaleIdx s{};
+  for (int k = 0; k < 4; ++k)
+    for (int j = 0; j < 32; ++j) s.idx[k][j] = static_cast<uint16_t>(4 * k + j / 8);
+  return s;
+}
+alignas(64) constexpr X512ScaleIdx kX512ScaleIdx = MakeX512ScaleIdx();
+
+struct X512KEngine {
+  static constexpr int kR = 2, kT = 8, kRDecode = 2;
+  static size_t Stride(int64_t nb) { return KStride(nb); }
+  static void Quantize(const float* x, int64_t nb, GgmlType, uint8_t* out) { QuantizeK(x, nb, out); }
+
+  template <GgmlType TY>
+  static HWY_INLINE __m512i Piece(const uint8_t* p, int k) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(X256KEngine::Piece<TY>(p, 2 * k)),
+                              X256KEngine::Piece<TY>(p, 2 * k + 1), 1);
+  }
+
+  static HWY_INLINE float HSum(__m512 v) { return _mm512_reduce_add_ps(v); }
+
+  template <GgmlType TY, int R, int T>
+  static HWY_NOINLINE void Tile(const TileArgs& a) {
+    using C = blocks::Codec<TY>;
+    __m512 acc[R][T];
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < a.nb; ++b) {
+      const uint8_t* blk[R];
+      X256KEngine::Scales s[R];
+      __m512i sc[R];
+      for (int r = 0; r < R; ++r) {
+        blk[r] = a.w + r * a.wrb + b * C::kBytes;
+        if constexpr (T == 1)
+          for (size_t off = 0; off < C::kBytes; off += 64)
+            _mm_prefetch(reinterpret_cast<const char*>(blk[r] + X256KEngine::kDecodePrefetchBytes + off), _MM_HINT_T0);
+        X256KEngine::LoadScales<TY>(blk[r], s[r]);
+        sc[r] = _mm512_castsi256_si512(_mm256_load_si256(reinterpret_cast<const __m256i*>(s[r].sc)));
+      }
+      __m512i sumi[R][T];
+      for (int r = 0; r < R; ++r)
+        for (int t = 0; t < T; ++t) sumi[r][t] = _mm512_setzero_si512();
+      for (int k = 0; k < 4; ++k) {
+        const __m512i idx = _mm512_load_si512(kX512ScaleIdx.idx[k]);
+        __m512i wq[R], scv[R];
+        for (int r = 0; r < R; ++r) {
+          wq[r] = Piece<TY>(blk[r], k);
+          scv[r] = _mm512_permutexvar_epi16(idx, sc[r]);
+        }
+        for (int t = 0; t < T; ++t) {
+          const __m512i xv = _mm512_load_si512(a.act + t * a.astride + b * 256 + 64 * k);
+          for (int r = 0; r < R; ++r)
+            sumi[r][t] = _mm512_add_epi32(sumi[r][t], _mm512_madd_epi16(_mm512_maddubs_epi16(wq[r], xv), scv[r]));
+        }
+      }
+      for (int t = 0; t < T; ++t) {
+        const uint8_t* at = a.act + t * a.astride;
+        const float dx = reinterpret_cast<const float*>(at + 256 * a.nb)[b];
+        const __m256i bsum = X256KEngine::Load32(at + 260 * a.nb + 32 * b);
+        for (int r = 0; r < R; ++r) {
+          // The min term is 8 int32 lanes; it joins the low half of the accumulator.
+          const __m256i m = _mm256_madd_epi16(bsum, _mm256_load_si256(reinterpret_cast<const __m256i*>(s[r].mn)));
+          acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi[r][t]), _mm512_set1_ps(s[r].d * dx), acc[r][t]);
+          acc[r][t] = _mm512_fnmadd_ps(_mm512_zextps256_ps512(_mm256_cvtepi32_ps(m)), _mm512_set1_ps(s[r].coef * dx),
+                                       acc[r][t]);
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < T; ++t) a.y[t * a.ystride + r] = HSum(acc[r][t]);
+  }
+};
+#endif  // HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL
+
 #if HWY_TARGET == HWY_AVX3_DL
 // =============================================================================================
 // vnni engine (AVX3_DL + AVX512-VNNI). Blocks are taken four at a time ("a group"); in every
@@ -973,7 +1060,9 @@ void TypedMatmul(const WeightView& w, const float* x, int64_t n_tok, float* y, T
     QuantMatmul<GenericEngine, TY>(w, x, n_tok, y, pool);
 #endif
   } else {
-#if QF_X86_SIMD
+#if HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL
+    QuantMatmul<X512KEngine, TY>(w, x, n_tok, y, pool);
+#elif QF_X86_SIMD
     QuantMatmul<X256KEngine, TY>(w, x, n_tok, y, pool);
 #else
     QuantMatmul<GenericKEngine, TY>(w, x, n_tok, y, pool);
