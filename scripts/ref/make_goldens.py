@@ -55,9 +55,9 @@ GEMMA_PROMPTS = [
 
 # Per model set: file, whether tokenization adds BOS (Gemma needs it), generation prompts.
 SETS = {
-    "smollm2": {"model": MODEL, "add_special": False, "prompts": PROMPTS},
+    "smollm2": {"model": MODEL, "add_special": False, "prompts": PROMPTS, "n_predict": 64},
     "gemma3": {"model": os.path.join(ROOT, "models", "gemma-3-270m-deq.gguf"), "add_special": True,
-               "prompts": GEMMA_PROMPTS},
+               "prompts": GEMMA_PROMPTS, "n_predict": 32},
 }
 SET = "smollm2"
 ADD_SPECIAL = False
@@ -183,7 +183,7 @@ def teacher_forced(tmp, threads, out_dir, quick=False):
 
 
 N_LONG = 20000
-QUICK_SELF = 256
+QUICK_SELF = 128
 
 
 def long_context(tmp, threads, out_dir):
@@ -262,7 +262,7 @@ def main():
     ap.add_argument("--out-dir", default=os.path.join(ROOT, "tests", "golden"))
     ap.add_argument("--only", choices=["teacher", "generate", "long"],
                     help="write just one golden (long: 20,000 tokens, not in the default set)")
-    ap.add_argument("-n", type=int, default=64, help="greedy tokens per prompt")
+    ap.add_argument("-n", type=int, help="greedy tokens per prompt (default: 64 for smollm2, 32 for gemma3)")
     ap.add_argument("--set", choices=sorted(SETS), default="smollm2", help="which model's goldens")
     ap.add_argument("--model", help="model file (default: the set's)")
     ap.add_argument("--quick", action="store_true",
@@ -287,7 +287,7 @@ def main():
             print("second-half perplexity %.4f over positions %d..%d" % (g["perplexity"], g["score_from"],
                   g["n_tokens"] - 1), file=sys.stderr)
         if args.only in (None, "generate"):
-            g = generate(tmp, args.threads, args.out_dir, args.n)
+            g = generate(tmp, args.threads, args.out_dir, args.n or SETS[SET]["n_predict"])
             for c in g["cases"]:
                 print("%-6s stop=%s stable_prefix=%d/%d %r" % (c["name"], c["stop"],
                       c["stable_prefix"], len(c["tokens"]), c["text"]), file=sys.stderr)
