@@ -108,6 +108,57 @@ TEST_F(Gemma3, TeacherForcedMatchesLlamaCpp) {
   EXPECT_GE(static_cast<double>(agree) / n, self - 0.01) << "less agreement than llama.cpp has with itself";
 }
 
+// 20,000 tokens, scored over the second half (positions 10,000 on): sliding windows and global
+// rotary phases far past the window. Chunks before the scored half compute only their last
+// token's logits.
+TEST_F(Gemma3, LongContextSecondHalfMatchesLlamaCpp) {
+  // Not committed yet: llama.cpp needs a while for 20,000 tokens (make_goldens.py --only long).
+  if (!std::filesystem::exists(qf::test::source_dir() + "/tests/golden/gemma3_long.json"))
+    GTEST_SKIP() << "no tests/golden/gemma3_long.json: scripts/ref/make_goldens.py --set gemma3 --only long";
+  const json g = load_golden("gemma3_long.json");
+  const auto tokens = g["tokens"].get<std::vector<int32_t>>();
+  const auto ref_argmax = g["argmax"].get<std::vector<int32_t>>();
+  const auto ref_top2 = g["top2_logits"].get<std::vector<std::vector<double>>>();
+  const size_t from = g["score_from"].get<size_t>();
+  ASSERT_EQ(ref_argmax.size(), tokens.size() - from);
+  auto m = qf::Model::load(model_path());
+  const int V = m->config().n_vocab;
+  qf::SessionOptions so;
+  so.n_ctx = static_cast<int>(tokens.size());
+  so.n_batch = 512;
+  qf::Session s(*m, std::move(so));
+
+  const size_t n = tokens.size();
+  size_t agree = 0, stable = 0, stable_agree = 0;
+  double nll = 0;
+  for (size_t i0 = 0; i0 < n; i0 += 512) {
+    const size_t m_tok = std::min<size_t>(512, n - i0);
+    const bool scored = i0 + m_tok > from;
+    const auto logits = s.eval(std::span<const int32_t>(tokens.data() + i0, m_tok), /*all_logits=*/scored);
+    if (!scored) continue;
+    for (size_t k = 0; k < m_tok; ++k) {
+      const size_t i = i0 + k;
+      if (i < from) continue;
+      const float* row = logits.data() + k * V;
+      const bool same = argmax_row(row, V) == ref_argmax[i - from];
+      agree += same;
+      if (ref_top2[i - from][0] - ref_top2[i - from][1] >= 0.5) {
+        ++stable;
+        stable_agree += same;
+      }
+      if (i + 1 < n) nll -= log_softmax_at(row, V, tokens[i + 1]);
+    }
+  }
+  const double ppl = std::exp(nll / static_cast<double>(n - 1 - from));
+  const double ref_ppl = g["perplexity"].get<double>();
+  std::printf("positions %zu..%zu of a %zu-token prompt: argmax agreement %.2f%%, on the %zu positions with a top-2 "
+              "gap >= 0.5: %.2f%%; perplexity %.4f vs llama.cpp %.4f (%+.3f%%)\n",
+              from, n - 1, n, 100.0 * agree / (n - from), stable, 100.0 * stable_agree / stable, ppl, ref_ppl,
+              100.0 * (ppl / ref_ppl - 1));
+  EXPECT_NEAR(ppl / ref_ppl, 1.0, 0.01);
+  EXPECT_GE(static_cast<double>(stable_agree) / stable, 0.99);
+}
+
 TEST_F(Gemma3, GreedyGenerationMatchesLlamaCpp) {
   const json g = load_golden("gemma3_generate.json");
   auto m = qf::Model::load(model_path());

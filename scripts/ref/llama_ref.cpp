@@ -5,6 +5,7 @@
 //
 //   llama_ref tokenize -m MODEL --text-file F [--no-special-parse] [--add-special]
 //   llama_ref score    -m MODEL --tokens-file F.json [-c CTX] [-b BATCH] [-t THREADS] [--kv-f32]
+//                      [--score-from N]   (logits only from position N on: long contexts)
 //   llama_ref generate -m MODEL --prompt-tokens F.json -n N [--ignore-eos] [...]
 //   llama_ref bench    -m MODEL -p 512 -n 128 [-t THREADS] [-r REPS] [-b BATCH] [...]
 //
@@ -67,6 +68,7 @@ struct Options {
   std::string flash_attn = "auto";
   bool ignore_eos = false;
   int digits = 5;
+  int score_from = 0;
   bool verbose = false;
 };
 
@@ -125,6 +127,7 @@ Options parse_args(int argc, char** argv) {
       }
     } else if (a == "--ignore-eos") o.ignore_eos = true;
     else if (a == "--digits") o.digits = parse_int(a, value(), 0, 12);
+    else if (a == "--score-from") o.score_from = parse_int(a, value(), 0, 1 << 20);
     else if (a == "-v" || a == "--verbose") o.verbose = true;
     else if (a == "--json") {}  // output is always JSON; accepted for symmetry with `qf bench`
     else fail("unknown option '" + a + "'\n" + kUsage);
@@ -386,8 +389,10 @@ const float* last_logits(llama_context* ctx) {
 // Feeds tokens [begin, end) at positions begin.. in batches of n_batch. When all_logits is set,
 // on_row(pos, logits) is called for every position; otherwise only the last position has logits.
 template <typename OnRow>
+// all_logits: on_row for every position from logits_from on (only the last one's are computed
+// otherwise).
 void decode_range(llama_context* ctx, const std::vector<llama_token>& toks, size_t begin, size_t end,
-                  int n_batch, bool all_logits, OnRow on_row) {
+                  int n_batch, bool all_logits, OnRow on_row, size_t logits_from = 0) {
   llama_batch batch = llama_batch_init(n_batch, 0, 1);
   struct BatchFree {
     llama_batch& b;
@@ -401,13 +406,15 @@ void decode_range(llama_context* ctx, const std::vector<llama_token>& toks, size
       batch.pos[j] = static_cast<llama_pos>(start + static_cast<size_t>(j));
       batch.n_seq_id[j] = 1;
       batch.seq_id[j][0] = 0;
-      batch.logits[j] = all_logits || start + static_cast<size_t>(j) + 1 == end;
+      const size_t pos = start + static_cast<size_t>(j);
+      batch.logits[j] = (all_logits && pos >= logits_from) || pos + 1 == end;
     }
     const int32_t rc = llama_decode(ctx, batch);
     if (rc != 0) fail("llama_decode failed with code " + std::to_string(rc) + " at position " +
                       std::to_string(start));
     if (all_logits) {
-      for (int j = 0; j < m; ++j) on_row(start + static_cast<size_t>(j), llama_get_logits_ith(ctx, j));
+      for (int j = 0; j < m; ++j)
+        if (start + static_cast<size_t>(j) >= logits_from) on_row(start + static_cast<size_t>(j), llama_get_logits_ith(ctx, j));
     }
   }
 }
@@ -441,28 +448,33 @@ json cmd_score(const Backend& be, const Options& o) {
   ContextPtr ctx = make_context(model.get(), o, n_ctx, o.n_batch);
   const int n_vocab = llama_vocab_n_tokens(vocab);
   const size_t n = toks.size();
+  const size_t from = static_cast<size_t>(o.score_from);
+  if (from >= n) fail("--score-from " + std::to_string(from) + " leaves no position of " + std::to_string(n));
 
-  std::vector<int> am(n);
-  std::vector<std::vector<int>> top_ids(n);
-  std::vector<std::vector<double>> top_logits(n);
-  std::vector<double> target_lp(n - 1);
-  std::vector<double> lse(n);
+  // Indexed by position - from.
+  std::vector<int> am(n - from);
+  std::vector<std::vector<int>> top_ids(n - from);
+  std::vector<std::vector<double>> top_logits(n - from);
+  std::vector<double> target_lp(n - 1 - std::min(from, n - 1));
+  std::vector<double> lse(n - from);
   double nll = 0.0;
   decode_range(ctx.get(), toks, 0, n, static_cast<int>(llama_n_batch(ctx.get())), true, [&](size_t pos, const float* row) {
     if (!row) fail("llama.cpp returned no logits for position " + std::to_string(pos));
     check_finite(row, n_vocab, pos);
-    am[pos] = argmax(row, n_vocab);
-    top_ids[pos] = top_k(row, n_vocab, 5);
-    for (int id : top_ids[pos]) top_logits[pos].push_back(round_to(row[id], o.digits));
-    lse[pos] = log_sum_exp(row, n_vocab);
+    const size_t i = pos - from;
+    am[i] = argmax(row, n_vocab);
+    top_ids[i] = top_k(row, n_vocab, 5);
+    for (int id : top_ids[i]) top_logits[i].push_back(round_to(row[id], o.digits));
+    lse[i] = log_sum_exp(row, n_vocab);
     if (pos + 1 < n) {
-      const double lp = static_cast<double>(row[toks[pos + 1]]) - lse[pos];
+      const double lp = static_cast<double>(row[toks[pos + 1]]) - lse[i];
       nll -= lp;
-      target_lp[pos] = round_to(lp, o.digits);
+      target_lp[i] = round_to(lp, o.digits);
     }
-    lse[pos] = round_to(lse[pos], o.digits);
-  });
-  const double mean_nll = n > 1 ? nll / static_cast<double>(n - 1) : 0.0;
+    lse[i] = round_to(lse[i], o.digits);
+  }, from);
+  const size_t n_pred = n - 1 - std::min(from, n - 1);
+  const double mean_nll = n_pred > 0 ? nll / static_cast<double>(n_pred) : 0.0;
 
   json j = header(be, o);
   add_context_settings(j, o, ctx.get());
@@ -472,7 +484,9 @@ json cmd_score(const Backend& be, const Options& o) {
       "teacher-forced pass over `tokens` (positions 0..n-1, no BOS added). For each position i: "
       "argmax[i] and top5 (ids, logits; ties -> lower id) of the next-token logits, "
       "logsumexp[i] of those logits; target_logprob[i] = log p(tokens[i+1] | tokens[..i]) for "
-      "i < n-1. perplexity = exp(mean_nll) over the n-1 predictions.";
+      "i < n-1. perplexity = exp(mean_nll) over the n-1 predictions. With score_from = s > 0 the "
+      "arrays start at position s and the perplexity covers the predictions from s on.";
+  j["score_from"] = from;
   j["argmax"] = am;
   j["target_logprob"] = target_lp;
   j["logsumexp"] = lse;

@@ -55,9 +55,9 @@ GEMMA_PROMPTS = [
 
 # Per model set: file, whether tokenization adds BOS (Gemma needs it), generation prompts.
 SETS = {
-    "smollm2": {"model": MODEL, "add_special": False, "prompts": PROMPTS},
+    "smollm2": {"model": MODEL, "add_special": False, "prompts": PROMPTS, "n_predict": 64},
     "gemma3": {"model": os.path.join(ROOT, "models", "gemma-3-270m-deq.gguf"), "add_special": True,
-               "prompts": GEMMA_PROMPTS},
+               "prompts": GEMMA_PROMPTS, "n_predict": 32},
 }
 SET = "smollm2"
 ADD_SPECIAL = False
@@ -100,6 +100,7 @@ def agreement(ref, other):
     d = [abs(a - b) for a, b in zip(ref["target_logprob"], other["target_logprob"])]
     t1 = [abs(a[0] - b[0]) for a, b in zip(ref["top5_logits"], other["top5_logits"])]
     same = sum(a == b for a, b in zip(ref["argmax"], other["argmax"]))
+    n = min(len(ref["argmax"]), len(other["argmax"]))  # other may cover a prefix only
     return {
         "n_batch": other["n_batch"], "kv_type": other["kv_type"], "flash_attn": other["flash_attn"],
         "perplexity": other["perplexity"],
@@ -107,7 +108,7 @@ def agreement(ref, other):
         "max_abs_dlogprob": round(max(d), 5),
         "mean_abs_dtop1_logit": round(sum(t1) / len(t1), 5),
         "max_abs_dtop1_logit": round(max(t1), 5),
-        "argmax_agreement": round(same / len(ref["argmax"]), 5),
+        "argmax_agreement": round(same / n, 5),
     }
 
 
@@ -126,7 +127,7 @@ def dump(obj, path):
           file=sys.stderr)
 
 
-def teacher_forced(tmp, threads, out_dir):
+def teacher_forced(tmp, threads, out_dir, quick=False):
     with open(TEXT, encoding="utf-8") as f:
         text = f.read()
     tok = tokenize(text, tmp)
@@ -136,11 +137,20 @@ def teacher_forced(tmp, threads, out_dir):
     base = ["score", "-m", MODEL, "--tokens-file", path, "-c", str(N_CTX), "-t", str(threads)]
     print("scoring %d tokens (golden configuration) ..." % N_TEACHER, file=sys.stderr)
     ref = run_tool(base + ["-b", "512"] + TIGHT)
-    print("scoring again one token per batch (llama.cpp's decode path) ...", file=sys.stderr)
-    b1 = run_tool(base + ["-b", "1"] + TIGHT)
-    print("scoring again with llama.cpp's defaults (F16 cache, flash attention auto) ...",
-          file=sys.stderr)
-    dflt = run_tool(base + ["-b", "512"])
+    if quick:
+        # The decode path over the first QUICK_SELF tokens only, and no defaults run: for a slow
+        # (loaded) machine. Agreement is then measured on those positions.
+        print("scoring the first %d tokens one token per batch ..." % QUICK_SELF, file=sys.stderr)
+        head = write_tokens(tok["tokens"][:QUICK_SELF], tmp, "teacher_head.json")
+        b1 = run_tool(["score", "-m", MODEL, "--tokens-file", head, "-c", str(N_CTX), "-t", str(threads),
+                       "-b", "1"] + TIGHT)
+        dflt = None
+    else:
+        print("scoring again one token per batch (llama.cpp's decode path) ...", file=sys.stderr)
+        b1 = run_tool(base + ["-b", "1"] + TIGHT)
+        print("scoring again with llama.cpp's defaults (F16 cache, flash attention auto) ...",
+              file=sys.stderr)
+        dflt = run_tool(base + ["-b", "512"])
 
     golden = {
         "description": ref["description"],
@@ -158,7 +168,8 @@ def teacher_forced(tmp, threads, out_dir):
                     "golden; llama.cpp quantizes activations to 8 bits for its quantized matmuls, "
                     "so this is the noise to expect from any faithful engine",
             "decode_path_batch1": agreement(ref, b1),
-            "defaults_f16_cache": agreement(ref, dflt),
+            **({"defaults_f16_cache": agreement(ref, dflt)} if dflt else {}),
+            **({"decode_path_positions": QUICK_SELF} if quick else {}),
         },
         "tokens": ref["tokens"],
         "argmax": ref["argmax"],
@@ -168,6 +179,44 @@ def teacher_forced(tmp, threads, out_dir):
         "top5_logits": ref["top5_logits"],
     }
     dump(golden, os.path.join(out_dir, SET + "_teacher_forced.json"))
+    return golden
+
+
+N_LONG = 20000
+QUICK_SELF = 128
+
+
+def long_context(tmp, threads, out_dir):
+    """Teacher-forced over 20,000 tokens (State of the Union addresses from 2001 on, joined),
+    scored over the second half only: long past any sliding window, global rotary phases large."""
+    names = sorted(f for f in os.listdir(os.path.dirname(TEXT)) if f[:4].isdigit() and int(f[:4]) >= 2001)
+    parts = []
+    for name in names:
+        with open(os.path.join(os.path.dirname(TEXT), name), encoding="utf-8") as f:
+            parts.append(f.read().strip())
+    tok = tokenize("\n\n".join(parts), tmp)
+    if tok["n_tokens"] < N_LONG:
+        sys.exit("the addresses from 2001 on have only %d tokens, need %d" % (tok["n_tokens"], N_LONG))
+    path = write_tokens(tok["tokens"][:N_LONG], tmp, "long.json")
+    print("scoring %d tokens, logits of the second half ..." % N_LONG, file=sys.stderr)
+    ref = run_tool(["score", "-m", MODEL, "--tokens-file", path, "-c", str(N_LONG), "-b", "512",
+                    "-t", str(threads), "--score-from", str(N_LONG // 2)] + TIGHT)
+    golden = {
+        "description": ref["description"],
+        "text_files": names,
+        "note": "tokens = llama.cpp's tokenization of the addresses joined by blank lines (%s), first %d"
+                % ("with BOS" if ADD_SPECIAL else "no BOS", N_LONG),
+        "provenance": provenance(ref),
+        "n_tokens": ref["n_tokens"],
+        "score_from": ref["score_from"],
+        "perplexity": ref["perplexity"],
+        "mean_nll": ref["mean_nll"],
+        "tokens": ref["tokens"],
+        "argmax": ref["argmax"],
+        "target_logprob": ref["target_logprob"],
+        "top2_logits": [t[:2] for t in ref["top5_logits"]],
+    }
+    dump(golden, os.path.join(out_dir, SET + "_long.json"))
     return golden
 
 
@@ -211,10 +260,13 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--out-dir", default=os.path.join(ROOT, "tests", "golden"))
-    ap.add_argument("--only", choices=["teacher", "generate"], help="write just one golden")
-    ap.add_argument("-n", type=int, default=64, help="greedy tokens per prompt")
+    ap.add_argument("--only", choices=["teacher", "generate", "long"],
+                    help="write just one golden (long: 20,000 tokens, not in the default set)")
+    ap.add_argument("-n", type=int, help="greedy tokens per prompt (default: 64 for smollm2, 32 for gemma3)")
     ap.add_argument("--set", choices=sorted(SETS), default="smollm2", help="which model's goldens")
     ap.add_argument("--model", help="model file (default: the set's)")
+    ap.add_argument("--quick", action="store_true",
+                    help="teacher golden: llama.cpp's self-agreement from the first %d tokens only" % QUICK_SELF)
     args = ap.parse_args()
     global SET, MODEL, ADD_SPECIAL
     SET = args.set
@@ -226,12 +278,16 @@ def main():
     os.makedirs(args.out_dir, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         if args.only in (None, "teacher"):
-            g = teacher_forced(tmp, args.threads, args.out_dir)
+            g = teacher_forced(tmp, args.threads, args.out_dir, args.quick)
             print("teacher-forced perplexity %.4f over %d tokens; self-agreement %s"
                   % (g["perplexity"], g["n_tokens"],
                      json.dumps(g["llama_cpp_self_agreement"])), file=sys.stderr)
+        if args.only == "long":
+            g = long_context(tmp, args.threads, args.out_dir)
+            print("second-half perplexity %.4f over positions %d..%d" % (g["perplexity"], g["score_from"],
+                  g["n_tokens"] - 1), file=sys.stderr)
         if args.only in (None, "generate"):
-            g = generate(tmp, args.threads, args.out_dir, args.n)
+            g = generate(tmp, args.threads, args.out_dir, args.n or SETS[SET]["n_predict"])
             for c in g["cases"]:
                 print("%-6s stop=%s stable_prefix=%d/%d %r" % (c["name"], c["stop"],
                       c["stable_prefix"], len(c["tokens"]), c["text"]), file=sys.stderr)
