@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Builds the libFuzzer harnesses (fuzz/*_fuzz.cpp, clang, ASan + UBSan, in build-fuzz/) and runs
 # each for SECONDS (default 30) on its seed corpus (fuzz/corpus/<name>) plus the corpus grown
-# by earlier runs (build-fuzz/corpus/<name>). Exits non-zero on the first crash, leak, timeout
-# or sanitizer report; the input that caused it lands in build-fuzz/artifacts/<name>/.
+# by earlier runs (build-fuzz/corpus/<name>). Exits non-zero if any harness hits a crash, leak,
+# hang or sanitizer report; the input that caused it lands in build-fuzz/artifacts/<name>/
+# (copy it to fuzz/regressions/<name>/ once fixed). Seeds: fuzz/make_seeds.py.
 #   scripts/fuzz.sh [SECONDS] [HARNESS...]     e.g. scripts/fuzz.sh 600 gguf_fuzz
 #   QF_FUZZ_NICE=19     run the fuzzers at low priority (a long campaign beside other work)
 #   QF_FUZZ_PARALLEL=1  run all harnesses at once instead of one after another
+#   QF_FUZZ_TIMEOUT=10  seconds one input may take before it counts as a hang (wall clock: raise
+#                       it on an overloaded machine, where a low-priority fuzzer can wait that long)
 # Each harness's full libFuzzer output is in build-fuzz/<harness>.log.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -22,7 +25,6 @@ if [ -z "$cxx" ]; then
   exit 1
 fi
 [ -f models/SmolLM2-135M-Instruct.Q4_1.gguf ] || scripts/fetch_model.sh
-python3 fuzz/make_seeds.py --out fuzz/corpus
 
 build=build-fuzz
 cmake -S . -B "$build" -G Ninja -DCMAKE_CXX_COMPILER="$cxx" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
@@ -41,7 +43,7 @@ run_one() {  # harness -> its log; exit status of libFuzzer
   mkdir -p "$build/corpus/$name" "$build/artifacts/$name"
   # -timeout: one input taking longer is a hang; -rss_limit_mb: so is unbounded memory.
   nice -n "${QF_FUZZ_NICE:-0}" "$build/fuzz/$h" "$build/corpus/$name" "fuzz/corpus/$name" \
-    -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -max_len=8192 \
+    -max_total_time="$seconds" -timeout="${QF_FUZZ_TIMEOUT:-10}" -rss_limit_mb=2048 -max_len=8192 \
     -artifact_prefix="$build/artifacts/$name/" -print_final_stats=1 >"$build/$h.log" 2>&1
 }
 
