@@ -199,7 +199,7 @@ TEST_F(Gemma3, ChatPromptsMatchTheJinjaTemplate) {
   }
 }
 
-TEST_F(Gemma3, ChatTemplateExactText) {
+TEST(ChatTemplateGemma, ExactText) {
   const ChatTemplate tmpl = ChatTemplate::from_source("gemma");
   const std::vector<ChatMessage> m = {{"system", "Be brief."}, {"user", " Hello! "}, {"assistant", "Hi.\n"}};
   EXPECT_EQ(tmpl.apply(m, true),
@@ -212,14 +212,19 @@ TEST_F(Gemma3, ChatTemplateExactText) {
   EXPECT_EQ(tmpl.apply(std::span<const ChatMessage>{}, true), "<start_of_turn>model\n");
 }
 
-TEST_F(Gemma3, ChatTemplateRejectsRolesOutOfTurn) {
+TEST(ChatTemplateGemma, RolesOutOfTurnAreErrors) {
   const ChatTemplate tmpl = ChatTemplate::from_source("gemma");
   const std::vector<ChatMessage> two_users = {{"user", "a"}, {"user", "b"}};
   EXPECT_THROW(tmpl.apply(two_users, true), Error);
   const std::vector<ChatMessage> assistant_first = {{"system", "s"}, {"assistant", "a"}};
   EXPECT_THROW(tmpl.apply(assistant_first, true), Error);
-  // Jinja source is recognised by its turn marker, as llama.cpp does.
+}
+
+TEST(ChatTemplateGemma, DetectedAfterTheFormatsLlamaCppTriesFirst) {
+  // Jinja source is recognised by its turn marker, after the formats llama.cpp tries first.
   EXPECT_EQ(ChatTemplate::from_source("{{ '<start_of_turn>' + role }}").format(), ChatTemplate::Format::kGemma);
+  EXPECT_EQ(ChatTemplate::from_source("<|im_start|><start_of_turn>").format(), ChatTemplate::Format::kChatML);
+  EXPECT_THROW(ChatTemplate::from_source("[INST] <start_of_turn>"), Error);
 }
 
 TEST_F(Gemma3, EveryByteStringRoundTrips) {

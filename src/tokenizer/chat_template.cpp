@@ -86,6 +86,18 @@ std::string apply_gemma(std::span<const ChatMessage> messages, bool add_generati
   return out;
 }
 
+bool contains(std::string_view s, std::string_view what) { return s.find(what) != std::string_view::npos; }
+
+// Markers of the formats llama.cpp's llm_chat_detect_template tries before Gemma's: a template
+// with one of them is not Gemma's even if it mentions <start_of_turn>.
+bool earlier_format(std::string_view src) {
+  return src.starts_with("mistral") || contains(src, "[INST]") ||
+         (contains(src, "<|assistant|>") && (contains(src, "<|end|>") || contains(src, "<|user|>"))) ||
+         contains(src, "[gMASK]<sop>") ||
+         (contains(src, "<|{{ item['role'] }}|>") && contains(src, "<|begin_of_image|>")) ||
+         (contains(src, "<|user|>") && contains(src, "<|endoftext|>")) || contains(src, "bos_token + message['role']");
+}
+
 bool has_gemma_turn_tokens(const std::vector<std::string>& tokens) {
   bool start = false, end = false;
   for (const std::string& t : tokens) {
@@ -143,16 +155,20 @@ ChatTemplate ChatTemplate::from_source(std::string_view src) {
   if (src.empty()) fail("the model has no chat template (tokenizer.chat_template)");
   ChatTemplate t;
   if (src == "chatml") return t;
-  if (src == "gemma" || src.find(kStartOfTurn) != std::string_view::npos) {
+  if (src == "gemma") {
     t.format_ = Format::kGemma;
     return t;
   }
-  // Detection by content, as llama.cpp does: ChatML uses <|im_start|>; Phi-4 (<|im_sep|>) and
+  // Detection by content, in llama.cpp's order: ChatML uses <|im_start|>; Phi-4 (<|im_sep|>) and
   // SmolVLM (<end_of_utterance>) use it too but are other formats.
-  if (src.find(kImStart) != std::string_view::npos && src.find("<|im_sep|>") == std::string_view::npos &&
-      src.find("<end_of_utterance>") == std::string_view::npos) {
+  const bool im_start = contains(src, kImStart);
+  if (im_start && !contains(src, "<|im_sep|>") && !contains(src, "<end_of_utterance>")) {
     t.format_ = Format::kChatML;
     t.default_system_ = find_default_system(src);
+    return t;
+  }
+  if (!im_start && !earlier_format(src) && contains(src, kStartOfTurn)) {
+    t.format_ = Format::kGemma;
     return t;
   }
   std::string head(src.substr(0, 80));
