@@ -74,7 +74,7 @@ const std::string kSmallMachine = "QF_MEMORY_LIMIT_MB=200";
 
 TEST(CliLimits, ContextWhoseCacheDoesNotFitIsRefused) {
   // SmolLM2: 30 layers x 3 KV heads x 64 x (K + V) x f32 = 45 KiB per token: 352 MiB for 8k.
-  const Result r = run_qf(kSmallMachine, "run -m " + qf::test::smollm2_path() + " -c 8000 -p hi -n 1");
+  const Result r = run_qf(kSmallMachine, "run -m " + qf::test::smollm2_path() + " -c 8000 -p hi -n 1 -ctk f32 -ctv f32");
   expect_refused(r, "a context of 8000 tokens");
   EXPECT_NE(r.err.find("-c"), std::string::npos) << r.err;
 }

@@ -236,8 +236,8 @@ class ServerTest(unittest.TestCase):
 
 class AdmissionAndShutdownTest(unittest.TestCase):
     def test_kv_memory_limit_answers_503(self):
-        # -c 512 full cache: 512 x 30 layers x 3 heads x 64 x 2 x 4 bytes = 22.5 MiB a session.
-        srv = Server("-np", "4", "-c", "512", "-t", "2", "--kv-memory", "30")
+        # -c 512 full f16 cache: 512 x 30 layers x 3 heads x 64 x 2 x 2 bytes = 11.25 MiB a session.
+        srv = Server("-np", "4", "-c", "512", "-t", "2", "--kv-memory", "15")
         try:
             api = srv.client()
             with concurrent.futures.ThreadPoolExecutor(1) as pool:
