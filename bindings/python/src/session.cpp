@@ -107,28 +107,50 @@ class PySession {
     return arr;
   }
 
-  void reset() { session_->reset(); }
+  // The methods below wait for a computation running in another thread (the lock is taken with
+  // the GIL released, as everywhere: a thread computing may need the GIL to check for Ctrl-C).
+  void reset() {
+    nb::gil_scoped_release nogil;
+    std::lock_guard lock(model_.compute);
+    session_->reset();
+  }
 
   nb::dict kv_stats() const {
-    const kv::Cache& c = session_->cache();
+    int64_t n_past, used, reserved, full;
+    std::string policy = "none", summary;
+    kv::CompressionStats st;
+    {
+      nb::gil_scoped_release nogil;
+      std::lock_guard lock(model_.compute);
+      const kv::Cache& c = session_->cache();
+      n_past = session_->n_past();
+      used = c.bytes_used();
+      reserved = c.bytes_reserved();
+      full = c.full_cache_bytes(n_past);
+      if (const kv::Compressor* comp = session_->compressor()) {
+        policy = comp->policy().name();
+        st = comp->stats();
+      }
+      summary = runtime::kv_summary(*session_);
+    }
     nb::dict d;
-    d["n_past"] = session_->n_past();
-    d["bytes_used"] = c.bytes_used();
-    d["bytes_reserved"] = c.bytes_reserved();
-    d["full_cache_bytes"] = c.full_cache_bytes(session_->n_past());
-    const kv::Compressor* comp = session_->compressor();
-    d["policy"] = comp ? std::string(comp->policy().name()) : std::string("none");
-    const kv::CompressionStats st = comp ? comp->stats() : kv::CompressionStats{};
+    d["n_past"] = n_past;
+    d["bytes_used"] = used;
+    d["bytes_reserved"] = reserved;
+    d["full_cache_bytes"] = full;
+    d["policy"] = policy;
     d["evicted"] = st.evicted;
     d["evictions"] = st.evictions;
     d["score_seconds"] = st.score_seconds;
     d["evict_seconds"] = st.evict_seconds;
-    d["summary"] = runtime::kv_summary(*session_);
+    d["summary"] = summary;
     return d;
   }
 
   // Positions each (layer, KV head) holds: [layer][kv_head][slot], increasing.
   std::vector<std::vector<std::vector<int32_t>>> kv_positions() const {
+    nb::gil_scoped_release nogil;
+    std::lock_guard lock(model_.compute);
     const kv::Cache& c = session_->cache();
     std::vector<std::vector<std::vector<int32_t>>> out(c.shape().n_layers);
     for (int l = 0; l < c.shape().n_layers; ++l)
