@@ -6,6 +6,7 @@ import math
 import os
 import shutil
 import tempfile
+import uuid
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -139,8 +140,8 @@ class Filters:
 
     def _file(self) -> str:
         """A qf filter file holding these filters (sessions load filters by path)."""
-        if self.path is None:
-            self.save(os.path.join(_scratch_dir(), f"filters-{id(self):x}.safetensors"))
+        if self.path is None:  # a new name each time: the engine caches filters by file name
+            self.save(os.path.join(_scratch_dir(), f"filters-{uuid.uuid4().hex}.safetensors"))
         return self.path
 
     def __repr__(self) -> str:
