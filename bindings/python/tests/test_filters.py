@@ -94,9 +94,12 @@ def test_export_hf_layout_and_round_trip(tiny, build_dir, tmp_path):
                    check=True, capture_output=True)
     for name in ("model.safetensors", "config.json"):
         assert (tmp_path / "cli" / name).read_bytes() == (tmp_path / "hf" / name).read_bytes()
-    # A foreign file is refused without its layout and sign.
+    # A foreign file is refused without its layout and sign, and qf filters export takes only ours.
     with pytest.raises(qfilters.Error):
         qfilters.Filters.load(tmp_path / "hf" / "model.safetensors")
+    r = subprocess.run([qf, "filters", "export", str(tmp_path / "hf" / "model.safetensors"), str(tmp_path / "x"),
+                        "--layout", "hf"], capture_output=True, text=True)
+    assert r.returncode != 0 and "not a qfilters file" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 def test_filters_object_drives_a_session(tiny):
