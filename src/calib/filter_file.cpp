@@ -276,7 +276,7 @@ void export_hf(const std::string& dir, const Filters& f) {
   const Filters published = from_canonical(f, FilterLayout::kHf, SignConvention::kKeepSmallestDot);
   std::error_code ec;
   std::filesystem::create_directories(dir, ec);
-  if (ec || !std::filesystem::is_directory(dir)) fail(dir, ": cannot create the directory");
+  if (ec || !std::filesystem::is_directory(dir, ec)) fail(dir, ": cannot create the directory");
   // What huggingface_hub's PyTorchModelHubMixin.save_pretrained writes for kvpress's QFilters module.
   write_atomically((std::filesystem::path(dir) / kHfWeightsFile).string(),
                    serialize_tensor(published, json{{"format", "pt"}}));
