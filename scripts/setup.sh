@@ -9,7 +9,8 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 
 apt_packages=(g++ cmake ninja-build pkg-config libhwy-dev libeigen3-dev nlohmann-json3-dev libcli11-dev
-              libgtest-dev libbenchmark-dev libcpp-httplib-dev python3-pip nodejs npm
+              libgtest-dev libbenchmark-dev libcpp-httplib-dev python3-pip python3-dev python3-venv ccache
+              nodejs npm
               clang-19 libfuzzer-19-dev)  # clang + libFuzzer: scripts/fuzz.sh
 missing=()
 for p in "${apt_packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
@@ -25,7 +26,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
-if ! python3 -c "import numpy, gguf, safetensors, matplotlib, openai" 2>/dev/null; then
+if ! python3 -c "import numpy, gguf, safetensors, matplotlib, openai, nanobind, scikit_build_core, pytest" 2>/dev/null; then
   echo "installing Python packages (scripts/requirements.txt)" >&2
   python3 -m pip install -q -r scripts/requirements.txt
 fi

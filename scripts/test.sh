@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test: sets up what is missing, writes the Python fixtures, builds, and runs ctest
-# (C++ unit tests against numpy references, llama.cpp goldens on SmolLM2, CLI tests).
+# (C++ unit tests against numpy references, llama.cpp goldens on SmolLM2, CLI tests), then the
+# Python package's tests (pip install . into a virtual environment, pytest bindings/python/tests).
 #   QF_SANITIZE=1 scripts/test.sh   the same under AddressSanitizer + UBSan (build-asan/)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -24,3 +25,12 @@ cmake -S . -B "$build" -G Ninja "${flags[@]}" >/dev/null
 cmake --build "$build" -j"$(nproc)"
 cd "$build"
 ctest --output-on-failure -j"$(nproc)" --timeout 1800
+cd "$root"
+
+# The Python package: installed (no build isolation: setup.sh installed nanobind and
+# scikit-build-core) into a venv that sees the system's numpy and pytest; QF_TEST_INSTALL=1 also
+# installs it into a fresh venv with pip's isolated build.
+venv="$build/venv"
+[ -x "$venv/bin/python" ] || python3 -m venv --system-site-packages "$venv"
+"$venv/bin/python" -m pip install -q --no-build-isolation .
+QF_BUILD_DIR="$root/$build" QF_TEST_INSTALL="${QF_TEST_INSTALL:-1}" "$venv/bin/python" -m pytest -q bindings/python/tests

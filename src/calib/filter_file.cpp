@@ -206,15 +206,11 @@ void set_calibration_metadata(Filters& f, const CalibrationInfo& info) {
   m["layout"] = to_string(FilterLayout::kGguf);
 }
 
-std::vector<uint8_t> serialize_filters(const Filters& f) {
-  check_consistent(f);
-  json meta = json::object();
-  for (const auto& [k, v] : f.metadata) meta[k] = v;
-  meta["format"] = kFilterFormat;
-  meta["sign_convention"] = to_string(SignConvention::kKeepLargestDot);
-  meta["layout"] = to_string(FilterLayout::kGguf);
-  if (!meta.contains("tool_version")) meta["tool_version"] = QF_VERSION;
+namespace {
 
+// One F32 tensor named q_filters with `meta` as __metadata__, as safetensors writes it.
+std::vector<uint8_t> serialize_tensor(const Filters& f, json meta) {
+  check_consistent(f);
   const uint64_t nbytes = uint64_t(f.data.size()) * 4;
   json tensor = json::object();
   tensor["dtype"] = "F32";
@@ -240,8 +236,8 @@ std::vector<uint8_t> serialize_filters(const Filters& f) {
   return out;
 }
 
-void write_filters(const std::string& path, const Filters& f) {
-  const std::vector<uint8_t> bytes = serialize_filters(f);
+// Writes `bytes` to `path` through a temporary file and a rename, so a reader never sees half a file.
+void write_atomically(const std::string& path, const std::vector<uint8_t>& bytes) {
   const std::string tmp = path + ".tmp";
   {
     std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
@@ -260,6 +256,34 @@ void write_filters(const std::string& path, const Filters& f) {
     std::filesystem::remove(tmp, ec);
     fail(path, ": cannot rename the temporary file into place");
   }
+}
+
+}  // namespace
+
+std::vector<uint8_t> serialize_filters(const Filters& f) {
+  json meta = json::object();
+  for (const auto& [k, v] : f.metadata) meta[k] = v;
+  meta["format"] = kFilterFormat;
+  meta["sign_convention"] = to_string(SignConvention::kKeepLargestDot);
+  meta["layout"] = to_string(FilterLayout::kGguf);
+  if (!meta.contains("tool_version")) meta["tool_version"] = QF_VERSION;
+  return serialize_tensor(f, std::move(meta));
+}
+
+void write_filters(const std::string& path, const Filters& f) { write_atomically(path, serialize_filters(f)); }
+
+void export_hf(const std::string& dir, const Filters& f) {
+  const Filters published = from_canonical(f, FilterLayout::kHf, SignConvention::kKeepSmallestDot);
+  std::error_code ec;
+  std::filesystem::create_directories(dir, ec);
+  if (ec || !std::filesystem::is_directory(dir, ec)) fail(dir, ": cannot create the directory");
+  // What huggingface_hub's PyTorchModelHubMixin.save_pretrained writes for kvpress's QFilters module.
+  write_atomically((std::filesystem::path(dir) / kHfWeightsFile).string(),
+                   serialize_tensor(published, json{{"format", "pt"}}));
+  const json config = {{"num_layers", f.n_layers}, {"num_kv_heads", f.n_kv_heads}, {"kv_head_dim", f.head_dim}};
+  const std::string text = config.dump(2) + "\n";
+  write_atomically((std::filesystem::path(dir) / kHfConfigFile).string(),
+                   std::vector<uint8_t>(text.begin(), text.end()));
 }
 
 StoredFilters parse_filters(std::span<const uint8_t> bytes, std::string_view name) {

@@ -47,6 +47,15 @@ std::vector<uint8_t> serialize_filters(const Filters& f);
 // Writes serialize_filters(f) to `path` through a temporary file and a rename.
 void write_filters(const std::string& path, const Filters& f);
 
+// Files of a Hugging Face directory of filters (what kvpress's QFilters.from_pretrained loads).
+inline constexpr std::string_view kHfWeightsFile = "model.safetensors";
+inline constexpr std::string_view kHfConfigFile = "config.json";
+// Writes canonical filters as the published nthngdy/q-filters checkpoints are: DIR/model.safetensors
+// (tensor q_filters [n_layers, n_kv_heads, head_dim], F32, Hugging Face row order, sign
+// keep_smallest_dot, metadata {"format": "pt"}) and DIR/config.json (QFilters' constructor
+// arguments). The inverse of load_filters(DIR/model.safetensors, ..., {kHf, kKeepSmallestDot}).
+void export_hf(const std::string& dir, const Filters& f);
+
 // The tensor and metadata exactly as stored (no conversion, no expectations). F16 and BF16 data
 // are widened to float; other dtypes are an error. `name` only labels error messages.
 struct StoredFilters {

@@ -186,6 +186,15 @@ void hf_to_gguf_head(const float* hf, float* gguf, int head_dim) {
   }
 }
 
+void gguf_to_hf_head(const float* gguf, float* hf, int head_dim) {
+  if (head_dim <= 0 || head_dim % 2 != 0) fail("filters: HF layout needs an even head_dim, got ", head_dim);
+  const int half = head_dim / 2;
+  for (int i = 0; i < half; ++i) {
+    hf[i] = gguf[2 * i];
+    hf[i + half] = gguf[2 * i + 1];
+  }
+}
+
 Filters to_canonical(const Filters& in, FilterLayout layout, SignConvention sign) {
   if (in.data.size() != size_t(in.n_layers) * size_t(in.n_kv_heads) * size_t(in.head_dim) || in.data.empty())
     fail("filters: data size ", in.data.size(), " does not match shape ", in.n_layers, "x", in.n_kv_heads, "x",
@@ -205,6 +214,23 @@ Filters to_canonical(const Filters& in, FilterLayout layout, SignConvention sign
     out.metadata["converted_from"] = std::string(to_string(layout)) + "/" + std::string(to_string(sign));
   out.metadata["layout"] = to_string(FilterLayout::kGguf);
   out.metadata["sign_convention"] = to_string(SignConvention::kKeepLargestDot);
+  return out;
+}
+
+Filters from_canonical(const Filters& canonical, FilterLayout layout, SignConvention sign) {
+  const Filters& in = canonical;
+  if (in.data.size() != size_t(in.n_layers) * size_t(in.n_kv_heads) * size_t(in.head_dim) || in.data.empty())
+    fail("filters: data size ", in.data.size(), " does not match shape ", in.n_layers, "x", in.n_kv_heads, "x",
+         in.head_dim);
+  Filters out = in;
+  const float s = sign == SignConvention::kKeepSmallestDot ? -1.0f : 1.0f;
+  for (int l = 0; l < in.n_layers; ++l) {
+    for (int h = 0; h < in.n_kv_heads; ++h) {
+      float* dst = out.at(l, h);
+      if (layout == FilterLayout::kHf) gguf_to_hf_head(in.at(l, h), dst, in.head_dim);
+      for (int d = 0; d < in.head_dim; ++d) dst[d] *= s;
+    }
+  }
   return out;
 }
 

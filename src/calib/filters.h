@@ -119,8 +119,14 @@ SignConvention parse_sign_convention(std::string_view s);    // also accepts '-'
 // One head: gguf[2i] = hf[i], gguf[2i+1] = hf[i + d/2]. head_dim must be even. in != out.
 void hf_to_gguf_head(const float* hf, float* gguf, int head_dim);
 
+// The inverse: gguf[2i] -> hf[i], gguf[2i+1] -> hf[i + d/2]. head_dim must be even. in != out.
+void gguf_to_hf_head(const float* gguf, float* hf, int head_dim);
+
 // Returns `in` converted to canonical form (GGUF order, keep largest dot); metadata is copied and
 // its sign_convention / layout entries updated, plus "converted_from" when anything changed.
 Filters to_canonical(const Filters& in, FilterLayout layout, SignConvention sign);
+// The inverse of to_canonical: canonical filters written in `layout` row order with `sign`'s
+// meaning, so that to_canonical(from_canonical(f, l, s), l, s) == f. Metadata is copied as is.
+Filters from_canonical(const Filters& canonical, FilterLayout layout, SignConvention sign);
 
 }  // namespace qf::calib

@@ -17,6 +17,7 @@
 #include "calib/filter_file.h"
 #include "calib/filters.h"
 #include "calib/report.h"
+#include "calib/recipe.h"
 #include "cli/commands.h"
 #include "cli/common.h"
 #include "eval/corpus.h"
@@ -32,42 +33,9 @@ namespace {
 using nlohmann::json;
 namespace fs = std::filesystem;
 
-// Openings in varied registers (story, news, science, code, letters, dialogue, lists, maths, law)
-// so that text sampled from them covers more than one kind of prose.
-const char* const kSeedPrompts[] = {
-    "The history of the city begins",
-    "Once upon a time, in a small village,",
-    "Abstract. We study the problem of",
-    "def parse_config(path):\n",
-    "Dear Mr. Thompson,\n\nThank you for your letter of",
-    "Q: What is the best way to learn a new language?\nA:",
-    "Ingredients:\n- 2 cups of flour\n",
-    "BREAKING NEWS: Officials confirmed on Tuesday that",
-    "Chapter 1\n\nThe rain had not stopped for three days when",
-    "In mathematics, a prime number is",
-    "The committee met on the morning of",
-    "#include <stdio.h>\n\nint main(void) {\n",
-    "Section 2. Definitions. For the purposes of this Act,",
-    "Here are five tips for staying healthy during the winter:\n1.",
-    "\"Where are you going?\" she asked.",
-    "The experiment was repeated with a larger sample,",
-    "Photosynthesis is the process by which",
-    "My grandfather used to tell me stories about",
-    "The quarterly report shows that revenue",
-    "To install the package, run the following command:",
-    "The river flows through the valley and",
-    "Ladies and gentlemen, it is an honor to",
-    "The following table summarizes the results of",
-    "She opened the old wooden box and found",
-};
-
-// Defaults. With text files: the reference's 20 documents of 2048 tokens. Sampled text costs a
-// decoding step per token, so one document of 2048 tokens with a new seed prompt every 256: the
-// filters depend far more on the range of positions the queries are taken at (rotary phases) than
-// on the text, so on SmolLM2-135M this is at cosine 0.994 to natural-text filters (20 x 2048 SOTU
-// addresses), while 4 x 512 sampled tokens are at 0.93 and 2 x 1024 at 0.97.
-constexpr int kTextDocs = 20, kTextDocLen = 2048;
-constexpr int kGenDocs = 1, kGenDocLen = 2048, kGenSegment = 256;
+using calib::kSeedPrompts;
+constexpr int kTextDocs = calib::kTextDocs, kTextDocLen = calib::kTextDocLen;
+constexpr int kGenDocs = calib::kSampledDocs, kGenDocLen = calib::kSampledDocLen, kGenSegment = calib::kSampledSegment;
 
 struct CalibrateOptions {
   ModelOptions model;
@@ -322,6 +290,10 @@ struct ImportOptions {
   std::string input, output, model, layout, sign;
 };
 
+struct ExportOptions {
+  std::string input, output_dir, layout;
+};
+
 calib::LoadOptions foreign_options(const std::string& layout, const std::string& sign) {
   calib::LoadOptions lo;
   if (!layout.empty()) lo.layout = calib::parse_filter_layout(layout);
@@ -432,6 +404,17 @@ int import_filters(const ImportOptions& o) {
   return 0;
 }
 
+// Our filters in the layout of the published checkpoints, for GPU engines (kvpress's QFilterPress).
+int export_filters(const ExportOptions& o) {
+  if (o.layout != "hf") fail("qf filters export: --layout must be hf");
+  const calib::LoadedFilters lf = load_any(o.input, nullptr, {});  // refuses files not made by qf
+  calib::export_hf(o.output_dir, lf.filters);
+  std::fprintf(stderr, "wrote %s/{%s,%s} (%d x %d x %d, Hugging Face row order, sign keep_smallest_dot)\n",
+               o.output_dir.c_str(), std::string(calib::kHfWeightsFile).c_str(), std::string(calib::kHfConfigFile).c_str(),
+               lf.filters.n_layers, lf.filters.n_kv_heads, lf.filters.head_dim);
+  return 0;
+}
+
 }  // namespace
 
 void register_calibrate(CLI::App& app) {
@@ -489,8 +472,17 @@ void register_filters(CLI::App& app) {
       ->required()->check(CLI::IsMember({"keep_largest_dot", "keep_smallest_dot"}));
   imp->callback([io] { import_filters(*io); });
 
+  auto eo = std::make_shared<ExportOptions>();
+  CLI::App* exp = cmd->add_subcommand("export", "write filters for GPU engines: the layout of the published "
+                                                "nthngdy/q-filters checkpoints (kvpress QFilterPress)");
+  exp->add_option("input", eo->input, "qf filter file")->required()->check(CLI::ExistingFile);
+  exp->add_option("output_dir", eo->output_dir, "directory to write (model.safetensors, config.json)")->required();
+  exp->add_option("--layout", eo->layout, "target layout: hf (Hugging Face checkpoints)")
+      ->required()->check(CLI::IsMember({"hf"}));
+  exp->callback([eo] { export_filters(*eo); });
+
   cmd->callback([o, cmd] {
-    if (cmd->got_subcommand("import")) return;
+    if (cmd->got_subcommand("import") || cmd->got_subcommand("export")) return;
     show_filters(*o);
   });
 }

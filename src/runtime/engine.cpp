@@ -75,9 +75,16 @@ std::unique_ptr<Session> Engine::new_session(const KvOptions& kv, int n_ctx) {
   so.n_threads = options_.n_threads;
   so.n_batch = options_.n_batch;
   so.pool = pool_.get();
-  so.kv_types = kv_types(options_);
+  so.kv_types = session_kv_types(kv);
   so.compressor = make_compressor(kv);
   return std::make_unique<Session>(*model_, std::move(so));
+}
+
+kv::KvTypes Engine::session_kv_types(const KvOptions& kv) const {
+  ModelOptions o = options_;
+  if (!kv.cache_type_k.empty()) o.cache_type_k = kv.cache_type_k;
+  if (!kv.cache_type_v.empty()) o.cache_type_v = kv.cache_type_v;
+  return kv_types(o);
 }
 
 int64_t Engine::session_kv_bytes(const KvOptions& kv, int n_ctx) {
@@ -86,7 +93,7 @@ int64_t Engine::session_kv_bytes(const KvOptions& kv, int n_ctx) {
   int64_t slots = 0;
   for (int cap : Session::cache_capacity(*model_, comp.get(), n_ctx > 0 ? n_ctx : this->n_ctx(), options_.n_batch))
     slots += cap;
-  const kv::KvTypes types = kv_types(options_);
+  const kv::KvTypes types = session_kv_types(kv);
   return slots * c.n_kv_heads *
          static_cast<int64_t>(kv::kv_row_bytes(types.k, c.head_dim) + kv::kv_row_bytes(types.v, c.head_dim));
 }

@@ -41,6 +41,9 @@ struct KvOptions {
   float ratio = 0.0f;
   int skip_layers = 0;
   uint64_t seed = 0;
+  // Storage types of this session's keys and values; "" = the engine's (-ctk / -ctv).
+  std::string cache_type_k;
+  std::string cache_type_v;
 
   bool operator==(const KvOptions&) const = default;
 };
@@ -68,6 +71,7 @@ class Engine {
 
  private:
   std::unique_ptr<kv::Compressor> make_compressor(const KvOptions& kv);
+  kv::KvTypes session_kv_types(const KvOptions& kv) const;
   const std::vector<float>& filters(const KvOptions& kv);
 
   ModelOptions options_;
