@@ -27,8 +27,13 @@ def test_metadata_and_tokenizer(smollm):
     assert "<|im_start|>user\nHi!<|im_end|>" in text and text.endswith("<|im_start|>assistant\n")
 
 
+# Exact comparisons use an f32 KV cache (the default is f16, as llama.cpp's and the CLI's).
+F32_CACHE = qfilters.KVConfig(policy="none", cache_type_k="f32", cache_type_v="f32")
+
+
 def test_eval_equals_engine_tool(smollm, build_dir):
-    """Session.eval's logits are the C++ engine's, bit for bit (tests/tools/dump_logits, 1 thread)."""
+    """Session.eval's logits are the C++ engine's, bit for bit (tests/tools/dump_logits, 1 thread,
+    f32 KV cache as the tool uses)."""
     tool = build_dir / "dump_logits"
     if not tool.exists():
         pytest.skip("build/dump_logits missing (cmake --build build --target dump_logits)")
@@ -36,7 +41,7 @@ def test_eval_equals_engine_tool(smollm, build_dir):
     out = subprocess.run([str(tool), smollm.metadata["path"], ",".join(map(str, tokens))], check=True,
                          capture_output=True, text=True).stdout
     want = np.array(json.loads(out), dtype=np.float32)
-    s = qfilters.Session(smollm, n_ctx=256)
+    s = qfilters.Session(smollm, kv=F32_CACHE, n_ctx=256)
     got = s.eval(tokens, all_logits=True)
     assert got.shape == (len(tokens), smollm.n_vocab) and got.dtype == np.float32
     np.testing.assert_array_equal(got, want)
@@ -55,7 +60,7 @@ def test_eval_against_numpy_reference(fixtures_dir):
     path = fixtures_dir / "llama_f32_gqa_tied.gguf"
     tokens = [int(t) for t in np.random.default_rng(0).integers(0, 300, 40)]
     want = reference.forward(reference.load(str(path)), tokens)
-    got = qfilters.Session(qfilters.Model(path, threads=1)).eval(tokens, all_logits=True)
+    got = qfilters.Session(qfilters.Model(path, threads=1), kv=F32_CACHE).eval(tokens, all_logits=True)
     assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
 
 
