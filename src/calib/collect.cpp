@@ -261,4 +261,25 @@ std::vector<std::vector<int32_t>> synthesize_documents(Session& session, const s
   return docs;
 }
 
+std::vector<std::vector<int32_t>> cut_documents(const std::vector<std::vector<int32_t>>& texts, int n_docs,
+                                                int doc_len) {
+  std::vector<std::vector<int32_t>> docs;
+  for (size_t piece = 0; static_cast<int>(docs.size()) < n_docs; ++piece) {
+    bool any = false;
+    for (const auto& t : texts) {
+      const size_t begin = piece * static_cast<size_t>(doc_len);
+      // Pieces after the first must be worth a document (a quarter of the length at least).
+      if (begin >= t.size() || (piece > 0 && t.size() - begin < static_cast<size_t>(doc_len) / 4)) continue;
+      const size_t end = std::min(t.size(), begin + doc_len);
+      if (end - begin < 2) continue;
+      docs.emplace_back(t.begin() + begin, t.begin() + end);
+      any = true;
+      if (static_cast<int>(docs.size()) == n_docs) break;
+    }
+    if (!any) break;
+  }
+  if (docs.empty()) fail("the calibration text is empty after tokenization");
+  return docs;
+}
+
 }  // namespace qf::calib

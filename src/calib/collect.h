@@ -124,4 +124,10 @@ std::vector<std::vector<int32_t>> synthesize_documents(Session& session, const s
                                                        const SampleFn& sample, QueryCollector* collector = nullptr,
                                                        const ProgressFn& progress = {});
 
+// Calibration documents of at most doc_len tokens from tokenized texts: each text's first piece,
+// then, while fewer than n_docs, the second pieces of texts long enough, then the third, ...
+// (a later piece must hold a quarter of doc_len). Throws qf::Error when nothing is left.
+std::vector<std::vector<int32_t>> cut_documents(const std::vector<std::vector<int32_t>>& texts, int n_docs,
+                                                int doc_len);
+
 }  // namespace qf::calib

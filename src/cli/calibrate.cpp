@@ -74,23 +74,7 @@ std::vector<std::vector<int32_t>> text_documents(const std::vector<eval::Documen
     tokens.push_back(tok.encode(files[i].text, /*add_special=*/true, /*parse_special=*/false));
     used_files += (used_files.empty() ? "" : ",") + files[i].name;
   }
-  std::vector<std::vector<int32_t>> docs;
-  for (size_t piece = 0; static_cast<int>(docs.size()) < n_docs; ++piece) {
-    bool any = false;
-    for (const auto& t : tokens) {
-      const size_t begin = piece * static_cast<size_t>(doc_len);
-      // Pieces after the first must be worth a document (a quarter of the length at least).
-      if (begin >= t.size() || (piece > 0 && t.size() - begin < static_cast<size_t>(doc_len) / 4)) continue;
-      const size_t end = std::min(t.size(), begin + doc_len);
-      if (end - begin < 2) continue;
-      docs.emplace_back(t.begin() + begin, t.begin() + end);
-      any = true;
-      if (static_cast<int>(docs.size()) == n_docs) break;
-    }
-    if (!any) break;
-  }
-  if (docs.empty()) fail("the calibration text is empty after tokenization");
-  return docs;
+  return calib::cut_documents(tokens, n_docs, doc_len);
 }
 
 std::string fmt(const char* f, double v) {

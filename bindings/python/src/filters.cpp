@@ -87,22 +87,7 @@ std::vector<std::vector<int32_t>> text_documents(const Tokenizer& tok, const std
                                                  int n_docs, int doc_len) {
   std::vector<std::vector<int32_t>> tokens;
   for (const std::string& t : texts) tokens.push_back(tok.encode(t, /*add_special=*/true, /*parse_special=*/false));
-  std::vector<std::vector<int32_t>> docs;
-  for (size_t piece = 0; static_cast<int>(docs.size()) < n_docs; ++piece) {
-    bool any = false;
-    for (const auto& t : tokens) {
-      const size_t begin = piece * static_cast<size_t>(doc_len);
-      if (begin >= t.size() || (piece > 0 && t.size() - begin < static_cast<size_t>(doc_len) / 4)) continue;
-      const size_t end = std::min(t.size(), begin + doc_len);
-      if (end - begin < 2) continue;
-      docs.emplace_back(t.begin() + begin, t.begin() + end);
-      any = true;
-      if (static_cast<int>(docs.size()) == n_docs) break;
-    }
-    if (!any) break;
-  }
-  if (docs.empty()) fail("the calibration text is empty after tokenization");
-  return docs;
+  return calib::cut_documents(tokens, n_docs, doc_len);
 }
 
 // Progress on stderr and Ctrl-C between chunks (the callback runs on the calling thread).
