@@ -100,7 +100,11 @@ async def one(api, model, prompt, gen):
         if chunk.choices and chunk.choices[0].text and ttft is None:
             ttft = time.perf_counter() - t0
         n += 1
-    return ttft or (time.perf_counter() - t0), time.perf_counter() - t0
+    end = time.perf_counter() - t0
+    ttft = ttft or end
+    # this session's own decode speed: the tokens after the first over the time they took
+    decode_tok_s = (n - 1) / (end - ttft) if n > 1 and end > ttft else 0.0
+    return ttft, end, decode_tok_s
 
 
 async def run_load(port, model, batch, gen):
@@ -135,8 +139,8 @@ def main():
                                            "--kv-window", str(a.window), "--kv-evict-every", "16"])]
     rows = []
     print(f"# load average at start: {os.getloadavg()}", flush=True)
-    print("| KV cache | sessions | prompt tok | gen tok | aggregate gen tok/s | TTFT p50 s | TTFT p99 s | peak RSS MiB | KV reserved MiB | KV full-cache MiB |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| KV cache | sessions | prompt tok | gen tok | aggregate gen tok/s | aggregate decode tok/s | TTFT p50 s | TTFT p99 s | peak RSS MiB | KV reserved MiB | KV full-cache MiB |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, kv in configs:
         for n in sessions:
             srv = Server(a.qf, a.model, ["-np", str(n), "-c", str(ctx), "-t", str(a.threads), "--max-queued", str(n), *kv])
@@ -145,7 +149,8 @@ def main():
 
                 def tokenize(s):
                     req = urllib.request.Request(f"http://127.0.0.1:{srv.port}/tokenize",
-                                                 data=json.dumps({"content": s}).encode(), method="POST")
+                                                 data=json.dumps({"content": s}).encode(), method="POST",
+                                                 headers={"Content-Type": "application/json"})
                     return json.loads(urllib.request.urlopen(req, timeout=60).read())["tokens"]
 
                 batch = prompts(n, a.prompt_tokens, tokenize)
@@ -154,11 +159,13 @@ def main():
                 ttfts = [r[0] for r in results]
                 row = {"kv": name, "sessions": n, "prompt_tokens": a.prompt_tokens, "gen": a.gen,
                        "aggregate_gen_tok_s": m["tokens_generated_total"] / wall, "wall_s": wall,
+                       # sum of every session's own decode speed (tokens after its first / their time)
+                       "aggregate_decode_tok_s": sum(r[2] for r in results),
                        "ttft_p50_s": statistics.median(ttfts), "ttft_p99_s": pct(ttfts, 0.99),
                        "peak_rss_mib": srv.peak_rss, "kv_reserved_mib": m["kv_bytes_reserved"] / 2**20,
                        "kv_full_mib": m["kv_bytes_full_cache"] / 2**20, "load_avg": os.getloadavg()}
                 rows.append(row)
-                print(f"| {name} | {n} | {a.prompt_tokens} | {a.gen} | {row['aggregate_gen_tok_s']:.1f} | "
+                print(f"| {name} | {n} | {a.prompt_tokens} | {a.gen} | {row['aggregate_gen_tok_s']:.1f} | {row['aggregate_decode_tok_s']:.1f} | "
                       f"{row['ttft_p50_s']:.2f} | {row['ttft_p99_s']:.2f} | {row['peak_rss_mib']:.0f} | "
                       f"{row['kv_reserved_mib']:.1f} | {row['kv_full_mib']:.1f} |", flush=True)
             finally:

@@ -26,6 +26,18 @@ void send_json(httplib::Response& res, int status, const json& body) {
 
 void send_error(httplib::Response& res, const HttpError& e) { send_json(res, e.status, error_body(e)); }
 
+// Errors cpp-httplib raises before a handler runs. Debian's cpp-httplib is a compiled library
+// that caps bodies labelled application/x-www-form-urlencoded (what `curl -d` sends) at 8 KiB,
+// so a long prompt sent that way is refused; say how to send it instead.
+std::string transport_error_message(const httplib::Request& req, int status) {
+  if (status == 404) return "no such endpoint";
+  if (status != 413) return "bad request";
+  if (req.get_header_value("Content-Type").starts_with("application/x-www-form-urlencoded"))
+    return "the request body is too large for Content-Type application/x-www-form-urlencoded (8 KiB, the "
+           "default of curl -d): send it with Content-Type: application/json";
+  return "the request body is too large";
+}
+
 json parse_body(const httplib::Request& req) {
   try {
     return json::parse(req.body);
@@ -91,12 +103,8 @@ struct Server::Impl {
     http.Get("/metrics", guarded([this](const httplib::Request&, httplib::Response& res) { metrics(res); }));
     http.Get("/slots", guarded([this](const httplib::Request&, httplib::Response& res) { send_json(res, 200, sched.slots_json()); }));
     http.Post(R"(/slots/(\d+))", guarded([this](const httplib::Request& req, httplib::Response& res) { slot_action(req, res); }));
-    http.set_error_handler([](const httplib::Request&, httplib::Response& res) {
-      if (res.body.empty()) {
-        const std::string what = res.status == 404 ? "no such endpoint" : res.status == 413 ? "the request body is too large"
-                                                                                              : "bad request";
-        send_error(res, HttpError(res.status, what));
-      }
+    http.set_error_handler([](const httplib::Request& req, httplib::Response& res) {
+      if (res.body.empty()) send_error(res, HttpError(res.status, transport_error_message(req, res.status)));
     });
     http.set_payload_max_length(32u << 20);
     const int threads = opt.http_threads > 0 ? opt.http_threads : opt.scheduler.n_slots + opt.scheduler.max_queued + 4;

@@ -115,6 +115,24 @@ class ServerTest(unittest.TestCase):
         self.assertEqual([m.id for m in models.data], [MODEL_ID])
         self.assertEqual(self.srv.request("GET", "/health"), (200, {"status": "ok"}))
 
+    def test_long_body_sent_as_form_data_says_how_to_send_it(self):
+        # curl -d labels bodies application/x-www-form-urlencoded, which the HTTP library caps at
+        # 8 KiB: the 413 must say what to do; the same body as application/json is served.
+        text = "the union is strong " * 1500  # 30 KB
+        for content_type, want in (("application/x-www-form-urlencoded", 413), ("application/json", 200)):
+            conn = http.client.HTTPConnection("127.0.0.1", self.srv.port, timeout=120)
+            conn.request("POST", "/tokenize", body=json.dumps({"content": text}).encode(),
+                         headers={"Content-Type": content_type})
+            r = conn.getresponse()
+            body = json.loads(r.read())
+            conn.close()
+            self.assertEqual(r.status, want, body)
+            if want == 413:
+                self.assert_error(r.status, body, 413)
+                self.assertIn("Content-Type: application/json", body["error"]["message"])
+            else:
+                self.assertGreater(len(body["tokens"]), 4000)
+
     def test_chat_usage_counts_match_the_tokenizer(self):
         messages = [{"role": "user", "content": "Write a long essay about the history of the ocean."}]
         r = self.api.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=12, temperature=0)
