@@ -2,9 +2,11 @@
 """Load generator for qf serve: N concurrent sessions, each a long prompt (State of the Union
 text) and a fixed number of generated tokens, for each KV configuration, side by side in one run.
 
-For every (configuration, N) it starts a fresh server on 127.0.0.1, fires N streaming
-completions at once (asyncio + the openai client), and reports aggregate generated tokens/s,
-time to first token (p50/p99), the server's peak resident memory and the KV bytes it held.
+For every (configuration, N) it starts a fresh server on 127.0.0.1 and, with the openai client
+(asyncio), runs two phases: N new prompts at once (time to first token p50/p99, prefill tok/s),
+then every session continues its own prompt from its cache and generates `--gen` tokens with
+all N decoding together (aggregate decode tok/s, as llama.cpp's batched-bench counts it). It
+reports the server's peak resident memory and the KV bytes it held, in use and reserved.
 
   scripts/bench_server.py --sessions 1,4,16 --prompt-tokens 4096 --gen 256 \
       --filters models/SmolLM2-135M-Instruct.qfilters.safetensors --json results/bench_server.json
@@ -47,10 +49,18 @@ class Server:
                 break
         if self.port is None:
             raise RuntimeError("qf serve did not start: " + "".join(log))
+        # keep reading the server's log so it never blocks on a full pipe; the tail is kept for errors
+        self.log = log
+        threading.Thread(target=self._drain_log, daemon=True).start()
         self.peak_rss = rss_mib(self.proc.pid)
         self._stop = False
         self._sampler = threading.Thread(target=self._sample_rss, daemon=True)
         self._sampler.start()
+
+    def _drain_log(self):
+        for line in self.proc.stderr:
+            self.log.append(line)
+            del self.log[:-200]
 
     def _sample_rss(self):
         while not self._stop:
@@ -69,49 +79,52 @@ class Server:
         self._stop = True
         self.proc.send_signal(signal.SIGTERM)
         self.proc.wait(120)
-        self.proc.stderr.close()
 
 
 def prompts(n, n_tokens, tokenize):
-    """n different prompts of about n_tokens tokens each, cut from the addresses after 2000."""
+    """n different prompts (token ids) of about n_tokens tokens each, cut from the addresses after
+    2000 and ending in an instruction, so a continuation is a natural text."""
     files = sorted(glob.glob(os.path.join(ROOT, "data", "sotu", "*.txt")))
     files = [f for f in files if int(os.path.basename(f)[:4]) >= 2000] or files
     text = " ".join(open(f, encoding="utf-8").read() for f in files)
     words = text.split()
+    tail = tokenize("\n\nSummary:")
     out, i = [], 0
-    per = int(n_tokens * 0.7)  # about 1.3-1.4 tokens a word; trimmed below
+    per = int(n_tokens * 0.7)  # about 1.3-1.4 tokens a word; cut to size below
     for _ in range(n):
-        chunk = " ".join(words[i:i + per])
+        ids = tokenize(" ".join(words[i:i + per]))[: n_tokens - len(tail)]
         i = (i + per) % max(1, len(words) - per)
-        ids = tokenize(chunk)
-        while len(ids) > n_tokens:
-            chunk = chunk[: int(len(chunk) * n_tokens / len(ids) * 0.98)]
-            ids = tokenize(chunk)
-        out.append(chunk + "\n\nSummary:")
+        out.append(ids + tail)
     return out
 
 
-async def one(api, model, prompt, gen):
+async def request(api, model, prompt, slot, max_tokens):
+    """One streaming completion on a given slot. Returns (time to first token, total time, this
+    request's decode speed: tokens after the first over the time they took, usage)."""
     t0 = time.perf_counter()
-    ttft, n = None, 0
-    stream = await api.completions.create(model=model, prompt=prompt, max_tokens=gen, temperature=0.8, seed=1,
-                                          stream=True, extra_body={"n_predict": gen})
+    ttft, n, usage = None, 0, None
+    stream = await api.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0.8, seed=slot + 1,
+                                          stream=True, stream_options={"include_usage": True},
+                                          extra_body={"id_slot": slot, "ignore_eos": True, "cache_prompt": True})
     async for chunk in stream:
-        if chunk.choices and chunk.choices[0].text and ttft is None:
-            ttft = time.perf_counter() - t0
-        n += 1
+        if chunk.usage is not None:
+            usage = chunk.usage
+        if chunk.choices and chunk.choices[0].text:
+            ttft = ttft or time.perf_counter() - t0
+            n += 1
     end = time.perf_counter() - t0
     ttft = ttft or end
-    # this session's own decode speed: the tokens after the first over the time they took
     decode_tok_s = (n - 1) / (end - ttft) if n > 1 and end > ttft else 0.0
-    return ttft, end, decode_tok_s
+    return ttft, end, decode_tok_s, usage
 
 
-async def run_load(port, model, batch, gen):
-    api = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", timeout=3600, max_retries=0)
+async def run_phase(port, model, batch, max_tokens):
+    api = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", timeout=7200, max_retries=0)
     t0 = time.perf_counter()
-    results = await asyncio.gather(*(one(api, model, p, gen) for p in batch))
-    return results, time.perf_counter() - t0
+    results = await asyncio.gather(*(request(api, model, p, slot, max_tokens) for slot, p in enumerate(batch)))
+    wall = time.perf_counter() - t0
+    await api.close()
+    return results, wall
 
 
 def pct(xs, q):
@@ -139,8 +152,8 @@ def main():
                                            "--kv-window", str(a.window), "--kv-evict-every", "16"])]
     rows = []
     print(f"# load average at start: {os.getloadavg()}", flush=True)
-    print("| KV cache | sessions | prompt tok | gen tok | aggregate gen tok/s | aggregate decode tok/s | TTFT p50 s | TTFT p99 s | peak RSS MiB | KV reserved MiB | KV full-cache MiB |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| KV cache | sessions | prompt tok | gen tok | TTFT p50 s | TTFT p99 s | prefill tok/s | aggregate decode tok/s | decode tok/s per session | peak RSS MiB | KV in use MiB | KV reserved MiB | KV full-cache MiB |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, kv in configs:
         for n in sessions:
             srv = Server(a.qf, a.model, ["-np", str(n), "-c", str(ctx), "-t", str(a.threads), "--max-queued", str(n), *kv])
@@ -154,20 +167,37 @@ def main():
                     return json.loads(urllib.request.urlopen(req, timeout=60).read())["tokens"]
 
                 batch = prompts(n, a.prompt_tokens, tokenize)
-                results, wall = asyncio.run(run_load(srv.port, os.path.basename(a.model), batch, a.gen))
+                # Phase 1, prefill: N new prompts arrive at once (one token each), as a burst of
+                # new conversations does. Phase 2, decode: each slot continues its own prompt
+                # (the prompt's cache is reused, checked below) and generates `gen` tokens, so
+                # all N sessions decode together, as llama.cpp's batched-bench measures it.
+                first, wall1 = asyncio.run(run_phase(srv.port, os.path.basename(a.model), batch, 1))
+                suffix = tokenize(" In short,")
+                second, wall2 = asyncio.run(run_phase(srv.port, os.path.basename(a.model),
+                                                      [p + suffix for p in batch], a.gen))
+                reused = [r[3].prompt_tokens_details.cached_tokens if r[3] and r[3].prompt_tokens_details else 0
+                          for r in second]
+                if min(reused) < min(len(p) for p in batch):
+                    raise RuntimeError(f"the decode phase did not reuse the prompts' caches: {reused}")
                 m = srv.metrics()
-                ttfts = [r[0] for r in results]
+                ttfts = [r[0] for r in first]
+                generated = sum(r[3].completion_tokens for r in second)
                 row = {"kv": name, "sessions": n, "prompt_tokens": a.prompt_tokens, "gen": a.gen,
-                       "aggregate_gen_tok_s": m["tokens_generated_total"] / wall, "wall_s": wall,
-                       # sum of every session's own decode speed (tokens after its first / their time)
-                       "aggregate_decode_tok_s": sum(r[2] for r in results),
                        "ttft_p50_s": statistics.median(ttfts), "ttft_p99_s": pct(ttfts, 0.99),
+                       "prefill_tok_s": sum(len(p) for p in batch) / wall1,
+                       "aggregate_decode_tok_s": generated / wall2,
+                       "decode_tok_s_per_session": statistics.mean(r[2] for r in second),
                        "peak_rss_mib": srv.peak_rss, "kv_reserved_mib": m["kv_bytes_reserved"] / 2**20,
+                       "kv_in_use_mib": m["kv_bytes_used"] / 2**20,
                        "kv_full_mib": m["kv_bytes_full_cache"] / 2**20, "load_avg": os.getloadavg()}
                 rows.append(row)
-                print(f"| {name} | {n} | {a.prompt_tokens} | {a.gen} | {row['aggregate_gen_tok_s']:.1f} | {row['aggregate_decode_tok_s']:.1f} | "
-                      f"{row['ttft_p50_s']:.2f} | {row['ttft_p99_s']:.2f} | {row['peak_rss_mib']:.0f} | "
-                      f"{row['kv_reserved_mib']:.1f} | {row['kv_full_mib']:.1f} |", flush=True)
+                print(f"| {name} | {n} | {a.prompt_tokens} | {a.gen} | {row['ttft_p50_s']:.2f} | {row['ttft_p99_s']:.2f} | "
+                      f"{row['prefill_tok_s']:.0f} | {row['aggregate_decode_tok_s']:.1f} | {row['decode_tok_s_per_session']:.1f} | "
+                      f"{row['peak_rss_mib']:.0f} | {row['kv_in_use_mib']:.1f} | {row['kv_reserved_mib']:.1f} | "
+                      f"{row['kv_full_mib']:.1f} |", flush=True)
+            except Exception:
+                print(f"server exit code {srv.proc.poll()}; its last log lines:\n" + "".join(srv.log[-20:]), file=sys.stderr)
+                raise
             finally:
                 srv.stop()
     if a.json:

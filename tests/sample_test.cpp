@@ -124,6 +124,20 @@ TEST(Sampler, PenaltiesForgetTokensThatLeaveTheWindow) {
   EXPECT_EQ(s.sample(logits), 0);
 }
 
+TEST(Sampler, BannedTokensAreNeverSampled) {
+  const std::vector<float> logits = {0.0f, 5.0f, 4.0f, 1.0f};
+  SamplerOptions greedy = plain(0.0f);
+  greedy.banned = {1};
+  EXPECT_EQ(Sampler(greedy).sample(logits), 2);  // the best token is banned: the next one
+  SamplerOptions hot = plain(1.0f);
+  hot.banned = {1, 2, 99};                        // an id outside the vocabulary is ignored
+  Sampler s(hot);
+  const auto counts = draw(s, logits, 2000);
+  EXPECT_EQ(counts.count(1), 0u);
+  EXPECT_EQ(counts.count(2), 0u);
+  EXPECT_GT(counts.at(3), counts.at(0));          // the rest keep their softmax order
+}
+
 TEST(Sampler, SameSeedSameDraws) {
   const std::vector<float> logits{0.1f, 0.2f, 0.3f, 0.4f, 0.5f};
   SamplerOptions o = plain(1.0f);

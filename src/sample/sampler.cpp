@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 
 #include "util/error.h"
 
@@ -65,9 +66,12 @@ void Sampler::apply_penalties(std::vector<float>& logits) const {
 int32_t Sampler::sample(std::span<const float> logits) {
   if (logits.empty()) fail("sampling from empty logits");
   std::span<const float> l = logits;
-  if (opt_.penalties_on() && !counts_.empty()) {
+  const bool penalise = opt_.penalties_on() && !counts_.empty();
+  if (penalise || !opt_.banned.empty()) {
     work_.assign(logits.begin(), logits.end());
-    apply_penalties(work_);
+    if (penalise) apply_penalties(work_);
+    for (int32_t t : opt_.banned)
+      if (t >= 0 && t < static_cast<int32_t>(work_.size())) work_[t] = -std::numeric_limits<float>::infinity();
     l = work_;
   }
   if (opt_.temperature <= 0.0f) return argmax(l);

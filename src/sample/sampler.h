@@ -22,6 +22,7 @@ struct SamplerOptions {
   float presence_penalty = 0.0f;   // subtracted once from every token seen in the window
   float frequency_penalty = 0.0f;  // subtracted per occurrence in the window
   uint64_t seed = 0;
+  std::vector<int32_t> banned;     // never sampled (e.g. end-of-generation tokens for ignore_eos)
 
   bool penalties_on() const {
     return repeat_last_n > 0 && (repeat_penalty != 1.0f || presence_penalty != 0.0f || frequency_penalty != 0.0f);

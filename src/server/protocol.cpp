@@ -194,6 +194,7 @@ CompletionRequest parse_completion(const json& body, bool chat, const SamplerOpt
   }
   r.cache_prompt = get_bool(body, "cache_prompt").value_or(true);
   r.id_slot = static_cast<int>(get_int(body, "id_slot", -1, INT32_MAX).value_or(-1));
+  r.ignore_eos = get_bool(body, "ignore_eos").value_or(false);
   r.kv = parse_kv(body, server_kv);
   return r;
 }

@@ -44,6 +44,7 @@ struct CompletionRequest {
   bool include_usage = false;          // stream_options.include_usage: a last chunk with usage
   bool cache_prompt = true;            // reuse a slot's cache for a common prefix (llama.cpp)
   int id_slot = -1;                    // ask for a slot (llama.cpp); -1 = any
+  bool ignore_eos = false;             // never sample end-of-generation tokens (llama.cpp)
   std::optional<runtime::KvOptions> kv;  // per-request KV settings (extension fields kv_*)
 };
 

@@ -296,6 +296,7 @@ bool Scheduler::admit(Slot& slot, const std::shared_ptr<Job>& job) {
   slot.usage = Usage{static_cast<int>(job->tokens.size()), 0, static_cast<int>(slot.prompt_done)};
   SamplerOptions so = r.sampling;
   if (!r.seed_given) so.seed = random_seed();
+  if (r.ignore_eos) so.banned = tok_.eog_ids();
   slot.sampler.emplace(so);
   for (int32_t t : job->tokens) slot.sampler->accept(t);
   slot.decoder.emplace(tok_, /*render_special=*/false);

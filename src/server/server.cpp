@@ -7,6 +7,8 @@
 #include <optional>
 #include <sstream>
 
+#include <sys/socket.h>
+
 #include "tokenizer/chat_template.h"
 #include "tokenizer/tokenizer.h"
 #include "util/error.h"
@@ -296,8 +298,16 @@ Server::~Server() = default;
 
 int Server::bind() {
   const ServerOptions& o = impl_->opt;
-  if (o.port == 0) return impl_->http.bind_to_any_port(o.host);
-  return impl_->http.bind_to_port(o.host, o.port) ? o.port : -1;
+  // cpp-httplib (compiled into Debian's library) listens with a backlog of 5: 64 clients
+  // connecting at once overflow it. Keep the socket and listen again with the system's maximum.
+  int listener = -1;
+  impl_->http.set_socket_options([&listener](socket_t sock) {
+    httplib::default_socket_options(sock);
+    listener = static_cast<int>(sock);
+  });
+  const int port = o.port == 0 ? impl_->http.bind_to_any_port(o.host) : (impl_->http.bind_to_port(o.host, o.port) ? o.port : -1);
+  if (port >= 0 && listener >= 0) ::listen(listener, SOMAXCONN);
+  return port;
 }
 
 void Server::serve() { impl_->http.listen_after_bind(); }

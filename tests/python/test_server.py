@@ -163,6 +163,17 @@ class ServerTest(unittest.TestCase):
             self.assertEqual(len(finals), 1)
             self.assertEqual(chunks[-1].usage.completion_tokens, 16)
 
+    def test_ignore_eos_generates_max_tokens(self):
+        messages = [{"role": "user", "content": "Say hello."}]
+        short = self.api.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=200, temperature=0)
+        self.assertEqual(short.choices[0].finish_reason, "stop")  # the answer ends itself
+        self.assertLess(short.usage.completion_tokens, 200)
+        long = self.api.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=200, temperature=0,
+                                                extra_body={"ignore_eos": True})
+        self.assertEqual(long.choices[0].finish_reason, "length")
+        self.assertEqual(long.usage.completion_tokens, 200)
+        self.assertNotIn("<|im_end|>", long.choices[0].message.content)
+
     def test_same_seed_same_text_and_stop_strings(self):
         kw = dict(model=MODEL_ID, prompt="Once upon a time", max_tokens=24, temperature=0.9, seed=11)
         a = self.api.completions.create(**kw).choices[0].text
