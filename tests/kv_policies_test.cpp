@@ -10,6 +10,7 @@
 #include <numeric>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "kv/attention.h"
@@ -436,7 +437,8 @@ TEST(QueryMoments, RopeGeometryRotatesAndAverages) {
   // The sparse closed form equals the dense mean, far from position 0 too, for both pairings.
   for (bool adjacent : {false, true}) {
     g.adjacent = adjacent;
-    for (auto [p0, n] : {std::pair<int64_t, int>{100, 5}, {8000, 512}, {0, 1}}) {
+    const std::vector<std::pair<int64_t, int>> ranges{{100, 5}, {8000, 512}, {0, 1}};
+    for (const auto& [p0, n] : ranges) {
       const std::vector<double> dense = g.mean_rotation(0, p0, n, 8);
       const RopeGeometry::PairMatrix sp = g.mean_pair_rotation(0, p0, n, 8);
       for (int i = 0; i < 8; ++i)
