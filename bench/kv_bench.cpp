@@ -91,7 +91,9 @@ void BM_AttendWithStats(benchmark::State& state) {
 BENCHMARK(BM_AttendWithStats)->ArgsProduct({{512, 8192}, {0, 1, 2}})->Unit(benchmark::kMicrosecond);
 
 const std::vector<std::string>& bench_policies() {
-  static const std::vector<std::string> names = {"qfilters", "knorm", "streaming", "random", "snapkv", "tova", "h2o"};
+  static const std::vector<std::string> names = {"qfilters", "knorm",           "streaming",          "random",
+                                                 "snapkv",   "tova",            "h2o",                "expected_attention",
+                                                 "qfilters+layer", "expected_attention+layer"};
   return names;
 }
 
@@ -124,6 +126,16 @@ struct RoundSetup {
         if (!hc.attn_last.empty()) hc.attn_last[j] = u(rng);
       }
     }
+    if (!cache->query_moments.empty()) {  // expected_attention: moments of earlier queries, Llama's rotary
+      cache->rope.n_rot = kDim;
+      cache->rope.inv_freq.assign(1, std::vector<double>(kDim / 2));
+      for (int i = 0; i < kDim / 2; ++i) cache->rope.inv_freq[0][i] = std::pow(10000.0, -2.0 * i / kDim);
+      std::vector<float> q(kHeads * kDim);
+      for (int t = 0; t < kBudget; ++t) {
+        for (auto& x : q) x = nd(rng);
+        cache->query_moments[0].add(q.data(), kHeads, kDim);
+      }
+    }
     for (auto& x : k) x = nd(rng);
     for (auto& x : v) x = nd(rng);
   }
@@ -141,7 +153,7 @@ void BM_Score(benchmark::State& state) {
     benchmark::DoNotOptimize(scores.data());
   }
 }
-BENCHMARK(BM_Score)->DenseRange(0, 6)->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_Score)->DenseRange(0, 9)->Unit(benchmark::kMicrosecond);
 
 // Scoring from stored keys of each type. Args: 0 qfilters / 1 knorm, KV type index (kv_types()).
 void BM_ScoreTypes(benchmark::State& state) {
@@ -173,6 +185,6 @@ void BM_ScoreAndEvict(benchmark::State& state) {
   }
   if (s.comp->stats().evictions != state.iterations()) state.SkipWithError("expected one eviction per step");
 }
-BENCHMARK(BM_ScoreAndEvict)->DenseRange(0, 6)->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_ScoreAndEvict)->DenseRange(0, 9)->Unit(benchmark::kMicrosecond);
 
 }  // namespace

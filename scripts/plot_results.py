@@ -37,6 +37,7 @@ COLORS = {
     "snapkv": "#9467bd",
     "tova": "#ff7f0e",
     "h2o": "#8c564b",
+    "expected_attention": "#e377c2",
 }
 LABELS = {"none": "full cache"}
 
@@ -52,6 +53,27 @@ def label(p: str) -> str:
 def load(path: Path):
     with path.open() as f:
         return json.load(f)
+
+
+def as_list(x):
+    return x if isinstance(x, list) else [x]
+
+
+def niah_primary(d: dict) -> dict:
+    """The needle results of the first (digits, skip_layers) setting, the shape the plots draw;
+    older files (one setting, no such keys) pass through."""
+    st = d["settings"]
+    digits, skip = as_list(st.get("digits", 7))[0], as_list(st.get("skip_layers", 2))[0]
+
+    def mine(r):
+        if "digits" not in r:
+            return True
+        return r["digits"] == digits and (r["skip_layers"] == skip or r["policy"] == "none")
+    out = dict(d)
+    out["results"] = [r for r in d["results"] if mine(r)]
+    out["grid"] = [g for g in d["grid"] if mine(g)]
+    out["settings"] = dict(st, skip_layers=skip, digits=digits)
+    return out
 
 
 def save(fig, out: Path, name: str, fmt: str) -> Path:
@@ -165,7 +187,8 @@ def plot_niah(d: dict, out: Path, fmt: str) -> list[Path]:
     comps = d["settings"]["compressions"]
     grid = {}
     for g in d["grid"]:
-        grid.setdefault((g["policy"], g["compression"]), {})[(g["length"], round(g["depth"], 3))] = 1.0 if g["correct"] else 0.0
+        grid.setdefault((g["policy"], g["compression"]), {})[(g["length"], round(g["depth"], 3))] = (
+            g["accuracy"] if "accuracy" in g else (1.0 if g["correct"] else 0.0))
     panels = [(p, 1) for p in d["policies"] if p == "none"] + [(p, x) for p in d["policies"] if p != "none" for x in comps]
     panels = [k for k in panels if k in grid]
     if panels:
@@ -278,7 +301,8 @@ def markdown_tables(res: Path) -> str:
         st = d["settings"]
         out.append(f"**Streaming perplexity** ({len(d['docs'])} documents x {st['n_tokens']} tokens, window "
                    f"{st['window']}, eviction every {st['evict_every']} token(s)): perplexity of the tokens after "
-                   "the budget; gap ratio in brackets (0 = full cache, 1 = StreamingLLM).\n")
+                   "the budget; gap ratio in brackets (0 = full cache, 1 = StreamingLLM) with its 95% bootstrap "
+                   "interval over the documents.\n")
         out.append("| policy | " + " | ".join(f"B={b}" for b in budgets) + " |")
         out.append("|---|" + "---:|" * len(budgets))
         for p in pols:
@@ -289,6 +313,10 @@ def markdown_tables(res: Path) -> str:
                     cells.append("-")
                 elif p == "none":
                     cells.append(fmt(r["ppl_after_budget"]))
+                elif "gap_ratio_after_budget_ci" in r:
+                    lo, hi = r["gap_ratio_after_budget_ci"]
+                    cells.append(f'{fmt(r["ppl_after_budget"])} ({fmt(r["gap_ratio_after_budget"], "{:+.2f}")} '
+                                 f'[{fmt(lo, "{:.2f}")}, {fmt(hi, "{:.2f}")}])')
                 else:
                     cells.append(f'{fmt(r["ppl_after_budget"])} ({fmt(r["gap_ratio_after_budget"], "{:+.2f}")})')
             out.append(f"| {label(p)} | " + " | ".join(cells) + " |")
@@ -301,7 +329,8 @@ def markdown_tables(res: Path) -> str:
                                                       for b in budgets) + " |")
         out.append("")
     if (res / "niah.json").exists():
-        d = load(res / "niah.json")
+        full_d = load(res / "niah.json")
+        d = niah_primary(full_d)
         comps = d["settings"]["compressions"]
         lengths = d["lengths"]
         get = {(r["policy"], r["compression"]): r for r in d["results"]}
@@ -327,6 +356,20 @@ def markdown_tables(res: Path) -> str:
                     continue
                 out.append(f"| {label(p)} | " + " | ".join(
                     fmt(get[(p, x)].get("number_kept"), "{:.0%}") if (p, x) in get else "-" for x in comps) + " |")
+            out.append("")
+        if any("accuracy_ci" in r for r in full_d["results"]):
+            seeds = full_d["settings"].get("seeds", [])
+            out.append(f"Every setting ({len(seeds)} needle seed(s) x {len(lengths)} length(s) x {len(d['depths'])} "
+                       "depth(s) per cell): exact match with its 95% bootstrap interval over the prompts, and partial "
+                       "credit (share of the number's leading digits answered right).\n")
+            out.append("| digits | skip | policy | x | exact match | 95% interval | partial | needle kept |")
+            out.append("|---:|---:|---|---:|---:|---|---:|---:|")
+            for r in full_d["results"]:
+                ci = r["accuracy_ci"]
+                out.append(f'| {r["digits"]} | {r["skip_layers"] if r["policy"] != "none" else "-"} | {label(r["policy"])} | '
+                           f'{r["compression"]} | {fmt(r["accuracy"], "{:.0%}")} | '
+                           f'[{fmt(ci[0], "{:.0%}")}, {fmt(ci[1], "{:.0%}")}] | {fmt(r.get("partial"), "{:.0%}")} | '
+                           f'{fmt(r.get("number_kept"), "{:.0%}")} |')
             out.append("")
         out.append("Accuracy per context length, averaged over the compressions (full cache: uncompressed):\n")
         out.append("| policy | " + " | ".join(str(L) for L in lengths) + " |")
@@ -375,7 +418,7 @@ def main(argv=None) -> int:
     if (a.results / "ppl.json").exists():
         made += plot_ppl(load(a.results / "ppl.json"), a.out, a.format, a.smoothing)
     if (a.results / "niah.json").exists():
-        made += plot_niah(load(a.results / "niah.json"), a.out, a.format)
+        made += plot_niah(niah_primary(load(a.results / "niah.json")), a.out, a.format)
     if (a.results / "fidelity.json").exists() and (a.results / "fidelity_heads.csv").exists():
         made += plot_fidelity(load(a.results / "fidelity.json"), a.results / "fidelity_heads.csv", a.out, a.format)
     if not made:

@@ -16,6 +16,7 @@
 #include "calib/filters.h"
 #include "eval/corpus.h"
 #include "eval/niah.h"
+#include "kv/policy.h"
 #include "model/model.h"
 #include "model/session.h"
 #include "test_paths.h"
@@ -121,7 +122,8 @@ TEST_F(CliEval, QuickPerplexity) {
   EXPECT_FALSE(j["run"]["time"].get<std::string>().empty());
   EXPECT_EQ(j["run"]["cache_type_k"], "f16");  // llama.cpp's default KV storage
   EXPECT_EQ(j["run"]["cache_type_v"], "f16");
-  const std::vector<std::string> want{"none", "qfilters", "knorm", "streaming", "random", "snapkv", "tova", "h2o"};
+  const std::vector<std::string> want{"none", "qfilters", "knorm", "streaming", "random",
+                                      "snapkv", "tova", "h2o", "expected_attention"};
   EXPECT_EQ(j["policies"].get<std::vector<std::string>>(), want);
   double full = 0;
   for (const auto& row : j["results"])
@@ -136,6 +138,9 @@ TEST_F(CliEval, QuickPerplexity) {
     EXPECT_LT(p, full * 3.0);  // and a budget of 128 should not wreck the model either
     EXPECT_EQ(row["n_targets_after_budget"], 512 - 1 - 128);
     if (row["policy"] != "none") { EXPECT_GT(row["evicted"].get<int64_t>(), 0); }
+    // One document: the bootstrap interval is the estimate itself.
+    EXPECT_NEAR(row["ppl_after_budget_ci"][0].get<double>(), p, 1e-9 * p);
+    EXPECT_NEAR(row["ppl_after_budget_ci"][1].get<double>(), p, 1e-9 * p);
   }
   EXPECT_NE(r.out.find("qfilters"), std::string::npos);
   std::printf("qf eval ppl --quick: %.1f s\n", secs);
@@ -163,8 +168,9 @@ TEST_F(CliEval, QuickNeedleAndFidelity) {
   ASSERT_EQ(r.exit_code, 0) << r.err;
   for (const char* f : {"niah.jsonl", "niah.json", "niah.csv", "niah_grid.csv"}) EXPECT_TRUE(fs::exists(out / f)) << f;
   const json n = read_json(out / "niah.json");
-  // 3 depths x (full + 7 policies x 2 compressions).
-  EXPECT_EQ(n["grid"].size(), 3u * (1 + 7 * 2));
+  // 3 depths x (full + every policy x 2 compressions).
+  const size_t n_policies = qf::kv::policy_names().size() - 1;
+  EXPECT_EQ(n["grid"].size(), 3u * (1 + n_policies * 2));
   for (const auto& row : n["results"]) {
     if (row["policy"] == "none") { EXPECT_GE(row["accuracy"].get<double>(), 2.0 / 3.0) << "the full cache should find the needle"; }
     // Share of the needle's number tokens still cached: all of them uncompressed, at most all otherwise.

@@ -90,6 +90,49 @@ TEST(Metrics, AnswerMatching) {
   EXPECT_EQ(digit_runs("a 12, b 3.4 c 5. 6"), (std::vector<std::string>{"12", "34", "5", "6"}));
 }
 
+TEST(Metrics, PartialCreditCountsCorrectLeadingDigits) {
+  EXPECT_DOUBLE_EQ(leading_digits_credit(" 716.", "7162423"), 3.0 / 7);  // a correct prefix
+  EXPECT_DOUBLE_EQ(leading_digits_credit(" 7162423.", "7162423"), 1.0);
+  EXPECT_DOUBLE_EQ(leading_digits_credit("7,162,423", "7162423"), 1.0);
+  EXPECT_DOUBLE_EQ(leading_digits_credit(" 11", "7162423"), 0.0);         // a guess
+  EXPECT_DOUBLE_EQ(leading_digits_credit("1 or 71624", "7162423"), 5.0 / 7);  // the best run counts
+  EXPECT_DOUBLE_EQ(leading_digits_credit(" 71624239", "7162423"), 1.0);   // not exact, all leading digits right
+  EXPECT_FALSE(answer_matches(" 71624239", "7162423"));
+  EXPECT_DOUBLE_EQ(leading_digits_credit("no digits", "7162423"), 0.0);
+  EXPECT_DOUBLE_EQ(leading_digits_credit("123", ""), 0.0);
+}
+
+TEST(Metrics, BootstrapIntervalOfAMean) {
+  // 100 units, 40 ones and 60 zeros: the mean's standard error is sqrt(.4 * .6 / 100) = 0.049, so
+  // the 95% percentile interval is about 0.4 -+ 1.96 * 0.049 = [0.304, 0.496].
+  std::vector<double> x(100, 0.0);
+  std::fill(x.begin(), x.begin() + 40, 1.0);
+  auto mean_of = [&](std::span<const int> ix) {
+    double s = 0;
+    for (int i : ix) s += x[i];
+    return s / static_cast<double>(ix.size());
+  };
+  const Interval ci = bootstrap_ci(100, mean_of, 4000);
+  EXPECT_NEAR(ci.lo, 0.304, 0.02);
+  EXPECT_NEAR(ci.hi, 0.496, 0.02);
+  // Deterministic (fixed seed), and narrower at a lower level.
+  const Interval again = bootstrap_ci(100, mean_of, 4000);
+  EXPECT_EQ(ci.lo, again.lo);
+  EXPECT_EQ(ci.hi, again.hi);
+  const Interval narrow = bootstrap_ci(100, mean_of, 4000, 0.5);
+  EXPECT_GT(narrow.lo, ci.lo);
+  EXPECT_LT(narrow.hi, ci.hi);
+  // Identical units: no spread. One unit: the statistic itself.
+  const Interval same = bootstrap_ci(5, [](std::span<const int>) { return 2.5; });
+  EXPECT_EQ(same.lo, 2.5);
+  EXPECT_EQ(same.hi, 2.5);
+  // Mostly undefined statistics, or no units: no interval.
+  EXPECT_TRUE(std::isnan(bootstrap_ci(10, [](std::span<const int>) { return NAN; }).lo));
+  EXPECT_TRUE(std::isnan(bootstrap_ci(0, mean_of).hi));
+  EXPECT_THROW(bootstrap_ci(10, mean_of, 0), Error);
+  EXPECT_THROW(bootstrap_ci(10, mean_of, 100, 1.0), Error);
+}
+
 TEST(Niah, AnswerCompleteAndNumbers) {
   EXPECT_FALSE(answer_complete(""));
   EXPECT_FALSE(answer_complete(" The"));
@@ -111,6 +154,17 @@ TEST(Niah, AnswerCompleteAndNumbers) {
   EXPECT_DOUBLE_EQ(st.depths()[10], 100.0);
   EXPECT_EQ(effective_lengths(st, 8192), (std::vector<int>{1024, 2048, 4096, 8192 - st.answer_tokens()}));
   st.compressions = {1};
+  EXPECT_THROW(st.validate(), Error);
+  st.compressions = {4};
+  st.digits = {3, 7};
+  EXPECT_EQ(st.answer_tokens(), 15);  // the longest number + 8
+  st.digits = {};
+  EXPECT_THROW(st.validate(), Error);
+  st.digits = {7};
+  st.seeds = {};
+  EXPECT_THROW(st.validate(), Error);
+  st.seeds = {1};
+  st.skip_layers = {2, -1};
   EXPECT_THROW(st.validate(), Error);
 }
 
@@ -567,6 +621,50 @@ TEST_F(Tiny, FidelityCellsAreSpearmanOfPolicyScoreAndTarget) {
   EXPECT_EQ(sum.json["qfilters_beats_knorm"]["heads"], c.n_layers * c.n_kv_heads);
   for (const auto& r : sum.json["results"])
     EXPECT_EQ(r["circular"].get<bool>(), r["policy"] == "snapkv" || r["policy"] == "tova" || r["policy"] == "h2o");
+}
+
+// The summary groups answers by (digits, skip, policy, compression) over lengths, depths and
+// seeds, with partial credit beside exact match and an interval over the prompts.
+TEST(Niah, SummaryGroupsSeedsDigitsAndSkips) {
+  TempDir dir;
+  NiahSettings st;
+  st.lengths = {512};
+  st.n_depths = 2;
+  st.compressions = {4};
+  st.skip_layers = {2, 20};
+  st.digits = {3};
+  st.seeds = {1, 2};
+  CellLog log((dir.path / "n.jsonl").string(), st.to_json(), false);
+  auto add = [&](int di, uint64_t seed, const std::string& policy, int x, int skip, const std::string& answer) {
+    const std::string key = "512|" + std::to_string(di) + "|s" + std::to_string(seed) + "|d3|" + policy + "|x" +
+                            std::to_string(x) + "|k" + std::to_string(skip);
+    log.add(key, {{"correct", answer == "123"}, {"partial", leading_digits_credit(answer, "123")}, {"number_kept", 0.5}});
+  };
+  for (int di = 0; di < 2; ++di)
+    for (uint64_t seed : {1u, 2u}) {
+      add(di, seed, "none", 1, 0, "123");
+      add(di, seed, "knorm", 4, 2, di == 0 ? "123" : "12");  // right at depth 0, a prefix at depth 1
+      add(di, seed, "knorm", 4, 20, "123");
+    }
+  const NiahSummary sum = summarize_niah(log, st, {"none", "knorm"}, 8192);
+  ASSERT_EQ(sum.json["results"].size(), 3u);  // none once, knorm per skip
+  for (const auto& r : sum.json["results"]) {
+    EXPECT_EQ(r["n"], 4);
+    EXPECT_EQ(r["digits"], 3);
+    if (r["policy"] == "knorm" && r["skip_layers"] == 2) {
+      EXPECT_DOUBLE_EQ(r["accuracy"].get<double>(), 0.5);
+      EXPECT_NEAR(r["partial"].get<double>(), (1.0 + 2.0 / 3) / 2, 1e-4);
+      EXPECT_LE(r["accuracy_ci"][0].get<double>(), 0.5);
+      EXPECT_GE(r["accuracy_ci"][1].get<double>(), 0.5);
+      EXPECT_LT(r["accuracy_ci"][0].get<double>(), r["accuracy_ci"][1].get<double>());
+    } else {
+      EXPECT_DOUBLE_EQ(r["accuracy"].get<double>(), 1.0);
+      EXPECT_EQ(r["accuracy_ci"][0].get<double>(), 1.0);
+    }
+  }
+  // Grid: one row per (group, length, depth), seeds averaged.
+  EXPECT_EQ(sum.json["grid"].size(), 3u * 2);
+  EXPECT_NE(sum.csv.find("3,2,knorm,4,all,0.5"), std::string::npos) << sum.csv;
 }
 
 }  // namespace

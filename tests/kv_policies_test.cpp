@@ -10,6 +10,7 @@
 #include <numeric>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "kv/attention.h"
@@ -391,6 +392,190 @@ TEST(Policies, H2OMatchesKvpressObservedAttentionOnAPrefill) {
       EXPECT_NEAR(s[j], want, 1e-6) << kvh << " " << j;
     }
   }
+}
+
+
+// ---------------------------------------------------------------------------------------------
+// Expected Attention and layer-consistent selection
+
+// One pair's rotation written out as a matrix, independently of RopeGeometry: pair i of a
+// half-split (neox) layout is (i, i + n_rot/2).
+std::vector<std::vector<double>> neox_rotation(int d, int n_rot, const std::vector<double>& inv_freq, double pos) {
+  std::vector<std::vector<double>> r(d, std::vector<double>(d, 0.0));
+  for (int i = 0; i < d; ++i) r[i][i] = 1.0;
+  for (int i = 0; i < n_rot / 2; ++i) {
+    const int a = i, b = i + n_rot / 2;
+    const double th = pos * inv_freq[i];
+    r[a][a] = std::cos(th), r[a][b] = -std::sin(th), r[b][a] = std::sin(th), r[b][b] = std::cos(th);
+  }
+  return r;
+}
+
+TEST(QueryMoments, RopeGeometryRotatesAndAverages) {
+  RopeGeometry g{.n_rot = 6, .adjacent = false, .inv_freq = {{0.5, 0.1, 0.01}}};
+  std::mt19937 rng(3);
+  std::normal_distribution<float> nd;
+  std::vector<float> v(8), w;
+  for (auto& x : v) x = nd(rng);
+  w = v;
+  g.rotate(0, 37, w.data());
+  const auto r = neox_rotation(8, 6, g.inv_freq[0], 37);
+  for (int i = 0; i < 8; ++i) {
+    double s = 0;
+    for (int j = 0; j < 8; ++j) s += r[i][j] * v[j];
+    EXPECT_NEAR(w[i], s, 1e-5);
+  }
+  g.rotate(0, -37, w.data());  // undoes it
+  for (int i = 0; i < 8; ++i) EXPECT_NEAR(w[i], v[i], 1e-5);
+  const std::vector<double> m = g.mean_rotation(0, 100, 5, 8);
+  for (int i = 0; i < 8; ++i)
+    for (int j = 0; j < 8; ++j) {
+      double s = 0;
+      for (int p = 100; p < 105; ++p) s += neox_rotation(8, 6, g.inv_freq[0], p)[i][j] / 5;
+      EXPECT_NEAR(m[i * 8 + j], s, 1e-12) << i << "," << j;
+    }
+  // The sparse closed form equals the dense mean, far from position 0 too, for both pairings.
+  for (bool adjacent : {false, true}) {
+    g.adjacent = adjacent;
+    const std::vector<std::pair<int64_t, int>> ranges{{100, 5}, {8000, 512}, {0, 1}};
+    for (const auto& [p0, n] : ranges) {
+      const std::vector<double> dense = g.mean_rotation(0, p0, n, 8);
+      const RopeGeometry::PairMatrix sp = g.mean_pair_rotation(0, p0, n, 8);
+      for (int i = 0; i < 8; ++i)
+        for (int j = 0; j < 8; ++j) {
+          const double want = (j == i ? sp.diag[i] : 0.0) + (j == sp.partner[i] && j != i ? sp.off[i] : 0.0);
+          EXPECT_NEAR(dense[i * 8 + j], want, 1e-9) << p0 << " " << i << "," << j;
+        }
+    }
+  }
+  QueryMoments q;
+  q.add(v.data(), 2, 4);
+  EXPECT_THROW(q.add(v.data(), 4, 2), Error);  // another shape
+}
+
+TEST(Policies, ExpectedAttentionMatchesADirectComputation) {
+  const int d = 8, nkv = 2, n_heads = 4, group = 2, T = 40, n_q = 30, future = 16, n_rot = 6;
+  const std::vector<double> inv_freq{0.5, 0.1, 0.01};
+  std::mt19937 rng(17);
+  std::normal_distribution<float> nd;
+  Cache c({1, nkv, d}, {T}, {.query_moments = true});
+  c.rope = {.n_rot = n_rot, .adjacent = false, .inv_freq = {inv_freq}};
+  std::vector<float> k(size_t(T) * nkv * d), v(k.size());
+  for (auto& x : k) x = nd(rng);
+  for (auto& x : v) x = nd(rng);
+  std::vector<int32_t> pos(T);
+  std::iota(pos.begin(), pos.end(), 0);
+  c.append(0, k.data(), v.data(), pos.data(), T);
+  // A ragged cache: head 1 lost a few positions (a sink among them).
+  std::vector<int> keep;
+  for (int i = 0; i < T; ++i)
+    if (i % 7 != 2) keep.push_back(i);
+  c.retain(0, 1, keep);
+  // Pre-rotary queries with a non-zero mean, so both terms matter.
+  std::vector<std::vector<double>> qs(size_t(n_q) * n_heads, std::vector<double>(d));
+  for (int t = 0; t < n_q; ++t) {
+    std::vector<float> row(size_t(n_heads) * d);
+    for (int h = 0; h < n_heads; ++h)
+      for (int i = 0; i < d; ++i) row[h * d + i] = nd(rng) * (1.0f + 0.3f * i) + (i == h ? 2.0f : 0.0f);
+    c.query_moments[0].add(row.data(), n_heads, d);
+    for (int h = 0; h < n_heads; ++h)
+      for (int i = 0; i < d; ++i) qs[size_t(t) * n_heads + h][i] = row[h * d + i];
+  }
+  PolicyOptions o;
+  o.ea_future_positions = future;
+  auto p = make_policy("expected_attention", o);
+  EXPECT_TRUE(p->needs(o).query_moments);
+
+  // Mean rotation over the positions after the newest key.
+  std::vector<std::vector<double>> R(d, std::vector<double>(d, 0.0));
+  for (int f = 0; f < future; ++f) {
+    const auto r = neox_rotation(d, n_rot, inv_freq, T + f);
+    for (int i = 0; i < d; ++i)
+      for (int j = 0; j < d; ++j) R[i][j] += r[i][j] / future;
+  }
+  for (int h = 0; h < nkv; ++h) {
+    const HeadCache& hc = c.head(0, h);
+    std::vector<double> want(hc.n, 0.0);
+    for (int g = 0; g < group; ++g) {
+      const int qh = h * group + g;
+      std::vector<double> mu(d, 0.0);
+      for (int t = 0; t < n_q; ++t)
+        for (int i = 0; i < d; ++i) mu[i] += qs[size_t(t) * n_heads + qh][i] / n_q;
+      std::vector<std::vector<double>> S(d, std::vector<double>(d, 0.0));
+      for (int t = 0; t < n_q; ++t)
+        for (int i = 0; i < d; ++i)
+          for (int j = 0; j < d; ++j)
+            S[i][j] += (qs[size_t(t) * n_heads + qh][i] - mu[i]) * (qs[size_t(t) * n_heads + qh][j] - mu[j]) / n_q;
+      std::vector<double> logit(hc.n);
+      double mx = -1e300, z = 0;
+      for (int s = 0; s < hc.n; ++s) {
+        if (hc.pos[s] < kQueryMomentSinks) continue;
+        const float* key = k.data() + (size_t(hc.pos[s]) * nkv + h) * d;
+        // (R^T k) carries the key back: mu'.k = mu.(R^T k), k' R S R^T k = (R^T k)' S (R^T k).
+        std::vector<double> rk(d, 0.0);
+        for (int i = 0; i < d; ++i)
+          for (int j = 0; j < d; ++j) rk[i] += R[j][i] * key[j];
+        double lin = 0, quad = 0;
+        for (int i = 0; i < d; ++i) {
+          lin += mu[i] * rk[i];
+          for (int j = 0; j < d; ++j) quad += rk[i] * S[i][j] * rk[j];
+        }
+        logit[s] = lin / std::sqrt(double(d)) + quad / (2.0 * d);
+        mx = std::max(mx, logit[s]);
+      }
+      for (int s = 0; s < hc.n; ++s)
+        if (hc.pos[s] >= kQueryMomentSinks) z += std::exp(logit[s] - mx);
+      for (int s = 0; s < hc.n; ++s)
+        if (hc.pos[s] >= kQueryMomentSinks) want[s] += std::exp(logit[s] - mx) / z / group;
+    }
+    const std::vector<float> got = score(*p, c, 0, h);
+    for (int s = 0; s < hc.n; ++s) {
+      if (hc.pos[s] < kQueryMomentSinks) {
+        EXPECT_EQ(got[s], kInf) << "sink " << hc.pos[s];
+        continue;
+      }
+      const float* val = v.data() + (size_t(hc.pos[s]) * nkv + h) * d;
+      double vn = 0;
+      for (int i = 0; i < d; ++i) vn += double(val[i]) * val[i];
+      const double w = want[s] * std::sqrt(vn);
+      EXPECT_NEAR(got[s], w, 2e-4 * w + 1e-7) << "head " << h << " pos " << hc.pos[s];
+    }
+    // score_layer (shared preparation) gives the same numbers.
+    std::vector<std::vector<float>> all;
+    p->score_layer(c, 0, all);
+    EXPECT_EQ(all[h], got);
+  }
+  // Without its moments it is an error, not a crash.
+  Cache bare = hand_cache(d, {{0, 1, 2}});
+  std::vector<float> s(3);
+  EXPECT_THROW(p->score_head(bare, 0, 0, s), Error);
+  o.ea_future_positions = 0;
+  EXPECT_THROW(make_policy("expected_attention", o), Error);
+}
+
+TEST(Policies, LayerConsistentAveragesStandardisedScoresByPosition) {
+  // knorm on hand-made keys: head 0 holds positions 0..3, head 1 positions 1..3 (position 0 evicted).
+  const std::vector<std::vector<std::vector<float>>> keys{{{1, 0}, {2, 0}, {3, 0}, {4, 0}}, {{0, 3}, {0, 1}, {0, 2}}};
+  Cache c = hand_cache(2, {{0, 1, 2, 3}, {1, 2, 3}}, {}, keys);
+  auto p = make_policy("knorm+layer", {});
+  EXPECT_EQ(p->name(), "knorm+layer");
+  // Standardised knorm scores: head 0: -(1,2,3,4) -> (1.342, 0.447, -0.447, -1.342);
+  // head 1: -(3,1,2) -> (-1.225, 1.225, 0).
+  const double a = 3.0 / std::sqrt(5.0), b = 1.0 / std::sqrt(5.0), e = std::sqrt(1.5);
+  const std::vector<float> h0 = score(*p, c, 0, 0), h1 = score(*p, c, 0, 1);
+  const std::vector<double> want0{a, (b - e) / 2, (-b + e) / 2, (-a + 0) / 2};
+  const std::vector<double> want1{(b - e) / 2, (-b + e) / 2, (-a + 0) / 2};
+  for (int i = 0; i < 4; ++i) EXPECT_NEAR(h0[i], want0[i], 1e-5) << i;
+  for (int i = 0; i < 3; ++i) EXPECT_NEAR(h1[i], want1[i], 1e-5) << i;
+  // Both heads rank the positions they share the same way (2, then 1, then 3): plain knorm would
+  // keep {1, 2} in head 0 and {2, 3} in head 1.
+  Compressor comp(make_policy("knorm+layer", {}), {}, {});
+  comp.compress_layer(c, 0, 2, 0);
+  EXPECT_EQ(std::vector<int32_t>(c.head(0, 0).pos.begin(), c.head(0, 0).pos.begin() + 2), (std::vector<int32_t>{0, 2}));
+  EXPECT_EQ(std::vector<int32_t>(c.head(0, 1).pos.begin(), c.head(0, 1).pos.begin() + 2), (std::vector<int32_t>{1, 2}));
+  EXPECT_THROW(make_policy("none+layer", {}), Error);
+  EXPECT_THROW(make_policy("knorm+layer+layer", {}), Error);
+  EXPECT_THROW(make_policy("+layer", {}), Error);
 }
 
 }  // namespace

@@ -439,6 +439,22 @@ void query_with_stats(Cache& c, int layer, int n_heads, int n, int32_t accumulat
   AttentionArgs a{.layer = layer, .n_heads = n_heads, .scale = 1.0f / std::sqrt(float(d)), .n_tok = n,
                   .q = q.data(), .q_pos = qpos.data(), .out = out.data(), .accumulate_from_pos = accumulate_from};
   attend_with_stats(c, a, pool);
+  // expected_attention reads the queries' moments (no rotary embedding in these caches).
+  if (!c.query_moments.empty())
+    for (int t = 0; t < n; ++t)
+      if (qpos[t] >= kQueryMomentSinks) c.query_moments[layer].add(q.data() + size_t(t) * n_heads * d, n_heads, d);
+}
+
+// Every registered policy, plus the layer-consistent variants of a score-only and an attention-free
+// query-based one.
+std::vector<std::string> policies_under_test() {
+  std::vector<std::string> names;
+  for (const auto& n : policy_names())
+    if (n != "none") names.push_back(n);
+  names.push_back("qfilters+layer");
+  names.push_back("expected_attention+layer");
+  names.push_back("tova+layer");
+  return names;
 }
 
 TEST(Compressor, EveryPolicyEvictsItsOwnTopScores) {
@@ -450,8 +466,7 @@ TEST(Compressor, EveryPolicyEvictsItsOwnTopScores) {
   opt.snapkv_window = 6;
   opt.filters = filters;
   ThreadPool pool(2);
-  for (const std::string& name : policy_names()) {
-    if (name == "none") continue;
+  for (const std::string& name : policies_under_test()) {
     SCOPED_TRACE(name);
     for (int trial = 0; trial < 8; ++trial) {
       auto policy = make_policy(name, opt);
@@ -488,8 +503,7 @@ TEST(Compressor, BudgetAboveSequenceEvictsNothing) {
   opt.filters = filters;
   opt.snapkv_window = 4;
   ThreadPool pool(1);
-  for (const std::string& name : policy_names()) {
-    if (name == "none") continue;
+  for (const std::string& name : policies_under_test()) {
     SCOPED_TRACE(name);
     Compressor comp(make_policy(name, opt), opt, {.budget = 200, .window = 8});
     Cache c({L, nkv, d}, {comp.capacity(0, 300, 1), comp.capacity(1, 300, 1)}, comp.needs());

@@ -47,7 +47,7 @@ std::vector<std::string> spell_out_llama_flags(int argc, char** argv) {
 void add_kv_options(CLI::App* app, KvOptions& o) {
   std::string names;
   for (const auto& n : kv::policy_names()) names += (names.empty() ? "" : ", ") + n;
-  app->add_option("--kv-policy", o.policy, "KV eviction policy: " + names)->group("KV cache");
+  app->add_option("--kv-policy", o.policy, "KV eviction policy: " + names + " (NAME+layer: one selection per layer, kept in all its KV heads or none)")->group("KV cache");
   app->add_option("--filters", o.filters, "Q-Filters file (safetensors) for --kv-policy qfilters")
       ->check(CLI::ExistingFile)->group("KV cache");
   app->add_option("--filter-layout", o.filter_layout,

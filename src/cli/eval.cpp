@@ -75,7 +75,7 @@ void add_ppl(CLI::App* cmd, eval::PplSettings& s) {
   cmd->add_option("--window", s.window, "newest tokens always kept");
   cmd->add_option("--evict-every", s.evict_every, "evict this many tokens at a time");
   cmd->add_option("--tokens", s.n_tokens, "tokens per document");
-  cmd->add_option("--docs", s.n_docs, "documents");
+  cmd->add_option("--docs", s.n_docs, "documents (default 8; intervals are a bootstrap over them)");
   cmd->add_option("--skip-layers", s.skip_layers, "first layers left uncompressed");
 }
 
@@ -84,10 +84,14 @@ void add_niah(CLI::App* cmd, eval::NiahSettings& s, EvalOptions& o) {
       ->delimiter(',');
   cmd->add_option("--depths", s.n_depths, "needle depths, evenly spaced from 0% to 100%");
   cmd->add_option("--compressions", s.compressions, "compression factors, comma-separated (4 = keep 1/4)")->delimiter(',');
-  cmd->add_option("--skip-layers", s.skip_layers, "first layers left uncompressed (default 2, as in the paper's needle test)");
-  cmd->add_option("--digits", s.digits, "digits of the magic number");
-  cmd->add_option("--max-new", s.max_new, "answer tokens (0 = digits + 8)");
-  cmd->add_option("--seed", s.seed, "seed of the magic numbers");
+  cmd->add_option("--skip-layers", s.skip_layers,
+                  "first layers left uncompressed, comma-separated for a sweep (default 2, as in the paper's needle test)")
+      ->delimiter(',');
+  cmd->add_option("--digits", s.digits, "digits of the magic number, comma-separated (e.g. 7,3: a short needle too)")
+      ->delimiter(',');
+  cmd->add_option("--max-new", s.max_new, "answer tokens (0 = the longest digits + 8)");
+  cmd->add_option("--seed,--seeds", s.seeds, "seeds of the magic numbers, comma-separated (one needle per seed)")
+      ->delimiter(',');
   cmd->add_flag("--chat", o.chat, "always use the ChatML frame");
   cmd->add_flag("--no-chat", o.no_chat, "never use the chat frame (default: when the model has a ChatML template)");
 }
@@ -276,10 +280,12 @@ void eval_ppl(const EvalOptions& o, Setup& s) {
   eval::write_text_file(path_in(s, "ppl_curve.csv"), sum.curve_csv);
   std::printf("streaming perplexity: %zu docs x %d tokens, window %d (%s)\n", docs.size(), o.ppl.n_tokens, o.ppl.window,
               path_in(s, "ppl.json").c_str());
-  std::printf("%7s  %-10s %10s %12s %10s\n", "budget", "policy", "ppl(all)", "ppl(>budget)", "gap ratio");
+  std::printf("%7s  %-20s %10s %12s %10s %17s\n", "budget", "policy", "ppl(all)", "ppl(>budget)", "gap ratio",
+              "95% interval");
   for (const auto& r : sum.json["results"])
-    std::printf("%7d  %-10s %10s %12s %10s\n", r["budget"].get<int>(), r["policy"].get<std::string>().c_str(),
-                fmt(r["ppl_all"]).c_str(), fmt(r["ppl_after_budget"]).c_str(), fmt(r["gap_ratio_after_budget"]).c_str());
+    std::printf("%7d  %-20s %10s %12s %10s   [%6s, %6s]\n", r["budget"].get<int>(), r["policy"].get<std::string>().c_str(),
+                fmt(r["ppl_all"]).c_str(), fmt(r["ppl_after_budget"]).c_str(), fmt(r["gap_ratio_after_budget"]).c_str(),
+                fmt(r["gap_ratio_after_budget_ci"][0], "%.2f").c_str(), fmt(r["gap_ratio_after_budget_ci"][1], "%.2f").c_str());
 }
 
 void eval_niah(const EvalOptions& o, Setup& s) {
@@ -299,16 +305,20 @@ void eval_niah(const EvalOptions& o, Setup& s) {
   eval::NiahSummary sum = eval::summarize_niah(log, st, s.policies, n_ctx_train);
   finish(s, sum.json, seconds_since(t0));
   eval::write_text_file(path_in(s, "niah.json"), sum.json.dump(1) + "\n");
-  const std::vector<std::pair<std::string, std::string>> seed{{"needle_seed", std::to_string(st.seed)}};
+  std::string seeds;
+  for (uint64_t x : st.seeds) seeds += (seeds.empty() ? "" : ";") + std::to_string(x);
+  const std::vector<std::pair<std::string, std::string>> seed{{"needle_seeds", seeds}};
   eval::write_text_file(path_in(s, "niah.csv"), with_run_columns(sum.csv, s.run, seed));
   eval::write_text_file(path_in(s, "niah_grid.csv"), with_run_columns(sum.grid_csv, s.run, seed));
   std::printf("needle in a haystack: lengths");
   for (int l : eval::effective_lengths(st, n_ctx_train)) std::printf(" %d", l);
   std::printf(", %d depths (%s)\n", st.n_depths, path_in(s, "niah.json").c_str());
-  std::printf("%-10s %6s %9s\n", "policy", "x", "accuracy");
+  std::printf("%6s %5s  %-20s %4s %9s %17s %8s\n", "digits", "skip", "policy", "x", "accuracy", "95% interval", "partial");
   for (const auto& r : sum.json["results"])
-    std::printf("%-10s %6d %9s\n", r["policy"].get<std::string>().c_str(), r["compression"].get<int>(),
-                fmt(r["accuracy"]).c_str());
+    std::printf("%6d %5d  %-20s %4d %9s   [%5s, %5s] %8s\n", r["digits"].get<int>(), r["skip_layers"].get<int>(),
+                r["policy"].get<std::string>().c_str(), r["compression"].get<int>(), fmt(r["accuracy"]).c_str(),
+                fmt(r["accuracy_ci"][0], "%.2f").c_str(), fmt(r["accuracy_ci"][1], "%.2f").c_str(),
+                fmt(r["partial"]).c_str());
 }
 
 void eval_fidelity(const EvalOptions& o, Setup& s) {

@@ -31,6 +31,7 @@ kv::AttentionStats union_needs(const EvalContext& ctx, const std::vector<std::st
     const kv::AttentionStats s = policy_needs(ctx, p);
     u.accumulate |= s.accumulate || s.window > 0;
     u.last_query |= s.last_query;
+    u.query_moments |= s.query_moments;
   }
   return u;
 }

@@ -64,7 +64,9 @@ std::vector<std::vector<double>> mean_received_attention(const float* q, const f
 }
 
 bool fidelity_is_circular(const EvalContext& ctx, const std::string& policy) {
-  return policy != "none" && is_attention_policy(ctx, policy);
+  // Query moments gathered over the whole document include the later queries whose attention
+  // is the target: partly circular too.
+  return policy != "none" && (is_attention_policy(ctx, policy) || policy_needs(ctx, policy).query_moments);
 }
 
 namespace {

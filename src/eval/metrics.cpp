@@ -5,6 +5,7 @@
 #include <cmath>
 #include <limits>
 #include <numeric>
+#include <random>
 
 #include "util/error.h"
 
@@ -95,6 +96,43 @@ bool answer_matches(std::string_view answer, std::string_view number) {
   for (const std::string& r : digit_runs(answer))
     if (r == number) return true;
   return false;
+}
+
+double leading_digits_credit(std::string_view answer, std::string_view number) {
+  if (number.empty()) return 0.0;
+  size_t best = 0;
+  for (const std::string& r : digit_runs(answer)) {
+    size_t k = 0;
+    while (k < r.size() && k < number.size() && r[k] == number[k]) ++k;
+    best = std::max(best, k);
+  }
+  return static_cast<double>(best) / static_cast<double>(number.size());
+}
+
+Interval bootstrap_ci(int n_units, const std::function<double(std::span<const int>)>& statistic, int n_resamples,
+                      double level, uint64_t seed) {
+  if (n_resamples < 1) fail("bootstrap: n_resamples must be >= 1");
+  if (!(level > 0 && level < 1)) fail("bootstrap: level must be in (0, 1)");
+  if (n_units < 1) return {kNaN, kNaN};
+  std::mt19937_64 rng(seed);
+  std::uniform_int_distribution<int> pick(0, n_units - 1);
+  std::vector<int> idx(n_units);
+  std::vector<double> stats;
+  stats.reserve(n_resamples);
+  for (int r = 0; r < n_resamples; ++r) {
+    for (int& i : idx) i = pick(rng);
+    const double v = statistic(idx);
+    if (std::isfinite(v)) stats.push_back(v);
+  }
+  if (stats.size() * 2 < static_cast<size_t>(n_resamples)) return {kNaN, kNaN};
+  std::sort(stats.begin(), stats.end());
+  // Nearest-rank percentiles of the resampled statistic.
+  auto at = [&](double q) {
+    const double pos = q * static_cast<double>(stats.size() - 1);
+    return stats[static_cast<size_t>(std::lround(pos))];
+  };
+  const double tail = 0.5 * (1.0 - level);
+  return {at(tail), at(1.0 - tail)};
 }
 
 double mean(std::span<const double> x) {

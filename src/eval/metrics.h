@@ -1,6 +1,7 @@
 // The numbers the evaluations report, kept free of any model so they can be tested on their own.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -33,6 +34,20 @@ double spearman(std::span<const double> a, std::span<const double> b);
 std::vector<std::string> digit_runs(std::string_view text);
 // Exact match: some digit run of `answer` equals `number`.
 bool answer_matches(std::string_view answer, std::string_view number);
+
+// Partial credit: the longest run of leading digits of `number` that some digit run of `answer`
+// starts with, as a share of number's length (" 716." for 7162423 scores 3/7; the exact number 1).
+double leading_digits_credit(std::string_view answer, std::string_view number);
+
+// Percentile-bootstrap confidence interval of a statistic over `n_units` independent units
+// (documents, prompts): `n_resamples` resamples of n_units indices drawn with replacement from a
+// fixed seed, `statistic` evaluated on each; resamples where it is NaN are skipped. {NaN, NaN}
+// when fewer than half are finite or n_units < 1.
+struct Interval {
+  double lo, hi;
+};
+Interval bootstrap_ci(int n_units, const std::function<double(std::span<const int>)>& statistic,
+                      int n_resamples = 2000, double level = 0.95, uint64_t seed = 20250301);
 
 // Mean and quantiles of a sample (copies; NaN for an empty one).
 double mean(std::span<const double> x);

@@ -33,15 +33,23 @@ bool ends_sentence(const std::string& bytes) {
   return c == '.' || c == '!' || c == '?';
 }
 
-std::string cell_key(int length, int depth_index, const std::string& policy, int compression) {
-  return std::to_string(length) + "|" + std::to_string(depth_index) + "|" + policy + "|x" + std::to_string(compression);
+// One (prompt, policy, compression, skip) answer. The full cache ("none") is skip-independent: 0.
+std::string cell_key(int length, int depth_index, uint64_t seed, int digits, const std::string& policy, int compression,
+                     int skip) {
+  return std::to_string(length) + "|" + std::to_string(depth_index) + "|s" + std::to_string(seed) + "|d" +
+         std::to_string(digits) + "|" + policy + "|x" + std::to_string(compression) + "|k" + std::to_string(skip);
 }
 
 }  // namespace
 
 json NiahSettings::to_json() const {
   return {{"lengths", lengths}, {"n_depths", n_depths}, {"compressions", compressions}, {"skip_layers", skip_layers},
-          {"digits", digits},   {"max_new", answer_tokens()}, {"seed", seed},           {"chat", chat}};
+          {"digits", digits},   {"max_new", answer_tokens()}, {"seeds", seeds},          {"chat", chat}};
+}
+
+int NiahSettings::answer_tokens() const {
+  if (max_new > 0) return max_new;
+  return (digits.empty() ? 7 : *std::max_element(digits.begin(), digits.end())) + 8;
 }
 
 void NiahSettings::validate() const {
@@ -51,8 +59,13 @@ void NiahSettings::validate() const {
   if (n_depths < 1) fail("niah: --depths must be >= 1");
   for (int x : compressions)
     if (x < 2) fail("niah: compressions must be >= 2 (the uncompressed cache is the policy 'none')");
-  if (digits < 1 || digits > 18) fail("niah: --digits must be in [1, 18]");
-  if (skip_layers < 0) fail("niah: --skip-layers must be >= 0");
+  if (digits.empty()) fail("niah: give at least one --digits");
+  for (int d : digits)
+    if (d < 1 || d > 18) fail("niah: --digits must be in [1, 18] (got ", d, ")");
+  if (skip_layers.empty()) fail("niah: give at least one --skip-layers");
+  for (int k : skip_layers)
+    if (k < 0) fail("niah: --skip-layers must be >= 0 (got ", k, ")");
+  if (seeds.empty()) fail("niah: give at least one --seed");
   if (max_new < 0) fail("niah: --max-new must be >= 0");
   if (chat < -1 || chat > 1) fail("niah: chat must be -1, 0 or 1");
 }
@@ -189,125 +202,180 @@ void run_niah(const EvalContext& ctx, const Tokenizer& tok, const std::string& h
 
   struct Cell {
     std::string policy;
-    int compression;
+    int compression, skip;
   };
   std::vector<Cell> cells;
   for (const auto& p : policies) {
-    if (p == "none") cells.push_back({p, 1});
+    if (p == "none") cells.push_back({p, 1, 0});
     else
-      for (int x : st.compressions) cells.push_back({p, x});
+      for (int k : st.skip_layers)
+        for (int x : st.compressions) cells.push_back({p, x, k});
   }
+  struct Prompt {
+    int length, depth_index, digits;
+    uint64_t seed;
+  };
+  std::vector<Prompt> prompts;
+  for (int D : st.digits)
+    for (uint64_t seed : st.seeds)
+      for (int L : lengths)
+        for (size_t di = 0; di < depths.size(); ++di) prompts.push_back({L, static_cast<int>(di), D, seed});
+  auto key = [](const Prompt& pr, const Cell& c) {
+    return cell_key(pr.length, pr.depth_index, pr.seed, pr.digits, c.policy, c.compression, c.skip);
+  };
 
   Progress bar("niah", 0, ctx.progress);
-  for (int L : lengths)
-    for (size_t di = 0; di < depths.size(); ++di) {
-      bool any = false;
-      for (const Cell& c : cells) {
-        const double u = 40 * kBatchedTokenCost + max_new;
-        bar.add_total(u);
-        if (log.has(cell_key(L, static_cast<int>(di), c.policy, c.compression))) bar.skip(u);
-        else any = true;
-      }
-      bar.add_total(L * kBatchedTokenCost);
-      if (!any) bar.skip(L * kBatchedTokenCost);
+  for (const Prompt& pr : prompts) {
+    bool any = false;
+    for (const Cell& c : cells) {
+      const double u = 40 * kBatchedTokenCost + max_new;
+      bar.add_total(u);
+      if (log.has(key(pr, c))) bar.skip(u);
+      else any = true;
     }
+    bar.add_total(pr.length * kBatchedTokenCost);
+    if (!any) bar.skip(pr.length * kBatchedTokenCost);
+  }
 
   NeedleRunner runner(ctx, max_len + max_new + 1, policies);
   auto eog = [&](int32_t t) { return tok.is_eog(t); };
   auto done = [&](const std::vector<int32_t>& a) { return answer_complete(tok.decode(a, false)); };
-  for (int L : lengths)
-    for (size_t di = 0; di < depths.size(); ++di) {
-      std::vector<Cell> todo;
-      for (const Cell& c : cells)
-        if (!log.has(cell_key(L, static_cast<int>(di), c.policy, c.compression))) todo.push_back(c);
-      if (todo.empty()) continue;
-      const std::string number = needle_number(st.seed, L, static_cast<int>(di), st.digits);
-      const NeedlePrompt prompt = builder.build(L, depths[di], number);
-      char where[64];
-      std::snprintf(where, sizeof where, "L=%d depth=%.0f%%", L, depths[di]);
-      const auto t_pre = std::chrono::steady_clock::now();
-      runner.prefill(prompt.context);
-      const double pre_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_pre).count();
-      bar.advance(L * kBatchedTokenCost, where);
-      for (const Cell& c : todo) {
-        const auto t0 = std::chrono::steady_clock::now();
-        const NeedleRunner::Answer a =
-            runner.answer(c.policy, c.compression, st.skip_layers, prompt.question, max_new, eog, done, prompt.number_at);
-        const std::string text = tok.decode(a.tokens, false);
-        const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-        log.add(cell_key(L, static_cast<int>(di), c.policy, c.compression),
-                {{"length", L},
-                 {"depth", round_to(depths[di], 3)},
-                 {"depth_index", di},
-                 {"depth_actual", round_to(prompt.depth_actual, 3)},
-                 {"context_tokens", prompt.context.size()},
-                 {"prompt_tokens", prompt.context.size() + prompt.question.size()},
-                 {"policy", c.policy},
-                 {"compression", c.compression},
-                 {"skip_layers", st.skip_layers},
-                 {"seed", st.seed},
-                 {"number", number},
-                 {"answer", text},
-                 {"correct", answer_matches(text, number)},
-                 {"kept_per_head", round_to(a.kept_per_head, 2)},
-                 {"number_kept", json_number(a.watched_kept, 4)},
-                 {"seconds", round_to(secs + pre_s / todo.size(), 3)}});
-        bar.advance(40 * kBatchedTokenCost + max_new, std::string(where) + " " + c.policy + " x" + std::to_string(c.compression));
-      }
+  for (const Prompt& pr : prompts) {
+    std::vector<Cell> todo;
+    for (const Cell& c : cells)
+      if (!log.has(key(pr, c))) todo.push_back(c);
+    if (todo.empty()) continue;
+    const double depth = depths[pr.depth_index];
+    // Seed 42 with 7 digits draws the numbers of the single-seed protocol (results comparable).
+    const std::string number = needle_number(pr.seed, pr.length, pr.depth_index, pr.digits);
+    const NeedlePrompt prompt = builder.build(pr.length, depth, number);
+    char where[96];
+    std::snprintf(where, sizeof where, "L=%d depth=%.0f%% seed=%llu digits=%d", pr.length, depth,
+                  static_cast<unsigned long long>(pr.seed), pr.digits);
+    const auto t_pre = std::chrono::steady_clock::now();
+    runner.prefill(prompt.context);
+    const double pre_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_pre).count();
+    bar.advance(pr.length * kBatchedTokenCost, where);
+    for (const Cell& c : todo) {
+      const auto t0 = std::chrono::steady_clock::now();
+      const NeedleRunner::Answer a =
+          runner.answer(c.policy, c.compression, c.skip, prompt.question, max_new, eog, done, prompt.number_at);
+      const std::string text = tok.decode(a.tokens, false);
+      const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      log.add(key(pr, c), {{"length", pr.length},
+                           {"depth", round_to(depth, 3)},
+                           {"depth_index", pr.depth_index},
+                           {"depth_actual", round_to(prompt.depth_actual, 3)},
+                           {"context_tokens", prompt.context.size()},
+                           {"prompt_tokens", prompt.context.size() + prompt.question.size()},
+                           {"policy", c.policy},
+                           {"compression", c.compression},
+                           {"skip_layers", c.skip},
+                           {"seed", pr.seed},
+                           {"digits", pr.digits},
+                           {"number", number},
+                           {"answer", text},
+                           {"correct", answer_matches(text, number)},
+                           {"partial", round_to(leading_digits_credit(text, number), 4)},
+                           {"kept_per_head", round_to(a.kept_per_head, 2)},
+                           {"number_kept", json_number(a.watched_kept, 4)},
+                           {"seconds", round_to(secs + pre_s / todo.size(), 3)}});
+      bar.advance(40 * kBatchedTokenCost + max_new, std::string(where) + " " + c.policy + " x" + std::to_string(c.compression));
     }
+  }
   bar.finish();
 }
+
+namespace {
+
+// The answers of one (digits, skip, policy, compression) group over a set of prompts.
+struct Answers {
+  std::vector<double> correct, partial, kept;  // per prompt (kept: those that report it)
+  void add(const json& cell) {
+    correct.push_back(cell.value("correct", false) ? 1.0 : 0.0);
+    partial.push_back(cell.value("partial", NAN));
+    const auto it = cell.find("number_kept");
+    if (it != cell.end() && it->is_number()) kept.push_back(it->get<double>());
+  }
+  int n() const { return static_cast<int>(correct.size()); }
+};
+
+double mean_of(const std::vector<double>& v, std::span<const int> ix) {
+  double s = 0;
+  for (int i : ix) s += v[i];
+  return ix.empty() ? NAN : s / static_cast<double>(ix.size());
+}
+
+json interval_json(const std::vector<double>& v) {
+  const Interval ci = bootstrap_ci(static_cast<int>(v.size()), [&](std::span<const int> ix) { return mean_of(v, ix); });
+  return {json_number(ci.lo, 4), json_number(ci.hi, 4)};
+}
+
+}  // namespace
 
 NiahSummary summarize_niah(const CellLog& log, const NiahSettings& st, const std::vector<std::string>& policies,
                            int n_ctx_train) {
   const std::vector<int> lengths = effective_lengths(st, n_ctx_train);
   const std::vector<double> depths = st.depths();
-  struct Acc {
-    int n = 0, ok = 0, n_kept = 0;
-    double kept = 0;  // sum of number_kept over the cells that report it
-    void add(const json& cell) {
-      ++n, ok += cell.value("correct", false);
-      const auto it = cell.find("number_kept");
-      if (it != cell.end() && it->is_number()) kept += it->get<double>(), ++n_kept;
-    }
-    double rate() const { return n ? static_cast<double>(ok) / n : NAN; }
-    double kept_rate() const { return n_kept ? kept / n_kept : NAN; }
-  };
   json rows = json::array(), grid = json::array();
   std::ostringstream csv, gcsv;
-  csv << "policy,compression,length,accuracy,n,number_kept\n";
-  gcsv << "policy,compression,length,depth,accuracy,n\n";
+  csv << "digits,skip_layers,policy,compression,length,accuracy,accuracy_lo,accuracy_hi,partial,partial_lo,partial_hi,n,"
+         "number_kept\n";
+  gcsv << "digits,skip_layers,policy,compression,length,depth,accuracy,partial,n\n";
   auto num = [](double x) { return std::isfinite(x) ? std::to_string(x) : std::string(); };
-  for (const auto& p : policies) {
-    std::vector<int> xs = p == "none" ? std::vector<int>{1} : st.compressions;
-    for (int x : xs) {
-      Acc all;
-      json per_len = json::object();
-      for (int L : lengths) {
-        Acc acc_l;
-        for (size_t di = 0; di < depths.size(); ++di) {
-          const std::string k = cell_key(L, static_cast<int>(di), p, x);
-          if (!log.has(k)) continue;
-          const json& cell = log.get(k);
-          const bool c = cell.value("correct", false);
-          acc_l.add(cell);
-          all.add(cell);
-          grid.push_back({{"policy", p}, {"compression", x}, {"length", L}, {"depth", round_to(depths[di], 3)},
-                          {"correct", c}});
-          gcsv << p << ',' << x << ',' << L << ',' << round_to(depths[di], 3) << ',' << (c ? 1 : 0) << ",1\n";
+  auto line = [&](int D, int k, const std::string& p, int x, const std::string& len, const Answers& a) {
+    const Interval acc = bootstrap_ci(a.n(), [&](std::span<const int> ix) { return mean_of(a.correct, ix); });
+    const Interval part = bootstrap_ci(a.n(), [&](std::span<const int> ix) { return mean_of(a.partial, ix); });
+    csv << D << ',' << k << ',' << p << ',' << x << ',' << len << ',' << num(eval::mean(a.correct)) << ',' << num(acc.lo)
+        << ',' << num(acc.hi) << ',' << num(eval::mean(a.partial)) << ',' << num(part.lo) << ',' << num(part.hi) << ','
+        << a.n() << ',' << num(eval::mean(a.kept)) << '\n';
+  };
+  for (int D : st.digits)
+    for (const auto& p : policies) {
+      const std::vector<int> skips = p == "none" ? std::vector<int>{0} : st.skip_layers;
+      const std::vector<int> xs = p == "none" ? std::vector<int>{1} : st.compressions;
+      for (int k : skips)
+        for (int x : xs) {
+          Answers all;
+          json per_len = json::object();
+          for (int L : lengths) {
+            Answers at_l;
+            for (size_t di = 0; di < depths.size(); ++di) {
+              Answers at_d;
+              for (uint64_t seed : st.seeds) {
+                const std::string key = cell_key(L, static_cast<int>(di), seed, D, p, x, k);
+                if (!log.has(key)) continue;
+                const json& cell = log.get(key);
+                at_d.add(cell), at_l.add(cell), all.add(cell);
+              }
+              if (!at_d.n()) continue;
+              grid.push_back({{"digits", D}, {"skip_layers", k}, {"policy", p}, {"compression", x}, {"length", L},
+                              {"depth", round_to(depths[di], 3)}, {"correct", eval::mean(at_d.correct) == 1.0},
+                              {"accuracy", json_number(eval::mean(at_d.correct), 4)},
+                              {"partial", json_number(eval::mean(at_d.partial), 4)}, {"n", at_d.n()}});
+              gcsv << D << ',' << k << ',' << p << ',' << x << ',' << L << ',' << round_to(depths[di], 3) << ','
+                   << num(eval::mean(at_d.correct)) << ',' << num(eval::mean(at_d.partial)) << ',' << at_d.n() << '\n';
+            }
+            if (at_l.n()) {
+              per_len[std::to_string(L)] = json_number(eval::mean(at_l.correct), 4);
+              line(D, k, p, x, std::to_string(L), at_l);
+            }
+          }
+          if (!all.n()) continue;
+          rows.push_back({{"digits", D},
+                          {"skip_layers", k},
+                          {"policy", p},
+                          {"compression", x},
+                          {"accuracy", json_number(eval::mean(all.correct), 4)},
+                          {"accuracy_ci", interval_json(all.correct)},
+                          {"partial", json_number(eval::mean(all.partial), 4)},
+                          {"partial_ci", interval_json(all.partial)},
+                          {"n", all.n()},
+                          {"number_kept", json_number(eval::mean(all.kept), 4)},
+                          {"by_length", per_len}});
+          line(D, k, p, x, "all", all);
         }
-        if (acc_l.n) {
-          per_len[std::to_string(L)] = json_number(acc_l.rate(), 4);
-          csv << p << ',' << x << ',' << L << ',' << num(acc_l.rate()) << ',' << acc_l.n << ',' << num(acc_l.kept_rate())
-              << '\n';
-        }
-      }
-      if (!all.n) continue;
-      rows.push_back({{"policy", p}, {"compression", x}, {"accuracy", json_number(all.rate(), 4)}, {"n", all.n},
-                      {"number_kept", json_number(all.kept_rate(), 4)}, {"by_length", per_len}});
-      csv << p << ',' << x << ",all," << num(all.rate()) << ',' << all.n << ',' << num(all.kept_rate()) << '\n';
     }
-  }
   NiahSummary s;
   s.json = {{"evaluation", "niah"}, {"settings", st.to_json()}, {"policies", policies}, {"lengths", lengths},
             {"depths", depths},     {"results", rows},            {"grid", grid}};

@@ -20,15 +20,15 @@ struct NiahSettings {
   std::vector<int> lengths{1024, 2048, 4096, 8192};  // prompt tokens (context + question)
   int n_depths = 11;                                  // 0%, 10%, ..., 100%
   std::vector<int> compressions{4, 8, 16, 32};
-  int skip_layers = 2;   // first layers left uncompressed (as in the paper's needle test)
-  int digits = 7;        // length of the magic number
-  int max_new = 0;       // answer tokens (0 = digits + 8)
-  uint64_t seed = 42;    // numbers; the haystack is fixed
+  std::vector<int> skip_layers{2};  // first layers left uncompressed (the paper's needle test: 2); a sweep
+  std::vector<int> digits{7};       // lengths of the magic number (a short needle beside the long one)
+  int max_new = 0;                  // answer tokens (0 = the longest digits + 8)
+  std::vector<uint64_t> seeds{42};  // one needle number per (seed, length, depth); the haystack is fixed
   int chat = -1;         // -1 = when the model has a ChatML template, 0 = never, 1 = always
   nlohmann::json to_json() const;
   void validate() const;
   std::vector<double> depths() const;  // percent
-  int answer_tokens() const { return max_new > 0 ? max_new : digits + 8; }
+  int answer_tokens() const;
 };
 
 struct NeedlePrompt {
@@ -76,10 +76,13 @@ std::vector<int> effective_lengths(const NiahSettings& st, int n_ctx_train);
 void run_niah(const EvalContext& ctx, const Tokenizer& tok, const std::string& haystack, const NiahSettings& settings,
               const std::vector<std::string>& policies, CellLog& log);
 
+// Per (digits, skip_layers, policy, compression): exact-match accuracy and partial credit (share of
+// the number's leading digits the answer gets right), each with a 95% bootstrap interval over the
+// prompts (length x depth x seed), overall and per length; the full cache ("none") once per digits.
 struct NiahSummary {
   nlohmann::json json;
-  std::string csv;       // policy, compression, length (or "all"), accuracy, n
-  std::string grid_csv;  // policy, compression, length, depth, accuracy, n
+  std::string csv;       // digits, skip_layers, policy, compression, length (or "all"), accuracy (+ interval), partial, n
+  std::string grid_csv;  // digits, skip_layers, policy, compression, length, depth, accuracy, partial, n (over seeds)
 };
 NiahSummary summarize_niah(const CellLog& log, const NiahSettings& settings, const std::vector<std::string>& policies,
                            int n_ctx_train);

@@ -36,6 +36,20 @@ std::vector<double> nll_from(const json& cell) {
   return v;
 }
 
+// NLL summed over one document's targets (from some position on).
+struct DocNll {
+  double sum = 0;
+  int64_t n = 0;
+};
+
+// Perplexity of the pooled targets of the documents listed in ix (repetitions count again).
+double pooled_ppl(const std::vector<DocNll>& docs, std::span<const int> ix) {
+  double sum = 0;
+  int64_t n = 0;
+  for (int i : ix) sum += docs[i].sum, n += docs[i].n;
+  return n ? std::exp(sum / static_cast<double>(n)) : NAN;
+}
+
 // Relative cost of a token processed in a batch vs one decoding step, for the ETA only.
 constexpr double kBatchedTokenCost = 0.1;
 
@@ -127,7 +141,7 @@ void run_ppl(const EvalContext& ctx, const std::vector<TokenDoc>& docs, const Pp
       for (const auto& p : todo) (is_attention_policy(ctx, p) ? attn : plain).push_back(p);
       std::unique_ptr<Session> base_plain, base_attn;
       if (!plain.empty()) {
-        base_plain = new_session(ctx, N, "none", {});
+        base_plain = new_session(ctx, N, "none", {}, union_needs(ctx, plain));  // query moments only
         base_plain->eval(std::span<const int32_t>(d.tokens.data(), b));
       }
       if (!attn.empty()) {
@@ -172,7 +186,8 @@ PplSummary summarize_ppl(const CellLog& log, const std::vector<TokenDoc>& docs, 
   PplSummary out;
   json results = json::array(), curve = json::array();
   std::ostringstream csv, ccsv;
-  csv << "budget,policy,ppl_all,ppl_after_budget,gap_ratio_after_budget,gap_ratio_all,n_targets,n_targets_after_budget,"
+  csv << "budget,policy,ppl_all,ppl_after_budget,ppl_after_budget_lo,ppl_after_budget_hi,gap_ratio_after_budget,"
+         "gap_ratio_lo,gap_ratio_hi,gap_minus_h2o,gap_minus_h2o_lo,gap_minus_h2o_hi,gap_ratio_all,n_targets,n_targets_after_budget,"
          "docs,evicted,seconds\n";
   ccsv << "budget,policy,position_start,position_end,mean_nll\n";
   csv.precision(6);
@@ -220,22 +235,58 @@ PplSummary summarize_ppl(const CellLog& log, const std::vector<TokenDoc>& docs, 
         if (r.policy == p) return &r;
       return nullptr;
     };
+    // Per document NLL sums, so a bootstrap resample of documents pools them without copying.
+    auto doc_sums = [&](const Row* r, int first_target) {
+      std::vector<DocNll> v;
+      if (!r) return v;
+      for (const auto& nll : r->per_doc) {
+        DocNll d;
+        for (size_t t = first_target - 1; t < nll.size(); ++t) d.sum += nll[t], ++d.n;
+        v.push_back(d);
+      }
+      return v;
+    };
     const Row* full = find("none");
     const Row* streaming = find("streaming");
+    const Row* h2o = find("h2o");
+    const std::vector<DocNll> full_after_d = doc_sums(full, b + 1), str_after_d = doc_sums(streaming, b + 1),
+                              h2o_after_d = doc_sums(h2o, b + 1);
     const double full_all = full ? perplexity(pooled(*full, 1)) : NAN;
     const double full_after = full ? perplexity(pooled(*full, b + 1)) : NAN;
     const double str_all = streaming ? perplexity(pooled(*streaming, 1)) : NAN;
     const double str_after = streaming ? perplexity(pooled(*streaming, b + 1)) : NAN;
+    const double h2o_after = h2o ? perplexity(pooled(*h2o, b + 1)) : NAN;
     for (const Row& r : rows) {
       const std::vector<double> all = pooled(r, 1), after = pooled(r, b + 1);
       const double ppl_all = perplexity(all), ppl_after = perplexity(after);
       const double gap_after = gap_ratio(ppl_after, full_after, str_after);
       const double gap_all = gap_ratio(ppl_all, full_all, str_all);
+      // Intervals: the same resampled documents for the policy, the full cache and streaming
+      // (paired), so the document-to-document variation common to all policies cancels.
+      const std::vector<DocNll> mine = doc_sums(&r, b + 1);
+      const int nd = static_cast<int>(mine.size());
+      const Interval ppl_ci = bootstrap_ci(nd, [&](std::span<const int> ix) { return pooled_ppl(mine, ix); });
+      const Interval gap_ci = bootstrap_ci(nd, [&](std::span<const int> ix) {
+        return full && streaming ? gap_ratio(pooled_ppl(mine, ix), pooled_ppl(full_after_d, ix), pooled_ppl(str_after_d, ix))
+                                 : NAN;
+      });
+      // Gap ratio minus H2O's (the target): an interval excluding 0 is a difference
+      // larger than the document-to-document noise.
+      const double vs_h2o = full && streaming && h2o ? gap_after - gap_ratio(h2o_after, full_after, str_after) : NAN;
+      const Interval vs_h2o_ci = bootstrap_ci(nd, [&](std::span<const int> ix) {
+        if (!(full && streaming && h2o)) return static_cast<double>(NAN);
+        const double f = pooled_ppl(full_after_d, ix), st = pooled_ppl(str_after_d, ix);
+        return gap_ratio(pooled_ppl(mine, ix), f, st) - gap_ratio(pooled_ppl(h2o_after_d, ix), f, st);
+      });
       results.push_back({{"budget", b},
                          {"policy", r.policy},
                          {"ppl_all", json_number(ppl_all)},
                          {"ppl_after_budget", json_number(ppl_after)},
+                         {"ppl_after_budget_ci", {json_number(ppl_ci.lo), json_number(ppl_ci.hi)}},
                          {"gap_ratio_after_budget", json_number(gap_after)},
+                         {"gap_ratio_after_budget_ci", {json_number(gap_ci.lo), json_number(gap_ci.hi)}},
+                         {"gap_minus_h2o", json_number(vs_h2o)},
+                         {"gap_minus_h2o_ci", {json_number(vs_h2o_ci.lo), json_number(vs_h2o_ci.hi)}},
                          {"gap_ratio_all", json_number(gap_all)},
                          {"n_targets", all.size()},
                          {"n_targets_after_budget", after.size()},
@@ -243,8 +294,9 @@ PplSummary summarize_ppl(const CellLog& log, const std::vector<TokenDoc>& docs, 
                          {"evicted", r.evicted},
                          {"seconds", round_to(r.seconds, 2)}});
       auto num = [](double x) { return std::isfinite(x) ? std::to_string(x) : std::string(); };
-      csv << b << ',' << r.policy << ',' << num(ppl_all) << ',' << num(ppl_after) << ',' << num(gap_after) << ','
-          << num(gap_all) << ',' << all.size() << ',' << after.size() << ',' << r.per_doc.size() << ',' << r.evicted
+      csv << b << ',' << r.policy << ',' << num(ppl_all) << ',' << num(ppl_after) << ',' << num(ppl_ci.lo) << ','
+          << num(ppl_ci.hi) << ',' << num(gap_after) << ',' << num(gap_ci.lo) << ',' << num(gap_ci.hi) << ','
+          << num(vs_h2o) << ',' << num(vs_h2o_ci.lo) << ',' << num(vs_h2o_ci.hi) << ',' << num(gap_all) << ',' << all.size() << ',' << after.size() << ',' << r.per_doc.size() << ',' << r.evicted
           << ',' << round_to(r.seconds, 2) << '\n';
       // Curve: mean NLL over documents and over the positions of each bin.
       json pts = json::array();

@@ -24,7 +24,7 @@ struct PplSettings {
   int window = 64;       // newest tokens always kept (must be < every budget)
   int evict_every = 1;   // streaming eviction granularity
   int n_tokens = 2048;   // tokens per document (shorter documents are skipped)
-  int n_docs = 2;        // documents used, in order
+  int n_docs = 8;        // documents used, in order (the bootstrap intervals resample them)
   int skip_layers = 0;   // first layers left uncompressed
   int curve_bin = 32;    // positions per point of the NLL curve
   nlohmann::json to_json() const;

@@ -140,6 +140,7 @@ Cache::Cache(CacheShape shape, std::vector<int> capacity, AttentionStats stats, 
       if (stats_.last_query) hc.attn_last.assign(cap, 0.0f);
     }
   }
+  if (stats_.query_moments) query_moments.resize(shape_.n_layers);
 }
 
 void Cache::append(int layer, const float* k, const float* v, const int32_t* pos, int n_tok) {
@@ -199,6 +200,7 @@ void Cache::retain(int layer, int kv_head, std::span<const int> keep) {
 void Cache::clear() {
   for (auto& hc : heads_) hc.n = 0;
   queries_seen = 0;
+  for (auto& m : query_moments) m.clear();
 }
 
 int64_t Cache::bytes_per_token_per_layer() const { return slot_bytes() * shape_.n_kv_heads; }

@@ -18,6 +18,7 @@
 #include <string_view>
 #include <vector>
 
+#include "kv/query_moments.h"
 #include "tensor/attention_kernel.h"
 #include "tensor/types.h"
 
@@ -51,6 +52,8 @@ struct AttentionStats {
   bool last_query = false;  // tova: attention from the most recent query
   int window = 0;           // snapkv: attention summed over an observation window (prefill: the
                             // last `window` queries; the Compressor restarts it after each round)
+  bool query_moments = false;  // expected_attention: mean and covariance of the queries before the
+                               // rotary embedding (Cache::query_moments; no attention weights)
 };
 
 struct HeadCache {
@@ -112,6 +115,12 @@ class Cache {
 
   // Total queries seen (for the accumulate statistics' normaliser).
   int64_t queries_seen = 0;
+
+  // AttentionStats::query_moments: per layer, the moments of the queries at positions >=
+  // kQueryMomentSinks (filled by the session, which knows the rotary embedding), and the rotary
+  // geometry that carries them to later positions. Empty when not asked for.
+  std::vector<QueryMoments> query_moments;
+  RopeGeometry rope;
 
  private:
   size_t index(int layer, int kv_head) const { return static_cast<size_t>(layer) * shape_.n_kv_heads + kv_head; }

@@ -19,6 +19,7 @@ struct PolicyOptions {
   int n_sink = 4;                    // streaming
   int snapkv_window = 64;            // snapkv: queries whose attention is observed
   int snapkv_kernel = 5;             // snapkv: average-pooling width
+  int ea_future_positions = 512;     // expected_attention: positions the queries are averaged over
   // qfilters: [n_layers][n_kv_heads][head_dim], oriented so that a larger <k, f> means keep.
   std::span<const float> filters;
 };
@@ -38,6 +39,11 @@ class Policy {
 
 // Names accepted by make_policy, e.g. for --help and error messages.
 std::vector<std::string> policy_names();
+// Suffix of a layer-consistent variant: "<policy>+layer" standardises each KV head's scores
+// (mean 0, standard deviation 1 over its finite scores) and gives every head of the layer the mean
+// over the heads holding that position, so a token is kept in all heads of the layer or in none
+// (+inf in any head: kept). Any policy but none takes it; policy_names() does not list them.
+inline constexpr std::string_view kLayerSuffix = "+layer";
 // Throws qf::Error for an unknown name or options the policy cannot use (e.g. qfilters
 // without filters).
 std::unique_ptr<Policy> make_policy(std::string_view name, const PolicyOptions& options);

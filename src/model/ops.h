@@ -39,6 +39,12 @@ class Rotary {
   // as layer `layer` does.
   void apply(int layer, float* v, int n, int n_vecs) const;
 
+  // Radians per position of each rotated pair of `layer`, and the pairing (for policies that move
+  // query statistics to other positions, kv::RopeGeometry).
+  const std::vector<double>& inv_freq(int layer) const { return settings_[layer_setting_[layer]].inv_freq; }
+  bool adjacent_pairs() const { return pairing_ == RopePairing::adjacent; }
+  int n_rot() const { return n_rot_; }
+
  private:
   struct Setting {
     std::vector<double> inv_freq;   // [n_rot / 2]

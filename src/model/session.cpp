@@ -45,12 +45,20 @@ Session::Session(const Model& model, SessionOptions opt)
   stats.accumulate |= opt.stats.accumulate;
   stats.last_query |= opt.stats.last_query;
   stats.window = std::max(stats.window, opt.stats.window);
+  stats.query_moments |= opt.stats.query_moments;
   check_fits_in_memory(planned_bytes(c, capacity, n_batch_, opt.kv_types),
                        "a context of " + std::to_string(n_ctx_) + " tokens (KV cache and activations)",
                        opt.n_ctx > 0 ? "use a smaller -c or a bounded cache (--kv-budget)"
                                      : "the model's training context is the default; choose a smaller -c");
   cache_ = std::make_unique<kv::Cache>(kv::CacheShape{c.n_layers, c.n_kv_heads, c.head_dim}, capacity, stats,
                                        opt.kv_types);
+  if (stats.query_moments) {
+    // The same angles as the forward pass's rotary embedding.
+    const ops::Rotary rotary(c, model.rope_freq_factors());
+    cache_->rope.n_rot = rotary.n_rot();
+    cache_->rope.adjacent = rotary.adjacent_pairs();
+    for (int l = 0; l < c.n_layers; ++l) cache_->rope.inv_freq.push_back(rotary.inv_freq(l));
+  }
 
   forward_ = std::make_unique<Forward>(model, n_batch_);
 }
@@ -104,6 +112,10 @@ void Session::copy_state_from(const Session& src) {
       b.n = a.n;
     }
   to.queries_seen = from.queries_seen;
+  if (!to.query_moments.empty()) {
+    if (from.query_moments.empty()) for (auto& m : to.query_moments) m.clear();
+    else to.query_moments = from.query_moments;
+  }
   n_past_ = src.n_past_;
   prompt_end_ = src.prompt_end_;
 }
@@ -176,6 +188,7 @@ void Session::attend_rows(int l, int n, const float* q, const float* k, const fl
                           float* out, ThreadPool& pool) {
   const ModelConfig& c = model_.config();
   if (qk_hook_) qk_hook_(l, q, k, pos, n);
+  if (!cache_->query_moments.empty()) observe_queries(l, n, q, pos);
   if (c.layers[l].local()) drop_outside_window(l, n);
   cache_->append(l, k, v, pos, n);
   kv::AttentionArgs args;
@@ -194,6 +207,19 @@ void Session::attend_rows(int l, int n, const float* q, const float* k, const fl
     kv::attend_with_stats(*cache_, args, pool);
   } else {
     kv::attend_fused(*cache_, args, pool);
+  }
+}
+
+void Session::observe_queries(int l, int n, const float* q, const int32_t* pos) {
+  const ModelConfig& c = model_.config();
+  const size_t row = static_cast<size_t>(c.n_heads) * c.head_dim;
+  query_row_.resize(row);
+  for (int t = 0; t < n; ++t) {
+    if (pos[t] < kv::kQueryMomentSinks) continue;
+    std::copy(q + t * row, q + (t + 1) * row, query_row_.begin());
+    // Undo the rotary embedding: the moments are of the queries before it.
+    for (int h = 0; h < c.n_heads; ++h) cache_->rope.rotate(l, -static_cast<double>(pos[t]), query_row_.data() + h * c.head_dim);
+    cache_->query_moments[l].add(query_row_.data(), c.n_heads, c.head_dim);
   }
 }
 

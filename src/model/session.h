@@ -94,6 +94,8 @@ class Session {
   // cache (after trimming a sliding window) and writes the attention output of the n queries.
   void attend_rows(int l, int n, const float* q, const float* k, const float* v, const int32_t* pos, float* out,
                    ThreadPool& pool);
+  // Adds the rows' queries, un-rotated, to the cache's query moments (AttentionStats::query_moments).
+  void observe_queries(int l, int n, const float* q, const int32_t* pos);
   // Checks that n more tokens fit and are in the vocabulary; throws qf::Error.
   void check_tokens(std::span<const int32_t> tokens) const;
   // Sliding-window layers: before appending n tokens, drops what no later query can see once
@@ -113,6 +115,7 @@ class Session {
   std::unique_ptr<Forward> forward_;  // this session's own passes, n_batch rows
   std::vector<float> logits_;
   std::vector<int> keep_;
+  std::vector<float> query_row_;  // observe_queries scratch
 };
 
 }  // namespace qf

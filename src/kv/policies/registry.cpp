@@ -12,7 +12,7 @@ constexpr std::pair<std::string_view, Factory> kPolicies[] = {
     {"qfilters", policies::make_qfilters}, {"knorm", policies::make_knorm},
     {"streaming", policies::make_streaming}, {"random", policies::make_random},
     {"snapkv", policies::make_snapkv}, {"tova", policies::make_tova},
-    {"h2o", policies::make_h2o},
+    {"h2o", policies::make_h2o},           {"expected_attention", policies::make_expected_attention},
 };
 }  // namespace
 
@@ -24,6 +24,11 @@ std::vector<std::string> policy_names() {
 
 std::unique_ptr<Policy> make_policy(std::string_view name, const PolicyOptions& options) {
   if (name == "none") fail("KV policy 'none' is the uncompressed cache: it has no eviction policy object");
+  if (name.size() > kLayerSuffix.size() && name.ends_with(kLayerSuffix)) {
+    const std::string_view base = name.substr(0, name.size() - kLayerSuffix.size());
+    if (base == "none" || base.ends_with(kLayerSuffix)) fail("KV policy '", name, "' has no layer-consistent variant");
+    return policies::make_layer_consistent(make_policy(base, options));
+  }
   for (const auto& [n, factory] : kPolicies)
     if (n == name) return factory(options);
   std::string known;

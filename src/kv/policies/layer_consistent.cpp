@@ -1,0 +1,78 @@
+// Layer-consistent selection (kLayerSuffix): per-head eviction lets the KV heads of a layer keep
+// different tokens (different digits of one number in different heads); averaging standardised
+// scores over the layer's heads makes them keep the same ones, as TOVA does by construction.
+#include <cmath>
+#include <limits>
+#include <string>
+
+#include "kv/policies/policies.h"
+
+namespace qf::kv::policies {
+
+namespace {
+
+// Scores shifted and scaled to mean 0, standard deviation 1 over the finite ones (+-inf and NaN
+// stay as they are; a constant head becomes all zeros).
+void standardise(std::vector<float>& s) {
+  double sum = 0, sq = 0;
+  int n = 0;
+  for (float x : s)
+    if (std::isfinite(x)) sum += x, sq += static_cast<double>(x) * x, ++n;
+  if (n == 0) return;
+  const double m = sum / n, var = std::max(0.0, sq / n - m * m);
+  const double inv = var > 0 ? 1.0 / std::sqrt(var) : 0.0;
+  for (float& x : s)
+    if (std::isfinite(x)) x = static_cast<float>((x - m) * inv);
+}
+
+class LayerConsistent final : public Policy {
+ public:
+  explicit LayerConsistent(std::unique_ptr<Policy> inner)
+      : inner_(std::move(inner)), name_(std::string(inner_->name()) + std::string(kLayerSuffix)) {}
+  std::string_view name() const override { return name_; }
+  AttentionStats needs(const PolicyOptions& o) const override { return inner_->needs(o); }
+
+  void score_head(const Cache& cache, int layer, int kv_head, std::span<float> scores) override {
+    score_layer(cache, layer, layer_scores_);
+    std::copy(layer_scores_[kv_head].begin(), layer_scores_[kv_head].end(), scores.begin());
+  }
+
+  void score_layer(const Cache& cache, int layer, std::vector<std::vector<float>>& scores) override {
+    const int nkv = cache.shape().n_kv_heads;
+    inner_->score_layer(cache, layer, raw_);
+    for (auto& s : raw_) standardise(s);
+    scores.resize(nkv);
+    for (int h = 0; h < nkv; ++h) {
+      const HeadCache& self = cache.head(layer, h);
+      scores[h].assign(self.n, 0.0f);
+      count_.assign(self.n, 0);
+      for (int o = 0; o < nkv; ++o) {
+        const HeadCache& other = cache.head(layer, o);
+        // Both heads list positions in increasing order: merge.
+        for (int i = 0, j = 0; i < self.n && j < other.n;) {
+          if (self.pos[i] < other.pos[j]) ++i;
+          else if (self.pos[i] > other.pos[j]) ++j;
+          else {
+            scores[h][i] += raw_[o][j++];
+            ++count_[i++];
+          }
+        }
+      }
+      for (int i = 0; i < self.n; ++i) scores[h][i] /= static_cast<float>(count_[i]);  // count >= 1: itself
+    }
+  }
+
+ private:
+  std::unique_ptr<Policy> inner_;
+  std::string name_;
+  std::vector<std::vector<float>> raw_, layer_scores_;
+  std::vector<int> count_;
+};
+
+}  // namespace
+
+std::unique_ptr<Policy> make_layer_consistent(std::unique_ptr<Policy> inner) {
+  return std::make_unique<LayerConsistent>(std::move(inner));
+}
+
+}  // namespace qf::kv::policies
