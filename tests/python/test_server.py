@@ -270,7 +270,7 @@ class AdmissionAndShutdownTest(unittest.TestCase):
                 if body["choices"][0]["finish_reason"] == "length":
                     self.assertEqual(body["usage"]["total_tokens"], 65, (extra, body["usage"]))
             status, body = srv.request("POST", "/v1/completions", {"prompt": "x", "kv_positions": "rotate"})
-            self.assert_error(status, body, 400)
+            self.assertEqual(status, 400, body)
             self.assertIn("--kv-positions", body["error"]["message"])
         finally:
             self.assertEqual(srv.stop(), 0)
