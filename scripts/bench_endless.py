@@ -91,7 +91,7 @@ def memory(args, kv, text):
 
 def perplexity(args, kv, text):
     out = {}
-    for mode in ("shift", "keep"):
+    for mode in args.modes.split(","):
         cmd = ["nice", "-n", str(args.nice), args.tool, "nll", args.model, kv, str(args.ctx), mode, text,
                str(args.ppl_tokens), str(args.chunk)]
         print("$ " + " ".join(cmd), flush=True)
@@ -127,6 +127,7 @@ def main():
     ap.add_argument("--max-seconds", type=float, default=0, help="stop the generation after this long (0 = never)")
     ap.add_argument("--ppl-tokens", type=int, default=24576, help="teacher-forced tokens (perplexity)")
     ap.add_argument("--chunk", type=int, default=16, help="teacher-forced tokens per step")
+    ap.add_argument("--modes", default="shift,keep", help="--kv-positions modes to teacher-force (comma-separated)")
     ap.add_argument("--min-year", type=int, default=2000)
     ap.add_argument("--nice", type=int, default=10)
     ap.add_argument("--skip-gen", action="store_true")
