@@ -31,7 +31,7 @@ TEST(ServerProtocol, ChatRequestWithEveryField) {
     "max_tokens": 12, "temperature": 0.5, "top_p": 0.9, "top_k": 7, "min_p": 0.1, "seed": 3,
     "presence_penalty": 0.5, "frequency_penalty": -0.5, "repeat_penalty": 1.1, "stop": ["\n\n", "END"],
     "stream": true, "stream_options": {"include_usage": true}, "n": 1, "logprobs": false,
-    "kv_policy": "knorm", "kv_budget": 64, "kv_window": 8})", true);
+    "kv_policy": "knorm", "kv_budget": 64, "kv_window": 8, "kv_positions": "keep"})", true);
   ASSERT_EQ(r.messages.size(), 2u);
   EXPECT_EQ(r.messages[1].content, "hi there");
   EXPECT_EQ(r.max_tokens, 12);
@@ -48,6 +48,7 @@ TEST(ServerProtocol, ChatRequestWithEveryField) {
   EXPECT_EQ(r.kv->policy, "knorm");
   EXPECT_EQ(r.kv->budget, 64);
   EXPECT_EQ(r.kv->window, 8);
+  EXPECT_EQ(r.kv->positions, "keep");  // checked against keep | shift at admission
 }
 
 TEST(ServerProtocol, DefaultsComeFromTheServer) {

@@ -53,8 +53,9 @@ int chat(const ChatOptions& o) {
       fed.clear();
       common = 0;
     }
-    if (static_cast<int>(all.size()) + 1 >= s.n_ctx()) fail("the conversation no longer fits the context (-c ", s.n_ctx(), ")");
     const std::vector<int32_t> fresh(all.begin() + static_cast<std::ptrdiff_t>(common), all.end());
+    if (!s.has_room(static_cast<int64_t>(fresh.size()) + 1))
+      fail("the conversation no longer fits the context (-c ", s.n_ctx(), "; --kv-positions shift goes on)");
     std::span<const float> logits = fed.empty() ? s.prefill(fresh) : s.eval(fresh);
     fed.insert(fed.end(), fresh.begin(), fresh.end());
     if (common == 0) sampler.reset_history();
@@ -63,7 +64,7 @@ int chat(const ChatOptions& o) {
     StreamDecoder stream(tok, /*render_special=*/false);
     std::vector<int32_t> reply;
     const auto t0 = std::chrono::steady_clock::now();
-    while (static_cast<int>(reply.size()) < o.n_predict && s.n_past() < s.n_ctx()) {
+    while (static_cast<int>(reply.size()) < o.n_predict && s.has_room(1)) {
       const int32_t next = sampler.sample_and_accept(logits);
       if (tok.is_eog(next)) break;
       reply.push_back(next);
@@ -94,6 +95,7 @@ void register_chat(CLI::App& app) {
   cmd->add_option("--system", o->system, "system message (default: the template's own)");
   cmd->add_option("-n,--n-predict", o->n_predict, "longest reply in tokens");
   add_sampling_options(cmd, o->sampling);
+  o->kv.positions = "shift";  // a conversation goes on past the context
   add_kv_options(cmd, o->kv);
   cmd->callback([o] { chat(*o); });
 }

@@ -65,6 +65,11 @@ void add_kv_options(CLI::App* app, KvOptions& o) {
   app->add_option("--kv-skip-layers", o.skip_layers, "leave the first N layers uncompressed")
       ->check(CLI::NonNegativeNumber)->group("KV cache");
   app->add_option("--kv-seed", o.seed, "seed of the random policy")->group("KV cache");
+  app->add_option("--kv-positions", o.positions,
+                  "at the end of the context (-c): shift = forget the older half of the sequence after its first 4 "
+                  "tokens and move the rest back, so generation never ends; keep = positions keep counting (a "
+                  "bounded cache goes past -c with positions the model never saw, a full cache stops)")
+      ->check(CLI::IsMember({"keep", "shift"}))->capture_default_str()->group("KV cache");
 }
 
 void add_sampling_options(CLI::App* app, SamplingFlags& o) {

@@ -1,5 +1,6 @@
 // qf run: generate text from a prompt, streaming tokens as they come.
 #include <chrono>
+#include <cstdint>
 #include <cstdio>
 #include <fstream>
 #include <iterator>
@@ -59,15 +60,16 @@ int run(const RunOptions& o) {
 
   const auto t1 = std::chrono::steady_clock::now();
   int n_gen = 0;
-  const int limit = o.n_predict < 0 ? s.n_ctx() : o.n_predict;
-  while (n_gen < limit && s.n_past() < s.n_ctx()) {
+  // -n -1: until end of text; with keep positions also the end of the context.
+  const int64_t limit = o.n_predict >= 0 ? o.n_predict : s.positions() == PositionMode::shift ? INT64_MAX : s.n_ctx();
+  while (n_gen < limit && s.has_room(1)) {
     const int32_t next = sampler.sample_and_accept(logits);
     ++n_gen;
     if (tok.is_eog(next) && !o.ignore_eos) break;
     const std::string text = stream.push(next);
     std::fwrite(text.data(), 1, text.size(), stdout);
     std::fflush(stdout);
-    if (n_gen == limit || s.n_past() >= s.n_ctx()) break;
+    if (n_gen == limit || !s.has_room(1)) break;
     logits = s.eval(std::span<const int32_t>(&next, 1));
   }
   const std::string rest = stream.flush();
@@ -89,10 +91,12 @@ void register_run(CLI::App& app) {
   add_model_options(cmd, o->model);
   cmd->add_option("-p,--prompt", o->prompt, "prompt text (special tokens such as <|im_start|> are parsed)");
   cmd->add_option("-f,--file", o->prompt_file, "read the prompt from a file")->check(CLI::ExistingFile);
-  cmd->add_option("-n,--n-predict", o->n_predict, "tokens to generate (-1 = until end of text or context)");
+  cmd->add_option("-n,--n-predict", o->n_predict,
+                  "tokens to generate (-1 = until end of text; with --kv-positions keep, or the end of the context)");
   add_sampling_options(cmd, o->sampling);
   cmd->add_flag("--ignore-eos", o->ignore_eos, "keep generating past end-of-text tokens");
   cmd->add_flag("--no-display-prompt", o->no_display_prompt, "do not echo the prompt");
+  o->kv.positions = "shift";  // generation goes on past the context
   add_kv_options(cmd, o->kv);
   cmd->callback([o] { run(*o); });
 }

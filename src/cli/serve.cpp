@@ -79,6 +79,7 @@ void register_serve(CLI::App& app) {
       ->capture_default_str();
   cmd->add_option("-a,--alias", o->server.model_id, "model name clients use (default: the file name)");
   add_sampling_options(cmd, o->sampling);
+  o->kv.positions = "shift";  // generations go on past the context (requests may say "keep")
   add_kv_options(cmd, o->kv);
   cmd->callback([o] { serve(*o); });
 }

@@ -197,6 +197,36 @@ void Cache::retain(int layer, int kv_head, std::span<const int> keep) {
   hc.n = out;
 }
 
+void Cache::shift(int layer, int kv_head, int32_t keep, int32_t delta,
+                  const std::function<void(float* rows, int n)>& rotate_back) {
+  if (layer < 0 || layer >= shape_.n_layers || kv_head < 0 || kv_head >= shape_.n_kv_heads || keep < 0 || delta <= 0)
+    fail("kv cache: shift(layer ", layer, ", head ", kv_head, ", keep ", keep, ", delta ", delta, ") out of range");
+  HeadCache& hc = head(layer, kv_head);
+  auto first_slot_at = [&hc](int64_t p) {
+    return static_cast<int>(std::lower_bound(hc.pos.begin(), hc.pos.begin() + hc.n, p,
+                                             [](int32_t a, int64_t b) { return a < b; }) - hc.pos.begin());
+  };
+  const int kept_below = first_slot_at(keep), first_moved = first_slot_at(static_cast<int64_t>(keep) + delta);
+  if (first_moved > kept_below) {
+    std::vector<int> slots;
+    for (int i = 0; i < hc.n; ++i)
+      if (i < kept_below || i >= first_moved) slots.push_back(i);
+    retain(layer, kv_head, slots);
+  }
+  const int n_moved = hc.n - kept_below, d = shape_.head_dim;
+  if (n_moved == 0) return;
+  std::vector<float> rows(static_cast<size_t>(n_moved) * d);
+  for (int i = 0; i < n_moved; ++i)
+    kv_dequantize_row(types_.k, hc.k.data() + static_cast<size_t>(kept_below + i) * k_row_bytes_, d,
+                      rows.data() + static_cast<size_t>(i) * d);
+  rotate_back(rows.data(), n_moved);
+  for (int i = 0; i < n_moved; ++i) {
+    kv_quantize_row(types_.k, rows.data() + static_cast<size_t>(i) * d, d,
+                    hc.k.data() + static_cast<size_t>(kept_below + i) * k_row_bytes_);
+    hc.pos[kept_below + i] -= delta;
+  }
+}
+
 void Cache::clear() {
   for (auto& hc : heads_) hc.n = 0;
   queries_seen = 0;

@@ -13,6 +13,7 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -99,6 +100,13 @@ class Cache {
 
   // Keeps only the slots listed in `keep` (sorted ascending) of one head, compacting in place.
   void retain(int layer, int kv_head, std::span<const int> keep);
+
+  // Context shift of one head: forgets the slots at positions [keep, keep + delta) and moves the
+  // later ones back by delta: their positions, and their keys through `rotate_back`, which turns
+  // n rows of head_dim floats by -delta positions (keys are stored rotated). Quantized keys are
+  // dequantized, rotated and stored again. Positions below `keep` stay as they are.
+  void shift(int layer, int kv_head, int32_t keep, int32_t delta,
+             const std::function<void(float* rows, int n)>& rotate_back);
 
   // Empties every head (new sequence); memory stays allocated.
   void clear();

@@ -80,26 +80,40 @@ void Rotary::prepare(const int* pos, int n) {
   }
 }
 
-void Rotary::apply(int layer, float* v, int n, int n_vecs) const {
-  const Setting& s = settings_[layer_setting_[layer]];
+void Rotary::rotate_rows(const float* cs, const float* sn, float* v, int n_vecs) const {
   const int half = n_rot_ / 2;
   // Element offsets of pair i's two members.
   const int stride = pairing_ == RopePairing::adjacent ? 2 : 1;
   const int second = pairing_ == RopePairing::adjacent ? 1 : half;
-  for (int t = 0; t < n; ++t) {
-    const float* cs = &s.cos[static_cast<size_t>(t) * half];
-    const float* sn = &s.sin[static_cast<size_t>(t) * half];
-    for (int h = 0; h < n_vecs; ++h) {
-      float* p = v + (static_cast<size_t>(t) * n_vecs + h) * head_dim_;
-      for (int i = 0; i < half; ++i) {
-        float& x0 = p[stride * i];
-        float& x1 = p[stride * i + second];
-        const float a = x0, b = x1;
-        x0 = a * cs[i] - b * sn[i];
-        x1 = a * sn[i] + b * cs[i];
-      }
+  for (int h = 0; h < n_vecs; ++h) {
+    float* p = v + static_cast<size_t>(h) * head_dim_;
+    for (int i = 0; i < half; ++i) {
+      float& x0 = p[stride * i];
+      float& x1 = p[stride * i + second];
+      const float a = x0, b = x1;
+      x0 = a * cs[i] - b * sn[i];
+      x1 = a * sn[i] + b * cs[i];
     }
   }
+}
+
+void Rotary::apply(int layer, float* v, int n, int n_vecs) const {
+  const Setting& s = settings_[layer_setting_[layer]];
+  const size_t half = n_rot_ / 2;
+  for (int t = 0; t < n; ++t)
+    rotate_rows(&s.cos[t * half], &s.sin[t * half], v + static_cast<size_t>(t) * n_vecs * head_dim_, n_vecs);
+}
+
+void Rotary::rotate_by(int layer, float* v, int n_vecs, int delta) const {
+  const Setting& s = settings_[layer_setting_[layer]];
+  const int half = n_rot_ / 2;
+  std::vector<float> cs(half), sn(half);
+  for (int i = 0; i < half; ++i) {
+    const double theta = static_cast<double>(delta) * s.inv_freq[i];
+    cs[i] = static_cast<float>(std::cos(theta));
+    sn[i] = static_cast<float>(std::sin(theta));
+  }
+  rotate_rows(cs.data(), sn.data(), v, n_vecs);
 }
 
 }  // namespace qf::ops

@@ -38,6 +38,9 @@ class Rotary {
   // Rotates n_vecs vectors of head_dim floats per token, tokens [0, n) of the last prepare(),
   // as layer `layer` does.
   void apply(int layer, float* v, int n, int n_vecs) const;
+  // Rotates n_vecs vectors of head_dim floats, already rotated for some position p, to p + delta
+  // as layer `layer` does (rotations compose): the context shift moves cached keys back this way.
+  void rotate_by(int layer, float* v, int n_vecs, int delta) const;
 
   // Radians per position of each rotated pair of `layer`, and the pairing (for policies that move
   // query statistics to other positions, kv::RopeGeometry).
@@ -50,6 +53,9 @@ class Rotary {
     std::vector<double> inv_freq;   // [n_rot / 2]
     std::vector<float> cos, sin;    // [token][n_rot / 2]
   };
+  // Rotates n_vecs consecutive head vectors by the angles whose cos/sin are cs/sn [n_rot / 2].
+  void rotate_rows(const float* cs, const float* sn, float* v, int n_vecs) const;
+
   RopePairing pairing_;
   int n_rot_, head_dim_;
   std::vector<Setting> settings_;

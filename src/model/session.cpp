@@ -1,7 +1,9 @@
 #include "model/session.h"
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
+#include <string>
 
 #include "kv/attention.h"
 #include "util/error.h"
@@ -22,7 +24,24 @@ uint64_t planned_bytes(const ModelConfig& c, const std::vector<int>& capacity, i
   return kv + static_cast<uint64_t>(n_batch) * per_token * sizeof(float);
 }
 
+// Whether every layer's cache holds a bounded number of tokens however long the sequence: a
+// sliding window, or a streaming budget (its capacity does not grow with the context).
+bool cache_is_bounded(const ModelConfig& c, const kv::Compressor* compressor, int n_batch) {
+  constexpr int kHuge = INT_MAX / 2;
+  for (int l = 0; l < c.n_layers; ++l)
+    if (!c.layers[l].local() && !(compressor && compressor->capacity(l, kHuge, n_batch) < kHuge)) return false;
+  return true;
+}
+
 }  // namespace
+
+PositionMode parse_position_mode(std::string_view name) {
+  if (name == "keep") return PositionMode::keep;
+  if (name == "shift") return PositionMode::shift;
+  fail("--kv-positions must be keep or shift, not '", name, "'");
+}
+
+std::string_view position_mode_name(PositionMode m) { return m == PositionMode::shift ? "shift" : "keep"; }
 
 Session::Session(const Model& model, SessionOptions opt)
     : model_(model),
@@ -30,9 +49,19 @@ Session::Session(const Model& model, SessionOptions opt)
       pool_(opt.pool ? *opt.pool : *own_pool_),
       n_ctx_(opt.n_ctx > 0 ? opt.n_ctx : model.config().n_ctx_train),
       n_batch_(std::max(1, opt.n_batch)),
+      positions_(opt.positions),
+      rotary_(model.config(), model.rope_freq_factors()),
       compressor_(std::move(opt.compressor)) {
   const ModelConfig& c = model.config();
   n_batch_ = std::min(n_batch_, n_ctx_);
+  if (positions_ == PositionMode::shift) {
+    // llama.cpp's choice: give up half of what is not kept. Each shift then buys half a context
+    // of tokens, and a key moves at most twice before it is given up (one rounding per move).
+    shift_keep_ = std::clamp(opt.shift_keep, 0, n_ctx_ / 4);
+    shift_delta_ = (n_ctx_ - shift_keep_) / 2;
+    if (shift_delta_ < 1) fail("a context of ", n_ctx_, " tokens is too short to shift (--kv-positions keep, or a larger -c)");
+    n_batch_ = std::min(n_batch_, shift_delta_);  // one shift always makes room for a chunk
+  }
   kv::AttentionStats stats;
   if (compressor_) {
     compressor_->config().validate(c.n_layers);
@@ -42,6 +71,7 @@ Session::Session(const Model& model, SessionOptions opt)
     stats = compressor_->needs();
   }
   const std::vector<int> capacity = cache_capacity(model, compressor_.get(), n_ctx_, n_batch_);
+  bounded_ = cache_is_bounded(c, compressor_.get(), n_batch_);
   stats.accumulate |= opt.stats.accumulate;
   stats.last_query |= opt.stats.last_query;
   stats.window = std::max(stats.window, opt.stats.window);
@@ -79,6 +109,7 @@ void Session::reset() {
   cache_->clear();
   n_past_ = 0;
   prompt_end_ = 0;
+  positions_shifted_ = 0;
 }
 
 void Session::copy_state_from(const Session& src) {
@@ -118,6 +149,7 @@ void Session::copy_state_from(const Session& src) {
   }
   n_past_ = src.n_past_;
   prompt_end_ = src.prompt_end_;
+  positions_shifted_ = src.positions_shifted_;
 }
 
 std::span<const float> Session::prefill(std::span<const int32_t> tokens) {
@@ -128,10 +160,17 @@ std::span<const float> Session::prefill(std::span<const int32_t> tokens) {
   return logits;
 }
 
+bool Session::has_room(int64_t n) const {
+  if (positions_ == PositionMode::shift) return true;
+  // Keep with a bounded cache: positions may pass the context, not int32.
+  return n_past_ + n <= (bounded_ ? INT32_MAX / 2 : n_ctx_);
+}
+
 void Session::check_tokens(std::span<const int32_t> tokens) const {
   const int64_t n = static_cast<int64_t>(tokens.size());
-  if (n_past_ + n > n_ctx_)
-    fail("sequence of ", n_past_ + n, " tokens exceeds the context of ", n_ctx_, " (raise -c)");
+  if (!has_room(n))
+    fail("sequence of ", n_past_ + n, " tokens exceeds the context of ", n_ctx_,
+         bounded_ ? "" : " (raise -c, or --kv-positions shift)");
   for (int32_t t : tokens)
     if (t < 0 || t >= model_.config().n_vocab)
       fail("token id ", t, " is outside the vocabulary (", model_.config().n_vocab, ")");
@@ -147,6 +186,7 @@ std::span<const float> Session::eval(std::span<const int32_t> tokens, bool all_l
   for (int64_t i = 0; i < n; i += n_batch_) {
     const int m = static_cast<int>(std::min<int64_t>(n_batch_, n - i));
     const bool last_chunk = i + m == n;
+    make_room(m);
     float* out = all_logits ? logits_.data() + static_cast<size_t>(i) * c.n_vocab : (last_chunk ? logits_.data() : nullptr);
     forward_chunk(tokens.data() + i, m, out, all_logits);
     if (compressor_) compressor_->after_step(*cache_);
@@ -164,6 +204,7 @@ std::vector<std::span<const float>> Session::eval_batch(std::span<const BatchIte
     for (const Segment& seg : segments)
       if (seg.session == &s) fail("eval_batch: a session appears twice in one batch");
     s.check_tokens(it.tokens);
+    s.make_room(static_cast<int>(it.tokens.size()));
     const size_t vocab = s.model_.config().n_vocab;
     if (s.logits_.size() < vocab) s.logits_.resize(vocab);
     segments.push_back({&s, it.tokens.data(), static_cast<int>(it.tokens.size()), s.logits_.data(), false});
@@ -177,6 +218,25 @@ std::vector<std::span<const float>> Session::eval_batch(std::span<const BatchIte
     out.emplace_back(seg.session->logits_.data(), seg.session->model_.config().n_vocab);
   }
   return out;
+}
+
+void Session::make_room(int n) {
+  if (positions_ != PositionMode::shift || n_past_ + n <= n_ctx_) return;
+  if (n > shift_delta_)
+    fail(n, " tokens at once do not fit after a context shift of ", shift_delta_, " positions (at most ", n_batch_,
+         " per step)");
+  shift_context();
+}
+
+void Session::shift_context() {
+  const kv::CacheShape& s = cache_->shape();
+  for (int l = 0; l < s.n_layers; ++l) {
+    auto rotate_back = [&](float* rows, int n) { rotary_.rotate_by(l, rows, n, -shift_delta_); };
+    for (int h = 0; h < s.n_kv_heads; ++h) cache_->shift(l, h, shift_keep_, shift_delta_, rotate_back);
+  }
+  n_past_ -= shift_delta_;
+  prompt_end_ = std::max(0, prompt_end_ - shift_delta_);
+  positions_shifted_ += shift_delta_;
 }
 
 void Session::forward_chunk(const int32_t* tokens, int n, float* logits, bool all_logits) {

@@ -6,6 +6,7 @@
 #include <functional>
 #include <memory>
 #include <span>
+#include <string_view>
 #include <vector>
 
 #include "kv/cache.h"
@@ -16,6 +17,20 @@
 #include "tensor/threadpool.h"
 
 namespace qf {
+
+// What happens to positions when a sequence reaches the context (qf's --kv-positions).
+enum class PositionMode {
+  // Positions keep counting. A full cache stops at the context (an error); a bounded cache goes
+  // on past it, with rotary phases the model never saw in training.
+  keep,
+  // Context shift (llama.cpp's): when the next token would not fit, the first `shift_keep`
+  // positions stay, the next half of the rest is forgotten, and every later key moves back by
+  // that much (positions and rotary phases), so positions stay below the context forever.
+  shift,
+};
+// "keep" / "shift"; throws qf::Error naming both otherwise.
+PositionMode parse_position_mode(std::string_view name);
+std::string_view position_mode_name(PositionMode m);
 
 struct SessionOptions {
   int n_ctx = 0;      // longest sequence (positions); 0 = the model's training context
@@ -29,6 +44,12 @@ struct SessionOptions {
   kv::AttentionStats stats;
   // Storage types of the cached keys and values (the CLI's -ctk / -ctv; the CLI defaults to f16).
   kv::KvTypes kv_types;
+  // At the end of the context: keep counting, or shift (see PositionMode). Evaluations keep the
+  // library default (a result never silently shifts); qf run / chat / serve default to shift.
+  PositionMode positions = PositionMode::keep;
+  // Shift: the first positions that never move nor go (StreamingLLM's attention sinks, which
+  // its policy scores by position < 4); at most a quarter of the context.
+  int shift_keep = 4;
 };
 
 // Called inside the forward pass with each layer's queries and keys after the QK norm (if the
@@ -57,6 +78,14 @@ class Session {
   const Model& model() const { return model_; }
   int n_ctx() const { return n_ctx_; }
   int n_past() const { return n_past_; }
+  int n_batch() const { return n_batch_; }
+  PositionMode positions() const { return positions_; }
+  // Positions given up by context shifts since the last reset: while 0, slot i of the sequence
+  // is the i-th token fed, so a cache can be reused for a prompt that extends it.
+  int64_t positions_shifted() const { return positions_shifted_; }
+  // Whether n more tokens can be appended through eval(): always with shift, past the context
+  // with keep and a bounded cache, up to the context with keep and a full cache.
+  bool has_room(int64_t n) const;
   ThreadPool& pool() { return pool_; }
   kv::Cache& cache() { return *cache_; }
   const kv::Cache& cache() const { return *cache_; }
@@ -98,6 +127,11 @@ class Session {
   void observe_queries(int l, int n, const float* q, const int32_t* pos);
   // Checks that n more tokens fit and are in the vocabulary; throws qf::Error.
   void check_tokens(std::span<const int32_t> tokens) const;
+  // Shift mode: shifts the context when n more tokens (at most one shift's worth) would not fit.
+  void make_room(int n);
+  // Forgets positions [shift_keep_, shift_keep_ + shift_delta_) in every head and moves the later
+  // ones back by shift_delta_, rotating their keys.
+  void shift_context();
   // Sliding-window layers: before appending n tokens, drops what no later query can see once
   // the cache would overflow (a ring of the window, compacted every n_batch tokens or so).
   void drop_outside_window(int l, int n);
@@ -108,6 +142,11 @@ class Session {
   int n_ctx_, n_batch_;
   int n_past_ = 0;
   int prompt_end_ = 0;  // position where the current prompt ends (snapkv's observation window)
+  PositionMode positions_;
+  int shift_keep_ = 0, shift_delta_ = 0;  // shift: positions kept, positions given up per shift
+  int64_t positions_shifted_ = 0;
+  bool bounded_ = false;  // every layer's cache holds a bounded number of tokens
+  ops::Rotary rotary_;    // rotates cached keys back on a shift
   std::unique_ptr<kv::Compressor> compressor_;
   std::unique_ptr<kv::Cache> cache_;
   QkHook qk_hook_;

@@ -77,6 +77,7 @@ std::unique_ptr<Session> Engine::new_session(const KvOptions& kv, int n_ctx) {
   so.pool = pool_.get();
   so.kv_types = session_kv_types(kv);
   so.compressor = make_compressor(kv);
+  so.positions = parse_position_mode(kv.positions);
   return std::make_unique<Session>(*model_, std::move(so));
 }
 
@@ -90,6 +91,7 @@ kv::KvTypes Engine::session_kv_types(const KvOptions& kv) const {
 int64_t Engine::session_kv_bytes(const KvOptions& kv, int n_ctx) {
   const ModelConfig& c = model_->config();
   const std::unique_ptr<kv::Compressor> comp = make_compressor(kv);
+  parse_position_mode(kv.positions);  // checked here too: admission is where the server validates
   int64_t slots = 0;
   for (int cap : Session::cache_capacity(*model_, comp.get(), n_ctx > 0 ? n_ctx : this->n_ctx(), options_.n_batch))
     slots += cap;
@@ -101,13 +103,15 @@ int64_t Engine::session_kv_bytes(const KvOptions& kv, int n_ctx) {
 std::string kv_summary(const Session& s) {
   const kv::Cache& c = s.cache();
   const double mib = 1024.0 * 1024.0;
+  const int64_t seen = s.n_past() + s.positions_shifted();  // tokens fed since the last reset
   std::ostringstream os;
   os.precision(2);
   os << std::fixed << "kv: " << kv::kv_type_name(c.types().k) << "/" << kv::kv_type_name(c.types().v) << ", "
      << c.bytes_per_token_per_layer() << " bytes per token per layer | " << c.bytes_used() / mib << " MiB in use ("
      << c.bytes_reserved() / mib
-     << " MiB reserved) vs " << c.full_cache_bytes(s.n_past()) / mib << " MiB for a full cache of " << s.n_past()
-     << " tokens";
+     << " MiB reserved) vs " << c.full_cache_bytes(seen) / mib << " MiB for a full cache of " << seen << " tokens";
+  if (s.positions_shifted() > 0)
+    os << " | context shifted back by " << s.positions_shifted() << " positions (--kv-positions shift)";
   const ModelConfig& mc = s.model().config();
   if (const int n_local = mc.n_local_layers(); n_local > 0) {
     std::string global;

@@ -41,6 +41,8 @@ struct KvOptions {
   float ratio = 0.0f;
   int skip_layers = 0;
   uint64_t seed = 0;
+  // At the end of the context: "keep" counting positions, or "shift" them (see PositionMode).
+  std::string positions = "keep";
   // Storage types of this session's keys and values; "" = the engine's (-ctk / -ctv).
   std::string cache_type_k;
   std::string cache_type_v;

@@ -141,6 +141,7 @@ std::optional<runtime::KvOptions> parse_kv(const json& body, const runtime::KvOp
   if (auto e = get_int(body, "kv_evict_every", 1, INT32_MAX)) kv.evict_every = static_cast<int>(*e), any = true;
   if (auto r = get_float(body, "kv_ratio", 0.0, 1.0)) kv.ratio = *r, any = true;
   if (auto s = get_int(body, "kv_skip_layers", 0, INT32_MAX)) kv.skip_layers = static_cast<int>(*s), any = true;
+  if (auto p = get_string(body, "kv_positions")) kv.positions = *p, any = true;  // keep | shift, checked at admission
   if (!any) return std::nullopt;
   if (kv.policy == "none") kv.budget = 0, kv.ratio = 0, kv.filters.clear();
   return kv;

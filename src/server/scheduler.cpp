@@ -51,6 +51,14 @@ size_t common_prefix(const std::vector<int32_t>& a, const std::vector<int32_t>& 
   return n;
 }
 
+// Tokens of a new prompt the slot's cache already holds. A session whose context has shifted
+// holds a different sequence (the older part forgotten, positions moved): never reused.
+size_t reusable_prefix(const Session* session, bool compatible, const std::vector<int32_t>& fed,
+                       const std::vector<int32_t>& prompt) {
+  if (!session || !compatible || session->positions_shifted() > 0) return 0;
+  return common_prefix(fed, prompt);
+}
+
 Event error_event(int status, const std::string& message, const std::string& type = "invalid_request_error") {
   Event e;
   e.kind = Event::Kind::kError;
@@ -219,7 +227,7 @@ void Scheduler::assign_queued(std::unique_lock<std::mutex>&) {
     size_t best_reuse = 0;
     for (auto& s : slots_) {
       if (s->job || (r.id_slot >= 0 && s->id != r.id_slot)) continue;
-      const size_t reuse = s->session && s->kv == kv && r.cache_prompt ? common_prefix(s->fed, job->tokens) : 0;
+      const size_t reuse = reusable_prefix(s->session.get(), s->kv == kv && r.cache_prompt, s->fed, job->tokens);
       const bool reusable = reuse > 0 && reuse == s->fed.size() && reuse < job->tokens.size();
       const size_t score = reusable ? reuse : 0;
       // Most reuse first; then a slot without a session; then the least recently used.
@@ -245,7 +253,7 @@ void Scheduler::assign_queued(std::unique_lock<std::mutex>&) {
 bool Scheduler::admit(Slot& slot, const std::shared_ptr<Job>& job) {
   const CompletionRequest& r = job->request;
   const runtime::KvOptions& kv = r.kv ? *r.kv : opt_.kv;
-  const size_t reuse = slot.session && slot.kv == kv && r.cache_prompt ? common_prefix(slot.fed, job->tokens) : 0;
+  const size_t reuse = reusable_prefix(slot.session.get(), slot.kv == kv && r.cache_prompt, slot.fed, job->tokens);
   const bool reusable = reuse > 0 && reuse == slot.fed.size() && reuse < job->tokens.size();
   try {
     if (!slot.session || slot.kv != kv) {
@@ -353,7 +361,7 @@ void Scheduler::step(const std::vector<Slot*>& active) {
       }
       continue;
     }
-    const int room = std::min(forward_->max_rows() - rows, engine_.options().n_batch);
+    const int room = std::min(forward_->max_rows() - rows, s->session->n_batch());
     if (room <= 0) continue;  // its next chunk waits for the next pass
     const size_t n = std::min<size_t>(left, static_cast<size_t>(room));
     items.push_back({s->session.get(), std::span<const int32_t>(s->job->tokens.data() + s->prompt_done, n)});
@@ -399,7 +407,10 @@ bool Scheduler::emit_token(Slot& slot, int32_t token) {
     finish(slot, FinishReason::kStop);
     return false;
   }
-  if ((r.max_tokens > 0 && slot.n_gen >= r.max_tokens) || slot.session->n_past() + 1 > slot.session->n_ctx()) {
+  // Without max_tokens a request ends with the context, shifting or not (it would never end).
+  const bool at_limit = r.max_tokens > 0 ? slot.n_gen >= r.max_tokens
+                                         : static_cast<int64_t>(job.tokens.size()) + slot.n_gen > slot.session->n_ctx();
+  if (at_limit || !slot.session->has_room(1)) {
     finish(slot, FinishReason::kLength);
     return false;
   }

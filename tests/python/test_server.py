@@ -284,6 +284,26 @@ class AdmissionAndShutdownTest(unittest.TestCase):
         finally:
             self.assertEqual(srv.stop(), 0)
 
+    def test_generation_goes_past_the_context(self):
+        # -c 64: the server shifts the context (its default), so max_tokens decides; without
+        # max_tokens, or with "kv_positions": "keep" and a full cache, the context does.
+        srv = Server("-np", "1", "-c", "64", "-t", "2")
+        try:
+            api = srv.client()
+            kw = dict(model=MODEL_ID, prompt="The history of the world, in brief:", temperature=0.8, seed=1)
+            r = api.completions.create(max_tokens=120, **kw)
+            self.assertEqual(r.usage.completion_tokens, 120, r)
+            for extra in ({"kv_positions": "keep", "max_tokens": 120}, {}):
+                status, body = srv.request("POST", "/v1/completions", {**kw, "model": MODEL_ID, **extra})
+                self.assertEqual(status, 200, body)
+                if body["choices"][0]["finish_reason"] == "length":
+                    self.assertEqual(body["usage"]["total_tokens"], 65, (extra, body["usage"]))
+            status, body = srv.request("POST", "/v1/completions", {"prompt": "x", "kv_positions": "rotate"})
+            self.assertEqual(status, 400, body)
+            self.assertIn("--kv-positions", body["error"]["message"])
+        finally:
+            self.assertEqual(srv.stop(), 0)
+
     def test_sigterm_drains_requests_in_flight(self):
         srv = Server("-np", "2", "-c", "512", "-t", "2")
         api = srv.client()
