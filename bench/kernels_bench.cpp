@@ -10,6 +10,8 @@
 //     type on 4096 x 4096 matrices. Decode: one token through enough copies to stream 256 MiB of
 //     weights per iteration (GB/s of weights); prefill: 128 tokens through one matrix (GOPS).
 //     scripts/bench_kernels_vs_ggml.py runs these beside the same shapes through libggml.
+//   BM_TypeDecodeCached/<type>: decode from an L2-resident matrix, per CPU second: the kernel's
+//     own speed, which bounds BM_TypeDecode from above.
 //   BM_ReadBandwidth: plain streaming read of 1 GiB, the machine's bound for decode.
 //
 // QF_SIMD_TARGET=avx2|avx512|scalar selects a lower SIMD target.
@@ -208,6 +210,29 @@ void BM_TypePrefill(benchmark::State& state) {
   state.SetLabel(std::string(type_info(type).name) + " " + simd_target_name());
 }
 BENCHMARK(BM_TypePrefill)->Apply(TypeArgs);
+
+// Decode from a matrix that stays in L2 (about 512 KiB, 2048 columns, 1 thread): the kernel's
+// own throughput, which must exceed the read bandwidth for BM_TypeDecode to reach it. Rates are
+// per CPU second, so other processes sharing the core distort them less than wall time would.
+void BM_TypeDecodeCached(benchmark::State& state) {
+  const auto type = static_cast<GgmlType>(state.range(0));
+  constexpr int64_t kCols = 2048;
+  const int64_t rows = std::max<int64_t>(4, static_cast<int64_t>((512 << 10) / row_bytes(type, kCols)) / 4 * 4);
+  const auto w = make_weights(type, rows, kCols, 1);
+  const auto x = make_x(kCols);
+  std::vector<float> y(rows);
+  for (auto _ : state) {
+    matmul(WeightView{type, kCols, rows, w.data()}, x.data(), 1, y.data(), pool(1));
+    benchmark::ClobberMemory();
+  }
+  state.counters["GB/s"] = benchmark::Counter(static_cast<double>(state.iterations()) * w.size() / 1e9,
+                                              benchmark::Counter::kIsRate);
+  state.SetLabel(std::string(type_info(type).name) + " " + simd_target_name());
+}
+BENCHMARK(BM_TypeDecodeCached)->Apply([](benchmark::internal::Benchmark* b) {
+  b->ArgNames({"type"});
+  for (GgmlType t : quantized_types()) b->Args({static_cast<int>(t)});
+});
 
 // Streaming read of 1 GiB (sum of 64-bit words, several accumulators so the loads overlap).
 void BM_ReadBandwidth(benchmark::State& state) {

@@ -7,7 +7,7 @@ on the same shapes: 4096 x 4096 weights; decode = one token through 256 MiB of w
 (GB/s of weights streamed), prefill = 128 tokens through one matrix (GFLOP/s, 2 per weight and
 token). Prints a markdown table and writes results/bench_kernels_vs_ggml.json.
 
-  scripts/bench_kernels_vs_ggml.py [--threads 1] [--types Q4_K,Q6_K] [--repack] [--min-time 1]
+  scripts/bench_kernels_vs_ggml.py [--threads 1] [--types q4_k,q6_k] [--repack] [--min-time 1]
 
 --repack also times llama.cpp with its weight repacking (extra CPU buffer types, what llama.cpp
 uses for model weights by default; AMX / interleaved layouts on some CPUs).
@@ -67,7 +67,7 @@ def main():
     ap.add_argument("--repack", action="store_true")
     ap.add_argument("--out", default=os.path.join(ROOT, "results", "bench_kernels_vs_ggml.json"))
     a = ap.parse_args()
-    types = a.types.split(",")
+    types = [t.strip().upper() for t in a.types.split(",")]  # q4_k and Q4_K alike
     for t in types:
         if t not in TYPE_IDS:
             fail(f"unknown type {t}")

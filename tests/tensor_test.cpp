@@ -530,6 +530,45 @@ TEST_F(SimdTargets, MatmulAllTypesShapesThreadsTargets) {
   }
 }
 
+// The integer bounds of the SIMD engines (int16 pair sums of vpmaddubsw, int32 group sums,
+// scale and offset ranges) at their extremes: every quant and scale byte set to one pattern
+// (all ones: largest quants and scales; 0x80: Q6_K scale -128; ...) against activations that
+// quantize to +-127 everywhere, including alternating signs. Decode and prefill, every target.
+TEST_F(SimdTargets, MatmulExtremeBlocks) {
+  ThreadPool pool(2);
+  for (const std::string& target : available_simd_targets()) {
+    ASSERT_TRUE(force_simd_target(target));
+    for (GgmlType t : kAllTypes) {
+      if (!is_quant(t)) continue;
+      const TypeInfo& ti = type_info(t);
+      const int64_t rows = 6, cols = 2 * std::max<int64_t>(ti.block_elems, 128);
+      for (uint8_t pattern : {0xFF, 0x80, 0x7F, 0x00, 0xAA, 0x55}) {
+        std::vector<uint8_t> data(row_bytes(t, cols) * rows, pattern);
+        for (size_t off = 0; off < data.size(); off += ti.block_bytes) {
+          const auto fields = half_fields(t);
+          const uint16_t d = f32_to_fp16(off % 3 ? 0.002f : -0.002f), m = f32_to_fp16(0.01f);
+          std::memcpy(&data[off + fields[0]], &d, 2);
+          if (fields.size() > 1) std::memcpy(&data[off + fields[1]], &m, 2);
+        }
+        const WeightView w{t, cols, rows, data.data()};
+        for (int64_t n_tok : {1, 3}) {
+          std::vector<float> x(n_tok * cols);
+          for (int64_t j = 0; j < n_tok * cols; ++j) {
+            const int64_t tok = j / cols;
+            x[j] = tok == 0 ? 1.0f : tok == 1 ? -1.0f : (j % 2 ? 1.0f : -1.0f);
+          }
+          std::vector<float> y(rows * n_tok, NAN);
+          matmul(w, x.data(), n_tok, y.data(), pool);
+          check_matmul(w, x, n_tok, y,
+                       target + " extreme " + std::string(ti.name) + " pattern " + std::to_string(pattern) +
+                           " n_tok " + std::to_string(n_tok));
+          if (HasFatalFailure()) return;
+        }
+      }
+    }
+  }
+}
+
 // Memory whose last byte is followed by an inaccessible page, so a kernel that reads even one
 // byte past a weight matrix or an activation row crashes instead of silently using junk (ASan
 // does not see masked or vector loads from intrinsics).

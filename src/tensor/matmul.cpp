@@ -4,12 +4,14 @@
 // Quantized weights are multiplied with activations quantized to int8 in the format their row of
 // the type table names (kernels.h): blocks of 32 for the 32-element types, super-blocks of 256
 // (ggml's Q8_K) for the K-quants. Engines, best first (TypedMatmul picks one per type and target):
-//   vnni    Q8_0/Q4_0/Q4_1 on AVX3_DL when the CPU reports AVX512-VNNI: four blocks per 512-bit
-//           register, one block per 128-bit lane, weights unpacked with vpermt2b, vpdpbusd.
-//   x256    Q8_0/Q4_0/Q4_1/Q5_0/Q5_1/IQ4_NL on AVX2 / AVX3: one block per 256-bit register,
+//   vnni    every 32-element type (Q8_0/Q4_0/Q4_1/Q5_0/Q5_1/IQ4_NL) on AVX3_DL when the CPU
+//           reports AVX512-VNNI: four blocks per 512-bit register, one block per 128-bit lane,
+//           weights unpacked with vpermt2b, vpdpbusd.
+//   x256    the 32-element types on AVX2 / AVX3: one block per 256-bit register,
 //           vpmaddubsw + vpmaddwd.
-//   x512K   K-quants on AVX3 / AVX3_DL: 64 quants per vpmaddubsw, group scales by vpmaddwd.
-//   x256K   K-quants on AVX2: the same on 32 quants.
+//   x512K   K-quants on AVX3 / AVX3_DL: 64 quants per vpmaddubsw, group scales by vpmaddwd
+//           (vpdpwssd with AVX512-VNNI), scales unpacked with integer tricks once per super-block.
+//   x256K   K-quants on AVX2: vpmaddubsw + vpmaddwd on 32 quants.
 //   generic every quantized type on the other targets (the portable path): plain C++ over the
 //           block codecs of tensor/quant_blocks.h (GenericEngine for 32-blocks, GenericKEngine
 //           for K-quants), correct on any CPU.
@@ -304,10 +306,6 @@ void QuantizeNat(const float* HWY_RESTRICT x, int64_t nb, uint8_t* HWY_RESTRICT 
     dd[b] = d16;
     ss[b] = d16 * static_cast<float>(hn::GetLane(hn::SumOfLanes(di, isum)));
   }
-}
-
-constexpr size_t BlockBytes(GgmlType t) {
-  return t == GgmlType::Q8_0 ? sizeof(BlockQ8_0) : t == GgmlType::Q4_0 ? sizeof(BlockQ4_0) : sizeof(BlockQ4_1);
 }
 
 // =============================================================================================
@@ -647,33 +645,188 @@ struct X256KEngine {
 
 #if HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL
 // =============================================================================================
-// x512 K engine (AVX3, AVX3_DL): the x256 K engine's arithmetic on 64 quants per instruction.
-// A 512-bit piece is two x256 pieces; its 32 int16 pair sums belong to groups 4k..4k+3, whose
-// scales one vpermw spreads from the 16 group scales.
+// x512 K engine (AVX3, AVX3_DL): K-quant super-blocks against the natural Q8_K layout, 64 quants
+// per instruction. Per row and super-block the weights are unpacked once into four registers of
+// unsigned quants u (elements 64k..64k+63, natural order, so activations load as they are) with
+// a few whole-register shifts, masks and bit tests, and the 16 group scales are unpacked with
+// integer tricks (no per-group scalar loop). Then per token and piece k:
+//   vpmaddubsw u x -> 32 int16 pair sums; lane j belongs to group 4k + j / 8, whose scale one
+//   vpermw spreads; vpdpwssd (AVX512-VNNI) or vpmaddwd + vpaddd accumulates sum sc_g sum(u x).
+// The offset / min terms use the activations' sums per group (bsum), as the x256 K engine:
+//   Q3_K, Q6_K:        u = q + kOffset, so isum -= kOffset sum_g sc_g bsum_g (integers);
+//   Q2_K, Q4_K, Q5_K:  dot -= dmin dx sum_g mn_g bsum_g (one vpmaddwd on 16 groups).
+// On AVX3_DL this code is compiled with AVX512-VNNI enabled; TypedMatmul runs it there only when
+// the CPU reports VNNI.
 
-struct X512ScaleIdx {
+#if HWY_TARGET == HWY_AVX3_DL
+#pragma GCC push_options
+#pragma GCC target("avx512vnni")
+#define QF_X512K_VNNI 1
+#else
+#define QF_X512K_VNNI 0
+#endif
+
+namespace x512k {
+
+struct ScaleIdx {
   alignas(64) uint16_t idx[4][32];  // lane j of piece k takes the scale of group 4k + j / 8
 };
-constexpr X512ScaleIdx MakeX512ScaleIdx() {
-  X512ScaleIdx s{};
+constexpr ScaleIdx MakeScaleIdx() {
+  ScaleIdx s{};
   for (int k = 0; k < 4; ++k)
     for (int j = 0; j < 32; ++j) s.idx[k][j] = static_cast<uint16_t>(4 * k + j / 8);
   return s;
 }
-alignas(64) constexpr X512ScaleIdx kX512ScaleIdx = MakeX512ScaleIdx();
+alignas(64) constexpr ScaleIdx kScaleIdx = MakeScaleIdx();
+
+// One super-block of one weight row, ready for every token.
+struct SuperBlock {
+  __m512i u[4];    // unsigned quants of elements 64k..64k+63
+  __m512i scv[4];  // int16 group scale of each pair-sum lane of piece k
+  __m256i sc;      // 16 group scales (int16)
+  __m256i mn;      // 16 group mins (int16), types with mins
+  float d, dmin;
+};
+
+HWY_INLINE float Half(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return _cvtsh_ss(h);
+}
+HWY_INLINE uint32_t Word(const uint8_t* p) {
+  uint32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+// 32 bytes at p in both 256-bit halves.
+HWY_INLINE __m512i Bcast32(const uint8_t* p) {
+  return _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+// Bits [s, s + width) of every byte, s = lo in the lower 256 bits and hi in the upper (64-bit
+// shifts: the byte mask drops what crossed from the neighbouring byte).
+HWY_INLINE __m512i Field(__m512i v, int lo, int hi, int mask) {
+  const __m512i shifts = _mm512_set_epi64(hi, hi, hi, hi, lo, lo, lo, lo);
+  return _mm512_and_si512(_mm512_srlv_epi64(v, shifts), _mm512_set1_epi8(static_cast<char>(mask)));
+}
+// Bytes whose bit lo (lower 256 bits) or bit hi (upper 256 bits) is set.
+HWY_INLINE __mmask64 BitSet(__m512i v, int lo, int hi) {
+  const auto blo = static_cast<int64_t>(0x0101010101010101ull << lo);
+  const auto bhi = static_cast<int64_t>(0x0101010101010101ull << hi);
+  return _mm512_test_epi8_mask(v, _mm512_set_epi64(bhi, bhi, bhi, bhi, blo, blo, blo, blo));
+}
+HWY_INLINE __m512i AddWhere(__m512i v, __mmask64 m, int add) {
+  return _mm512_mask_add_epi8(v, m, v, _mm512_set1_epi8(static_cast<char>(add)));
+}
+
+// Q4_K / Q5_K: eight 6-bit scales and mins in 12 bytes (see blocks::unpack_scale_min_k4), each
+// repeated for the two 16-element groups of its 32-element sub-block.
+HWY_INLINE void ScalesK4(const uint8_t* s, __m256i& sc, __m256i& mn) {
+  const uint32_t a0 = Word(s), a1 = Word(s + 4), a2 = Word(s + 8);
+  const uint32_t sc_lo = a0 & 0x3F3F3F3Fu, mn_lo = a1 & 0x3F3F3F3Fu;
+  const uint32_t sc_hi = (a2 & 0x0F0F0F0Fu) | (((a0 >> 6) & 0x03030303u) << 4);
+  const uint32_t mn_hi = ((a2 >> 4) & 0x0F0F0F0Fu) | (((a1 >> 6) & 0x03030303u) << 4);
+  const __m128i v = _mm_set_epi32(static_cast<int>(mn_hi), static_cast<int>(mn_lo), static_cast<int>(sc_hi),
+                                  static_cast<int>(sc_lo));
+  sc = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(v, v));
+  mn = _mm256_cvtepu8_epi16(_mm_unpackhi_epi8(v, v));
+}
+
+// Q3_K: sixteen 6-bit scales stored + 32 (see blocks::Codec<Q3_K>::scales).
+HWY_INLINE __m256i ScalesQ3(const uint8_t* s) {
+  const uint32_t a0 = Word(s), a1 = Word(s + 4), a2 = Word(s + 8);
+  const uint32_t m4 = 0x0F0F0F0Fu, m2 = 0x03030303u;
+  const uint32_t g0 = (a0 & m4) | ((a2 & m2) << 4);
+  const uint32_t g4 = (a1 & m4) | (((a2 >> 2) & m2) << 4);
+  const uint32_t g8 = ((a0 >> 4) & m4) | (((a2 >> 4) & m2) << 4);
+  const uint32_t g12 = ((a1 >> 4) & m4) | (((a2 >> 6) & m2) << 4);
+  const __m128i v = _mm_set_epi32(static_cast<int>(g12), static_cast<int>(g8), static_cast<int>(g4),
+                                  static_cast<int>(g0));
+  return _mm256_cvtepi8_epi16(_mm_sub_epi8(v, _mm_set1_epi8(32)));
+}
+
+template <GgmlType TY>
+HWY_INLINE void Unpack(const uint8_t* p, SuperBlock& s) {
+  if constexpr (TY == GgmlType::Q2_K) {  // scales[16], qs[64], d, dmin
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    s.sc = _mm256_cvtepu8_epi16(_mm_and_si128(b, _mm_set1_epi8(0x0F)));
+    s.mn = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(0x0F)));
+    for (int k = 0; k < 4; ++k) s.u[k] = Field(Bcast32(p + 16 + 32 * (k / 2)), 4 * (k % 2), 4 * (k % 2) + 2, 3);
+    s.d = Half(p + 80);
+    s.dmin = Half(p + 82);
+  } else if constexpr (TY == GgmlType::Q3_K) {  // hmask[32], qs[64], scales[12], d
+    s.sc = ScalesQ3(p + 96);
+    const __m512i hmask = Bcast32(p);
+    for (int k = 0; k < 4; ++k) {
+      const __m512i low = Field(Bcast32(p + 32 + 32 * (k / 2)), 4 * (k % 2), 4 * (k % 2) + 2, 3);
+      s.u[k] = AddWhere(low, BitSet(hmask, 2 * k, 2 * k + 1), 4);
+    }
+    s.d = Half(p + 108);
+  } else if constexpr (TY == GgmlType::Q4_K) {  // d, dmin, scales[12], qs[128]
+    ScalesK4(p + 4, s.sc, s.mn);
+    for (int k = 0; k < 4; ++k) s.u[k] = Field(Bcast32(p + 16 + 32 * k), 0, 4, 0xF);
+    s.d = Half(p);
+    s.dmin = Half(p + 2);
+  } else if constexpr (TY == GgmlType::Q5_K) {  // d, dmin, scales[12], qh[32], qs[128]
+    ScalesK4(p + 4, s.sc, s.mn);
+    const __m512i qh = Bcast32(p + 16);
+    for (int k = 0; k < 4; ++k)
+      s.u[k] = AddWhere(Field(Bcast32(p + 48 + 32 * k), 0, 4, 0xF), BitSet(qh, 2 * k, 2 * k + 1), 16);
+    s.d = Half(p);
+    s.dmin = Half(p + 2);
+  } else {
+    static_assert(TY == GgmlType::Q6_K);  // ql[128], qh[64], scales[16], d
+    s.sc = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 192)));
+    const __m512i top = _mm512_set1_epi8(0x30);
+    for (int h = 0; h < 2; ++h) {
+      // Half h: low nibbles of ql[64h..] are its elements 0..63, high nibbles 64..127; the top
+      // two bits of element j are field j / 32 of qh[32h + j % 32], moved to bits 4-5.
+      const __m512i ql = _mm512_loadu_si512(p + 64 * h), qh = Bcast32(p + 128 + 32 * h);
+      const __m512i up = _mm512_sllv_epi64(qh, _mm512_set_epi64(2, 2, 2, 2, 4, 4, 4, 4));
+      s.u[2 * h] = _mm512_or_si512(_mm512_and_si512(ql, _mm512_set1_epi8(0x0F)), _mm512_and_si512(up, top));
+      s.u[2 * h + 1] = _mm512_or_si512(Field(ql, 4, 4, 0xF), Field(qh, 0, 2, 0x30));
+    }
+    s.d = Half(p + 208);
+  }
+  for (int k = 0; k < 4; ++k)
+    s.scv[k] = _mm512_permutexvar_epi16(_mm512_load_si512(kScaleIdx.idx[k]), _mm512_castsi256_si512(s.sc));
+}
+
+// acc + (the super-block's dot product with one token's activations) in 16 float lanes.
+template <GgmlType TY>
+HWY_INLINE __m512 Dot(const SuperBlock& s, const uint8_t* xq, float dx, const uint8_t* bsum_at, __m512 acc) {
+  using C = blocks::Codec<TY>;
+  __m512i isum = _mm512_setzero_si512();
+  for (int k = 0; k < 4; ++k) {
+    const __m512i p16 = _mm512_maddubs_epi16(s.u[k], _mm512_load_si512(xq + 64 * k));
+#if QF_X512K_VNNI
+    isum = _mm512_dpwssd_epi32(isum, p16, s.scv[k]);
+#else
+    isum = _mm512_add_epi32(isum, _mm512_madd_epi16(p16, s.scv[k]));
+#endif
+  }
+  const __m256i bsum = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bsum_at));
+  if constexpr (C::kHasMin) {
+    const __m256i m = _mm256_madd_epi16(bsum, s.mn);
+    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(s.d * dx), acc);
+    return _mm512_fnmadd_ps(_mm512_zextps256_ps512(_mm256_cvtepi32_ps(m)), _mm512_set1_ps(s.dmin * dx), acc);
+  } else {
+    static_assert(C::kOffset == 4 || C::kOffset == 32);
+    constexpr int kShift = C::kOffset == 4 ? 2 : 5;
+    const __m256i m = _mm256_slli_epi32(_mm256_madd_epi16(bsum, s.sc), kShift);
+    isum = _mm512_sub_epi32(isum, _mm512_zextsi256_si512(m));
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(s.d * dx), acc);
+  }
+}
+
+}  // namespace x512k
 
 struct X512KEngine {
-  static constexpr int kR = 2, kT = 8, kRDecode = 2;
+  // Prefill: 2 rows x 8 tokens, one row's unpacked super-block live at a time (10 registers)
+  // beside the 16 accumulators. Decode streams 4 rows at a time, sharing the activation loads.
+  static constexpr int kR = 2, kT = 8, kRDecode = 4;
+  static constexpr size_t kDecodePrefetchBytes = 8192;  // see vnni::kPrefetchBytes
   static size_t Stride(int64_t nb) { return KStride(nb); }
   static void Quantize(const float* x, int64_t nb, GgmlType, uint8_t* out) { QuantizeK(x, nb, out); }
-
-  template <GgmlType TY>
-  static HWY_INLINE __m512i Piece(const uint8_t* p, int k) {
-    return _mm512_inserti64x4(_mm512_castsi256_si512(X256KEngine::Piece<TY>(p, 2 * k)),
-                              X256KEngine::Piece<TY>(p, 2 * k + 1), 1);
-  }
-
-  static HWY_INLINE float HSum(__m512 v) { return _mm512_reduce_add_ps(v); }
 
   template <GgmlType TY, int R, int T>
   static HWY_NOINLINE void Tile(const TileArgs& a) {
@@ -681,51 +834,31 @@ struct X512KEngine {
     __m512 acc[R][T];
     for (int r = 0; r < R; ++r)
       for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
+    const size_t d_at = 256 * static_cast<size_t>(a.nb), bsum_at = 260 * static_cast<size_t>(a.nb);
     for (int64_t b = 0; b < a.nb; ++b) {
-      const uint8_t* blk[R];
-      X256KEngine::Scales s[R];
-      __m512i sc[R];
       for (int r = 0; r < R; ++r) {
-        blk[r] = a.w + r * a.wrb + b * C::kBytes;
+        const uint8_t* blk = a.w + r * a.wrb + b * C::kBytes;
         if constexpr (T == 1)
           for (size_t off = 0; off < C::kBytes; off += 64)
-            _mm_prefetch(reinterpret_cast<const char*>(blk[r] + X256KEngine::kDecodePrefetchBytes + off), _MM_HINT_T0);
-        X256KEngine::LoadScales<TY>(blk[r], s[r]);
-        sc[r] = _mm512_castsi256_si512(_mm256_load_si256(reinterpret_cast<const __m256i*>(s[r].sc)));
-      }
-      __m512i sumi[R][T];
-      for (int r = 0; r < R; ++r)
-        for (int t = 0; t < T; ++t) sumi[r][t] = _mm512_setzero_si512();
-      for (int k = 0; k < 4; ++k) {
-        const __m512i idx = _mm512_load_si512(kX512ScaleIdx.idx[k]);
-        __m512i wq[R], scv[R];
-        for (int r = 0; r < R; ++r) {
-          wq[r] = Piece<TY>(blk[r], k);
-          scv[r] = _mm512_permutexvar_epi16(idx, sc[r]);
-        }
+            _mm_prefetch(reinterpret_cast<const char*>(blk + kDecodePrefetchBytes + off), _MM_HINT_T0);
+        x512k::SuperBlock s;
+        x512k::Unpack<TY>(blk, s);
         for (int t = 0; t < T; ++t) {
-          const __m512i xv = _mm512_load_si512(a.act + t * a.astride + b * 256 + 64 * k);
-          for (int r = 0; r < R; ++r)
-            sumi[r][t] = _mm512_add_epi32(sumi[r][t], _mm512_madd_epi16(_mm512_maddubs_epi16(wq[r], xv), scv[r]));
-        }
-      }
-      for (int t = 0; t < T; ++t) {
-        const uint8_t* at = a.act + t * a.astride;
-        const float dx = reinterpret_cast<const float*>(at + 256 * a.nb)[b];
-        const __m256i bsum = X256KEngine::Load32(at + 260 * a.nb + 32 * b);
-        for (int r = 0; r < R; ++r) {
-          // The min term is 8 int32 lanes; it joins the low half of the accumulator.
-          const __m256i m = _mm256_madd_epi16(bsum, _mm256_load_si256(reinterpret_cast<const __m256i*>(s[r].mn)));
-          acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi[r][t]), _mm512_set1_ps(s[r].d * dx), acc[r][t]);
-          acc[r][t] = _mm512_fnmadd_ps(_mm512_zextps256_ps512(_mm256_cvtepi32_ps(m)), _mm512_set1_ps(s[r].coef * dx),
-                                       acc[r][t]);
+          const uint8_t* at = a.act + t * a.astride;
+          const float dx = reinterpret_cast<const float*>(at + d_at)[b];
+          acc[r][t] = x512k::Dot<TY>(s, at + 256 * b, dx, at + bsum_at + 32 * b, acc[r][t]);
         }
       }
     }
     for (int r = 0; r < R; ++r)
-      for (int t = 0; t < T; ++t) a.y[t * a.ystride + r] = HSum(acc[r][t]);
+      for (int t = 0; t < T; ++t) a.y[t * a.ystride + r] = _mm512_reduce_add_ps(acc[r][t]);
   }
 };
+
+#if HWY_TARGET == HWY_AVX3_DL
+#pragma GCC pop_options
+#endif
+#undef QF_X512K_VNNI
 #endif  // HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL
 
 #if HWY_TARGET == HWY_AVX3_DL
@@ -739,12 +872,15 @@ struct X512KEngine {
 //   d[16]   float: each block's d, repeated in its 4 lanes
 //   aux[16] 32-bit, for lane j of block k the sum of the 8 x bytes that int32 lane j of
 //           vpdpbusd accumulates (psum), pre-scaled for the weight type:
-//           Q4_1: float d * psum (the lanes of a block add up to s), so s * m is one FMA;
+//           Q4_1, Q5_1: float d * psum (the lanes of a block add up to s), so s * m is one FMA;
 //           Q4_0: int -8 * psum  (nibbles are q = w + 8: sum q x - 8 sum x);
-//           Q8_0: int -128 * psum (vpdpbusd needs unsigned weights: w ^ 0x80 = w + 128).
+//           Q5_0: int -16 * psum (5-bit q = w + 16);
+//           Q8_0, IQ4_NL: int -128 * psum (vpdpbusd needs unsigned weights: Q8_0 w ^ 0x80 =
+//           w + 128; IQ4_NL looks its nibbles up in the grid + 128).
 //           The int forms seed the vpdpbusd accumulator, so the offsets cost nothing per row.
 // Groups past the last block are zero. Weights are read in place (ggml layout): a group is 4
-// consecutive blocks, gathered into lanes with one or two vpermt2b.
+// consecutive blocks, gathered into lanes with one or two vpermt2b; a Q5 block's fifth bits are
+// gathered the same way (byte j / 8 of its qh in byte j of the lane) and tested per byte.
 
 #pragma GCC push_options
 #pragma GCC target("avx512vnni")
@@ -764,7 +900,17 @@ struct Tables {
   alignas(64) uint16_t dm41[32];  // Q4_1 words: d of each block x4, then m of each block x4
   alignas(64) uint16_t d40[32];   // Q4_0 words: d x4 (upper half unused)
   alignas(64) uint16_t d80[32];   // Q8_0 words from [p, p+128): d x4
+  alignas(64) uint8_t q50[64];    // Q5_0 qs bytes, from [p, p+64) | [p+24, p+88)
+  alignas(64) uint8_t qh50[2][64];  // Q5_0 qh byte holding the fifth bit of element j (j + 16)
+  alignas(64) uint16_t d50[32];   // Q5_0 words: d x4 (upper half unused)
+  alignas(64) uint8_t q51[64];    // Q5_1 the same, from [p, p+64) | [p+32, p+96)
+  alignas(64) uint8_t qh51[2][64];
+  alignas(64) uint16_t dm51[32];  // Q5_1 words: d x4, then m x4
+  alignas(16) uint8_t iq4nl[16];  // IQ4_NL grid + 128 (unsigned for vpdpbusd)
 };
+
+// Index of byte (or word) `o` of a group in the pair of registers [p, p+64) | [p+split, ...).
+constexpr int InWindow(int o, int split) { return o < 64 ? o : 64 + o - split; }
 
 constexpr Tables MakeTables() {
   Tables t{};
@@ -781,6 +927,19 @@ constexpr Tables MakeTables() {
     t.dm41[16 + j] = static_cast<uint16_t>(10 * (j / 4) + 1);
     t.d40[j] = static_cast<uint16_t>(9 * (j / 4));
     t.d80[j] = static_cast<uint16_t>(17 * (j / 4));
+    t.d50[j] = static_cast<uint16_t>(InWindow(22 * (j / 4), 24) / 2);
+    t.dm51[j] = static_cast<uint16_t>(InWindow(24 * (j / 4), 32) / 2);
+    t.dm51[16 + j] = static_cast<uint16_t>(InWindow(24 * (j / 4) + 2, 32) / 2);
+    t.iq4nl[j] = static_cast<uint8_t>(blocks::kIq4nlValues[j] + 128);
+  }
+  for (int k = 0; k < 64; ++k) {
+    const int blk = k / 16, i = k % 16;
+    t.q50[k] = static_cast<uint8_t>(InWindow(22 * blk + 6 + i, 24));
+    t.q51[k] = static_cast<uint8_t>(InWindow(24 * blk + 8 + i, 32));
+    for (int h = 0; h < 2; ++h) {
+      t.qh50[h][k] = static_cast<uint8_t>(InWindow(22 * blk + 2 + 2 * h + i / 8, 24));
+      t.qh51[h][k] = static_cast<uint8_t>(InWindow(24 * blk + 4 + 2 * h + i / 8, 32));
+    }
   }
   return t;
 }
@@ -802,8 +961,25 @@ HWY_INLINE __m512i Load64(const uint8_t* p, int64_t valid) {
 
 struct WGroup {
   __m512i lo, hi;  // unsigned weight bytes for x lo / x hi
-  __m512 d, m;     // per-lane block scale (and Q4_1 min)
+  __m512 d, m;     // per-lane block scale (and Q4_1 / Q5_1 min)
 };
+
+// Low and high nibbles of the gathered qs bytes q.
+HWY_INLINE void SplitNibbles(__m512i q, WGroup& g) {
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  g.lo = _mm512_and_si512(q, low4);
+  g.hi = _mm512_and_si512(_mm512_srli_epi16(q, 4), low4);
+}
+
+// Adds 16 to the quants whose fifth bit is set; qh_lo / qh_hi index the qh bytes (Tables).
+HWY_INLINE void AddFifthBits(__m512i a, __m512i b, const uint8_t* qh_lo, const uint8_t* qh_hi, WGroup& g) {
+  const __m512i bit = _mm512_set1_epi64(static_cast<int64_t>(0x8040201008040201ull));  // byte j: 1 << j % 8
+  const __m512i sixteen = _mm512_set1_epi8(16);
+  const __mmask64 lo = _mm512_test_epi8_mask(_mm512_permutex2var_epi8(a, Idx(qh_lo), b), bit);
+  const __mmask64 hi = _mm512_test_epi8_mask(_mm512_permutex2var_epi8(a, Idx(qh_hi), b), bit);
+  g.lo = _mm512_mask_add_epi8(g.lo, lo, g.lo, sixteen);
+  g.hi = _mm512_mask_add_epi8(g.hi, hi, g.hi, sixteen);
+}
 
 template <GgmlType TY, bool kTail>
 HWY_INLINE WGroup LoadGroup(const uint8_t* p, int nblk) {
@@ -818,6 +994,30 @@ HWY_INLINE WGroup LoadGroup(const uint8_t* p, int nblk) {
     const __m512i dm = _mm512_permutexvar_epi16(Idx(kTab.dm41), a);
     g.d = _mm512_cvtph_ps(_mm512_castsi512_si256(dm));
     g.m = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(dm, 1));
+  } else if constexpr (TY == GgmlType::Q5_1) {
+    const int64_t v = 24 * nblk;
+    const __m512i a = Load64<kTail>(p, v), b = Load64<kTail>(p + 32, v - 32);
+    SplitNibbles(_mm512_permutex2var_epi8(a, Idx(kTab.q51), b), g);
+    AddFifthBits(a, b, kTab.qh51[0], kTab.qh51[1], g);
+    const __m512i dm = _mm512_permutex2var_epi16(a, Idx(kTab.dm51), b);
+    g.d = _mm512_cvtph_ps(_mm512_castsi512_si256(dm));
+    g.m = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(dm, 1));
+  } else if constexpr (TY == GgmlType::Q5_0) {
+    const int64_t v = 22 * nblk;
+    const __m512i a = Load64<kTail>(p, v), b = Load64<kTail>(p + 24, v - 24);
+    SplitNibbles(_mm512_permutex2var_epi8(a, Idx(kTab.q50), b), g);
+    AddFifthBits(a, b, kTab.qh50[0], kTab.qh50[1], g);
+    g.d = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutex2var_epi16(a, Idx(kTab.d50), b)));
+    g.m = _mm512_setzero_ps();
+  } else if constexpr (TY == GgmlType::IQ4_NL) {  // Q4_0's layout, nibbles index the grid
+    const int64_t v = 18 * nblk;
+    const __m512i a = Load64<kTail>(p, v), b = Load64<kTail>(p + 8, v - 8);
+    SplitNibbles(_mm512_permutex2var_epi8(a, Idx(kTab.q40), b), g);
+    const __m512i grid = _mm512_broadcast_i32x4(_mm_load_si128(reinterpret_cast<const __m128i*>(kTab.iq4nl)));
+    g.lo = _mm512_shuffle_epi8(grid, g.lo);
+    g.hi = _mm512_shuffle_epi8(grid, g.hi);
+    g.d = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutexvar_epi16(Idx(kTab.d40), a)));
+    g.m = _mm512_setzero_ps();
   } else if constexpr (TY == GgmlType::Q4_0) {
     const int64_t v = 18 * nblk;
     const __m512i a = Load64<kTail>(p, v), b = Load64<kTail>(p + 8, v - 8);
@@ -828,6 +1028,7 @@ HWY_INLINE WGroup LoadGroup(const uint8_t* p, int nblk) {
     g.d = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutexvar_epi16(Idx(kTab.d40), a)));
     g.m = _mm512_setzero_ps();
   } else {
+    static_assert(TY == GgmlType::Q8_0);
     const int64_t v = 34 * nblk;
     const __m512i a = Load64<kTail>(p, v), b = Load64<kTail>(p + 64, v - 64);
     const __m512i c = Load64<kTail>(p + 8, v - 8), e = Load64<kTail>(p + 72, v - 72);
@@ -846,7 +1047,7 @@ HWY_INLINE void Step(const uint8_t* w, size_t wrb, const uint8_t* act, size_t as
   WGroup g[R];
   for (int r = 0; r < R; ++r) {
     if constexpr (T == 1) {  // decode streams weights once: fetch well ahead of use
-      for (size_t off = 0; off < 4 * BlockBytes(TY); off += 64)
+      for (size_t off = 0; off < 4 * blocks::Codec<TY>::kBytes; off += 64)
         _mm_prefetch(reinterpret_cast<const char*>(w + r * wrb + kPrefetchBytes + off), _MM_HINT_T0);
     }
     g[r] = LoadGroup<TY, kTail>(w + r * wrb, nblk);
@@ -856,11 +1057,12 @@ HWY_INLINE void Step(const uint8_t* w, size_t wrb, const uint8_t* act, size_t as
     const __m512i xlo = _mm512_load_si512(at), xhi = _mm512_load_si512(at + 64);
     const __m512 xd = _mm512_load_ps(at + 128);
     for (int r = 0; r < R; ++r) {
-      __m512i i = TY == GgmlType::Q4_1 ? _mm512_setzero_si512() : _mm512_load_si512(at + 192);
+      constexpr bool kHasMin = blocks::Codec<TY>::kHasMin;  // aux is float d * psum
+      __m512i i = kHasMin ? _mm512_setzero_si512() : _mm512_load_si512(at + 192);
       i = _mm512_dpbusd_epi32(i, g[r].lo, xlo);
       i = _mm512_dpbusd_epi32(i, g[r].hi, xhi);
       acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), _mm512_mul_ps(g[r].d, xd), acc[r][t]);
-      if constexpr (TY == GgmlType::Q4_1)
+      if constexpr (kHasMin)
         acc[r][t] = _mm512_fmadd_ps(g[r].m, _mm512_load_ps(at + 192), acc[r][t]);
     }
   }
@@ -953,10 +1155,10 @@ struct VnniEngine {
       const __m512i xlo = _mm512_load_si512(rec), xhi = _mm512_load_si512(rec + 64);
       const __m512i psum = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, xlo), ones, xhi);
       uint8_t* aux = rec + 192;
-      if (wt == GgmlType::Q4_1) {
+      if (wt == GgmlType::Q4_1 || wt == GgmlType::Q5_1) {
         _mm512_store_ps(aux, _mm512_mul_ps(_mm512_cvtepi32_ps(psum), _mm512_load_ps(rec + 128)));
       } else {
-        const int shift = wt == GgmlType::Q4_0 ? 3 : 7;
+        const int shift = wt == GgmlType::Q4_0 ? 3 : wt == GgmlType::Q5_0 ? 4 : 7;  // Q8_0, IQ4_NL: 7
         _mm512_store_si512(aux, _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_sll_epi32(psum, _mm_cvtsi32_si128(shift))));
       }
     }
@@ -967,7 +1169,7 @@ struct VnniEngine {
     __m512 acc[R][T];
     for (int r = 0; r < R; ++r)
       for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
-    constexpr size_t kGroupW = 4 * BlockBytes(TY);
+    constexpr size_t kGroupW = 4 * blocks::Codec<TY>::kBytes;
     const int64_t nfull = a.nb / 4;
     for (int64_t g = 0; g < nfull; ++g)
       vnni::Step<TY, R, T, false>(a.w + g * kGroupW, a.wrb, a.act + g * vnni::kGroupBytes, a.astride, 4, acc);
@@ -1044,7 +1246,7 @@ template <GgmlType TY>
 void TypedMatmul(const WeightView& w, const float* x, int64_t n_tok, float* y, ThreadPool& pool) {
   if constexpr (TY == GgmlType::F32 || TY == GgmlType::F16 || TY == GgmlType::BF16) {
     FloatMatmul<TY>(w, x, n_tok, y, pool);
-  } else if constexpr (TY == GgmlType::Q8_0 || TY == GgmlType::Q4_0 || TY == GgmlType::Q4_1) {
+  } else if constexpr (blocks::Codec<TY>::kElems == 32) {
 #if HWY_TARGET == HWY_AVX3_DL
     if (detail::cpu_has_avx512vnni()) return QuantMatmul<VnniEngine, TY>(w, x, n_tok, y, pool);
 #endif
@@ -1053,14 +1255,12 @@ void TypedMatmul(const WeightView& w, const float* x, int64_t n_tok, float* y, T
 #else
     QuantMatmul<GenericEngine, TY>(w, x, n_tok, y, pool);
 #endif
-  } else if constexpr (blocks::Codec<TY>::kElems == 32) {
-#if QF_X86_SIMD
-    QuantMatmul<X256Engine, TY>(w, x, n_tok, y, pool);
-#else
-    QuantMatmul<GenericEngine, TY>(w, x, n_tok, y, pool);
-#endif
   } else {
-#if HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL
+#if HWY_TARGET == HWY_AVX3_DL
+    // Compiled with VNNI on this target (vpdpwssd); a CPU without it takes the AVX2 engine.
+    if (detail::cpu_has_avx512vnni()) return QuantMatmul<X512KEngine, TY>(w, x, n_tok, y, pool);
+    QuantMatmul<X256KEngine, TY>(w, x, n_tok, y, pool);
+#elif HWY_TARGET == HWY_AVX3
     QuantMatmul<X512KEngine, TY>(w, x, n_tok, y, pool);
 #elif QF_X86_SIMD
     QuantMatmul<X256KEngine, TY>(w, x, n_tok, y, pool);
