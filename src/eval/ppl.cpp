@@ -118,6 +118,7 @@ void run_ppl(const EvalContext& ctx, const std::vector<TokenDoc>& docs, const Pp
       std::vector<double> nll(N - 1);
       // Chunks keep the all-logits buffer small (n_batch x n_vocab).
       for (int i = 0; i < N - 1; i += ctx.n_batch) {
+        poll_interrupt();  // a long document advances the bar only at its end
         const int m = std::min(ctx.n_batch, N - 1 - i);
         std::span<const float> logits = s->eval(std::span<const int32_t>(d.tokens.data() + i, m), true);
         for (int t = 0; t < m; ++t)

@@ -5,8 +5,23 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <utility>
 
 namespace qf::eval {
+
+namespace {
+thread_local std::function<void()> t_interrupt_poll;
+}  // namespace
+
+ScopedInterruptPoll::ScopedInterruptPoll(std::function<void()> poll) : previous_(std::move(t_interrupt_poll)) {
+  t_interrupt_poll = std::move(poll);
+}
+
+ScopedInterruptPoll::~ScopedInterruptPoll() { t_interrupt_poll = std::move(previous_); }
+
+void poll_interrupt() {
+  if (t_interrupt_poll) t_interrupt_poll();
+}
 
 std::string format_duration(double s) {
   if (!std::isfinite(s) || s < 0) return "?";
@@ -34,6 +49,7 @@ void Progress::advance(double units, const std::string& note) {
   done_ += units;
   if (!note.empty()) note_ = note;
   draw(false);
+  poll_interrupt();
 }
 
 void Progress::skip(double units) {

@@ -2,6 +2,7 @@
 // every `log_every` seconds otherwise (CI logs, redirected output).
 #pragma once
 #include <chrono>
+#include <functional>
 #include <string>
 
 namespace qf::eval {
@@ -29,6 +30,24 @@ class Progress {
   double log_every_;
   std::chrono::steady_clock::time_point start_, last_draw_;
 };
+
+// A caller that must be able to stop a long evaluation (the Python bindings, on Ctrl-C) installs
+// a poll for the thread that runs it: every Progress::advance on that thread, and the few long
+// steps that advance rarely, call it, and it may throw to abandon the run. The cell log keeps the
+// cells already finished. One poll per thread; the previous one is restored on destruction.
+class ScopedInterruptPoll {
+ public:
+  explicit ScopedInterruptPoll(std::function<void()> poll);
+  ~ScopedInterruptPoll();
+  ScopedInterruptPoll(const ScopedInterruptPoll&) = delete;
+  ScopedInterruptPoll& operator=(const ScopedInterruptPoll&) = delete;
+
+ private:
+  std::function<void()> previous_;
+};
+
+// Calls the calling thread's poll, if one is installed (may throw whatever the poll throws).
+void poll_interrupt();
 
 // "1h02m", "3m05s", "12s".
 std::string format_duration(double seconds);

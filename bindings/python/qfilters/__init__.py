@@ -8,8 +8,8 @@
     print(s.kv_stats()["bytes_used"])
 
 Engine errors are raised as :class:`qfilters.Error` (a ``ValueError``) with the one-line message
-the ``qf`` command line prints. Compute runs with the GIL released; Ctrl-C interrupts a
-generation between tokens and a calibration between chunks.
+the ``qf`` command line prints. Compute runs with the GIL released; Ctrl-C (KeyboardInterrupt)
+stops a generation between tokens, a calibration between chunks and an evaluation at its next step.
 """
 from ._core import Error, Filters, KVConfig, Model, Session, calibrate, policies, simd_target
 from . import evaluate

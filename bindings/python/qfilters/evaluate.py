@@ -3,6 +3,9 @@
 
 Texts are given as a list of strings, a {name: text} mapping, or `data`: a directory (or list of
 files and directories) of .txt files read in name order, e.g. ``data="data/sotu"``.
+
+Ctrl-C stops an evaluation with KeyboardInterrupt at its next step (a decoding step, a prompt chunk,
+a layer; at worst one needle prefill), its temporary files removed.
 """
 from __future__ import annotations
 

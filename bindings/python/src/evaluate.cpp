@@ -1,6 +1,7 @@
 // qfilters.evaluate: the engine's evaluations (streaming perplexity, needle in a haystack,
 // attention fidelity) on texts given from Python. Each returns the summary JSON the CLI writes
-// (`qf eval ...`), which the Python side turns into plain dicts and lists.
+// (`qf eval ...`), which the Python side turns into plain dicts and lists. Ctrl-C stops a run at
+// its next progress step (KeyboardInterrupt); the cell log is a temporary file the caller removes.
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
@@ -17,6 +18,7 @@
 #include "eval/fidelity.h"
 #include "eval/niah.h"
 #include "eval/ppl.h"
+#include "eval/progress.h"
 #include "eval/results.h"
 #include "util/error.h"
 
@@ -87,6 +89,7 @@ std::string perplexity(PyModel& m, const Texts& texts, const std::vector<std::st
     s.policies.insert(s.policies.begin(), "none");  // the reference every gap is measured against
   nb::gil_scoped_release nogil;
   std::lock_guard lock(m.compute);
+  const eval::ScopedInterruptPoll ctrl_c(check_interrupt_nogil);
   const auto docs = token_docs(m.tokenizer, texts, n_docs, n_tokens);
   eval::CellLog log(log_path, settings_key(m, st.to_json()), false);
   eval::run_ppl(s.ctx, docs, st, s.policies, log);
@@ -111,6 +114,7 @@ std::string needle(PyModel& m, const Texts& texts, const std::vector<std::string
   for (const auto& [name, text] : texts) haystack += (haystack.empty() ? "" : "\n\n") + text;
   nb::gil_scoped_release nogil;
   std::lock_guard lock(m.compute);
+  const eval::ScopedInterruptPoll ctrl_c(check_interrupt_nogil);
   eval::CellLog log(log_path, settings_key(m, st.to_json()), false);
   eval::run_niah(s.ctx, m.tokenizer, haystack, st, s.policies, log);
   return eval::summarize_niah(log, st, s.policies, m.engine.model().config().n_ctx_train).json.dump();
@@ -127,6 +131,7 @@ std::string fidelity(PyModel& m, const Texts& texts, const std::vector<std::stri
   std::erase(s.policies, std::string("none"));
   nb::gil_scoped_release nogil;
   std::lock_guard lock(m.compute);
+  const eval::ScopedInterruptPoll ctrl_c(check_interrupt_nogil);
   const auto docs = token_docs(m.tokenizer, texts, n_docs, n_tokens);
   eval::CellLog log(log_path, settings_key(m, st.to_json()), false);
   eval::run_fidelity(s.ctx, docs, st, s.policies, log);
