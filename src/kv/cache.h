@@ -51,6 +51,7 @@ struct AttentionStats {
   bool last_query = false;  // tova: attention from the most recent query
   int window = 0;           // snapkv: attention summed over an observation window (prefill: the
                             // last `window` queries; the Compressor restarts it after each round)
+  bool operator==(const AttentionStats&) const = default;
 };
 
 struct HeadCache {
