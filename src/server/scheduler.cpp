@@ -232,12 +232,17 @@ Scheduler::SlotFileResult Scheduler::restore_slot(int id, const std::string& pat
 runtime::KvOptions Scheduler::kv_options_of(const kv::StateConfig& c, const std::string& name) const {
   runtime::KvOptions kv = opt_.kv;
   kv.policy = c.policy;
-  kv.budget = c.budget;
-  kv.window = c.window;
-  kv.evict_every = c.policy == "none" ? opt_.kv.evict_every : c.evict_every;
-  kv.ratio = c.ratio;
-  kv.skip_layers = c.skip_layers;
-  kv.seed = c.seed;
+  if (c.policy == "none") {  // as a request's "kv_policy": "none" spells it (protocol.cpp)
+    kv.budget = 0;
+    kv.ratio = 0;
+  } else {
+    kv.budget = c.budget;
+    kv.window = c.window;
+    kv.evict_every = c.evict_every;
+    kv.ratio = c.ratio;
+    kv.skip_layers = c.skip_layers;
+    kv.seed = c.seed;
+  }
   if (c.filters_hash.empty()) {
     kv.filters.clear();
     kv.filter_layout.clear();

@@ -248,17 +248,19 @@ class SlotSaveRestoreTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls.dir = tempfile.TemporaryDirectory()
-        cls.srv = Server("-np", "2", "-c", "512", "-t", "2", "--slot-save-path", cls.dir.name,
-                         "--kv-policy", "knorm", "--kv-budget", "64", "--kv-window", "8")
+        filters = os.path.join(ROOT, "models", "SmolLM2-135M-Instruct.qfilters.safetensors")
+        policy = ["--kv-policy", "qfilters", "--filters", filters] if os.path.exists(filters) else ["--kv-policy", "knorm"]
+        cls.srv = Server("-np", "2", "-c", "512", "-t", "2", "--slot-save-path", cls.dir.name, *policy,
+                         "--kv-budget", "64", "--kv-window", "8")
 
     @classmethod
     def tearDownClass(cls):
         cls.srv.stop()
         cls.dir.cleanup()
 
-    def complete(self, prompt, slot, max_tokens):
+    def complete(self, prompt, slot, max_tokens, kv=None):
         status, body = self.srv.request("POST", "/v1/completions", {"prompt": prompt, "max_tokens": max_tokens,
-                                                                     "temperature": 0, "id_slot": slot})
+                                                                     "temperature": 0, "id_slot": slot, **(kv or {})})
         self.assertEqual(status, 200, body)
         return body["choices"][0]["text"], body["usage"]
 
@@ -274,14 +276,21 @@ class SlotSaveRestoreTest(unittest.TestCase):
         # Token ids, so that the document is exactly a prefix of document + question.
         doc = self.tokens(self.DOC)
         question = self.tokens("Question: which ship lost its mast? Answer:")
-        _, usage = self.complete(doc, 0, 1)
+        # The server's policy, and per-request ones whose states differ: attention statistics (h2o),
+        # a generator (random), a full cache.
+        for kv in [{}, {"kv_policy": "h2o"}, {"kv_policy": "random"}, {"kv_policy": "none"}]:
+            with self.subTest(**kv):
+                self.round_trip(doc, question, kv)
+
+    def round_trip(self, doc, question, kv):
+        _, usage = self.complete(doc, 0, 1, kv)
         status, saved = self.action(0, "save", "doc.qfstate")
         self.assertEqual(status, 200, saved)
         self.assertEqual((saved["id_slot"], saved["filename"], saved["n_saved"]), (0, "doc.qfstate", usage["prompt_tokens"]))
         self.assertGreater(saved["n_written"], 0)
         self.assertIn("save_ms", saved["timings"])
         # Never saved: slot 0 continues its own cache.
-        want, usage = self.complete(doc + question, 0, 12)
+        want, usage = self.complete(doc + question, 0, 12, kv)
         self.assertEqual(usage["prompt_tokens_details"]["cached_tokens"], saved["n_saved"])
         # Restored into the other slot, twice (ask many): the same greedy continuation, from the cache.
         for _ in range(2):
@@ -289,7 +298,7 @@ class SlotSaveRestoreTest(unittest.TestCase):
             self.assertEqual(status, 200, restored)
             self.assertEqual((restored["id_slot"], restored["n_restored"]), (1, saved["n_saved"]))
             self.assertIn("restore_ms", restored["timings"])
-            got, usage = self.complete(doc + question, 1, 12)
+            got, usage = self.complete(doc + question, 1, 12, kv)
             self.assertEqual(got, want)
             self.assertEqual(usage["prompt_tokens_details"]["cached_tokens"], saved["n_saved"])
 
