@@ -79,13 +79,14 @@ GGML_ROW = {0: lambda d: 4 * d, 1: lambda d: 2 * d, 30: lambda d: 2 * d, 8: lamb
 
 
 def state_file(*, types=(0, 0), policy="none", params=(0, 0, 0, 0.0, 0, 0, 0, 0, 0), filters_hash="",
-               stats=(False, False, 0), n_past=6, prompt_end=6, tokens=True, policy_state="", keep=None,
+               stats=(False, False, 0), n_past=6, prompt_end=None, tokens=True, policy_state="", keep=None,
                n_layers=2, n_kv_heads=2, head_dim=32):
     rng = np.random.default_rng(len(policy) + n_past)
     i64 = lambda v: struct.pack("<q", v)
     text = lambda t: struct.pack("<Q", len(t.encode())) + t.encode()
     budget, window, evict_every, ratio, skip_layers, seed, n_sink, snap_window, snap_kernel = params
     accumulate, last_query, stats_window = stats
+    prompt_end = n_past if prompt_end is None else prompt_end
     body = text("0123456789abcdef") + text(f"llama:L{n_layers}:H4:KV{n_kv_heads}:D{head_dim}:E64:V300")
     body += i64(n_layers) + i64(n_kv_heads) + i64(head_dim) + struct.pack("<II", *types) + text(policy)
     body += i64(budget) + i64(window) + i64(evict_every) + struct.pack("<f", ratio) + i64(skip_layers)
