@@ -305,7 +305,8 @@ class SlotSaveRestoreTest(unittest.TestCase):
     def test_corrupt_foreign_and_unsafe_files_are_refused(self):
         self.complete(self.DOC, 0, 1)
         self.assertEqual(self.action(0, "save", "good.qfstate")[0], 200)
-        good = open(os.path.join(self.dir.name, "good.qfstate"), "rb").read()
+        with open(os.path.join(self.dir.name, "good.qfstate"), "rb") as f:
+            good = f.read()
         with open(os.path.join(self.dir.name, "truncated.qfstate"), "wb") as f:
             f.write(good[: len(good) // 2])
         with open(os.path.join(self.dir.name, "corrupt.qfstate"), "wb") as f:
