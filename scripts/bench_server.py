@@ -10,6 +10,14 @@ reports the server's peak resident memory and the KV bytes it held, in use and r
 
   scripts/bench_server.py --sessions 1,4,16 --prompt-tokens 4096 --gen 256 \
       --filters models/SmolLM2-135M-Instruct.qfilters.safetensors --json results/bench_server.json
+
+"Ask many" (--ask-many): one document of --doc-tokens tokens and 10 different questions about it,
+answered one after another on one slot, (a) re-reading the document with each question, and
+(b) reading it once, saving the slot's compressed state (POST /slots/0?action=save), then for
+each question restoring it (action=restore) and sending document + question, of which only the
+question is new. Reports each question's time to first token (b: restore + TTFT) and the ratio.
+
+  scripts/bench_server.py --ask-many --doc-tokens 8192 --json results/bench_ask_many.json
 """
 import argparse
 import asyncio
@@ -21,7 +29,9 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
+import urllib.request
 import time
 
 import openai
@@ -127,6 +137,89 @@ async def run_phase(port, model, batch, max_tokens):
     return results, wall
 
 
+QUESTIONS = [
+    "What did the speaker say about the economy?",
+    "Which countries are mentioned, and why?",
+    "What is said about health care?",
+    "What does the speaker ask Congress to do?",
+    "What is said about education and schools?",
+    "Which threats to national security are named?",
+    "What is said about taxes?",
+    "What is said about energy?",
+    "Who is thanked or honoured in the speech?",
+    "What is the closing message?",
+]
+
+
+def post(port, path, body):
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    return json.loads(urllib.request.urlopen(req, timeout=3600).read())
+
+
+def ttft(api, model, prompt, gen):
+    """Seconds to the first streamed token of one greedy completion (prompt: token ids), and its text."""
+    t0 = time.perf_counter()
+    first, text = None, ""
+    stream = api.completions.create(model=model, prompt=prompt, max_tokens=gen, temperature=0, stream=True)
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].text:
+            if first is None:
+                first = time.perf_counter() - t0
+            text += chunk.choices[0].text
+    return (first if first is not None else time.perf_counter() - t0), text
+
+
+def ask_many(a, kv):
+    """(a) re-prefill the document for each question vs (b) restore its saved state, on one slot."""
+    with tempfile.TemporaryDirectory() as states:
+        srv = Server(a.qf, a.model, ["-np", "1", "-c", str(a.doc_tokens + 256), "-t", str(a.threads),
+                                     "--slot-save-path", states, *kv])
+        try:
+            model = os.path.basename(a.model)
+            api = openai.OpenAI(base_url=f"http://127.0.0.1:{srv.port}/v1", api_key="none", timeout=3600, max_retries=0)
+            tokenize = lambda text: post(srv.port, "/tokenize", {"content": text})["tokens"]
+            text = prompts(1, a.doc_tokens - 16, tokenize)[0]
+            doc = post(srv.port, "/tokenize", {"content": text, "add_special": True})["tokens"]  # with BOS, as a prompt
+            questions = [tokenize(f"\n\nQuestion: {q}\nAnswer:") for q in QUESTIONS[:a.questions]]
+            rows = []
+            for q in questions:  # (a) the document read again with every question
+                post(srv.port, "/slots/0?action=erase", {})
+                t, _ = ttft(api, model, doc + q, a.answer_tokens)
+                rows.append({"question_tokens": len(q), "reprefill_ttft_s": t})
+            post(srv.port, "/slots/0?action=erase", {})
+            t0 = time.perf_counter()
+            ttft(api, model, doc, 1)  # (b) read once ...
+            prefill_s = time.perf_counter() - t0
+            saved = post(srv.port, "/slots/0?action=save", {"filename": "doc.qfstate"})
+            for row, q in zip(rows, questions):  # ... and restored for every question
+                t0 = time.perf_counter()
+                restored = post(srv.port, "/slots/0?action=restore", {"filename": "doc.qfstate"})
+                restore_s = time.perf_counter() - t0
+                t, _ = ttft(api, model, doc + q, a.answer_tokens)
+                row.update({"restore_s": restore_s, "restore_ms_server": restored["timings"]["restore_ms"],
+                            "restored_ttft_s": t, "restored_total_s": restore_s + t})
+            return {"doc_tokens": len(doc), "prefill_once_s": prefill_s, "state_bytes": saved["n_written"],
+                    "save_ms": saved["timings"]["save_ms"], "rows": rows, "peak_rss_mib": srv.peak_rss}
+        finally:
+            srv.stop()
+
+
+def print_ask_many(name, r):
+    print(f"\n## ask many, {name}: document {r['doc_tokens']} tokens, read once in {r['prefill_once_s']:.2f} s; "
+          f"state file {r['state_bytes'] / 2**20:.2f} MiB saved in {r['save_ms']:.0f} ms")
+    print("| question | tokens | (a) re-prefill TTFT s | (b) restore s | (b) TTFT s | (b) total s | (a) / (b) |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for i, row in enumerate(r["rows"]):
+        print(f"| {i + 1} | {row['question_tokens']} | {row['reprefill_ttft_s']:.3f} | {row['restore_s']:.3f} | "
+              f"{row['restored_ttft_s']:.3f} | {row['restored_total_s']:.3f} | "
+              f"{row['reprefill_ttft_s'] / row['restored_total_s']:.1f}x |")
+    a = statistics.median(x["reprefill_ttft_s"] for x in r["rows"])
+    b = statistics.median(x["restored_total_s"] for x in r["rows"])
+    r["median_ratio"] = a / b
+    print(f"| median | | {a:.3f} | | | {b:.3f} | {a / b:.1f}x |", flush=True)
+
+
 def pct(xs, q):
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
@@ -146,12 +239,30 @@ def main():
     ap.add_argument("--window", type=int, default=64)
     ap.add_argument("-t", "--threads", type=int, default=0)
     ap.add_argument("--json", default="")
+    ap.add_argument("--ask-many", action="store_true", help="the ask-many benchmark instead of the load test")
+    ap.add_argument("--doc-tokens", type=int, default=8192, help="--ask-many: document length")
+    ap.add_argument("--questions", type=int, default=10, help="--ask-many: questions (at most 10)")
+    ap.add_argument("--answer-tokens", type=int, default=8, help="--ask-many: tokens generated per answer")
+    ap.add_argument("--ask-many-kv", default="qfilters,none",
+                    help="--ask-many: KV caches to compare (qfilters at --budget, none = full cache)")
     a = ap.parse_args()
+    qfilters_kv = ["--kv-policy", "qfilters", "--filters", a.filters, "--kv-budget", str(a.budget),
+                   "--kv-window", str(a.window), "--kv-evict-every", "16"]
+    if a.ask_many:
+        print(f"# load average at start: {os.getloadavg()}", flush=True)
+        out = {}
+        for which in a.ask_many_kv.split(","):
+            name, kv = (f"qfilters B={a.budget}", qfilters_kv) if which == "qfilters" else ("full cache", ["--kv-policy", "none"])
+            out[name] = ask_many(a, kv)
+            print_ask_many(name, out[name])
+        if a.json:
+            os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
+            with open(a.json, "w") as f:
+                json.dump({"ask_many": out, "args": vars(a), "load_avg": os.getloadavg()}, f, indent=1)
+        return 0
     sessions = [int(x) for x in a.sessions.split(",")]
     ctx = a.prompt_tokens + a.gen + 64
-    configs = [("full cache", ["--kv-policy", "none"]),
-               (f"qfilters B={a.budget}", ["--kv-policy", "qfilters", "--filters", a.filters, "--kv-budget", str(a.budget),
-                                           "--kv-window", str(a.window), "--kv-evict-every", "16"])]
+    configs = [("full cache", ["--kv-policy", "none"]), (f"qfilters B={a.budget}", qfilters_kv)]
     rows = []
     print(f"# load average at start: {os.getloadavg()}", flush=True)
     print("| KV cache | sessions | prompt tok | gen tok | TTFT p50 s | TTFT p99 s | prefill tok/s | aggregate decode tok/s | decode tok/s per session | peak RSS MiB | KV in use MiB | KV reserved MiB | KV full-cache MiB |")
@@ -161,8 +272,6 @@ def main():
         for n in (full_sessions if name == "full cache" else sessions):
             srv = Server(a.qf, a.model, ["-np", str(n), "-c", str(ctx), "-t", str(a.threads), "--max-queued", str(n), *kv])
             try:
-                import urllib.request
-
                 def tokenize(s):
                     req = urllib.request.Request(f"http://127.0.0.1:{srv.port}/tokenize",
                                                  data=json.dumps({"content": s}).encode(), method="POST",

@@ -165,4 +165,32 @@ TEST(Cli, KvCacheTypes) {
   expect_clean_failure(run_qf(base + " -ctv f8"), "cache-type-v");
 }
 
+// qf run --save-state / --load-state: a document read once, then a question appended to it; a
+// state for other KV flags, a corrupt or foreign file is one clear line.
+TEST(Cli, SaveAndLoadState) {
+  const std::string state = (std::filesystem::temp_directory_path() / "qf_cli_test.qfstate").string();
+  const std::string kv = " -t 1 -c 256 --kv-policy knorm --kv-budget 16 --kv-window 4";
+  const Result saved = run_qf("run -m " + model() + kv + " -p 'The capital of France is Paris. The capital of Italy is' -n 0 --save-state " + state);
+  ASSERT_EQ(saved.exit_code, 0) << saved.err;
+  EXPECT_NE(saved.err.find("state: saved 12 positions"), std::string::npos) << saved.err;
+  const Result loaded = run_qf("run -m " + model() + kv + " --load-state " + state + " -p ' Rome. The capital of Spain is' -n 4 --temp 0 --no-display-prompt");
+  ASSERT_EQ(loaded.exit_code, 0) << loaded.err;
+  EXPECT_NE(loaded.err.find("state: restored 12 positions"), std::string::npos) << loaded.err;
+  EXPECT_NE(loaded.err.find("prompt: 7 tokens"), std::string::npos) << loaded.err;  // only the new ones are read
+  EXPECT_NE(loaded.out.find("Madrid"), std::string::npos) << loaded.out;
+
+  expect_clean_failure(run_qf("run -m " + model() + " -t 1 -c 256 --kv-policy knorm --kv-budget 32 --kv-window 4 --load-state " + state + " -p x -n 1"),
+                       "budget 16");
+  expect_clean_failure(run_qf("run -m " + model() + " -t 1 -c 256 --load-state " + state + " -p x -n 1"), "full cache");
+  std::ifstream in(state, std::ios::binary);
+  std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  bytes[bytes.size() / 2] ^= 0x5a;
+  expect_clean_failure(run_qf("run -m " + model() + kv + " --load-state " + write_temp("qf_corrupt.qfstate", bytes) + " -p x -n 1"),
+                       "checksum mismatch");
+  expect_clean_failure(run_qf("run -m " + model() + kv + " --load-state " + model() + " -p x -n 1"), "not a qfilters state file");
+  const std::string fixture = qf::test::fixture("llama_f32_gqa_tied.gguf");
+  expect_clean_failure(run_qf("run -m " + fixture + kv + " --load-state " + state + " -p x -n 1"), "saved for another model");
+  std::filesystem::remove(state);
+}
+
 }  // namespace

@@ -14,12 +14,13 @@
 
 #include "calib/filter_file.h"
 #include "gguf/gguf.h"
+#include "kv/state_file.h"
 #include "test_paths.h"
 #include "tokenizer/chat_template.h"
 #include "tokenizer/tokenizer.h"
 #include "util/error.h"
 
-// Each harness defines the libFuzzer entry points; rename them so that all four fit here.
+// Each harness defines the libFuzzer entry points; rename them so that all of them fit here.
 #define LLVMFuzzerTestOneInput gguf_fuzz_one
 #include "../fuzz/gguf_fuzz.cpp"
 #undef LLVMFuzzerTestOneInput
@@ -34,6 +35,9 @@
 #include "../fuzz/tokenizer_fuzz.cpp"
 #undef LLVMFuzzerTestOneInput
 #undef LLVMFuzzerInitialize
+#define LLVMFuzzerTestOneInput state_file_fuzz_one
+#include "../fuzz/state_file_fuzz.cpp"
+#undef LLVMFuzzerTestOneInput
 
 namespace {
 
@@ -68,6 +72,31 @@ TEST(FuzzReplay, Tokenizer) {
   setenv("QF_FUZZ_MODEL", qf::test::smollm2_path().c_str(), 1);
   tokenizer_fuzz_init(nullptr, nullptr);
   EXPECT_GE(replay("tokenizer", tokenizer_fuzz_one), 7);
+}
+
+TEST(FuzzReplay, StateFile) { EXPECT_GE(replay("state_file", state_file_fuzz_one), 7); }
+
+// The seeds named valid_* come from fuzz/make_seeds.py's own encoder of the format: the C++
+// reader must accept them (and read back what was written), the others it must refuse.
+TEST(FuzzReplay, StateFileSeedsFromThePythonEncoder) {
+  const fs::path root = fs::path(qf::test::source_dir()) / "fuzz" / "corpus" / "state_file";
+  int valid = 0;
+  for (const auto& entry : fs::directory_iterator(root)) {
+    std::ifstream in(entry.path(), std::ios::binary);
+    const std::vector<uint8_t> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    const std::string name = entry.path().filename().string();
+    SCOPED_TRACE(name);
+    if (name.rfind("valid_", 0) == 0) {
+      const qf::kv::SessionState s = qf::kv::decode_state(bytes, name);
+      EXPECT_EQ(s.config.n_layers * s.config.n_kv_heads, static_cast<int>(s.heads.size()));
+      EXPECT_EQ(s.evicted, 7);
+      EXPECT_EQ(s.config.model_fingerprint, "0123456789abcdef");
+      ++valid;
+    } else {
+      EXPECT_THROW(qf::kv::decode_state(bytes, name), qf::Error);
+    }
+  }
+  EXPECT_EQ(valid, 6);
 }
 
 }  // namespace

@@ -8,6 +8,7 @@
 
 #include "cli/commands.h"
 #include "cli/common.h"
+#include "runtime/session_state.h"
 #include "sample/sampler.h"
 #include "tokenizer/tokenizer.h"
 #include "util/error.h"
@@ -24,6 +25,7 @@ struct RunOptions {
   int n_predict = 128;
   bool ignore_eos = false;
   bool no_display_prompt = false;
+  std::string save_state, load_state;  // session state files (see register_run)
 };
 
 std::string read_file(const std::string& path) {
@@ -43,20 +45,35 @@ int run(const RunOptions& o) {
   Engine e = make_engine(o.model, o.kv);
   Session& s = *e.session;
   const Tokenizer tok = Tokenizer::from_gguf(e.model->file());
-  const std::vector<int32_t> ids = tok.encode(prompt, /*add_special=*/true, /*parse_special=*/true);
+  // A restored session continues its text: the prompt is appended, without a new BOS.
+  std::vector<int32_t> history;
+  if (!o.load_state.empty()) {
+    history = runtime::load_state_file(o.load_state, s, runtime::model_fingerprint(*e.model)).tokens;
+    std::fprintf(stderr, "state: restored %d positions (%lld cached tokens) from %s\n", s.n_past(),
+                 static_cast<long long>(s.cache().tokens_held()), o.load_state.c_str());
+  }
+  const std::vector<int32_t> ids = tok.encode(prompt, /*add_special=*/o.load_state.empty(), /*parse_special=*/true);
   if (ids.empty()) fail("the prompt is empty after tokenization");
-  if (static_cast<int>(ids.size()) >= s.n_ctx())
-    fail("prompt has ", ids.size(), " tokens, the context holds ", s.n_ctx(), " (raise -c or shorten the prompt)");
+  if (s.n_past() + static_cast<int>(ids.size()) >= s.n_ctx())
+    fail("prompt has ", ids.size(), " tokens", s.n_past() > 0 ? " after the restored ones" : "", ", the context holds ",
+         s.n_ctx() - s.n_past(), " more (raise -c or shorten the prompt)");
 
   if (!o.no_display_prompt) {
     std::fwrite(prompt.data(), 1, prompt.size(), stdout);
     std::fflush(stdout);
   }
-  for (int32_t id : ids) sampler.accept(id);  // the prompt counts for the repetition penalties
+  for (int32_t id : history) sampler.accept(id);  // the text so far counts for the repetition penalties
+  for (int32_t id : ids) sampler.accept(id);
   StreamDecoder stream(tok);
   const auto t0 = std::chrono::steady_clock::now();
   std::span<const float> logits = s.prefill(ids);
   const double prompt_ms = ms_since(t0);
+  if (!o.save_state.empty()) {  // after the prompt: "compress once, ask many"
+    history.insert(history.end(), ids.begin(), ids.end());
+    const size_t bytes = runtime::save_state_file(o.save_state, s, runtime::model_fingerprint(*e.model), history);
+    std::fprintf(stderr, "state: saved %d positions (%lld cached tokens, %.2f MiB) to %s\n", s.n_past(),
+                 static_cast<long long>(s.cache().tokens_held()), bytes / 1048576.0, o.save_state.c_str());
+  }
 
   const auto t1 = std::chrono::steady_clock::now();
   int n_gen = 0;
@@ -98,6 +115,12 @@ void register_run(CLI::App& app) {
   cmd->add_flag("--no-display-prompt", o->no_display_prompt, "do not echo the prompt");
   o->kv.positions = "shift";  // generation goes on past the context
   add_kv_options(cmd, o->kv);
+  cmd->add_option("--save-state", o->save_state,
+                  "after reading the prompt (before generating), save the session's compressed KV cache, position "
+                  "and tokens to FILE");
+  cmd->add_option("--load-state", o->load_state,
+                  "continue from a state saved by --save-state (same model and KV options); the prompt is appended")
+      ->check(CLI::ExistingFile);
   cmd->callback([o] { run(*o); });
 }
 

@@ -1,6 +1,7 @@
 // qf serve: an OpenAI-compatible HTTP server; every session keeps a per-head, bounded KV cache.
 #include <csignal>
 #include <cstdio>
+#include <filesystem>
 #include <memory>
 #include <thread>
 
@@ -37,6 +38,12 @@ int serve(ServeOptions& o) {
   o.server.scheduler.kv_memory = static_cast<int64_t>(o.kv_memory_mib * 1024 * 1024);
   o.server.scheduler.kv = o.kv;
   o.server.sampling = o.sampling.options;
+  if (!o.server.slot_save_path.empty()) {  // state files of /slots/{id}?action=save|restore
+    std::error_code ec;
+    std::filesystem::create_directories(o.server.slot_save_path, ec);
+    if (!std::filesystem::is_directory(o.server.slot_save_path))
+      fail("--slot-save-path ", o.server.slot_save_path, " is not a folder that can be created");
+  }
   runtime::Engine engine(o.model);
   // A session with the server's KV settings must be possible at all: fail now, not per request.
   const int64_t per_session = engine.session_kv_bytes(o.kv);
@@ -78,6 +85,8 @@ void register_serve(CLI::App& app) {
   cmd->add_option("--kv-memory", o->kv_memory_mib, "MiB all sessions' KV caches may reserve; past it new sessions get 503 (0 = no limit)")
       ->capture_default_str();
   cmd->add_option("-a,--alias", o->server.model_id, "model name clients use (default: the file name)");
+  cmd->add_option("--slot-save-path", o->server.slot_save_path,
+                  "folder for POST /slots/{id}?action=save|restore state files (created if missing; unset = off)");
   add_sampling_options(cmd, o->sampling);
   o->kv.positions = "shift";  // generations go on past the context (requests may say "keep")
   add_kv_options(cmd, o->kv);

@@ -55,6 +55,7 @@ struct AttentionStats {
                             // last `window` queries; the Compressor restarts it after each round)
   bool query_moments = false;  // expected_attention: mean and covariance of the queries before the
                                // rotary embedding (Cache::query_moments; no attention weights)
+  bool operator==(const AttentionStats&) const = default;
 };
 
 struct HeadCache {

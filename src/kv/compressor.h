@@ -39,8 +39,15 @@ class Compressor {
   Compressor(std::unique_ptr<Policy> policy, PolicyOptions options, CompressionConfig config);
 
   const Policy& policy() const { return *policy_; }
+  Policy& policy() { return *policy_; }
+  const PolicyOptions& options() const { return options_; }
   const CompressionConfig& config() const { return config_; }
   const CompressionStats& stats() const { return stats_; }
+  // A restored session continues its counters (runtime/session_state).
+  void set_eviction_counts(int64_t evicted, int64_t evictions) {
+    stats_.evicted = evicted;
+    stats_.evictions = evictions;
+  }
   AttentionStats needs() const { return policy_->needs(options_); }
 
   // exempt[l]: leave layer l alone.

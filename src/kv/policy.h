@@ -35,6 +35,12 @@ class Policy {
   // Scores every head of a layer (one score_head call per KV head); a policy whose heads could
   // share work may override it. TOVA mixes heads inside score_head, reading the cache.
   virtual void score_layer(const Cache& cache, int layer, std::vector<std::vector<float>>& scores);
+
+  // State that changes as the policy scores (e.g. a random generator), saved with a session so
+  // that a restored one evicts exactly as the original would have. Stateless policies keep "".
+  // load_state throws qf::Error (and changes nothing) for a state it did not write.
+  virtual std::string save_state() const { return {}; }
+  virtual void load_state(std::string_view state);
 };
 
 // Names accepted by make_policy, e.g. for --help and error messages.

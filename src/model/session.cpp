@@ -112,6 +112,13 @@ void Session::reset() {
   positions_shifted_ = 0;
 }
 
+void Session::restore_position(int n_past, int prompt_end) {
+  if (n_past < 0 || n_past > n_ctx_ || prompt_end < 0 || prompt_end > n_past)
+    fail("restore_position: n_past ", n_past, " / prompt_end ", prompt_end, " outside the context of ", n_ctx_);
+  n_past_ = n_past;
+  prompt_end_ = prompt_end;
+}
+
 void Session::copy_state_from(const Session& src) {
   if (&src == this) return;
   if (&src.model_ != &model_) fail("copy_state_from: the sessions run different models");

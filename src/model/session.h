@@ -90,6 +90,12 @@ class Session {
   kv::Cache& cache() { return *cache_; }
   const kv::Cache& cache() const { return *cache_; }
   const kv::Compressor* compressor() const { return compressor_.get(); }
+  kv::Compressor* compressor() { return compressor_.get(); }
+  int prompt_end() const { return prompt_end_; }
+
+  // Sets the position counters of a session whose cache was just refilled from a saved state
+  // (runtime/session_state.h checks the state first). Throws qf::Error outside the context.
+  void restore_position(int n_past, int prompt_end);
 
   // Processes a prompt (any length up to the context) and applies prefill compression at its end.
   // Returns the logits of its last token.

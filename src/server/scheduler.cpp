@@ -1,7 +1,12 @@
 #include "server/scheduler.h"
 
 #include <algorithm>
+#include <filesystem>
+#include <fstream>
+#include <future>
+#include <iterator>
 
+#include "runtime/session_state.h"
 #include "util/error.h"
 
 namespace qf::server {
@@ -71,7 +76,7 @@ std::string mib(int64_t bytes) { return std::to_string((bytes + (1 << 20) - 1) >
 }  // namespace
 
 Scheduler::Scheduler(runtime::Engine& engine, const Tokenizer& tokenizer, SchedulerOptions options)
-    : engine_(engine), tok_(tokenizer), opt_(std::move(options)) {
+    : engine_(engine), tok_(tokenizer), opt_(std::move(options)), model_fingerprint_(runtime::model_fingerprint(engine.model())) {
   if (opt_.n_slots < 1) fail("-np must be >= 1");
   // Room for one decoded token per slot plus a full prompt chunk.
   forward_ = std::make_unique<Forward>(engine.model(), engine.options().n_batch + opt_.n_slots);
@@ -121,15 +126,146 @@ bool Scheduler::drain(std::chrono::milliseconds timeout) {
   });
 }
 
-void Scheduler::erase_slot(int id) {
-  std::lock_guard<std::mutex> lock(mu_);
+Scheduler::Slot& Scheduler::idle_slot(int id) {
   if (id < 0 || id >= static_cast<int>(slots_.size()))
     throw HttpError(404, "slot " + std::to_string(id) + " does not exist", "invalid_request_error", "id_slot");
   Slot& s = *slots_[id];
   if (s.job) throw HttpError(409, "slot " + std::to_string(id) + " is busy", "invalid_request_error", "id_slot");
+  return s;
+}
+
+void Scheduler::erase_slot(int id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  Slot& s = idle_slot(id);
   s.session.reset();
   s.kv_bytes = 0;
   s.fed.clear();
+}
+
+void Scheduler::run_between_steps(std::function<void()> task) {
+  auto packaged = std::make_shared<std::packaged_task<void()>>(std::move(task));
+  std::future<void> done = packaged->get_future();
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stop_) throw HttpError(503, "the server is shutting down", "server_error");
+    tasks_.push_back([packaged] { (*packaged)(); });
+  }
+  cv_.notify_all();
+  try {
+    done.get();
+  } catch (const std::future_error&) {  // the scheduler stopped before running it
+    throw HttpError(503, "the server is shutting down", "server_error");
+  }
+}
+
+namespace {
+double ms_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+}
+}  // namespace
+
+Scheduler::SlotFileResult Scheduler::save_slot(int id, const std::string& path) {
+  SlotFileResult r;
+  run_between_steps([&] {
+    const auto t0 = std::chrono::steady_clock::now();
+    Slot& s = idle_slot(id);
+    if (!s.session || s.fed.empty())
+      throw HttpError(400, "slot " + std::to_string(id) + " holds no session to save", "invalid_request_error", "id_slot");
+    try {
+      r.n_bytes = runtime::save_state_file(path, *s.session, model_fingerprint_, s.fed);
+    } catch (const Error& e) {
+      throw HttpError(500, e.what(), "server_error");
+    }
+    r.n_tokens = static_cast<int>(s.fed.size());
+    r.ms = ms_since(t0);
+  });
+  return r;
+}
+
+Scheduler::SlotFileResult Scheduler::restore_slot(int id, const std::string& path) {
+  const std::string name = std::filesystem::path(path).filename().string();
+  SlotFileResult r;
+  run_between_steps([&] {
+    const auto t0 = std::chrono::steady_clock::now();
+    Slot& s = idle_slot(id);
+    std::error_code ec;
+    if (!std::filesystem::is_regular_file(path, ec))
+      throw HttpError(404, name + ": no such state file in --slot-save-path", "invalid_request_error", "filename");
+    kv::SessionState st;
+    runtime::KvOptions kv;
+    std::unique_ptr<Session> session;
+    try {
+      std::ifstream in(path, std::ios::binary);
+      const std::vector<uint8_t> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+      if (!in.good() && !in.eof()) fail(name, ": cannot read the state file");
+      r.n_bytes = bytes.size();
+      st = kv::decode_state(bytes, name);
+      if (st.tokens.size() != static_cast<size_t>(st.n_past))
+        fail(name, ": the state has no token history, which a server slot needs for prompt reuse");
+      kv = kv_options_of(st.config, name);
+    } catch (const Error& e) {
+      throw HttpError(400, e.what(), "invalid_request_error", "filename");
+    }
+    int64_t cost = 0;
+    try {
+      cost = engine_.session_kv_bytes(kv);
+      session = engine_.new_session(kv);
+      runtime::restore_state(*session, st, model_fingerprint_, name);
+    } catch (const Error& e) {
+      throw HttpError(400, e.what(), "invalid_request_error", "filename");
+    }
+    // The slot's own session gives way to the restored one.
+    const int64_t own = s.kv_bytes;
+    s.kv_bytes = 0;
+    if (!reserve_kv(cost)) {
+      s.kv_bytes = own;
+      throw HttpError(503, "KV memory is full: the restored session needs " + mib(cost) + ", " + mib(kv_reserved()) +
+                               " of --kv-memory " + mib(opt_.kv_memory) + " are held by running sessions",
+                      "server_error");
+    }
+    s.session = std::move(session);
+    s.kv = kv;
+    s.kv_bytes = cost;
+    s.fed = st.tokens;
+    s.last_used = ++tick_;
+    r.n_tokens = static_cast<int>(st.tokens.size());
+    r.ms = ms_since(t0);
+  });
+  return r;
+}
+
+// The server's KV options changed to what a state file was saved with: a request with the same
+// options then continues the restored session. Filters come from the server's --filters (the
+// file pins their hash, checked when restoring).
+runtime::KvOptions Scheduler::kv_options_of(const kv::StateConfig& c, const std::string& name) const {
+  runtime::KvOptions kv = opt_.kv;
+  kv.policy = c.policy;
+  if (c.policy == "none") {  // as a request's "kv_policy": "none" spells it (protocol.cpp)
+    kv.budget = 0;
+    kv.ratio = 0;
+  } else {
+    kv.budget = c.budget;
+    kv.window = c.window;
+    kv.evict_every = c.evict_every;
+    kv.ratio = c.ratio;
+    kv.skip_layers = c.skip_layers;
+    kv.seed = c.seed;
+  }
+  if (c.filters_hash.empty()) {
+    kv.filters.clear();
+    kv.filter_layout.clear();
+    kv.filter_sign.clear();
+  } else if (kv.filters.empty()) {
+    fail(name, ": saved with Q-Filters (", c.filters_hash, "); start the server with the same --filters");
+  }
+  // Types as names only where they differ from the server's, so equal options compare equal.
+  runtime::ModelOptions types = engine_.options();
+  if (!kv.cache_type_k.empty()) types.cache_type_k = kv.cache_type_k;
+  if (!kv.cache_type_v.empty()) types.cache_type_v = kv.cache_type_v;
+  const kv::KvTypes mine = runtime::kv_types(types);
+  if (mine.k != c.type_k) kv.cache_type_k = std::string(kv::kv_type_name(c.type_k));
+  if (mine.v != c.type_v) kv.cache_type_v = std::string(kv::kv_type_name(c.type_v));
+  return kv;
 }
 
 SchedulerMetrics Scheduler::metrics() {
@@ -159,9 +295,15 @@ void Scheduler::loop() {
   std::unique_lock<std::mutex> lock(mu_);
   for (;;) {
     cv_.wait(lock, [&] {
-      return stop_ || !queue_.empty() || std::any_of(slots_.begin(), slots_.end(), [](const auto& s) { return s->job != nullptr; });
+      return stop_ || !queue_.empty() || !tasks_.empty() ||
+             std::any_of(slots_.begin(), slots_.end(), [](const auto& s) { return s->job != nullptr; });
     });
     if (stop_) return;
+    while (!tasks_.empty()) {  // slot saves and restores, between two steps
+      std::function<void()> task = std::move(tasks_.front());
+      tasks_.pop_front();
+      task();
+    }
     assign_queued(lock);
     std::vector<Slot*> active;
     for (auto& s : slots_)
@@ -261,28 +403,11 @@ bool Scheduler::admit(Slot& slot, const std::shared_ptr<Job>& job) {
       slot.session.reset();
       slot.kv_bytes = 0;
       slot.fed.clear();
-      if (opt_.kv_memory > 0) {
-        auto reserved = [&] {
-          int64_t sum = 0;
-          for (auto& s : slots_) sum += s->kv_bytes;
-          return sum;
-        };
-        // Idle sessions (kept for prompt reuse) give way, least recently used first.
-        while (reserved() + cost > opt_.kv_memory) {
-          Slot* victim = nullptr;
-          for (auto& s : slots_)
-            if (!s->job && s->session && (!victim || s->last_used < victim->last_used)) victim = s.get();
-          if (!victim) break;
-          victim->session.reset();
-          victim->kv_bytes = 0;
-          victim->fed.clear();
-        }
-        if (reserved() + cost > opt_.kv_memory) {
-          job->emit(error_event(503, "KV memory is full: this session needs " + mib(cost) + ", " + mib(reserved()) +
-                                         " of --kv-memory " + mib(opt_.kv_memory) + " are held by running sessions",
-                                "server_error"));
-          return false;
-        }
+      if (!reserve_kv(cost)) {
+        job->emit(error_event(503, "KV memory is full: this session needs " + mib(cost) + ", " + mib(kv_reserved()) +
+                                       " of --kv-memory " + mib(opt_.kv_memory) + " are held by running sessions",
+                              "server_error"));
+        return false;
       }
       slot.session = engine_.new_session(kv);
       slot.kv = kv;
@@ -316,6 +441,28 @@ bool Scheduler::admit(Slot& slot, const std::shared_ptr<Job>& job) {
   admitted.usage = slot.usage;
   job->emit(std::move(admitted));
   return true;
+}
+
+int64_t Scheduler::kv_reserved() const {
+  int64_t sum = 0;
+  for (const auto& s : slots_) sum += s->kv_bytes;
+  return sum;
+}
+
+bool Scheduler::reserve_kv(int64_t cost) {
+  if (opt_.kv_memory <= 0) return true;
+  // Idle sessions (kept for prompt reuse) give way, least recently used first; a slot that is
+  // being given a new session has already released its own (kv_bytes 0).
+  while (kv_reserved() + cost > opt_.kv_memory) {
+    Slot* victim = nullptr;
+    for (auto& s : slots_)
+      if (!s->job && s->session && s->kv_bytes > 0 && (!victim || s->last_used < victim->last_used)) victim = s.get();
+    if (!victim) break;
+    victim->session.reset();
+    victim->kv_bytes = 0;
+    victim->fed.clear();
+  }
+  return kv_reserved() + cost <= opt_.kv_memory;
 }
 
 // Ends a request the engine failed on; the server goes on with the others.

@@ -11,6 +11,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -19,6 +20,7 @@
 #include <vector>
 
 #include "model/forward.h"
+#include "kv/state_file.h"
 #include "runtime/engine.h"
 #include "sample/sampler.h"
 #include "server/protocol.h"
@@ -82,6 +84,20 @@ class Scheduler {
   // Empties a slot's cache (POST /slots/{id}?action=erase). Throws HttpError 404 / 409.
   void erase_slot(int id);
 
+  // POST /slots/{id}?action=save|restore: an idle slot's session state to / from a state file
+  // (runtime/session_state.h). Run on the scheduler thread between steps; the caller waits.
+  struct SlotFileResult {
+    int n_tokens = 0;      // tokens of the slot's history saved / restored
+    size_t n_bytes = 0;    // bytes written / read
+    double ms = 0;
+  };
+  // Throws HttpError: 404 unknown slot, 409 busy, 400 nothing to save or the file cannot be written.
+  SlotFileResult save_slot(int id, const std::string& path);
+  // Builds a session with the KV options the file was saved with (the server's filters file) and
+  // restores it; the slot is unchanged on any error. Throws HttpError: 404 unknown slot or no such
+  // file, 409 busy, 400 corrupt or foreign file (another model, shape or KV options), 503 KV memory.
+  SlotFileResult restore_slot(int id, const std::string& path);
+
   SchedulerMetrics metrics();
   json slots_json();
   const SchedulerOptions& options() const { return opt_; }
@@ -91,6 +107,15 @@ class Scheduler {
   void loop();
   void assign_queued(std::unique_lock<std::mutex>& lock);
   bool admit(Slot& slot, const std::shared_ptr<Job>& job);
+  // Makes room for a session costing `cost` bytes under --kv-memory (idle sessions give way,
+  // least recently used first). False when the running sessions leave too little.
+  bool reserve_kv(int64_t cost);
+  int64_t kv_reserved() const;
+  // Runs `task` on the scheduler thread between steps, with mu_ held; rethrows what it throws.
+  void run_between_steps(std::function<void()> task);
+  Slot& idle_slot(int id);  // throws HttpError 404 / 409; call with mu_ held
+  runtime::KvOptions kv_options_of(const kv::StateConfig& c, const std::string& name) const;
+
   void step(const std::vector<Slot*>& active);
   void fail_slot(Slot& slot, const std::string& why);
   bool emit_token(Slot& slot, int32_t token);
@@ -102,6 +127,8 @@ class Scheduler {
   std::unique_ptr<Forward> forward_;  // scratch of the batched passes
   std::vector<std::unique_ptr<Slot>> slots_;
   std::deque<std::shared_ptr<Job>> queue_;
+  std::deque<std::function<void()>> tasks_;  // run_between_steps
+  std::string model_fingerprint_;            // state files pin it
   std::mutex mu_;  // queue_, slots' job/session pointers, metrics_, stop_
   std::condition_variable cv_;
   std::atomic<bool> draining_{false};

@@ -257,13 +257,53 @@ struct Server::Impl {
     send_json(res, 200, {{"content", tok.decode(ids, /*render_special=*/true)}});
   }
 
+  // llama.cpp's slot actions: erase, and save / restore with {"filename": NAME} in the body, the
+  // file inside --slot-save-path (a plain name: no folders, nothing absolute).
   void slot_action(const httplib::Request& req, httplib::Response& res) {
-    const int id = std::stoi(req.matches[1].str());
+    const std::string digits = req.matches[1].str();
+    const int id = digits.size() > 6 ? -1 : std::stoi(digits);
+    if (id < 0) throw HttpError(404, "slot " + digits + " does not exist", "invalid_request_error", "id_slot");
     const std::string action = req.get_param_value("action");
-    if (action != "erase")
-      throw HttpError(400, "action must be erase (save and restore are not available yet)", "invalid_request_error", "action");
-    sched.erase_slot(id);
-    send_json(res, 200, {{"id_slot", id}, {"action", action}});
+    if (action == "erase") {
+      sched.erase_slot(id);
+      send_json(res, 200, {{"id_slot", id}, {"action", action}});
+      return;
+    }
+    if (action != "save" && action != "restore")
+      throw HttpError(400, "action must be save, restore or erase", "invalid_request_error", "action");
+    if (opt.slot_save_path.empty())
+      throw HttpError(501, "slot save and restore are off: start the server with --slot-save-path DIR",
+                      "not_supported_error", "action");
+    const json body = parse_body(req);
+    if (!body.is_object() || !body.contains("filename") || !body["filename"].is_string())
+      throw HttpError(400, "the body must be {\"filename\": \"NAME\"}", "invalid_request_error", "filename");
+    const std::string filename = body["filename"].get<std::string>();
+    check_state_filename(filename);
+    const std::string path = (std::filesystem::path(opt.slot_save_path) / filename).string();
+    if (action == "save") {
+      const Scheduler::SlotFileResult r = sched.save_slot(id, path);
+      send_json(res, 200, {{"id_slot", id}, {"filename", filename}, {"n_saved", r.n_tokens}, {"n_written", r.n_bytes},
+                           {"timings", {{"save_ms", r.ms}}}});
+    } else {
+      const Scheduler::SlotFileResult r = sched.restore_slot(id, path);
+      send_json(res, 200, {{"id_slot", id}, {"filename", filename}, {"n_restored", r.n_tokens}, {"n_read", r.n_bytes},
+                           {"timings", {{"restore_ms", r.ms}}}});
+    }
+  }
+
+  // A state file's name: one plain path component, so that no request reaches outside
+  // --slot-save-path (no separators, no "." / "..", nothing hidden, no control characters).
+  static void check_state_filename(const std::string& name) {
+    auto bad = [&](const std::string& why) {
+      throw HttpError(400, "invalid filename: " + why, "invalid_request_error", "filename");
+    };
+    if (name.empty() || name.size() > 255) bad("it must have 1 to 255 bytes");
+    if (name.front() == '.') bad("it must not start with '.'");
+    for (unsigned char c : name) {
+      if (c == '/' || c == '\\') bad("it must be a plain name inside --slot-save-path, without folders");
+      if (c < 0x20 || c == 0x7f) bad("it must not contain control characters");
+      if (c == ':') bad("it must not contain ':'");
+    }
   }
 
   void metrics(httplib::Response& res) {

@@ -2,7 +2,7 @@
 //   POST /v1/chat/completions, /v1/completions (and the same without /v1), streaming as
 //        server-sent events or not
 //   GET  /v1/models, /health, /metrics (Prometheus text), /slots
-//   POST /tokenize, /detokenize, /apply-template, /slots/{id}?action=erase
+//   POST /tokenize, /detokenize, /apply-template, /slots/{id}?action=save|restore|erase
 // Errors are OpenAI-style bodies with the right status; a bad request never disturbs the others.
 #pragma once
 #include <memory>
@@ -18,6 +18,7 @@ struct ServerOptions {
   std::string host = "127.0.0.1";
   int port = 8080;
   std::string model_id;  // name reported by /v1/models and accepted in "model" ("" = file name)
+  std::string slot_save_path;  // folder of /slots/{id}?action=save|restore files ("" = actions off)
   SamplerOptions sampling;  // defaults for requests that do not say
   SchedulerOptions scheduler;
   int http_threads = 0;  // 0 = enough for every slot and queued request to stream at once

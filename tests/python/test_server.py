@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """qf serve end to end: the official `openai` client against a server started here, concurrent
 sessions against the same requests run alone, prompt reuse, per-request compressed caches, KV
-memory admission, bad input, a client that disconnects mid-stream, and SIGTERM draining.
+memory admission, bad input, a client that disconnects mid-stream, SIGTERM draining, and slot
+save / restore of compressed states.
 Everything talks to 127.0.0.1 only; every wait is bounded.
 Usage: test_server.py BUILD_DIR FIXTURES_DIR"""
 import concurrent.futures
@@ -13,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import unittest
 
@@ -23,6 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 MODEL = os.path.join(ROOT, "models", "SmolLM2-135M-Instruct.Q4_1.gguf")
 QF = os.path.join(BUILD, "qf")
 MODEL_ID = "SmolLM2-135M-Instruct.Q4_1.gguf"
+FIXTURES = os.path.abspath(sys.argv[2]) if len(sys.argv) > 2 else os.path.join(ROOT, "tests", "fixtures")
 
 
 class Server:
@@ -241,7 +244,8 @@ class ServerTest(unittest.TestCase):
         self.assert_error(*s.request("POST", "/v1/completions", {"prompt": "hi", "id_slot": 999}), 400, "id_slot")
         self.assert_error(*s.request("POST", "/detokenize", {"tokens": [1, -4]}), 400, "tokens")
         self.assert_error(*s.request("GET", "/v1/nothing-here"), 404)
-        self.assert_error(*s.request("POST", "/slots/0?action=save"), 400, "action")
+        self.assert_error(*s.request("POST", "/slots/0?action=save", {"filename": "x"}), 501, "action")  # no --slot-save-path
+        self.assert_error(*s.request("POST", "/slots/0?action=explode"), 400, "action")
         with self.assertRaises(openai.BadRequestError):
             self.api.completions.create(model=MODEL_ID, prompt="hi", max_tokens=-1)
         # ... and the server still serves.
@@ -261,6 +265,106 @@ class ServerTest(unittest.TestCase):
         self.assertTrue(wait_until(lambda: self.srv.metrics()["requests_cancelled_total"] > before))
         self.assertTrue(wait_until(lambda: not any(s["is_processing"] for s in self.srv.request("GET", "/slots")[1])))
         self.assertLess(self.srv.metrics()["tokens_generated_total"], 10**9)
+
+
+class SlotSaveRestoreTest(unittest.TestCase):
+    """POST /slots/{id}?action=save|restore as llama.cpp's server: "compress once, ask many"."""
+
+    DOC = ("The lighthouse keeper, Mara, kept a log of every ship that passed the northern cape. "
+           "In March she recorded the Aurora, a grain ship bound for Lisbon, and the Tern, a fishing boat "
+           "that lost its mast in a storm. In April the weather calmed and she painted the lamp room blue. ") * 3
+
+    @classmethod
+    def setUpClass(cls):
+        cls.dir = tempfile.TemporaryDirectory()
+        filters = os.path.join(ROOT, "models", "SmolLM2-135M-Instruct.qfilters.safetensors")
+        policy = ["--kv-policy", "qfilters", "--filters", filters] if os.path.exists(filters) else ["--kv-policy", "knorm"]
+        cls.srv = Server("-np", "2", "-c", "512", "-t", "2", "--slot-save-path", cls.dir.name, *policy,
+                         "--kv-budget", "64", "--kv-window", "8")
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.srv.stop()
+        cls.dir.cleanup()
+
+    def complete(self, prompt, slot, max_tokens, kv=None):
+        status, body = self.srv.request("POST", "/v1/completions", {"prompt": prompt, "max_tokens": max_tokens,
+                                                                     "temperature": 0, "id_slot": slot, **(kv or {})})
+        self.assertEqual(status, 200, body)
+        return body["choices"][0]["text"], body["usage"]
+
+    def action(self, slot, action, filename):
+        return self.srv.request("POST", f"/slots/{slot}?action={action}", {"filename": filename})
+
+    def tokens(self, text):
+        status, body = self.srv.request("POST", "/tokenize", {"content": text})
+        self.assertEqual(status, 200, body)
+        return body["tokens"]
+
+    def test_round_trip_gives_the_same_continuation(self):
+        # Token ids, so that the document is exactly a prefix of document + question.
+        doc = self.tokens(self.DOC)
+        question = self.tokens("Question: which ship lost its mast? Answer:")
+        # The server's policy, and per-request ones whose states differ: attention statistics (h2o),
+        # a generator (random), a full cache.
+        for kv in [{}, {"kv_policy": "h2o"}, {"kv_policy": "random"}, {"kv_policy": "none"}]:
+            with self.subTest(**kv):
+                self.round_trip(doc, question, kv)
+
+    def round_trip(self, doc, question, kv):
+        _, usage = self.complete(doc, 0, 1, kv)
+        status, saved = self.action(0, "save", "doc.qfstate")
+        self.assertEqual(status, 200, saved)
+        self.assertEqual((saved["id_slot"], saved["filename"], saved["n_saved"]), (0, "doc.qfstate", usage["prompt_tokens"]))
+        self.assertGreater(saved["n_written"], 0)
+        self.assertIn("save_ms", saved["timings"])
+        # Never saved: slot 0 continues its own cache.
+        want, usage = self.complete(doc + question, 0, 12, kv)
+        self.assertEqual(usage["prompt_tokens_details"]["cached_tokens"], saved["n_saved"])
+        # Restored into the other slot, twice (ask many): the same greedy continuation, from the cache.
+        for _ in range(2):
+            status, restored = self.action(1, "restore", "doc.qfstate")
+            self.assertEqual(status, 200, restored)
+            self.assertEqual((restored["id_slot"], restored["n_restored"]), (1, saved["n_saved"]))
+            self.assertIn("restore_ms", restored["timings"])
+            got, usage = self.complete(doc + question, 1, 12, kv)
+            self.assertEqual(got, want)
+            self.assertEqual(usage["prompt_tokens_details"]["cached_tokens"], saved["n_saved"])
+
+    def test_corrupt_foreign_and_unsafe_files_are_refused(self):
+        self.complete(self.DOC, 0, 1)
+        self.assertEqual(self.action(0, "save", "good.qfstate")[0], 200)
+        with open(os.path.join(self.dir.name, "good.qfstate"), "rb") as f:
+            good = f.read()
+        with open(os.path.join(self.dir.name, "truncated.qfstate"), "wb") as f:
+            f.write(good[: len(good) // 2])
+        with open(os.path.join(self.dir.name, "corrupt.qfstate"), "wb") as f:
+            f.write(good[:200] + bytes([good[200] ^ 0xFF]) + good[201:])
+        with open(os.path.join(self.dir.name, "garbage.qfstate"), "wb") as f:
+            f.write(b"not a state file at all")
+        foreign = os.path.join(self.dir.name, "foreign.qfstate")  # another model's state
+        subprocess.run([QF, "run", "-m", os.path.join(FIXTURES, "llama_f32_gqa_tied.gguf"), "-p", "hello there",
+                        "-n", "0", "-t", "1", "--kv-policy", "knorm", "--kv-budget", "64", "--kv-window", "8",
+                        "--save-state", foreign, "--no-display-prompt"], check=True, capture_output=True, timeout=60)
+        for name, words in [("truncated.qfstate", "truncated"), ("corrupt.qfstate", "checksum"),
+                            ("garbage.qfstate", "not a qfilters state file"), ("foreign.qfstate", "another model")]:
+            status, body = self.action(1, "restore", name)
+            self.assertEqual(status, 400, body)
+            self.assertEqual(body["error"]["param"], "filename")
+            self.assertIn(words, body["error"]["message"])
+            self.assertNotIn(self.dir.name, body["error"]["message"])  # the server's folder stays private
+        for name in ["../good.qfstate", "/etc/passwd", "a/b", ".hidden", "", "..", "x\\y"]:
+            status, body = self.action(1, "restore", name)
+            self.assertEqual(status, 400, (name, body))
+            self.assertEqual(body["error"]["param"], "filename")
+        self.assertEqual(self.action(1, "restore", "missing.qfstate")[0], 404)
+        self.assertEqual(self.action(7, "restore", "good.qfstate")[0], 404)
+        self.assertEqual(self.srv.request("POST", "/slots/0?action=save", {"name": "x"})[0], 400)
+        self.assertEqual(self.srv.request("POST", "/slots/0?action=save", raw=b"{oops")[0], 400)
+        # Refused restores left slot 1 as it was, and the server keeps serving.
+        text, usage = self.complete("Hello", 1, 4)
+        self.assertEqual(usage["completion_tokens"], 4)
+        self.assertEqual(self.action(1, "restore", "good.qfstate")[0], 200)
 
 
 class AdmissionAndShutdownTest(unittest.TestCase):

@@ -313,6 +313,26 @@ class Session:
         """The token positions each KV head holds now: ``[layer][kv_head] -> [positions]``."""
         return self._s.kv_positions()
 
+    @property
+    def tokens(self) -> List[int]:
+        """The tokens the sequence has read (prompt and generated), as saved by :meth:`save_state`."""
+        return self._s.tokens
+
+    def save_state(self, path: Union[str, os.PathLike]) -> None:
+        """Saves the sequence's compressed state to a file ("compress once, ask many"): every KV
+        head's kept keys and values (in their storage type), positions and policy statistics, the
+        position and the tokens read. The file is the one ``qf run --save-state`` and the server's
+        ``/slots/{id}?action=save`` write; it pins the model, KV types and policy settings."""
+        self._s.save_state(os.fspath(path))
+
+    def load_state(self, path: Union[str, os.PathLike]) -> None:
+        """Continues from a state saved by :meth:`save_state` (or ``qf run --save-state``): what this
+        session reads next gives the same logits as in the session that saved it. The session must
+        run the same model file with the same :class:`KVConfig`; a foreign, truncated or corrupt
+        file raises :class:`qfilters.Error` (a ValueError) with a one-line reason and leaves the session
+        unchanged."""
+        self._s.load_state(os.fspath(path))
+
     def generate(self, prompt: Prompt, max_tokens: int = 128, temperature: float = 0.8, top_p: float = 0.95,
                  top_k: int = 40, min_p: float = 0.05, repeat_penalty: float = 1.0, repeat_last_n: int = 64,
                  presence_penalty: float = 0.0, frequency_penalty: float = 0.0, seed: Optional[int] = None,

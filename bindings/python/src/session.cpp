@@ -14,6 +14,7 @@
 
 #include "common.h"
 #include "kv/compressor.h"
+#include "runtime/session_state.h"
 #include "sample/sampler.h"
 #include "util/error.h"
 
@@ -89,6 +90,7 @@ class PySession {
       check_interrupt_nogil();
       const size_t n = std::min(chunk, tokens.size() - i);
       std::span<const float> l = session_->eval(std::span(tokens).subspan(i, n), all_logits);
+      note(std::span(tokens).subspan(i, n));
       if (all_logits) std::memcpy(out + i * V, l.data(), l.size_bytes());
       else if (i + n == tokens.size()) std::memcpy(out, l.data(), V * sizeof(float));
     }
@@ -103,9 +105,29 @@ class PySession {
     nb::gil_scoped_release nogil;
     std::lock_guard lock(model_.compute);
     std::span<const float> l = session_->prefill(tokens);
+    note(tokens);
     std::memcpy(out, l.data(), V * sizeof(float));
     return arr;
   }
+
+  // The session's state file (runtime/session_state.h): cache, position and the tokens read.
+  void save_state(const std::string& path) {
+    nb::gil_scoped_release nogil;
+    std::lock_guard lock(model_.compute);
+    runtime::save_state_file(path, *session_, fingerprint(), history_);
+  }
+
+  void load_state(const std::string& path) {
+    nb::gil_scoped_release nogil;
+    std::lock_guard lock(model_.compute);
+    history_ = runtime::load_state_file(path, *session_, fingerprint()).tokens;
+  }
+
+  const std::vector<int32_t>& tokens() const { return history_; }
+
+  // The tokens the session has read, kept for save_state (call with the compute lock held).
+  void note(std::span<const int32_t> tokens) { history_.insert(history_.end(), tokens.begin(), tokens.end()); }
+  void forget() { history_.clear(); }
 
   // The methods below wait for a computation running in another thread (the lock is taken with
   // the GIL released, as everywhere: a thread computing may need the GIL to check for Ctrl-C).
@@ -113,6 +135,7 @@ class PySession {
     nb::gil_scoped_release nogil;
     std::lock_guard lock(model_.compute);
     session_->reset();
+    history_.clear();
   }
 
   nb::dict kv_stats() const {
@@ -165,8 +188,16 @@ class PySession {
   Session& session() { return *session_; }
 
  private:
+  // The model's fingerprint, hashed on first use (call with the compute lock held).
+  const std::string& fingerprint() {
+    if (fingerprint_.empty()) fingerprint_ = runtime::model_fingerprint(model_.engine.model());
+    return fingerprint_;
+  }
+
   PyModel& model_;
   std::unique_ptr<Session> session_;
+  std::vector<int32_t> history_;  // tokens read since the last reset (or restored)
+  std::string fingerprint_;
 };
 
 // One generation, one token per next(): the Python side iterates it (streaming, stop strings), so
@@ -197,10 +228,13 @@ class Generation {
       Session& s = s_.session();
       if (!started_) {
         s.reset();
+        s_.forget();
         logits_ = s.prefill(prompt_);
+        s_.note(prompt_);
         started_ = true;
       } else {
         logits_ = s.eval(std::span<const int32_t>(&last_, 1));
+        s_.note(std::span<const int32_t>(&last_, 1));
       }
       token = sampler_.sample_and_accept(logits_);
     }
@@ -270,6 +304,9 @@ void bind_session(nb::module_& m) {
       .def("reset", &PySession::reset)
       .def("kv_stats", &PySession::kv_stats)
       .def("kv_positions", &PySession::kv_positions)
+      .def("save_state", &PySession::save_state, nb::arg("path"))
+      .def("load_state", &PySession::load_state, nb::arg("path"))
+      .def_prop_ro("tokens", &PySession::tokens)
       .def_prop_ro("n_past", [](PySession& s) { return s.session().n_past(); })
       .def_prop_ro("n_ctx", [](PySession& s) { return s.session().n_ctx(); });
 

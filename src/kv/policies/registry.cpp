@@ -44,4 +44,8 @@ void Policy::score_layer(const Cache& cache, int layer, std::vector<std::vector<
   }
 }
 
+void Policy::load_state(std::string_view state) {
+  if (!state.empty()) fail("KV policy ", name(), " keeps no state, yet a state of ", state.size(), " bytes was given");
+}
+
 }  // namespace qf::kv
