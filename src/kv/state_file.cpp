@@ -108,6 +108,7 @@ void put_config(Writer& w, const StateConfig& c) {
   w.put<uint8_t>(c.stats.accumulate);
   w.put<uint8_t>(c.stats.last_query);
   w.put<int64_t>(c.stats.window);
+  w.put<uint8_t>(c.stats.query_moments);
 }
 
 KvType get_type(Reader& r, const char* what, int head_dim) {
@@ -148,6 +149,7 @@ StateConfig get_config(Reader& r) {
   c.stats.accumulate = get_flag(r, "accumulate flag");
   c.stats.last_query = get_flag(r, "last-query flag");
   c.stats.window = r.get_int("statistics window", 0, kMaxTokens);
+  c.stats.query_moments = get_flag(r, "query-moments flag");
   return c;
 }
 
@@ -168,6 +170,25 @@ HeadState get_head(Reader& r, const SessionState& s, int layer, int kv_head) {
   if (c.stats.accumulate) r.get_raw(h.attn_cnt, n, "attention counts");
   if (c.stats.last_query) r.get_raw(h.attn_last, n, "last-query attention");
   return h;
+}
+
+// One layer's query moments: empty (no query yet) or n_heads x head_dim with the sums.
+QueryMoments get_moments(Reader& r, const StateConfig& c, int layer) {
+  QueryMoments m;
+  const int n_heads = r.get_int("query heads", 0, kMaxHeads);
+  const int head_dim = r.get_int("query head_dim", 0, kMaxHeadDim);
+  const int64_t count = r.get<int64_t>("query count");
+  if (count < 0) r.bad("layer ", layer, ": negative query count");
+  if (n_heads == 0 || head_dim == 0) {
+    if (n_heads != 0 || head_dim != 0 || count != 0) r.bad("layer ", layer, ": query moments without a shape");
+    return m;
+  }
+  if (head_dim != c.head_dim || n_heads % c.n_kv_heads != 0)
+    r.bad("layer ", layer, ": query moments of ", n_heads, "x", head_dim, " do not fit ", c.n_kv_heads, " KV heads of ", c.head_dim);
+  m.n_heads = n_heads, m.head_dim = head_dim, m.count = count;
+  r.get_raw(m.sum, static_cast<uint64_t>(n_heads) * head_dim, "query sums");
+  r.get_raw(m.outer, static_cast<uint64_t>(n_heads) * head_dim * head_dim, "query outer sums");
+  return m;
 }
 
 }  // namespace
@@ -194,6 +215,16 @@ std::vector<uint8_t> encode_state(const SessionState& s) {
     w.put_raw(h.attn_sum);
     w.put_raw(h.attn_cnt);
     w.put_raw(h.attn_last);
+  }
+  if (c.stats.query_moments) {
+    if (s.query_moments.size() != static_cast<size_t>(c.n_layers)) fail("encode_state: query moments per layer expected");
+    for (const QueryMoments& m : s.query_moments) {
+      w.put<int64_t>(m.n_heads);
+      w.put<int64_t>(m.head_dim);
+      w.put<int64_t>(m.count);
+      w.put_raw(m.sum);
+      w.put_raw(m.outer);
+    }
   }
   const uint64_t body = w.bytes.size() - kStatePrefixBytes;
   const uint32_t crc = crc32(std::span(w.bytes).subspan(kStatePrefixBytes));
@@ -248,6 +279,8 @@ SessionState decode_state(std::span<const uint8_t> bytes, std::string_view name)
   s.heads.reserve(n_heads);
   for (int l = 0; l < c.n_layers; ++l)
     for (int h = 0; h < c.n_kv_heads; ++h) s.heads.push_back(get_head(r, s, l, h));
+  if (c.stats.query_moments)
+    for (int l = 0; l < c.n_layers; ++l) s.query_moments.push_back(get_moments(r, c, l));
   if (r.left() != 0) r.bad(r.left(), " bytes after the last head");
   return s;
 }

@@ -15,7 +15,8 @@
 //   [24, 28) u32 CRC-32 of the body
 //   [28, 32) u32 reserved (0)
 //   body: the SessionState fields in declaration order (strings and arrays length-prefixed),
-//         then every head's n, keys, values, positions and kept statistics.
+//         then every head's n, keys, values, positions and kept statistics, then (when the
+//         statistics include query moments) per layer: n_heads, head_dim, count, sums, outer sums.
 //
 // This file only reads and writes the format and checks that a file is consistent in itself;
 // runtime/session_state.h matches a state to a session and restores it.
@@ -67,6 +68,7 @@ struct SessionState {
   std::vector<int32_t> tokens;     // the tokens read: n_past of them, or none if not tracked
   std::string policy_state;        // Policy::save_state()
   std::vector<HeadState> heads;    // [layer * n_kv_heads + kv_head]
+  std::vector<QueryMoments> query_moments;  // per layer, when config.stats.query_moments (else empty)
 };
 
 inline constexpr char kStateMagic[8] = {'Q', 'F', 'K', 'V', 'S', 'T', 'A', 'T'};

@@ -66,7 +66,7 @@ std::string describe_policy(const kv::StateConfig& c) {
 
 std::string describe_stats(const kv::AttentionStats& s) {
   return std::string("accumulate ") + (s.accumulate ? "on" : "off") + ", last query " + (s.last_query ? "on" : "off") +
-         ", window " + std::to_string(s.window);
+         ", window " + std::to_string(s.window) + ", query moments " + (s.query_moments ? "on" : "off");
 }
 
 // Fails with the first way the file's configuration differs from the session's.
@@ -104,6 +104,10 @@ void check_fits(const Session& s, const kv::SessionState& st, std::string_view n
              " (a different -c or -b?)");
     }
   if (!st.policy_state.empty() && !s.compressor()) fail(name, ": the state has a policy state, this session no policy");
+  const int n_heads = s.model().config().n_heads;
+  for (const kv::QueryMoments& m : st.query_moments)
+    if (m.n_heads != 0 && m.n_heads != n_heads)
+      fail(name, ": query moments of ", m.n_heads, " heads; this model has ", n_heads);
 }
 
 template <typename T>
@@ -189,6 +193,7 @@ kv::SessionState capture_state(const Session& s, const std::string& fingerprint,
       if (!hc.attn_last.empty()) hs.attn_last.assign(hc.attn_last.begin(), hc.attn_last.begin() + hc.n);
       st.heads.push_back(std::move(hs));
     }
+  if (st.config.stats.query_moments) st.query_moments = cache.query_moments;
   return st;
 }
 
@@ -217,6 +222,7 @@ void restore_state(Session& s, const kv::SessionState& st, const std::string& fi
       copy_into(hs.attn_last, hc.attn_last);
       hc.n = hs.n();
     }
+  if (st.config.stats.query_moments) cache.query_moments = st.query_moments;
   cache.queries_seen = st.queries_seen;
   s.restore_position(st.n_past, st.prompt_end);
 }
