@@ -152,7 +152,7 @@ def main():
           state_file(types=(1, 1), policy="qfilters", params=(3, 1, 1, 0.0, 0, 0, 4, 64, 5),
                      filters_hash="00112233aabbccdd", keep=3))
     write(os.path.join(st, "valid_expected_attention.qfstate"),
-          state_file(policy="expected_attention", params=(3, 1, 1, 0.0, 0, 0, 4, 64, 5), stats=(False, False, 0, True), keep=3))
+          state_file(policy="expected_attention", params=(3, 1, 1, 0.0, 0, 0, 4, 64, 5), stats=(False, False, 0, True), keep=3, head_dim=8))
     truncated = state_file(n_past=3)
     write(os.path.join(st, "truncated.qfstate"), truncated[: len(truncated) - 9])
 
