@@ -113,6 +113,103 @@ HWY_INLINE const float* RowsAsF32(const KvRows& rows, int j0, int m, int d, floa
 }
 
 // ---------------------------------------------------------------------------------------------
+// Row readers: one stored row's values as float vectors straight from the storage type, for the
+// decode kernel (AttentionGroup). A decode step reads each key and value once per GQA group, so
+// converting a tile into scratch first only adds a store and a reload per value; reading in
+// registers halves (f16) or about quarters (q8_0) the bytes the step streams from memory, and costs
+// one widening per vector. Each reader gives exactly DequantizeRows' floats (the f16/bf16
+// widening is exact, the blocks' value is the same d * q product), so the decode kernel's
+// result on a stored type is the one it gives on the rows converted to f32, bit for bit.
+//   Load(df, row, x): values [x, x + Lanes) for x a multiple of Lanes, x + Lanes <= d (Lanes
+//     divides 16, so a vector never straddles a block nor a q4_0 block's nibble halves).
+//   At(row, x): one value (the scalar tail of rows whose length is not a multiple of Lanes).
+
+HWY_INLINE float HalfAt(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return fp16_to_f32(h);
+}
+
+struct ReadF32 {
+  template <class D>
+  static HWY_INLINE hn::Vec<D> Load(D df, const uint8_t* HWY_RESTRICT row, int x) {
+    return hn::LoadU(df, reinterpret_cast<const float*>(row) + x);
+  }
+  static HWY_INLINE float At(const uint8_t* row, int x) { return reinterpret_cast<const float*>(row)[x]; }
+};
+
+struct ReadF16 {
+  template <class D>
+  static HWY_INLINE hn::Vec<D> Load(D df, const uint8_t* HWY_RESTRICT row, int x) {
+    const hn::Rebind<hwy::float16_t, D> dh;
+    return hn::PromoteTo(df, hn::LoadU(dh, reinterpret_cast<const hwy::float16_t*>(row) + x));
+  }
+  static HWY_INLINE float At(const uint8_t* row, int x) { return HalfAt(row + 2 * static_cast<size_t>(x)); }
+};
+
+struct ReadBF16 {  // the high half of an f32
+  template <class D>
+  static HWY_INLINE hn::Vec<D> Load(D df, const uint8_t* HWY_RESTRICT row, int x) {
+    const hn::Rebind<uint16_t, D> d16;
+    const hn::Rebind<uint32_t, D> d32;
+    const auto h = hn::LoadU(d16, reinterpret_cast<const uint16_t*>(row) + x);
+    return hn::BitCast(df, hn::ShiftLeft<16>(hn::PromoteTo(d32, h)));
+  }
+  static HWY_INLINE float At(const uint8_t* row, int x) {
+    uint16_t b;
+    std::memcpy(&b, row + 2 * static_cast<size_t>(x), 2);
+    return bf16_to_f32(b);
+  }
+};
+
+struct ReadQ8_0 {  // blocks of an fp16 scale and 32 int8
+  template <class D>
+  static HWY_INLINE hn::Vec<D> Load(D df, const uint8_t* HWY_RESTRICT row, int x) {
+    const hn::Rebind<int8_t, D> d8;
+    const hn::Rebind<int32_t, D> di;
+    const uint8_t* blk = row + static_cast<size_t>(x / kQK) * sizeof(BlockQ8_0);
+    const auto q = hn::PromoteTo(di, hn::LoadU(d8, reinterpret_cast<const int8_t*>(blk + 2) + x % kQK));
+    return hn::Mul(hn::ConvertTo(df, q), hn::Set(df, HalfAt(blk)));
+  }
+  static HWY_INLINE float At(const uint8_t* row, int x) {
+    const uint8_t* blk = row + static_cast<size_t>(x / kQK) * sizeof(BlockQ8_0);
+    return static_cast<float>(static_cast<int8_t>(blk[2 + x % kQK])) * HalfAt(blk);
+  }
+};
+
+struct ReadQ4_0 {  // blocks of an fp16 scale and 16 bytes: element i low nibble, i + 16 high, offset 8
+  template <class D>
+  static HWY_INLINE hn::Vec<D> Load(D df, const uint8_t* HWY_RESTRICT row, int x) {
+    const hn::Rebind<uint8_t, D> d8;
+    const hn::Rebind<int32_t, D> di;
+    const uint8_t* blk = row + static_cast<size_t>(x / kQK) * sizeof(BlockQ4_0);
+    const int i = x % kQK;
+    const auto bytes = hn::PromoteTo(di, hn::LoadU(d8, blk + 2 + i % (kQK / 2)));
+    const auto q = i < kQK / 2 ? hn::And(bytes, hn::Set(di, 15)) : hn::ShiftRight<4>(bytes);
+    return hn::Mul(hn::ConvertTo(df, hn::Sub(q, hn::Set(di, 8))), hn::Set(df, HalfAt(blk)));
+  }
+  static HWY_INLINE float At(const uint8_t* row, int x) {
+    const uint8_t* blk = row + static_cast<size_t>(x / kQK) * sizeof(BlockQ4_0);
+    const int i = x % kQK;
+    const uint8_t byte = blk[2 + i % (kQK / 2)];
+    const int q = i < kQK / 2 ? (byte & 15) : (byte >> 4);
+    return static_cast<float>(q - 8) * HalfAt(blk);
+  }
+};
+
+// f(reader) with the reader of a KV type (check_kv_rows has accepted the type).
+template <class F>
+HWY_INLINE void WithReader(GgmlType type, const F& f) {
+  switch (type) {
+    case GgmlType::F16: f(ReadF16()); break;
+    case GgmlType::BF16: f(ReadBF16()); break;
+    case GgmlType::Q8_0: f(ReadQ8_0()); break;
+    case GgmlType::Q4_0: f(ReadQ4_0()); break;
+    default: f(ReadF32()); break;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Tiled kernel for blocks of tokens.
 //
 // The block's query rows are transposed once into qt[x][row] (scaled), so the scores of a key
@@ -166,10 +263,12 @@ HWY_INLINE void ScoreColumns(D df, const float* HWY_RESTRICT qt, size_t ldq, con
   for (; j < m; ++j) ScoreTile<1, NV>(df, qt, ldq, k + static_cast<size_t>(j) * d, d, pt + j * ldp, ldp);
 }
 
-// o[r][x0, x0 + NV * N) = corr[r] * o[r][...] + sum_{j < m} pt[j][r] v_j[...] for r in [0, R).
-template <int R, int NV, class D>
+// o[r][x0, x0 + NV * N) = corr[r] * o[r][...] + sum_{j < m} pt[j][r] v_j[...] for r in [0, R),
+// with value row j stored at v + j * row_bytes and read by VR.
+template <int R, int NV, class VR, class D>
 HWY_INLINE void AccumulateRows(D df, float* HWY_RESTRICT o, int d, const float* HWY_RESTRICT pt, size_t ld,
-                               const float* HWY_RESTRICT corr, const float* HWY_RESTRICT v, int m, int x0) {
+                               const float* HWY_RESTRICT corr, const uint8_t* HWY_RESTRICT v, size_t row_bytes, int m,
+                               int x0) {
   using V = decltype(hn::Zero(df));
   const int N = static_cast<int>(hn::Lanes(df));
   V a[R][NV];
@@ -177,10 +276,10 @@ HWY_INLINE void AccumulateRows(D df, float* HWY_RESTRICT o, int d, const float* 
     const V c = hn::Set(df, corr[r]);
     for (int i = 0; i < NV; ++i) a[r][i] = hn::Mul(hn::LoadU(df, o + r * d + x0 + i * N), c);
   }
-  const float* HWY_RESTRICT vj = v + x0;
-  for (int j = 0; j < m; ++j, vj += d) {
+  const uint8_t* HWY_RESTRICT vj = v;
+  for (int j = 0; j < m; ++j, vj += row_bytes) {
     V vv[NV];
-    for (int i = 0; i < NV; ++i) vv[i] = hn::LoadU(df, vj + i * N);
+    for (int i = 0; i < NV; ++i) vv[i] = VR::Load(df, vj, x0 + i * N);
     for (int r = 0; r < R; ++r) {
       const V b = hn::Set(df, pt[j * ld + r]);
       for (int i = 0; i < NV; ++i) a[r][i] = hn::MulAdd(b, vv[i], a[r][i]);
@@ -190,18 +289,19 @@ HWY_INLINE void AccumulateRows(D df, float* HWY_RESTRICT o, int d, const float* 
     for (int i = 0; i < NV; ++i) hn::StoreU(a[r][i], df, o + r * d + x0 + i * N);
 }
 
-template <int R, class D>
+template <int R, class VR, class D>
 HWY_INLINE void AccumulateAllColumns(D df, float* HWY_RESTRICT o, int d, const float* HWY_RESTRICT pt, size_t ld,
-                                     const float* HWY_RESTRICT corr, const float* HWY_RESTRICT v, int m) {
+                                     const float* HWY_RESTRICT corr, const uint8_t* HWY_RESTRICT v, size_t row_bytes,
+                                     int m) {
   const int N = static_cast<int>(hn::Lanes(df));
   const int d_vec = d / N * N;
   int x0 = 0;
-  for (; x0 + 4 * N <= d_vec; x0 += 4 * N) AccumulateRows<R, 4>(df, o, d, pt, ld, corr, v, m, x0);
-  for (; x0 < d_vec; x0 += N) AccumulateRows<R, 1>(df, o, d, pt, ld, corr, v, m, x0);
+  for (; x0 + 4 * N <= d_vec; x0 += 4 * N) AccumulateRows<R, 4, VR>(df, o, d, pt, ld, corr, v, row_bytes, m, x0);
+  for (; x0 < d_vec; x0 += N) AccumulateRows<R, 1, VR>(df, o, d, pt, ld, corr, v, row_bytes, m, x0);
   for (int r = 0; r < R; ++r)  // scalar tail when d is not a multiple of the lanes
     for (int x = d_vec; x < d; ++x) {
       float acc = o[r * d + x] * corr[r];
-      for (int j = 0; j < m; ++j) acc += pt[j * ld + r] * v[static_cast<size_t>(j) * d + x];
+      for (int j = 0; j < m; ++j) acc = std::fma(pt[j * ld + r], VR::At(v + static_cast<size_t>(j) * row_bytes, x), acc);
       o[r * d + x] = acc;
     }
 }
@@ -218,10 +318,38 @@ HWY_INLINE void ForTiles(int n, const F& f) {
   }
 }
 
+// Scores of keys [j0, j0 + m) against NQ query rows: s[i][j] = scale * <q_i, k_j0+j>. Each key
+// vector is read (and widened, per KR) once for all the rows; each dot product is one FMA chain
+// over the lanes in x order, then a lane sum and the scalar tail.
+template <int NQ, class KR, class D>
+HWY_INLINE void GroupScores(D df, const float* const* qs, const KvRows& kr, int j0, int m, int d, float scale,
+                            float (*s)[kTile]) {
+  using V = decltype(hn::Zero(df));
+  const int N = static_cast<int>(hn::Lanes(df));
+  const int d_vec = d / N * N;
+  const uint8_t* row = kr.data + static_cast<size_t>(j0) * kr.row_bytes;
+  for (int j = 0; j < m; ++j, row += kr.row_bytes) {
+    V acc[NQ];
+    for (int i = 0; i < NQ; ++i) acc[i] = hn::Zero(df);
+    for (int x = 0; x < d_vec; x += N) {
+      const V k = KR::Load(df, row, x);
+      for (int i = 0; i < NQ; ++i) acc[i] = hn::MulAdd(hn::LoadU(df, qs[i] + x), k, acc[i]);
+    }
+    for (int i = 0; i < NQ; ++i) {
+      float dot = hn::GetLane(hn::SumOfLanes(df, acc[i]));
+      // An explicit fma: left to the compiler, contraction could differ between the readers'
+      // instantiations, and a type would no longer give its f32 rows' bits.
+      for (int x = d_vec; x < d; ++x) dot = std::fma(qs[i][x], KR::At(row, x), dot);
+      s[i][j] = dot * scale;
+    }
+  }
+}
+
 // One token's GQA group (see attention_group_f32) against keys [j_begin, j_end). Per tile of
-// keys (converted to floats first unless stored as f32): one dot product per key and query row,
+// keys: one dot product per key and query row (keys read in their storage type, GroupScores),
 // the row maxima (exact in any order) and sums (key order, rows interleaved), and the weighted
-// values with the output rows held in registers across the tile (AccumulateAllColumns).
+// values with the output rows held in registers across the tile (AccumulateAllColumns, values
+// read in their storage type too). No scratch: nothing is converted ahead.
 void AttentionGroup(const float* HWY_RESTRICT q, int n_q, const KvRows* kr, const KvRows* vr, int j_begin,
                     int j_end, int d, float scale, float* HWY_RESTRICT out) {
   const hn::ScalableTag<float> df;
@@ -230,7 +358,6 @@ void AttentionGroup(const float* HWY_RESTRICT q, int n_q, const KvRows* kr, cons
   const int d_vec = d / N * N;  // SIMD part of each row; the rest (if any) is scalar
   HWY_ALIGN float s[kMaxQ][kTile];
   HWY_ALIGN float pw[kTile * kMaxQ];  // weights transposed, pw[j * kMaxQ + i], for AccumulateAllColumns
-  HWY_ALIGN float kbuf[kTile * kAttentionMaxDim], vbuf[kTile * kAttentionMaxDim];  // converted tiles
 
   for (int q0 = 0; q0 < n_q; q0 += kMaxQ) {
     const int nq = std::min(kMaxQ, n_q - q0);
@@ -245,18 +372,11 @@ void AttentionGroup(const float* HWY_RESTRICT q, int n_q, const KvRows* kr, cons
     std::fill(o, o + static_cast<size_t>(nq) * d, 0.0f);
     for (int j0 = j_begin; j0 < j_end; j0 += kTile) {
       const int m = std::min(kTile, j_end - j0);
-      // Scores of the tile.
-      const float* kt = RowsAsF32(*kr, j0, m, d, kbuf);
-      for (int j = 0; j < m; ++j) {
-        const float* kj = kt + static_cast<size_t>(j) * d;
-        for (int i = 0; i < nq; ++i) {
-          auto acc = hn::Zero(df);
-          for (int x = 0; x < d_vec; x += N) acc = hn::MulAdd(hn::LoadU(df, qs[i] + x), hn::LoadU(df, kj + x), acc);
-          float dot = hn::GetLane(hn::SumOfLanes(df, acc));
-          for (int x = d_vec; x < d; ++x) dot += qs[i][x] * kj[x];
-          s[i][j] = dot * scale;
-        }
-      }
+      WithReader(kr->type, [&](auto reader) {
+        ForTiles<kMaxQ>(nq, [&](int, auto rows) {
+          GroupScores<decltype(rows)::value, decltype(reader)>(df, qs, *kr, j0, m, d, scale, s);
+        });
+      });
       // Online softmax: rescale what was accumulated when the running maximum grows.
       const V floor = hn::Set(df, -87.0f);  // exp underflows to ~0 below; keeps Exp in range
       for (int i = 0; i < nq; ++i) {
@@ -286,9 +406,12 @@ void AttentionGroup(const float* HWY_RESTRICT q, int n_q, const KvRows* kr, cons
         }
       for (int i = 0; i < nq; ++i) run_sum[i] += tile_sum[i];
       // Weighted values: o[i] = corr[i] * o[i] + sum_j p[i][j] v_j.
-      const float* vt = RowsAsF32(*vr, j0, m, d, vbuf);
-      ForTiles<kRowTile>(nq, [&](int r, auto nr) {
-        AccumulateAllColumns<decltype(nr)::value>(df, o + static_cast<size_t>(r) * d, d, pw + r, kMaxQ, corr + r, vt, m);
+      const uint8_t* vt = vr->data + static_cast<size_t>(j0) * vr->row_bytes;
+      WithReader(vr->type, [&](auto reader) {
+        ForTiles<kRowTile>(nq, [&](int r, auto nr) {
+          AccumulateAllColumns<decltype(nr)::value, decltype(reader)>(df, o + static_cast<size_t>(r) * d, d, pw + r,
+                                                                       kMaxQ, corr + r, vt, vr->row_bytes, m);
+        });
       });
     }
     for (int i = 0; i < nq; ++i) {
@@ -378,6 +501,7 @@ void AttentionBlock(const float* HWY_RESTRICT q, size_t q_stride, int n_tok, int
   float* lo = corr + ld;
   float* kbuf = lo + ld;
   float* vbuf = kbuf + static_cast<size_t>(kKeyTile) * d;
+  const size_t row_f32 = static_cast<size_t>(d) * sizeof(float);  // a converted value row
 
   const auto first_of = [&](int t) { return first != nullptr ? first[t] : 0; };
   // Tiles start at multiples of kKeyTile from slot 0 whatever the window, so a row's arithmetic
@@ -421,7 +545,8 @@ void AttentionBlock(const float* HWY_RESTRICT q, size_t q_stride, int n_tok, int
     const float* vt = RowsAsF32(*v, j0, m, d, vbuf);
     ForTiles<kRowTile>(r_hi - r_lo, [&](int i, auto nr) {
       const int r = r_lo + i;
-      AccumulateAllColumns<decltype(nr)::value>(df, o + static_cast<size_t>(r) * d, d, pt + r, ld, corr + r, vt, m);
+      AccumulateAllColumns<decltype(nr)::value, ReadF32>(df, o + static_cast<size_t>(r) * d, d, pt + r, ld, corr + r,
+                                                         reinterpret_cast<const uint8_t*>(vt), row_f32, m);
     });
   }
 
