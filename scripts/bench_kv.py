@@ -49,7 +49,7 @@ def run_qf(a, kv):
 
 # llama.cpp logs its cache allocation when the context is made, e.g.
 #   llama_kv_cache: size =  180.00 MiB (  8192 cells,  30 layers,  1/1 seqs), K (f16):   90.00 MiB, V (f16): ...
-KV_LOG = re.compile(r"llama_kv_cache[^\n]*?size\s*=\s*([0-9.]+)\s*MiB\s*\(\s*(\d+) cells")
+KV_LOG = re.compile(r"size\s*=\s*([0-9.]+) MiB \(\s*(\d+) cells,[^)\n]*\), K \((\w+)\)")
 
 
 def run_llama(a):
@@ -59,12 +59,29 @@ def run_llama(a):
     m = KV_LOG.search(log)
     out["kv_bytes_logged"] = float(m.group(1)) * 2**20 if m else None
     out["kv_cells_logged"] = int(m.group(2)) if m else None
+    if m and m.group(3) != "f16":
+        fail("llama.cpp made a %s cache, not f16" % m.group(3))
     return out
+
+
+BYTES_PER_VALUE = {"f32": 4, "f16": 2, "bf16": 2, "q8_0": 34 / 32, "q4_0": 18 / 32}
+
+
+def cache_shape(r):
+    """(layers, KV values per token per layer: KV heads x head_dim) of a qf bench row; older qf
+    builds do not report the shape, so it is then derived from the bytes they do report."""
+    if "n_layers" in r:
+        return r["n_layers"], r["n_kv_heads"] * r["head_dim"]
+    per_layer = r["kv_bytes_per_token_per_layer"]
+    values = per_layer / (BYTES_PER_VALUE[r["cache_type_k"]] + BYTES_PER_VALUE[r["cache_type_v"]])
+    tokens = r["prompt_tokens"] + r["gen_tokens"]
+    return round(r["kv_bytes_full"] / (tokens * per_layer)), round(values)
 
 
 def f16_full_bytes(shape, n_ctx):
     """An f16 K and V cache of n_ctx tokens on the model's shape (2 bytes a value)."""
-    return n_ctx * shape["n_layers"] * shape["n_kv_heads"] * shape["head_dim"] * 2 * 2
+    layers, values = shape
+    return n_ctx * layers * values * 2 * 2
 
 
 def fraction(x):
@@ -129,7 +146,7 @@ def main():
         print("llama.cpp: full cache, f16/f16, flash attention on ...", file=sys.stderr, flush=True)
         llama = run_llama(a)
 
-    shape = {k: rows[0][k] for k in ("n_layers", "n_kv_heads", "head_dim")}
+    shape = cache_shape(rows[0])
     # The reference: llama.cpp's full f16 cache as it reports it; computed from the shape when
     # llama.cpp is skipped or its log line is not found (both are printed).
     computed = f16_full_bytes(shape, llama["n_ctx"] if llama else a.ctx)
@@ -155,7 +172,7 @@ def main():
               f"{fraction(r['kv_fraction_of_llama_f16_full'])} | {share} |")
     if llama:
         print(f"| llama.cpp | full cache, flash attention | f16/f16 | "
-              f"{shape['n_kv_heads'] * shape['head_dim'] * 2 * 2} | {llama['decode_tok_s']:.1f} | "
+              f"{shape[1] * 2 * 2} | {llama['decode_tok_s']:.1f} | "
               f"{llama['decode_tok_s'] / full['decode_tok_s']:.2f}x | 1.00x | - | {ref / 2**20:.2f} | 1 | - |")
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, "w") as f:
