@@ -115,13 +115,11 @@ HWY_INLINE const float* RowsAsF32(const KvRows& rows, int j0, int m, int d, floa
 // ---------------------------------------------------------------------------------------------
 // Row readers: one stored row's values as float vectors straight from the storage type, for the
 // decode kernel (AttentionGroup). A decode step reads each key and value once per GQA group, so
-// converting a tile into scratch first only adds a store and a reload per value; reading in
-// registers halves (f16) or about quarters (q8_0) the bytes the step streams from memory, and costs
-// one widening per vector. Each reader gives exactly DequantizeRows' floats (the f16/bf16
-// widening is exact, the blocks' value is the same d * q product), so the decode kernel's
-// result on a stored type is the one it gives on the rows converted to f32, bit for bit.
-//   Load(df, row, x): values [x, x + Lanes) for x a multiple of Lanes, x + Lanes <= d (Lanes
-//     divides 16, so a vector never straddles a block nor a q4_0 block's nibble halves).
+// converting a tile into scratch first only adds a store and a reload per value; reading f16 in
+// registers halves the bytes the step streams from memory and costs one widening per vector.
+// Each reader gives exactly DequantizeRows' floats (the widening is exact), so the decode
+// kernel's result on a stored type is the one it gives on the rows converted to f32, bit for bit.
+//   Load(df, row, x): values [x, x + Lanes) for x a multiple of Lanes, x + Lanes <= d.
 //   At(row, x): one value (the scalar tail of rows whose length is not a multiple of Lanes).
 
 HWY_INLINE float HalfAt(const uint8_t* p) {
@@ -162,51 +160,24 @@ struct ReadBF16 {  // the high half of an f32
   }
 };
 
-struct ReadQ8_0 {  // blocks of an fp16 scale and 32 int8
-  template <class D>
-  static HWY_INLINE hn::Vec<D> Load(D df, const uint8_t* HWY_RESTRICT row, int x) {
-    const hn::Rebind<int8_t, D> d8;
-    const hn::Rebind<int32_t, D> di;
-    const uint8_t* blk = row + static_cast<size_t>(x / kQK) * sizeof(BlockQ8_0);
-    const auto q = hn::PromoteTo(di, hn::LoadU(d8, reinterpret_cast<const int8_t*>(blk + 2) + x % kQK));
-    return hn::Mul(hn::ConvertTo(df, q), hn::Set(df, HalfAt(blk)));
-  }
-  static HWY_INLINE float At(const uint8_t* row, int x) {
-    const uint8_t* blk = row + static_cast<size_t>(x / kQK) * sizeof(BlockQ8_0);
-    return static_cast<float>(static_cast<int8_t>(blk[2 + x % kQK])) * HalfAt(blk);
-  }
-};
-
-struct ReadQ4_0 {  // blocks of an fp16 scale and 16 bytes: element i low nibble, i + 16 high, offset 8
-  template <class D>
-  static HWY_INLINE hn::Vec<D> Load(D df, const uint8_t* HWY_RESTRICT row, int x) {
-    const hn::Rebind<uint8_t, D> d8;
-    const hn::Rebind<int32_t, D> di;
-    const uint8_t* blk = row + static_cast<size_t>(x / kQK) * sizeof(BlockQ4_0);
-    const int i = x % kQK;
-    const auto bytes = hn::PromoteTo(di, hn::LoadU(d8, blk + 2 + i % (kQK / 2)));
-    const auto q = i < kQK / 2 ? hn::And(bytes, hn::Set(di, 15)) : hn::ShiftRight<4>(bytes);
-    return hn::Mul(hn::ConvertTo(df, hn::Sub(q, hn::Set(di, 8))), hn::Set(df, HalfAt(blk)));
-  }
-  static HWY_INLINE float At(const uint8_t* row, int x) {
-    const uint8_t* blk = row + static_cast<size_t>(x / kQK) * sizeof(BlockQ4_0);
-    const int i = x % kQK;
-    const uint8_t byte = blk[2 + i % (kQK / 2)];
-    const int q = i < kQK / 2 ? (byte & 15) : (byte >> 4);
-    return static_cast<float>(q - 8) * HalfAt(blk);
-  }
-};
-
-// f(reader) with the reader of a KV type (check_kv_rows has accepted the type).
+// f(reader) with the reader of f32, f16 or bf16 rows.
 template <class F>
 HWY_INLINE void WithReader(GgmlType type, const F& f) {
   switch (type) {
     case GgmlType::F16: f(ReadF16()); break;
     case GgmlType::BF16: f(ReadBF16()); break;
-    case GgmlType::Q8_0: f(ReadQ8_0()); break;
-    case GgmlType::Q4_0: f(ReadQ4_0()); break;
     default: f(ReadF32()); break;
   }
+}
+
+// Rows [j0, j0 + m) as the decode kernel reads them: in place for f32, f16 and bf16 (widened in
+// registers), converted to floats in buf for q8_0 and q4_0, whose per-vector scale lookups made
+// reading them in registers slower than converting the tile once (measured, BM_DecodeTypes).
+HWY_INLINE KvRows DecodeTile(const KvRows& rows, int j0, int m, int d, float* HWY_RESTRICT buf) {
+  const uint8_t* p = rows.data + static_cast<size_t>(j0) * rows.row_bytes;
+  if (rows.type != GgmlType::Q8_0 && rows.type != GgmlType::Q4_0) return {rows.type, p, rows.row_bytes};
+  DequantizeRows(rows.type, p, m, d, buf);
+  return {GgmlType::F32, reinterpret_cast<const uint8_t*>(buf), static_cast<size_t>(d) * sizeof(float)};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -346,10 +317,10 @@ HWY_INLINE void GroupScores(D df, const float* const* qs, const KvRows& kr, int 
 }
 
 // One token's GQA group (see attention_group_f32) against keys [j_begin, j_end). Per tile of
-// keys: one dot product per key and query row (keys read in their storage type, GroupScores),
+// keys: one dot product per key and query row (keys read as DecodeTile gives them, GroupScores),
 // the row maxima (exact in any order) and sums (key order, rows interleaved), and the weighted
 // values with the output rows held in registers across the tile (AccumulateAllColumns, values
-// read in their storage type too). No scratch: nothing is converted ahead.
+// read the same way).
 void AttentionGroup(const float* HWY_RESTRICT q, int n_q, const KvRows* kr, const KvRows* vr, int j_begin,
                     int j_end, int d, float scale, float* HWY_RESTRICT out) {
   const hn::ScalableTag<float> df;
@@ -358,6 +329,7 @@ void AttentionGroup(const float* HWY_RESTRICT q, int n_q, const KvRows* kr, cons
   const int d_vec = d / N * N;  // SIMD part of each row; the rest (if any) is scalar
   HWY_ALIGN float s[kMaxQ][kTile];
   HWY_ALIGN float pw[kTile * kMaxQ];  // weights transposed, pw[j * kMaxQ + i], for AccumulateAllColumns
+  HWY_ALIGN float kbuf[kTile * kAttentionMaxDim], vbuf[kTile * kAttentionMaxDim];  // block types' tiles
 
   for (int q0 = 0; q0 < n_q; q0 += kMaxQ) {
     const int nq = std::min(kMaxQ, n_q - q0);
@@ -372,9 +344,10 @@ void AttentionGroup(const float* HWY_RESTRICT q, int n_q, const KvRows* kr, cons
     std::fill(o, o + static_cast<size_t>(nq) * d, 0.0f);
     for (int j0 = j_begin; j0 < j_end; j0 += kTile) {
       const int m = std::min(kTile, j_end - j0);
-      WithReader(kr->type, [&](auto reader) {
+      const KvRows kt = DecodeTile(*kr, j0, m, d, kbuf);
+      WithReader(kt.type, [&](auto reader) {
         ForTiles<kMaxQ>(nq, [&](int, auto rows) {
-          GroupScores<decltype(rows)::value, decltype(reader)>(df, qs, *kr, j0, m, d, scale, s);
+          GroupScores<decltype(rows)::value, decltype(reader)>(df, qs, kt, 0, m, d, scale, s);
         });
       });
       // Online softmax: rescale what was accumulated when the running maximum grows.
@@ -406,11 +379,11 @@ void AttentionGroup(const float* HWY_RESTRICT q, int n_q, const KvRows* kr, cons
         }
       for (int i = 0; i < nq; ++i) run_sum[i] += tile_sum[i];
       // Weighted values: o[i] = corr[i] * o[i] + sum_j p[i][j] v_j.
-      const uint8_t* vt = vr->data + static_cast<size_t>(j0) * vr->row_bytes;
-      WithReader(vr->type, [&](auto reader) {
+      const KvRows vt = DecodeTile(*vr, j0, m, d, vbuf);
+      WithReader(vt.type, [&](auto reader) {
         ForTiles<kRowTile>(nq, [&](int r, auto nr) {
           AccumulateAllColumns<decltype(nr)::value, decltype(reader)>(df, o + static_cast<size_t>(r) * d, d, pw + r,
-                                                                       kMaxQ, corr + r, vt, vr->row_bytes, m);
+                                                                       kMaxQ, corr + r, vt.data, vt.row_bytes, m);
         });
       });
     }
