@@ -243,6 +243,44 @@ TEST_F(AttentionTypes, StatisticsEveryTypePair) {
   }
 }
 
+// Reading a stored type is exact: both kernels (the decode one widens in registers, the tiled
+// one converts tiles to scratch) give on a type pair the very bits they give on the same rows
+// converted to f32 first, on every target, including rows whose length is not a multiple of
+// the vector (d = 40 for the half types: a scalar tail). So a cache of any type differs from
+// an f32 one only by what storing the values rounded away.
+TEST_F(AttentionTypes, StoredTypesGiveTheBitsOfTheirRowsAsF32) {
+  ThreadPool pool(1);
+  for (const std::string& target : available_simd_targets()) {
+    ASSERT_TRUE(force_simd_target(target));
+    std::mt19937 rng(34);
+    for (GgmlType kt : kTypes)
+      for (GgmlType vt : kTypes)
+        for (const int d : {64, 40}) {
+          if (d % type_info(kt).block_elems != 0 || d % type_info(vt).block_elems != 0) continue;
+          for (const auto& [n_tok, window] : {std::pair{1, 0}, std::pair{1, 70}, std::pair{9, 0}}) {
+            const Layer l = make_layer(kt, vt, n_tok, d, 200, window, rng);
+            Layer f = l;  // the same rows stored as f32, converted by the kernels' SIMD path
+            f.kt = f.vt = GgmlType::F32;
+            for (int g = 0; g < l.n_kv; ++g) {
+              const int n = l.visible[g].back();
+              std::vector<float> kf(size_t(n) * d), vf(size_t(n) * d);
+              dequantize_kv_rows(l.heads(false)[g].k, 0, n, d, kf.data());
+              dequantize_kv_rows(l.heads(false)[g].v, 0, n, d, vf.data());
+              f.k[g].assign(reinterpret_cast<const uint8_t*>(kf.data()), reinterpret_cast<const uint8_t*>(kf.data() + kf.size()));
+              f.v[g].assign(reinterpret_cast<const uint8_t*>(vf.data()), reinterpret_cast<const uint8_t*>(vf.data() + vf.size()));
+            }
+            std::vector<float> stored(l.q.size(), NAN), as_f32(l.q.size(), NAN);
+            attention_f32(l.q.data(), n_tok, l.n_heads, l.heads(window > 0).data(), l.n_kv, d, l.scale, stored.data(),
+                          pool);
+            attention_f32(f.q.data(), n_tok, f.n_heads, f.heads(window > 0).data(), f.n_kv, d, f.scale, as_f32.data(),
+                          pool);
+            ASSERT_EQ(stored, as_f32) << target << " " << name(kt) << "/" << name(vt) << " d=" << d
+                                      << " n_tok=" << n_tok << " window=" << window;
+          }
+        }
+  }
+}
+
 TEST_F(AttentionTypes, BadTypesAndShapesThrow) {
   ThreadPool pool(1);
   std::vector<uint8_t> bytes(4096);

@@ -94,6 +94,10 @@ int bench(const BenchOptions& o) {
   j["cache_type_k"] = std::string(kv::kv_type_name(s.cache().types().k));
   j["cache_type_v"] = std::string(kv::kv_type_name(s.cache().types().v));
   j["kv_bytes_per_token_per_layer"] = s.cache().bytes_per_token_per_layer();
+  j["n_ctx"] = s.n_ctx();  // the cache shape, for comparisons with other engines' caches
+  j["n_layers"] = s.cache().shape().n_layers;
+  j["n_kv_heads"] = s.cache().shape().n_kv_heads;
+  j["head_dim"] = s.cache().shape().head_dim;
   if (!overhead_share.empty()) j["kv_overhead_share"] = median(overhead_share);
   if (o.json) {
     std::printf("%s\n", j.dump().c_str());

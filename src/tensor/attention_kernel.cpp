@@ -113,6 +113,74 @@ HWY_INLINE const float* RowsAsF32(const KvRows& rows, int j0, int m, int d, floa
 }
 
 // ---------------------------------------------------------------------------------------------
+// Row readers: one stored row's values as float vectors straight from the storage type, for the
+// decode kernel (AttentionGroup). A decode step reads each key and value once per GQA group, so
+// converting a tile into scratch first only adds a store and a reload per value; reading f16 in
+// registers halves the bytes the step streams from memory and costs one widening per vector.
+// Each reader gives exactly DequantizeRows' floats (the widening is exact), so the decode
+// kernel's result on a stored type is the one it gives on the rows converted to f32, bit for bit.
+//   Load(df, row, x): values [x, x + Lanes) for x a multiple of Lanes, x + Lanes <= d.
+//   At(row, x): one value (the scalar tail of rows whose length is not a multiple of Lanes).
+
+HWY_INLINE float HalfAt(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return fp16_to_f32(h);
+}
+
+struct ReadF32 {
+  template <class D>
+  static HWY_INLINE hn::Vec<D> Load(D df, const uint8_t* HWY_RESTRICT row, int x) {
+    return hn::LoadU(df, reinterpret_cast<const float*>(row) + x);
+  }
+  static HWY_INLINE float At(const uint8_t* row, int x) { return reinterpret_cast<const float*>(row)[x]; }
+};
+
+struct ReadF16 {
+  template <class D>
+  static HWY_INLINE hn::Vec<D> Load(D df, const uint8_t* HWY_RESTRICT row, int x) {
+    const hn::Rebind<hwy::float16_t, D> dh;
+    return hn::PromoteTo(df, hn::LoadU(dh, reinterpret_cast<const hwy::float16_t*>(row) + x));
+  }
+  static HWY_INLINE float At(const uint8_t* row, int x) { return HalfAt(row + 2 * static_cast<size_t>(x)); }
+};
+
+struct ReadBF16 {  // the high half of an f32
+  template <class D>
+  static HWY_INLINE hn::Vec<D> Load(D df, const uint8_t* HWY_RESTRICT row, int x) {
+    const hn::Rebind<uint16_t, D> d16;
+    const hn::Rebind<uint32_t, D> d32;
+    const auto h = hn::LoadU(d16, reinterpret_cast<const uint16_t*>(row) + x);
+    return hn::BitCast(df, hn::ShiftLeft<16>(hn::PromoteTo(d32, h)));
+  }
+  static HWY_INLINE float At(const uint8_t* row, int x) {
+    uint16_t b;
+    std::memcpy(&b, row + 2 * static_cast<size_t>(x), 2);
+    return bf16_to_f32(b);
+  }
+};
+
+// f(reader) with the reader of f32, f16 or bf16 rows.
+template <class F>
+HWY_INLINE void WithReader(GgmlType type, const F& f) {
+  switch (type) {
+    case GgmlType::F16: f(ReadF16()); break;
+    case GgmlType::BF16: f(ReadBF16()); break;
+    default: f(ReadF32()); break;
+  }
+}
+
+// Rows [j0, j0 + m) as the decode kernel reads them: in place for f32, f16 and bf16 (widened in
+// registers), converted to floats in buf for q8_0 and q4_0, whose per-vector scale lookups made
+// reading them in registers slower than converting the tile once (measured, BM_DecodeTypes).
+HWY_INLINE KvRows DecodeTile(const KvRows& rows, int j0, int m, int d, float* HWY_RESTRICT buf) {
+  const uint8_t* p = rows.data + static_cast<size_t>(j0) * rows.row_bytes;
+  if (rows.type != GgmlType::Q8_0 && rows.type != GgmlType::Q4_0) return {rows.type, p, rows.row_bytes};
+  DequantizeRows(rows.type, p, m, d, buf);
+  return {GgmlType::F32, reinterpret_cast<const uint8_t*>(buf), static_cast<size_t>(d) * sizeof(float)};
+}
+
+// ---------------------------------------------------------------------------------------------
 // Tiled kernel for blocks of tokens.
 //
 // The block's query rows are transposed once into qt[x][row] (scaled), so the scores of a key
@@ -166,10 +234,12 @@ HWY_INLINE void ScoreColumns(D df, const float* HWY_RESTRICT qt, size_t ldq, con
   for (; j < m; ++j) ScoreTile<1, NV>(df, qt, ldq, k + static_cast<size_t>(j) * d, d, pt + j * ldp, ldp);
 }
 
-// o[r][x0, x0 + NV * N) = corr[r] * o[r][...] + sum_{j < m} pt[j][r] v_j[...] for r in [0, R).
-template <int R, int NV, class D>
+// o[r][x0, x0 + NV * N) = corr[r] * o[r][...] + sum_{j < m} pt[j][r] v_j[...] for r in [0, R),
+// with value row j stored at v + j * row_bytes and read by VR.
+template <int R, int NV, class VR, class D>
 HWY_INLINE void AccumulateRows(D df, float* HWY_RESTRICT o, int d, const float* HWY_RESTRICT pt, size_t ld,
-                               const float* HWY_RESTRICT corr, const float* HWY_RESTRICT v, int m, int x0) {
+                               const float* HWY_RESTRICT corr, const uint8_t* HWY_RESTRICT v, size_t row_bytes, int m,
+                               int x0) {
   using V = decltype(hn::Zero(df));
   const int N = static_cast<int>(hn::Lanes(df));
   V a[R][NV];
@@ -177,10 +247,10 @@ HWY_INLINE void AccumulateRows(D df, float* HWY_RESTRICT o, int d, const float* 
     const V c = hn::Set(df, corr[r]);
     for (int i = 0; i < NV; ++i) a[r][i] = hn::Mul(hn::LoadU(df, o + r * d + x0 + i * N), c);
   }
-  const float* HWY_RESTRICT vj = v + x0;
-  for (int j = 0; j < m; ++j, vj += d) {
+  const uint8_t* HWY_RESTRICT vj = v;
+  for (int j = 0; j < m; ++j, vj += row_bytes) {
     V vv[NV];
-    for (int i = 0; i < NV; ++i) vv[i] = hn::LoadU(df, vj + i * N);
+    for (int i = 0; i < NV; ++i) vv[i] = VR::Load(df, vj, x0 + i * N);
     for (int r = 0; r < R; ++r) {
       const V b = hn::Set(df, pt[j * ld + r]);
       for (int i = 0; i < NV; ++i) a[r][i] = hn::MulAdd(b, vv[i], a[r][i]);
@@ -190,18 +260,19 @@ HWY_INLINE void AccumulateRows(D df, float* HWY_RESTRICT o, int d, const float* 
     for (int i = 0; i < NV; ++i) hn::StoreU(a[r][i], df, o + r * d + x0 + i * N);
 }
 
-template <int R, class D>
+template <int R, class VR, class D>
 HWY_INLINE void AccumulateAllColumns(D df, float* HWY_RESTRICT o, int d, const float* HWY_RESTRICT pt, size_t ld,
-                                     const float* HWY_RESTRICT corr, const float* HWY_RESTRICT v, int m) {
+                                     const float* HWY_RESTRICT corr, const uint8_t* HWY_RESTRICT v, size_t row_bytes,
+                                     int m) {
   const int N = static_cast<int>(hn::Lanes(df));
   const int d_vec = d / N * N;
   int x0 = 0;
-  for (; x0 + 4 * N <= d_vec; x0 += 4 * N) AccumulateRows<R, 4>(df, o, d, pt, ld, corr, v, m, x0);
-  for (; x0 < d_vec; x0 += N) AccumulateRows<R, 1>(df, o, d, pt, ld, corr, v, m, x0);
+  for (; x0 + 4 * N <= d_vec; x0 += 4 * N) AccumulateRows<R, 4, VR>(df, o, d, pt, ld, corr, v, row_bytes, m, x0);
+  for (; x0 < d_vec; x0 += N) AccumulateRows<R, 1, VR>(df, o, d, pt, ld, corr, v, row_bytes, m, x0);
   for (int r = 0; r < R; ++r)  // scalar tail when d is not a multiple of the lanes
     for (int x = d_vec; x < d; ++x) {
       float acc = o[r * d + x] * corr[r];
-      for (int j = 0; j < m; ++j) acc += pt[j * ld + r] * v[static_cast<size_t>(j) * d + x];
+      for (int j = 0; j < m; ++j) acc = std::fma(pt[j * ld + r], VR::At(v + static_cast<size_t>(j) * row_bytes, x), acc);
       o[r * d + x] = acc;
     }
 }
@@ -218,10 +289,38 @@ HWY_INLINE void ForTiles(int n, const F& f) {
   }
 }
 
+// Scores of keys [j0, j0 + m) against NQ query rows: s[i][j] = scale * <q_i, k_j0+j>. Each key
+// vector is read (and widened, per KR) once for all the rows; each dot product is one FMA chain
+// over the lanes in x order, then a lane sum and the scalar tail.
+template <int NQ, class KR, class D>
+HWY_INLINE void GroupScores(D df, const float* const* qs, const KvRows& kr, int j0, int m, int d, float scale,
+                            float (*s)[kTile]) {
+  using V = decltype(hn::Zero(df));
+  const int N = static_cast<int>(hn::Lanes(df));
+  const int d_vec = d / N * N;
+  const uint8_t* row = kr.data + static_cast<size_t>(j0) * kr.row_bytes;
+  for (int j = 0; j < m; ++j, row += kr.row_bytes) {
+    V acc[NQ];
+    for (int i = 0; i < NQ; ++i) acc[i] = hn::Zero(df);
+    for (int x = 0; x < d_vec; x += N) {
+      const V k = KR::Load(df, row, x);
+      for (int i = 0; i < NQ; ++i) acc[i] = hn::MulAdd(hn::LoadU(df, qs[i] + x), k, acc[i]);
+    }
+    for (int i = 0; i < NQ; ++i) {
+      float dot = hn::GetLane(hn::SumOfLanes(df, acc[i]));
+      // An explicit fma: left to the compiler, contraction could differ between the readers'
+      // instantiations, and a type would no longer give its f32 rows' bits.
+      for (int x = d_vec; x < d; ++x) dot = std::fma(qs[i][x], KR::At(row, x), dot);
+      s[i][j] = dot * scale;
+    }
+  }
+}
+
 // One token's GQA group (see attention_group_f32) against keys [j_begin, j_end). Per tile of
-// keys (converted to floats first unless stored as f32): one dot product per key and query row,
+// keys: one dot product per key and query row (keys read as DecodeTile gives them, GroupScores),
 // the row maxima (exact in any order) and sums (key order, rows interleaved), and the weighted
-// values with the output rows held in registers across the tile (AccumulateAllColumns).
+// values with the output rows held in registers across the tile (AccumulateAllColumns, values
+// read the same way).
 void AttentionGroup(const float* HWY_RESTRICT q, int n_q, const KvRows* kr, const KvRows* vr, int j_begin,
                     int j_end, int d, float scale, float* HWY_RESTRICT out) {
   const hn::ScalableTag<float> df;
@@ -230,7 +329,7 @@ void AttentionGroup(const float* HWY_RESTRICT q, int n_q, const KvRows* kr, cons
   const int d_vec = d / N * N;  // SIMD part of each row; the rest (if any) is scalar
   HWY_ALIGN float s[kMaxQ][kTile];
   HWY_ALIGN float pw[kTile * kMaxQ];  // weights transposed, pw[j * kMaxQ + i], for AccumulateAllColumns
-  HWY_ALIGN float kbuf[kTile * kAttentionMaxDim], vbuf[kTile * kAttentionMaxDim];  // converted tiles
+  HWY_ALIGN float kbuf[kTile * kAttentionMaxDim], vbuf[kTile * kAttentionMaxDim];  // block types' tiles
 
   for (int q0 = 0; q0 < n_q; q0 += kMaxQ) {
     const int nq = std::min(kMaxQ, n_q - q0);
@@ -245,18 +344,12 @@ void AttentionGroup(const float* HWY_RESTRICT q, int n_q, const KvRows* kr, cons
     std::fill(o, o + static_cast<size_t>(nq) * d, 0.0f);
     for (int j0 = j_begin; j0 < j_end; j0 += kTile) {
       const int m = std::min(kTile, j_end - j0);
-      // Scores of the tile.
-      const float* kt = RowsAsF32(*kr, j0, m, d, kbuf);
-      for (int j = 0; j < m; ++j) {
-        const float* kj = kt + static_cast<size_t>(j) * d;
-        for (int i = 0; i < nq; ++i) {
-          auto acc = hn::Zero(df);
-          for (int x = 0; x < d_vec; x += N) acc = hn::MulAdd(hn::LoadU(df, qs[i] + x), hn::LoadU(df, kj + x), acc);
-          float dot = hn::GetLane(hn::SumOfLanes(df, acc));
-          for (int x = d_vec; x < d; ++x) dot += qs[i][x] * kj[x];
-          s[i][j] = dot * scale;
-        }
-      }
+      const KvRows kt = DecodeTile(*kr, j0, m, d, kbuf);
+      WithReader(kt.type, [&](auto reader) {
+        ForTiles<kMaxQ>(nq, [&](int, auto rows) {
+          GroupScores<decltype(rows)::value, decltype(reader)>(df, qs, kt, 0, m, d, scale, s);
+        });
+      });
       // Online softmax: rescale what was accumulated when the running maximum grows.
       const V floor = hn::Set(df, -87.0f);  // exp underflows to ~0 below; keeps Exp in range
       for (int i = 0; i < nq; ++i) {
@@ -286,9 +379,12 @@ void AttentionGroup(const float* HWY_RESTRICT q, int n_q, const KvRows* kr, cons
         }
       for (int i = 0; i < nq; ++i) run_sum[i] += tile_sum[i];
       // Weighted values: o[i] = corr[i] * o[i] + sum_j p[i][j] v_j.
-      const float* vt = RowsAsF32(*vr, j0, m, d, vbuf);
-      ForTiles<kRowTile>(nq, [&](int r, auto nr) {
-        AccumulateAllColumns<decltype(nr)::value>(df, o + static_cast<size_t>(r) * d, d, pw + r, kMaxQ, corr + r, vt, m);
+      const KvRows vt = DecodeTile(*vr, j0, m, d, vbuf);
+      WithReader(vt.type, [&](auto reader) {
+        ForTiles<kRowTile>(nq, [&](int r, auto nr) {
+          AccumulateAllColumns<decltype(nr)::value, decltype(reader)>(df, o + static_cast<size_t>(r) * d, d, pw + r,
+                                                                       kMaxQ, corr + r, vt.data, vt.row_bytes, m);
+        });
       });
     }
     for (int i = 0; i < nq; ++i) {
@@ -378,6 +474,7 @@ void AttentionBlock(const float* HWY_RESTRICT q, size_t q_stride, int n_tok, int
   float* lo = corr + ld;
   float* kbuf = lo + ld;
   float* vbuf = kbuf + static_cast<size_t>(kKeyTile) * d;
+  const size_t row_f32 = static_cast<size_t>(d) * sizeof(float);  // a converted value row
 
   const auto first_of = [&](int t) { return first != nullptr ? first[t] : 0; };
   // Tiles start at multiples of kKeyTile from slot 0 whatever the window, so a row's arithmetic
@@ -421,7 +518,8 @@ void AttentionBlock(const float* HWY_RESTRICT q, size_t q_stride, int n_tok, int
     const float* vt = RowsAsF32(*v, j0, m, d, vbuf);
     ForTiles<kRowTile>(r_hi - r_lo, [&](int i, auto nr) {
       const int r = r_lo + i;
-      AccumulateAllColumns<decltype(nr)::value>(df, o + static_cast<size_t>(r) * d, d, pt + r, ld, corr + r, vt, m);
+      AccumulateAllColumns<decltype(nr)::value, ReadF32>(df, o + static_cast<size_t>(r) * d, d, pt + r, ld, corr + r,
+                                                         reinterpret_cast<const uint8_t*>(vt), row_f32, m);
     });
   }
 

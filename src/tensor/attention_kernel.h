@@ -10,9 +10,12 @@
 // attention_stats_f32 also returns the softmax weights summed per key (two passes: the tiled
 // kernel's per-row maximum and sum, then the weights recomputed per tile of keys).
 // The layer kernels read keys and values in any KV storage type (KvRows: f32, f16, bf16, q8_0,
-// q4_0, each of K and V on its own), converting one tile of 64 rows at a time to floats in
-// per-thread scratch with SIMD: the arithmetic after that is the f32 kernels', so every type
-// pair gives the f32 result on the dequantized values up to float rounding.
+// q4_0, each of K and V on its own). The decode kernel reads f32/f16/bf16 rows in place,
+// widening each vector in registers (a value is read once per GQA group; f16 halves the bytes a
+// step streams), and converts q8_0/q4_0 one tile of 64 rows at a time to floats in scratch; the
+// tiled kernel converts every type that way, each tile shared by the block's tens of query rows.
+// Both conversions are exact and the arithmetic after them is the f32 kernels', so every type
+// pair gives, bit for bit, the result of the same kernel on its rows converted to f32.
 #pragma once
 #include <cstddef>
 #include <cstdint>
