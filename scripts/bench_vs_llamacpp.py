@@ -5,11 +5,18 @@ Runs `qf bench` and `llama_ref bench` (scripts/ref/llama_ref.cpp) one repetition
 alternating engines (qf, llama.cpp, qf, ...) so that both see the same machine noise, then
 prints a markdown table of medians and writes results/bench_vs_llamacpp.json.
 
-Both engines measure llama-bench style: prefill = one P-token prompt in a single batch;
-decode = N greedy single-token steps on top of that P-token context.
+Both engines measure llama-bench style: prefill = one P-token prompt fed in chunks of -b tokens
+(512: a single batch at P = 512); decode = N greedy single-token steps on top of that P-token
+context.
 
   scripts/bench_vs_llamacpp.py [--model M] [--threads T] [--reps R] [--qf build/qf]
   scripts/bench_vs_llamacpp.py --llama-only     # just llama.cpp (e.g. before qf bench exists)
+
+Several qf configurations against one llama.cpp run: repeat --qf-args, e.g. the full cache and a
+Q-Filters budget at a 16k-token depth (each row's ratios are against llama.cpp's full cache):
+
+  scripts/bench_vs_llamacpp.py --model models/gemma-3-270m-q4_k_m.gguf -p 16384 -n 64 --qf-args '' \
+      --qf-args '--kv-policy qfilters --filters F --kv-budget 1024 --kv-window 64'
 """
 import argparse
 import datetime
@@ -94,13 +101,24 @@ def main():
     ap.add_argument("--qf", default=os.path.join(ROOT, "build", "qf"))
     ap.add_argument("-p", "--prompt", type=int, default=512, help="prefill tokens (one batch)")
     ap.add_argument("-n", "--gen", type=int, default=128, help="decode tokens after the prompt")
+    ap.add_argument("-c", "--ctx", type=int, default=0,
+                    help="context of both engines (default: prompt + decode tokens)")
+    ap.add_argument("-b", "--batch", type=int, default=512,
+                    help="prompt tokens per forward chunk, both engines (default 512)")
     ap.add_argument("--llama-args", default="",
                     help="extra llama_ref bench options, e.g. '--flash-attn off --kv-f32'")
+    ap.add_argument("--qf-args", action="append",
+                    help="extra qf bench options, e.g. '--kv-policy qfilters --filters F --kv-budget 1024'; "
+                         "repeat for several qf rows ('' = the full cache; default: one row, no options)")
     ap.add_argument("--llama-only", action="store_true", help="skip qf")
     ap.add_argument("--out", default=os.path.join(ROOT, "results", "bench_vs_llamacpp.json"))
     args = ap.parse_args()
-    if args.threads < 1 or args.reps < 1 or args.prompt < 1 or args.gen < 1:
-        fail("--threads, --reps, -p and -n must be positive")
+    if args.threads < 1 or args.reps < 1 or args.prompt < 1 or args.gen < 1 or args.batch < 1:
+        fail("--threads, --reps, -p, -n and -b must be positive")
+    ctx = args.ctx or args.prompt + args.gen
+    if ctx < args.prompt + args.gen:
+        fail("-c %d is shorter than -p + -n = %d" % (ctx, args.prompt + args.gen))
+    qf_rows = args.qf_args if args.qf_args else [""]
     if not os.path.isfile(args.model):
         fail("model not found: %s (scripts/fetch_model.sh fetches the default)" % args.model)
     if not args.llama_only:
@@ -108,12 +126,13 @@ def main():
     ensure_llama_ref()
 
     shape = ["-m", args.model, "-p", str(args.prompt), "-n", str(args.gen),
-             "-t", str(args.threads), "-r", "1"]
-    qf_cmd = [args.qf, "bench"] + shape + ["--json"]
+             "-t", str(args.threads), "-r", "1", "-c", str(ctx), "-b", str(args.batch)]
     llama_cmd = [LLAMA_REF, "bench"] + shape + args.llama_args.split()
 
-    engines = [("llama.cpp", llama_cmd)] if args.llama_only else [("qf", qf_cmd),
-                                                                  ("llama.cpp", llama_cmd)]
+    engines = [] if args.llama_only else [
+        ("qf" + (" " + extra.strip() if extra.strip() else ""),
+         [args.qf, "bench"] + shape + ["--json"] + extra.split()) for extra in qf_rows]
+    engines.append(("llama.cpp", llama_cmd))
     expect = {"prompt_tokens": args.prompt, "gen_tokens": args.gen, "threads": args.threads}
     outs = {name: [] for name, _ in engines}
     load_before = os.getloadavg()
@@ -127,9 +146,9 @@ def main():
 
     rows = [summarize(name, outs[name]) for name, _ in engines]
     llama = rows[-1]
-    print("\nmodel %s, %d threads, pp%d / tg%d at depth %d, median of %d (load avg %.1f -> %.1f)\n"
+    print("\nmodel %s, %d threads, pp%d / tg%d at depth %d, batch %d, median of %d (load avg %.1f -> %.1f)\n"
           % (os.path.basename(args.model), args.threads, args.prompt, args.gen, args.prompt,
-             args.reps, load_before[0], os.getloadavg()[0]))
+             args.batch, args.reps, load_before[0], os.getloadavg()[0]))
     print("| engine | prefill tok/s | decode tok/s | prefill qf/llama.cpp | decode qf/llama.cpp | peak RSS MB |")
     print("|---|---:|---:|---:|---:|---:|")
     for r in rows:
@@ -147,7 +166,7 @@ def main():
                                              round(os.getloadavg()[0], 2)]},
         "model": os.path.basename(args.model),
         "threads": args.threads, "reps": args.reps,
-        "prompt_tokens": args.prompt, "gen_tokens": args.gen,
+        "prompt_tokens": args.prompt, "gen_tokens": args.gen, "ctx": ctx, "batch": args.batch,
         "commands": {name: cmd for name, cmd in engines},
         "engines": rows,
     }

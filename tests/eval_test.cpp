@@ -257,10 +257,10 @@ TEST(Corpus, SelectsByYear) {
 
 // ---- work sharing on a tiny model ---------------------------------------------------------------
 
-class Tiny : public ::testing::Test {
+class TinyModel : public ::testing::Test {
  protected:
-  void SetUp() override {
-    model_ = Model::load(test::fixture("llama_f32_gqa_tied.gguf"));
+  void load(const std::string& fixture) {
+    model_ = Model::load(test::fixture(fixture));
     const ModelConfig& c = model_->config();
     ctx_.model = model_.get();
     ctx_.n_threads = 2;
@@ -287,6 +287,23 @@ class Tiny : public ::testing::Test {
   std::unique_ptr<Model> model_;
   EvalContext ctx_;
   std::vector<float> filters_;
+};
+
+class Tiny : public TinyModel {
+ protected:
+  void SetUp() override { load("llama_f32_gqa_tied.gguf"); }
+};
+
+// Gemma 3's layout: window 5 on layers 0-4 and 6, layer 5 global, scores scaled by 1/sqrt(32).
+class TinyGemma : public TinyModel {
+ protected:
+  void SetUp() override {
+    load("gemma3_f32_mqa_tied.gguf");
+    const ModelConfig& c = model_->config();
+    ASSERT_EQ(c.n_layers, 7);
+    for (int l = 0; l < c.n_layers; ++l) ASSERT_EQ(c.attention(l).window, l == 5 ? 0 : 5) << l;
+    ASSERT_FLOAT_EQ(c.attention(0).scale, 1.0f / std::sqrt(32.0f));
+  }
 };
 
 TEST_F(Tiny, CopiedStateContinuesExactly) {
@@ -317,16 +334,16 @@ TEST_F(Tiny, CopiedStateContinuesExactly) {
   EXPECT_THROW(small->copy_state_from(*a), Error);
 }
 
-TEST_F(Tiny, QueryTailRebuildsSnapKvStatistics) {
-  const auto ctx_tokens = tokens(77, 2);  // not a multiple of the batch: the window spans chunks
-  const ModelConfig& c = model_->config();
+// QueryTail's rebuilt statistics equal what a prefill under snapkv accumulates itself.
+void expect_query_tail_rebuilds_snapkv(const EvalContext& ctx, const std::vector<int32_t>& prompt) {
+  const ModelConfig& c = ctx.model->config();
   // Reference: the engine's own snapkv statistics over the prompt's last `window` queries.
-  auto ref = new_session(ctx_, 128, "none", {}, {.window = ctx_.policy_options.snapkv_window});
-  ref->prefill(ctx_tokens);
-  auto base = new_session(ctx_, 128, "none", {}, {.accumulate = true});
-  QueryTail tail(c.n_layers, c.n_heads, c.head_dim, ctx_.policy_options.snapkv_window);
+  auto ref = new_session(ctx, 128, "none", {}, {.window = ctx.policy_options.snapkv_window});
+  ref->prefill(prompt);
+  auto base = new_session(ctx, 128, "none", {}, {.accumulate = true});
+  QueryTail tail(c, ctx.policy_options.snapkv_window);
   base->set_qk_hook(tail.hook());
-  base->prefill(ctx_tokens);
+  base->prefill(prompt);
   tail.fill_window_attention(base->cache(), base->pool());
   for (int l = 0; l < c.n_layers; ++l)
     for (int h = 0; h < c.n_kv_heads; ++h) {
@@ -335,6 +352,16 @@ TEST_F(Tiny, QueryTailRebuildsSnapKvStatistics) {
       ASSERT_EQ(a.n, b.n);
       for (int j = 0; j < a.n; ++j) ASSERT_EQ(a.attn_sum[j], b.attn_sum[j]) << "layer " << l << " head " << h << " slot " << j;
     }
+}
+
+TEST_F(Tiny, QueryTailRebuildsSnapKvStatistics) {
+  expect_query_tail_rebuilds_snapkv(ctx_, tokens(77, 2));  // not a multiple of the batch: the window spans chunks
+}
+
+// The local layers hold window + batch tokens, more than a query may see: the rebuilt statistics
+// must apply each layer's window as the prefill did.
+TEST_F(TinyGemma, QueryTailRebuildsSnapKvStatisticsUnderSlidingWindows) {
+  expect_query_tail_rebuilds_snapkv(ctx_, tokens(77, 2));
 }
 
 // The shared path (one prefill, copies, external compression) must answer exactly as a session
@@ -528,36 +555,66 @@ TEST_F(Tiny, PplSettingsAreChecked) {
   EXPECT_EQ(sel[0].tokens.size(), 100u);
 }
 
-// Brute-force double-precision reference of the fidelity target.
+// Brute-force double-precision reference of the fidelity target: key j's attention from each
+// later query i that sees it (j > i - window), averaged over those queries.
+std::vector<std::vector<double>> brute_force_target(const std::vector<float>& q, const std::vector<float>& k, int T,
+                                                    int H, int KV, int D, double scale, int window) {
+  const int group = H / KV;
+  auto sees = [&](int i, int j) { return j <= i && (window == 0 || j > i - window); };
+  std::vector<std::vector<double>> want(KV, std::vector<double>(T, 0.0));
+  for (int kvh = 0; kvh < KV; ++kvh) {
+    for (int g = 0; g < group; ++g) {
+      const int h = kvh * group + g;
+      for (int i = 1; i < T; ++i) {
+        std::vector<double> s(i + 1, 0.0);
+        double mx = -1e300, z = 0;
+        for (int j = 0; j <= i; ++j) {
+          if (!sees(i, j)) continue;
+          double dot = 0;
+          for (int e = 0; e < D; ++e) dot += double(q[(size_t(i) * H + h) * D + e]) * k[(size_t(j) * KV + kvh) * D + e];
+          mx = std::max(mx, s[j] = dot * scale);
+        }
+        for (int j = 0; j <= i; ++j)
+          if (sees(i, j)) z += (s[j] = std::exp(s[j] - mx));
+        for (int j = 0; j < i; ++j)
+          if (sees(i, j)) want[kvh][j] += s[j] / z / group;
+      }
+    }
+    for (int j = 0; j < T; ++j) {
+      int later = 0;
+      for (int i = j + 1; i < T; ++i) later += sees(i, j);
+      want[kvh][j] = later ? want[kvh][j] / later : std::numeric_limits<double>::quiet_NaN();
+    }
+  }
+  return want;
+}
+
 TEST(Fidelity, MeanReceivedAttentionMatchesBruteForce) {
-  const int T = 23, H = 4, KV = 2, D = 8, group = H / KV;
+  const int T = 23, H = 4, KV = 2, D = 8;
   std::mt19937 rng(11);
   std::normal_distribution<float> nd(0.0f, 1.5f);
   std::vector<float> q(size_t(T) * H * D), k(size_t(T) * KV * D);
   for (auto& v : q) v = nd(rng);
   for (auto& v : k) v = nd(rng);
   ThreadPool pool(2);
-  const auto got = mean_received_attention(q.data(), k.data(), T, H, KV, D, pool);
-  for (int kvh = 0; kvh < KV; ++kvh) {
-    std::vector<double> want(T, 0.0);
-    for (int g = 0; g < group; ++g) {
-      const int h = kvh * group + g;
-      for (int i = 1; i < T; ++i) {
-        std::vector<double> s(i + 1);
-        double mx = -1e300, z = 0;
-        for (int j = 0; j <= i; ++j) {
-          double dot = 0;
-          for (int e = 0; e < D; ++e) dot += double(q[(size_t(i) * H + h) * D + e]) * k[(size_t(j) * KV + kvh) * D + e];
-          mx = std::max(mx, s[j] = dot / std::sqrt(double(D)));
+  // The usual 1/sqrt(D), another scale, sliding windows (1: no key has a later query).
+  for (const LayerAttention att : {LayerAttention{1.0f / std::sqrt(float(D)), 0}, LayerAttention{0.7f, 0},
+                                   LayerAttention{0.7f, 5}, LayerAttention{0.35f, 2}, LayerAttention{0.35f, 1}}) {
+    SCOPED_TRACE("scale " + std::to_string(att.scale) + " window " + std::to_string(att.window));
+    const auto got = mean_received_attention(q.data(), k.data(), T, H, KV, D, att, pool);
+    const auto want = brute_force_target(q, k, T, H, KV, D, att.scale, att.window);
+    for (int kvh = 0; kvh < KV; ++kvh)
+      for (int j = 0; j < T; ++j) {
+        if (std::isnan(want[kvh][j])) {
+          EXPECT_TRUE(std::isnan(got[kvh][j])) << kvh << " " << j;
+          continue;
         }
-        for (double& v : s) z += (v = std::exp(v - mx));
-        for (int j = 0; j < i; ++j) want[j] += s[j] / z / group / (T - 1 - j);
+        EXPECT_NEAR(got[kvh][j], want[kvh][j], 1e-6 * std::max(1.0, want[kvh][j])) << kvh << " " << j;
       }
-    }
-    for (int j = 0; j < T - 1; ++j) EXPECT_NEAR(got[kvh][j], want[j], 1e-6 * std::max(1.0, want[j])) << kvh << " " << j;
-    EXPECT_TRUE(std::isnan(got[kvh][T - 1]));
+    EXPECT_TRUE(std::isnan(got[0][T - 1]));
   }
-  EXPECT_THROW(mean_received_attention(q.data(), k.data(), T, 3, 2, D, pool), Error);
+  EXPECT_THROW(mean_received_attention(q.data(), k.data(), T, 3, 2, D, {0.5f, 0}, pool), Error);
+  EXPECT_THROW(mean_received_attention(q.data(), k.data(), T, H, KV, D, {0.5f, -1}, pool), Error);
 }
 
 TEST_F(Tiny, FidelityCellsAreSpearmanOfPolicyScoreAndTarget) {
@@ -598,7 +655,8 @@ TEST_F(Tiny, FidelityCellsAreSpearmanOfPolicyScoreAndTarget) {
   ThreadPool pool(1);
   const int T = st.n_tokens, D = c.head_dim;
   for (int l = 0; l < c.n_layers; ++l) {
-    const auto target = mean_received_attention(qs[l].data(), ks[l].data(), T, c.n_heads, c.n_kv_heads, D, pool);
+    const auto target = mean_received_attention(qs[l].data(), ks[l].data(), T, c.n_heads, c.n_kv_heads, D,
+                                                c.attention(l), pool);
     for (int h = 0; h < c.n_kv_heads; ++h) {
       std::vector<double> kn(T - 1), qf(T - 1), tg(target[h].begin(), target[h].end() - 1);
       const float* f = filters_.data() + (size_t(l) * c.n_kv_heads + h) * D;
@@ -665,6 +723,52 @@ TEST(Niah, SummaryGroupsSeedsDigitsAndSkips) {
   // Grid: one row per (group, length, depth), seeds averaged.
   EXPECT_EQ(sum.json["grid"].size(), 3u * 2);
   EXPECT_NE(sum.csv.find("3,2,knorm,4,all,0.5"), std::string::npos) << sum.csv;
+
+// On Gemma 3's layout the target follows each layer's window (5 on the local layers, none on
+// layer 5) and scale, and the summary covers the global layer only (policies leave the local
+// layers alone).
+TEST_F(TinyGemma, FidelityFollowsEachLayersWindowAndScale) {
+  TempDir tmp;
+  FidelitySettings st;
+  st.n_tokens = 40;
+  st.n_docs = 1;
+  const std::vector<TokenDoc> docs{{"d", tokens(st.n_tokens, 9)}};
+  const std::vector<std::string> policies{"knorm", "qfilters"};
+  CellLog log((tmp.path / "fid.jsonl").string(), st.to_json(), true);
+  run_fidelity(ctx_, docs, st, policies, log);
+  const json& cell = log.get("d");
+  const ModelConfig& c = model_->config();
+  std::vector<std::vector<float>> qs(c.n_layers), ks(c.n_layers);
+  EvalContext one = ctx_;  // one chunk and the statistics path, as run_fidelity: the same keys
+  one.n_batch = st.n_tokens;
+  auto s = new_session(one, st.n_tokens, "none", {}, union_needs(ctx_, policies));
+  s->set_qk_hook([&](int l, const float* q, const float* k, const int32_t*, int n) {
+    qs[l].assign(q, q + size_t(n) * c.n_heads * c.head_dim);
+    ks[l].assign(k, k + size_t(n) * c.n_kv_heads * c.head_dim);
+  });
+  s->eval(docs[0].tokens);
+  const int T = st.n_tokens, D = c.head_dim;
+  for (int l = 0; l < c.n_layers; ++l) {
+    const int window = l == 5 ? 0 : 5;
+    const auto target = brute_force_target(qs[l], ks[l], T, c.n_heads, c.n_kv_heads, D, 1.0 / std::sqrt(32.0), window);
+    std::vector<double> kn, qf, tg;
+    for (int j = 0; j < T - 1; ++j) {
+      const float* key = ks[l].data() + size_t(j) * D;
+      kn.push_back(-std::sqrt(dot_f32(key, key, D)));
+      qf.push_back(dot_f32(key, filters_.data() + size_t(l) * D, D));
+      tg.push_back(target[0][j]);
+    }
+    EXPECT_NEAR(cell["spearman"]["knorm"][l][0].get<double>(), spearman(kn, tg), 2e-5) << "layer " << l;
+    EXPECT_NEAR(cell["spearman"]["qfilters"][l][0].get<double>(), spearman(qf, tg), 2e-5) << "layer " << l;
+  }
+  const FidelitySummary sum = summarize_fidelity(ctx_, log, docs, st, policies);
+  EXPECT_EQ(sum.json["summary_layers"], json::array({5}));
+  for (const auto& r : sum.json["results"]) {
+    EXPECT_EQ(r["n_heads"].get<int>(), 1);
+    EXPECT_EQ(r["per_layer_mean"].size(), 7u);
+    EXPECT_NEAR(r["mean_spearman"].get<double>(), cell["spearman"][r["policy"].get<std::string>()][5][0].get<double>(), 1e-12);
+  }
+  EXPECT_EQ(sum.json["qfilters_beats_knorm"]["heads"].get<int>(), 1);
 }
 
 }  // namespace

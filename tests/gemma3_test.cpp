@@ -1,11 +1,12 @@
-// Gemma 3 270M against llama.cpp, through goldens made by
-//   scripts/ref/make_goldens.py --set gemma3 [--model FILE]
-// (llama.cpp itself is not needed to run this test). The model file is QF_GEMMA3_MODEL, by
-// default models/gemma-3-270m-deq.gguf: the Q4_K_M file with its K-quant and Q5_0 tensors
-// expanded to F32 by scripts/dequantize_gguf.py (same function, types qf reads today). Point
-// QF_GEMMA3_MODEL at models/gemma-3-270m-q4_k_m.gguf once those types are supported (and
-// regenerate the goldens from it for the tightest comparison). Token ids come from the golden
-// (llama.cpp's tokenizer), so this test needs no SentencePiece tokenizer.
+// Gemma 3 270M against llama.cpp, through goldens made by scripts/ref/make_goldens.py (llama.cpp
+// itself is not needed to run this test). Each model file is checked against goldens llama.cpp
+// made from that same file:
+//   models/gemma-3-270m-deq.gguf     tests/golden/gemma3_*.json          (--set gemma3)
+//   models/gemma-3-270m-q4_k_m.gguf  tests/golden/gemma3_q4_k_m_*.json   (--set gemma3_q4_k_m)
+// The deq file is the Q4_K_M file with its K-quant and Q5_0 tensors expanded to F32 by
+// scripts/dequantize_gguf.py (scripts/test.sh makes it); the Q4_K_M file runs qf's K-quant kernels.
+// A missing file or golden skips its tests. Token ids come from the goldens (llama.cpp's
+// tokenization), so these tests check the forward pass alone.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -24,15 +25,17 @@ namespace {
 
 using nlohmann::json;
 
-std::string model_path() {
-  if (const char* p = std::getenv("QF_GEMMA3_MODEL")) return p;
-  return qf::test::source_dir() + "/models/gemma-3-270m-deq.gguf";
-}
+// One model file and the prefix of the goldens made from it.
+struct Gemma3File {
+  const char* name;
+  const char* model;   // under the source directory
+  const char* golden;  // tests/golden/<golden>_{teacher_forced,generate,long}.json
+};
 
-json load_golden(const std::string& name) {
-  std::ifstream in(qf::test::golden(name));
-  return json::parse(in);
-}
+constexpr Gemma3File kFiles[] = {
+    {"deq", "models/gemma-3-270m-deq.gguf", "gemma3"},
+    {"q4_k_m", "models/gemma-3-270m-q4_k_m.gguf", "gemma3_q4_k_m"},
+};
 
 int32_t argmax_row(const float* row, int n) { return static_cast<int32_t>(std::max_element(row, row + n) - row); }
 
@@ -54,17 +57,32 @@ std::string pieces(const std::vector<std::string>& vocab, const std::vector<int3
   return out;
 }
 
-class Gemma3 : public ::testing::Test {
+class Gemma3 : public ::testing::TestWithParam<Gemma3File> {
  protected:
   void SetUp() override {
     if (!std::filesystem::exists(model_path()))
       GTEST_SKIP() << model_path() << " is missing: scripts/fetch_model.sh gemma3 && scripts/dequantize_gguf.py "
                    << "models/gemma-3-270m-q4_k_m.gguf models/gemma-3-270m-deq.gguf";
   }
+  std::string model_path() const { return qf::test::source_dir() + "/" + GetParam().model; }
+  std::string golden_path(const std::string& kind) const {
+    return qf::test::source_dir() + "/tests/golden/" + GetParam().golden + "_" + kind + ".json";
+  }
+  // The golden, or an empty object when it has not been made yet (the caller skips).
+  json golden(const std::string& kind) const {
+    std::ifstream in(golden_path(kind));
+    return in ? json::parse(in) : json::object();
+  }
 };
 
-TEST_F(Gemma3, TeacherForcedMatchesLlamaCpp) {
-  const json g = load_golden("gemma3_teacher_forced.json");
+#define LOAD_GOLDEN_OR_SKIP(var, kind)                                                                   \
+  const json var = golden(kind);                                                                        \
+  if (var.empty())                                                                                      \
+    GTEST_SKIP() << "no " << golden_path(kind) << ": scripts/ref/make_goldens.py --set " << GetParam().golden \
+                 << " --model " << GetParam().model;
+
+TEST_P(Gemma3, TeacherForcedMatchesLlamaCpp) {
+  LOAD_GOLDEN_OR_SKIP(g, "teacher_forced");
   const auto tokens = g["tokens"].get<std::vector<int32_t>>();
   const auto ref_argmax = g["argmax"].get<std::vector<int32_t>>();
   const auto ref_top5 = g["top5_logits"].get<std::vector<std::vector<double>>>();
@@ -98,10 +116,12 @@ TEST_F(Gemma3, TeacherForcedMatchesLlamaCpp) {
   }
   const double ppl = std::exp(nll / static_cast<double>(n - 1));
   const double ref_ppl = g["perplexity"].get<double>();
-  const double self = g["llama_cpp_self_agreement"]["decode_path_batch1"]["argmax_agreement"].get<double>();
-  std::printf("teacher-forced over %zu tokens: argmax agreement %.2f%% (llama.cpp vs itself at batch 1: %.2f%%), "
+  const json& self_json = g["llama_cpp_self_agreement"];
+  const double self = self_json["decode_path_batch1"]["argmax_agreement"].get<double>();
+  const size_t self_n = self_json.value("decode_path_positions", n);  // a --quick golden measured a prefix
+  std::printf("[%s] teacher-forced over %zu tokens: argmax agreement %.2f%% (llama.cpp vs itself at batch 1: %.2f%% over %zu positions), "
               "on the %zu positions with a top-2 gap >= 0.5: %.2f%%; perplexity %.4f vs llama.cpp %.4f (%+.3f%%)\n",
-              n, 100.0 * agree / n, 100.0 * self, stable, 100.0 * stable_agree / stable, ppl, ref_ppl,
+              GetParam().name, n, 100.0 * agree / n, 100.0 * self, self_n, stable, 100.0 * stable_agree / stable, ppl, ref_ppl,
               100.0 * (ppl / ref_ppl - 1));
   EXPECT_NEAR(ppl / ref_ppl, 1.0, 0.01);
   EXPECT_GE(static_cast<double>(stable_agree) / stable, 0.99);
@@ -110,12 +130,10 @@ TEST_F(Gemma3, TeacherForcedMatchesLlamaCpp) {
 
 // 20,000 tokens, scored over the second half (positions 10,000 on): sliding windows and global
 // rotary phases far past the window. Chunks before the scored half compute only their last
-// token's logits.
-TEST_F(Gemma3, LongContextSecondHalfMatchesLlamaCpp) {
-  // Not committed yet: llama.cpp needs a while for 20,000 tokens (make_goldens.py --only long).
-  if (!std::filesystem::exists(qf::test::source_dir() + "/tests/golden/gemma3_long.json"))
-    GTEST_SKIP() << "no tests/golden/gemma3_long.json: scripts/ref/make_goldens.py --set gemma3 --only long";
-  const json g = load_golden("gemma3_long.json");
+// token's logits. Opt-in (QF_GEMMA3_LONG=1): minutes per file on 2 cores, too long for the suite.
+TEST_P(Gemma3, LongContextSecondHalfMatchesLlamaCpp) {
+  if (!std::getenv("QF_GEMMA3_LONG")) GTEST_SKIP() << "20,000 tokens take minutes: QF_GEMMA3_LONG=1 runs it";
+  LOAD_GOLDEN_OR_SKIP(g, "long");
   const auto tokens = g["tokens"].get<std::vector<int32_t>>();
   const auto ref_argmax = g["argmax"].get<std::vector<int32_t>>();
   const auto ref_top2 = g["top2_logits"].get<std::vector<std::vector<double>>>();
@@ -151,16 +169,16 @@ TEST_F(Gemma3, LongContextSecondHalfMatchesLlamaCpp) {
   }
   const double ppl = std::exp(nll / static_cast<double>(n - 1 - from));
   const double ref_ppl = g["perplexity"].get<double>();
-  std::printf("positions %zu..%zu of a %zu-token prompt: argmax agreement %.2f%%, on the %zu positions with a top-2 "
+  std::printf("[%s] positions %zu..%zu of a %zu-token prompt: argmax agreement %.2f%%, on the %zu positions with a top-2 "
               "gap >= 0.5: %.2f%%; perplexity %.4f vs llama.cpp %.4f (%+.3f%%)\n",
-              from, n - 1, n, 100.0 * agree / (n - from), stable, 100.0 * stable_agree / stable, ppl, ref_ppl,
+              GetParam().name, from, n - 1, n, 100.0 * agree / (n - from), stable, 100.0 * stable_agree / stable, ppl, ref_ppl,
               100.0 * (ppl / ref_ppl - 1));
   EXPECT_NEAR(ppl / ref_ppl, 1.0, 0.01);
   EXPECT_GE(static_cast<double>(stable_agree) / stable, 0.99);
 }
 
-TEST_F(Gemma3, GreedyGenerationMatchesLlamaCpp) {
-  const json g = load_golden("gemma3_generate.json");
+TEST_P(Gemma3, GreedyGenerationMatchesLlamaCpp) {
+  LOAD_GOLDEN_OR_SKIP(g, "generate");
   auto m = qf::Model::load(model_path());
   const std::vector<std::string> vocab = m->file().get_str_array("tokenizer.ggml.tokens");
   const int V = m->config().n_vocab;
@@ -188,5 +206,8 @@ TEST_F(Gemma3, GreedyGenerationMatchesLlamaCpp) {
     EXPECT_GE(same, static_cast<size_t>(stable)) << "diverged before llama.cpp's first near tie";
   }
 }
+
+INSTANTIATE_TEST_SUITE_P(Files, Gemma3, ::testing::ValuesIn(kFiles),
+                         [](const ::testing::TestParamInfo<Gemma3File>& info) { return std::string(info.param.name); });
 
 }  // namespace

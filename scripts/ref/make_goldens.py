@@ -6,8 +6,9 @@
                              itself across configurations (a floor for test tolerances)
   <set>_generate.json        greedy continuations of a few prompts
 
-<set> is --set smollm2 (default; SmolLM2-135M-Instruct Q4_1) or gemma3 (Gemma 3 270M; by default
-the file scripts/dequantize_gguf.py makes from the Q4_K_M one, --model for another).
+<set> is --set smollm2 (default; SmolLM2-135M-Instruct Q4_1), gemma3 (Gemma 3 270M, the F32 copy
+scripts/dequantize_gguf.py makes of the Q4_K_M file) or gemma3_q4_k_m (the Q4_K_M file itself);
+--model for another file. `--only long` adds <set>_long.json (20,000 tokens, second half scored).
 
 Run through scripts/ref/make_goldens.sh, which fetches llama.cpp and builds build-ref/llama_ref.
 """
@@ -58,6 +59,8 @@ SETS = {
     "smollm2": {"model": MODEL, "add_special": False, "prompts": PROMPTS, "n_predict": 64},
     "gemma3": {"model": os.path.join(ROOT, "models", "gemma-3-270m-deq.gguf"), "add_special": True,
                "prompts": GEMMA_PROMPTS, "n_predict": 32},
+    "gemma3_q4_k_m": {"model": os.path.join(ROOT, "models", "gemma-3-270m-q4_k_m.gguf"), "add_special": True,
+                      "prompts": GEMMA_PROMPTS, "n_predict": 32},
 }
 SET = "smollm2"
 ADD_SPECIAL = False

@@ -258,6 +258,13 @@ int calibrate(const CalibrateOptions& o) {
                        "orientation rules disagree on %d/%d heads%s\n",
                report.energy_share_mean, report.keys_against, report.n_kv_heads, report.orientation_disagreements,
                report.n_heads, report.has_reference ? (", cosine to " + o.compare + " " + fmt("%.4f", report.similarity_mean)).c_str() : "");
+  if (c.n_local_layers() > 0) {
+    std::string global;
+    for (int l = 0; l < c.n_layers; ++l)
+      if (!c.layers[l].local()) global += (global.empty() ? "" : ",") + std::to_string(l);
+    std::fprintf(stderr, "note: %d of %d layers attend over a sliding window and keep only it, so KV policies use "
+                         "the filters of layers %s only\n", c.n_local_layers(), c.n_layers, global.c_str());
+  }
   if (!o.output.empty()) std::fprintf(stderr, "wrote %s\n", o.output.c_str());
   return 0;
 }

@@ -334,6 +334,9 @@ void eval_fidelity(const EvalOptions& o, Setup& s) {
   eval::write_text_file(path_in(s, "fidelity_heads.csv"), sum.heads_csv);
   std::printf("attention fidelity: %zu docs x %d tokens (%s)\n", docs.size(), o.fid.n_tokens,
               path_in(s, "fidelity.json").c_str());
+  if (sum.json.contains("summary_layers"))
+    std::printf("over the heads of layers %s (policies leave the sliding-window layers alone)\n",
+                sum.json["summary_layers"].dump().c_str());
   std::printf("%-10s %8s %8s  %s\n", "policy", "mean", "median", "Spearman over heads");
   for (const auto& r : sum.json["results"])
     std::printf("%-10s %8s %8s  %s\n", r["policy"].get<std::string>().c_str(), fmt(r["mean_spearman"]).c_str(),

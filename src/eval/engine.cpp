@@ -56,9 +56,15 @@ std::unique_ptr<Session> new_session(const EvalContext& ctx, int n_ctx, const st
   return std::make_unique<Session>(*ctx.model, std::move(so));
 }
 
-QueryTail::QueryTail(int n_layers, int n_heads, int head_dim, int window)
-    : n_layers_(n_layers), n_heads_(n_heads), head_dim_(head_dim), window_(window), q_(n_layers), pos_(n_layers) {
-  if (n_layers <= 0 || n_heads <= 0 || head_dim <= 0 || window <= 0) fail("QueryTail: invalid shape");
+QueryTail::QueryTail(const ModelConfig& config, int window)
+    : n_layers_(config.n_layers),
+      n_heads_(config.n_heads),
+      head_dim_(config.head_dim),
+      window_(window),
+      q_(config.n_layers),
+      pos_(config.n_layers) {
+  if (n_layers_ <= 0 || n_heads_ <= 0 || head_dim_ <= 0 || window <= 0) fail("QueryTail: invalid shape");
+  for (int l = 0; l < n_layers_; ++l) attention_.push_back(config.attention(l));
 }
 
 void QueryTail::clear() {
@@ -89,7 +95,6 @@ void QueryTail::fill_window_attention(kv::Cache& cache, ThreadPool& pool) const 
   const kv::CacheShape& s = cache.shape();
   if (s.n_layers != n_layers_ || s.head_dim != head_dim_ || n_heads_ % s.n_kv_heads != 0)
     fail("QueryTail: cache shape does not match the captured queries");
-  const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim_));
   for (int l = 0; l < s.n_layers; ++l)
     for (int h = 0; h < s.n_kv_heads; ++h)
       if (cache.head(l, h).attn_sum.empty()) fail("QueryTail: the cache keeps no attn_sum");
@@ -99,14 +104,15 @@ void QueryTail::fill_window_attention(kv::Cache& cache, ThreadPool& pool) const 
   std::vector<int> visible;
   std::vector<AttentionColumns> cols(s.n_kv_heads);
   for (int l = 0; l < s.n_layers; ++l) {
-    const std::vector<AttentionKv> heads = kv::layer_views(cache, l, pos_[l], visible);
+    const LayerAttention att = attention_[l];
+    const std::vector<AttentionKv> heads = kv::layer_views(cache, l, pos_[l], visible, att.window);
     for (int h = 0; h < s.n_kv_heads; ++h) {
       kv::HeadCache& hc = cache.head(l, h);
       std::fill(hc.attn_sum.begin(), hc.attn_sum.begin() + hc.n, 0.0f);
       cols[h] = {.n_keys = hc.n, .sum = hc.attn_sum.data()};
     }
     attention_stats_f32(q_[l].data(), static_cast<int>(pos_[l].size()), n_heads_, heads.data(), s.n_kv_heads,
-                        head_dim_, scale, nullptr, cols.data(), nullptr, pool);
+                        head_dim_, att.scale, nullptr, cols.data(), nullptr, pool);
   }
 }
 

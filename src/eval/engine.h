@@ -40,10 +40,11 @@ std::unique_ptr<kv::Compressor> new_compressor(const EvalContext& ctx, const std
 // so snapkv's observation statistics can be rebuilt on a shared cache instead of running a
 // second prefill: fill_window_attention() writes into attn_sum exactly what attend_with_stats
 // accumulates when a prompt is prefilled under snapkv (the prompt's last `window` queries,
-// softmax over the keys each can see, averaged over the GQA group).
+// softmax over the keys each can see, with each layer's score scale and sliding window, averaged
+// over the GQA group).
 class QueryTail {
  public:
-  QueryTail(int n_layers, int n_heads, int head_dim, int window);
+  QueryTail(const ModelConfig& config, int window);
   void clear();
   void add(int layer, const float* q, const int32_t* pos, int n_tok);
   QkHook hook();  // calls add(); the QueryTail must outlive the hook's use
@@ -53,6 +54,7 @@ class QueryTail {
 
  private:
   int n_layers_, n_heads_, head_dim_, window_;
+  std::vector<LayerAttention> attention_;  // [layer]
   std::vector<std::vector<float>> q_;      // [layer] rows of n_heads * head_dim, oldest first
   std::vector<std::vector<int32_t>> pos_;  // [layer]
 };

@@ -24,11 +24,14 @@ void FidelitySettings::validate() const {
 }
 
 std::vector<std::vector<double>> mean_received_attention(const float* q, const float* k, int T, int n_heads,
-                                                         int n_kv_heads, int head_dim, ThreadPool& pool) {
-  if (T < 1 || n_heads <= 0 || n_kv_heads <= 0 || n_heads % n_kv_heads != 0 || head_dim <= 0)
+                                                         int n_kv_heads, int head_dim, LayerAttention att,
+                                                         ThreadPool& pool) {
+  if (T < 1 || n_heads <= 0 || n_kv_heads <= 0 || n_heads % n_kv_heads != 0 || head_dim <= 0 || att.window < 0)
     fail("mean_received_attention: invalid shape");
-  const int group = n_heads / n_kv_heads, d = head_dim;
-  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  const int group = n_heads / n_kv_heads, d = head_dim, W = att.window;
+  // The oldest key query i sees, and how many later queries see key j.
+  auto first_key = [&](int i) { return W > 0 ? std::max(0, i - W + 1) : 0; };
+  auto n_later = [&](int j) { return (W > 0 ? std::min(T - 1, j + W - 1) : T - 1) - j; };
   // received[h][j]: attention query head h gives key j, summed over the queries i > j. One query
   // head per work item, so no two threads write the same row.
   std::vector<std::vector<double>> received(n_heads, std::vector<double>(T, 0.0));
@@ -39,28 +42,35 @@ std::vector<std::vector<double>> mean_received_attention(const float* q, const f
       std::vector<double>& row = received[h];
       for (int i = 1; i < T; ++i) {
         const float* qi = q + (static_cast<size_t>(i) * n_heads + h) * d;
+        const int j0 = first_key(i);
         float mx = -std::numeric_limits<float>::infinity();
-        for (int j = 0; j <= i; ++j) {
-          p[j] = dot_f32(qi, k + (static_cast<size_t>(j) * n_kv_heads + kvh) * d, d) * scale;
+        for (int j = j0; j <= i; ++j) {
+          p[j] = dot_f32(qi, k + (static_cast<size_t>(j) * n_kv_heads + kvh) * d, d) * att.scale;
           mx = std::max(mx, p[j]);
         }
         double sum = 0;
-        for (int j = 0; j <= i; ++j) sum += (p[j] = std::exp(p[j] - mx));
+        for (int j = j0; j <= i; ++j) sum += (p[j] = std::exp(p[j] - mx));
         const double inv = 1.0 / sum;
-        for (int j = 0; j < i; ++j) row[j] += p[j] * inv;  // key i itself is not "later"
+        for (int j = j0; j < i; ++j) row[j] += p[j] * inv;  // key i itself is not "later"
       }
     }
   });
-  std::vector<std::vector<double>> avg(n_kv_heads, std::vector<double>(T, 0.0));
-  for (int kvh = 0; kvh < n_kv_heads; ++kvh) {
-    for (int j = 0; j < T - 1; ++j) {
+  std::vector<std::vector<double>> avg(n_kv_heads, std::vector<double>(T, std::numeric_limits<double>::quiet_NaN()));
+  for (int kvh = 0; kvh < n_kv_heads; ++kvh)
+    for (int j = 0; j < T; ++j) {
+      if (n_later(j) <= 0) continue;
       double s = 0;
       for (int g = 0; g < group; ++g) s += received[kvh * group + g][j];
-      avg[kvh][j] = s / group / static_cast<double>(T - 1 - j);
+      avg[kvh][j] = s / group / static_cast<double>(n_later(j));
     }
-    avg[kvh][T - 1] = std::numeric_limits<double>::quiet_NaN();
-  }
   return avg;
+}
+
+std::vector<int> policy_layers(const ModelConfig& c) {
+  std::vector<int> out;
+  for (int l = 0; l < c.n_layers; ++l)
+    if (!c.attention(l).window) out.push_back(l);
+  return out;
 }
 
 bool fidelity_is_circular(const EvalContext& ctx, const std::string& policy) {
@@ -104,11 +114,11 @@ void run_fidelity(const EvalContext& ctx, const std::vector<TokenDoc>& docs, con
     one.n_batch = T;
     auto s = new_session(one, T, "none", {}, union_needs(ctx, pols));
     std::vector<std::vector<std::vector<double>>> target(L);  // [layer][kvh][j]
-    QueryTail tail(L, c.n_heads, c.head_dim, std::max(1, ctx.policy_options.snapkv_window));
+    QueryTail tail(c, std::max(1, ctx.policy_options.snapkv_window));
     Session& sess = *s;
     s->set_qk_hook([&](int layer, const float* q, const float* k, const int32_t* pos, int n_tok) {
       if (n_tok != T) fail("fidelity: expected one chunk of ", T, " tokens, got ", n_tok);
-      target[layer] = mean_received_attention(q, k, T, c.n_heads, KV, c.head_dim, sess.pool());
+      target[layer] = mean_received_attention(q, k, T, c.n_heads, KV, c.head_dim, c.attention(layer), sess.pool());
       tail.add(layer, q, pos, n_tok);
       bar.advance(0.5 / L, d.name + " layer " + std::to_string(layer));
     });
@@ -117,7 +127,7 @@ void run_fidelity(const EvalContext& ctx, const std::vector<TokenDoc>& docs, con
 
     json spear = json::object();
     std::vector<std::vector<float>> scores;
-    std::vector<double> a(T - 1), b(T - 1);
+    std::vector<double> a, b;
     for (const std::string& p : pols) {
       if (p == "snapkv") tail.fill_window_attention(s->cache(), s->pool());
       auto policy = kv::make_policy(p, ctx.policy_options);
@@ -127,10 +137,11 @@ void run_fidelity(const EvalContext& ctx, const std::vector<TokenDoc>& docs, con
         json row = json::array();
         for (int h = 0; h < KV; ++h) {
           if (static_cast<int>(scores[h].size()) != T) fail("fidelity: policy ", p, " scored ", scores[h].size(), " keys");
-          for (int j = 0; j < T - 1; ++j) {
-            a[j] = scores[h][j];
-            b[j] = target[l][h][j];
-          }
+          // Keys some later query sees (all but the last one, unless a window is 1).
+          a.clear();
+          b.clear();
+          for (int j = 0; j < T; ++j)
+            if (std::isfinite(target[l][h][j])) a.push_back(scores[h][j]), b.push_back(target[l][h][j]);
           row.push_back(json_number(spearman(a, b), 5));
         }
         per_layer.push_back(row);
@@ -174,6 +185,11 @@ FidelitySummary summarize_fidelity(const EvalContext& ctx, const CellLog& log, c
     head_mean[p] = std::move(m);
   }
 
+  // Headline statistics over the layers policies act on; per-layer means cover every layer.
+  const std::vector<int> scored = policy_layers(c);
+  std::vector<bool> in_summary(L, false);
+  for (int l : scored) in_summary[l] = true;
+
   json rows = json::array();
   std::ostringstream csv, hcsv;
   csv.precision(5);
@@ -188,7 +204,9 @@ FidelitySummary summarize_fidelity(const EvalContext& ctx, const CellLog& log, c
       for (int h = 0; h < KV; ++h) {
         const double v = head_mean[p][static_cast<size_t>(l) * KV + h];
         hcsv << p << ',' << l << ',' << h << ',' << (std::isfinite(v) ? std::to_string(v) : "") << '\n';
-        if (std::isfinite(v)) vals.push_back(v), lv.push_back(v);
+        if (!std::isfinite(v)) continue;
+        lv.push_back(v);
+        if (in_summary[l]) vals.push_back(v);
       }
       per_layer.push_back(json_number(mean(lv), 5));
     }
@@ -210,10 +228,12 @@ FidelitySummary summarize_fidelity(const EvalContext& ctx, const CellLog& log, c
 
   json out = {{"evaluation", "fidelity"}, {"settings", st.to_json()}, {"policies", pols}, {"docs", used},
               {"results", rows}};
+  if (static_cast<int>(scored.size()) < L) out["summary_layers"] = scored;  // the others are sliding-window layers
   // Head-by-head duel of the two score-only, attention-free estimators.
   if (head_mean.count("qfilters") && head_mean.count("knorm")) {
     int wins = 0, n = 0;
     for (size_t i = 0; i < head_mean["qfilters"].size(); ++i) {
+      if (!in_summary[i / KV]) continue;
       const double a = head_mean["qfilters"][i], b = head_mean["knorm"][i];
       if (!std::isfinite(a) || !std::isfinite(b)) continue;
       ++n;

@@ -3,6 +3,10 @@
 // from the later queries of the document (softmax over the causal keys, averaged over the query
 // heads of the GQA group). The last key has no later query and is left out.
 //
+// Sliding-window layers (Gemma 3's local layers) are scored too, against the attention their
+// window allows, but policies never evict from them, so the summary's statistics cover the other
+// layers only (per_layer_mean still lists every layer).
+//
 // Scores come from the policies' own code, scoring the full cache after the document. For the
 // attention-based policies (snapkv, tova, h2o) the score is itself made of attention weights of
 // the same document, so their correlation is partly circular; they are reported with that flag.
@@ -23,11 +27,17 @@ struct FidelitySettings {
   void validate() const;
 };
 
-// The target of one layer: avg[kv_head][j] = mean over queries i > j of the attention query i gives
-// key j (mean over the group's query heads). q: [T][n_heads][head_dim], k: [T][n_kv_heads][head_dim],
-// post-RoPE, positions 0..T-1. avg[kvh][T-1] is NaN. Exposed for tests.
+// The target of one layer: avg[kv_head][j] = mean over the later queries i > j that see key j of
+// the attention query i gives it (mean over the group's query heads), with the layer's own score
+// scale and sliding window (att: ModelConfig::attention). q: [T][n_heads][head_dim],
+// k: [T][n_kv_heads][head_dim], post-RoPE, positions 0..T-1. A key no later query sees (the last
+// one; every key under a window of 1) is NaN. Exposed for tests.
 std::vector<std::vector<double>> mean_received_attention(const float* q, const float* k, int T, int n_heads,
-                                                         int n_kv_heads, int head_dim, ThreadPool& pool);
+                                                         int n_kv_heads, int head_dim, LayerAttention att,
+                                                         ThreadPool& pool);
+
+// The layers KV policies act on (all but the sliding-window layers, which keep only their window).
+std::vector<int> policy_layers(const ModelConfig& c);
 
 // Policies whose correlation is circular (their score is made of the same attention weights).
 bool fidelity_is_circular(const EvalContext& ctx, const std::string& policy);

@@ -20,7 +20,7 @@ NeedleRunner::NeedleRunner(const EvalContext& ctx, int n_ctx, const std::vector<
   work_ = new_session(ctx_, n_ctx, "none", {}, stats);
   if (std::find(policies_.begin(), policies_.end(), "snapkv") != policies_.end()) {
     const ModelConfig& c = ctx_.model->config();
-    tail_ = std::make_unique<QueryTail>(c.n_layers, c.n_heads, c.head_dim, std::max(1, ctx_.policy_options.snapkv_window));
+    tail_ = std::make_unique<QueryTail>(c, std::max(1, ctx_.policy_options.snapkv_window));
   }
 }
 

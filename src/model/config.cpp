@@ -1,5 +1,7 @@
 #include "model/config.h"
 
+#include "util/error.h"
+
 namespace qf {
 
 const char* activation_name(Activation a) { return a == Activation::silu ? "silu" : "gelu_tanh"; }
@@ -9,6 +11,11 @@ int ModelConfig::n_local_layers() const {
   int n = 0;
   for (const LayerConfig& l : layers) n += l.local();
   return n;
+}
+
+LayerAttention ModelConfig::attention(int layer) const {
+  if (layer < 0 || layer >= static_cast<int>(layers.size())) fail("layer ", layer, " is out of range (", layers.size(), " layers)");
+  return {attn_scale, layers[layer].window};
 }
 
 std::string ModelConfig::fingerprint() const {

@@ -26,6 +26,14 @@ struct LayerConfig {
   bool local() const { return window > 0; }
 };
 
+// How one layer's queries attend: scores = scale * <q, k> over the keys at positions
+// (p - window, p] (window 0: all of [0, p]). Everything that recomputes attention outside the
+// forward pass (evaluation targets, rebuilt policy statistics) takes it from here.
+struct LayerAttention {
+  float scale = 1.0f;
+  int window = 0;
+};
+
 struct ModelConfig {
   std::string arch;         // general.architecture
   std::string name;         // general.name, if any
@@ -55,6 +63,7 @@ struct ModelConfig {
   std::vector<LayerConfig> layers;
 
   int n_local_layers() const;
+  LayerAttention attention(int layer) const;  // throws qf::Error for a layer out of range
 
   // Shape fingerprint used to match filter files to models, e.g. "llama:L30:H9:KV3:D64:E576:V49152".
   std::string fingerprint() const;

@@ -261,8 +261,9 @@ void Session::attend_rows(int l, int n, const float* q, const float* k, const fl
   kv::AttentionArgs args;
   args.layer = l;
   args.n_heads = c.n_heads;
-  args.scale = c.attn_scale;
-  args.window = c.layers[l].window;
+  const LayerAttention att = c.attention(l);
+  args.scale = att.scale;
+  args.window = att.window;
   args.n_tok = n;
   args.q = q;
   args.q_pos = pos;
