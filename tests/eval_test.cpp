@@ -723,6 +723,7 @@ TEST(Niah, SummaryGroupsSeedsDigitsAndSkips) {
   // Grid: one row per (group, length, depth), seeds averaged.
   EXPECT_EQ(sum.json["grid"].size(), 3u * 2);
   EXPECT_NE(sum.csv.find("3,2,knorm,4,all,0.5"), std::string::npos) << sum.csv;
+}
 
 // On Gemma 3's layout the target follows each layer's window (5 on the local layers, none on
 // layer 5) and scale, and the summary covers the global layer only (policies leave the local
