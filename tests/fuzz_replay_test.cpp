@@ -91,12 +91,20 @@ TEST(FuzzReplay, StateFileSeedsFromThePythonEncoder) {
       EXPECT_EQ(s.config.n_layers * s.config.n_kv_heads, static_cast<int>(s.heads.size()));
       EXPECT_EQ(s.evicted, 7);
       EXPECT_EQ(s.config.model_fingerprint, "0123456789abcdef");
+      // Expected Attention's state carries one layer's query moments per layer (4 query heads).
+      EXPECT_EQ(s.query_moments.size(), s.config.stats.query_moments ? static_cast<size_t>(s.config.n_layers) : 0u);
+      for (const qf::kv::QueryMoments& m : s.query_moments) {
+        EXPECT_EQ(m.n_heads, 4);
+        EXPECT_EQ(m.sum.size(), static_cast<size_t>(m.n_heads) * m.head_dim);
+        EXPECT_EQ(m.outer.size(), static_cast<size_t>(m.n_heads) * m.head_dim * m.head_dim);
+      }
+      EXPECT_EQ(qf::kv::encode_state(s), bytes);  // reads back what was written
       ++valid;
     } else {
       EXPECT_THROW(qf::kv::decode_state(bytes, name), qf::Error);
     }
   }
-  EXPECT_EQ(valid, 6);
+  EXPECT_EQ(valid, 7);
 }
 
 }  // namespace
