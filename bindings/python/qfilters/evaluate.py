@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from typing import Any, Dict, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+
+import numpy as np
 
 from . import _qfilters as _ext
 from ._core import Filters, Model, PathLike, policies as _all_policies
@@ -37,17 +39,24 @@ def perplexity(model: Model, texts: Texts = None, data: Data = None, policies: O
     return json.loads(out)
 
 
+def _ints(v: Union[int, Sequence[int]]) -> List[int]:
+    return [int(v)] if isinstance(v, (int, np.integer)) else [int(x) for x in v]
+
+
 def needle(model: Model, texts: Texts = None, data: Data = None, policies: Optional[Sequence[str]] = None,
            filters: Optional[Filters] = None, lengths: Sequence[int] = (1024, 2048), n_depths: int = 11,
-           compressions: Sequence[int] = (4, 8, 16, 32), skip_layers: int = 2, digits: int = 7, needle_seed: int = 42,
+           compressions: Sequence[int] = (4, 8, 16, 32), skip_layers: Union[int, Sequence[int]] = 2,
+           digits: Union[int, Sequence[int]] = 7, needle_seed: Union[int, Sequence[int]] = 42,
            chat: Optional[bool] = None, seed: int = 0, progress: bool = True) -> Dict[str, Any]:
     """Needle in a haystack with prefill compression (kvpress protocol): the texts, joined, are the
-    haystack. Returns {"results": [{policy, compression, accuracy, ...}], ...}."""
+    haystack. `skip_layers`, `digits` and `needle_seed` take one value or a list (every
+    combination runs, as `qf eval niah`'s lists). Returns {"results": [{policy, compression,
+    accuracy, partial, accuracy_ci, ...}], ...}."""
     docs = _documents(texts, data)
     pols = _policies(policies, filters)
     with tempfile.TemporaryDirectory(prefix="qfilters-eval-") as tmp:
         out = _ext.eval_needle(model._m, docs, pols, _filter_data(filters), [int(x) for x in lengths], n_depths,
-                               [int(c) for c in compressions], skip_layers, digits, needle_seed, chat, seed,
+                               [int(c) for c in compressions], _ints(skip_layers), _ints(digits), _ints(needle_seed), chat, seed,
                                os.path.join(tmp, "niah.jsonl"), progress)
     return json.loads(out)
 

@@ -98,15 +98,16 @@ std::string perplexity(PyModel& m, const Texts& texts, const std::vector<std::st
 
 std::string needle(PyModel& m, const Texts& texts, const std::vector<std::string>& policies,
                    const std::vector<float>& filters, const std::vector<int>& lengths, int n_depths,
-                   const std::vector<int>& compressions, int skip_layers, int digits, uint64_t needle_seed,
+                   const std::vector<int>& compressions, const std::vector<int>& skip_layers,
+                   const std::vector<int>& digits, const std::vector<uint64_t>& needle_seed,
                    std::optional<bool> chat, uint64_t seed, const std::string& log_path, bool progress) {
   eval::NiahSettings st;
   st.lengths = lengths;
   st.n_depths = n_depths;
   st.compressions = compressions;
-  st.skip_layers = skip_layers;
+  st.skip_layers = skip_layers;  // every combination is run (a sweep), as qf eval niah's lists
   st.digits = digits;
-  st.seed = needle_seed;
+  st.seeds = needle_seed;
   st.chat = chat ? int(*chat) : -1;
   st.validate();
   Setup s = make_setup(m, filters, policies, seed, 64, progress);

@@ -130,10 +130,11 @@ def test_evaluate(tiny, sotu_texts):
 def test_needle(smollm, sotu_texts):
     """The fixtures' context is too short for a haystack: SmolLM2, one short cell per policy."""
     r = qfilters.evaluate.needle(smollm, texts=sotu_texts, policies=["knorm", "streaming"], lengths=[400],
-                                 n_depths=2, compressions=[2], skip_layers=0, progress=False)
+                                 n_depths=2, compressions=[2], skip_layers=[0], digits=7, progress=False)
     cells = {(x["policy"], x["compression"]) for x in r["results"]}
     assert {("knorm", 2), ("streaming", 2)} <= cells
-    assert all(0 <= x["accuracy"] <= 1 for x in r["results"])
+    assert all(0 <= x["accuracy"] <= x["partial"] <= 1 for x in r["results"])
+    assert all(x["digits"] == 7 and x["skip_layers"] == 0 for x in r["results"] if x["policy"] != "none")
 
 
 def test_qfilters_prefill_keeps_the_numpy_and_kvpress_token_sets(fixtures_dir, tiny, tmp_path):
