@@ -179,8 +179,8 @@ def ask_many(a, kv):
             model = os.path.basename(a.model)
             api = openai.OpenAI(base_url=f"http://127.0.0.1:{srv.port}/v1", api_key="none", timeout=3600, max_retries=0)
             tokenize = lambda text: post(srv.port, "/tokenize", {"content": text})["tokens"]
-            text = prompts(1, a.doc_tokens - 16, tokenize)[0]
-            doc = post(srv.port, "/tokenize", {"content": text, "add_special": True})["tokens"]  # with BOS, as a prompt
+            bos = post(srv.port, "/tokenize", {"content": "", "add_special": True})["tokens"]  # BOS, if the model adds one
+            doc = bos + prompts(1, a.doc_tokens - 16, tokenize)[0]  # token ids, as a prompt
             questions = [tokenize(f"\n\nQuestion: {q}\nAnswer:") for q in QUESTIONS[:a.questions]]
             rows = []
             for q in questions:  # (a) the document read again with every question
