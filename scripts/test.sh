@@ -27,7 +27,7 @@ if [ "${QF_SANITIZE:-0}" = 1 ]; then
   # generation, whole-corpus tokenization), calibration and evaluation through the CLI, the
   # Python checks. The parsers, kernels, cache, policies, sessions, server protocol, CLI errors
   # and fuzz replays run here, on the fixtures and SmolLM2's metadata and tokenizer.
-  skip=(-E '^(Gemma3\.|CalibSmolLM2\.|CliCalibrate|CliEval\.|SmolLM2\.(TeacherForced|GreedyGeneration|WholeCorpus|WholeDocuments)|ModelBatch\.SmolLM2|python\.)')
+  skip=(-E '^(Files/)?(Gemma3\.|CalibSmolLM2\.|CliCalibrate|CliEval\.|SmolLM2\.(TeacherForced|GreedyGeneration|WholeCorpus|WholeDocuments)|ModelBatch\.SmolLM2|python\.)')
   export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 fi
 cmake -S . -B "$build" -G Ninja "${flags[@]}" >/dev/null

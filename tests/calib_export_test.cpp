@@ -1,6 +1,7 @@
 // Export of filters for GPU engines (calib::from_canonical, calib::export_hf): the exact inverse of
 // the import of published filters (to_canonical / load_filters with hf + keep_smallest_dot).
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <filesystem>
 #include <fstream>
@@ -39,7 +40,7 @@ TEST(FilterExport, HfLayoutAndSign) {
 }
 
 TEST(FilterExport, DirectoryRoundTrip) {
-  const fs::path dir = fs::temp_directory_path() / "qf_export_test";
+  const fs::path dir = fs::temp_directory_path() / ("qf_export_test_" + std::to_string(::getpid()));
   fs::remove_all(dir);
   const Filters f = random_filters(3, 2, 8);
   export_hf(dir.string(), f);
@@ -55,7 +56,7 @@ TEST(FilterExport, DirectoryRoundTrip) {
 }
 
 TEST(FilterExport, UnwritableDirectoryIsAnError) {
-  const fs::path file = fs::temp_directory_path() / "qf_export_test_file";
+  const fs::path file = fs::temp_directory_path() / ("qf_export_test_file_" + std::to_string(::getpid()));
   std::ofstream(file) << "x";
   EXPECT_THROW(export_hf((file / "sub").string(), random_filters(1, 1, 4)), Error);
   fs::remove(file);

@@ -5,6 +5,7 @@
 // later queries better than -||k|| (K-norm) does, for most heads. The attention is recomputed here
 // from the hook's q and k with a plain softmax, not with the engine's attention kernels.
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
@@ -377,7 +378,7 @@ TEST_F(CalibSmolLM2, FiltersPredictAttentionBetterThanKeyNorm) {
   info.fingerprint = c.fingerprint();
   info.corpus = "test";
   set_calibration_metadata(out, info);
-  const std::string path = (std::filesystem::temp_directory_path() / "qf_calib_smollm2_test.safetensors").string();
+  const std::string path = (std::filesystem::temp_directory_path() / ("qf_calib_smollm2_test_" + std::to_string(::getpid()) + ".safetensors")).string();
   write_filters(path, out);
   const LoadedFilters back = load_filters(path, FilterExpectation{c.n_layers, c.n_kv_heads, c.head_dim, c.fingerprint()});
   EXPECT_FALSE(back.fingerprint_missing);

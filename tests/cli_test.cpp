@@ -1,6 +1,7 @@
 // The qf binary on bad input: one clear line on stderr and a non-zero exit, never a crash.
 #include <gtest/gtest.h>
 #include <sys/wait.h>
+#include <unistd.h>
 
 #include <array>
 #include <cstdio>
@@ -19,9 +20,11 @@ struct Result {
 };
 
 Result run_qf(const std::string& args) {
+  // Per-process names: ctest runs the Cli tests in parallel, each in its own process.
   const auto dir = std::filesystem::temp_directory_path();
-  const std::string out_path = (dir / "qf_cli_test_out.txt").string();
-  const std::string err_path = (dir / "qf_cli_test_err.txt").string();
+  const std::string tag = std::to_string(::getpid());
+  const std::string out_path = (dir / ("qf_cli_test_out_" + tag + ".txt")).string();
+  const std::string err_path = (dir / ("qf_cli_test_err_" + tag + ".txt")).string();
   const std::string cmd = qf::test::qf_binary() + " " + args + " </dev/null >" + out_path + " 2>" + err_path;
   const int status = std::system(cmd.c_str());
   Result r;
@@ -49,7 +52,7 @@ void expect_clean_failure(const Result& r, const std::string& must_mention) {
 std::string model() { return qf::test::smollm2_path(); }
 
 std::string write_temp(const std::string& name, const std::string& bytes) {
-  const auto p = std::filesystem::temp_directory_path() / name;
+  const auto p = std::filesystem::temp_directory_path() / (std::to_string(::getpid()) + "_" + name);
   std::ofstream(p, std::ios::binary) << bytes;
   return p.string();
 }
@@ -168,7 +171,7 @@ TEST(Cli, KvCacheTypes) {
 // qf run --save-state / --load-state: a document read once, then a question appended to it; a
 // state for other KV flags, a corrupt or foreign file is one clear line.
 TEST(Cli, SaveAndLoadState) {
-  const std::string state = (std::filesystem::temp_directory_path() / "qf_cli_test.qfstate").string();
+  const std::string state = (std::filesystem::temp_directory_path() / ("qf_cli_test_" + std::to_string(::getpid()) + ".qfstate")).string();
   const std::string kv = " -t 1 -c 256 --kv-policy knorm --kv-budget 16 --kv-window 4";
   const Result saved = run_qf("run -m " + model() + kv + " -p 'The capital of France is Paris. The capital of Italy is' -n 0 --save-state " + state);
   ASSERT_EQ(saved.exit_code, 0) << saved.err;
