@@ -18,7 +18,7 @@ gsrc="$root/scripts/ref/ggml_matmul_bench.cpp"
 gbin="$out/ggml_matmul_bench"
 if ! { [ -x "$gbin" ] && [ "$gbin" -nt "$gsrc" ] && [ "$gbin" -nt "$0" ]; }; then
   g++ -O2 -std=c++17 -Wall -Wextra -o "$gbin.tmp" "$gsrc" -I "$llama/include" \
-    -L "$llama/lib" -l:libggml.v0.5.0.so -l:libggml-base.so -Wl,-rpath,"$llama/lib" -ldl
+    -L "$llama/lib" -l:libggml.v0.5.0.so -l:libggml-base.so -Wl,-rpath,'$ORIGIN/../third_party/llama.cpp/lib' -ldl
   mv "$gbin.tmp" "$gbin"
   echo "built $gbin" >&2
 fi
@@ -27,7 +27,7 @@ qsrc="$root/scripts/ref/quantize_model.cpp"
 qbin="$out/quantize_model"
 if ! { [ -x "$qbin" ] && [ "$qbin" -nt "$qsrc" ] && [ "$qbin" -nt "$0" ]; }; then
   g++ -O2 -std=c++17 -Wall -Wextra -o "$qbin.tmp" "$qsrc" -I "$llama/include" \
-    -L "$llama/lib" -l:libllama.v0.5.0.so -l:libggml.v0.5.0.so -l:libggml-base.so -Wl,-rpath,"$llama/lib" -ldl
+    -L "$llama/lib" -l:libllama.v0.5.0.so -l:libggml.v0.5.0.so -l:libggml-base.so -Wl,-rpath,'$ORIGIN/../third_party/llama.cpp/lib' -ldl
   mv "$qbin.tmp" "$qbin"
   echo "built $qbin" >&2
 fi
@@ -39,6 +39,6 @@ fi
 g++ -O2 -std=c++17 -Wall -Wextra -o "$bin.tmp" "$src" \
   -I "$llama/include" \
   -L "$llama/lib" -l:libllama.v0.5.0.so -l:libggml.v0.5.0.so -l:libggml-base.so \
-  -Wl,-rpath,"$llama/lib" -ldl
+  -Wl,-rpath,'$ORIGIN/../third_party/llama.cpp/lib' -ldl
 mv "$bin.tmp" "$bin"
 echo "built $bin" >&2
