@@ -134,6 +134,11 @@ def main():
         if p == "qfilters":
             kv += ["--filters", a.filters]
         configs.append((p, kv))
+    # llama.cpp first: a missing or broken reference fails the run before the long qf rows.
+    llama = None
+    if not a.no_llama:
+        print("llama.cpp: full cache, f16/f16, flash attention on ...", file=sys.stderr, flush=True)
+        llama = run_llama(a)
     rows = []
     for ctk, ctv in zip(ks, vs):
         for name, kv in configs:
@@ -141,10 +146,6 @@ def main():
             r = run_qf(a, kv + ["-ctk", ctk, "-ctv", ctv])
             r["config"] = name
             rows.append(r)
-    llama = None
-    if not a.no_llama:
-        print("llama.cpp: full cache, f16/f16, flash attention on ...", file=sys.stderr, flush=True)
-        llama = run_llama(a)
 
     shape = cache_shape(rows[0])
     # The reference: llama.cpp's full f16 cache as it reports it; computed from the shape when
