@@ -66,14 +66,21 @@ void Forward::attention_block(int l, std::span<const Segment> segments, int n, T
   }
   rotary_.apply(l, q_.data(), n, H);
   rotary_.apply(l, k_.data(), n, KVH);
-  // Each session stores its rows' keys and values and attends over its own cache.
+  // Each session stores its rows' keys and values and attends over its own cache. Sessions whose
+  // policy reads the attention weights attend one at a time; the others all together, in one
+  // parallel region over every (session, KV head) of the layer.
+  jobs_.clear();
   int row = 0;
   for (const Segment& s : segments) {
     const size_t qo = static_cast<size_t>(row) * H * D, ko = static_cast<size_t>(row) * KVH * D;
-    s.session->attend_rows(l, s.n, q_.data() + qo, k_.data() + ko, v_.data() + ko, pos_.data() + row,
-                           att_.data() + qo, pool);
+    Session& ss = *s.session;
+    const kv::AttentionArgs args = ss.store_rows(l, s.n, q_.data() + qo, k_.data() + ko, v_.data() + ko,
+                                                 pos_.data() + row, att_.data() + qo);
+    if (ss.attention_needs_stats()) ss.attend_with_stats(args, pool);
+    else jobs_.push_back({&ss.cache(), args});
     row += s.n;
   }
+  kv::attend_fused_many(jobs_, pool);
   matmul(w.wo, att_.data(), n, h_.data(), pool);
   if (w.attn_post_norm) ops::rmsnorm_rows(h_.data(), h_.data(), w.attn_post_norm, n, E, c.rms_eps);
   ops::add(x_.data(), h_.data(), static_cast<size_t>(n) * E);
