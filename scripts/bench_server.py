@@ -11,6 +11,9 @@ reports the server's peak resident memory and the KV bytes it held, in use and r
   scripts/bench_server.py --sessions 1,4,16 --prompt-tokens 4096 --gen 256 \
       --filters models/SmolLM2-135M-Instruct.qfilters.safetensors --json results/bench_server.json
 
+-ctk / -ctv set the servers' KV storage types (default f16, as qf serve's); --kv none,qfilters
+picks the caches to run (none = full cache).
+
 "Ask many" (--ask-many): one document of --doc-tokens tokens and 10 different questions about it,
 answered one after another on one slot, (a) re-reading the document with each question, and
 (b) reading it once, saving the slot's compressed state (POST /slots/0?action=save), then for
