@@ -11,6 +11,9 @@ reports the server's peak resident memory and the KV bytes it held, in use and r
   scripts/bench_server.py --sessions 1,4,16 --prompt-tokens 4096 --gen 256 \
       --filters models/SmolLM2-135M-Instruct.qfilters.safetensors --json results/bench_server.json
 
+-ctk / -ctv set the servers' KV storage types (default f16, as qf serve's); --kv none,qfilters
+picks the caches to run (none = full cache).
+
 "Ask many" (--ask-many): one document of --doc-tokens tokens and 10 different questions about it,
 answered one after another on one slot, (a) re-reading the document with each question, and
 (b) reading it once, saving the slot's compressed state (POST /slots/0?action=save), then for
@@ -174,7 +177,7 @@ def ask_many(a, kv):
     """(a) re-prefill the document for each question vs (b) restore its saved state, on one slot."""
     with tempfile.TemporaryDirectory() as states:
         srv = Server(a.qf, a.model, ["-np", "1", "-c", str(a.doc_tokens + 256), "-t", str(a.threads),
-                                     "--slot-save-path", states, *kv])
+                                     "--slot-save-path", states, "-ctk", a.cache_type_k, "-ctv", a.cache_type_v, *kv])
         try:
             model = os.path.basename(a.model)
             api = openai.OpenAI(base_url=f"http://127.0.0.1:{srv.port}/v1", api_key="none", timeout=3600, max_retries=0)
@@ -238,6 +241,9 @@ def main():
     ap.add_argument("--budget", type=int, default=512)
     ap.add_argument("--window", type=int, default=64)
     ap.add_argument("-t", "--threads", type=int, default=0)
+    ap.add_argument("-ctk", "--cache-type-k", default="f16", help="KV storage type of keys (the server's -ctk)")
+    ap.add_argument("-ctv", "--cache-type-v", default="f16", help="KV storage type of values (the server's -ctv)")
+    ap.add_argument("--kv", default="none,qfilters", help="KV caches to run: none (full cache), qfilters (at --budget)")
     ap.add_argument("--json", default="")
     ap.add_argument("--ask-many", action="store_true", help="the ask-many benchmark instead of the load test")
     ap.add_argument("--doc-tokens", type=int, default=8192, help="--ask-many: document length")
@@ -262,15 +268,17 @@ def main():
         return 0
     sessions = [int(x) for x in a.sessions.split(",")]
     ctx = a.prompt_tokens + a.gen + 64
-    configs = [("full cache", ["--kv-policy", "none"]), (f"qfilters B={a.budget}", qfilters_kv)]
+    types = ["-ctk", a.cache_type_k, "-ctv", a.cache_type_v]
+    configs = [c for c in [("full cache", ["--kv-policy", "none"]), (f"qfilters B={a.budget}", qfilters_kv)]
+               if ("none" if c[0] == "full cache" else "qfilters") in a.kv.split(",")]
     rows = []
-    print(f"# load average at start: {os.getloadavg()}", flush=True)
+    print(f"# load average at start: {os.getloadavg()}; KV types -ctk {a.cache_type_k} -ctv {a.cache_type_v}", flush=True)
     print("| KV cache | sessions | prompt tok | gen tok | TTFT p50 s | TTFT p99 s | prefill tok/s | aggregate decode tok/s | decode tok/s per session | peak RSS MiB | KV in use MiB | KV reserved MiB | KV full-cache MiB |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     full_sessions = [int(x) for x in a.full_sessions.split(",")] if a.full_sessions else sessions
     for name, kv in configs:
         for n in (full_sessions if name == "full cache" else sessions):
-            srv = Server(a.qf, a.model, ["-np", str(n), "-c", str(ctx), "-t", str(a.threads), "--max-queued", str(n), *kv])
+            srv = Server(a.qf, a.model, ["-np", str(n), "-c", str(ctx), "-t", str(a.threads), "--max-queued", str(n), *types, *kv])
             try:
                 def tokenize(s):
                     req = urllib.request.Request(f"http://127.0.0.1:{srv.port}/tokenize",
@@ -294,7 +302,7 @@ def main():
                 m = srv.metrics()
                 ttfts = [r[0] for r in first]
                 generated = sum(r[3].completion_tokens for r in second)
-                row = {"kv": name, "sessions": n, "prompt_tokens": a.prompt_tokens, "gen": a.gen,
+                row = {"kv": name, "ctk": a.cache_type_k, "ctv": a.cache_type_v, "sessions": n, "prompt_tokens": a.prompt_tokens, "gen": a.gen,
                        "ttft_p50_s": statistics.median(ttfts), "ttft_p99_s": pct(ttfts, 0.99),
                        "prefill_tok_s": sum(len(p) for p in batch) / wall1,
                        "aggregate_decode_tok_s": generated / wall2,

@@ -15,6 +15,7 @@
 #include <cstring>
 #include <random>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "tensor/attention_kernel.h"
@@ -190,6 +191,57 @@ TEST_F(AttentionTypes, EveryTypePairMatchesNaiveEveryTarget) {
           ASSERT_EQ(a, b) << what << ": depends on the thread count";
         }
   }
+}
+
+// Several layers' calls in one attention_f32_many (a batched step: sessions decoding, with their
+// own type pairs, windows and key counts, and a prompt chunk): each output is attention_f32's on
+// its own, bit for bit, for 1 and 3 threads; an empty call and a call that sees no key included.
+TEST_F(AttentionTypes, ManyCallsEqualEachAloneEveryTarget) {
+  ThreadPool one(1), three(3);
+  for (const std::string& target : available_simd_targets()) {
+    ASSERT_TRUE(force_simd_target(target));
+    std::mt19937 rng(41);
+    std::vector<Layer> layers;
+    const std::tuple<GgmlType, GgmlType, int, int, int> shapes[] = {
+        {GgmlType::F16, GgmlType::F16, 1, 150, 0},  {GgmlType::Q8_0, GgmlType::Q8_0, 1, 90, 0},
+        {GgmlType::F32, GgmlType::BF16, 1, 300, 64}, {GgmlType::F16, GgmlType::F16, 23, 70, 0},
+        {GgmlType::Q4_0, GgmlType::F16, 1, 40, 0},  {GgmlType::F16, GgmlType::F16, 0, 30, 0}};
+    for (const auto& [kt, vt, n_tok, past, window] : shapes) layers.push_back(make_layer(kt, vt, n_tok, 64, past, window, rng));
+    layers[4].visible[1][0] = 0;  // one head of one session sees nothing: zeros
+    std::vector<std::vector<AttentionKv>> heads;
+    std::vector<std::vector<float>> want, got1, got3;
+    std::vector<AttentionCall> calls1, calls3;
+    for (size_t i = 0; i < layers.size(); ++i) {
+      const Layer& l = layers[i];
+      heads.push_back(l.heads(std::get<4>(shapes[i]) > 0));
+      want.emplace_back(l.q.size(), NAN);
+      got1.emplace_back(l.q.size(), NAN);
+      got3.emplace_back(l.q.size(), NAN);
+    }
+    for (size_t i = 0; i < layers.size(); ++i) {
+      const Layer& l = layers[i];
+      attention_f32(l.q.data(), l.n_tok, l.n_heads, heads[i].data(), l.n_kv, l.d, l.scale, want[i].data(), one);
+      calls1.push_back({l.q.data(), l.n_tok, l.n_heads, heads[i].data(), l.n_kv, l.d, l.scale, got1[i].data()});
+      calls3.push_back({l.q.data(), l.n_tok, l.n_heads, heads[i].data(), l.n_kv, l.d, l.scale, got3[i].data()});
+    }
+    attention_f32_many(calls1.data(), static_cast<int>(calls1.size()), one);
+    attention_f32_many(calls3.data(), static_cast<int>(calls3.size()), three);
+    for (size_t i = 0; i < layers.size(); ++i) {
+      for (size_t x = 0; x < want[i].size(); ++x) {
+        ASSERT_EQ(std::memcmp(&got1[i][x], &want[i][x], sizeof(float)), 0) << target << " call " << i << " x=" << x;
+        ASSERT_EQ(std::memcmp(&got3[i][x], &want[i][x], sizeof(float)), 0) << target << " call " << i << " x=" << x;
+      }
+    }
+    const int group = layers[4].n_heads / layers[4].n_kv;
+    for (int x = 0; x < group * 64; ++x) EXPECT_EQ(got1[4][group * 64 + x], 0.0f) << "a head that sees no key";
+  }
+  // A call the kernels cannot run is an error, as for attention_f32.
+  std::mt19937 rng(42);
+  const Layer l = make_layer(GgmlType::F16, GgmlType::F16, 1, 64, 30, 0, rng);
+  const auto h = l.heads(false);
+  std::vector<float> out(l.q.size());
+  const AttentionCall bad{l.q.data(), 1, 8, h.data(), l.n_kv, l.d, l.scale, out.data()};
+  EXPECT_THROW(attention_f32_many(&bad, 1, one), Error);
 }
 
 // The statistics path on every type pair: its output is attention_f32's bit for bit, and the

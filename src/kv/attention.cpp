@@ -65,6 +65,22 @@ void attend_fused(const Cache& cache, const AttentionArgs& a, ThreadPool& pool) 
   attention_f32(a.q, a.n_tok, a.n_heads, heads.data(), nkv, cache.shape().head_dim, a.scale, a.out, pool);
 }
 
+void attend_fused_many(std::span<const AttentionJob> jobs, ThreadPool& pool) {
+  std::vector<std::vector<int>> slots(jobs.size());
+  std::vector<std::vector<AttentionKv>> views(jobs.size());
+  std::vector<AttentionCall> calls;
+  for (size_t i = 0; i < jobs.size(); ++i) {
+    const Cache& cache = *jobs[i].cache;
+    const AttentionArgs& a = jobs[i].args;
+    check_args(cache, a);
+    if (a.n_tok <= 0) continue;
+    views[i] = layer_views(cache, a.layer, {a.q_pos, static_cast<size_t>(a.n_tok)}, slots[i], a.window);
+    calls.push_back({a.q, a.n_tok, a.n_heads, views[i].data(), cache.shape().n_kv_heads, cache.shape().head_dim,
+                     a.scale, a.out});
+  }
+  attention_f32_many(calls.data(), static_cast<int>(calls.size()), pool);
+}
+
 void attend_with_stats(Cache& cache, const AttentionArgs& a, ThreadPool& pool) {
   check_args(cache, a);
   const int nkv = cache.shape().n_kv_heads;

@@ -47,6 +47,15 @@ std::vector<AttentionKv> layer_views(const Cache& cache, int layer, std::span<co
 void attend_fused(const Cache& cache, const AttentionArgs& args, ThreadPool& pool);
 void attend_with_stats(Cache& cache, const AttentionArgs& args, ThreadPool& pool);
 
+// One session's share of a layer's attention in a batched step (several sessions, one pass).
+struct AttentionJob {
+  const Cache* cache = nullptr;
+  AttentionArgs args;
+};
+// attend_fused for every job, bit for bit, with the decode steps' heads in one parallel region
+// (attention_f32_many).
+void attend_fused_many(std::span<const AttentionJob> jobs, ThreadPool& pool);
+
 // Straightforward two-pass softmax attention, in double, on the dequantized keys and values,
 // for tests.
 void attend_reference(const Cache& cache, const AttentionArgs& args);

@@ -37,6 +37,11 @@ void Forward::run(std::span<const Segment> segments, ThreadPool& pool) {
     n += s.n;
   }
   if (n == 0) return;
+  seg_row_.clear();
+  for (int row = 0; const Segment& s : segments) {
+    seg_row_.push_back(row);
+    row += s.n;
+  }
   if (c.embd_scale != 1.0f) ops::scale(x_.data(), n * E, c.embd_scale);
   rotary_.prepare(pos_.data(), n);
   for (int l = 0; l < c.n_layers; ++l) {
@@ -66,14 +71,32 @@ void Forward::attention_block(int l, std::span<const Segment> segments, int n, T
   }
   rotary_.apply(l, q_.data(), n, H);
   rotary_.apply(l, k_.data(), n, KVH);
-  // Each session stores its rows' keys and values and attends over its own cache.
-  int row = 0;
-  for (const Segment& s : segments) {
-    const size_t qo = static_cast<size_t>(row) * H * D, ko = static_cast<size_t>(row) * KVH * D;
-    s.session->attend_rows(l, s.n, q_.data() + qo, k_.data() + ko, v_.data() + ko, pos_.data() + row,
-                           att_.data() + qo, pool);
-    row += s.n;
+  // Each session stores its rows' keys and values (converting them to its storage type) and
+  // attends over its own cache. The stores of several sessions run on the pool unless a hook must
+  // see them one at a time; sessions whose policy reads the attention weights then attend one at
+  // a time, the others all together, in one parallel region over every (session, KV head).
+  args_.resize(segments.size());
+  const auto store = [&](size_t i) {
+    const Segment& s = segments[i];
+    const size_t qo = static_cast<size_t>(seg_row_[i]) * H * D, ko = static_cast<size_t>(seg_row_[i]) * KVH * D;
+    args_[i] = s.session->store_rows(l, s.n, q_.data() + qo, k_.data() + ko, v_.data() + ko, pos_.data() + seg_row_[i],
+                                     att_.data() + qo);
+  };
+  const bool hooked = std::any_of(segments.begin(), segments.end(), [](const Segment& s) { return s.session->qk_hook_ != nullptr; });
+  if (segments.size() > 1 && !hooked) {
+    pool.parallel_for(static_cast<int64_t>(segments.size()), 1, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) store(static_cast<size_t>(i));
+    });
+  } else {
+    for (size_t i = 0; i < segments.size(); ++i) store(i);
   }
+  jobs_.clear();
+  for (size_t i = 0; i < segments.size(); ++i) {
+    Session& ss = *segments[i].session;
+    if (ss.attention_needs_stats()) ss.attend_with_stats(args_[i], pool);
+    else jobs_.push_back({&ss.cache(), args_[i]});
+  }
+  kv::attend_fused_many(jobs_, pool);
   matmul(w.wo, att_.data(), n, h_.data(), pool);
   if (w.attn_post_norm) ops::rmsnorm_rows(h_.data(), h_.data(), w.attn_post_norm, n, E, c.rms_eps);
   ops::add(x_.data(), h_.data(), static_cast<size_t>(n) * E);

@@ -7,6 +7,7 @@
 #include <span>
 #include <vector>
 
+#include "kv/attention.h"
 #include "model/model.h"
 #include "model/ops.h"
 #include "tensor/threadpool.h"
@@ -46,6 +47,9 @@ class Forward {
   std::vector<float> x_, h_, q_, k_, v_, att_, ff_a_, ff_b_, logits_;
   std::vector<int32_t> pos_;
   std::vector<int> out_rows_;  // rows whose logits are wanted
+  std::vector<int> seg_row_;  // first row of each segment
+  std::vector<kv::AttentionArgs> args_;  // attention_block scratch
+  std::vector<kv::AttentionJob> jobs_;
 };
 
 }  // namespace qf

@@ -251,8 +251,8 @@ void Session::forward_chunk(const int32_t* tokens, int n, float* logits, bool al
   forward_->run(std::span<const Segment>(&seg, 1), pool_);
 }
 
-void Session::attend_rows(int l, int n, const float* q, const float* k, const float* v, const int32_t* pos,
-                          float* out, ThreadPool& pool) {
+kv::AttentionArgs Session::store_rows(int l, int n, const float* q, const float* k, const float* v,
+                                     const int32_t* pos, float* out) {
   const ModelConfig& c = model_.config();
   if (qk_hook_) qk_hook_(l, q, k, pos, n);
   if (!cache_->query_moments.empty()) observe_queries(l, n, q, pos);
@@ -268,14 +268,19 @@ void Session::attend_rows(int l, int n, const float* q, const float* k, const fl
   args.q = q;
   args.q_pos = pos;
   args.out = out;
+  return args;
+}
+
+bool Session::attention_needs_stats() const {
   const kv::AttentionStats& st = cache_->stats();
-  if (st.accumulate || st.last_query || st.window > 0) {
-    // snapkv observes only the last `window` queries of the prompt; h2o every query.
-    args.accumulate_from_pos = st.window > 0 ? std::max(0, prompt_end_ - st.window) : 0;
-    kv::attend_with_stats(*cache_, args, pool);
-  } else {
-    kv::attend_fused(*cache_, args, pool);
-  }
+  return st.accumulate || st.last_query || st.window > 0;
+}
+
+void Session::attend_with_stats(kv::AttentionArgs args, ThreadPool& pool) {
+  // snapkv observes only the last `window` queries of the prompt; h2o every query.
+  const int window = cache_->stats().window;
+  args.accumulate_from_pos = window > 0 ? std::max(0, prompt_end_ - window) : 0;
+  kv::attend_with_stats(*cache_, args, pool);
 }
 
 void Session::observe_queries(int l, int n, const float* q, const int32_t* pos) {

@@ -9,6 +9,7 @@
 #include <string_view>
 #include <vector>
 
+#include "kv/attention.h"
 #include "kv/cache.h"
 #include "kv/compressor.h"
 #include "model/model.h"
@@ -126,9 +127,14 @@ class Session {
   friend class Forward;
   void forward_chunk(const int32_t* tokens, int n, float* logits, bool all_logits);
   // Layer l for this session's n rows of a forward pass: hands q/k to the hook, stores k/v in the
-  // cache (after trimming a sliding window) and writes the attention output of the n queries.
-  void attend_rows(int l, int n, const float* q, const float* k, const float* v, const int32_t* pos, float* out,
-                   ThreadPool& pool);
+  // cache (after trimming a sliding window) and returns the arguments of the n queries' attention
+  // over the cache, written to `out` (Forward runs it: kv::attend_fused_many for sessions whose
+  // policy needs no attention weights, attend_with_stats for the others).
+  kv::AttentionArgs store_rows(int l, int n, const float* q, const float* k, const float* v, const int32_t* pos,
+                               float* out);
+  // Whether the cache's policy reads the softmax weights (snapkv, tova, h2o).
+  bool attention_needs_stats() const;
+  void attend_with_stats(kv::AttentionArgs args, ThreadPool& pool);
   // Adds the rows' queries, un-rotated, to the cache's query moments (AttentionStats::query_moments).
   void observe_queries(int l, int n, const float* q, const int32_t* pos);
   // Checks that n more tokens fit and are in the vocabulary; throws qf::Error.

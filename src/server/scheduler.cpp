@@ -523,6 +523,7 @@ void Scheduler::step(const std::vector<Slot*>& active) {
     for (Slot* s : who) fail_slot(*s, e.what());
     return;
   }
+  std::vector<size_t> sampling;  // items whose logits give their slot's next token
   for (size_t i = 0; i < who.size(); ++i) {
     Slot& s = *who[i];
     s.fed.insert(s.fed.end(), items[i].tokens.begin(), items[i].tokens.end());
@@ -530,8 +531,20 @@ void Scheduler::step(const std::vector<Slot*>& active) {
       s.prompt_done += items[i].tokens.size();
       if (s.prompt_done < s.job->tokens.size()) continue;  // more prompt next pass
     }
-    emit_token(s, s.sampler->sample_and_accept(logits[i]));
+    sampling.push_back(i);
   }
+  // Each slot's sampler has its own history and random stream, so they run on the (now idle)
+  // pool rather than one after another on this thread; the tokens are the same either way.
+  std::vector<int32_t> next(sampling.size());
+  try {
+    engine_.pool().parallel_for(static_cast<int64_t>(sampling.size()), 1, [&](int64_t b, int64_t e) {
+      for (int64_t k = b; k < e; ++k) next[k] = who[sampling[k]]->sampler->sample_and_accept(logits[sampling[k]]);
+    });
+  } catch (const std::exception& e) {
+    for (size_t i : sampling) fail_slot(*who[i], e.what());
+    return;
+  }
+  for (size_t k = 0; k < sampling.size(); ++k) emit_token(*who[sampling[k]], next[k]);
 }
 
 // Streams one sampled token's text; ends the job at end of text, a stop string, max_tokens or

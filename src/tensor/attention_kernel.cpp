@@ -898,6 +898,39 @@ void attention_f32(const float* q, int n_tok, int n_heads, const AttentionKv* kv
   tiled_layer(q, n_tok, n_heads, kv, n_kv, d, scale, out, nullptr, nullptr, pool);
 }
 
+void attention_f32_many(const AttentionCall* calls, int n_calls, ThreadPool& pool) {
+  struct Item {
+    int64_t cost;
+    int call, head;
+  };
+  std::vector<Item> items;
+  for (int c = 0; c < n_calls; ++c) {
+    const AttentionCall& a = calls[c];
+    check_layer(a.n_heads, a.kv, a.n_kv, a.d);
+    if (a.n_tok <= 0) continue;
+    check_slots(a.kv, a.n_kv, a.n_tok);
+    if (a.n_tok >= kMinTiledTokens) continue;
+    for (int g = 0; g < a.n_kv; ++g)
+      items.push_back({std::max<int64_t>(1, a.kv[g].visible[0] - first_slot(a.kv[g], 0)), c, g});
+  }
+  detail::init_simd_once();
+  for (int c = 0; c < n_calls; ++c) {
+    const AttentionCall& a = calls[c];
+    if (a.n_tok >= kMinTiledTokens) tiled_layer(a.q, a.n_tok, a.n_heads, a.kv, a.n_kv, a.d, a.scale, a.out, nullptr, nullptr, pool);
+  }
+  if (items.empty()) return;
+  // The per-token kernel on each item, as attention_f32 runs it for one token.
+  const int n_threads = std::min<int>(pool.size(), static_cast<int>(items.size()));
+  run_costliest_first(items, n_threads, pool, [&](const Item& it, int) {
+    const AttentionCall& a = calls[it.call];
+    const AttentionKv& h = a.kv[it.head];
+    const int group = a.n_heads / a.n_kv;
+    const size_t off = static_cast<size_t>(it.head) * group * a.d;
+    HWY_DYNAMIC_DISPATCH(AttentionGroup)(a.q + off, group, &h.k, &h.v, first_slot(h, 0), h.visible[0], a.d, a.scale,
+                                         a.out + off);
+  });
+}
+
 void attention_stats_f32(const float* q, int n_tok, int n_heads, const AttentionKv* kv, int n_kv, int d, float scale,
                          const uint8_t* counted, const AttentionColumns* cols, float* out, ThreadPool& pool) {
   check_layer(n_heads, kv, n_kv, d);

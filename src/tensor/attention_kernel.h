@@ -77,6 +77,22 @@ struct AttentionKv {
 void attention_f32(const float* q, int n_tok, int n_heads, const AttentionKv* kv, int n_kv, int d, float scale,
                    float* out, ThreadPool& pool);
 
+// One attention_f32 call's arguments, for attention_f32_many.
+struct AttentionCall {
+  const float* q = nullptr;
+  int n_tok = 0, n_heads = 0;
+  const AttentionKv* kv = nullptr;
+  int n_kv = 0, d = 0;
+  float scale = 1.0f;
+  float* out = nullptr;
+};
+
+// Every call's attention_f32, with the same results bit for bit. The single-token calls (decode
+// steps of several sessions in one batched step) share one parallel region over all their
+// (call, KV head) pairs, so a step costs one region per layer rather than one per session and
+// the threads stay balanced however few KV heads a model has; longer calls run one by one.
+void attention_f32_many(const AttentionCall* calls, int n_calls, ThreadPool& pool);
+
 // Per-key attention statistics of one KV head (arrays of n_keys; any pointer may be null).
 struct AttentionColumns {
   int n_keys = 0;          // keys the arrays cover; no token may see more
