@@ -120,11 +120,55 @@ def write(path, data):
         f.write(data if isinstance(data, bytes) else data.encode())
 
 
+def server_request_seeds(out):
+    """Bodies for /v1/chat/completions, /v1/completions, /tokenize and /detokenize: valid ones
+    with every field, one valid for all four endpoints, and the kinds of bad input a server sees."""
+    chat = {
+        "model": "m", "messages": [{"role": "system", "content": "Be brief."},
+                                   {"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]},
+                                   {"role": "assistant", "content": None}, {"role": "developer", "content": "x"}],
+        "max_tokens": 12, "temperature": 0.5, "top_p": 0.9, "top_k": 7, "min_p": 0.1, "seed": 3,
+        "presence_penalty": 0.5, "frequency_penalty": -0.5, "repeat_penalty": 1.1, "repeat_last_n": 32,
+        "stop": ["\n\n", "END"], "stream": True, "stream_options": {"include_usage": True}, "n": 1, "logprobs": False,
+        "cache_prompt": False, "id_slot": 1, "ignore_eos": True,
+        "kv_policy": "knorm", "kv_budget": 64, "kv_window": 8, "kv_evict_every": 4, "kv_ratio": 0.5,
+        "kv_skip_layers": 2, "kv_positions": "keep"}
+    bodies = {
+        "chat_every_field.json": json.dumps(chat),
+        "chat_minimal.json": json.dumps({"messages": [{"role": "user", "content": "Hello"}]}),
+        "completion_text.json": json.dumps({"prompt": "The end. THE END", "stop": ["END", "e", ""], "n_predict": -1}),
+        "completion_ids.json": json.dumps({"prompt": [1, 2, 3, 49151], "max_completion_tokens": 5, "kv_policy": "none"}),
+        "completion_one_string.json": json.dumps({"prompt": ["<|im_start|>user\nhi<|im_end|>"], "stop": "hi"}),
+        "tokenize.json": json.dumps({"content": "héllo <|im_end|> 🙂", "add_special": True, "with_pieces": True},
+                                    ensure_ascii=False),
+        "detokenize.json": json.dumps({"tokens": [1, 2, 3, 4, 0]}),
+        "all_endpoints.json": json.dumps({"messages": [{"role": "user", "content": "a"}], "prompt": "b",
+                                          "content": "c", "tokens": [5]}),
+        "top_p_bound.json": json.dumps({"prompt": "x", "top_p": 1e-6, "temperature": 100, "repeat_penalty": 1e-3}),
+        # Refused (400), each for one reason.
+        "not_json.txt": "{not json",
+        "empty.txt": "",
+        "truncated.json": json.dumps(chat)[:100],
+        "invalid_utf8.json": b'{"prompt": "\xff\xfe bad", "content": "\xc3("}',
+        "lone_surrogate.json": '{"prompt": "\\ud800", "content": "\\udfff x"}',
+        "number_beyond_double.json": '{"prompt": "x", "max_tokens": 1e400}',
+        "seed_two_to_63.json": '{"prompt": "x", "seed": 9223372036854775808.0}',
+        "integers_beyond_int64.json": '{"prompt": [18446744073709551615], "tokens": [18446744073709551615], "max_tokens": 18446744073709551616}',
+        "wrong_types.json": json.dumps({"messages": [{"role": "user", "content": [{"type": 5, "text": "x"}]}],
+                                        "content": "x", "add_special": "yes", "tokens": "1 2"}),
+        "unsupported.json": json.dumps({"prompt": "x", "n": 2, "logprobs": True, "tools": []}),
+        "deep_array.json": "[" * 5000 + "]" * 5000,
+        "deep_messages.json": '{"messages": ' + "[" * 3000 + "]" * 3000 + ', "content": ' + '{"a":' * 2000 + "1" + "}" * 2000 + "}",
+    }
+    for name, body in bodies.items():
+        write(os.path.join(out, "server_request", name), body)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus"))
     out = ap.parse_args().out
-    for d in ("gguf", "filter_file", "tokenizer", "chat_template", "state_file"):
+    for d in ("gguf", "filter_file", "tokenizer", "chat_template", "state_file", "server_request"):
         os.makedirs(os.path.join(out, d), exist_ok=True)
 
     Q = gguf.GGMLQuantizationType
@@ -174,6 +218,7 @@ def main():
     write(os.path.join(out, "chat_template", "smollm.bin"), smollm_template + "\0user\0Hello\0assistant\0Hi there")
     write(os.path.join(out, "chat_template", "chatml_name.bin"), "chatml\0system\0Be brief.\0user\0Why?")
     write(os.path.join(out, "chat_template", "unsupported.bin"), "{{ bos_token }}[INST] {{ m }} [/INST]\0user\0x")
+    server_request_seeds(os.path.join(out))
 
 
 if __name__ == "__main__":

@@ -103,14 +103,15 @@ def perplexity(args, kv, text):
         bins = [l for l in lines[:-1]]
         out[mode] = {
             "ppl_in_context": summary["ppl_in_context"], "ppl_past_context": summary["ppl_past_context"],
-            "ratio": summary["ppl_past_context"] / summary["ppl_in_context"],
+            "ratio": summary["ppl_past_context"] / summary["ppl_in_context"] if summary["ppl_past_context"] else None,
             "targets": [summary["targets_in_context"], summary["targets_past_context"]],
             "seconds": round(time.time() - t0, 1),
             "curve": [(b["end"], round(math.exp(b["nll_sum"] / b["count"]), 3)) for b in bins],
         }
         r = out[mode]
-        print(f"{mode}: perplexity in context {r['ppl_in_context']:.3f}, past it {r['ppl_past_context']:.3f} "
-              f"(x{r['ratio']:.3f}) over {r['targets']} targets", flush=True)
+        past = f"past it {r['ppl_past_context']:.3f} (x{r['ratio']:.3f})" if r["ratio"] else "no target past it"
+        print(f"{mode}: perplexity in context {r['ppl_in_context']:.3f}, {past} over {r['targets']} targets; "
+              f"per 512 targets: {' '.join(f'{p}' for _, p in r['curve'])}", flush=True)
     return out
 
 

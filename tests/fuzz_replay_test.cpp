@@ -15,6 +15,7 @@
 #include "calib/filter_file.h"
 #include "gguf/gguf.h"
 #include "kv/state_file.h"
+#include "server/protocol.h"
 #include "test_paths.h"
 #include "tokenizer/chat_template.h"
 #include "tokenizer/tokenizer.h"
@@ -38,6 +39,11 @@
 #define LLVMFuzzerTestOneInput state_file_fuzz_one
 #include "../fuzz/state_file_fuzz.cpp"
 #undef LLVMFuzzerTestOneInput
+#define LLVMFuzzerTestOneInput server_request_fuzz_one
+#define LLVMFuzzerInitialize server_request_fuzz_init
+#include "../fuzz/server_request_fuzz.cpp"
+#undef LLVMFuzzerTestOneInput
+#undef LLVMFuzzerInitialize
 
 namespace {
 
@@ -75,6 +81,12 @@ TEST(FuzzReplay, Tokenizer) {
 }
 
 TEST(FuzzReplay, StateFile) { EXPECT_GE(replay("state_file", state_file_fuzz_one), 7); }
+
+TEST(FuzzReplay, ServerRequest) {
+  setenv("QF_FUZZ_MODEL", qf::test::smollm2_path().c_str(), 1);
+  server_request_fuzz_init(nullptr, nullptr);
+  EXPECT_GE(replay("server_request", server_request_fuzz_one), 21);
+}
 
 // The seeds named valid_* come from fuzz/make_seeds.py's own encoder of the format: the C++
 // reader must accept them (and read back what was written), the others it must refuse.

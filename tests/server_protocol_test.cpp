@@ -139,5 +139,49 @@ TEST(ServerProtocol, StopStringsAcrossTokenBoundaries) {
   EXPECT_EQ(none.push("abc"), "abc");
 }
 
+// Inputs the request fuzzer (fuzz/server_request_fuzz.cpp) reached: each used to leave the
+// parser as something other than a 400 (a 500, or undefined behaviour in a float-to-int cast).
+TEST(ServerProtocol, FuzzFindingsAreCleanBadRequests) {
+  auto expect_400 = [](auto&& call) {
+    try {
+      call();
+      ADD_FAILURE() << "accepted";
+    } catch (const HttpError& e) {
+      EXPECT_EQ(e.status, 400) << e.what();
+    }
+  };
+  expect_400([] { parse_json_body(R"({"prompt": "x", "max_tokens": 1e400})"); });  // json::out_of_range, not parse_error
+  expect_400([] { parse_json_body("{\"prompt\": \"\xff\"}"); });
+  expect_400([] { parse(R"({"prompt": "x", "seed": 9223372036854775808.0})"); });  // 2^63: no int64_t holds it
+  expect_400([] { parse(R"({"prompt": "x", "seed": -9.3e18})"); });
+  expect_400([] { parse(R"({"messages": [{"role": "user", "content": [{"type": 5, "text": "x"}]}]})", true); });
+  expect_400([] { parse(R"({"messages": [{"role": "user", "content": [{"type": "text", "text": 1}]}]})", true); });
+  expect_400([] { parse_tokenize(json::parse(R"({"content": "x", "add_special": "yes"})")); });
+  expect_400([] { parse_tokenize(json::parse(R"({"content": 5})")); });
+  expect_400([] { parse_tokenize(json::parse(R"(["content"])")); });
+  expect_400([] { parse_detokenize(json::parse(R"({"tokens": [18446744073709551615]})"), 100); });
+  expect_400([] { parse_detokenize(json::parse(R"({"tokens": [100]})"), 100); });
+  expect_400([] { parse_detokenize(json::parse(R"({"tokens": [1.0]})"), 100); });
+  EXPECT_EQ(parse(R"({"prompt": "x", "seed": 9223372036854775807})").sampling.seed, 9223372036854775807u);
+}
+
+// A float bound that is not a float (1e-6) still holds for the float the request keeps.
+TEST(ServerProtocol, FloatSettingsStayInsideTheirBounds) {
+  const CompletionRequest r = parse(R"({"prompt": "x", "top_p": 1e-6, "repeat_penalty": 0.001})");
+  EXPECT_GE(r.sampling.top_p, 1e-6);
+  EXPECT_GE(r.sampling.repeat_penalty, 1e-3);
+  EXPECT_LT(r.sampling.top_p, 1.001e-6);
+}
+
+TEST(ServerProtocol, TokenizeAndDetokenizeBodies) {
+  const TokenizeRequest t = parse_tokenize(json::parse(R"({"content": "hi", "add_special": true, "with_pieces": null})"));
+  EXPECT_EQ(t.content, "hi");
+  EXPECT_TRUE(t.add_special);
+  EXPECT_TRUE(t.parse_special);
+  EXPECT_FALSE(t.with_pieces);
+  EXPECT_EQ(parse_detokenize(json::parse(R"({"tokens": [0, 99, 7]})"), 100), (std::vector<int32_t>{0, 99, 7}));
+  EXPECT_TRUE(parse_detokenize(json::parse(R"({"tokens": []})"), 100).empty());
+}
+
 }  // namespace
 }  // namespace qf::server

@@ -23,6 +23,8 @@ std::optional<int64_t> get_int(const json& body, const char* key, int64_t lo, in
     bad(key, "must be an integer");
   if (v->is_number_unsigned() && v->get<uint64_t>() > static_cast<uint64_t>(INT64_MAX)) bad(key, "is out of range");
   const double d = v->get<double>();
+  // 2^63 passes a comparison with (double)INT64_MAX, which rounds up to it, but has no int64_t.
+  if (v->is_number_float() && !(d >= -0x1p63 && d < 0x1p63)) bad(key, "is out of range");
   if (d < static_cast<double>(lo) || d > static_cast<double>(hi))
     bad(key, "must be between " + std::to_string(lo) + " and " + std::to_string(hi));
   return v->is_number_float() ? static_cast<int64_t>(d) : v->get<int64_t>();
@@ -34,7 +36,11 @@ std::optional<float> get_float(const json& body, const char* key, double lo, dou
   if (!v->is_number()) bad(key, "must be a number");
   const double d = v->get<double>();
   if (!std::isfinite(d) || d < lo || d > hi) bad(key, "must be between " + json(lo).dump() + " and " + json(hi).dump());
-  return static_cast<float>(d);
+  // Rounding to float may step over a bound that is not a float (top_p's 1e-6): step back in.
+  float f = static_cast<float>(d);
+  if (f < lo) f = std::nextafter(f, INFINITY);
+  if (f > hi) f = std::nextafter(f, -INFINITY);
+  return f;
 }
 
 std::optional<bool> get_bool(const json& body, const char* key) {
@@ -58,9 +64,11 @@ std::string message_content(const json& content, const std::string& param) {
   if (!content.is_array()) bad(param, "must be a string or an array of text parts");
   std::string text;
   for (const json& part : content) {
-    if (!part.is_object() || part.value("type", "") != "text" || !part.contains("text") || !part["text"].is_string())
+    const json* type = part.is_object() ? field(part, "type") : nullptr;
+    const json* part_text = part.is_object() ? field(part, "text") : nullptr;
+    if (!type || *type != "text" || !part_text || !part_text->is_string())
       bad(param, "parts must be {\"type\": \"text\", \"text\": \"...\"} (this server reads text only)");
-    text += part["text"].get<std::string>();
+    text += part_text->get_ref<const std::string&>();
   }
   return text;
 }
@@ -149,6 +157,14 @@ std::optional<runtime::KvOptions> parse_kv(const json& body, const runtime::KvOp
 
 }  // namespace
 
+json parse_json_body(std::string_view body) {
+  try {
+    return json::parse(body);
+  } catch (const json::exception& e) {  // parse_error, and out_of_range for numbers beyond double
+    throw HttpError(400, std::string("the request body is not valid JSON: ") + e.what());
+  }
+}
+
 json error_body(const HttpError& e) {
   json err = {{"message", e.what()}, {"type", e.type}, {"param", nullptr}, {"code", nullptr}};
   if (!e.param.empty()) err["param"] = e.param;
@@ -198,6 +214,55 @@ CompletionRequest parse_completion(const json& body, bool chat, const SamplerOpt
   r.ignore_eos = get_bool(body, "ignore_eos").value_or(false);
   r.kv = parse_kv(body, server_kv);
   return r;
+}
+
+std::vector<int32_t> prompt_tokens(const CompletionRequest& r, const Tokenizer& tok, const ChatTemplate* tmpl, int n_ctx) {
+  std::vector<int32_t> ids;
+  if (r.chat) {
+    if (!tmpl) throw HttpError(400, "this model has no chat template the server knows: use /v1/completions");
+    ids = tok.encode(tmpl->apply(r.messages, /*add_generation_prompt=*/true), /*add_special=*/true, /*parse_special=*/true);
+  } else if (!r.prompt_tokens.empty()) {
+    for (int32_t t : r.prompt_tokens)
+      if (t >= tok.n_vocab())
+        throw HttpError(400, "token id " + std::to_string(t) + " is outside the vocabulary", "invalid_request_error", "prompt");
+    ids = r.prompt_tokens;
+  } else {
+    ids = tok.encode(r.prompt, /*add_special=*/true, /*parse_special=*/true);
+  }
+  const char* param = r.chat ? "messages" : "prompt";
+  if (ids.empty()) throw HttpError(400, "the prompt is empty after tokenization", "invalid_request_error", param);
+  if (static_cast<int64_t>(ids.size()) >= n_ctx)
+    throw HttpError(400, "the prompt has " + std::to_string(ids.size()) + " tokens, the context holds " + std::to_string(n_ctx),
+                    "invalid_request_error", param);
+  return ids;
+}
+
+TokenizeRequest parse_tokenize(const json& body) {
+  if (!body.is_object()) throw HttpError(400, "the request body must be a JSON object");
+  TokenizeRequest t;
+  const std::optional<std::string> content = get_string(body, "content");
+  if (!content) bad("content", "is required");
+  t.content = *content;
+  t.add_special = get_bool(body, "add_special").value_or(t.add_special);
+  t.parse_special = get_bool(body, "parse_special").value_or(t.parse_special);
+  t.with_pieces = get_bool(body, "with_pieces").value_or(t.with_pieces);
+  return t;
+}
+
+std::vector<int32_t> parse_detokenize(const json& body, int32_t n_vocab) {
+  if (!body.is_object()) throw HttpError(400, "the request body must be a JSON object");
+  const json* tokens = field(body, "tokens");
+  if (!tokens || !tokens->is_array()) bad("tokens", "must be an array of token ids");
+  std::vector<int32_t> ids;
+  ids.reserve(tokens->size());
+  for (const json& t : *tokens) {
+    // An unsigned id above INT64_MAX would wrap negative through get<int64_t>: compare as unsigned.
+    const bool in_vocab = t.is_number_unsigned() ? t.get<uint64_t>() < static_cast<uint64_t>(n_vocab)
+                                                 : t.is_number_integer() && t.get<int64_t>() >= 0 && t.get<int64_t>() < n_vocab;
+    if (!in_vocab) bad("tokens", "holds something that is not a token id of this model");
+    ids.push_back(static_cast<int32_t>(t.get<int64_t>()));
+  }
+  return ids;
 }
 
 const char* finish_reason_name(FinishReason r) { return r == FinishReason::kStop ? "stop" : "length"; }

@@ -6,6 +6,7 @@
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -13,6 +14,7 @@
 #include "runtime/engine.h"
 #include "sample/sampler.h"
 #include "tokenizer/chat_template.h"
+#include "tokenizer/tokenizer.h"
 
 namespace qf::server {
 
@@ -48,11 +50,32 @@ struct CompletionRequest {
   std::optional<runtime::KvOptions> kv;  // per-request KV settings (extension fields kv_*)
 };
 
+// The JSON of a request body. Anything that is not JSON (invalid UTF-8, numbers beyond double,
+// truncated text) is a 400.
+json parse_json_body(std::string_view body);
+
 // Parses a /v1/chat/completions (chat = true) or /v1/completions body. Fields the server does
 // not implement but clients commonly send (n = 1, logprobs = false, user, ...) are accepted when
 // they ask for the default; anything else is a 400 naming the field.
 CompletionRequest parse_completion(const json& body, bool chat, const SamplerOptions& defaults,
                                    const runtime::KvOptions& server_kv);
+
+// The prompt of a request as token ids: the chat template (null: the model has none the server
+// knows, a 400 for chat requests) and the tokenizer applied, or the ids given, each checked
+// against the vocabulary. A 400 when it is empty or does not leave room for one token in n_ctx.
+std::vector<int32_t> prompt_tokens(const CompletionRequest& r, const Tokenizer& tok, const ChatTemplate* tmpl, int n_ctx);
+
+// llama.cpp's /tokenize body: {"content": "...", "add_special", "parse_special", "with_pieces"}.
+struct TokenizeRequest {
+  std::string content;
+  bool add_special = false;
+  bool parse_special = true;
+  bool with_pieces = false;
+};
+TokenizeRequest parse_tokenize(const json& body);
+
+// llama.cpp's /detokenize body: {"tokens": [ids]}, each id inside [0, n_vocab).
+std::vector<int32_t> parse_detokenize(const json& body, int32_t n_vocab);
 
 // Why a generation ended, as OpenAI names it.
 enum class FinishReason { kStop, kLength };

@@ -29,7 +29,18 @@ std::optional<Event> Job::next(std::chrono::milliseconds timeout) {
 
 // A slot's session outlives its jobs, so a conversation that continues finds its cache.
 struct Scheduler::Slot {
+  // What /slots shows, copied by publish() under mu_: the fields below belong to the scheduler
+  // thread, which changes them outside the lock during a step.
+  struct Status {
+    int n_past = 0;
+    bool has_session = false;
+    std::string kv_policy = "none";
+    int kv_budget = 0;
+    int64_t kv_bytes = 0;
+  };
+
   int id = 0;
+  Status status;               // guarded by mu_
   std::unique_ptr<Session> session;
   runtime::KvOptions kv;
   int64_t kv_bytes = 0;        // what admission charged for the session
@@ -135,15 +146,25 @@ Scheduler::Slot& Scheduler::idle_slot(int id) {
 }
 
 void Scheduler::erase_slot(int id) {
-  std::lock_guard<std::mutex> lock(mu_);
-  Slot& s = idle_slot(id);
-  s.session.reset();
-  s.kv_bytes = 0;
-  s.fed.clear();
+  run_between_steps([&] {
+    Slot& s = idle_slot(id);
+    s.session.reset();
+    s.kv_bytes = 0;
+    s.fed.clear();
+  });
 }
 
 void Scheduler::run_between_steps(std::function<void()> task) {
-  auto packaged = std::make_shared<std::packaged_task<void()>>(std::move(task));
+  // Published before the caller wakes, so that it reads its own change in /slots and /metrics.
+  auto packaged = std::make_shared<std::packaged_task<void()>>([this, task = std::move(task)] {
+    try {
+      task();
+    } catch (...) {
+      publish();
+      throw;
+    }
+    publish();
+  });
   std::future<void> done = packaged->get_future();
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -282,13 +303,34 @@ json Scheduler::slots_json() {
     out.push_back({{"id", s->id},
                    {"is_processing", s->job != nullptr},
                    {"n_ctx", engine_.n_ctx()},
-                   {"n_past", s->fed.size()},
-                   {"kv_policy", s->session ? s->kv.policy : "none"},
-                   {"kv_budget", s->kv.budget},
-                   {"kv_bytes_reserved", s->kv_bytes},
-                   {"has_session", s->session != nullptr}});
+                   {"n_past", s->status.n_past},
+                   {"kv_policy", s->status.kv_policy},
+                   {"kv_budget", s->status.kv_budget},
+                   {"kv_bytes_reserved", s->status.kv_bytes},
+                   {"has_session", s->status.has_session}});
   }
   return out;
+}
+
+void Scheduler::publish() {
+  int64_t used = 0, reserved = 0, full = 0;
+  int sessions = 0;
+  for (auto& s : slots_) {
+    s->status.n_past = static_cast<int>(s->fed.size());
+    s->status.has_session = s->session != nullptr;
+    s->status.kv_policy = s->session ? s->kv.policy : "none";
+    s->status.kv_budget = s->kv.budget;
+    s->status.kv_bytes = s->kv_bytes;
+    if (!s->session) continue;
+    used += s->session->cache().bytes_used();
+    reserved += s->session->cache().bytes_reserved();
+    full += s->session->cache().full_cache_bytes(s->session->n_past());
+    ++sessions;
+  }
+  metrics_.kv_bytes_used = used;
+  metrics_.kv_bytes_reserved = reserved;
+  metrics_.kv_bytes_full = full;
+  metrics_.sessions = sessions;
 }
 
 void Scheduler::loop() {
@@ -305,6 +347,7 @@ void Scheduler::loop() {
       task();
     }
     assign_queued(lock);
+    publish();  // admissions made and dropped sessions
     std::vector<Slot*> active;
     for (auto& s : slots_)
       if (s->job) active.push_back(s.get());
@@ -321,24 +364,12 @@ void Scheduler::loop() {
       delta.prompt_tokens += static_cast<int64_t>(s->prompt_done);
       delta.generated_tokens += s->n_gen;
     }
-    int64_t used = 0, reserved = 0, full = 0;
-    int sessions = 0;
-    for (auto& s : slots_)
-      if (s->session) {
-        used += s->session->cache().bytes_used();
-        reserved += s->session->cache().bytes_reserved();
-        full += s->session->cache().full_cache_bytes(s->session->n_past());
-        ++sessions;
-      }
 
     lock.lock();
     metrics_.prompt_tokens += delta.prompt_tokens;
     metrics_.generated_tokens += delta.generated_tokens;
     metrics_.busy_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    metrics_.kv_bytes_used = used;
-    metrics_.kv_bytes_reserved = reserved;
-    metrics_.kv_bytes_full = full;
-    metrics_.sessions = sessions;
+    publish();
     int n_active = 0;
     for (Slot* s : active) {
       if (s->finished) {
@@ -398,6 +429,12 @@ bool Scheduler::admit(Slot& slot, const std::shared_ptr<Job>& job) {
   const size_t reuse = reusable_prefix(slot.session.get(), slot.kv == kv && r.cache_prompt, slot.fed, job->tokens);
   const bool reusable = reuse > 0 && reuse == slot.fed.size() && reuse < job->tokens.size();
   try {
+    // The protocol checks sampling options; should the sampler still refuse them, the request
+    // fails, not the scheduler thread (an exception escaping it would end the server).
+    SamplerOptions so = r.sampling;
+    if (!r.seed_given) so.seed = random_seed();
+    if (r.ignore_eos) so.banned = tok_.eog_ids();
+    slot.sampler.emplace(so);
     if (!slot.session || slot.kv != kv) {
       const int64_t cost = engine_.session_kv_bytes(kv);  // also checks the KV options
       slot.session.reset();
@@ -427,10 +464,6 @@ bool Scheduler::admit(Slot& slot, const std::shared_ptr<Job>& job) {
   slot.pending = -1;
   slot.n_gen = 0;
   slot.usage = Usage{static_cast<int>(job->tokens.size()), 0, static_cast<int>(slot.prompt_done)};
-  SamplerOptions so = r.sampling;
-  if (!r.seed_given) so.seed = random_seed();
-  if (r.ignore_eos) so.banned = tok_.eog_ids();
-  slot.sampler.emplace(so);
   for (int32_t t : job->tokens) slot.sampler->accept(t);
   slot.decoder.emplace(tok_, /*render_special=*/false);
   slot.stop.emplace(r.stop);

@@ -5,6 +5,11 @@
 // slot plus prompt chunks that fit, so a long new prompt never freezes the other streams.
 // Sessions share the engine's thread pool, so only the scheduler thread touches the model. HTTP
 // threads talk to it through Jobs.
+//
+// Threads: the scheduler thread owns every slot's session and history; no other thread touches
+// them. Other threads read what the scheduler publishes under mu_ (metrics_, each slot's status
+// and job pointer), and changes to idle slots (erase, save, restore) run on the scheduler thread
+// between two steps (run_between_steps).
 #pragma once
 #include <atomic>
 #include <chrono>
@@ -113,7 +118,10 @@ class Scheduler {
   int64_t kv_reserved() const;
   // Runs `task` on the scheduler thread between steps, with mu_ held; rethrows what it throws.
   void run_between_steps(std::function<void()> task);
-  Slot& idle_slot(int id);  // throws HttpError 404 / 409; call with mu_ held
+  Slot& idle_slot(int id);  // throws HttpError 404 / 409; on the scheduler thread, mu_ held
+  // Copies the slots' state into what /slots and /metrics read (their status, metrics_'s KV
+  // figures); on the scheduler thread, mu_ held, whenever sessions may have changed.
+  void publish();
   runtime::KvOptions kv_options_of(const kv::StateConfig& c, const std::string& name) const;
 
   void step(const std::vector<Slot*>& active);
@@ -129,7 +137,7 @@ class Scheduler {
   std::deque<std::shared_ptr<Job>> queue_;
   std::deque<std::function<void()>> tasks_;  // run_between_steps
   std::string model_fingerprint_;            // state files pin it
-  std::mutex mu_;  // queue_, slots' job/session pointers, metrics_, stop_
+  std::mutex mu_;  // queue_, tasks_, metrics_, stop_, slots' job pointer and published status
   std::condition_variable cv_;
   std::atomic<bool> draining_{false};
   bool stop_ = false;

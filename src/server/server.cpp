@@ -40,13 +40,7 @@ std::string transport_error_message(const httplib::Request& req, int status) {
   return "the request body is too large";
 }
 
-json parse_body(const httplib::Request& req) {
-  try {
-    return json::parse(req.body);
-  } catch (const json::parse_error& e) {
-    throw HttpError(400, std::string("the request body is not valid JSON: ") + e.what());
-  }
-}
+json parse_body(const httplib::Request& req) { return parse_json_body(req.body); }
 
 std::string sse(const json& j) { return "data: " + j.dump(-1, ' ', false, json::error_handler_t::replace) + "\n\n"; }
 
@@ -126,32 +120,13 @@ struct Server::Impl {
                                                 {"meta", meta}}})}});
   }
 
-  std::vector<int32_t> prompt_tokens(const CompletionRequest& r) {
-    std::vector<int32_t> ids;
-    if (r.chat) {
-      if (!tmpl) throw HttpError(400, "this model has no chat template the server knows: use /v1/completions");
-      ids = tok.encode(tmpl->apply(r.messages, /*add_generation_prompt=*/true), /*add_special=*/true, /*parse_special=*/true);
-    } else if (!r.prompt_tokens.empty()) {
-      for (int32_t t : r.prompt_tokens)
-        if (t >= tok.n_vocab()) throw HttpError(400, "token id " + std::to_string(t) + " is outside the vocabulary", "invalid_request_error", "prompt");
-      ids = r.prompt_tokens;
-    } else {
-      ids = tok.encode(r.prompt, /*add_special=*/true, /*parse_special=*/true);
-    }
-    if (ids.empty()) throw HttpError(400, "the prompt is empty after tokenization", "invalid_request_error", "prompt");
-    if (static_cast<int>(ids.size()) >= engine.n_ctx())
-      throw HttpError(400, "the prompt has " + std::to_string(ids.size()) + " tokens, the context holds " +
-                               std::to_string(engine.n_ctx()), "invalid_request_error", "messages");
-    return ids;
-  }
-
   void completion(const httplib::Request& req, httplib::Response& res, bool chat) {
     CompletionRequest r = parse_completion(parse_body(req), chat, opt.sampling, opt.scheduler.kv);
     if (!r.model.empty() && r.model != opt.model_id)
       throw HttpError(404, "the model '" + r.model + "' does not exist (this server runs '" + opt.model_id + "')",
                       "invalid_request_error", "model");
     r.model = opt.model_id;
-    std::vector<int32_t> ids = prompt_tokens(r);
+    std::vector<int32_t> ids = prompt_tokens(r, tok, tmpl ? &*tmpl : nullptr, engine.n_ctx());
     const std::string id = (chat ? "chatcmpl-" : "cmpl-") + std::to_string(next_id++);
     const int64_t created = unix_now();
     std::shared_ptr<Job> job = sched.submit(r, std::move(ids));
@@ -229,31 +204,18 @@ struct Server::Impl {
   }
 
   void tokenize(const httplib::Request& req, httplib::Response& res) {
-    const json body = parse_body(req);
-    if (!body.is_object() || !body.contains("content") || !body["content"].is_string())
-      throw HttpError(400, "'content' must be a string", "invalid_request_error", "content");
-    const bool add_special = body.value("add_special", false);
-    const bool parse_special = body.value("parse_special", true);
-    const bool with_pieces = body.value("with_pieces", false);
-    const std::vector<int32_t> ids = tok.encode(body["content"].get<std::string>(), add_special, parse_special);
+    const TokenizeRequest t = parse_tokenize(parse_body(req));
+    const std::vector<int32_t> ids = tok.encode(t.content, t.add_special, t.parse_special);
     json tokens = json::array();
-    for (int32_t t : ids) {
-      if (with_pieces) tokens.push_back({{"id", t}, {"piece", tok.token_bytes(t)}});
-      else tokens.push_back(t);
+    for (int32_t id : ids) {
+      if (t.with_pieces) tokens.push_back({{"id", id}, {"piece", tok.token_bytes(id)}});
+      else tokens.push_back(id);
     }
     send_json(res, 200, {{"tokens", tokens}});
   }
 
   void detokenize(const httplib::Request& req, httplib::Response& res) {
-    const json body = parse_body(req);
-    if (!body.is_object() || !body.contains("tokens") || !body["tokens"].is_array())
-      throw HttpError(400, "'tokens' must be an array of token ids", "invalid_request_error", "tokens");
-    std::vector<int32_t> ids;
-    for (const json& t : body["tokens"]) {
-      if (!t.is_number_integer() || t.get<int64_t>() < 0 || t.get<int64_t>() >= tok.n_vocab())
-        throw HttpError(400, "'tokens' holds something that is not a token id of this model", "invalid_request_error", "tokens");
-      ids.push_back(static_cast<int32_t>(t.get<int64_t>()));
-    }
+    const std::vector<int32_t> ids = parse_detokenize(parse_body(req), tok.n_vocab());
     send_json(res, 200, {{"content", tok.decode(ids, /*render_special=*/true)}});
   }
 

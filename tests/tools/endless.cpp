@@ -111,10 +111,12 @@ int teacher_force(Session& s, const std::vector<int32_t>& tokens, int chunk) {
       }
     }
   }
-  std::printf("{\"ppl_in_context\": %.6f, \"targets_in_context\": %lld, \"ppl_past_context\": %.6f, "
+  // JSON has no NaN: no target past the context (a text shorter than -c) is null.
+  const std::string past = past_n > 0 ? std::to_string(std::exp(past_sum / past_n)) : "null";
+  std::printf("{\"ppl_in_context\": %.6f, \"targets_in_context\": %lld, \"ppl_past_context\": %s, "
               "\"targets_past_context\": %lld}\n",
-              std::exp(in_sum / std::max<int64_t>(1, in_n)), static_cast<long long>(in_n),
-              past_n > 0 ? std::exp(past_sum / past_n) : NAN, static_cast<long long>(past_n));
+              std::exp(in_sum / std::max<int64_t>(1, in_n)), static_cast<long long>(in_n), past.c_str(),
+              static_cast<long long>(past_n));
   return 0;
 }
 
