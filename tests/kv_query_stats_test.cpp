@@ -56,13 +56,13 @@ double dot(const std::vector<double>& a, const float* b) {
   return s;
 }
 
-struct Setup {
+struct StatsCase {
   static constexpr int d = 8, nkv = 2, group = 3, n_heads = nkv * group, rank = 2, n_rot = 6;
   const std::vector<double> inv_freq{0.5, 0.1, 0.01};
   std::vector<float> mean, factors;
   PolicyOptions options;
 
-  explicit Setup(uint32_t seed) {
+  explicit StatsCase(uint32_t seed) {
     std::mt19937 rng(seed);
     std::normal_distribution<float> nd;
     mean.resize(size_t(n_heads) * d);
@@ -107,7 +107,7 @@ std::vector<float> score(Policy& p, const Cache& c, int h) {
 }
 
 TEST(QueryStatsPolicies, QFiltersRopeIsTheGroupMeanQueryMovedToTheNextPositions) {
-  Setup s(5);
+  StatsCase s(5);
   const int T = 40, future = 16;
   std::vector<float> k;
   const Cache c = s.cache(T, 0, 9, &k);
@@ -115,63 +115,63 @@ TEST(QueryStatsPolicies, QFiltersRopeIsTheGroupMeanQueryMovedToTheNextPositions)
   auto p = make_policy("qfilters_rope", s.options);
   EXPECT_EQ(p->name(), "qfilters_rope");
   EXPECT_EQ(p->needs(s.options), AttentionStats{});  // no attention statistics: the fused kernel stays
-  const Matrix R = mean_rotation(Setup::d, Setup::n_rot, s.inv_freq, T, future);
-  for (int h = 0; h < Setup::nkv; ++h) {
-    std::vector<float> f(Setup::d, 0.0f);
-    for (int g = 0; g < Setup::group; ++g)
-      for (int i = 0; i < Setup::d; ++i) f[i] += s.mean[(h * Setup::group + g) * Setup::d + i] / Setup::group;
+  const Matrix R = mean_rotation(StatsCase::d, StatsCase::n_rot, s.inv_freq, T, future);
+  for (int h = 0; h < StatsCase::nkv; ++h) {
+    std::vector<float> f(StatsCase::d, 0.0f);
+    for (int g = 0; g < StatsCase::group; ++g)
+      for (int i = 0; i < StatsCase::d; ++i) f[i] += s.mean[(h * StatsCase::group + g) * StatsCase::d + i] / StatsCase::group;
     const std::vector<double> rf = times(R, f.data());
     const std::vector<float> got = score(*p, c, h);
     const HeadCache& hc = c.head(0, h);
     for (int j = 0; j < hc.n; ++j) {
-      const double want = dot(rf, k.data() + (size_t(hc.pos[j]) * Setup::nkv + h) * Setup::d);
+      const double want = dot(rf, k.data() + (size_t(hc.pos[j]) * StatsCase::nkv + h) * StatsCase::d);
       EXPECT_NEAR(got[j], want, 1e-4 * (1 + std::abs(want))) << "head " << h << " pos " << hc.pos[j];
     }
   }
 }
 
 TEST(QueryStatsPolicies, QFiltersRopeScoresDependOnDistanceNotOnAbsolutePosition) {
-  Setup s(6);
+  StatsCase s(6);
   s.options.query_future_positions = 1;
   auto p = make_policy("qfilters_rope", s.options);
   // The same keys, the whole sequence 1,000 positions later: every score is the same.
-  const Cache near = s.cache(30, 0, 11), far = s.cache(30, 1000, 11);
-  for (int h = 0; h < Setup::nkv; ++h) {
-    const std::vector<float> a = score(*p, near, h), b = score(*p, far, h);
+  const Cache early = s.cache(30, 0, 11), late = s.cache(30, 1000, 11);
+  for (int h = 0; h < StatsCase::nkv; ++h) {
+    const std::vector<float> a = score(*p, early, h), b = score(*p, late, h);
     ASSERT_EQ(a.size(), b.size());
     for (size_t j = 0; j < a.size(); ++j) EXPECT_NEAR(a[j], b[j], 1e-4 * (1 + std::abs(a[j]))) << h << " " << j;
   }
   // A fixed post-rotary filter (what qfilters scores with) does not have this property.
-  std::vector<float> fixed(size_t(Setup::nkv) * Setup::d, 1.0f);
+  std::vector<float> fixed(size_t(StatsCase::nkv) * StatsCase::d, 1.0f);
   PolicyOptions o;
   o.filters = fixed;
   auto q = make_policy("qfilters", o);
   double diff = 0;
-  for (int h = 0; h < Setup::nkv; ++h) {
-    const std::vector<float> a = score(*q, near, h), b = score(*q, far, h);
+  for (int h = 0; h < StatsCase::nkv; ++h) {
+    const std::vector<float> a = score(*q, early, h), b = score(*q, late, h);
     for (size_t j = 0; j < a.size(); ++j) diff = std::max(diff, double(std::abs(a[j] - b[j])));
   }
   EXPECT_GT(diff, 0.1);
 }
 
 TEST(QueryStatsPolicies, EaCalibratedMatchesADirectComputation) {
-  Setup s(7);
-  const int T = 40, future = 16, d = Setup::d;
+  StatsCase s(7);
+  const int T = 40, future = 16, d = StatsCase::d;
   std::vector<float> k;
   const Cache c = s.cache(T, 0, 13, &k);
   s.options.query_future_positions = future;
   auto p = make_policy("ea_calibrated", s.options);
-  const Matrix R = mean_rotation(d, Setup::n_rot, s.inv_freq, T, future);
-  for (int h = 0; h < Setup::nkv; ++h) {
+  const Matrix R = mean_rotation(d, StatsCase::n_rot, s.inv_freq, T, future);
+  for (int h = 0; h < StatsCase::nkv; ++h) {
     const HeadCache& hc = c.head(0, h);
     const std::vector<float> vals = values_f32(hc, d);
     std::vector<double> want(hc.n, 0.0);
-    for (int g = 0; g < Setup::group; ++g) {
-      const int qh = h * Setup::group + g;
+    for (int g = 0; g < StatsCase::group; ++g) {
+      const int qh = h * StatsCase::group + g;
       // Sigma = sum_r u_r u_r^T; logit = (R mu).k / sqrt(d) + k' R Sigma R^T k / (2d).
       Matrix S(d, std::vector<double>(d, 0.0));
-      for (int r = 0; r < Setup::rank; ++r) {
-        const float* u = s.factors.data() + (size_t(qh) * Setup::rank + r) * d;
+      for (int r = 0; r < StatsCase::rank; ++r) {
+        const float* u = s.factors.data() + (size_t(qh) * StatsCase::rank + r) * d;
         for (int i = 0; i < d; ++i)
           for (int j = 0; j < d; ++j) S[i][j] += double(u[i]) * u[j];
       }
@@ -180,7 +180,7 @@ TEST(QueryStatsPolicies, EaCalibratedMatchesADirectComputation) {
       double mx = -1e300, z = 0;
       for (int j = 0; j < hc.n; ++j) {
         if (hc.pos[j] < kQueryMomentSinks) continue;
-        const float* key = k.data() + (size_t(hc.pos[j]) * Setup::nkv + h) * d;
+        const float* key = k.data() + (size_t(hc.pos[j]) * StatsCase::nkv + h) * d;
         std::vector<double> rk(d, 0.0);  // R^T k
         for (int i = 0; i < d; ++i)
           for (int m = 0; m < d; ++m) rk[i] += R[m][i] * key[m];
@@ -193,7 +193,7 @@ TEST(QueryStatsPolicies, EaCalibratedMatchesADirectComputation) {
       for (int j = 0; j < hc.n; ++j)
         if (hc.pos[j] >= kQueryMomentSinks) z += std::exp(logit[j] - mx);
       for (int j = 0; j < hc.n; ++j)
-        if (hc.pos[j] >= kQueryMomentSinks) want[j] += std::exp(logit[j] - mx) / z / Setup::group;
+        if (hc.pos[j] >= kQueryMomentSinks) want[j] += std::exp(logit[j] - mx) / z / StatsCase::group;
     }
     const std::vector<float> got = score(*p, c, h);
     for (int j = 0; j < hc.n; ++j) {
@@ -219,13 +219,13 @@ TEST(QueryStatsPolicies, MissingOrMisshapenStatisticsAreErrors) {
       EXPECT_NE(std::string(e.what()).find("--stats-rank"), std::string::npos) << e.what();
     }
   }
-  Setup s(8);
+  StatsCase s(8);
   s.options.query_future_positions = 0;
   EXPECT_THROW(make_policy("qfilters_rope", s.options), Error);
   s.options.query_future_positions = 4;
   // Statistics for 3 KV heads' worth of query heads do not fit a cache of 2 KV heads of 4 dims.
   const Cache c = s.cache(10, 0, 3);
-  Cache other({1, Setup::nkv, 4}, {10}, {});
+  Cache other({1, StatsCase::nkv, 4}, {10}, {});
   other.head(0, 0).n = 0;
   for (const char* name : {"qfilters_rope", "ea_calibrated"}) {
     auto p = make_policy(name, s.options);
