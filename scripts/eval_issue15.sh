@@ -20,13 +20,14 @@ if [ ! -f "$F" ]; then
   nice -n 10 "$qf" calibrate -m "$M" -o "$F" --stats-rank 8 -t 1 \
     --compare models/SmolLM2-135M-Instruct.qfilters.safetensors
 fi
-P=none,qfilters,tova,h2o,expected_attention,qfilters_rope,ea_calibrated,qfilters_rope+layer,ea_calibrated+layer
+P=none,qfilters,tova,h2o,expected_attention,qfilters_rope,ea_calibrated
+P=$P,qfilters+layer,expected_attention+layer,qfilters_rope+layer,ea_calibrated+layer
 if [ "$what" = all ] || [ "$what" = niah ]; then
   nice -n 10 "$qf" eval niah -m "$M" --filters "$F" -o results/issue15-niah --lengths 1024,2048 --depths 5 \
     --compressions 4,8 --seeds 42,43,44 --digits 7 --skip-layers 2 --policies "$P" -t 1 --no-progress
 fi
 if [ "$what" = all ] || [ "$what" = ppl ]; then
   nice -n 10 "$qf" eval ppl -m "$M" --filters "$F" -o results/issue15-ppl --docs 8 --tokens 1024 \
-    --budgets 128,256 --window 64 --policies none,streaming,h2o,tova,qfilters,qfilters_rope,ea_calibrated \
+    --budgets 128,256 --window 64 --policies none,streaming,h2o,tova,qfilters,qfilters_rope,ea_calibrated,ea_calibrated+layer \
     -t 1 --no-progress
 fi
