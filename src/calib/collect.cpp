@@ -158,7 +158,8 @@ void QueryCollector::finish(Calibrator& cal, const kv::RopeGeometry& rope, int s
         for (int h = 0; h < n_head_; ++h) rope.rotate(l, -static_cast<double>(row_pos_[l][i]), q + static_cast<size_t>(h) * head_dim_);
       }
       if (unrotated.empty()) fail("calibration: every query sample is among the first ", kv::kQueryMomentSinks, " positions");
-      cal.add_query_stats(l, unrotated.data(), static_cast<int>(unrotated.size() / row_), stats_rank);
+      // A small head keeps every eigenpair it has.
+      cal.add_query_stats(l, unrotated.data(), static_cast<int>(unrotated.size() / row_), std::min(stats_rank, head_dim_));
     }
     std::vector<float>().swap(rows_[l]);
     std::vector<uint8_t>().swap(filled_[l]);

@@ -60,7 +60,7 @@ class QueryCollector {
 
   // Throws qf::Error unless every planned row was filled. Then computes every layer's filters into
   // `cal` (one layer at a time, freeing its samples) and leaves the collector empty. With a
-  // non-empty `rope` (the model's rotary embedding) and stats_rank >= 1, also the query
+  // non-empty `rope` (the model's rotary embedding) and stats_rank >= 1 (at most head_dim is used), also the query
   // statistics before the rotary embedding (Calibrator::add_query_stats): each sample is rotated
   // back by its position, and samples at positions below kv::kQueryMomentSinks are left out.
   void finish(Calibrator& cal, const kv::RopeGeometry& rope = {}, int stats_rank = 0);
