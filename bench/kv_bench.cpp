@@ -93,7 +93,8 @@ BENCHMARK(BM_AttendWithStats)->ArgsProduct({{512, 8192}, {0, 1, 2}})->Unit(bench
 const std::vector<std::string>& bench_policies() {
   static const std::vector<std::string> names = {"qfilters", "knorm",           "streaming",          "random",
                                                  "snapkv",   "tova",            "h2o",                "expected_attention",
-                                                 "qfilters+layer", "expected_attention+layer"};
+                                                 "qfilters+layer", "expected_attention+layer",
+                                                 "qfilters_rope",  "ea_calibrated",   "qfilters_rope+layer"};
   return names;
 }
 
@@ -102,6 +103,10 @@ const std::vector<std::string>& bench_policies() {
 struct RoundSetup {
   static constexpr int kBudget = 512, kWindow = 64;
   std::vector<float> filters = std::vector<float>(kKvHeads * kDim);
+  // qfilters_rope, ea_calibrated: calibrated query statistics of rank 8 (what qf calibrate stores).
+  static constexpr int kStatsRank = 8;
+  std::vector<float> query_mean = std::vector<float>(kHeads * kDim),
+                     query_factors = std::vector<float>(kHeads * kStatsRank * kDim);
   PolicyOptions opt;
   std::unique_ptr<Compressor> comp;
   std::unique_ptr<Cache> cache;
@@ -112,6 +117,12 @@ struct RoundSetup {
     std::normal_distribution<float> nd;
     for (auto& x : filters) x = nd(rng);
     opt.filters = filters;
+    for (auto& x : query_mean) x = nd(rng);
+    for (auto& x : query_factors) x = nd(rng) * 0.3f;
+    opt.query_mean = query_mean;
+    opt.query_factors = query_factors;
+    opt.n_query_heads = kHeads;
+    opt.stats_rank = kStatsRank;
     opt.seed = 3;
     comp = std::make_unique<Compressor>(make_policy(name, opt), opt, CompressionConfig{.budget = kBudget, .window = kWindow});
     cache = std::make_unique<Cache>(CacheShape{1, kKvHeads, kDim}, std::vector<int>{comp->capacity(0, 1 << 30, 1)}, comp->needs(),
@@ -126,10 +137,11 @@ struct RoundSetup {
         if (!hc.attn_last.empty()) hc.attn_last[j] = u(rng);
       }
     }
-    if (!cache->query_moments.empty()) {  // expected_attention: moments of earlier queries, Llama's rotary
-      cache->rope.n_rot = kDim;
-      cache->rope.inv_freq.assign(1, std::vector<double>(kDim / 2));
-      for (int i = 0; i < kDim / 2; ++i) cache->rope.inv_freq[0][i] = std::pow(10000.0, -2.0 * i / kDim);
+    // Llama's rotary (a session always sets it): the query-statistics policies move their moments.
+    cache->rope.n_rot = kDim;
+    cache->rope.inv_freq.assign(1, std::vector<double>(kDim / 2));
+    for (int i = 0; i < kDim / 2; ++i) cache->rope.inv_freq[0][i] = std::pow(10000.0, -2.0 * i / kDim);
+    if (!cache->query_moments.empty()) {  // expected_attention: moments of earlier queries
       std::vector<float> q(kHeads * kDim);
       for (int t = 0; t < kBudget; ++t) {
         for (auto& x : q) x = nd(rng);
@@ -153,7 +165,7 @@ void BM_Score(benchmark::State& state) {
     benchmark::DoNotOptimize(scores.data());
   }
 }
-BENCHMARK(BM_Score)->DenseRange(0, 9)->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_Score)->DenseRange(0, 12)->Unit(benchmark::kMicrosecond);
 
 // Scoring from stored keys of each type. Args: 0 qfilters / 1 knorm, KV type index (kv_types()).
 void BM_ScoreTypes(benchmark::State& state) {
@@ -185,6 +197,6 @@ void BM_ScoreAndEvict(benchmark::State& state) {
   }
   if (s.comp->stats().evictions != state.iterations()) state.SkipWithError("expected one eviction per step");
 }
-BENCHMARK(BM_ScoreAndEvict)->DenseRange(0, 9)->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_ScoreAndEvict)->DenseRange(0, 12)->Unit(benchmark::kMicrosecond);
 
 }  // namespace

@@ -22,6 +22,7 @@
 #include "calib/filters.h"
 #include "calib/report.h"
 #include "model/model.h"
+#include "model/ops.h"
 #include "model/session.h"
 #include "test_paths.h"
 #include "tokenizer/tokenizer.h"
@@ -241,6 +242,49 @@ TEST_F(CalibSmolLM2, CollectorRowsAreTheForwardPassQueries) {
     for (size_t i = 0; i < pos.size(); ++i)
       ASSERT_TRUE(std::equal(rows.begin() + i * row, rows.begin() + (i + 1) * row, all[l].begin() + pos[i] * row))
           << "layer " << l << " position " << pos[i];
+  }
+}
+
+// The query statistics are the moments of the planned rows rotated back by their positions with
+// the forward pass's own rotary code (positions below kQueryMomentSinks left out).
+TEST_F(CalibSmolLM2, QueryStatsAreThePreRotaryMomentsOfThePlannedRows) {
+  const ModelConfig& c = model_->config();
+  const std::vector<int32_t> d = doc("1901_theodore_roosevelt_r.txt", 96);
+  Session s(*model_, session_options(96, 32));
+  QueryCollector col(c, SamplePlan({96}, c.n_layers, 40, 3));
+  s.set_qk_hook(col.hook());
+  col.begin_document(0);
+  s.eval(d);
+  s.set_qk_hook(nullptr);
+  const size_t row = size_t(c.n_heads) * c.head_dim;
+  std::vector<std::vector<float>> planned(c.n_layers);
+  for (int l = 0; l < c.n_layers; ++l) planned[l].assign(col.layer_queries(l).begin(), col.layer_queries(l).end());
+  std::vector<std::vector<int64_t>> pos(c.n_layers);
+  for (int l = 0; l < c.n_layers; ++l) pos[l] = col.plan().positions(l);
+  Calibrator cal(c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim);
+  const int rank = 3;
+  col.finish(cal, rope_geometry(*model_), rank);
+  const Filters& f = cal.filters();
+  ASSERT_TRUE(f.has_query_stats());
+  ASSERT_EQ(f.n_query_heads, c.n_heads);
+  ASSERT_EQ(f.stats_rank, rank);
+
+  const ops::Rotary rotary(c, model_->rope_freq_factors());
+  for (int l : {0, c.n_layers / 2, c.n_layers - 1}) {
+    std::vector<double> sum(row, 0.0);
+    int used = 0;
+    for (size_t i = 0; i < pos[l].size(); ++i) {
+      if (pos[l][i] < kv::kQueryMomentSinks) continue;
+      std::vector<float> q(planned[l].begin() + i * row, planned[l].begin() + (i + 1) * row);
+      rotary.rotate_by(l, q.data(), c.n_heads, -static_cast<int>(pos[l][i]));
+      for (size_t j = 0; j < row; ++j) sum[j] += q[j];
+      ++used;
+    }
+    ASSERT_GT(used, 30);
+    for (size_t j = 0; j < row; ++j) {
+      const double want = sum[j] / used;
+      ASSERT_NEAR(f.query_mean[size_t(l) * row + j], want, 2e-4 * (1 + std::abs(want))) << "layer " << l << " " << j;
+    }
   }
 }
 

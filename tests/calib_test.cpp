@@ -679,6 +679,121 @@ TEST(Report, CountsAgainstKeysDisagreementsAndEnergy) {
 
 // ---- Python cross-check -------------------------------------------------------------------------
 
+// ---- query statistics (query_stats version 1) -----------------------------------------------------
+
+TEST(QueryStats, MeanAndFactorsAreTheSampleMomentsEigenpairs) {
+  const int n = 500, d = 6, stride = 10, rank = 3;
+  Rng rng(8);
+  const Eigen::VectorXd u = random_unit(d, rng);
+  const std::vector<float> x = planted(n, d, u, 1.0, Noise::kAnisotropic, rng);
+  std::vector<float> rows(size_t(n) * stride, 99.0f);  // padding the function must not read
+  for (int i = 0; i < n; ++i) std::copy(x.begin() + i * d, x.begin() + (i + 1) * d, rows.begin() + i * stride);
+  std::vector<float> mean(d), factors(size_t(rank) * d);
+  query_moments(rows.data(), n, d, stride, rank, mean.data(), factors.data());
+
+  Eigen::MatrixXd X(n, d);
+  for (int i = 0; i < n; ++i)
+    for (int j = 0; j < d; ++j) X(i, j) = x[size_t(i) * d + j];
+  const Eigen::VectorXd mu = X.colwise().mean();
+  const Eigen::MatrixXd C = X.rowwise() - mu.transpose();
+  const Eigen::MatrixXd cov = C.transpose() * C / n;  // biased, as kvpress
+  for (int j = 0; j < d; ++j) EXPECT_NEAR(mean[j], mu[j], 1e-5);
+  // Singular values of the centred samples: sigma_r^2 / n are the covariance's eigenvalues.
+  const Eigen::JacobiSVD<Eigen::MatrixXd> svd(C, Eigen::ComputeThinV);
+  double previous = 1e300;
+  for (int r = 0; r < rank; ++r) {
+    const Eigen::VectorXd f = Eigen::Map<const Eigen::VectorXf>(factors.data() + r * d, d).cast<double>();
+    const double lambda = f.squaredNorm();
+    EXPECT_NEAR(lambda, svd.singularValues()[r] * svd.singularValues()[r] / n, 1e-4 * lambda) << r;
+    EXPECT_NEAR(std::abs(f.normalized().dot(svd.matrixV().col(r))), 1.0, 1e-4) << r;
+    EXPECT_LE((cov * f - lambda * f).norm(), 1e-4 * lambda) << r;
+    EXPECT_LE(lambda, previous);
+    previous = lambda;
+  }
+  EXPECT_THROW(query_moments(rows.data(), 0, d, stride, rank, mean.data(), factors.data()), Error);
+  EXPECT_THROW(query_moments(rows.data(), n, d, stride, d + 1, mean.data(), factors.data()), Error);
+  rows[3] = std::numeric_limits<float>::quiet_NaN();
+  EXPECT_THROW(query_moments(rows.data(), n, d, stride, rank, mean.data(), factors.data()), Error);
+}
+
+// calibrated_pattern() plus query statistics of 4 query heads and rank 2.
+Filters pattern_with_stats() {
+  Filters f = calibrated_pattern();
+  f.n_query_heads = 4;
+  f.stats_rank = 2;
+  f.query_mean.resize(size_t(3) * 4 * 8);
+  f.query_factors.resize(f.query_mean.size() * 2);
+  for (size_t i = 0; i < f.query_mean.size(); ++i) f.query_mean[i] = float(int(i % 13) - 6) / 4.0f;
+  for (size_t i = 0; i < f.query_factors.size(); ++i) f.query_factors[i] = float(int(i % 7) - 3) / 8.0f;
+  return f;
+}
+
+TEST(QueryStats, FileRoundTripAndOlderFilesStillLoad) {
+  const Filters f = pattern_with_stats();
+  const std::vector<uint8_t> bytes = serialize_filters(f);
+  uint64_t n;
+  std::memcpy(&n, bytes.data(), 8);
+  ASSERT_EQ(bytes.size(), 8 + n + (f.size() + f.query_mean.size() + f.query_factors.size()) * 4);
+  const nlohmann::json h = nlohmann::json::parse(bytes.begin() + 8, bytes.begin() + 8 + std::ptrdiff_t(n));
+  EXPECT_EQ(h["__metadata__"]["query_stats_version"], "1");
+  EXPECT_EQ(h["query_mean"]["shape"], nlohmann::json::array({3, 4, 8}));
+  EXPECT_EQ(h["query_cov_factors"]["shape"], nlohmann::json::array({3, 4, 2, 8}));
+  EXPECT_EQ(h["query_mean"]["data_offsets"], nlohmann::json::array({192, 192 + 384}));
+
+  const LoadedFilters l = load_filters(bytes, "f", {3, 2, 8, kFingerprint});
+  EXPECT_EQ(l.filters.data, f.data);
+  EXPECT_EQ(l.filters.n_query_heads, 4);
+  EXPECT_EQ(l.filters.stats_rank, 2);
+  EXPECT_EQ(l.filters.query_mean, f.query_mean);
+  EXPECT_EQ(l.filters.query_factors, f.query_factors);
+  const std::string path = temp_dir() + "/stats.safetensors";
+  write_filters(path, f);
+  EXPECT_EQ(read_filters(path).filters.query_factors, f.query_factors);  // the seeking reader
+  EXPECT_EQ(serialize_filters(parse_filters(bytes).filters), bytes);
+
+  // A file without them (every file written before) loads as before, with no statistics.
+  const LoadedFilters old = load_filters(serialize_filters(calibrated_pattern()), "f", {3, 2, 8, kFingerprint});
+  EXPECT_FALSE(old.filters.has_query_stats());
+  // Exported to the published layout, they are dropped (that format holds the filters only).
+  EXPECT_FALSE(from_canonical(f, FilterLayout::kHf, SignConvention::kKeepSmallestDot).has_query_stats());
+  // Every truncation is still an error.
+  for (size_t k = 0; k < bytes.size(); k += 5)
+    expect_error(std::vector<uint8_t>(bytes.begin(), bytes.begin() + std::ptrdiff_t(k)), "cut at " + std::to_string(k));
+}
+
+TEST(QueryStats, BadStatisticsAreOneLineErrors) {
+  const std::vector<uint8_t> data = f32_bytes(std::vector<float>(48 + 96 + 96, 0.5f));
+  const std::string mean = R"(,"query_mean":{"dtype":"F32","shape":[3,4,8],"data_offsets":[192,576]})";
+  const std::string factors = R"(,"query_cov_factors":{"dtype":"F32","shape":[3,4,1,8],"data_offsets":[576,960]})";
+  auto header = [](const std::string& version, const std::string& tensors) {
+    return R"({"__metadata__":{"format":"qfilters")" + version +
+           R"(},"q_filters":{"dtype":"F32","shape":[3,2,8],"data_offsets":[0,192]})" + tensors + "}";
+  };
+  const std::string v1 = R"(,"query_stats_version":"1")";
+  ASSERT_NO_THROW(parse_filters(make_file(header(v1, mean + factors), data)));
+  expect_error(make_file(header("", mean + factors), data), "tensors without the version");
+  expect_error(make_file(header(R"(,"query_stats_version":"2")", mean + factors), data), "unknown version");
+  expect_error(make_file(header(v1, mean), data), "factors missing");
+  expect_error(make_file(header(v1, factors), data), "mean missing");
+  std::string bad = mean;
+  bad.replace(bad.find("[3,4,8]"), 7, "[3,3,8]");  // 3 query heads for 2 KV heads
+  expect_error(make_file(header(v1, bad + factors), data), "query heads not a multiple");
+  bad = factors;
+  bad.replace(bad.find("[3,4,1,8]"), 9, "[3,4,9,8]");  // rank above head_dim, and the bytes do not match
+  expect_error(make_file(header(v1, mean + bad), data), "rank");
+  bad = factors;
+  bad.replace(bad.find("[576,960]"), 9, "[576,961]");
+  expect_error(make_file(header(v1, mean + bad), data), "offsets");
+  std::vector<uint8_t> nan = data;
+  const float q = std::numeric_limits<float>::quiet_NaN();
+  std::memcpy(nan.data() + 600, &q, 4);
+  expect_error(make_file(header(v1, mean + factors), nan), "non-finite factor");
+
+  Filters f = pattern_with_stats();
+  f.query_factors.pop_back();
+  EXPECT_THROW(serialize_filters(f), Error);
+}
+
 TEST(PythonCrossCheck, SafetensorsPackageReadsOursAndWeReadItsFiles) {
   if (std::system("python3 -c 'import numpy, safetensors' > /dev/null 2>&1") != 0)
     GTEST_SKIP() << "python3 with numpy and safetensors not available";

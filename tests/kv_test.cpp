@@ -454,17 +454,36 @@ std::vector<std::string> policies_under_test() {
   names.push_back("qfilters+layer");
   names.push_back("expected_attention+layer");
   names.push_back("tova+layer");
+  for (const auto& n : query_stats_policy_names()) names.push_back(n);
+  names.push_back("qfilters_rope+layer");
   return names;
 }
+
+// Calibrated query statistics of 2 query heads per KV head, rank 2, for the policies that need them.
+struct RandomQueryStats {
+  std::vector<float> mean, factors;
+  RandomQueryStats(int n_layers, int nkv, int d, std::mt19937& rng) {
+    mean = random_filters(n_layers, 2 * nkv, d, rng);
+    factors = random_filters(n_layers, 2 * nkv * 2, d, rng);
+  }
+  void set(PolicyOptions& o, int nkv) const {
+    o.query_mean = mean;
+    o.query_factors = factors;
+    o.n_query_heads = 2 * nkv;
+    o.stats_rank = 2;
+  }
+};
 
 TEST(Compressor, EveryPolicyEvictsItsOwnTopScores) {
   const int nkv = 3, group = 3, d = 8, L = 2;
   std::mt19937 rng(21);
   const std::vector<float> filters = random_filters(L, nkv, d, rng);
+  const RandomQueryStats stats(L, nkv, d, rng);
   PolicyOptions opt;
   opt.seed = 5;
   opt.snapkv_window = 6;
   opt.filters = filters;
+  stats.set(opt, nkv);
   ThreadPool pool(2);
   for (const std::string& name : policies_under_test()) {
     SCOPED_TRACE(name);
@@ -499,9 +518,11 @@ TEST(Compressor, BudgetAboveSequenceEvictsNothing) {
   const int nkv = 3, d = 8, L = 2;
   std::mt19937 rng(31);
   const std::vector<float> filters = random_filters(L, nkv, d, rng);
+  const RandomQueryStats stats(L, nkv, d, rng);
   PolicyOptions opt;
   opt.filters = filters;
   opt.snapkv_window = 4;
+  stats.set(opt, nkv);
   ThreadPool pool(1);
   for (const std::string& name : policies_under_test()) {
     SCOPED_TRACE(name);

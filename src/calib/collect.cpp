@@ -91,9 +91,11 @@ QueryCollector::QueryCollector(const ModelConfig& c, SamplePlan plan)
     fail("calibration: sample plan has ", plan_.n_layers(), " layers, the model ", c.n_layers);
   rows_.resize(n_layers_);
   filled_.resize(n_layers_);
+  row_pos_.resize(n_layers_);
   for (int l = 0; l < n_layers_; ++l) {
     rows_[l].assign(static_cast<size_t>(plan_.n_samples()) * row_, 0.0f);
     filled_[l].assign(plan_.n_samples(), 0);
+    row_pos_[l].assign(plan_.n_samples(), 0);
   }
 }
 
@@ -128,6 +130,7 @@ void QueryCollector::on_qk(int layer, const float* q, const float* k, const int3
     if (filled_[layer][slot]) fail("calibration: position ", *it - base, " of document ", doc_, " was fed twice");
     std::memcpy(rows_[layer].data() + slot * row_, q + static_cast<size_t>(*it - g0) * row_, row_ * sizeof(float));
     filled_[layer][slot] = 1;
+    row_pos_[layer][slot] = static_cast<int32_t>(*it - base);
     ++rows_filled_;
   }
 }
@@ -137,14 +140,30 @@ std::span<const float> QueryCollector::layer_queries(int layer) const {
   return rows_[layer];
 }
 
-void QueryCollector::finish(Calibrator& cal) {
+void QueryCollector::finish(Calibrator& cal, const kv::RopeGeometry& rope, int stats_rank) {
   const int64_t expected = static_cast<int64_t>(plan_.n_samples()) * n_layers_;
   if (rows_filled_ != expected)
     fail("calibration: ", rows_filled_, " of ", expected, " planned query samples were collected (were all documents fed?)");
+  const bool stats = !rope.empty() && stats_rank > 0;
+  std::vector<float> unrotated;
   for (int l = 0; l < n_layers_; ++l) {
     cal.add_layer(l, rows_[l].data(), plan_.n_samples());
+    if (stats) {
+      unrotated.clear();
+      for (int i = 0; i < plan_.n_samples(); ++i) {
+        if (row_pos_[l][i] < kv::kQueryMomentSinks) continue;  // outliers, as the session's moments
+        const float* row = rows_[l].data() + static_cast<size_t>(i) * row_;
+        unrotated.insert(unrotated.end(), row, row + row_);
+        float* q = unrotated.data() + unrotated.size() - row_;
+        for (int h = 0; h < n_head_; ++h) rope.rotate(l, -static_cast<double>(row_pos_[l][i]), q + static_cast<size_t>(h) * head_dim_);
+      }
+      if (unrotated.empty()) fail("calibration: every query sample is among the first ", kv::kQueryMomentSinks, " positions");
+      // A small head keeps every eigenpair it has.
+      cal.add_query_stats(l, unrotated.data(), static_cast<int>(unrotated.size() / row_), std::min(stats_rank, head_dim_));
+    }
     std::vector<float>().swap(rows_[l]);
     std::vector<uint8_t>().swap(filled_[l]);
+    std::vector<int32_t>().swap(row_pos_[l]);
   }
 }
 
@@ -191,7 +210,7 @@ CalibrationRun calibrate_documents(Session& session, const std::vector<std::vect
   session.reset();
   CalibrationRun run{Calibrator(c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim, opt.rule), col.key_means(),
                      col.plan().n_samples(), total};
-  col.finish(run.calibrator);
+  col.finish(run.calibrator, opt.stats_rank > 0 ? rope_geometry(session.model()) : kv::RopeGeometry{}, opt.stats_rank);
   return run;
 }
 

@@ -13,6 +13,7 @@
 
 #include "calib/filters.h"
 #include "calib/report.h"
+#include "kv/query_moments.h"
 #include "model/session.h"
 
 namespace qf::calib {
@@ -58,8 +59,11 @@ class QueryCollector {
   int64_t tokens_seen() const { return tokens_seen_; }
 
   // Throws qf::Error unless every planned row was filled. Then computes every layer's filters into
-  // `cal` (one layer at a time, freeing its samples) and leaves the collector empty.
-  void finish(Calibrator& cal);
+  // `cal` (one layer at a time, freeing its samples) and leaves the collector empty. With a
+  // non-empty `rope` (the model's rotary embedding) and stats_rank >= 1 (at most head_dim is used), also the query
+  // statistics before the rotary embedding (Calibrator::add_query_stats): each sample is rotated
+  // back by its position, and samples at positions below kv::kQueryMomentSinks are left out.
+  void finish(Calibrator& cal, const kv::RopeGeometry& rope = {}, int stats_rank = 0);
   const KeyMeans& key_means() const { return keys_; }
 
   // Queries stored for a layer, [n_samples][n_head][head_dim] in plan order (for tests).
@@ -73,6 +77,7 @@ class QueryCollector {
   size_t row_;  // floats per sample row: n_head * head_dim
   std::vector<std::vector<float>> rows_;       // [layer][sample][n_head][head_dim]
   std::vector<std::vector<uint8_t>> filled_;   // [layer][sample]
+  std::vector<std::vector<int32_t>> row_pos_;  // [layer][sample]: position in its document
   KeyMeans keys_;
   int doc_ = -1;
   int64_t rows_filled_ = 0, tokens_seen_ = 0;
@@ -85,6 +90,9 @@ struct CollectOptions {
   int n_samples = 3000;  // query positions drawn per layer
   uint64_t seed = 0;
   OrientationRule rule = OrientationRule::kMeanProjection;
+  // > 0: also the query statistics before the rotary embedding, with this covariance rank
+  // (QueryCollector::finish; the session's model gives the rotary embedding).
+  int stats_rank = 0;
 };
 
 struct CalibrationRun {

@@ -8,6 +8,7 @@
 #include <fstream>
 #include <limits>
 #include <nlohmann/json.hpp>
+#include <optional>
 
 #include "util/error.h"
 
@@ -29,12 +30,19 @@ constexpr uint64_t kMaxDim = 1u << 20;
 constexpr uint64_t kMaxElements = 1u << 28;  // 1 GiB of F32: far beyond any real filter set
 
 struct TensorSpec {
+  std::string name;
   std::string dtype;
-  std::array<uint64_t, 3> shape{};
+  std::vector<uint64_t> shape;
   uint64_t begin = 0, end = 0;  // relative to the data section
-  std::map<std::string, std::string> metadata;
   size_t elem_bytes = 0;
   uint64_t count = 0;
+};
+
+// What the header describes: the filters, and the optional query statistics (query_stats v1).
+struct HeaderSpec {
+  std::map<std::string, std::string> metadata;
+  TensorSpec filters;
+  std::optional<TensorSpec> query_mean, query_factors;
 };
 
 uint64_t load_u64_le(const uint8_t* p) {
@@ -60,7 +68,80 @@ uint64_t unsigned_field(const json& j, std::string_view what, std::string_view n
   return j.get<uint64_t>();
 }
 
-TensorSpec parse_header(std::string_view text, uint64_t data_size, std::string_view name) {
+// One tensor's entry, checked against the data section: dtype, a shape of `rank` entries in
+// 1..kMaxDim, and data_offsets that hold exactly shape x dtype bytes.
+TensorSpec parse_tensor(const json& entry, std::string_view tensor, size_t rank, std::string_view shape_doc,
+                        uint64_t data_size, std::string_view name) {
+  TensorSpec spec;
+  spec.name = tensor;
+  if (!entry.is_object()) fail(name, ": entry '", tensor, "' is not a JSON object");
+
+  const auto dt = entry.find("dtype");
+  if (dt == entry.end() || !dt->is_string()) fail(name, ": tensor '", tensor, "' has no string dtype");
+  spec.dtype = dt->get<std::string>();
+  if (spec.dtype == "F32") spec.elem_bytes = 4;
+  else if (spec.dtype == "F16" || spec.dtype == "BF16") spec.elem_bytes = 2;
+  else fail(name, ": tensor '", tensor, "' has dtype ", spec.dtype, " (supported: F32, F16, BF16)");
+
+  const auto sh = entry.find("shape");
+  if (sh == entry.end() || !sh->is_array()) fail(name, ": tensor '", tensor, "' has no shape array");
+  if (sh->size() != rank)
+    fail(name, ": tensor '", tensor, "' has rank ", sh->size(), ", expected ", rank, " ", shape_doc);
+  spec.count = 1;
+  for (size_t i = 0; i < rank; ++i) {
+    const uint64_t d = unsigned_field((*sh)[i], "shape entry", name);
+    if (d == 0 || d > kMaxDim) fail(name, ": tensor '", tensor, "' shape entry ", d, " is out of range 1..", kMaxDim);
+    spec.shape.push_back(d);
+    spec.count *= d;  // each factor <= 2^20 and the running product <= 2^28 before it: no overflow
+    if (spec.count > kMaxElements) fail(name, ": tensor '", tensor, "' has more than ", kMaxElements, " elements");
+  }
+
+  const auto off = entry.find("data_offsets");
+  if (off == entry.end() || !off->is_array() || off->size() != 2)
+    fail(name, ": tensor '", tensor, "' needs data_offsets [begin, end]");
+  spec.begin = unsigned_field((*off)[0], "data_offsets begin", name);
+  spec.end = unsigned_field((*off)[1], "data_offsets end", name);
+  if (spec.begin > spec.end) fail(name, ": tensor '", tensor, "' data_offsets begin ", spec.begin, " > end ", spec.end);
+  if (spec.end > data_size)
+    fail(name, ": tensor '", tensor, "' data ends at ", spec.end, " but the data section has ", data_size, " bytes");
+  if (spec.end - spec.begin != spec.count * spec.elem_bytes)
+    fail(name, ": tensor '", tensor, "' holds ", spec.end - spec.begin, " bytes, its shape and dtype need ",
+         spec.count * spec.elem_bytes);
+  return spec;
+}
+
+// The optional query statistics: both tensors present exactly when the metadata names version 1,
+// with shapes that fit the filters' [n_layers, n_kv_heads, head_dim].
+void parse_query_stats(const json& root, HeaderSpec& h, uint64_t data_size, std::string_view name) {
+  const auto mean = root.find(std::string(kQueryMeanTensorName));
+  const auto factors = root.find(std::string(kQueryFactorsTensorName));
+  const auto version = h.metadata.find(std::string(kQueryStatsKey));
+  const bool any = mean != root.end() || factors != root.end();
+  if (version == h.metadata.end()) {
+    if (any) fail(name, ": query statistics tensors without '", kQueryStatsKey, "' metadata");
+    return;
+  }
+  if (version->second != kQueryStatsVersion)
+    fail(name, ": query statistics version '", version->second, "' is not supported (this build reads ",
+         kQueryStatsVersion, ")");
+  if (mean == root.end() || factors == root.end())
+    fail(name, ": '", kQueryStatsKey, "' metadata needs tensors '", kQueryMeanTensorName, "' and '",
+         kQueryFactorsTensorName, "'");
+  h.query_mean = parse_tensor(*mean, kQueryMeanTensorName, 3, "[n_layers, n_heads, head_dim]", data_size, name);
+  h.query_factors =
+      parse_tensor(*factors, kQueryFactorsTensorName, 4, "[n_layers, n_heads, rank, head_dim]", data_size, name);
+  const auto& f = h.filters.shape;
+  const auto& m = h.query_mean->shape;
+  const auto& u = h.query_factors->shape;
+  if (m[0] != f[0] || m[2] != f[2] || m[1] % f[1] != 0)
+    fail(name, ": tensor '", kQueryMeanTensorName, "' is ", m[0], "x", m[1], "x", m[2], ", which does not fit filters of ",
+         f[0], "x", f[1], "x", f[2]);
+  if (u[0] != m[0] || u[1] != m[1] || u[3] != m[2] || u[2] > m[2])
+    fail(name, ": tensor '", kQueryFactorsTensorName, "' is ", u[0], "x", u[1], "x", u[2], "x", u[3],
+         ", which does not fit query means of ", m[0], "x", m[1], "x", m[2]);
+}
+
+HeaderSpec parse_header(std::string_view text, uint64_t data_size, std::string_view name) {
   bool too_deep = false;
   const json::parser_callback_t limit_depth = [&](int depth, json::parse_event_t, json&) {
     if (depth > kMaxJsonDepth) too_deep = true;
@@ -75,7 +156,7 @@ TensorSpec parse_header(std::string_view text, uint64_t data_size, std::string_v
   if (too_deep) fail(name, ": safetensors header nests deeper than ", kMaxJsonDepth, " levels");
   if (!root.is_object()) fail(name, ": safetensors header is not a JSON object");
 
-  TensorSpec spec;
+  HeaderSpec spec;
   if (auto m = root.find("__metadata__"); m != root.end()) {
     if (!m->is_object()) fail(name, ": __metadata__ is not a JSON object");
     for (const auto& [k, v] : m->items()) {
@@ -91,44 +172,8 @@ TensorSpec parse_header(std::string_view text, uint64_t data_size, std::string_v
       if (k != "__metadata__") names += (names.empty() ? "" : ", ") + k;
     fail(name, ": no tensor '", kFilterTensorName, "' (tensors: ", names.empty() ? "none" : names, ")");
   }
-  if (!t->is_object()) fail(name, ": entry '", kFilterTensorName, "' is not a JSON object");
-
-  const auto dt = t->find("dtype");
-  if (dt == t->end() || !dt->is_string()) fail(name, ": tensor '", kFilterTensorName, "' has no string dtype");
-  spec.dtype = dt->get<std::string>();
-  if (spec.dtype == "F32") spec.elem_bytes = 4;
-  else if (spec.dtype == "F16" || spec.dtype == "BF16") spec.elem_bytes = 2;
-  else fail(name, ": tensor '", kFilterTensorName, "' has dtype ", spec.dtype, " (supported: F32, F16, BF16)");
-
-  const auto sh = t->find("shape");
-  if (sh == t->end() || !sh->is_array()) fail(name, ": tensor '", kFilterTensorName, "' has no shape array");
-  if (sh->size() != 3)
-    fail(name, ": tensor '", kFilterTensorName, "' has rank ", sh->size(),
-         ", expected 3 [n_layers, n_kv_heads, head_dim]");
-  spec.count = 1;
-  for (size_t i = 0; i < 3; ++i) {
-    const uint64_t d = unsigned_field((*sh)[i], "shape entry", name);
-    if (d == 0 || d > kMaxDim)
-      fail(name, ": tensor '", kFilterTensorName, "' shape entry ", d, " is out of range 1..", kMaxDim);
-    spec.shape[i] = d;
-    spec.count *= d;  // <= 2^60: no overflow
-    if (spec.count > kMaxElements)
-      fail(name, ": tensor '", kFilterTensorName, "' has more than ", kMaxElements, " elements");
-  }
-
-  const auto off = t->find("data_offsets");
-  if (off == t->end() || !off->is_array() || off->size() != 2)
-    fail(name, ": tensor '", kFilterTensorName, "' needs data_offsets [begin, end]");
-  spec.begin = unsigned_field((*off)[0], "data_offsets begin", name);
-  spec.end = unsigned_field((*off)[1], "data_offsets end", name);
-  if (spec.begin > spec.end)
-    fail(name, ": tensor '", kFilterTensorName, "' data_offsets begin ", spec.begin, " > end ", spec.end);
-  if (spec.end > data_size)
-    fail(name, ": tensor '", kFilterTensorName, "' data ends at ", spec.end, " but the data section has ",
-         data_size, " bytes");
-  if (spec.end - spec.begin != spec.count * spec.elem_bytes)
-    fail(name, ": tensor '", kFilterTensorName, "' holds ", spec.end - spec.begin, " bytes, its shape and dtype need ",
-         spec.count * spec.elem_bytes);
+  spec.filters = parse_tensor(*t, kFilterTensorName, 3, "[n_layers, n_kv_heads, head_dim]", data_size, name);
+  parse_query_stats(root, spec, data_size, name);
   return spec;
 }
 
@@ -149,12 +194,9 @@ float bf16_to_f32(uint16_t h) {
   return v;
 }
 
-StoredFilters decode(const TensorSpec& spec, const uint8_t* data, std::string_view name) {
-  StoredFilters out;
-  out.filters = Filters(int(spec.shape[0]), int(spec.shape[1]), int(spec.shape[2]));
-  out.filters.metadata = spec.metadata;
-  out.dtype = spec.dtype;
-  float* dst = out.filters.data.data();
+// The tensor's values as floats; `data` points at its first byte.
+std::vector<float> decode_values(const TensorSpec& spec, const uint8_t* data, std::string_view name) {
+  std::vector<float> out(spec.count);
   for (uint64_t i = 0; i < spec.count; ++i) {
     float v;
     if (spec.elem_bytes == 4) {
@@ -164,8 +206,26 @@ StoredFilters decode(const TensorSpec& spec, const uint8_t* data, std::string_vi
       std::memcpy(&h, data + 2 * i, 2);
       v = spec.dtype == "F16" ? f16_to_f32(h) : bf16_to_f32(h);
     }
-    if (!std::isfinite(v)) fail(name, ": tensor '", kFilterTensorName, "' has a non-finite value at element ", i);
-    dst[i] = v;
+    if (!std::isfinite(v)) fail(name, ": tensor '", spec.name, "' has a non-finite value at element ", i);
+    out[i] = v;
+  }
+  return out;
+}
+
+// `tensor_data(spec)` points at a tensor's first byte.
+template <class Bytes>
+StoredFilters decode(const HeaderSpec& spec, const Bytes& tensor_data, std::string_view name) {
+  StoredFilters out;
+  const auto& s = spec.filters.shape;
+  out.filters = Filters(int(s[0]), int(s[1]), int(s[2]));
+  out.filters.metadata = spec.metadata;
+  out.dtype = spec.filters.dtype;
+  out.filters.data = decode_values(spec.filters, tensor_data(spec.filters), name);
+  if (spec.query_mean) {
+    out.filters.n_query_heads = int(spec.query_mean->shape[1]);
+    out.filters.stats_rank = int(spec.query_factors->shape[2]);
+    out.filters.query_mean = decode_values(*spec.query_mean, tensor_data(*spec.query_mean), name);
+    out.filters.query_factors = decode_values(*spec.query_factors, tensor_data(*spec.query_factors), name);
   }
   return out;
 }
@@ -177,6 +237,16 @@ void check_consistent(const Filters& f) {
          f.head_dim);
   for (size_t i = 0; i < f.data.size(); ++i)
     if (!std::isfinite(f.data[i])) fail("filters: non-finite value at element ", i);
+  if (!f.has_query_stats()) return;
+  const size_t per_head = size_t(f.n_layers) * size_t(f.n_query_heads) * size_t(f.head_dim);
+  if (f.n_query_heads <= 0 || f.n_query_heads % f.n_kv_heads != 0 || f.stats_rank < 1 || f.stats_rank > f.head_dim ||
+      f.query_mean.size() != per_head || f.query_factors.size() != per_head * size_t(f.stats_rank))
+    fail("filters: query statistics of ", f.query_mean.size(), " + ", f.query_factors.size(), " values do not match ",
+         f.n_query_heads, " query heads of rank ", f.stats_rank);
+  for (float v : f.query_mean)
+    if (!std::isfinite(v)) fail("filters: non-finite query mean");
+  for (float v : f.query_factors)
+    if (!std::isfinite(v)) fail("filters: non-finite query covariance factor");
 }
 
 }  // namespace
@@ -209,16 +279,30 @@ void set_calibration_metadata(Filters& f, const CalibrationInfo& info) {
 namespace {
 
 // One F32 tensor named q_filters with `meta` as __metadata__, as safetensors writes it.
-std::vector<uint8_t> serialize_tensor(const Filters& f, json meta) {
+// With `with_stats`, also the query statistics when f has them (and their version in the metadata).
+std::vector<uint8_t> serialize_tensor(const Filters& f, json meta, bool with_stats = false) {
   check_consistent(f);
-  const uint64_t nbytes = uint64_t(f.data.size()) * 4;
-  json tensor = json::object();
-  tensor["dtype"] = "F32";
-  tensor["shape"] = json::array({f.n_layers, f.n_kv_heads, f.head_dim});
-  tensor["data_offsets"] = json::array({uint64_t(0), nbytes});
   json root = json::object();
+  std::vector<const std::vector<float>*> blobs;
+  uint64_t nbytes = 0;
+  auto add = [&](std::string_view tensor, json shape, const std::vector<float>& values) {
+    json entry = json::object();
+    entry["dtype"] = "F32";
+    entry["shape"] = std::move(shape);
+    entry["data_offsets"] = json::array({nbytes, nbytes + uint64_t(values.size()) * 4});
+    root[std::string(tensor)] = std::move(entry);
+    nbytes += uint64_t(values.size()) * 4;
+    blobs.push_back(&values);
+  };
+  add(kFilterTensorName, json::array({f.n_layers, f.n_kv_heads, f.head_dim}), f.data);
+  if (with_stats && f.has_query_stats()) {
+    meta[std::string(kQueryStatsKey)] = kQueryStatsVersion;
+    add(kQueryMeanTensorName, json::array({f.n_layers, f.n_query_heads, f.head_dim}), f.query_mean);
+    add(kQueryFactorsTensorName, json::array({f.n_layers, f.n_query_heads, f.stats_rank, f.head_dim}), f.query_factors);
+  } else {
+    meta.erase(std::string(kQueryStatsKey));
+  }
   root["__metadata__"] = std::move(meta);
-  root[std::string(kFilterTensorName)] = std::move(tensor);
 
   std::string header;
   try {
@@ -232,7 +316,11 @@ std::vector<uint8_t> serialize_tensor(const Filters& f, json meta) {
   const uint64_t n = header.size();
   std::memcpy(out.data(), &n, 8);
   std::memcpy(out.data() + 8, header.data(), header.size());
-  std::memcpy(out.data() + 8 + header.size(), f.data.data(), nbytes);
+  uint8_t* dst = out.data() + 8 + header.size();
+  for (const auto* b : blobs) {
+    std::memcpy(dst, b->data(), b->size() * 4);
+    dst += b->size() * 4;
+  }
   return out;
 }
 
@@ -267,7 +355,7 @@ std::vector<uint8_t> serialize_filters(const Filters& f) {
   meta["sign_convention"] = to_string(SignConvention::kKeepLargestDot);
   meta["layout"] = to_string(FilterLayout::kGguf);
   if (!meta.contains("tool_version")) meta["tool_version"] = QF_VERSION;
-  return serialize_tensor(f, std::move(meta));
+  return serialize_tensor(f, std::move(meta), /*with_stats=*/true);
 }
 
 void write_filters(const std::string& path, const Filters& f) { write_atomically(path, serialize_filters(f)); }
@@ -290,8 +378,9 @@ StoredFilters parse_filters(std::span<const uint8_t> bytes, std::string_view nam
   const uint64_t n = header_length(bytes.data(), bytes.size(), name);
   const std::string_view text(reinterpret_cast<const char*>(bytes.data()) + 8, n);
   const uint64_t data_size = bytes.size() - 8 - n;
-  const TensorSpec spec = parse_header(text, data_size, name);
-  return decode(spec, bytes.data() + 8 + n + spec.begin, name);
+  const HeaderSpec spec = parse_header(text, data_size, name);
+  const uint8_t* data = bytes.data() + 8 + n;
+  return decode(spec, [&](const TensorSpec& t) { return data + t.begin; }, name);
 }
 
 StoredFilters read_filters(const std::string& path) {
@@ -308,12 +397,16 @@ StoredFilters read_filters(const std::string& path) {
   const uint64_t n = header_length(prefix.data(), size, path);
   std::string text(n, '\0');
   if (!in.read(text.data(), std::streamsize(n))) fail(path, ": read error in the header");
-  const TensorSpec spec = parse_header(text, size - 8 - n, path);
-  std::vector<uint8_t> data(spec.end - spec.begin);
-  in.seekg(std::streamoff(8 + n + spec.begin));
-  if (!in.read(reinterpret_cast<char*>(data.data()), std::streamsize(data.size())))
-    fail(path, ": read error in the tensor data");
-  return decode(spec, data.data(), path);
+  const HeaderSpec spec = parse_header(text, size - 8 - n, path);
+  std::vector<uint8_t> buffer;
+  auto tensor_data = [&](const TensorSpec& t) {
+    buffer.resize(t.end - t.begin);
+    in.seekg(std::streamoff(8 + n + t.begin));
+    if (!in.read(reinterpret_cast<char*>(buffer.data()), std::streamsize(buffer.size())))
+      fail(path, ": read error in the data of tensor '", t.name, "'");
+    return static_cast<const uint8_t*>(buffer.data());
+  };
+  return decode(spec, tensor_data, path);
 }
 
 namespace {

@@ -1,4 +1,5 @@
-// Filter files: safetensors with one tensor "q_filters" [n_layers, n_kv_heads, head_dim] and a
+// Filter files: safetensors with one tensor "q_filters" [n_layers, n_kv_heads, head_dim] (plus,
+// optionally, the query statistics below) and a
 // "__metadata__" string map, the same container as the published Q-Filters (so the Python
 // `safetensors` package and kvpress read ours). Layout of the file: u64 little-endian header
 // length N, N bytes of JSON header (space-padded to a multiple of 8), then raw little-endian data.
@@ -18,6 +19,13 @@ namespace qf::calib {
 
 inline constexpr std::string_view kFilterTensorName = "q_filters";
 inline constexpr std::string_view kFilterFormat = "qfilters";       // metadata "format" of our files
+// Optional query statistics before the rotary embedding (Filters::query_mean / query_factors):
+// tensors [n_layers, n_heads, head_dim] and [n_layers, n_heads, rank, head_dim], present exactly
+// when the metadata kQueryStatsKey holds kQueryStatsVersion. Files without them load as before.
+inline constexpr std::string_view kQueryMeanTensorName = "query_mean";
+inline constexpr std::string_view kQueryFactorsTensorName = "query_cov_factors";
+inline constexpr std::string_view kQueryStatsKey = "query_stats_version";
+inline constexpr std::string_view kQueryStatsVersion = "1";
 inline constexpr uint64_t kMaxHeaderBytes = 16u << 20;              // ours are a few KiB
 
 // Shape fingerprint of a model, e.g. "llama:L30:H9:KV3:D64:E576:V49152". Stored in filter files

@@ -155,6 +155,55 @@ void Calibrator::add_layer(int layer, const float* queries, int n_samples) {
   done_[layer] = true;
 }
 
+void query_moments(const float* samples, int n_samples, int dim, std::ptrdiff_t row_stride, int rank, float* mean,
+                   float* factors) {
+  if (n_samples <= 0) fail("calibration: no query samples (n_samples = ", n_samples, ")");
+  if (dim <= 0 || row_stride < dim) fail("calibration: invalid dimension ", dim, " or row stride ", row_stride);
+  if (rank < 0 || rank > dim) fail("calibration: covariance rank ", rank, " is outside 0..", dim);
+  if (samples == nullptr || mean == nullptr || (rank > 0 && factors == nullptr)) fail("calibration: null buffer");
+  Eigen::VectorXd sum = Eigen::VectorXd::Zero(dim);
+  Eigen::MatrixXd outer = Eigen::MatrixXd::Zero(dim, dim);
+  for (int i = 0; i < n_samples; ++i) {
+    const Eigen::Map<const Eigen::VectorXf> x(samples + std::ptrdiff_t(i) * row_stride, dim);
+    if (!x.allFinite()) fail("calibration: non-finite query sample in row ", i);
+    const Eigen::VectorXd xd = x.cast<double>();
+    sum += xd;
+    outer.selfadjointView<Eigen::Lower>().rankUpdate(xd);
+  }
+  const Eigen::VectorXd mu = sum / n_samples;
+  // The biased covariance (divided by n), as kvpress's Expected Attention.
+  const Eigen::MatrixXd cov = Eigen::MatrixXd(outer.selfadjointView<Eigen::Lower>()) / n_samples - mu * mu.transpose();
+  for (int d = 0; d < dim; ++d) mean[d] = static_cast<float>(mu[d]);
+  if (rank == 0) return;
+  const Eigen::SelfAdjointEigenSolver<Eigen::MatrixXd> eig(cov);
+  if (eig.info() != Eigen::Success) fail("calibration: the query covariance eigensolver did not converge");
+  for (int r = 0; r < rank; ++r) {
+    const int col = dim - 1 - r;  // eigenvalues ascend
+    const double scale = std::sqrt(std::max(0.0, eig.eigenvalues()[col]));
+    for (int d = 0; d < dim; ++d) factors[std::ptrdiff_t(r) * dim + d] = static_cast<float>(scale * eig.eigenvectors()(d, col));
+  }
+}
+
+void Calibrator::add_query_stats(int layer, const float* queries, int n_samples, int rank) {
+  Filters& f = filters_;
+  if (layer < 0 || layer >= f.n_layers) fail("calibration: layer ", layer, " out of range 0..", f.n_layers - 1);
+  if (rank < 1 || rank > f.head_dim) fail("calibration: covariance rank ", rank, " is outside 1..", f.head_dim);
+  if (!f.has_query_stats()) {
+    f.n_query_heads = n_head_;
+    f.stats_rank = rank;
+    f.query_mean.assign(size_t(f.n_layers) * n_head_ * f.head_dim, std::numeric_limits<float>::quiet_NaN());
+    f.query_factors.assign(size_t(f.n_layers) * n_head_ * rank * f.head_dim, 0.0f);
+  } else if (rank != f.stats_rank) {
+    fail("calibration: query statistics of rank ", rank, " after rank ", f.stats_rank);
+  }
+  const size_t d = size_t(f.head_dim);
+  float* mean = f.query_mean.data() + size_t(layer) * n_head_ * d;
+  if (!std::isnan(mean[0])) fail("calibration: query statistics of layer ", layer, " were already added");
+  for (int h = 0; h < n_head_; ++h)
+    query_moments(queries + size_t(h) * d, n_samples, f.head_dim, std::ptrdiff_t(n_head_) * f.head_dim, rank,
+                  mean + size_t(h) * d, f.query_factors.data() + (size_t(layer) * n_head_ + h) * rank * d);
+}
+
 bool Calibrator::complete() const { return std::all_of(done_.begin(), done_.end(), [](bool b) { return b; }); }
 
 std::string_view to_string(FilterLayout l) { return l == FilterLayout::kGguf ? "gguf" : "hf"; }
@@ -195,6 +244,12 @@ void gguf_to_hf_head(const float* gguf, float* hf, int head_dim) {
   }
 }
 
+static void drop_query_stats(Filters& f) {
+  f.n_query_heads = f.stats_rank = 0;
+  f.query_mean.clear();
+  f.query_factors.clear();
+}
+
 Filters to_canonical(const Filters& in, FilterLayout layout, SignConvention sign) {
   if (in.data.size() != size_t(in.n_layers) * size_t(in.n_kv_heads) * size_t(in.head_dim) || in.data.empty())
     fail("filters: data size ", in.data.size(), " does not match shape ", in.n_layers, "x", in.n_kv_heads, "x",
@@ -214,6 +269,7 @@ Filters to_canonical(const Filters& in, FilterLayout layout, SignConvention sign
     out.metadata["converted_from"] = std::string(to_string(layout)) + "/" + std::string(to_string(sign));
   out.metadata["layout"] = to_string(FilterLayout::kGguf);
   out.metadata["sign_convention"] = to_string(SignConvention::kKeepLargestDot);
+  if (layout != FilterLayout::kGguf) drop_query_stats(out);  // only our (gguf-order) files carry them
   return out;
 }
 
@@ -231,6 +287,7 @@ Filters from_canonical(const Filters& canonical, FilterLayout layout, SignConven
       for (int d = 0; d < in.head_dim; ++d) dst[d] *= s;
     }
   }
+  if (layout != FilterLayout::kGguf) drop_query_stats(out);  // published files hold the filters only
   return out;
 }
 

@@ -59,6 +59,15 @@ struct Filters {
   std::vector<float> data;                         // [l][kvh][d]
   std::map<std::string, std::string> metadata;     // written to the safetensors __metadata__
 
+  // Optional query statistics before the rotary embedding (filter files of query_stats version 1;
+  // absent from older files): per layer and QUERY head, the mean query and the covariance's top
+  // `stats_rank` eigenvectors scaled by the square roots of their eigenvalues, so that
+  // Sigma ~= sum_r u_r u_r^T. GGUF row order, like the filters; not affected by the sign convention.
+  int n_query_heads = 0, stats_rank = 0;
+  std::vector<float> query_mean;     // [l][h][d]
+  std::vector<float> query_factors;  // [l][h][r][d]
+  bool has_query_stats() const { return !query_mean.empty(); }
+
   Filters() = default;
   Filters(int n_layers, int n_kv_heads, int head_dim);  // zero-filled; throws on non-positive dims
   size_t size() const { return data.size(); }
@@ -92,6 +101,10 @@ class Calibrator {
   Filters& filters() { return filters_; }
   // [n_layers][n_head], row-major; entries of layers not yet added are default-constructed.
   const std::vector<OrientationReport>& head_reports() const { return reports_; }
+  // queries: [n_samples][n_head][head_dim] BEFORE the rotary embedding. Stores the layer's mean
+  // and top-`rank` covariance factors (Filters::query_mean / query_factors). Each layer at most
+  // once; all layers must use the same rank.
+  void add_query_stats(int layer, const float* queries, int n_samples, int rank);
 
  private:
   int n_head_, n_head_kv_;
@@ -100,6 +113,12 @@ class Calibrator {
   std::vector<OrientationReport> reports_;
   std::vector<bool> done_;
 };
+
+// Mean and top-`rank` covariance factors (sqrt(lambda_i) e_i, largest first, covariance divided by
+// n) of n_samples rows of `dim` floats, `row_stride` apart; computed in double. Throws qf::Error
+// on empty input, non-finite samples or rank outside 0..dim.
+void query_moments(const float* samples, int n_samples, int dim, std::ptrdiff_t row_stride, int rank, float* mean,
+                   float* factors);
 
 // ---- Converting filters from other sources -------------------------------------------------------
 

@@ -44,6 +44,7 @@ struct CalibrateOptions {
   int max_year = 1949;
   int n_docs = 0, doc_len = 0;  // 0: the default of the text source
   int n_samples = 3000;
+  int stats_rank = 8;  // query statistics before the rotary embedding (0: none)
   uint64_t seed = 0;
   std::string orientation = "mean";
   float temperature = 1.0f, top_p = 0.95f;
@@ -127,6 +128,7 @@ int calibrate(const CalibrateOptions& o) {
   co.n_samples = o.n_samples;
   co.seed = o.seed;
   co.rule = rule;
+  co.stats_rank = o.stats_rank;
   const bool progress_on = !o.no_progress;
 
   std::string corpus, used_files;
@@ -200,7 +202,7 @@ int calibrate(const CalibrateOptions& o) {
     bar.finish();
     run.emplace(calib::CalibrationRun{calib::Calibrator(c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim, rule),
                                       col.key_means(), col.plan().n_samples(), col.plan().n_tokens()});
-    col.finish(run->calibrator);
+    col.finish(run->calibrator, o.stats_rank > 0 ? rope_geometry(session.model()) : kv::RopeGeometry{}, o.stats_rank);
     if (!o.save_text.empty()) {
       std::ofstream out(o.save_text, std::ios::binary);
       for (size_t d = 0; d < docs.size(); ++d)
@@ -425,6 +427,10 @@ void register_calibrate(CLI::App& app) {
   cmd->add_option("--doc-len", o->doc_len, "tokens per document (default 2048; clipped to the context)")
       ->check(CLI::NonNegativeNumber);
   cmd->add_option("--samples", o->n_samples, "query positions drawn per layer")->check(CLI::PositiveNumber);
+  cmd->add_option("--stats-rank", o->stats_rank,
+                  "also store each query head's mean and top-N covariance factors before the rotary embedding "
+                  "(policies qfilters_rope, ea_calibrated); 0 = filters only")
+      ->check(CLI::Range(0, 256));
   cmd->add_option("-s,--seed", o->seed, "seed of the position draws, document choice and sampling");
   cmd->add_option("--orientation", o->orientation, "sign rule: mean (mean projection > 0) or majority (reference vote)")
       ->check(CLI::IsMember({"mean", "majority"}));

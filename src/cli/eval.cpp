@@ -41,6 +41,7 @@ struct CommonOptions {
   bool fresh = false, quick = false, no_progress = false;
   uint64_t seed = 0;  // random policy
   int snapkv_window = 64;
+  int future_positions = 512;  // expected_attention, qfilters_rope, ea_calibrated
 };
 
 struct EvalOptions {
@@ -57,7 +58,12 @@ void add_common(CLI::App* cmd, CommonOptions& o) {
       ->check(CLI::ExistingFile);
   std::string names;
   for (const auto& n : kv::policy_names()) names += (names.empty() ? "" : ",") + n;
-  cmd->add_option("--policies", o.policies, "comma-separated policies (default: " + names + ")")->delimiter(',');
+  std::string stats_names;
+  for (const auto& n : kv::query_stats_policy_names()) stats_names += (stats_names.empty() ? "" : ",") + n;
+  cmd->add_option("--policies", o.policies,
+                  "comma-separated policies (default: " + names + "; also " + stats_names +
+                      ", with a --filters file holding query statistics, and NAME+layer)")
+      ->delimiter(',');
   cmd->add_option("--data", o.data, "evaluation text: files or directories of .txt (default data/sotu)");
   cmd->add_option("--min-year", o.min_year, "leave out files named YYYY_* before this year (0 = no bound; default 2000, "
                                             "held out from calibration on pre-1950 addresses)");
@@ -68,6 +74,10 @@ void add_common(CLI::App* cmd, CommonOptions& o) {
   cmd->add_flag("--no-progress", o.no_progress, "no progress line on stderr");
   cmd->add_option("--kv-seed", o.seed, "seed of the random policy");
   cmd->add_option("--snapkv-window", o.snapkv_window, "snapkv observation window (queries)")->check(CLI::PositiveNumber);
+  cmd->add_option("--future-positions", o.future_positions,
+                  "expected_attention, qfilters_rope, ea_calibrated: positions after the newest key the query "
+                  "statistics are moved to (mean rotary rotation)")
+      ->check(CLI::PositiveNumber);
 }
 
 void add_ppl(CLI::App* cmd, eval::PplSettings& s) {
@@ -132,6 +142,7 @@ struct Setup {
   std::unique_ptr<Model> model;
   std::unique_ptr<Tokenizer> tok;
   std::vector<float> filters;
+  calib::Filters query_stats;  // the filter file's query statistics (none when it has none)
   json filters_metadata;
   eval::EvalContext ctx;
   std::vector<std::string> policies;
@@ -150,8 +161,9 @@ Setup setup(const CommonOptions& o) {
         calib::load_filters(o.filters, calib::FilterExpectation{c.n_layers, c.n_kv_heads, c.head_dim, c.fingerprint()});
     if (lf.fingerprint_missing)
       std::fprintf(stderr, "warning: %s does not say which model it was made for\n", o.filters.c_str());
-    s.filters = std::move(lf.filters.data);
     s.filters_metadata = lf.filters.metadata;
+    s.filters = std::move(lf.filters.data);
+    s.query_stats = std::move(lf.filters);
   }
   s.ctx.model = s.model.get();
   s.ctx.n_threads = o.model.n_threads;
@@ -159,6 +171,12 @@ Setup setup(const CommonOptions& o) {
   s.ctx.policy_options.seed = o.seed;
   s.ctx.policy_options.snapkv_window = o.snapkv_window;
   s.ctx.policy_options.filters = s.filters;
+  s.ctx.policy_options.query_mean = s.query_stats.query_mean;
+  s.ctx.policy_options.query_factors = s.query_stats.query_factors;
+  s.ctx.policy_options.n_query_heads = s.query_stats.n_query_heads;
+  s.ctx.policy_options.stats_rank = s.query_stats.stats_rank;
+  s.ctx.policy_options.query_future_positions = o.future_positions;
+  s.ctx.policy_options.ea_future_positions = o.future_positions;
   s.ctx.kv_types = kv_types(o.model);
   s.ctx.progress = !o.no_progress;
 
@@ -188,6 +206,7 @@ Setup setup(const CommonOptions& o) {
   s.run["max_year"] = o.max_year;
   s.run["policy_seed"] = o.seed;
   s.run["snapkv_window"] = o.snapkv_window;
+  s.run["future_positions"] = o.future_positions;
   s.run["batch"] = o.model.n_batch;
   s.run["cache_type_k"] = o.model.cache_type_k;
   s.run["cache_type_v"] = o.model.cache_type_v;
@@ -210,7 +229,7 @@ std::string path_in(const Setup& s, const std::string& name) { return (fs::path(
 
 // Settings that decide the results: a resumed file must have been made with the same ones.
 json cell_settings(const Setup& s, const json& eval_settings) {
-  return {{"model_fingerprint", s.model->config().fingerprint()},
+  json settings = {{"model_fingerprint", s.model->config().fingerprint()},
           {"model", s.run["model"]},
           {"filters", s.run["filters"]},
           {"policy_seed", s.run["policy_seed"]},
@@ -222,6 +241,9 @@ json cell_settings(const Setup& s, const json& eval_settings) {
           {"min_year", s.run["min_year"]},
           {"max_year", s.run["max_year"]},
           {"eval", eval_settings}};
+  // Only when not the default, so results made before the option existed still resume.
+  if (s.run["future_positions"] != 512) settings["future_positions"] = s.run["future_positions"];
+  return settings;
 }
 
 void finish(const Setup& s, json& summary, double seconds) {

@@ -22,6 +22,13 @@ struct PolicyOptions {
   int ea_future_positions = 512;     // expected_attention: positions the queries are averaged over
   // qfilters: [n_layers][n_kv_heads][head_dim], oriented so that a larger <k, f> means keep.
   std::span<const float> filters;
+  // qfilters_rope, ea_calibrated: calibrated query statistics before the rotary embedding
+  // (calib::Filters::query_mean / query_factors): per layer and query head the mean query
+  // [n_layers][n_query_heads][head_dim] and `stats_rank` covariance factors
+  // [n_layers][n_query_heads][stats_rank][head_dim]; moved to the next `query_future_positions`.
+  std::span<const float> query_mean, query_factors;
+  int n_query_heads = 0, stats_rank = 0;
+  int query_future_positions = 512;
 };
 
 class Policy {
@@ -45,6 +52,10 @@ class Policy {
 
 // Names accepted by make_policy, e.g. for --help and error messages.
 std::vector<std::string> policy_names();
+// Policies that also need calibrated query statistics (a filter file from qf calibrate
+// --stats-rank): accepted by make_policy, but not in policy_names(), so default sweeps and
+// filter files without statistics work as before.
+std::vector<std::string> query_stats_policy_names();
 // Suffix of a layer-consistent variant: "<policy>+layer" standardises each KV head's scores
 // (mean 0, standard deviation 1 over its finite scores) and gives every head of the layer the mean
 // over the heads holding that position, so a token is kept in all heads of the layer or in none

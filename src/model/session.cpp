@@ -82,15 +82,20 @@ Session::Session(const Model& model, SessionOptions opt)
                                      : "the model's training context is the default; choose a smaller -c");
   cache_ = std::make_unique<kv::Cache>(kv::CacheShape{c.n_layers, c.n_kv_heads, c.head_dim}, capacity, stats,
                                        opt.kv_types);
-  if (stats.query_moments) {
-    // The same angles as the forward pass's rotary embedding.
-    const ops::Rotary rotary(c, model.rope_freq_factors());
-    cache_->rope.n_rot = rotary.n_rot();
-    cache_->rope.adjacent = rotary.adjacent_pairs();
-    for (int l = 0; l < c.n_layers; ++l) cache_->rope.inv_freq.push_back(rotary.inv_freq(l));
-  }
+  // Always: policies that score with calibrated query statistics move them to the current position.
+  cache_->rope = rope_geometry(model);
 
   forward_ = std::make_unique<Forward>(model, n_batch_);
+}
+
+kv::RopeGeometry rope_geometry(const Model& model) {
+  const ModelConfig& c = model.config();
+  const ops::Rotary rotary(c, model.rope_freq_factors());
+  kv::RopeGeometry g;
+  g.n_rot = rotary.n_rot();
+  g.adjacent = rotary.adjacent_pairs();
+  for (int l = 0; l < c.n_layers; ++l) g.inv_freq.push_back(rotary.inv_freq(l));
+  return g;
 }
 
 std::vector<int> Session::cache_capacity(const Model& model, const kv::Compressor* compressor, int n_ctx, int n_batch) {

@@ -59,6 +59,9 @@ struct SessionOptions {
 // attention-fidelity evaluation; must not keep the pointers.
 using QkHook = std::function<void(int layer, const float* q, const float* k, const int32_t* pos, int n_tok)>;
 
+// The model's rotary embedding as the KV policies see it (the forward pass's own angles).
+kv::RopeGeometry rope_geometry(const Model& model);
+
 class Session;
 
 // One session's share of a batched step: the tokens to append to it.

@@ -28,7 +28,7 @@ Engine::~Engine() = default;
 
 int Engine::n_ctx() const { return options_.n_ctx > 0 ? options_.n_ctx : model_->config().n_ctx_train; }
 
-const std::vector<float>& Engine::filters(const KvOptions& kv) {
+const calib::Filters& Engine::filters(const KvOptions& kv) {
   const std::string key = kv.filters + '\n' + kv.filter_layout + '\n' + kv.filter_sign;
   if (auto it = filters_.find(key); it != filters_.end()) return it->second;
   const ModelConfig& c = model_->config();
@@ -39,7 +39,7 @@ const std::vector<float>& Engine::filters(const KvOptions& kv) {
   calib::LoadedFilters lf = calib::load_filters(kv.filters, expect, lo);
   if (lf.fingerprint_missing)
     std::fprintf(stderr, "warning: %s does not say which model it was made for\n", kv.filters.c_str());
-  return filters_.emplace(key, std::move(lf.filters.data)).first->second;
+  return filters_.emplace(key, std::move(lf.filters)).first->second;
 }
 
 // Null for a full cache. The flag names in the messages are the CLI's (and the server's).
@@ -55,7 +55,12 @@ std::unique_ptr<kv::Compressor> Engine::make_compressor(const KvOptions& kv) {
   kv::PolicyOptions po;
   po.seed = kv.seed;
   if (!kv.filters.empty()) {
-    po.filters = filters(kv);
+    const calib::Filters& f = filters(kv);
+    po.filters = f.data;
+    po.query_mean = f.query_mean;
+    po.query_factors = f.query_factors;
+    po.n_query_heads = f.n_query_heads;
+    po.stats_rank = f.stats_rank;
   } else if (kv.policy == "qfilters") {
     fail("--kv-policy qfilters needs --filters FILE (make one with: qf calibrate -m MODEL -o FILE)");
   }

@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "calib/filters.h"
 #include "model/model.h"
 #include "kv/cache.h"
 #include "model/session.h"
@@ -74,12 +75,13 @@ class Engine {
  private:
   std::unique_ptr<kv::Compressor> make_compressor(const KvOptions& kv);
   kv::KvTypes session_kv_types(const KvOptions& kv) const;
-  const std::vector<float>& filters(const KvOptions& kv);
+  // The filters and, when the file has them, the query statistics (qfilters_rope, ea_calibrated).
+  const calib::Filters& filters(const KvOptions& kv);
 
   ModelOptions options_;
   std::unique_ptr<Model> model_;
   std::unique_ptr<ThreadPool> pool_;
-  std::map<std::string, std::vector<float>> filters_;  // by file and layout/sign; never erased
+  std::map<std::string, calib::Filters> filters_;  // by file and layout/sign; never erased
 };
 
 // One line describing the KV cache's state: bytes in use vs a full cache, evictions, time.

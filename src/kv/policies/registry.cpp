@@ -14,11 +14,22 @@ constexpr std::pair<std::string_view, Factory> kPolicies[] = {
     {"snapkv", policies::make_snapkv}, {"tova", policies::make_tova},
     {"h2o", policies::make_h2o},           {"expected_attention", policies::make_expected_attention},
 };
+// They need a filter file with query statistics, which older files and the default sweeps lack.
+constexpr std::pair<std::string_view, Factory> kQueryStatsPolicies[] = {
+    {"qfilters_rope", policies::make_qfilters_rope},
+    {"ea_calibrated", policies::make_ea_calibrated},
+};
 }  // namespace
 
 std::vector<std::string> policy_names() {
   std::vector<std::string> names{"none"};
   for (const auto& [name, factory] : kPolicies) names.emplace_back(name);
+  return names;
+}
+
+std::vector<std::string> query_stats_policy_names() {
+  std::vector<std::string> names;
+  for (const auto& [name, factory] : kQueryStatsPolicies) names.emplace_back(name);
   return names;
 }
 
@@ -31,8 +42,11 @@ std::unique_ptr<Policy> make_policy(std::string_view name, const PolicyOptions& 
   }
   for (const auto& [n, factory] : kPolicies)
     if (n == name) return factory(options);
+  for (const auto& [n, factory] : kQueryStatsPolicies)
+    if (n == name) return factory(options);
   std::string known;
   for (const auto& n : policy_names()) known += (known.empty() ? "" : ", ") + n;
+  for (const auto& n : query_stats_policy_names()) known += ", " + n;
   fail("unknown KV policy '", name, "' (known: ", known, ")");
 }
 

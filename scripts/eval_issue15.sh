@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The comparison of docs/results.md section 5 (issue 15): filters calibrated with query statistics
+# before the rotary embedding (the default recipe: text sampled from the model, plus --stats-rank 8),
+# then needles at x4 and x8 and streaming perplexity at B = 128 and 256, one thread each, niced.
+#   scripts/eval_issue15.sh              both evaluations, one after the other
+#   scripts/eval_issue15.sh niah|ppl     one of them
+# Resumable: finished cells are kept in results/issue15-*/<eval>.jsonl.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+qf=${QF:-build/qf}
+M=${MODEL:-models/SmolLM2-135M-Instruct.Q4_1.gguf}
+F=${FILTERS:-results/issue15/SmolLM2-135M-Instruct.qstats.safetensors}
+what=${1:-all}
+[ -x "$qf" ] || { echo "no $qf: build first" >&2; exit 1; }
+mkdir -p "$(dirname "$F")"
+if [ ! -f "$F" ]; then
+  # The recipe of models/SmolLM2-135M-Instruct.qfilters.safetensors (same filters, bit for bit, when
+  # the seed and sampling agree: --compare reports the cosine), plus the query statistics.
+  nice -n 10 "$qf" calibrate -m "$M" -o "$F" --stats-rank 8 -t 1 \
+    --compare models/SmolLM2-135M-Instruct.qfilters.safetensors
+fi
+P=none,qfilters,tova,h2o,expected_attention,qfilters_rope,ea_calibrated
+P=$P,qfilters+layer,expected_attention+layer,qfilters_rope+layer,ea_calibrated+layer
+if [ "$what" = all ] || [ "$what" = niah ]; then
+  nice -n 10 "$qf" eval niah -m "$M" --filters "$F" -o results/issue15-niah --lengths 1024,2048 --depths 5 \
+    --compressions 4,8 --seeds 42,43,44 --digits 7 --skip-layers 2 --policies "$P" -t 1 --no-progress
+fi
+if [ "$what" = all ] || [ "$what" = ppl ]; then
+  nice -n 10 "$qf" eval ppl -m "$M" --filters "$F" -o results/issue15-ppl --docs 8 --tokens 1024 \
+    --budgets 128,256 --window 64 --policies none,streaming,h2o,tova,qfilters,qfilters_rope,ea_calibrated,ea_calibrated+layer \
+    -t 1 --no-progress
+fi

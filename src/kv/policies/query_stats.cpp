@@ -1,0 +1,181 @@
+// Policies that score with calibrated query statistics taken BEFORE the rotary embedding
+// (`qf calibrate --stats-rank`, PolicyOptions::query_mean / query_factors), moved at every
+// scoring round to the positions where they will be used: the mean rotation R over the next
+// `future` positions after the newest key. A cached key k_p is stored rotated, k_p = R(p) k, so
+// <R(t) q, k_p> = <q, R(p - t) k> depends on the distance t - p only. Post-rotary filters, averaged
+// over calibration positions 0..2047, instead bake in a dependence on the key's absolute position.
+//
+//  - qfilters_rope: Q-Filters with a position-aware filter. Per KV head, f = the mean of its query
+//    heads' mean queries (so <k, f> is the group's mean expected logit); score <k, R f>. One dot
+//    product per key, like qfilters; the filter is rotated once per head and round.
+//  - ea_calibrated: Expected Attention from calibrated moments. Per query head, with mu' = R mu
+//    and u'_r = R u_r (Sigma ~= sum_r u_r u_r^T, so R Sigma R^T ~= sum_r u'_r u'_r^T), the logit
+//    mu'.k / sqrt(d) + sum_r (u'_r.k)^2 / (2d), softmax over the head's keys, averaged over the GQA
+//    group, times ||v||; the first kQueryMomentSinks positions are always kept. (rank + 1) dot
+//    products per key and query head, instead of head_dim^2 for the session-moment version.
+//
+// Neither computes an attention weight, so the fused attention kernel stays. Scores change as the
+// position advances, so they are recomputed at every eviction round (score_head).
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "kv/policies/policies.h"
+#include "tensor/kernels.h"
+#include "util/error.h"
+
+namespace qf::kv::policies {
+
+namespace {
+
+// The statistics of one model, checked against the cache on first use.
+struct QueryStats {
+  std::span<const float> mean, factors;
+  int n_heads = 0, rank = 0;
+
+  void check(const CacheShape& s, std::string_view policy) const {
+    const size_t per_head = static_cast<size_t>(s.n_layers) * n_heads * s.head_dim;
+    if (n_heads < 1 || n_heads % s.n_kv_heads != 0 || mean.size() != per_head || factors.size() != per_head * rank)
+      fail(policy, ": query statistics of ", n_heads, " query heads (", mean.size(), " + ", factors.size(),
+           " values) do not fit the model's ", s.n_layers, " layers x ", s.n_kv_heads, " KV heads x ", s.head_dim);
+  }
+  const float* head_mean(int layer, int h, int d) const { return mean.data() + (static_cast<size_t>(layer) * n_heads + h) * d; }
+  const float* head_factors(int layer, int h, int d) const {
+    return factors.data() + (static_cast<size_t>(layer) * n_heads + h) * rank * d;
+  }
+};
+
+// Position after the newest key of any head of the layer: where the next query will be.
+int64_t next_position(const Cache& cache, int layer) {
+  int64_t next = 0;
+  for (int h = 0; h < cache.shape().n_kv_heads; ++h) {
+    const HeadCache& hc = cache.head(layer, h);
+    if (hc.n) next = std::max<int64_t>(next, hc.pos[hc.n - 1] + 1);
+  }
+  return next;
+}
+
+// out = R x for the sparse mean rotation, scaled by `scale`.
+void apply(const RopeGeometry::PairMatrix& r, const float* x, int d, double scale, float* out) {
+  for (int i = 0; i < d; ++i) out[i] = static_cast<float>((r.diag[i] * x[i] + r.off[i] * x[r.partner[i]]) * scale);
+}
+
+class QFiltersRope final : public Policy {
+ public:
+  QFiltersRope(QueryStats stats, int future) : stats_(stats), future_(future) {}
+  std::string_view name() const override { return "qfilters_rope"; }
+
+  void score_head(const Cache& cache, int layer, int kv_head, std::span<float> scores) override {
+    const CacheShape& s = cache.shape();
+    stats_.check(s, name());
+    const int d = s.head_dim, group = stats_.n_heads / s.n_kv_heads;
+    std::vector<float> f(d, 0.0f);
+    for (int g = 0; g < group; ++g) {
+      const float* mu = stats_.head_mean(layer, kv_head * group + g, d);
+      for (int i = 0; i < d; ++i) f[i] += mu[i] / static_cast<float>(group);
+    }
+    const RopeGeometry::PairMatrix r = cache.rope.mean_pair_rotation(layer, next_position(cache, layer), future_, d);
+    filter_.resize(d);
+    apply(r, f.data(), d, 1.0, filter_.data());
+    for_each_key(cache.head(layer, kv_head), d, [&](int j, const float* key) { scores[j] = dot_f32(key, filter_.data(), d); });
+  }
+
+ private:
+  QueryStats stats_;
+  int future_;
+  std::vector<float> filter_;
+};
+
+class CalibratedExpectedAttention final : public Policy {
+ public:
+  CalibratedExpectedAttention(QueryStats stats, int future) : stats_(stats), future_(future) {}
+  std::string_view name() const override { return "ea_calibrated"; }
+
+  void score_head(const Cache& cache, int layer, int kv_head, std::span<float> scores) override {
+    const CacheShape& s = cache.shape();
+    stats_.check(s, name());
+    const HeadCache& hc = cache.head(layer, kv_head);
+    const int n = hc.n, d = s.head_dim, rank = stats_.rank, group = stats_.n_heads / s.n_kv_heads;
+    if (n == 0) return;
+    keys_.resize(static_cast<size_t>(n) * d);
+    for_each_key(hc, d, [&](int j, const float* key) { std::copy(key, key + d, keys_.data() + static_cast<size_t>(j) * d); });
+
+    const RopeGeometry::PairMatrix r = cache.rope.mean_pair_rotation(layer, next_position(cache, layer), future_, d);
+    const double inv_sqrt_d = 1.0 / std::sqrt(static_cast<double>(d)), inv_sqrt_2d = 1.0 / std::sqrt(2.0 * d);
+    moved_.resize(static_cast<size_t>(rank + 1) * d);
+    acc_.assign(n, 0.0);
+    logit_.resize(n);
+    for (int g = 0; g < group; ++g) {
+      const int q = kv_head * group + g;
+      // Row 0: mu' / sqrt(d); rows 1..rank: u'_r / sqrt(2d), so that the logit is
+      // <row0, k> + sum_r <row_r, k>^2.
+      apply(r, stats_.head_mean(layer, q, d), d, inv_sqrt_d, moved_.data());
+      for (int k = 0; k < rank; ++k)
+        apply(r, stats_.head_factors(layer, q, d) + static_cast<size_t>(k) * d, d, inv_sqrt_2d,
+              moved_.data() + static_cast<size_t>(k + 1) * d);
+      double mx = -std::numeric_limits<double>::infinity();
+      for (int i = 0; i < n; ++i) {
+        if (hc.pos[i] < kQueryMomentSinks) continue;
+        const float* key = keys_.data() + static_cast<size_t>(i) * d;
+        double logit = dot_f32(moved_.data(), key, d);
+        for (int k = 1; k <= rank; ++k) {
+          const double p = dot_f32(moved_.data() + static_cast<size_t>(k) * d, key, d);
+          logit += p * p;
+        }
+        logit_[i] = logit;
+        mx = std::max(mx, logit);
+      }
+      double z = 0;
+      for (int i = 0; i < n; ++i)
+        if (hc.pos[i] >= kQueryMomentSinks) z += (logit_[i] = std::exp(logit_[i] - mx));
+      for (int i = 0; i < n; ++i)
+        if (hc.pos[i] >= kQueryMomentSinks) acc_[i] += logit_[i] / z / group;
+    }
+    scale_by_value_norms(hc, d, scores);
+  }
+
+ private:
+  // scores[i] = acc_[i] * ||v_i|| (the stored values, converted 64 rows at a time); sinks +inf.
+  void scale_by_value_norms(const HeadCache& hc, int d, std::span<float> scores) {
+    constexpr int kRows = 64;
+    vals_.resize(static_cast<size_t>(std::min(kRows, hc.n)) * d);
+    for (int j0 = 0; j0 < hc.n; j0 += kRows) {
+      const int rows = std::min(kRows, hc.n - j0);
+      dequantize_kv_rows(hc.values(), j0, rows, d, vals_.data());
+      for (int j = 0; j < rows; ++j) {
+        const float* v = vals_.data() + static_cast<size_t>(j) * d;
+        const int i = j0 + j;
+        scores[i] = hc.pos[i] < kQueryMomentSinks
+                        ? std::numeric_limits<float>::infinity()
+                        : static_cast<float>(acc_[i] * std::sqrt(static_cast<double>(dot_f32(v, v, d))));
+      }
+    }
+  }
+
+  QueryStats stats_;
+  int future_;
+  std::vector<float> keys_, vals_, moved_;
+  std::vector<double> acc_, logit_;
+};
+
+QueryStats stats_of(const PolicyOptions& o, std::string_view policy) {
+  if (o.query_mean.empty())
+    fail("--kv-policy ", policy, " needs a filter file with query statistics (qf calibrate --stats-rank N, N >= 1)");
+  if (o.query_future_positions < 1)
+    fail(policy, ": the future positions must be >= 1 (got ", o.query_future_positions, ")");
+  return {o.query_mean, o.query_factors, o.n_query_heads, o.stats_rank};
+}
+
+}  // namespace
+
+std::unique_ptr<Policy> make_qfilters_rope(const PolicyOptions& o) {
+  return std::make_unique<QFiltersRope>(stats_of(o, "qfilters_rope"), o.query_future_positions);
+}
+
+std::unique_ptr<Policy> make_ea_calibrated(const PolicyOptions& o) {
+  const QueryStats s = stats_of(o, "ea_calibrated");
+  if (s.rank < 1) fail("ea_calibrated: the filter file's query statistics have no covariance factors");
+  return std::make_unique<CalibratedExpectedAttention>(s, o.query_future_positions);
+}
+
+}  // namespace qf::kv::policies

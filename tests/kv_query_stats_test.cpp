@@ -1,0 +1,244 @@
+// The policies that score with calibrated query statistics before the rotary embedding
+// (qfilters_rope, ea_calibrated) against direct double-precision computations with dense rotation
+// matrices, and the property that motivates them: a key's score depends on its distance to the
+// current position, not on its absolute position.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "kv/cache.h"
+#include "kv/policy.h"
+#include "util/error.h"
+
+namespace qf::kv {
+namespace {
+
+using Matrix = std::vector<std::vector<double>>;
+
+// Rotation of `pos` with pairs (i, i + n_rot/2) (NeoX pairing), dimensions from n_rot on fixed.
+Matrix neox_rotation(int d, int n_rot, const std::vector<double>& inv_freq, double pos) {
+  Matrix r(d, std::vector<double>(d, 0.0));
+  for (int i = 0; i < d; ++i) r[i][i] = 1.0;
+  for (int i = 0; i < n_rot / 2; ++i) {
+    const int a = i, b = i + n_rot / 2;
+    const double th = pos * inv_freq[i];
+    r[a][a] = std::cos(th), r[a][b] = -std::sin(th), r[b][a] = std::sin(th), r[b][b] = std::cos(th);
+  }
+  return r;
+}
+
+// Mean of the rotations of positions p0 .. p0 + n - 1.
+Matrix mean_rotation(int d, int n_rot, const std::vector<double>& inv_freq, int64_t p0, int n) {
+  Matrix m(d, std::vector<double>(d, 0.0));
+  for (int p = 0; p < n; ++p) {
+    const Matrix r = neox_rotation(d, n_rot, inv_freq, double(p0 + p));
+    for (int i = 0; i < d; ++i)
+      for (int j = 0; j < d; ++j) m[i][j] += r[i][j] / n;
+  }
+  return m;
+}
+
+std::vector<double> times(const Matrix& m, const float* x) {
+  std::vector<double> y(m.size(), 0.0);
+  for (size_t i = 0; i < m.size(); ++i)
+    for (size_t j = 0; j < m.size(); ++j) y[i] += m[i][j] * x[j];
+  return y;
+}
+
+double dot(const std::vector<double>& a, const float* b) {
+  double s = 0;
+  for (size_t i = 0; i < a.size(); ++i) s += a[i] * b[i];
+  return s;
+}
+
+struct StatsCase {
+  static constexpr int d = 8, nkv = 2, group = 3, n_heads = nkv * group, rank = 2, n_rot = 6;
+  const std::vector<double> inv_freq{0.5, 0.1, 0.01};
+  std::vector<float> mean, factors;
+  PolicyOptions options;
+
+  explicit StatsCase(uint32_t seed) {
+    std::mt19937 rng(seed);
+    std::normal_distribution<float> nd;
+    mean.resize(size_t(n_heads) * d);
+    factors.resize(size_t(n_heads) * rank * d);
+    for (auto& x : mean) x = nd(rng) * 2.0f;
+    for (auto& x : factors) x = nd(rng);
+    options.query_mean = mean;
+    options.query_factors = factors;
+    options.n_query_heads = n_heads;
+    options.stats_rank = rank;
+  }
+  RopeGeometry rope() const { return {.n_rot = n_rot, .adjacent = false, .inv_freq = {inv_freq}}; }
+
+  // A one-layer cache holding T random keys (stored rotated by their positions first .. first+T-1)
+  // and values; head 1 lost a few positions, a sink among them.
+  Cache cache(int T, int first, uint32_t seed, std::vector<float>* keys_out = nullptr) const {
+    std::mt19937 rng(seed);
+    std::normal_distribution<float> nd;
+    Cache c({1, nkv, d}, {T}, {});
+    c.rope = rope();
+    std::vector<float> k(size_t(T) * nkv * d), v(k.size());
+    for (auto& x : k) x = nd(rng);
+    for (auto& x : v) x = nd(rng);
+    std::vector<int32_t> pos(T);
+    std::iota(pos.begin(), pos.end(), first);
+    for (int t = 0; t < T; ++t)
+      for (int h = 0; h < nkv; ++h) c.rope.rotate(0, pos[t], k.data() + (size_t(t) * nkv + h) * d);
+    c.append(0, k.data(), v.data(), pos.data(), T);
+    std::vector<int> keep;
+    for (int i = 0; i < T; ++i)
+      if (i % 7 != 2) keep.push_back(i);
+    c.retain(0, 1, keep);
+    if (keys_out) *keys_out = k;
+    return c;
+  }
+};
+
+std::vector<float> score(Policy& p, const Cache& c, int h) {
+  std::vector<float> s(c.head(0, h).n, -123.0f);
+  p.score_head(c, 0, h, s);
+  return s;
+}
+
+TEST(QueryStatsPolicies, QFiltersRopeIsTheGroupMeanQueryMovedToTheNextPositions) {
+  StatsCase s(5);
+  const int T = 40, future = 16;
+  std::vector<float> k;
+  const Cache c = s.cache(T, 0, 9, &k);
+  s.options.query_future_positions = future;
+  auto p = make_policy("qfilters_rope", s.options);
+  EXPECT_EQ(p->name(), "qfilters_rope");
+  EXPECT_EQ(p->needs(s.options), AttentionStats{});  // no attention statistics: the fused kernel stays
+  const Matrix R = mean_rotation(StatsCase::d, StatsCase::n_rot, s.inv_freq, T, future);
+  for (int h = 0; h < StatsCase::nkv; ++h) {
+    std::vector<float> f(StatsCase::d, 0.0f);
+    for (int g = 0; g < StatsCase::group; ++g)
+      for (int i = 0; i < StatsCase::d; ++i) f[i] += s.mean[(h * StatsCase::group + g) * StatsCase::d + i] / StatsCase::group;
+    const std::vector<double> rf = times(R, f.data());
+    const std::vector<float> got = score(*p, c, h);
+    const HeadCache& hc = c.head(0, h);
+    for (int j = 0; j < hc.n; ++j) {
+      const double want = dot(rf, k.data() + (size_t(hc.pos[j]) * StatsCase::nkv + h) * StatsCase::d);
+      EXPECT_NEAR(got[j], want, 1e-4 * (1 + std::abs(want))) << "head " << h << " pos " << hc.pos[j];
+    }
+  }
+}
+
+TEST(QueryStatsPolicies, QFiltersRopeScoresDependOnDistanceNotOnAbsolutePosition) {
+  StatsCase s(6);
+  s.options.query_future_positions = 1;
+  auto p = make_policy("qfilters_rope", s.options);
+  // The same keys, the whole sequence 1,000 positions later: every score is the same.
+  const Cache early = s.cache(30, 0, 11), late = s.cache(30, 1000, 11);
+  for (int h = 0; h < StatsCase::nkv; ++h) {
+    const std::vector<float> a = score(*p, early, h), b = score(*p, late, h);
+    ASSERT_EQ(a.size(), b.size());
+    for (size_t j = 0; j < a.size(); ++j) EXPECT_NEAR(a[j], b[j], 1e-4 * (1 + std::abs(a[j]))) << h << " " << j;
+  }
+  // A fixed post-rotary filter (what qfilters scores with) does not have this property.
+  std::vector<float> fixed(size_t(StatsCase::nkv) * StatsCase::d, 1.0f);
+  PolicyOptions o;
+  o.filters = fixed;
+  auto q = make_policy("qfilters", o);
+  double diff = 0;
+  for (int h = 0; h < StatsCase::nkv; ++h) {
+    const std::vector<float> a = score(*q, early, h), b = score(*q, late, h);
+    for (size_t j = 0; j < a.size(); ++j) diff = std::max(diff, double(std::abs(a[j] - b[j])));
+  }
+  EXPECT_GT(diff, 0.1);
+}
+
+TEST(QueryStatsPolicies, EaCalibratedMatchesADirectComputation) {
+  StatsCase s(7);
+  const int T = 40, future = 16, d = StatsCase::d;
+  std::vector<float> k;
+  const Cache c = s.cache(T, 0, 13, &k);
+  s.options.query_future_positions = future;
+  auto p = make_policy("ea_calibrated", s.options);
+  const Matrix R = mean_rotation(d, StatsCase::n_rot, s.inv_freq, T, future);
+  for (int h = 0; h < StatsCase::nkv; ++h) {
+    const HeadCache& hc = c.head(0, h);
+    const std::vector<float> vals = values_f32(hc, d);
+    std::vector<double> want(hc.n, 0.0);
+    for (int g = 0; g < StatsCase::group; ++g) {
+      const int qh = h * StatsCase::group + g;
+      // Sigma = sum_r u_r u_r^T; logit = (R mu).k / sqrt(d) + k' R Sigma R^T k / (2d).
+      Matrix S(d, std::vector<double>(d, 0.0));
+      for (int r = 0; r < StatsCase::rank; ++r) {
+        const float* u = s.factors.data() + (size_t(qh) * StatsCase::rank + r) * d;
+        for (int i = 0; i < d; ++i)
+          for (int j = 0; j < d; ++j) S[i][j] += double(u[i]) * u[j];
+      }
+      const std::vector<double> mu = times(R, s.mean.data() + size_t(qh) * d);
+      std::vector<double> logit(hc.n);
+      double mx = -1e300, z = 0;
+      for (int j = 0; j < hc.n; ++j) {
+        if (hc.pos[j] < kQueryMomentSinks) continue;
+        const float* key = k.data() + (size_t(hc.pos[j]) * StatsCase::nkv + h) * d;
+        std::vector<double> rk(d, 0.0);  // R^T k
+        for (int i = 0; i < d; ++i)
+          for (int m = 0; m < d; ++m) rk[i] += R[m][i] * key[m];
+        double quad = 0;
+        for (int i = 0; i < d; ++i)
+          for (int m = 0; m < d; ++m) quad += rk[i] * S[i][m] * rk[m];
+        logit[j] = dot(mu, key) / std::sqrt(double(d)) + quad / (2.0 * d);
+        mx = std::max(mx, logit[j]);
+      }
+      for (int j = 0; j < hc.n; ++j)
+        if (hc.pos[j] >= kQueryMomentSinks) z += std::exp(logit[j] - mx);
+      for (int j = 0; j < hc.n; ++j)
+        if (hc.pos[j] >= kQueryMomentSinks) want[j] += std::exp(logit[j] - mx) / z / StatsCase::group;
+    }
+    const std::vector<float> got = score(*p, c, h);
+    for (int j = 0; j < hc.n; ++j) {
+      if (hc.pos[j] < kQueryMomentSinks) {
+        EXPECT_EQ(got[j], std::numeric_limits<float>::infinity()) << "sink " << hc.pos[j];
+        continue;
+      }
+      double vn = 0;
+      for (int i = 0; i < d; ++i) vn += double(vals[size_t(j) * d + i]) * vals[size_t(j) * d + i];
+      const double w = want[j] * std::sqrt(vn);
+      EXPECT_NEAR(got[j], w, 2e-4 * w + 1e-7) << "head " << h << " pos " << hc.pos[j];
+    }
+  }
+}
+
+TEST(QueryStatsPolicies, MissingOrMisshapenStatisticsAreErrors) {
+  for (const char* name : {"qfilters_rope", "ea_calibrated", "qfilters_rope+layer"}) {
+    SCOPED_TRACE(name);
+    try {
+      make_policy(name, {});
+      ADD_FAILURE() << "no error";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("--stats-rank"), std::string::npos) << e.what();
+    }
+  }
+  StatsCase s(8);
+  s.options.query_future_positions = 0;
+  EXPECT_THROW(make_policy("qfilters_rope", s.options), Error);
+  s.options.query_future_positions = 4;
+  // Statistics for 3 KV heads' worth of query heads do not fit a cache of 2 KV heads of 4 dims.
+  const Cache c = s.cache(10, 0, 3);
+  Cache other({1, StatsCase::nkv, 4}, {10}, {});
+  other.head(0, 0).n = 0;
+  for (const char* name : {"qfilters_rope", "ea_calibrated"}) {
+    auto p = make_policy(name, s.options);
+    std::vector<float> out(c.head(0, 0).n);
+    EXPECT_NO_THROW(p->score_head(c, 0, 0, out));
+    std::vector<float> none;
+    EXPECT_THROW(p->score_head(other, 0, 0, none), Error) << name;
+  }
+  // Listed apart from the default policies.
+  const std::vector<std::string> names = query_stats_policy_names();
+  EXPECT_EQ(names, (std::vector<std::string>{"qfilters_rope", "ea_calibrated"}));
+  for (const auto& n : policy_names()) EXPECT_NE(n, "qfilters_rope");
+}
+
+}  // namespace
+}  // namespace qf::kv
