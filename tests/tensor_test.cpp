@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cfloat>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -713,6 +714,90 @@ TEST_F(SimdTargets, VectorOps) {
       scale_f32(y.data(), -1.5f, n);
       for (size_t i = 0; i < n + 4; ++i) ASSERT_EQ(y[i], i < n ? b[i] * -1.5f : b[i]) << target << " scale n " << n;
     }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Element-wise kernels of the forward pass, against double-precision formulas
+
+// 0.5 x (1 + tanh(u)) written as x / (1 + exp(-2u)): the same function, but 1 + tanh(u) cancels
+// to 0 in double for u < -19 while the true value is still ~x exp(2u).
+double ref_gelu_tanh(double x) {
+  const double u = std::sqrt(2.0 / M_PI) * (x + 0.044715 * x * x * x);
+  return x / (1.0 + std::exp(-2.0 * u));
+}
+double ref_silu(double x) { return x / (1.0 + std::exp(-x)); }
+
+// Inputs covering the activations' regimes: around 0, the bend, the saturated tails, overflow of
+// x^3 and exp, and n values that leave vector tails.
+std::vector<float> activation_inputs(size_t n, std::mt19937& rng) {
+  std::normal_distribution<float> normal(0.0f, 3.0f);
+  const float special[] = {0.0f, -0.0f, 1e-30f, -1e-30f, 0.5f, -0.5f, 5.0f, -5.0f, 10.0f, -10.0f, 30.0f, -30.0f,
+                           88.0f, -88.0f, 1e6f, -1e6f, 3e13f, -3e13f, 3.4e38f, -3.4e38f};
+  std::vector<float> x(n);
+  for (size_t i = 0; i < n; ++i) x[i] = i < std::size(special) ? special[i] : normal(rng);
+  return x;
+}
+
+TEST_F(SimdTargets, ElementwiseKernelsMatchDoubleFormulas) {
+  std::mt19937 rng(11);
+  std::uniform_real_distribution<float> pos(0.5f, 2.0f);
+  for (const std::string& target : available_simd_targets()) {
+    ASSERT_TRUE(force_simd_target(target));
+    for (size_t n : {0, 1, 5, 16, 17, 33, 256, 640, 1001}) {
+      const std::vector<float> x = activation_inputs(n + 4, rng), up = activation_inputs(n + 4, rng);
+      // Guard elements past n catch writes beyond the end.
+      for (int act = 0; act < 2; ++act) {
+        std::vector<float> y = x;
+        if (act == 0) gelu_tanh_mul_f32(y.data(), up.data(), n);
+        else silu_mul_f32(y.data(), up.data(), n);
+        for (size_t i = 0; i < n + 4; ++i) {
+          if (i >= n) {
+            ASSERT_EQ(y[i], x[i]) << target << " wrote past n " << n;
+            continue;
+          }
+          const double a = act == 0 ? ref_gelu_tanh(x[i]) : ref_silu(x[i]);
+          const double want = a * up[i];
+          if (!(std::fabs(want) <= FLT_MAX)) continue;  // the product itself overflows float
+          // A few ulps of the value, or of x * up where the activation is a vanishing tail
+          // (x << 0: exp of a float argument of up to 88 carries ~1e-5 relative error there,
+          // still far below the scalar 1 + tanh(u) form, which cancels to 0).
+          const double tol = 2e-6 * std::fabs(want) + 1e-7 * std::fabs(static_cast<double>(x[i]) * up[i]) + 1e-37;
+          ASSERT_NEAR(y[i], want, tol) << target << (act ? " silu" : " gelu") << " x " << x[i] << " up " << up[i];
+        }
+      }
+      // Soft-capping (Gemma 2's final logits), cap 30.
+      std::vector<float> y = x;
+      softcap_f32(y.data(), n, 30.0f);
+      for (size_t i = 0; i < n + 4; ++i) {
+        const double want = i < n ? 30.0 * std::tanh(x[i] / 30.0) : x[i];
+        ASSERT_NEAR(y[i], want, 4e-6 * std::fabs(want) + 1e-37) << target << " softcap x " << x[i];
+      }
+      // RMS norm, into another buffer and in place.
+      std::vector<float> w(n + 4), r(n + 4);
+      for (auto& v : w) v = pos(rng);
+      for (size_t i = 0; i < n + 4; ++i) r[i] = x[i] / (i < 20 ? 1e30f : 1.0f);  // no overflow in x^2
+      double ss = 0;
+      for (size_t i = 0; i < n; ++i) ss += static_cast<double>(r[i]) * r[i];
+      const double inv = n ? 1.0 / std::sqrt(ss / static_cast<double>(n) + 1e-6) : 0.0;
+      std::vector<float> out(n + 4, -7.0f), inplace = r;
+      rmsnorm_f32(out.data(), r.data(), w.data(), n, 1e-6f);
+      rmsnorm_f32(inplace.data(), inplace.data(), w.data(), n, 1e-6f);
+      for (size_t i = 0; i < n + 4; ++i) {
+        if (i >= n) {
+          ASSERT_EQ(out[i], -7.0f);
+          ASSERT_EQ(inplace[i], r[i]);
+          continue;
+        }
+        const double want = r[i] * inv * w[i];
+        ASSERT_NEAR(out[i], want, 1e-6 * std::fabs(want) + 1e-30) << target << " rmsnorm n " << n << " i " << i;
+        ASSERT_EQ(inplace[i], out[i]) << target << " in place";
+      }
+    }
+    // NaN stays NaN (a corrupted activation must not turn into a plausible number).
+    std::vector<float> nan{NAN, 1.0f, NAN}, one{1.0f, NAN, 1.0f};
+    gelu_tanh_mul_f32(nan.data(), one.data(), 3);
+    EXPECT_TRUE(std::isnan(nan[0]) && std::isnan(nan[1]) && std::isnan(nan[2])) << target;
   }
 }
 

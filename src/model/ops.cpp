@@ -2,17 +2,12 @@
 
 #include <cmath>
 
+#include "tensor/kernels.h"
+
 namespace qf::ops {
 
 void rmsnorm_rows(float* out, const float* x, const float* w, size_t n_rows, int n, float eps) {
-  for (size_t r = 0; r < n_rows; ++r) {
-    const float* xr = x + r * n;
-    float* o = out + r * n;
-    double ss = 0;
-    for (int i = 0; i < n; ++i) ss += static_cast<double>(xr[i]) * xr[i];
-    const float inv = 1.0f / std::sqrt(static_cast<float>(ss / n) + eps);
-    for (int i = 0; i < n; ++i) o[i] = xr[i] * inv * w[i];
-  }
+  for (size_t r = 0; r < n_rows; ++r) rmsnorm_f32(out + r * n, x + r * n, w, static_cast<size_t>(n), eps);
 }
 
 void add_bias_rows(float* x, const float* b, size_t n_rows, int n) {
@@ -28,26 +23,12 @@ void scale(float* x, size_t n, float s) {
   for (size_t i = 0; i < n; ++i) x[i] *= s;
 }
 
-namespace {
-float silu(float x) { return x / (1.0f + std::exp(-x)); }
-// GELU, tanh approximation (Gemma's gelu_pytorch_tanh).
-float gelu_tanh(float x) {
-  constexpr float kSqrt2OverPi = 0.7978845608028654f;
-  return 0.5f * x * (1.0f + std::tanh(kSqrt2OverPi * (x + 0.044715f * x * x * x)));
-}
-}  // namespace
-
 void gated_activation(float* gate, const float* up, size_t n, Activation act) {
-  if (act == Activation::silu) {
-    for (size_t i = 0; i < n; ++i) gate[i] = silu(gate[i]) * up[i];
-  } else {
-    for (size_t i = 0; i < n; ++i) gate[i] = gelu_tanh(gate[i]) * up[i];
-  }
+  if (act == Activation::silu) silu_mul_f32(gate, up, n);
+  else gelu_tanh_mul_f32(gate, up, n);
 }
 
-void softcap(float* x, size_t n, float cap) {
-  for (size_t i = 0; i < n; ++i) x[i] = cap * std::tanh(x[i] / cap);
-}
+void softcap(float* x, size_t n, float cap) { softcap_f32(x, n, cap); }
 
 Rotary::Rotary(const ModelConfig& c, const float* freq_factors)
     : pairing_(c.rope_pairing), n_rot_(c.n_rot), head_dim_(c.head_dim) {

@@ -52,6 +52,18 @@ float dot_f32(const float* a, const float* b, size_t n);
 void axpy_f32(float a, const float* x, float* y, size_t n);  // y += a * x
 void scale_f32(float* y, float a, size_t n);                // y *= a
 
+// Element-wise kernels of the forward pass (SIMD, runtime dispatch; tensor/elementwise.cpp).
+// exp and tanh are Highway's (1-4 ulp), so results are within a few float ulps of the scalar
+// formulas, not bit-identical to them.
+// gate[i] = gelu_tanh(gate[i]) * up[i], GELU's tanh approximation (Gemma's gelu_pytorch_tanh).
+void gelu_tanh_mul_f32(float* gate, const float* up, size_t n);
+// gate[i] = silu(gate[i]) * up[i], silu(x) = x / (1 + exp(-x)).
+void silu_mul_f32(float* gate, const float* up, size_t n);
+// x[i] = cap * tanh(x[i] / cap).
+void softcap_f32(float* x, size_t n, float cap);
+// out[i] = x[i] / sqrt(mean(x^2) + eps) * w[i]; the mean of squares in double. out may be x.
+void rmsnorm_f32(float* out, const float* x, const float* w, size_t n, float eps);
+
 // Name of the SIMD target chosen at run time, as Highway names it ("AVX3_DL" = AVX-512 with
 // VNNI/VBMI, "AVX3" = AVX-512, "AVX2", "SCALAR").
 std::string simd_target_name();

@@ -316,36 +316,54 @@ void QuantizeNat(const float* HWY_RESTRICT x, int64_t nb, uint8_t* HWY_RESTRICT 
 
 inline size_t KStride(int64_t nb) { return detail::round_up64(static_cast<size_t>(nb) * (256 + 4 + 32)); }
 
-// Round half to even of |v| < 2^22 without a library call (what ggml's nearest_int computes).
-HWY_INLINE float RoundHalfEven(float v) { return (v + 12582912.0f) - 12582912.0f; }
+// The signed element of largest magnitude of one super-block (the first on ties; NaN never
+// wins, so a block of NaNs and zeros gives 0).
+HWY_INLINE float LargestElement(const float* HWY_RESTRICT xb) {
+  const hn::ScalableTag<float> df;
+  const size_t N = hn::Lanes(df);
+  auto vmax = hn::Zero(df);
+  for (size_t j = 0; j < blocks::kQK_K; j += N) {
+    const auto a = hn::Abs(hn::LoadU(df, xb + j));
+    vmax = hn::Max(vmax, hn::IfThenElseZero(hn::Eq(a, a), a));  // NaN -> 0
+  }
+  const float amax = hn::GetLane(hn::MaxOfLanes(df, vmax));
+  if (amax == 0.0f) return 0.0f;
+  const auto target = hn::Set(df, amax);
+  for (size_t j = 0; j < blocks::kQK_K; j += N) {
+    const auto v = hn::LoadU(df, xb + j);
+    const intptr_t at = hn::FindFirstTrue(df, hn::Eq(hn::Abs(v), target));
+    if (at >= 0) return xb[j + static_cast<size_t>(at)];
+  }
+  return 0.0f;  // unreachable: amax is one of the |x|
+}
 
 void QuantizeK(const float* HWY_RESTRICT x, int64_t nb, uint8_t* HWY_RESTRICT out) {
+  const hn::ScalableTag<float> df;
+  const hn::RebindToSigned<decltype(df)> di;
+  const hn::Rebind<int8_t, decltype(df)> d8;
+  const size_t N = hn::Lanes(df);  // divides 16 on every target we build
   int8_t* qs = reinterpret_cast<int8_t*>(out);
   float* dd = reinterpret_cast<float*>(out + 256 * nb);
   int16_t* bsum = reinterpret_cast<int16_t*>(out + 260 * nb);
+  const auto lo = hn::Set(df, -127.0f), hi = hn::Set(df, 127.0f);
   for (int64_t b = 0; b < nb; ++b) {
     const float* xb = x + b * blocks::kQK_K;
     int8_t* qb = qs + b * blocks::kQK_K;
-    float amax = 0.0f, max = 0.0f;
-    for (int j = 0; j < blocks::kQK_K; ++j) {
-      const float ax = std::fabs(xb[j]);
-      if (ax > amax) {  // NaN never wins
-        amax = ax;
-        max = xb[j];
-      }
-    }
-    const float iscale = amax != 0.0f ? -127.0f / max : 0.0f;
-    for (int j = 0; j < blocks::kQK_K; ++j) {
-      float v = iscale * xb[j];
-      v = v == v ? std::clamp(v, -127.0f, 127.0f) : 0.0f;  // NaN (from inf or NaN inputs) -> 0
-      qb[j] = static_cast<int8_t>(RoundHalfEven(v));
-    }
-    dd[b] = amax != 0.0f ? 1.0f / iscale : 0.0f;
+    const float max = LargestElement(xb);
+    const float iscale = max != 0.0f ? -127.0f / max : 0.0f;
+    const auto vs = hn::Set(df, iscale);
     for (int g = 0; g < blocks::kQK_K / blocks::kGroup; ++g) {
-      int s = 0;
-      for (int j = 0; j < blocks::kGroup; ++j) s += qb[g * blocks::kGroup + j];
-      bsum[16 * b + g] = static_cast<int16_t>(s);
+      auto sum = hn::Zero(di);
+      for (size_t j = g * blocks::kGroup; j < static_cast<size_t>(g + 1) * blocks::kGroup; j += N) {
+        auto v = hn::Mul(vs, hn::LoadU(df, xb + j));
+        v = hn::Min(hn::Max(hn::IfThenElseZero(hn::Eq(v, v), v), lo), hi);  // NaN (from inf or NaN) -> 0
+        const auto q = hn::ConvertTo(di, hn::Round(v));  // ties to even, as ggml's nearest_int
+        sum = hn::Add(sum, q);
+        hn::StoreU(hn::DemoteTo(d8, q), d8, qb + j);
+      }
+      bsum[16 * b + g] = static_cast<int16_t>(hn::GetLane(hn::SumOfLanes(di, sum)));
     }
+    dd[b] = max != 0.0f ? 1.0f / iscale : 0.0f;
   }
 }
 
@@ -1149,8 +1167,10 @@ struct VnniEngine {
         }
         _mm_store_si128(reinterpret_cast<__m128i*>(rec + 16 * k), q0);
         _mm_store_si128(reinterpret_cast<__m128i*>(rec + 64 + 16 * k), q1);
-        // The scale is kept in fp16, like ggml's q8 blocks (see QuantizeNat).
-        _mm_store_ps(reinterpret_cast<float*>(rec + 128 + 16 * k), _mm_set1_ps(fp16_to_f32(f32_to_fp16(d))));
+        // The scale is kept in fp16, like ggml's q8 blocks (see QuantizeNat); F16C rounds to
+        // nearest even as fp16_to_f32(f32_to_fp16(d)) does, without the scalar bit twiddling.
+        const float d16 = _cvtsh_ss(_cvtss_sh(d, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        _mm_store_ps(reinterpret_cast<float*>(rec + 128 + 16 * k), _mm_set1_ps(d16));
       }
       const __m512i xlo = _mm512_load_si512(rec), xhi = _mm512_load_si512(rec + 64);
       const __m512i psum = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, xlo), ones, xhi);
