@@ -114,7 +114,6 @@ class Scheduler {
   // Runs `task` on the scheduler thread between steps, with mu_ held; rethrows what it throws.
   void run_between_steps(std::function<void()> task);
   Slot& idle_slot(int id);  // throws HttpError 404 / 409; call with mu_ held
-  runtime::KvOptions kv_options_of(const kv::StateConfig& c, const std::string& name) const;
 
   void step(const std::vector<Slot*>& active);
   void fail_slot(Slot& slot, const std::string& why);
