@@ -79,19 +79,19 @@ GGML_ROW = {0: lambda d: 4 * d, 1: lambda d: 2 * d, 30: lambda d: 2 * d, 8: lamb
 
 
 def state_file(*, types=(0, 0), policy="none", params=(0, 0, 0, 0.0, 0, 0, 0, 0, 0), filters_hash="",
-               stats=(False, False, 0, False), n_past=6, prompt_end=None, tokens=True, policy_state="", keep=None,
+               stats=(False, False, 0, False, False), n_past=6, prompt_end=None, tokens=True, policy_state="", keep=None,
                n_layers=2, n_kv_heads=2, head_dim=32):
     rng = np.random.default_rng(len(policy) + n_past)
     i64 = lambda v: struct.pack("<q", v)
     text = lambda t: struct.pack("<Q", len(t.encode())) + t.encode()
     budget, window, evict_every, ratio, skip_layers, seed, n_sink, snap_window, snap_kernel = params
-    accumulate, last_query, stats_window, query_moments = stats
+    accumulate, last_query, stats_window, query_moments, key_scores = stats
     prompt_end = n_past if prompt_end is None else prompt_end
     body = text("0123456789abcdef") + text(f"llama:L{n_layers}:H4:KV{n_kv_heads}:D{head_dim}:E64:V300")
     body += i64(n_layers) + i64(n_kv_heads) + i64(head_dim) + struct.pack("<II", *types) + text(policy)
     body += i64(budget) + i64(window) + i64(evict_every) + struct.pack("<f", ratio) + i64(skip_layers)
     body += struct.pack("<Q", seed) + i64(n_sink) + i64(snap_window) + i64(snap_kernel) + text(filters_hash)
-    body += struct.pack("<BB", accumulate, last_query) + i64(stats_window) + struct.pack("<B", query_moments)
+    body += struct.pack("<BB", accumulate, last_query) + i64(stats_window) + struct.pack("<BB", query_moments, key_scores)
     body += i64(n_past) + i64(prompt_end) + i64(3 * n_past) + i64(7) + i64(2)
     toks = list(range(10, 10 + n_past)) if tokens else []
     body += struct.pack("<Q", len(toks)) + struct.pack(f"<{len(toks)}i", *toks) + text(policy_state)
@@ -107,11 +107,13 @@ def state_file(*, types=(0, 0), policy="none", params=(0, 0, 0, 0.0, 0, 0, 0, 0,
             body += struct.pack(f"<{n}i", *range(n))
         if last_query:
             body += rng.random(n, dtype=np.float32).tobytes()
+        if key_scores:
+            body += rng.standard_normal(n, dtype=np.float32).tobytes()
     if query_moments:  # per layer: 4 query heads x head_dim, count, sums, outer sums (float64)
         for layer in range(n_layers):
             body += i64(4) + i64(head_dim) + i64(n_past)
             body += rng.standard_normal(4 * head_dim).tobytes() + rng.standard_normal(4 * head_dim * head_dim).tobytes()
-    prefix = b"QFKVSTAT" + struct.pack("<IIQII", 1, 0, len(body), zlib.crc32(body), 0)
+    prefix = b"QFKVSTAT" + struct.pack("<IIQII", 2, 0, len(body), zlib.crc32(body), 0)
     return prefix + body
 
 
@@ -184,19 +186,21 @@ def main():
     st = os.path.join(out, "state_file")
     write(os.path.join(st, "valid_full_f32.qfstate"), state_file(n_past=4))
     write(os.path.join(st, "valid_h2o_q8_q4.qfstate"),
-          state_file(types=(8, 2), policy="h2o", params=(3, 1, 1, 0.0, 0, 0, 4, 64, 5), stats=(True, False, 0, False), keep=3))
+          state_file(types=(8, 2), policy="h2o", params=(3, 1, 1, 0.0, 0, 0, 4, 64, 5), stats=(True, False, 0, False, False), keep=3))
     write(os.path.join(st, "valid_tova_f16_no_tokens.qfstate"),
-          state_file(types=(1, 30), policy="tova", params=(4, 1, 2, 0.0, 1, 0, 4, 64, 5), stats=(False, True, 0, False),
+          state_file(types=(1, 30), policy="tova", params=(4, 1, 2, 0.0, 1, 0, 4, 64, 5), stats=(False, True, 0, False, False),
                      tokens=False, keep=4))
     write(os.path.join(st, "valid_snapkv_ratio.qfstate"),
-          state_file(policy="snapkv", params=(0, 0, 1, 0.5, 0, 0, 4, 8, 5), stats=(False, False, 8, False), keep=3, prompt_end=5))
+          state_file(policy="snapkv", params=(0, 0, 1, 0.5, 0, 0, 4, 8, 5), stats=(False, False, 8, False, False), keep=3, prompt_end=5))
     write(os.path.join(st, "valid_random_state.qfstate"),
           state_file(policy="random", params=(3, 1, 1, 0.0, 0, 42, 4, 64, 5), policy_state="5489 1 2 3", keep=3))
     write(os.path.join(st, "valid_qfilters.qfstate"),
           state_file(types=(1, 1), policy="qfilters", params=(3, 1, 1, 0.0, 0, 0, 4, 64, 5),
-                     filters_hash="00112233aabbccdd", keep=3))
+                     filters_hash="00112233aabbccdd", stats=(False, False, 0, False, True), keep=3))
+    write(os.path.join(st, "valid_knorm_q8_key_scores.qfstate"),
+          state_file(types=(8, 8), policy="knorm", params=(3, 1, 1, 0.0, 0, 0, 4, 64, 5), stats=(False, False, 0, False, True), keep=3))
     write(os.path.join(st, "valid_expected_attention.qfstate"),
-          state_file(policy="expected_attention", params=(3, 1, 1, 0.0, 0, 0, 4, 64, 5), stats=(False, False, 0, True), keep=3, head_dim=8))
+          state_file(policy="expected_attention", params=(3, 1, 1, 0.0, 0, 0, 4, 64, 5), stats=(False, False, 0, True, False), keep=3, head_dim=8))
     truncated = state_file(n_past=3)
     write(os.path.join(st, "truncated.qfstate"), truncated[: len(truncated) - 9])
 

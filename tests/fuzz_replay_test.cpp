@@ -80,7 +80,7 @@ TEST(FuzzReplay, Tokenizer) {
   EXPECT_GE(replay("tokenizer", tokenizer_fuzz_one), 7);
 }
 
-TEST(FuzzReplay, StateFile) { EXPECT_GE(replay("state_file", state_file_fuzz_one), 7); }
+TEST(FuzzReplay, StateFile) { EXPECT_GE(replay("state_file", state_file_fuzz_one), 9); }
 
 TEST(FuzzReplay, ServerRequest) {
   setenv("QF_FUZZ_MODEL", qf::test::smollm2_path().c_str(), 1);
@@ -105,6 +105,9 @@ TEST(FuzzReplay, StateFileSeedsFromThePythonEncoder) {
       EXPECT_EQ(s.config.model_fingerprint, "0123456789abcdef");
       // Expected Attention's state carries one layer's query moments per layer (4 query heads).
       EXPECT_EQ(s.query_moments.size(), s.config.stats.query_moments ? static_cast<size_t>(s.config.n_layers) : 0u);
+      // qfilters and knorm carry one key score per kept slot.
+      for (const qf::kv::HeadState& h : s.heads)
+        EXPECT_EQ(h.key_score.size(), s.config.stats.key_scores ? static_cast<size_t>(h.n()) : 0u);
       for (const qf::kv::QueryMoments& m : s.query_moments) {
         EXPECT_EQ(m.n_heads, 4);
         EXPECT_EQ(m.sum.size(), static_cast<size_t>(m.n_heads) * m.head_dim);
@@ -116,7 +119,7 @@ TEST(FuzzReplay, StateFileSeedsFromThePythonEncoder) {
       EXPECT_THROW(qf::kv::decode_state(bytes, name), qf::Error);
     }
   }
-  EXPECT_EQ(valid, 7);
+  EXPECT_EQ(valid, 8);
 }
 
 }  // namespace

@@ -490,6 +490,7 @@ TEST(Compressor, EveryPolicyEvictsItsOwnTopScores) {
     for (int trial = 0; trial < 8; ++trial) {
       auto policy = make_policy(name, opt);
       Cache c({L, nkv, d}, {80, 80}, policy->needs(opt));
+      c.set_key_scorer(policy->key_scorer(c.shape()));  // as a session does (qfilters, knorm)
       for (int l = 0; l < L; ++l) append_random(c, l, 50, 0, rng);
       for (int h = 0; h < nkv; ++h) thin_head(c, 1, h, 0.6 + 0.1 * h, rng);
       // The thinned heads still end at the same newest tokens, as after a streaming eviction.
@@ -528,6 +529,7 @@ TEST(Compressor, BudgetAboveSequenceEvictsNothing) {
     SCOPED_TRACE(name);
     Compressor comp(make_policy(name, opt), opt, {.budget = 200, .window = 8});
     Cache c({L, nkv, d}, {comp.capacity(0, 300, 1), comp.capacity(1, 300, 1)}, comp.needs());
+    c.set_key_scorer(comp.policy().key_scorer(c.shape()));
     for (int t = 0; t < 150; ++t)
       for (int l = 0; l < L; ++l) {
         append_random(c, l, 1, t, rng);

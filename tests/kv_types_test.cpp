@@ -1,7 +1,8 @@
 // KV storage types in the cache: names, ggml's rounding (checked on hand-made blocks), what the
 // cache stores and moves on eviction, attention (fused, statistics, reference) over every type
 // pair and with sliding windows against a brute force in double on the dequantized values, and
-// the key-scoring policies reading the stored keys.
+// the key-scoring policies: reading the stored keys of a plain cache, and the scores of the F32
+// keys that a cache keeping key scores computed as the tokens came in.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -257,6 +258,79 @@ TEST(KvTypes, KeyPoliciesScoreStoredKeys) {
           const double want = std::string(name) == "knorm" ? -std::sqrt(norm) : dot;
           ASSERT_NEAR(scores[h][j], want, 1e-5 * (1 + std::abs(want))) << name << " head " << h << " slot " << j;
         }
+      }
+    }
+  }
+}
+
+// A cache that keeps key scores scores each token once, from the F32 key it was given, through
+// the policy's key_scorer: the scores match a brute force in double on those keys and are the
+// same numbers for every storage type; retain moves them with their slots, a context shift
+// rescores the rotated keys, and the bytes are counted.
+TEST(KvTypes, KeptKeyScoresComeFromTheF32KeysForEveryType) {
+  const int d = 64, nkv = 2, n = 40;
+  std::mt19937 rng(9);
+  std::normal_distribution<float> nd;
+  std::vector<float> filters(size_t(nkv) * d), k(size_t(n) * nkv * d), v(k.size());
+  for (auto& x : filters) x = nd(rng);
+  for (auto& x : k) x = nd(rng);
+  for (auto& x : v) x = nd(rng);
+  std::vector<int32_t> pos(n);
+  std::iota(pos.begin(), pos.end(), 0);
+  PolicyOptions po;
+  po.filters = filters;
+  for (const char* name : {"qfilters", "knorm", "qfilters+layer"}) {
+    SCOPED_TRACE(name);
+    auto policy = make_policy(name, po);
+    ASSERT_TRUE(policy->needs(po).key_scores);
+    std::vector<std::vector<float>> first;  // the f32 cache's scores, per head
+    for (KvType kt : kv_types()) {
+      SCOPED_TRACE(kv_type_name(kt));
+      Cache c({1, nkv, d}, {n}, policy->needs(po), {kt, KvType::F16});
+      EXPECT_THROW(c.append(0, k.data(), v.data(), pos.data(), n), Error);  // no scorer yet
+      EXPECT_EQ(c.head(0, 0).n, 0);
+      c.set_key_scorer(policy->key_scorer(c.shape()));
+      c.append(0, k.data(), v.data(), pos.data(), n);
+      for (int h = 0; h < nkv; ++h) {
+        const HeadCache& hc = c.head(0, h);
+        for (int j = 0; j < n; ++j) {
+          const float* key = k.data() + (size_t(j) * nkv + h) * d;
+          double dot = 0, norm = 0;
+          for (int i = 0; i < d; ++i) dot += double(key[i]) * filters[size_t(h) * d + i], norm += double(key[i]) * key[i];
+          const double want = std::string(name) == "knorm" ? -std::sqrt(norm) : dot;
+          ASSERT_NEAR(hc.key_score[j], want, 1e-5 * (1 + std::abs(want))) << "head " << h << " slot " << j;
+        }
+        std::vector<float> got(hc.key_score.begin(), hc.key_score.begin() + n);
+        if (kt == KvType::F32) first.push_back(got);
+        else EXPECT_EQ(got, first[h]) << "head " << h << ": the scores depend on the storage type";
+      }
+      EXPECT_EQ(c.bytes_reserved(), int64_t{n} * nkv * (int64_t(kv_row_bytes(kt, d) + kv_row_bytes(KvType::F16, d)) + 4));
+      // Retain moves the scores along with their slots.
+      const std::vector<int> keep = {1, 5, 17, 39};
+      c.retain(0, 1, keep);
+      for (size_t i = 0; i < keep.size(); ++i) EXPECT_EQ(c.head(0, 1).key_score[i], first[1][keep[i]]);
+      // A shift rescores the moved keys from their rotated rows, dequantized from the storage
+      // type (the F32 keys are gone): here a "rotation" that negates them.
+      const std::vector<float> stored = keys_f32(c.head(0, 0), d);
+      c.shift(0, 0, 2, 3, [&](float* rows, int m) {
+        for (int i = 0; i < m * d; ++i) rows[i] = -rows[i];
+      });
+      const HeadCache& h0 = c.head(0, 0);
+      ASSERT_EQ(h0.n, n - 3);
+      EXPECT_EQ(h0.key_score[1], first[0][1]);  // below `keep`: untouched
+      for (int j = 2; j < h0.n; ++j) {
+        const float* key = stored.data() + size_t(j + 3) * d;
+        double dot = 0, norm = 0;
+        for (int i = 0; i < d; ++i) dot -= double(key[i]) * filters[i], norm += double(key[i]) * key[i];
+        const double want = std::string(name) == "knorm" ? -std::sqrt(norm) : dot;
+        EXPECT_NEAR(h0.key_score[j], want, 1e-5 * (1 + std::abs(want))) << "slot " << j;
+      }
+      // The policy reads the kept scores (the layer-consistent variant mixes the heads).
+      if (std::string(name).find('+') == std::string::npos) {
+        std::vector<std::vector<float>> scores;
+        policy->score_layer(c, 0, scores);
+        for (int h = 0; h < nkv; ++h)
+          for (int j = 0; j < c.head(0, h).n; ++j) EXPECT_EQ(scores[h][j], c.head(0, h).key_score[j]);
       }
     }
   }

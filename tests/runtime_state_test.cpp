@@ -152,6 +152,34 @@ void every_policy_and_type(const std::string& fixture) {
 TEST(SessionState, EveryPolicyAndTypeContinuesBitIdentically) { every_policy_and_type("llama_f32_gqa_tied.gguf"); }
 TEST(SessionState, SlidingWindowModelContinuesBitIdentically) { every_policy_and_type("gemma3_f32_mqa_tied.gguf"); }
 
+// The KV options rebuilt from a state's header (a server restoring a slot) are the options the
+// state's session was made with, so a request with those options continues it.
+TEST(SessionState, KvOptionsRoundTripThroughTheStateHeader) {
+  runtime::ModelOptions mo;
+  mo.model = test::fixture("llama_f32_gqa_tied.gguf");
+  mo.n_ctx = 128;
+  mo.n_threads = 1;
+  runtime::Engine engine(mo);
+  const std::string fp = runtime::model_fingerprint(engine.model());
+  runtime::KvOptions knorm;
+  knorm.policy = "knorm";
+  knorm.budget = 24, knorm.window = 4, knorm.evict_every = 3, knorm.skip_layers = 1;
+  knorm.cache_type_k = "q8_0";
+  runtime::KvOptions random = knorm;
+  random.policy = "random", random.seed = 7, random.cache_type_k = "", random.cache_type_v = "f32";
+  runtime::KvOptions snap;
+  snap.policy = "snapkv", snap.ratio = 0.5f;
+  for (const runtime::KvOptions& kv : {runtime::KvOptions{}, knorm, random, snap}) {
+    SCOPED_TRACE(kv.policy);
+    const kv::StateConfig c = runtime::state_config(*engine.new_session(kv), fp);
+    EXPECT_EQ(c.stats.key_scores, kv.policy == "knorm");
+    EXPECT_EQ(runtime::kv_options_for_state(c, runtime::KvOptions{}, engine.options(), "s"), kv);
+  }
+  kv::StateConfig with_filters = runtime::state_config(*engine.new_session(knorm), fp);
+  with_filters.filters_hash = "00112233aabbccdd";
+  EXPECT_THROW(runtime::kv_options_for_state(with_filters, {}, engine.options(), "s"), Error);
+}
+
 TEST(SessionState, Crc32MatchesZlib) {
   const std::string check = "123456789";
   EXPECT_EQ(crc32(std::span(reinterpret_cast<const uint8_t*>(check.data()), check.size())), 0xCBF43926u);

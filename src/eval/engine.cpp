@@ -44,7 +44,8 @@ std::unique_ptr<kv::Compressor> new_compressor(const EvalContext& ctx, const std
 }
 
 std::unique_ptr<Session> new_session(const EvalContext& ctx, int n_ctx, const std::string& policy,
-                                     const kv::CompressionConfig& cc, const kv::AttentionStats& extra) {
+                                     const kv::CompressionConfig& cc, const kv::AttentionStats& extra,
+                                     kv::KeyScorer key_scorer) {
   if (ctx.model == nullptr) fail("evaluation context without a model");
   SessionOptions so;
   so.n_ctx = n_ctx;
@@ -52,8 +53,47 @@ std::unique_ptr<Session> new_session(const EvalContext& ctx, int n_ctx, const st
   so.n_batch = ctx.n_batch;
   so.stats = extra;
   so.kv_types = ctx.kv_types;
+  so.key_scorer = std::move(key_scorer);
   if (policy != "none" && cc.enabled()) so.compressor = new_compressor(ctx, policy, cc);
   return std::make_unique<Session>(*ctx.model, std::move(so));
+}
+
+KeyScoreTable::KeyScoreTable(const kv::CacheShape& shape, kv::KeyScorer scorer)
+    : shape_(shape), scorer_(std::move(scorer)) {
+  if (!scorer_) fail("KeyScoreTable: the policy does not score single keys");
+  scores_.resize(static_cast<size_t>(shape_.n_layers) * shape_.n_kv_heads);
+  seen_.resize(scores_.size());
+}
+
+void KeyScoreTable::clear() {
+  for (auto& s : scores_) s.clear();
+  for (auto& s : seen_) s.clear();
+}
+
+void KeyScoreTable::add(int layer, const float* k, const int32_t* pos, int n_tok) {
+  for (int h = 0; h < shape_.n_kv_heads; ++h) {
+    const size_t head = static_cast<size_t>(layer) * shape_.n_kv_heads + h;
+    for (int t = 0; t < n_tok; ++t) {
+      const size_t p = static_cast<size_t>(pos[t]);
+      if (scores_[head].size() <= p) scores_[head].resize(p + 1), seen_[head].resize(p + 1);
+      scores_[head][p] = scorer_(layer, h, k + (static_cast<size_t>(t) * shape_.n_kv_heads + h) * shape_.head_dim, pos[t]);
+      seen_[head][p] = 1;
+    }
+  }
+}
+
+void KeyScoreTable::fill(kv::Cache& cache) const {
+  if (!cache.stats().key_scores) fail("KeyScoreTable: the cache keeps no key scores");
+  for (int l = 0; l < shape_.n_layers; ++l)
+    for (int h = 0; h < shape_.n_kv_heads; ++h) {
+      const size_t head = static_cast<size_t>(l) * shape_.n_kv_heads + h;
+      kv::HeadCache& hc = cache.head(l, h);
+      for (int j = 0; j < hc.n; ++j) {
+        const size_t p = static_cast<size_t>(hc.pos[j]);
+        if (p >= seen_[head].size() || !seen_[head][p]) fail("KeyScoreTable: no score for position ", p);
+        hc.key_score[j] = scores_[head][p];
+      }
+    }
 }
 
 QueryTail::QueryTail(const ModelConfig& config, int window)

@@ -31,10 +31,35 @@ bool is_attention_policy(const EvalContext& ctx, const std::string& policy);
 kv::AttentionStats union_needs(const EvalContext& ctx, const std::vector<std::string>& policies);
 
 // A session of n_ctx positions; policy "none" (or a config that compresses nothing) = full cache.
+// `key_scorer`: SessionOptions::key_scorer, for a cache that keeps key scores (extra.key_scores)
+// without running the policy that makes them.
 std::unique_ptr<Session> new_session(const EvalContext& ctx, int n_ctx, const std::string& policy,
-                                     const kv::CompressionConfig& cc, const kv::AttentionStats& extra = {});
+                                     const kv::CompressionConfig& cc, const kv::AttentionStats& extra = {},
+                                     kv::KeyScorer key_scorer = {});
 std::unique_ptr<kv::Compressor> new_compressor(const EvalContext& ctx, const std::string& policy,
                                                const kv::CompressionConfig& cc);
+
+// The scores a key-scoring policy (qfilters, knorm) gives the F32 keys of a prefill, captured
+// through Session::set_qk_hook, so a cell that compresses a copy of the shared cache scores what
+// the policy's own session would have kept: the copy holds only the keys rounded to the storage
+// type, not the scores of the model's keys.
+class KeyScoreTable {
+ public:
+  KeyScoreTable(const kv::CacheShape& shape, kv::KeyScorer scorer);
+  const kv::KeyScorer& scorer() const { return scorer_; }
+  void clear();
+  // k [n_tok][n_kv_heads][head_dim], as the QK hook gives them.
+  void add(int layer, const float* k, const int32_t* pos, int n_tok);
+  // Overwrites key_score[0, n) of every head with the scores of the positions it holds; throws
+  // qf::Error for a position the table has not seen (or a cache that keeps no key scores).
+  void fill(kv::Cache& cache) const;
+
+ private:
+  kv::CacheShape shape_;
+  kv::KeyScorer scorer_;
+  std::vector<std::vector<float>> scores_;  // [layer * n_kv_heads + head][position]
+  std::vector<std::vector<uint8_t>> seen_;  // same shape: whether the position was added
+};
 
 // The last `window` queries of every layer of a prefill, captured through Session::set_qk_hook,
 // so snapkv's observation statistics can be rebuilt on a shared cache instead of running a

@@ -17,7 +17,15 @@ NeedleRunner::NeedleRunner(const EvalContext& ctx, int n_ctx, const std::vector<
   for (const auto& p : policies_) check_policy(ctx_, p);
   const kv::AttentionStats stats = union_needs(ctx_, policies_);
   base_ = new_session(ctx_, n_ctx, "none", {}, stats);
-  work_ = new_session(ctx_, n_ctx, "none", {}, stats);
+  const kv::CacheShape& shape = base_->cache().shape();
+  for (const auto& p : policies_)
+    if (policy_needs(ctx_, p).key_scores)
+      key_tables_.emplace(p, KeyScoreTable(shape, kv::make_policy(p, ctx_.policy_options)->key_scorer(shape)));
+  // The work session keeps the key scores its cells compress by (answer() sets the scorer).
+  kv::AttentionStats work_stats = stats;
+  work_stats.key_scores = !key_tables_.empty();
+  work_ = new_session(ctx_, n_ctx, "none", {}, work_stats,
+                      key_tables_.empty() ? kv::KeyScorer{} : key_tables_.begin()->second.scorer());
   if (std::find(policies_.begin(), policies_.end(), "snapkv") != policies_.end()) {
     const ModelConfig& c = ctx_.model->config();
     tail_ = std::make_unique<QueryTail>(c, std::max(1, ctx_.policy_options.snapkv_window));
@@ -27,10 +35,13 @@ NeedleRunner::NeedleRunner(const EvalContext& ctx, int n_ctx, const std::vector<
 void NeedleRunner::prefill(std::span<const int32_t> context) {
   if (context.empty()) fail("needle: empty context");
   base_->reset();
-  if (tail_) {
-    tail_->clear();
-    base_->set_qk_hook(tail_->hook());
-  }
+  if (tail_) tail_->clear();
+  for (auto& [name, table] : key_tables_) table.clear();
+  if (tail_ || !key_tables_.empty())
+    base_->set_qk_hook([this](int l, const float* q, const float* k, const int32_t* pos, int n) {
+      if (tail_) tail_->add(l, q, pos, n);
+      for (auto& [name, table] : key_tables_) table.add(l, k, pos, n);
+    });
   base_->prefill(context);
   base_->set_qk_hook(nullptr);
   n_context_ = static_cast<int>(context.size());
@@ -45,8 +56,11 @@ NeedleRunner::Answer NeedleRunner::answer(const std::string& policy, int compres
   if (std::find(policies_.begin(), policies_.end(), policy) == policies_.end())
     fail("needle: policy ", policy, " was not declared to the runner");
   if (question.empty()) fail("needle: empty question");
-  work_->copy_state_from(*base_);
   kv::Cache& cache = work_->cache();
+  const auto table = key_tables_.find(policy);
+  if (table != key_tables_.end()) cache.set_key_scorer(table->second.scorer());
+  work_->copy_state_from(*base_);
+  if (table != key_tables_.end()) table->second.fill(cache);
   const float ratio = ratio_for_compression(compression);
   if (policy != "none" && ratio > 0) {
     if (policy == "snapkv") tail_->fill_window_attention(cache, work_->pool());

@@ -5,12 +5,14 @@
 // One prefill serves every (policy, compression) cell of a context: the base session prefills it
 // once, gathering the attention statistics of every attention-based policy requested (h2o's
 // accumulated attention, tova's last query, and snapkv's observation window rebuilt from the last
-// queries by QueryTail); each cell copies the base cache into a work session, compresses the copy
+// queries by QueryTail, and the key scores of qfilters/knorm from the model's F32 keys by
+// KeyScoreTable); each cell copies the base cache into a work session, compresses the copy
 // exactly as Compressor::after_prefill would have after its own prefill, and decodes.
 #pragma once
 #include <cmath>
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <span>
 #include <string>
@@ -49,6 +51,7 @@ class NeedleRunner {
   std::vector<std::string> policies_;
   std::unique_ptr<Session> base_, work_;
   std::unique_ptr<QueryTail> tail_;  // only when snapkv is requested
+  std::map<std::string, KeyScoreTable> key_tables_;  // per key-scoring policy requested
   int n_context_ = 0;
 };
 

@@ -136,10 +136,13 @@ void run_ppl(const EvalContext& ctx, const std::vector<TokenDoc>& docs, const Pp
       if (todo.empty()) continue;
       // The first b tokens: no eviction yet, identical for every policy. Two bases, so that each
       // policy's cache is bit for bit what its own session computes: score-only policies run the
-      // fused attention kernel, attention-based ones the kernel that records weights.
+      // fused attention kernel, attention-based ones the kernel that records weights. Policies
+      // that score each key as it enters the cache (qfilters, knorm) read the prefix in their
+      // own session: a copied cache holds only the rounded keys, not the scores of the F32 ones.
       const auto t_base = std::chrono::steady_clock::now();
       std::vector<std::string> plain, attn;
-      for (const auto& p : todo) (is_attention_policy(ctx, p) ? attn : plain).push_back(p);
+      for (const auto& p : todo)
+        if (!policy_needs(ctx, p).key_scores) (is_attention_policy(ctx, p) ? attn : plain).push_back(p);
       std::unique_ptr<Session> base_plain, base_attn;
       if (!plain.empty()) {
         base_plain = new_session(ctx, N, "none", {}, union_needs(ctx, plain));  // query moments only
@@ -150,6 +153,7 @@ void run_ppl(const EvalContext& ctx, const std::vector<TokenDoc>& docs, const Pp
         base_attn->eval(std::span<const int32_t>(d.tokens.data(), b));
       }
       const double base_seconds = seconds_since(t_base);
+      const double shared = static_cast<double>(std::max<size_t>(1, plain.size() + attn.size()));
 
       for (const auto& p : todo) {
         const auto t0 = std::chrono::steady_clock::now();
@@ -159,7 +163,9 @@ void run_ppl(const EvalContext& ctx, const std::vector<TokenDoc>& docs, const Pp
         cc.evict_every = st.evict_every;
         cc.skip_layers = st.skip_layers;
         auto s = new_session(ctx, N, p, cc);
-        s->copy_state_from(is_attention_policy(ctx, p) ? *base_attn : *base_plain);
+        const bool keyed = policy_needs(ctx, p).key_scores;
+        if (keyed) s->eval(std::span<const int32_t>(d.tokens.data(), b));
+        else s->copy_state_from(is_attention_policy(ctx, p) ? *base_attn : *base_plain);
         std::vector<double> nll;
         nll.reserve(N - 1 - b);
         const std::string note = d.name + " B=" + std::to_string(b) + " " + p;
@@ -171,7 +177,7 @@ void run_ppl(const EvalContext& ctx, const std::vector<TokenDoc>& docs, const Pp
         const kv::CompressionStats& cs = s->compressor()->stats();
         log.add(cell_key(d.name, b, p),
                 {{"doc", d.name}, {"budget", b}, {"policy", p}, {"first_target", b + 1}, {"nll", nll_json(nll)},
-                 {"seconds", round_to(seconds_since(t0) + base_seconds / todo.size(), 3)},
+                 {"seconds", round_to(seconds_since(t0) + (keyed ? 0.0 : base_seconds / shared), 3)},
                  {"evicted", cs.evicted}, {"score_seconds", round_to(cs.score_seconds, 4)},
                  {"evict_seconds", round_to(cs.evict_seconds, 4)}});
         bar.advance(b * kBatchedTokenCost / compressed.size());

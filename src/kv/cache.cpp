@@ -138,6 +138,7 @@ Cache::Cache(CacheShape shape, std::vector<int> capacity, AttentionStats stats, 
       if (need_sum) hc.attn_sum.assign(cap, 0.0f);
       if (stats_.accumulate) hc.attn_cnt.assign(cap, 0);
       if (stats_.last_query) hc.attn_last.assign(cap, 0.0f);
+      if (stats_.key_scores) hc.key_score.assign(cap, 0.0f);
     }
   }
   if (stats_.query_moments) query_moments.resize(shape_.n_layers);
@@ -160,6 +161,7 @@ void Cache::append(int layer, const float* k, const float* v, const int32_t* pos
       if (head(layer, h).n > 0) prev = std::max(prev, head(layer, h).pos[head(layer, h).n - 1]);
     if (pos[t] <= prev) fail("kv cache: positions must increase (layer ", layer, ": ", pos[t], " after ", prev, ")");
   }
+  if (stats_.key_scores && !key_scorer_) fail("kv cache: keeps key scores but has no key scorer (set_key_scorer)");
   for (int h = 0; h < nkv; ++h) {
     HeadCache& hc = head(layer, h);
     for (int t = 0; t < n_tok; ++t) {
@@ -170,6 +172,7 @@ void Cache::append(int layer, const float* k, const float* v, const int32_t* pos
       if (!hc.attn_sum.empty()) hc.attn_sum[hc.n] = 0.0f;
       if (!hc.attn_cnt.empty()) hc.attn_cnt[hc.n] = 0;
       if (!hc.attn_last.empty()) hc.attn_last[hc.n] = 0.0f;
+      if (!hc.key_score.empty()) hc.key_score[hc.n] = key_scorer_(layer, h, k + src, pos[t]);
       ++hc.n;
     }
   }
@@ -191,6 +194,7 @@ void Cache::retain(int layer, int kv_head, std::span<const int> keep) {
       if (!hc.attn_sum.empty()) hc.attn_sum[out] = hc.attn_sum[slot];
       if (!hc.attn_cnt.empty()) hc.attn_cnt[out] = hc.attn_cnt[slot];
       if (!hc.attn_last.empty()) hc.attn_last[out] = hc.attn_last[slot];
+      if (!hc.key_score.empty()) hc.key_score[out] = hc.key_score[slot];
     }
     ++out;
   }
@@ -201,6 +205,7 @@ void Cache::shift(int layer, int kv_head, int32_t keep, int32_t delta,
                   const std::function<void(float* rows, int n)>& rotate_back) {
   if (layer < 0 || layer >= shape_.n_layers || kv_head < 0 || kv_head >= shape_.n_kv_heads || keep < 0 || delta <= 0)
     fail("kv cache: shift(layer ", layer, ", head ", kv_head, ", keep ", keep, ", delta ", delta, ") out of range");
+  if (stats_.key_scores && !key_scorer_) fail("kv cache: keeps key scores but has no key scorer (set_key_scorer)");
   HeadCache& hc = head(layer, kv_head);
   auto first_slot_at = [&hc](int64_t p) {
     return static_cast<int>(std::lower_bound(hc.pos.begin(), hc.pos.begin() + hc.n, p,
@@ -221,9 +226,21 @@ void Cache::shift(int layer, int kv_head, int32_t keep, int32_t delta,
                       rows.data() + static_cast<size_t>(i) * d);
   rotate_back(rows.data(), n_moved);
   for (int i = 0; i < n_moved; ++i) {
-    kv_quantize_row(types_.k, rows.data() + static_cast<size_t>(i) * d, d,
-                    hc.k.data() + static_cast<size_t>(kept_below + i) * k_row_bytes_);
-    hc.pos[kept_below + i] -= delta;
+    const float* row = rows.data() + static_cast<size_t>(i) * d;
+    const int slot = kept_below + i;
+    kv_quantize_row(types_.k, row, d, hc.k.data() + static_cast<size_t>(slot) * k_row_bytes_);
+    hc.pos[slot] -= delta;
+    if (!hc.key_score.empty()) hc.key_score[slot] = key_scorer_(layer, kv_head, row, hc.pos[slot]);
+  }
+}
+
+void Cache::score_stored_keys(int layer, int kv_head) {
+  if (!stats_.key_scores || !key_scorer_) fail("kv cache: score_stored_keys() without key scores or a key scorer");
+  HeadCache& hc = head(layer, kv_head);
+  std::vector<float> row(shape_.head_dim);
+  for (int j = 0; j < hc.n; ++j) {
+    kv_dequantize_row(types_.k, hc.k.data() + static_cast<size_t>(j) * k_row_bytes_, shape_.head_dim, row.data());
+    hc.key_score[j] = key_scorer_(layer, kv_head, row.data(), hc.pos[j]);
   }
 }
 
@@ -246,7 +263,7 @@ int64_t Cache::bytes_used() const { return tokens_held() * slot_bytes(); }
 int64_t Cache::bytes_reserved() const {
   int64_t slots = 0;
   for (int l = 0; l < shape_.n_layers; ++l) slots += static_cast<int64_t>(capacity_[l]) * shape_.n_kv_heads;
-  return slots * slot_bytes();
+  return slots * (slot_bytes() + key_score_bytes_per_slot());
 }
 
 int64_t Cache::full_cache_bytes(int64_t n_tokens) const {

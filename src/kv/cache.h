@@ -55,6 +55,9 @@ struct AttentionStats {
                             // last `window` queries; the Compressor restarts it after each round)
   bool query_moments = false;  // expected_attention: mean and covariance of the queries before the
                                // rotary embedding (Cache::query_moments; no attention weights)
+  bool key_scores = false;  // qfilters, knorm: each slot's score, computed once from the model's F32
+                            // key as it is appended (Cache::set_key_scorer), so eviction does not
+                            // depend on the storage type's rounding and no kept key is rescanned
   bool operator==(const AttentionStats&) const = default;
 };
 
@@ -67,6 +70,7 @@ struct HeadCache {
   std::vector<float> attn_sum;   // AttentionStats::accumulate (and window for snapkv)
   std::vector<int32_t> attn_cnt; // queries that saw the slot (accumulate)
   std::vector<float> attn_last;  // AttentionStats::last_query
+  std::vector<float> key_score;  // AttentionStats::key_scores
 
   KvRows keys() const { return {k_type, k.data(), k_row_bytes}; }
   KvRows values() const { return {v_type, v.data(), v_row_bytes}; }
@@ -76,6 +80,11 @@ struct HeadCache {
 // kernels' SIMD one is not involved): for references, tests and diagnostics.
 std::vector<float> keys_f32(const HeadCache& hc, int head_dim);
 std::vector<float> values_f32(const HeadCache& hc, int head_dim);
+
+// Scores one token of one head from its key as the model computed it (F32, after the rotary
+// embedding, before the storage type rounds it): Policy::score_key for the policies whose score
+// depends only on the token itself.
+using KeyScorer = std::function<float(int layer, int kv_head, const float* key, int32_t pos)>;
 
 struct CacheShape {
   int n_layers = 0;
@@ -95,7 +104,13 @@ class Cache {
   HeadCache& head(int layer, int kv_head) { return heads_[index(layer, kv_head)]; }
   const HeadCache& head(int layer, int kv_head) const { return heads_[index(layer, kv_head)]; }
 
-  // Appends n_tok tokens to every head of `layer`, converted to the storage types.
+  // The scorer that fills HeadCache::key_score as tokens are appended or shifted; a cache that
+  // keeps key scores (AttentionStats::key_scores) refuses both without one.
+  void set_key_scorer(KeyScorer scorer) { key_scorer_ = std::move(scorer); }
+  const KeyScorer& key_scorer() const { return key_scorer_; }
+
+  // Appends n_tok tokens to every head of `layer`, converted to the storage types (and scored
+  // from the F32 keys when the cache keeps key scores).
   // k, v: [n_tok][n_kv_heads][head_dim]. Throws qf::Error if a head would overflow its capacity.
   void append(int layer, const float* k, const float* v, const int32_t* pos, int n_tok);
 
@@ -105,9 +120,14 @@ class Cache {
   // Context shift of one head: forgets the slots at positions [keep, keep + delta) and moves the
   // later ones back by delta: their positions, and their keys through `rotate_back`, which turns
   // n rows of head_dim floats by -delta positions (keys are stored rotated). Quantized keys are
-  // dequantized, rotated and stored again. Positions below `keep` stay as they are.
+  // dequantized, rotated and stored again, and their key scores recomputed from the rotated rows
+  // (the dequantized ones: the F32 keys are gone). Positions below `keep` stay as they are.
   void shift(int layer, int kv_head, int32_t keep, int32_t delta,
              const std::function<void(float* rows, int n)>& rotate_back);
+
+  // Recomputes one head's key scores from its stored keys (rounded to the storage type, so they
+  // may differ from scores of the F32 keys): for a cache filled by copying another one.
+  void score_stored_keys(int layer, int kv_head);
 
   // Empties every head (new sequence); memory stays allocated.
   void clear();
@@ -117,8 +137,11 @@ class Cache {
   // Number of slots in use over all heads, and the bytes their keys and values take.
   int64_t tokens_held() const;
   int64_t bytes_used() const;
-  // Bytes reserved for keys and values (what the process actually holds).
+  // Bytes reserved for keys and values and the per-slot key scores (what the process actually
+  // holds for them; the attention statistics of h2o/tova/snapkv are not counted).
   int64_t bytes_reserved() const;
+  // Bytes of one slot's key score in one head: 4 when the cache keeps key scores, else 0.
+  int64_t key_score_bytes_per_slot() const { return stats_.key_scores ? static_cast<int64_t>(sizeof(float)) : 0; }
   // Bytes a full, uncompressed cache of these types would need for n_tokens tokens.
   int64_t full_cache_bytes(int64_t n_tokens) const;
 
@@ -142,6 +165,7 @@ class Cache {
   KvTypes types_;
   size_t k_row_bytes_ = 0, v_row_bytes_ = 0;
   std::vector<HeadCache> heads_;
+  KeyScorer key_scorer_;
 };
 
 }  // namespace qf::kv

@@ -37,6 +37,13 @@ class Policy {
   virtual std::string_view name() const = 0;
   // Attention statistics the cache must keep for this policy (forces the non-fused path).
   virtual AttentionStats needs(const PolicyOptions&) const { return {}; }
+  // A policy whose score of a token depends only on that token's key and position asks for
+  // AttentionStats::key_scores and returns here the function that scores one key, checked
+  // against the cache's shape once: the cache calls it as a token is appended, with the model's
+  // F32 key, so the kept set does not depend on the storage type and score_head only reads the
+  // kept scores. Other policies return an empty function. Throws qf::Error when the policy's
+  // data (e.g. the filters) does not fit the shape.
+  virtual KeyScorer key_scorer(const CacheShape&) const { return {}; }
   // Scores the first `hc.n` slots of one head into scores[0..n). Higher is kept.
   virtual void score_head(const Cache& cache, int layer, int kv_head, std::span<float> scores) = 0;
   // Scores every head of a layer (one score_head call per KV head); a policy whose heads could

@@ -109,6 +109,7 @@ void put_config(Writer& w, const StateConfig& c) {
   w.put<uint8_t>(c.stats.last_query);
   w.put<int64_t>(c.stats.window);
   w.put<uint8_t>(c.stats.query_moments);
+  w.put<uint8_t>(c.stats.key_scores);
 }
 
 KvType get_type(Reader& r, const char* what, int head_dim) {
@@ -150,6 +151,7 @@ StateConfig get_config(Reader& r) {
   c.stats.last_query = get_flag(r, "last-query flag");
   c.stats.window = r.get_int("statistics window", 0, kMaxTokens);
   c.stats.query_moments = get_flag(r, "query-moments flag");
+  c.stats.key_scores = get_flag(r, "key-scores flag");
   return c;
 }
 
@@ -169,6 +171,7 @@ HeadState get_head(Reader& r, const SessionState& s, int layer, int kv_head) {
   if (keeps_sum(c.stats)) r.get_raw(h.attn_sum, n, "attention sums");
   if (c.stats.accumulate) r.get_raw(h.attn_cnt, n, "attention counts");
   if (c.stats.last_query) r.get_raw(h.attn_last, n, "last-query attention");
+  if (c.stats.key_scores) r.get_raw(h.key_score, n, "key scores");
   return h;
 }
 
@@ -215,6 +218,7 @@ std::vector<uint8_t> encode_state(const SessionState& s) {
     w.put_raw(h.attn_sum);
     w.put_raw(h.attn_cnt);
     w.put_raw(h.attn_last);
+    w.put_raw(h.key_score);
   }
   if (c.stats.query_moments) {
     if (s.query_moments.size() != static_cast<size_t>(c.n_layers)) fail("encode_state: query moments per layer expected");

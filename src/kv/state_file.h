@@ -7,7 +7,7 @@
 // (a fingerprint of its architecture, tensor table and tokenizer), the KV storage types and
 // shapes, the policy and its parameters.
 //
-// Layout (little-endian), version 1:
+// Layout (little-endian), version 2 (version 1 had no key scores):
 //   [0, 8)   magic "QFKVSTAT"
 //   [8, 12)  u32 version
 //   [12, 16) u32 reserved (0)
@@ -15,7 +15,8 @@
 //   [24, 28) u32 CRC-32 of the body
 //   [28, 32) u32 reserved (0)
 //   body: the SessionState fields in declaration order (strings and arrays length-prefixed),
-//         then every head's n, keys, values, positions and kept statistics, then (when the
+//         then every head's n, keys, values, positions and kept statistics (attention sums,
+//         counts, last-query attention, key scores: the ones config.stats names), then (when the
 //         statistics include query moments) per layer: n_heads, head_dim, count, sums, outer sums.
 //
 // This file only reads and writes the format and checks that a file is consistent in itself;
@@ -56,6 +57,7 @@ struct HeadState {
   std::vector<float> attn_sum;     // n, when config.stats keeps them (else empty)
   std::vector<int32_t> attn_cnt;
   std::vector<float> attn_last;
+  std::vector<float> key_score;    // n, when config.stats.key_scores (qfilters, knorm)
   int n() const { return static_cast<int>(pos.size()); }
 };
 
@@ -72,7 +74,7 @@ struct SessionState {
 };
 
 inline constexpr char kStateMagic[8] = {'Q', 'F', 'K', 'V', 'S', 'T', 'A', 'T'};
-inline constexpr uint32_t kStateVersion = 1;
+inline constexpr uint32_t kStateVersion = 2;
 inline constexpr size_t kStatePrefixBytes = 32;
 
 std::vector<uint8_t> encode_state(const SessionState& s);

@@ -15,10 +15,12 @@ namespace {
 
 // What the constructor is about to allocate: keys and values in their storage types for every
 // slot of every layer's capacity, plus the per-batch activation buffers.
-uint64_t planned_bytes(const ModelConfig& c, const std::vector<int>& capacity, int n_batch, kv::KvTypes types) {
+uint64_t planned_bytes(const ModelConfig& c, const std::vector<int>& capacity, int n_batch, kv::KvTypes types,
+                       bool key_scores) {
   uint64_t slots = 0;
   for (int cap : capacity) slots += static_cast<uint64_t>(cap) * c.n_kv_heads;
-  const uint64_t kv = slots * (kv::kv_row_bytes(types.k, c.head_dim) + kv::kv_row_bytes(types.v, c.head_dim));
+  const uint64_t kv = slots * (kv::kv_row_bytes(types.k, c.head_dim) + kv::kv_row_bytes(types.v, c.head_dim) +
+                               (key_scores ? sizeof(float) : 0));
   const uint64_t q_dim = static_cast<uint64_t>(c.n_heads) * c.head_dim, kv_dim = static_cast<uint64_t>(c.n_kv_heads) * c.head_dim;
   const uint64_t per_token = 2 * c.n_embd + 3 * q_dim + 2 * kv_dim + 2 * static_cast<uint64_t>(c.n_ff);
   return kv + static_cast<uint64_t>(n_batch) * per_token * sizeof(float);
@@ -76,12 +78,17 @@ Session::Session(const Model& model, SessionOptions opt)
   stats.last_query |= opt.stats.last_query;
   stats.window = std::max(stats.window, opt.stats.window);
   stats.query_moments |= opt.stats.query_moments;
-  check_fits_in_memory(planned_bytes(c, capacity, n_batch_, opt.kv_types),
+  stats.key_scores |= opt.stats.key_scores;
+  check_fits_in_memory(planned_bytes(c, capacity, n_batch_, opt.kv_types, stats.key_scores),
                        "a context of " + std::to_string(n_ctx_) + " tokens (KV cache and activations)",
                        opt.n_ctx > 0 ? "use a smaller -c or a bounded cache (--kv-budget)"
                                      : "the model's training context is the default; choose a smaller -c");
   cache_ = std::make_unique<kv::Cache>(kv::CacheShape{c.n_layers, c.n_kv_heads, c.head_dim}, capacity, stats,
                                        opt.kv_types);
+  // A compressor that scores single keys scores them as they enter the cache.
+  kv::KeyScorer scorer = compressor_ ? compressor_->policy().key_scorer(cache_->shape()) : kv::KeyScorer{};
+  if (scorer && opt.key_scorer) fail("a session's cache keeps the key scores of its own policy, not of another one");
+  cache_->set_key_scorer(scorer ? std::move(scorer) : std::move(opt.key_scorer));
   // Always: policies that score with calibrated query statistics move them to the current position.
   cache_->rope = rope_geometry(model);
 
@@ -137,6 +144,10 @@ void Session::copy_state_from(const Session& src) {
     for (int h = 0; h < s.n_kv_heads; ++h)
       if (from.head(l, h).n > to.capacity(l))
         fail("copy_state_from: layer ", l, " holds ", from.head(l, h).n, " tokens, this cache only ", to.capacity(l));
+  // Key scores depend on the policy that made them: kept only between sessions of the same one.
+  const bool same_scores = from.stats().key_scores && to.stats().key_scores && src.compressor_ && compressor_ &&
+                           src.compressor_->policy().name() == compressor_->policy().name() &&
+                           src.compressor_->options().filters.data() == compressor_->options().filters.data();
   auto copy_stat = [](const auto& a, auto& b, int n) {
     if (b.empty()) return;
     if (a.empty()) std::fill(b.begin(), b.begin() + n, 0);
@@ -153,6 +164,8 @@ void Session::copy_state_from(const Session& src) {
       copy_stat(a.attn_cnt, b.attn_cnt, a.n);
       copy_stat(a.attn_last, b.attn_last, a.n);
       b.n = a.n;
+      if (same_scores) copy_stat(a.key_score, b.key_score, a.n);
+      else if (to.stats().key_scores) to.score_stored_keys(l, h);
     }
   to.queries_seen = from.queries_seen;
   if (!to.query_moments.empty()) {

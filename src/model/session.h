@@ -43,6 +43,10 @@ struct SessionOptions {
   // cache is shared with several policies through copy_state_from). accumulate and window both
   // write attn_sum, so asking for both mixes them.
   kv::AttentionStats stats;
+  // Scorer of a cache asked to keep key scores (stats.key_scores) without a compressor whose
+  // policy scores single keys, e.g. an evaluation's prefix shared by several sessions of one
+  // policy. A compressor's own scorer (Policy::key_scorer) is used otherwise.
+  kv::KeyScorer key_scorer;
   // Storage types of the cached keys and values (the CLI's -ctk / -ctv; the CLI defaults to f16).
   kv::KvTypes kv_types;
   // At the end of the context: keep counting, or shift (see PositionMode). Evaluations keep the
@@ -113,7 +117,9 @@ class Session {
 
   // Continues `src`'s sequence: copies its position and, per head, the cached keys, values,
   // positions and the attention statistics this cache keeps (zero where src keeps none), so one
-  // prefill can be shared by several policies. Same model and KV types required; throws
+  // prefill can be shared by several policies. Key scores are copied from a session of the same
+  // policy (and filters); otherwise they are recomputed from the stored keys, rounded to the
+  // storage type (an evaluation that wants them exact scores its prefix in its own session). Same model and KV types required; throws
   // qf::Error when a head of src holds more tokens than this cache can.
   void copy_state_from(const Session& src);
 

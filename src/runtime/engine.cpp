@@ -101,8 +101,10 @@ int64_t Engine::session_kv_bytes(const KvOptions& kv, int n_ctx) {
   for (int cap : Session::cache_capacity(*model_, comp.get(), n_ctx > 0 ? n_ctx : this->n_ctx(), options_.n_batch))
     slots += cap;
   const kv::KvTypes types = session_kv_types(kv);
+  const bool key_scores = comp && comp->needs().key_scores;  // one float per slot (Cache::bytes_reserved)
   return slots * c.n_kv_heads *
-         static_cast<int64_t>(kv::kv_row_bytes(types.k, c.head_dim) + kv::kv_row_bytes(types.v, c.head_dim));
+         static_cast<int64_t>(kv::kv_row_bytes(types.k, c.head_dim) + kv::kv_row_bytes(types.v, c.head_dim) +
+                              (key_scores ? sizeof(float) : 0));
 }
 
 std::string kv_summary(const Session& s) {

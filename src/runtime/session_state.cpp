@@ -66,7 +66,8 @@ std::string describe_policy(const kv::StateConfig& c) {
 
 std::string describe_stats(const kv::AttentionStats& s) {
   return std::string("accumulate ") + (s.accumulate ? "on" : "off") + ", last query " + (s.last_query ? "on" : "off") +
-         ", window " + std::to_string(s.window) + ", query moments " + (s.query_moments ? "on" : "off");
+         ", window " + std::to_string(s.window) + ", query moments " + (s.query_moments ? "on" : "off") +
+         ", key scores " + (s.key_scores ? "on" : "off");
 }
 
 // Fails with the first way the file's configuration differs from the session's.
@@ -166,6 +167,36 @@ kv::StateConfig state_config(const Session& s, const std::string& fingerprint) {
   return c;
 }
 
+KvOptions kv_options_for_state(const kv::StateConfig& c, KvOptions kv, const ModelOptions& engine,
+                               std::string_view name) {
+  kv.policy = c.policy;
+  if (c.policy == "none") {  // a full cache, as a request's "kv_policy": "none" spells it
+    kv.budget = 0;
+    kv.ratio = 0;
+  } else {
+    kv.budget = c.budget;
+    kv.window = c.window;
+    kv.evict_every = c.evict_every;
+    kv.ratio = c.ratio;
+    kv.skip_layers = c.skip_layers;
+    kv.seed = c.seed;
+  }
+  if (c.filters_hash.empty()) {
+    kv.filters.clear();
+    kv.filter_layout.clear();
+    kv.filter_sign.clear();
+  } else if (kv.filters.empty()) {
+    fail(name, ": saved with Q-Filters (", c.filters_hash, "); start with the same --filters");
+  }
+  ModelOptions types = engine;
+  if (!kv.cache_type_k.empty()) types.cache_type_k = kv.cache_type_k;
+  if (!kv.cache_type_v.empty()) types.cache_type_v = kv.cache_type_v;
+  const kv::KvTypes mine = kv_types(types);
+  if (mine.k != c.type_k) kv.cache_type_k = std::string(kv::kv_type_name(c.type_k));
+  if (mine.v != c.type_v) kv.cache_type_v = std::string(kv::kv_type_name(c.type_v));
+  return kv;
+}
+
 kv::SessionState capture_state(const Session& s, const std::string& fingerprint, std::span<const int32_t> tokens) {
   if (!tokens.empty() && tokens.size() != static_cast<size_t>(s.n_past()))
     fail("save state: ", tokens.size(), " tokens given for a session at position ", s.n_past());
@@ -191,6 +222,7 @@ kv::SessionState capture_state(const Session& s, const std::string& fingerprint,
       if (!hc.attn_sum.empty()) hs.attn_sum.assign(hc.attn_sum.begin(), hc.attn_sum.begin() + hc.n);
       if (!hc.attn_cnt.empty()) hs.attn_cnt.assign(hc.attn_cnt.begin(), hc.attn_cnt.begin() + hc.n);
       if (!hc.attn_last.empty()) hs.attn_last.assign(hc.attn_last.begin(), hc.attn_last.begin() + hc.n);
+      if (!hc.key_score.empty()) hs.key_score.assign(hc.key_score.begin(), hc.key_score.begin() + hc.n);
       st.heads.push_back(std::move(hs));
     }
   if (st.config.stats.query_moments) st.query_moments = cache.query_moments;
@@ -220,6 +252,7 @@ void restore_state(Session& s, const kv::SessionState& st, const std::string& fi
       copy_into(hs.attn_sum, hc.attn_sum);
       copy_into(hs.attn_cnt, hc.attn_cnt);
       copy_into(hs.attn_last, hc.attn_last);
+      copy_into(hs.key_score, hc.key_score);
       hc.n = hs.n();
     }
   if (st.config.stats.query_moments) cache.query_moments = st.query_moments;

@@ -14,6 +14,7 @@
 #include "kv/state_file.h"
 #include "model/model.h"
 #include "model/session.h"
+#include "runtime/engine.h"
 
 namespace qf::runtime {
 
@@ -24,6 +25,15 @@ std::string model_fingerprint(const Model& model);
 
 // What a state of this session is valid for (the header of its state file).
 kv::StateConfig state_config(const Session& s, const std::string& model_fingerprint);
+
+// The other direction: the KV options of a session that can restore a state saved with `c`.
+// They are `base` (e.g. a server's options, which name the filter file: the state pins only its
+// hash, checked when restoring) with the state's policy, parameters and storage types; a type is
+// named only where it differs from what `base` would store (its own name, else `engine`'s -ctk /
+// -ctv), so equal options compare equal. Throws qf::Error starting with `name` for a state saved with Q-Filters when `base` names
+// no filter file.
+KvOptions kv_options_for_state(const kv::StateConfig& c, KvOptions base, const ModelOptions& engine,
+                               std::string_view name);
 
 // The session's state; `tokens` are the tokens it has read (n_past of them, or none).
 kv::SessionState capture_state(const Session& s, const std::string& model_fingerprint,

@@ -223,7 +223,7 @@ Scheduler::SlotFileResult Scheduler::restore_slot(int id, const std::string& pat
       st = kv::decode_state(bytes, name);
       if (st.tokens.size() != static_cast<size_t>(st.n_past))
         fail(name, ": the state has no token history, which a server slot needs for prompt reuse");
-      kv = kv_options_of(st.config, name);
+      kv = runtime::kv_options_for_state(st.config, opt_.kv, engine_.options(), name);
     } catch (const Error& e) {
       throw HttpError(400, e.what(), "invalid_request_error", "filename");
     }
@@ -253,40 +253,6 @@ Scheduler::SlotFileResult Scheduler::restore_slot(int id, const std::string& pat
     r.ms = ms_since(t0);
   });
   return r;
-}
-
-// The server's KV options changed to what a state file was saved with: a request with the same
-// options then continues the restored session. Filters come from the server's --filters (the
-// file pins their hash, checked when restoring).
-runtime::KvOptions Scheduler::kv_options_of(const kv::StateConfig& c, const std::string& name) const {
-  runtime::KvOptions kv = opt_.kv;
-  kv.policy = c.policy;
-  if (c.policy == "none") {  // as a request's "kv_policy": "none" spells it (protocol.cpp)
-    kv.budget = 0;
-    kv.ratio = 0;
-  } else {
-    kv.budget = c.budget;
-    kv.window = c.window;
-    kv.evict_every = c.evict_every;
-    kv.ratio = c.ratio;
-    kv.skip_layers = c.skip_layers;
-    kv.seed = c.seed;
-  }
-  if (c.filters_hash.empty()) {
-    kv.filters.clear();
-    kv.filter_layout.clear();
-    kv.filter_sign.clear();
-  } else if (kv.filters.empty()) {
-    fail(name, ": saved with Q-Filters (", c.filters_hash, "); start the server with the same --filters");
-  }
-  // Types as names only where they differ from the server's, so equal options compare equal.
-  runtime::ModelOptions types = engine_.options();
-  if (!kv.cache_type_k.empty()) types.cache_type_k = kv.cache_type_k;
-  if (!kv.cache_type_v.empty()) types.cache_type_v = kv.cache_type_v;
-  const kv::KvTypes mine = runtime::kv_types(types);
-  if (mine.k != c.type_k) kv.cache_type_k = std::string(kv::kv_type_name(c.type_k));
-  if (mine.v != c.type_v) kv.cache_type_v = std::string(kv::kv_type_name(c.type_v));
-  return kv;
 }
 
 SchedulerMetrics Scheduler::metrics() {

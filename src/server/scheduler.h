@@ -122,7 +122,6 @@ class Scheduler {
   // Copies the slots' state into what /slots and /metrics read (their status, metrics_'s KV
   // figures); on the scheduler thread, mu_ held, whenever sessions may have changed.
   void publish();
-  runtime::KvOptions kv_options_of(const kv::StateConfig& c, const std::string& name) const;
 
   void step(const std::vector<Slot*>& active);
   void fail_slot(Slot& slot, const std::string& why);

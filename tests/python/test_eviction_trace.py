@@ -108,7 +108,7 @@ def main():
     check(build_dir, model, "knorm", 48, 4, 7, 1, 1200)
     check(build_dir, model, "h2o", 64, 8, 1, 1, 1200)
     check(build_dir, model, "random", 40, 0, 3, 16, 1200)
-    # Every KV storage type: the policies score the stored keys, attention reads them.
+    # Every KV storage type: attention reads the stored keys (qfilters and knorm score the F32 ones).
     for ctk, ctv in [("f16", "f16"), ("bf16", "bf16"), ("q8_0", "q8_0"), ("q8_0", "f16"), ("q4_0", "q4_0")]:
         check(build_dir, model, "qfilters", 64, 8, 1, 1, 1200, ctk, ctv)
     check(build_dir, model, "h2o", 64, 8, 1, 1, 1200, "q8_0", "q8_0")

@@ -31,6 +31,7 @@ class LayerConsistent final : public Policy {
       : inner_(std::move(inner)), name_(std::string(inner_->name()) + std::string(kLayerSuffix)) {}
   std::string_view name() const override { return name_; }
   AttentionStats needs(const PolicyOptions& o) const override { return inner_->needs(o); }
+  KeyScorer key_scorer(const CacheShape& shape) const override { return inner_->key_scorer(shape); }
 
   void score_head(const Cache& cache, int layer, int kv_head, std::span<float> scores) override {
     score_layer(cache, layer, layer_scores_);

@@ -22,6 +22,15 @@ void for_each_key(const HeadCache& hc, int d, const F& f) {
   }
 }
 
+// Scores of one head from the scores its cache kept per slot (AttentionStats::key_scores),
+// when it keeps them: false (nothing written) for a cache built without, e.g. by a caller that
+// runs the policy on a cache of its own, which is then scored from the stored keys.
+inline bool copy_key_scores(const HeadCache& hc, std::span<float> scores) {
+  if (hc.key_score.empty()) return false;
+  std::copy(hc.key_score.begin(), hc.key_score.begin() + hc.n, scores.begin());
+  return true;
+}
+
 std::unique_ptr<Policy> make_qfilters(const PolicyOptions&);
 std::unique_ptr<Policy> make_knorm(const PolicyOptions&);
 std::unique_ptr<Policy> make_streaming(const PolicyOptions&);
