@@ -138,7 +138,10 @@ def main():
     args.tool = os.path.join(args.build, "endless")
     if not os.path.exists(args.tool):
         sys.exit(f"{args.tool} missing: cmake --build {args.build} --target endless")
-    kv = f"{args.policy}:{args.budget}" + (f":{args.filters}" if args.policy == "qfilters" else "")
+    # Policies that read a filter file: Q-Filters and the ones scoring with its query statistics.
+    base = args.policy.split("+")[0]
+    reads_filters = base in ("qfilters", "qfilters_rope", "ea_calibrated")
+    kv = f"{args.policy}:{args.budget}" + (f":{args.filters}" if reads_filters else "")
     results = {"model": os.path.basename(args.model), "kv": f"{args.policy}:{args.budget}", "ctx": args.ctx,
                "load_average": os.getloadavg()[0]}
     with tempfile.TemporaryDirectory() as tmp:
