@@ -11,7 +11,10 @@ import time
 import pytest
 
 CHILD = textwrap.dedent("""
-    import glob, os, sys
+    import glob, os, signal, sys
+    # Ctrl-C as in a terminal, even if this process inherited SIGINT ignored (background jobs of
+    # a non-interactive shell do, and Python keeps an inherited SIG_IGN).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     import numpy as np
     import qfilters
     from qfilters import evaluate

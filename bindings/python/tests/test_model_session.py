@@ -216,7 +216,16 @@ def test_memory_flat_over_long_generation(smollm):
     assert rss[-1] - rss[0] < 4.0, rss  # MiB, 128 vs 640 tokens; a full f32 cache would touch ~24 MiB more
 
 
-def test_ctrl_c_interrupts_generation(smollm):
+@pytest.fixture
+def ctrl_c():
+    """SIGINT raises KeyboardInterrupt in this test even when the runner inherited SIGINT ignored
+    (a background job of a non-interactive shell starts with SIG_IGN, which Python then keeps)."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
+def test_ctrl_c_interrupts_generation(smollm, ctrl_c):
     s = qfilters.Session(smollm, n_ctx=4096)
     timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
     timer.start()
@@ -229,7 +238,7 @@ def test_ctrl_c_interrupts_generation(smollm):
     assert len(s.generate("Hello", max_tokens=4, seed=1)) >= 0  # still usable
 
 
-def test_ctrl_c_interrupts_calibration(smollm):
+def test_ctrl_c_interrupts_calibration(smollm, ctrl_c):
     timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
     timer.start()
     try:
