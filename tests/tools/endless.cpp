@@ -134,7 +134,9 @@ int main(int argc, char** argv) {
     runtime::ModelOptions mo;
     mo.model = argv[2];
     mo.n_ctx = std::atoi(argv[4]);
-    mo.n_threads = 1;
+    // One thread unless QF_THREADS says otherwise (memory and perplexity do not depend on it).
+    const char* threads = std::getenv("QF_THREADS");
+    mo.n_threads = threads ? std::max(1, std::atoi(threads)) : 1;
     runtime::Engine engine(mo);
     auto session = engine.new_session(parse_kv(argv[3], argv[5]));
     const Tokenizer tok = Tokenizer::from_gguf(engine.model().file());
