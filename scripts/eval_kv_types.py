@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import os
+import random
 import subprocess
 import sys
 import time
@@ -62,33 +63,51 @@ def read_cells(path):
         return [c for c in map(json.loads, f) if "key" in c]
 
 
-def ppl_after_budget(a, t):
-    """(policy, budget) -> perplexity of the targets after position B, over every document; cells
-    not finished for every document are left out. Targets after B: the full cache's nll[B:] (its
-    nll[i] predicts token i + 1), a compressed cell's whole list (it starts at target B + 1)."""
+def nll_after_budget(a, t):
+    """(policy, budget) -> {doc: nll list of the targets after position B}; cells not finished for
+    every document are left out. Targets after B: the full cache's nll[B:] (its nll[i] predicts
+    token i + 1), a compressed cell's whole list (it starts at target B + 1)."""
     full, comp = {}, {}
     for c in read_cells(os.path.join(a.out, "ppl-" + t, "ppl.jsonl")):
         (full if c["policy"] == "none" else comp.setdefault((c["policy"], c["budget"]), {}))[c["doc"]] = c["nll"]
     out = {}
     for b in [int(x) for x in a.budgets.split(",")]:
         if len(full) == a.docs:
-            nll = [x for doc in full.values() for x in doc[b:]]
-            out[("none", b)] = math.exp(sum(nll) / len(nll))
+            out[("none", b)] = {d: nll[b:] for d, nll in full.items()}
         for (p, cb), docs in comp.items():
             if cb == b and len(docs) == a.docs:
-                nll = [x for doc in docs.values() for x in doc]
-                out[(p, b)] = math.exp(sum(nll) / len(nll))
+                out[(p, b)] = docs
     return out
 
 
+def perplexity(docs, picks):
+    """Perplexity of the pooled targets of the documents `picks` (repeats allowed)."""
+    total = sum(sum(docs[d]) for d in picks)
+    count = sum(len(docs[d]) for d in picks)
+    return math.exp(total / count)
+
+
+def change_interval(docs, ref, resamples=2000, seed=0):
+    """95% bootstrap interval, over documents, of the percent change of pooled perplexity against
+    the reference (the same resampled documents for both)."""
+    rng = random.Random(seed)
+    names = sorted(docs)
+    changes = sorted(100 * (perplexity(docs, p) / perplexity(ref, p) - 1)
+                     for p in ([rng.choice(names) for _ in names] for _ in range(resamples)))
+    return changes[int(0.025 * resamples)], changes[int(0.975 * resamples) - 1]
+
+
 def ppl_table(a, types):
-    cells = {t: ppl_after_budget(a, t) for t in types}
+    cells = {t: nll_after_budget(a, t) for t in types}
     budgets = [int(b) for b in a.budgets.split(",")]
-    lines = ["Perplexity of the tokens after position B (in brackets: change against f32, same policy and "
-             "budget; targets f16 within 0.1%, q8_0 within 0.5%; - = not measured):", "",
+    interval = a.docs > 1
+    lines = ["Perplexity of the tokens after position B, pooled over %d document(s) (in brackets: change "
+             "against f32, same policy and budget%s; targets f16 within 0.1%%, q8_0 within 0.5%%; "
+             "- = not measured):" % (a.docs, ", then its 95%% bootstrap interval over documents" if interval
+                                     else ""), "",
              "| policy | KV type | " + " | ".join("B=%d" % b for b in budgets) + " |",
              "|---|---|" + "---:|" * len(budgets)]
-    worst = {}
+    worst, outside = {}, {}
     for p in a.policies.split(","):
         for t in types:
             row = []
@@ -96,12 +115,22 @@ def ppl_table(a, types):
                 x, ref = cells[t].get((p, b)), cells["f32"].get((p, b))
                 if x is None:
                     row.append("-")
-                elif t == "f32" or ref is None:
-                    row.append("%.3f" % x)
-                else:
-                    d = 100 * (x / ref - 1)
-                    worst[t] = max(worst.get(t, 0.0), abs(d))
-                    row.append("%.3f (%+.2f%%)" % (x, d))
+                    continue
+                names = sorted(x)
+                value = perplexity(x, names)
+                if t == "f32" or ref is None:
+                    row.append("%.3f" % value)
+                    continue
+                d = 100 * (value / perplexity(ref, names) - 1)
+                worst[t] = max(worst.get(t, 0.0), abs(d))
+                text = "%.3f (%+.2f%%" % (value, d)
+                if interval:
+                    lo, hi = change_interval(x, ref)
+                    target = TARGETS.get(t)
+                    if target is not None and (lo < -target or hi > target):
+                        outside.setdefault(t, []).append("%s B=%d" % (p, b))
+                    text += " [%+.2f, %+.2f]" % (lo, hi)
+                row.append(text + ")")
             lines.append("| %s | %s | %s |" % ("full cache" if p == "none" else p, t, " | ".join(row)))
     lines.append("")
     for t in types:
@@ -110,6 +139,9 @@ def ppl_table(a, types):
             verdict = "" if target is None else (" (target %.1f%%: %s)" % (target, "met" if worst[t] <= target
                                                                             else "missed"))
             lines.append("- %s: largest change against f32 over the measured cells %.2f%%%s" % (t, worst[t], verdict))
+            if interval and target is not None:
+                lines.append("  - cells whose 95%% interval reaches past +-%.1f%%: %s" %
+                             (target, ", ".join(outside.get(t, [])) or "none"))
     return lines
 
 

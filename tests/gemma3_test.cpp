@@ -19,6 +19,7 @@
 
 #include "model/model.h"
 #include "model/session.h"
+#include "golden_compare.h"
 #include "test_paths.h"
 
 namespace {
@@ -36,15 +37,6 @@ constexpr Gemma3File kFiles[] = {
     {"deq", "models/gemma-3-270m-deq.gguf", "gemma3"},
     {"q4_k_m", "models/gemma-3-270m-q4_k_m.gguf", "gemma3_q4_k_m"},
 };
-
-int32_t argmax_row(const float* row, int n) { return static_cast<int32_t>(std::max_element(row, row + n) - row); }
-
-double log_softmax_at(const float* row, int n, int32_t target) {
-  const float mx = *std::max_element(row, row + n);
-  double sum = 0;
-  for (int i = 0; i < n; ++i) sum += std::exp(static_cast<double>(row[i]) - mx);
-  return static_cast<double>(row[target]) - mx - std::log(sum);
-}
 
 // SentencePiece pieces joined, "▁" as a space: enough to read a generation side by side.
 std::string pieces(const std::vector<std::string>& vocab, const std::vector<int32_t>& ids) {
@@ -97,35 +89,24 @@ TEST_P(Gemma3, TeacherForcedMatchesLlamaCpp) {
 
   // Chunks of a batch, so that only one batch of [n][262144] logits is held at a time.
   const size_t n = tokens.size();
-  size_t agree = 0, stable = 0, stable_agree = 0;
-  double nll = 0;
+  qf::test::GoldenTally t;
   for (size_t i0 = 0; i0 < n; i0 += 512) {
     const size_t m_tok = std::min<size_t>(512, n - i0);
     const auto logits = s.eval(std::span<const int32_t>(tokens.data() + i0, m_tok), /*all_logits=*/true);
-    for (size_t k = 0; k < m_tok; ++k) {
-      const size_t i = i0 + k;
-      const float* row = logits.data() + k * V;
-      const bool same = argmax_row(row, V) == ref_argmax[i];
-      agree += same;
-      if (ref_top5[i][0] - ref_top5[i][1] >= 0.5) {
-        ++stable;
-        stable_agree += same;
-      }
-      if (i + 1 < n) nll -= log_softmax_at(row, V, tokens[i + 1]);
-    }
+    for (size_t k = 0, i = i0; k < m_tok; ++k, ++i)
+      t.add(logits.data() + k * V, V, ref_argmax[i], ref_top5[i][0] - ref_top5[i][1], i + 1 < n ? tokens[i + 1] : -1);
   }
-  const double ppl = std::exp(nll / static_cast<double>(n - 1));
   const double ref_ppl = g["perplexity"].get<double>();
   const json& self_json = g["llama_cpp_self_agreement"];
   const double self = self_json["decode_path_batch1"]["argmax_agreement"].get<double>();
   const size_t self_n = self_json.value("decode_path_positions", n);  // a --quick golden measured a prefix
   std::printf("[%s] teacher-forced over %zu tokens: argmax agreement %.2f%% (llama.cpp vs itself at batch 1: %.2f%% over %zu positions), "
               "on the %zu positions with a top-2 gap >= 0.5: %.2f%%; perplexity %.4f vs llama.cpp %.4f (%+.3f%%)\n",
-              GetParam().name, n, 100.0 * agree / n, 100.0 * self, self_n, stable, 100.0 * stable_agree / stable, ppl, ref_ppl,
-              100.0 * (ppl / ref_ppl - 1));
-  EXPECT_NEAR(ppl / ref_ppl, 1.0, 0.01);
-  EXPECT_GE(static_cast<double>(stable_agree) / stable, 0.99);
-  EXPECT_GE(static_cast<double>(agree) / n, self - 0.01) << "less agreement than llama.cpp has with itself";
+              GetParam().name, n, 100.0 * t.agreement(), 100.0 * self, self_n, t.stable, 100.0 * t.stable_agreement(),
+              t.perplexity(), ref_ppl, 100.0 * (t.perplexity() / ref_ppl - 1));
+  EXPECT_NEAR(t.perplexity() / ref_ppl, 1.0, 0.01);
+  EXPECT_GE(t.stable_agreement(), 0.99);
+  EXPECT_GE(t.agreement(), self - 0.01) << "less agreement than llama.cpp has with itself";
 }
 
 // 20,000 tokens, scored over the second half (positions 10,000 on): sliding windows and global
@@ -147,41 +128,31 @@ TEST_P(Gemma3, LongContextSecondHalfMatchesLlamaCpp) {
   qf::Session s(*m, std::move(so));
 
   const size_t n = tokens.size();
-  size_t agree = 0, stable = 0, stable_agree = 0;
-  double nll = 0;
+  qf::test::GoldenTally t;
   for (size_t i0 = 0; i0 < n; i0 += 512) {
     const size_t m_tok = std::min<size_t>(512, n - i0);
     const bool scored = i0 + m_tok > from;
     const auto logits = s.eval(std::span<const int32_t>(tokens.data() + i0, m_tok), /*all_logits=*/scored);
     if (!scored) continue;
-    for (size_t k = 0; k < m_tok; ++k) {
-      const size_t i = i0 + k;
+    for (size_t k = 0, i = i0; k < m_tok; ++k, ++i) {
       if (i < from) continue;
-      const float* row = logits.data() + k * V;
-      const bool same = argmax_row(row, V) == ref_argmax[i - from];
-      agree += same;
-      if (ref_top2[i - from][0] - ref_top2[i - from][1] >= 0.5) {
-        ++stable;
-        stable_agree += same;
-      }
-      if (i + 1 < n) nll -= log_softmax_at(row, V, tokens[i + 1]);
+      const auto& top2 = ref_top2[i - from];
+      t.add(logits.data() + k * V, V, ref_argmax[i - from], top2[0] - top2[1], i + 1 < n ? tokens[i + 1] : -1);
     }
   }
-  const double ppl = std::exp(nll / static_cast<double>(n - 1 - from));
   const double ref_ppl = g["perplexity"].get<double>();
   std::printf("[%s] positions %zu..%zu of a %zu-token prompt: argmax agreement %.2f%%, on the %zu positions with a top-2 "
               "gap >= 0.5: %.2f%%; perplexity %.4f vs llama.cpp %.4f (%+.3f%%)\n",
-              GetParam().name, from, n - 1, n, 100.0 * agree / (n - from), stable, 100.0 * stable_agree / stable, ppl, ref_ppl,
-              100.0 * (ppl / ref_ppl - 1));
-  EXPECT_NEAR(ppl / ref_ppl, 1.0, 0.01);
-  EXPECT_GE(static_cast<double>(stable_agree) / stable, 0.99);
+              GetParam().name, from, n - 1, n, 100.0 * t.agreement(), t.stable, 100.0 * t.stable_agreement(),
+              t.perplexity(), ref_ppl, 100.0 * (t.perplexity() / ref_ppl - 1));
+  EXPECT_NEAR(t.perplexity() / ref_ppl, 1.0, 0.01);
+  EXPECT_GE(t.stable_agreement(), 0.99);
 }
 
 TEST_P(Gemma3, GreedyGenerationMatchesLlamaCpp) {
   LOAD_GOLDEN_OR_SKIP(g, "generate");
   auto m = qf::Model::load(model_path());
   const std::vector<std::string> vocab = m->file().get_str_array("tokenizer.ggml.tokens");
-  const int V = m->config().n_vocab;
   for (const json& c : g["cases"]) {
     SCOPED_TRACE(c["name"].get<std::string>());
     const auto prompt = c["prompt_tokens"].get<std::vector<int32_t>>();
@@ -190,15 +161,8 @@ TEST_P(Gemma3, GreedyGenerationMatchesLlamaCpp) {
     qf::SessionOptions so;
     so.n_ctx = 512;
     qf::Session s(*m, std::move(so));
-    auto logits = s.prefill(prompt);
-    std::vector<int32_t> got;
-    for (size_t k = 0; k < ref.size(); ++k) {
-      const int32_t next = argmax_row(logits.data(), V);
-      got.push_back(next);
-      logits = s.eval(std::span<const int32_t>(&next, 1));
-    }
-    size_t same = 0;
-    while (same < got.size() && got[same] == ref[same]) ++same;
+    const auto got = qf::test::greedy_continuation(s, prompt, ref.size(), m->config().n_vocab);
+    const size_t same = qf::test::common_prefix(got, ref);
     std::printf("[%s] identical for %zu of %zu greedy tokens (llama.cpp's stable prefix: %d)\n"
                 "  llama.cpp: %s\n  qf       : %s\n",
                 c["name"].get<std::string>().c_str(), same, ref.size(), stable, pieces(vocab, ref).c_str(),

@@ -2,14 +2,13 @@
 // (llama.cpp itself is not needed to run this test).
 #include <gtest/gtest.h>
 
-#include <algorithm>
-#include <cmath>
 #include <cstdio>
 #include <fstream>
 #include <nlohmann/json.hpp>
 
 #include "model/model.h"
 #include "model/session.h"
+#include "golden_compare.h"
 #include "test_paths.h"
 #include "tokenizer/tokenizer.h"
 
@@ -20,15 +19,6 @@ using nlohmann::json;
 json load_golden(const std::string& name) {
   std::ifstream in(qf::test::golden(name));
   return json::parse(in);
-}
-
-int32_t argmax_row(const float* row, int n) { return static_cast<int32_t>(std::max_element(row, row + n) - row); }
-
-double log_softmax_at(const float* row, int n, int32_t target) {
-  const float mx = *std::max_element(row, row + n);
-  double sum = 0;
-  for (int i = 0; i < n; ++i) sum += std::exp(static_cast<double>(row[i]) - mx);
-  return static_cast<double>(row[target]) - mx - std::log(sum);
 }
 
 TEST(SmolLM2, TeacherForcedMatchesLlamaCpp) {
@@ -46,37 +36,24 @@ TEST(SmolLM2, TeacherForcedMatchesLlamaCpp) {
   const auto logits = s.eval(tokens, /*all_logits=*/true);
 
   const size_t n = tokens.size();
-  size_t agree = 0, stable = 0, stable_agree = 0;
-  double nll = 0;
-  for (size_t i = 0; i < n; ++i) {
-    const float* row = logits.data() + i * V;
-    const bool same = argmax_row(row, V) == ref_argmax[i];
-    agree += same;
-    // Where llama.cpp's own top two are close, engines may legitimately differ (llama.cpp
-    // disagrees with itself there across batch sizes, see the golden's self-agreement).
-    if (ref_top5[i][0] - ref_top5[i][1] >= 0.5) {
-      ++stable;
-      stable_agree += same;
-    }
-    if (i + 1 < n) nll -= log_softmax_at(row, V, tokens[i + 1]);
-  }
-  const double ppl = std::exp(nll / static_cast<double>(n - 1));
+  qf::test::GoldenTally t;
+  for (size_t i = 0; i < n; ++i)
+    t.add(logits.data() + i * V, V, ref_argmax[i], ref_top5[i][0] - ref_top5[i][1], i + 1 < n ? tokens[i + 1] : -1);
   const double ref_ppl = g["perplexity"].get<double>();
   const double self = g["llama_cpp_self_agreement"]["decode_path_batch1"]["argmax_agreement"].get<double>();
   std::printf("teacher-forced over %zu tokens: argmax agreement %.2f%% (llama.cpp vs itself at batch 1: %.2f%%), "
               "on the %zu positions with a top-2 gap >= 0.5: %.2f%%; perplexity %.4f vs llama.cpp %.4f (%+.3f%%)\n",
-              n, 100.0 * agree / n, 100.0 * self, stable, 100.0 * stable_agree / stable, ppl, ref_ppl,
-              100.0 * (ppl / ref_ppl - 1));
-  EXPECT_NEAR(ppl / ref_ppl, 1.0, 0.01);
-  EXPECT_GE(static_cast<double>(stable_agree) / stable, 0.99);
-  EXPECT_GE(static_cast<double>(agree) / n, self - 0.01) << "less agreement than llama.cpp has with itself";
+              n, 100.0 * t.agreement(), 100.0 * self, t.stable, 100.0 * t.stable_agreement(), t.perplexity(), ref_ppl,
+              100.0 * (t.perplexity() / ref_ppl - 1));
+  EXPECT_NEAR(t.perplexity() / ref_ppl, 1.0, 0.01);
+  EXPECT_GE(t.stable_agreement(), 0.99);
+  EXPECT_GE(t.agreement(), self - 0.01) << "less agreement than llama.cpp has with itself";
 }
 
 TEST(SmolLM2, GreedyGenerationMatchesLlamaCpp) {
   const json g = load_golden("smollm2_generate.json");
   auto m = qf::Model::load(qf::test::smollm2_path());
   const qf::Tokenizer tok = qf::Tokenizer::from_gguf(m->file());
-  const int V = m->config().n_vocab;
   for (const json& c : g["cases"]) {
     SCOPED_TRACE(c["name"].get<std::string>());
     const auto prompt = c["prompt_tokens"].get<std::vector<int32_t>>();
@@ -85,15 +62,8 @@ TEST(SmolLM2, GreedyGenerationMatchesLlamaCpp) {
     qf::SessionOptions so;
     so.n_ctx = 512;
     qf::Session s(*m, std::move(so));
-    auto logits = s.prefill(prompt);
-    std::vector<int32_t> got;
-    for (size_t k = 0; k < ref.size(); ++k) {
-      const int32_t next = argmax_row(logits.data(), V);
-      got.push_back(next);
-      logits = s.eval(std::span<const int32_t>(&next, 1));
-    }
-    size_t same = 0;
-    while (same < got.size() && got[same] == ref[same]) ++same;
+    const auto got = qf::test::greedy_continuation(s, prompt, ref.size(), m->config().n_vocab);
+    const size_t same = qf::test::common_prefix(got, ref);
     std::printf("[%s] identical for %zu of %zu greedy tokens (llama.cpp's stable prefix: %d)\n"
                 "  llama.cpp: %s\n  qf       : %s\n",
                 c["name"].get<std::string>().c_str(), same, ref.size(), stable, tok.decode(ref).c_str(),
