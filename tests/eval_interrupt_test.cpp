@@ -3,11 +3,8 @@
 // the next progress step, the cells finished before it stay in the log, and a rerun without the
 // poll resumes from them to the same result as an uninterrupted run. On the tiny fixture model.
 #include <gtest/gtest.h>
-#include <unistd.h>
 
-#include <filesystem>
 #include <functional>
-#include <random>
 #include <string>
 #include <thread>
 #include <vector>
@@ -18,24 +15,16 @@
 #include "eval/progress.h"
 #include "eval/results.h"
 #include "model/model.h"
+#include "eval_fixture.h"
 #include "test_paths.h"
 
 namespace qf::eval {
 namespace {
 
-namespace fs = std::filesystem;
 
 struct Interrupted {};  // what the poll throws: not a qf::Error, as a Python exception is not
 
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    path = fs::temp_directory_path() / ("qf_eval_interrupt_" + std::to_string(::getpid()) + "_" +
-                                        std::to_string(std::random_device{}()));
-    fs::create_directories(path);
-  }
-  ~TempDir() { fs::remove_all(path); }
-};
+using test::TempDir;
 
 // Throws on its n-th call (counting from 1), counts every call.
 struct PollAfter {
@@ -46,31 +35,9 @@ struct PollAfter {
   }
 };
 
-class Interrupt : public ::testing::Test {
+class Interrupt : public test::FixtureModel {
  protected:
-  void SetUp() override {
-    model_ = Model::load(test::fixture("llama_f32_gqa_tied.gguf"));
-    const ModelConfig& c = model_->config();
-    ctx_.model = model_.get();
-    ctx_.n_threads = 1;
-    ctx_.n_batch = 32;
-    ctx_.progress = false;
-    std::mt19937 rng(5);
-    std::normal_distribution<float> nd(0.0f, 1.0f);
-    filters_.resize(static_cast<size_t>(c.n_layers) * c.n_kv_heads * c.head_dim);
-    for (auto& f : filters_) f = nd(rng);
-    ctx_.policy_options.filters = filters_;
-  }
-  std::vector<int32_t> tokens(int n, uint32_t seed) const {
-    std::mt19937 rng(seed);
-    std::vector<int32_t> t(n);
-    for (auto& x : t) x = static_cast<int32_t>(rng() % model_->config().n_vocab);
-    return t;
-  }
-
-  std::unique_ptr<Model> model_;
-  EvalContext ctx_;
-  std::vector<float> filters_;
+  void SetUp() override { load("llama_f32_gqa_tied.gguf", /*n_threads=*/1, /*filter_seed=*/5); }
 };
 
 TEST(InterruptPoll, ScopedAndNested) {

@@ -25,6 +25,7 @@
 #include "model/session.h"
 #include "sample/sampler.h"
 #include "tensor/kernels.h"
+#include "eval_fixture.h"
 #include "test_paths.h"
 #include "util/error.h"
 
@@ -177,15 +178,7 @@ TEST(Metrics, MeanMedian) {
 
 // ---- results log, corpus ----------------------------------------------------------------------
 
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    path = fs::temp_directory_path() / ("qf_eval_test_" + std::to_string(::getpid()) + "_" +
-                                        std::to_string(std::random_device{}()));
-    fs::create_directories(path);
-  }
-  ~TempDir() { fs::remove_all(path); }
-};
+using test::TempDir;
 
 TEST(CellLog, ResumesOnlyUnderTheSameSettings) {
   TempDir tmp;
@@ -257,36 +250,16 @@ TEST(Corpus, SelectsByYear) {
 
 // ---- work sharing on a tiny model ---------------------------------------------------------------
 
-class TinyModel : public ::testing::Test {
+class TinyModel : public test::FixtureModel {
  protected:
   void load(const std::string& fixture) {
-    model_ = Model::load(test::fixture(fixture));
-    const ModelConfig& c = model_->config();
-    ctx_.model = model_.get();
-    ctx_.n_threads = 2;
-    ctx_.n_batch = 32;
-    ctx_.progress = false;
+    FixtureModel::load(fixture, /*n_threads=*/2, /*filter_seed=*/3);
     ctx_.policy_options.seed = 7;
     ctx_.policy_options.snapkv_window = 8;
-    std::mt19937 rng(3);
-    std::normal_distribution<float> nd(0.0f, 1.0f);
-    filters_.resize(static_cast<size_t>(c.n_layers) * c.n_kv_heads * c.head_dim);
-    for (auto& f : filters_) f = nd(rng);
-    ctx_.policy_options.filters = filters_;
-  }
-  std::vector<int32_t> tokens(int n, uint32_t seed) const {
-    std::mt19937 rng(seed);
-    std::vector<int32_t> t(n);
-    for (auto& x : t) x = static_cast<int32_t>(rng() % model_->config().n_vocab);
-    return t;
   }
   static std::vector<std::string> all_policies() {
     return {"none", "qfilters", "knorm", "streaming", "random", "snapkv", "tova", "h2o"};
   }
-
-  std::unique_ptr<Model> model_;
-  EvalContext ctx_;
-  std::vector<float> filters_;
 };
 
 class Tiny : public TinyModel {
