@@ -1,5 +1,6 @@
 // Helpers shared by the tokenizer tests: base64 and FNV-1a as the golden files use them, a UTF-8
-// check, and a minimal in-memory GGUF writer to build variant and broken vocabularies.
+// check, a minimal in-memory GGUF writer to build variant and broken vocabularies, and the
+// fixture of a real model's tokenizer.
 #pragma once
 #include <cstdint>
 #include <cstdio>
@@ -14,7 +15,10 @@
 #include <variant>
 #include <vector>
 
+#include <gtest/gtest.h>
+
 #include "gguf/gguf.h"
+#include "tokenizer/tokenizer.h"
 
 namespace qf::test {
 
@@ -197,6 +201,32 @@ struct MemGguf {
   std::vector<uint8_t> buf;
   std::unique_ptr<gguf::File> file;
   explicit MemGguf(const GgufBuilder& b) : buf(b.bytes()), file(gguf::File::from_memory(buf.data(), buf.size())) {}
+};
+
+// A test suite over a real model's tokenizer, opened once per suite: Derived::model_path() names
+// the GGUF file (only its metadata is read).
+template <class Derived>
+class RealTokenizerTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    file_ = gguf::File::open(Derived::model_path()).release();
+    tok_ = new Tokenizer(Tokenizer::from_gguf(*file_));
+  }
+  static void TearDownTestSuite() {
+    delete tok_;
+    delete file_;
+    tok_ = nullptr;
+    file_ = nullptr;
+  }
+  // The model's tokenizer metadata, to be varied.
+  static GgufBuilder metadata() {
+    GgufBuilder b;
+    for (const auto& [k, v] : file_->metadata())
+      if (k.starts_with("tokenizer.") || k == "general.architecture") b.kv.emplace_back(k, v);
+    return b;
+  }
+  static inline gguf::File* file_ = nullptr;
+  static inline Tokenizer* tok_ = nullptr;
 };
 
 }  // namespace qf::test

@@ -39,30 +39,10 @@ std::string gemma3_path() {
   return p;
 }
 
-class Gemma3 : public ::testing::Test {
- protected:
-  static void SetUpTestSuite() {
-    file_ = gguf::File::open(gemma3_path()).release();
-    tok_ = new Tokenizer(Tokenizer::from_gguf(*file_));
-  }
-  static void TearDownTestSuite() {
-    delete tok_;
-    delete file_;
-    tok_ = nullptr;
-    file_ = nullptr;
-  }
-  // The model's tokenizer metadata, to be varied.
-  static GgufBuilder metadata() {
-    GgufBuilder b;
-    for (const auto& [k, v] : file_->metadata())
-      if (k.starts_with("tokenizer.") || k == "general.architecture") b.kv.emplace_back(k, v);
-    return b;
-  }
-  static gguf::File* file_;
-  static Tokenizer* tok_;
+class Gemma3 : public RealTokenizerTest<Gemma3> {
+ public:
+  static std::string model_path() { return gemma3_path(); }
 };
-gguf::File* Gemma3::file_ = nullptr;
-Tokenizer* Gemma3::tok_ = nullptr;
 
 std::string pieces_fnv1a(const Tokenizer& t) {
   uint64_t h = 0xcbf29ce484222325ull;

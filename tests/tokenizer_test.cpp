@@ -38,30 +38,10 @@ const json& golden() {
 }
 
 // The real model, opened once.
-class SmolLM2 : public ::testing::Test {
- protected:
-  static void SetUpTestSuite() {
-    file_ = gguf::File::open(test::smollm2_path()).release();
-    tok_ = new Tokenizer(Tokenizer::from_gguf(*file_));
-  }
-  static void TearDownTestSuite() {
-    delete tok_;
-    delete file_;
-    tok_ = nullptr;
-    file_ = nullptr;
-  }
-  // The model's tokenizer metadata, to be varied.
-  static GgufBuilder metadata() {
-    GgufBuilder b;
-    for (const auto& [k, v] : file_->metadata())
-      if (k.starts_with("tokenizer.") || k == "general.architecture") b.kv.emplace_back(k, v);
-    return b;
-  }
-  static gguf::File* file_;
-  static Tokenizer* tok_;
+class SmolLM2 : public RealTokenizerTest<SmolLM2> {
+ public:
+  static std::string model_path() { return test::smollm2_path(); }
 };
-gguf::File* SmolLM2::file_ = nullptr;
-Tokenizer* SmolLM2::tok_ = nullptr;
 
 // ---------------------------------------------------------------------------------------------
 // Against llama.cpp
