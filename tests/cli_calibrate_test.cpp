@@ -1,8 +1,6 @@
 // qf calibrate and qf filters end to end: a calibrated file is accepted by qf run, printed by
 // qf filters, rejected on another model; published filters are imported; bad input fails cleanly.
 #include <gtest/gtest.h>
-#include <sys/wait.h>
-#include <unistd.h>
 
 #include <cstdio>
 #include <cstring>
@@ -13,59 +11,19 @@
 #include <string>
 
 #include "calib/filter_file.h"
+#include "cli_helpers.h"
 #include "test_paths.h"
 
 namespace {
 
 namespace fs = std::filesystem;
 
-struct Result {
-  int exit_code = -1;
-  int signal = 0;
-  std::string out, err;
-};
+using qf::test::CliResult;
+using qf::test::expect_clean_failure;
+using qf::test::run_qf;
+using qf::test::slurp;
 
-// Per process: ctest runs each test in its own process, possibly in parallel.
-fs::path temp_dir() {
-  const fs::path p = fs::temp_directory_path() / ("qf_cli_calibrate_" + std::to_string(getpid()));
-  fs::create_directories(p);
-  return p;
-}
-
-struct CleanUp : ::testing::Environment {
-  void TearDown() override {
-    std::error_code ec;
-    fs::remove_all(temp_dir(), ec);
-  }
-};
-const auto* const kCleanUp = ::testing::AddGlobalTestEnvironment(new CleanUp);
-
-std::string tmp(const std::string& name) { return (temp_dir() / name).string(); }
-
-std::string slurp(const std::string& p) {
-  std::ifstream in(p, std::ios::binary);
-  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
-}
-
-Result run_qf(const std::string& args) {
-  const std::string out = tmp("out.txt"), err = tmp("err.txt");
-  const std::string cmd = qf::test::qf_binary() + " " + args + " </dev/null >" + out + " 2>" + err;
-  const int status = std::system(cmd.c_str());
-  Result r;
-  if (WIFEXITED(status)) r.exit_code = WEXITSTATUS(status);
-  if (WIFSIGNALED(status)) r.signal = WTERMSIG(status);
-  r.out = slurp(out);
-  r.err = slurp(err);
-  return r;
-}
-
-void expect_clean_failure(const Result& r, const std::string& must_mention) {
-  EXPECT_EQ(r.signal, 0) << "crashed; stderr: " << r.err;
-  EXPECT_GT(r.exit_code, 0) << "stderr: " << r.err;
-  EXPECT_LT(r.exit_code, 128);
-  EXPECT_NE(r.err.find(must_mention), std::string::npos) << "stderr was: " << r.err;
-  EXPECT_LT(r.err.size(), 600u) << r.err;
-}
+std::string tmp(const std::string& name) { return qf::test::temp_file(name); }
 
 std::string model() { return qf::test::smollm2_path(); }
 std::string sotu(const std::string& name) { return qf::test::source_dir() + "/data/sotu/" + name; }
@@ -101,17 +59,17 @@ class CliCalibrate : public ::testing::Test {
   // One small calibration on natural text shared by the tests.
   static void SetUpTestSuite() {
     filters_ = tmp("sotu.safetensors");
-    const Result r = run_qf("calibrate -m " + model() + " --text " + sotu("1861_abraham_lincoln_r.txt") + " " +
+    const CliResult r = run_qf("calibrate -m " + model() + " --text " + sotu("1861_abraham_lincoln_r.txt") + " " +
                             sotu("1905_theodore_roosevelt_r.txt") + " --docs 2 --doc-len 128 --samples 100 -t 2 --report -o " +
                             filters_);
-    calibrate_ = new Result(r);
+    calibrate_ = new CliResult(r);
   }
   static void TearDownTestSuite() { delete calibrate_; }
   static std::string filters_;
-  static Result* calibrate_;
+  static CliResult* calibrate_;
 };
 std::string CliCalibrate::filters_;
-Result* CliCalibrate::calibrate_ = nullptr;
+CliResult* CliCalibrate::calibrate_ = nullptr;
 
 TEST_F(CliCalibrate, TextCalibrationWritesAFileThatRunAccepts) {
   ASSERT_EQ(calibrate_->exit_code, 0) << calibrate_->err;
@@ -124,7 +82,7 @@ TEST_F(CliCalibrate, TextCalibrationWritesAFileThatRunAccepts) {
 
   const std::string prompt = tmp("prompt.txt");
   std::ofstream(prompt) << slurp(sotu("2002_george_w_bush_r.txt")).substr(0, 1200);
-  const Result r = run_qf("run -m " + model() + " -f " + prompt +
+  const CliResult r = run_qf("run -m " + model() + " -f " + prompt +
                           " -n 4 -t 2 --no-display-prompt --kv-policy qfilters --kv-budget 64 --filters " + filters_);
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_TRUE(contains(r.err, "policy qfilters")) << r.err;
@@ -133,7 +91,7 @@ TEST_F(CliCalibrate, TextCalibrationWritesAFileThatRunAccepts) {
 
 TEST_F(CliCalibrate, FiltersPrintsTheStoredReportAndComparisons) {
   ASSERT_EQ(calibrate_->exit_code, 0) << calibrate_->err;
-  Result r = run_qf("filters " + filters_);
+  CliResult r = run_qf("filters " + filters_);
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_TRUE(contains(r.out, "fingerprint: llama:L30:H9:KV3:D64:E576:V49152")) << r.out;
   EXPECT_TRUE(contains(r.out, "text_source: files")) << r.out;
@@ -158,7 +116,7 @@ TEST_F(CliCalibrate, FiltersOfAnotherModelAreRejected) {
   ASSERT_EQ(calibrate_->exit_code, 0) << calibrate_->err;
   // Another shape: filters calibrated on a fixture model (text sampled from it, clipped to its context).
   const std::string other = tmp("fixture.safetensors");
-  Result r = run_qf("calibrate -m " + qf::test::fixture("llama_f32_gqa_tied.gguf") +
+  CliResult r = run_qf("calibrate -m " + qf::test::fixture("llama_f32_gqa_tied.gguf") +
                     " --docs 1 --doc-len 32 --samples 16 --no-progress -o " + other);
   ASSERT_EQ(r.exit_code, 0) << r.err;
   expect_clean_failure(run_qf("run -m " + model() + " -p hi -n 1 --kv-policy qfilters --kv-budget 64 --filters " + other),
@@ -184,7 +142,7 @@ TEST_F(CliCalibrate, PublishedFiltersImportAndLoad) {
   // Used directly, a foreign file needs its conventions spelled out.
   const std::string run = "run -m " + model() + " -p hi -n 1 --kv-policy qfilters --kv-budget 64 --filters " + published;
   expect_clean_failure(run_qf(run), "must be given");
-  Result r = run_qf(run + " --filter-layout hf --filter-sign keep_smallest_dot");
+  CliResult r = run_qf(run + " --filter-layout hf --filter-sign keep_smallest_dot");
   EXPECT_EQ(r.exit_code, 0) << r.err;
   expect_clean_failure(run_qf("run -m " + model() + " -p hi -n 1 --filter-layout hf"), "--filters");
 
@@ -209,7 +167,7 @@ TEST_F(CliCalibrate, PublishedFiltersImportAndLoad) {
 
 TEST(CliCalibrateText, ShortOnFilesLongFilesAreSplit) {
   // One long address, three documents of 128 tokens: its first three pieces.
-  const Result r = run_qf("calibrate -m " + model() + " --text " + sotu("1861_abraham_lincoln_r.txt") +
+  const CliResult r = run_qf("calibrate -m " + model() + " --text " + sotu("1861_abraham_lincoln_r.txt") +
                           " --docs 3 --doc-len 128 --samples 50 -t 2 --no-progress -o " + tmp("split.safetensors"));
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_TRUE(contains(r.err, "3 documents, 384 tokens")) << r.err;
@@ -221,7 +179,7 @@ TEST(CliCalibrateSampled, SameSeedSameFile) {
                   std::to_string(seed) + " -o " + out);
   };
   const std::string a = tmp("s5a.safetensors"), b = tmp("s5b.safetensors"), c = tmp("s6.safetensors");
-  Result r = calibrate(a, 5);
+  CliResult r = calibrate(a, 5);
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_TRUE(contains(r.err, "sampled from the model")) << r.err;
   ASSERT_EQ(calibrate(b, 5).exit_code, 0);

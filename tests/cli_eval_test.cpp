@@ -19,6 +19,7 @@
 #include "kv/policy.h"
 #include "model/model.h"
 #include "model/session.h"
+#include "cli_helpers.h"
 #include "test_paths.h"
 #include "tokenizer/tokenizer.h"
 #include "util/error.h"
@@ -28,28 +29,9 @@ namespace {
 namespace fs = std::filesystem;
 using nlohmann::json;
 
-struct Result {
-  int exit_code = -1;
-  int signal = 0;
-  std::string out, err;
-};
-
-std::string slurp(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-}
-
-Result run_qf(const std::string& args, const fs::path& dir) {
-  const std::string out = (dir / "stdout.txt").string(), err = (dir / "stderr.txt").string();
-  const std::string cmd = qf::test::qf_binary() + " " + args + " </dev/null >" + out + " 2>" + err;
-  const int status = std::system(cmd.c_str());
-  Result r;
-  if (WIFEXITED(status)) r.exit_code = WEXITSTATUS(status);
-  if (WIFSIGNALED(status)) r.signal = WTERMSIG(status);
-  r.out = slurp(out);
-  r.err = slurp(err);
-  return r;
-}
+using qf::test::CliResult;
+using qf::test::expect_clean_failure;
+using qf::test::run_qf;
 
 json read_json(const fs::path& p) {
   std::ifstream in(p);
@@ -112,7 +94,7 @@ class CliEval : public ::testing::Test {
 TEST_F(CliEval, QuickPerplexity) {
   const fs::path out = dir_ / "ppl";
   const auto t0 = std::chrono::steady_clock::now();
-  Result r = run_qf("eval ppl --quick " + common() + " -o " + out.string(), dir_);
+  CliResult r = run_qf("eval ppl --quick " + common() + " -o " + out.string());
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   ASSERT_EQ(r.exit_code, 0) << r.err;
   for (const char* f : {"ppl.jsonl", "ppl.json", "ppl.csv", "ppl_curve.csv"}) EXPECT_TRUE(fs::exists(out / f)) << f;
@@ -147,24 +129,24 @@ TEST_F(CliEval, QuickPerplexity) {
 
   // Second run: every cell resumed, nothing recomputed (well under the first run's time).
   const auto t1 = std::chrono::steady_clock::now();
-  r = run_qf("eval ppl --quick " + common() + " -o " + out.string(), dir_);
+  r = run_qf("eval ppl --quick " + common() + " -o " + out.string());
   const double again = std::chrono::duration<double>(std::chrono::steady_clock::now() - t1).count();
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_LT(again, secs / 2 + 2.0);
   EXPECT_EQ(read_json(out / "ppl.json")["results"], j["results"]);
   // Other settings on the same results: refused with a hint, not mixed.
-  r = run_qf("eval ppl --quick --window 16 " + common() + " -o " + out.string(), dir_);
+  r = run_qf("eval ppl --quick --window 16 " + common() + " -o " + out.string());
   EXPECT_EQ(r.exit_code, 1);
   EXPECT_NE(r.err.find("other settings"), std::string::npos) << r.err;
   // The KV storage types are settings too.
-  r = run_qf("eval ppl --quick -ctk q8_0 " + common() + " -o " + out.string(), dir_);
+  r = run_qf("eval ppl --quick -ctk q8_0 " + common() + " -o " + out.string());
   EXPECT_EQ(r.exit_code, 1);
   EXPECT_NE(r.err.find("other settings"), std::string::npos) << r.err;
 }
 
 TEST_F(CliEval, QuickNeedleAndFidelity) {
   const fs::path out = dir_ / "niah";
-  Result r = run_qf("eval niah --quick --lengths 512 " + common() + " -o " + out.string(), dir_);
+  CliResult r = run_qf("eval niah --quick --lengths 512 " + common() + " -o " + out.string());
   ASSERT_EQ(r.exit_code, 0) << r.err;
   for (const char* f : {"niah.jsonl", "niah.json", "niah.csv", "niah_grid.csv"}) EXPECT_TRUE(fs::exists(out / f)) << f;
   const json n = read_json(out / "niah.json");
@@ -181,7 +163,7 @@ TEST_F(CliEval, QuickNeedleAndFidelity) {
     EXPECT_LE(kept, 1.0);
   }
 
-  r = run_qf("eval fidelity --quick " + common() + " -o " + out.string(), dir_);
+  r = run_qf("eval fidelity --quick " + common() + " -o " + out.string());
   ASSERT_EQ(r.exit_code, 0) << r.err;
   const json f = read_json(out / "fidelity.json");
   ASSERT_TRUE(f.contains("qfilters_beats_knorm"));
@@ -243,21 +225,15 @@ TEST(NeedleBuilder, BuildsExactPrompts) {
 }
 
 TEST_F(CliEval, BadInputFailsCleanly) {
-  auto expect_clean = [](const Result& r, const std::string& mention) {
-    EXPECT_EQ(r.signal, 0);
-    EXPECT_GT(r.exit_code, 0);
-    EXPECT_LT(r.exit_code, 128);
-    EXPECT_NE(r.err.find(mention), std::string::npos) << r.err;
-    EXPECT_LT(r.err.size(), 600u) << r.err;
-  };
+
   const std::string m = "-m " + qf::test::smollm2_path() + " --no-progress -o " + (dir_ / "bad").string();
-  expect_clean(run_qf("eval ppl " + m + " --policies bogus", dir_), "bogus");
-  expect_clean(run_qf("eval ppl " + m + " --policies qfilters", dir_), "--filters");
-  expect_clean(run_qf("eval ppl " + m + " --data " + sotu_dir() + " --budgets 32 --window 64", dir_), "window");
-  expect_clean(run_qf("eval niah " + m + " --data /nonexistent/dir", dir_), "/nonexistent/dir");
-  expect_clean(run_qf("eval niah " + m + " --data " + sotu_dir() + " --compressions 1", dir_), "compressions");
-  expect_clean(run_qf("eval fidelity " + m + " --data " + sotu_dir() + " --docs 500", dir_), "documents");
-  expect_clean(run_qf("eval", dir_), "subcommand");
+  expect_clean_failure(run_qf("eval ppl " + m + " --policies bogus"), "bogus");
+  expect_clean_failure(run_qf("eval ppl " + m + " --policies qfilters"), "--filters");
+  expect_clean_failure(run_qf("eval ppl " + m + " --data " + sotu_dir() + " --budgets 32 --window 64"), "window");
+  expect_clean_failure(run_qf("eval niah " + m + " --data /nonexistent/dir"), "/nonexistent/dir");
+  expect_clean_failure(run_qf("eval niah " + m + " --data " + sotu_dir() + " --compressions 1"), "compressions");
+  expect_clean_failure(run_qf("eval fidelity " + m + " --data " + sotu_dir() + " --docs 500"), "documents");
+  expect_clean_failure(run_qf("eval"), "subcommand");
 }
 
 }  // namespace

@@ -4,7 +4,6 @@
 // made for another model: cli_calibrate_test.)
 #include <gtest/gtest.h>
 #include <sys/wait.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -13,33 +12,18 @@
 #include <fstream>
 #include <string>
 
+#include "cli_helpers.h"
 #include "test_paths.h"
 
 namespace {
 
-struct Result {
-  int exit_code = -1;
-  int signal = 0;
-  std::string err;
-};
+using qf::test::CliResult;
 
-// Runs qf with `env` (VAR=value ...) in front; stdout is dropped.
-Result run_qf(const std::string& env, const std::string& args) {
-  // The pid keeps concurrent runs of this test (other checkouts on the machine) apart.
-  const std::string err_path =
-      (std::filesystem::temp_directory_path() / ("qf_cli_limits_err_" + std::to_string(getpid()) + ".txt")).string();
-  const std::string cmd = env + " " + qf::test::qf_binary() + " " + args + " </dev/null >/dev/null 2>" + err_path;
-  const int status = std::system(cmd.c_str());
-  Result r;
-  if (WIFEXITED(status)) r.exit_code = WEXITSTATUS(status);
-  if (WIFSIGNALED(status)) r.signal = WTERMSIG(status);
-  std::ifstream in(err_path, std::ios::binary);
-  r.err.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
-  return r;
-}
+// Runs qf with `env` (VAR=value ...) in front.
+CliResult run_qf(const std::string& env, const std::string& args) { return qf::test::run_qf(args, env); }
 
 // One line on stderr, exit 1, no crash, and the line names what was too big.
-void expect_refused(const Result& r, const std::string& must_mention) {
+void expect_refused(const CliResult& r, const std::string& must_mention) {
   EXPECT_EQ(r.signal, 0) << r.err;
   EXPECT_EQ(r.exit_code, 1) << r.err;
   EXPECT_NE(r.err.find(must_mention), std::string::npos) << r.err;
@@ -64,9 +48,9 @@ std::string with_metadata(const std::string& fixture, const std::string& key, ui
   } else {
     throw std::runtime_error(key + " is not an unsigned integer in " + fixture);
   }
-  const auto path = std::filesystem::temp_directory_path() / ("qf_limits_" + key + "_" + std::to_string(getpid()) + ".gguf");
+  const std::string path = qf::test::temp_file("limits_" + key + ".gguf");
   std::ofstream(path, std::ios::binary) << bytes;
-  return path.string();
+  return path;
 }
 
 // Pretend the machine has 200 MiB, so the tests do not depend on the machine they run on.
@@ -74,13 +58,13 @@ const std::string kSmallMachine = "QF_MEMORY_LIMIT_MB=200";
 
 TEST(CliLimits, ContextWhoseCacheDoesNotFitIsRefused) {
   // SmolLM2: 30 layers x 3 KV heads x 64 x (K + V) x f32 = 45 KiB per token: 352 MiB for 8k.
-  const Result r = run_qf(kSmallMachine, "run -m " + qf::test::smollm2_path() + " -c 8000 -p hi -n 1 -ctk f32 -ctv f32");
+  const CliResult r = run_qf(kSmallMachine, "run -m " + qf::test::smollm2_path() + " -c 8000 -p hi -n 1 -ctk f32 -ctv f32");
   expect_refused(r, "a context of 8000 tokens");
   EXPECT_NE(r.err.find("-c"), std::string::npos) << r.err;
 }
 
 TEST(CliLimits, BoundedCacheMakesTheSameContextFit) {
-  const Result r = run_qf(kSmallMachine, "run -m " + qf::test::smollm2_path() +
+  const CliResult r = run_qf(kSmallMachine, "run -m " + qf::test::smollm2_path() +
                                               " -c 8000 -p hi -n 2 --kv-policy knorm --kv-budget 64 --kv-window 8");
   EXPECT_EQ(r.exit_code, 0) << r.err;
 }
@@ -97,13 +81,13 @@ TEST(CliLimits, DeclaredBlockCountBeyondTheTensorTableIsRefused) {
 }
 
 TEST(CliLimits, AbsurdThreadCountIsCappedWithAWarning) {
-  const Result r = run_qf("", "run -m " + qf::test::fixture("llama_f32_mha.gguf") + " -t 10000 -p hi -n 2");
+  const CliResult r = run_qf("", "run -m " + qf::test::fixture("llama_f32_mha.gguf") + " -t 10000 -p hi -n 2");
   EXPECT_EQ(r.exit_code, 0) << r.err;
   EXPECT_NE(r.err.find("warning: 10000 threads"), std::string::npos) << r.err;
 }
 
 TEST(CliLimits, NegativeThreadCountIsRefused) {
-  const Result r = run_qf("", "run -m " + qf::test::fixture("llama_f32_mha.gguf") + " -t -3 -p hi -n 2");
+  const CliResult r = run_qf("", "run -m " + qf::test::fixture("llama_f32_mha.gguf") + " -t -3 -p hi -n 2");
   EXPECT_EQ(r.signal, 0);
   EXPECT_GT(r.exit_code, 0) << r.err;
   EXPECT_LT(r.exit_code, 128);

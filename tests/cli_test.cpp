@@ -1,7 +1,6 @@
 // The qf binary on bad input: one clear line on stderr and a non-zero exit, never a crash.
 #include <gtest/gtest.h>
 #include <sys/wait.h>
-#include <unistd.h>
 
 #include <array>
 #include <cstdio>
@@ -9,52 +8,21 @@
 #include <fstream>
 #include <string>
 
+#include "cli_helpers.h"
 #include "test_paths.h"
 
 namespace {
 
-struct Result {
-  int exit_code = -1;    // -1 if killed by a signal
-  int signal = 0;
-  std::string out, err;
-};
-
-Result run_qf(const std::string& args) {
-  // Per-process names: ctest runs the Cli tests in parallel, each in its own process.
-  const auto dir = std::filesystem::temp_directory_path();
-  const std::string tag = std::to_string(::getpid());
-  const std::string out_path = (dir / ("qf_cli_test_out_" + tag + ".txt")).string();
-  const std::string err_path = (dir / ("qf_cli_test_err_" + tag + ".txt")).string();
-  const std::string cmd = qf::test::qf_binary() + " " + args + " </dev/null >" + out_path + " 2>" + err_path;
-  const int status = std::system(cmd.c_str());
-  Result r;
-  if (WIFEXITED(status)) r.exit_code = WEXITSTATUS(status);
-  if (WIFSIGNALED(status)) r.signal = WTERMSIG(status);
-  auto slurp = [](const std::string& p) {
-    std::ifstream in(p, std::ios::binary);
-    return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  };
-  r.out = slurp(out_path);
-  r.err = slurp(err_path);
-  return r;
-}
-
-// A clean failure: exit code 1 or 2 (CLI11 parse errors), no signal, a short message.
-void expect_clean_failure(const Result& r, const std::string& must_mention) {
-  EXPECT_EQ(r.signal, 0) << "crashed with signal " << r.signal << "; stderr: " << r.err;
-  EXPECT_GT(r.exit_code, 0) << "stderr: " << r.err;
-  EXPECT_LT(r.exit_code, 128);
-  EXPECT_NE(r.err.find(must_mention), std::string::npos) << "stderr was: " << r.err;
-  EXPECT_LT(r.err.size(), 600u) << "error output should be short: " << r.err;
-  EXPECT_EQ(r.err.find("terminate called"), std::string::npos);
-}
+using qf::test::CliResult;
+using qf::test::expect_clean_failure;
+using qf::test::run_qf;
 
 std::string model() { return qf::test::smollm2_path(); }
 
 std::string write_temp(const std::string& name, const std::string& bytes) {
-  const auto p = std::filesystem::temp_directory_path() / (std::to_string(::getpid()) + "_" + name);
+  const std::string p = qf::test::temp_file(name);
   std::ofstream(p, std::ios::binary) << bytes;
-  return p.string();
+  return p;
 }
 
 TEST(Cli, MissingModelFile) { expect_clean_failure(run_qf("run -m /nonexistent.gguf -p hi"), "nonexistent"); }
@@ -112,7 +80,7 @@ TEST(Cli, BadSamplingFlags) {
 }
 
 TEST(Cli, InfoDescribesTheModel) {
-  const Result r = run_qf("info " + model());
+  const CliResult r = run_qf("info " + model());
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_NE(r.out.find("llama"), std::string::npos);
   EXPECT_NE(r.out.find("30 layers"), std::string::npos) << r.out;
@@ -120,7 +88,7 @@ TEST(Cli, InfoDescribesTheModel) {
 }
 
 TEST(Cli, RunGeneratesAndReportsTimingAndKv) {
-  const Result r = run_qf("run -m " + model() + " -p \"The capital of France is\" -n 8 -t 2");
+  const CliResult r = run_qf("run -m " + model() + " -p \"The capital of France is\" -n 8 -t 2");
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_NE(r.out.find("The capital of France is"), std::string::npos);
   EXPECT_GT(r.out.size(), std::string("The capital of France is").size() + 2);
@@ -130,10 +98,10 @@ TEST(Cli, RunGeneratesAndReportsTimingAndKv) {
 
 TEST(Cli, SameSeedSameOutput) {
   const std::string args = "run -m " + model() + " -p \"Once upon a time\" -n 24 --temp 0.9 --seed 7";
-  const Result a = run_qf(args), b = run_qf(args);
+  const CliResult a = run_qf(args), b = run_qf(args);
   ASSERT_EQ(a.exit_code, 0) << a.err;
   EXPECT_EQ(a.out, b.out);
-  const Result c = run_qf("run -m " + model() + " -p \"Once upon a time\" -n 24 --temp 0.9 --seed 8");
+  const CliResult c = run_qf("run -m " + model() + " -p \"Once upon a time\" -n 24 --temp 0.9 --seed 8");
   EXPECT_NE(a.out, c.out) << "different seeds gave the same 24 sampled tokens";
 }
 
@@ -141,7 +109,7 @@ TEST(Cli, SameSeedSameOutput) {
 // strong repetition penalty over the whole window breaks the loop.
 TEST(Cli, RepeatPenaltyChangesGreedyOutput) {
   const std::string base = "run -m " + model() + " -p \"one two one two one two one two\" -n 16 --temp 0 -t 1";
-  const Result plain = run_qf(base), penalised = run_qf(base + " --repeat-penalty 1.5 --repeat-last-n 64");
+  const CliResult plain = run_qf(base), penalised = run_qf(base + " --repeat-penalty 1.5 --repeat-last-n 64");
   ASSERT_EQ(plain.exit_code, 0) << plain.err;
   ASSERT_EQ(penalised.exit_code, 0) << penalised.err;
   EXPECT_NE(plain.out, penalised.out);
@@ -151,7 +119,7 @@ TEST(Cli, RepeatPenaltyChangesGreedyOutput) {
 // bytes one token takes per layer (SmolLM2: 3 KV heads of 64 values); f16 by default.
 TEST(Cli, KvCacheTypes) {
   const std::string base = "run -m " + model() + " -p \"The capital of France is\" -n 4 -t 2";
-  Result r = run_qf(base);
+  CliResult r = run_qf(base);
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_NE(r.err.find("kv: f16/f16, 768 bytes per token per layer"), std::string::npos) << r.err;
   r = run_qf(base + " -ctk q8_0 -ctv f16");
@@ -171,12 +139,12 @@ TEST(Cli, KvCacheTypes) {
 // qf run --save-state / --load-state: a document read once, then a question appended to it; a
 // state for other KV flags, a corrupt or foreign file is one clear line.
 TEST(Cli, SaveAndLoadState) {
-  const std::string state = (std::filesystem::temp_directory_path() / ("qf_cli_test_" + std::to_string(::getpid()) + ".qfstate")).string();
+  const std::string state = qf::test::temp_file("state.qfstate");
   const std::string kv = " -t 1 -c 256 --kv-policy knorm --kv-budget 16 --kv-window 4";
-  const Result saved = run_qf("run -m " + model() + kv + " -p 'The capital of France is Paris. The capital of Italy is' -n 0 --save-state " + state);
+  const CliResult saved = run_qf("run -m " + model() + kv + " -p 'The capital of France is Paris. The capital of Italy is' -n 0 --save-state " + state);
   ASSERT_EQ(saved.exit_code, 0) << saved.err;
   EXPECT_NE(saved.err.find("state: saved 12 positions"), std::string::npos) << saved.err;
-  const Result loaded = run_qf("run -m " + model() + kv + " --load-state " + state + " -p ' Rome. The capital of Spain is' -n 4 --temp 0 --no-display-prompt");
+  const CliResult loaded = run_qf("run -m " + model() + kv + " --load-state " + state + " -p ' Rome. The capital of Spain is' -n 4 --temp 0 --no-display-prompt");
   ASSERT_EQ(loaded.exit_code, 0) << loaded.err;
   EXPECT_NE(loaded.err.find("state: restored 12 positions"), std::string::npos) << loaded.err;
   EXPECT_NE(loaded.err.find("prompt: 7 tokens"), std::string::npos) << loaded.err;  // only the new ones are read
