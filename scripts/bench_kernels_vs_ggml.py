@@ -31,7 +31,7 @@ def fail(msg):
 
 def run_qf(types, threads, min_time):
     ids = "|".join(str(TYPE_IDS[t]) for t in types)
-    filt = f"BM_Type(Decode|Prefill)/type:({ids})/threads:{threads}/|BM_ReadBandwidth"
+    filt = f"BM_Type(Decode|Prefill)/type:({ids})/threads:{threads}/|BM_ReadBandwidth/real_time/threads:{min(threads, 2)}$"
     r = subprocess.run([QF_BENCH, f"--benchmark_filter={filt}", f"--benchmark_min_time={min_time}",
                         "--benchmark_format=json"], capture_output=True, text=True)
     if r.returncode != 0:
@@ -79,7 +79,7 @@ def main():
     gg = run_ggml(types, a.threads, a.min_time, False)
     rp = run_ggml(types, a.threads, a.min_time, True) if a.repack else {}
     rows = []
-    print(f"threads {a.threads}; streaming read bandwidth (BM_ReadBandwidth, 1 thread) {bandwidth:.1f} GB/s")
+    print(f"threads {a.threads}; streaming read bandwidth (BM_ReadBandwidth, {min(a.threads, 2)} thread(s)) {bandwidth:.1f} GB/s")
     head = "| type | decode GB/s qf | llama.cpp | qf/llama | qf/read bw | prefill GFLOP/s qf | llama.cpp | qf/llama |"
     if rp:
         head += " llama.cpp repacked decode | prefill |"
