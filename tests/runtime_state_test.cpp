@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -37,13 +38,41 @@ struct KvSetup {
   float ratio = 0;
 };
 
-std::vector<float> make_filters(const ModelConfig& c) {
-  std::vector<float> f(static_cast<size_t>(c.n_layers) * c.n_kv_heads * c.head_dim);
-  for (size_t i = 0; i < f.size(); ++i) f[i] = static_cast<float>((i * 2654435761u) % 1000) / 500.0f - 1.0f;
-  return f;
+// Deterministic stand-ins for a filter file: filters, and the calibrated query statistics of
+// qfilters_rope / ea_calibrated (mean and `rank` covariance factors per layer and query head).
+struct PolicyData {
+  std::vector<float> filters, query_mean, query_factors;
+  int n_query_heads = 0, rank = 2, future_positions = 512;
+};
+
+std::vector<float> pseudo_random(size_t n, uint32_t salt) {
+  std::vector<float> x(n);
+  for (size_t i = 0; i < n; ++i) x[i] = static_cast<float>((i * 2654435761u + salt) % 1000) / 500.0f - 1.0f;
+  return x;
 }
 
-std::unique_ptr<Session> make_session(const Model& m, const KvSetup& s, ThreadPool& pool, const std::vector<float>& filters) {
+PolicyData make_policy_data(const ModelConfig& c, uint32_t salt = 0) {
+  PolicyData d;
+  d.filters = pseudo_random(static_cast<size_t>(c.n_layers) * c.n_kv_heads * c.head_dim, salt);
+  d.n_query_heads = c.n_heads;
+  const size_t per_head = static_cast<size_t>(c.n_layers) * c.n_heads * c.head_dim;
+  d.query_mean = pseudo_random(per_head, salt + 1);
+  d.query_factors = pseudo_random(per_head * d.rank, salt + 2);
+  return d;
+}
+
+// The policy without its "+layer" suffix.
+std::string base_policy(std::string name) {
+  if (name.ends_with(kv::kLayerSuffix)) name.resize(name.size() - kv::kLayerSuffix.size());
+  return name;
+}
+
+bool uses_query_stats(const std::string& policy) {
+  const auto names = kv::query_stats_policy_names();
+  return std::ranges::find(names, base_policy(policy)) != names.end();
+}
+
+std::unique_ptr<Session> make_session(const Model& m, const KvSetup& s, ThreadPool& pool, const PolicyData& data) {
   SessionOptions so;
   so.n_ctx = 192;
   so.n_batch = 16;
@@ -53,7 +82,14 @@ std::unique_ptr<Session> make_session(const Model& m, const KvSetup& s, ThreadPo
     kv::PolicyOptions po;
     po.seed = 11;
     po.snapkv_window = 8;
-    if (s.policy == "qfilters") po.filters = filters;
+    if (base_policy(s.policy) == "qfilters" || uses_query_stats(s.policy)) po.filters = data.filters;
+    if (uses_query_stats(s.policy)) {
+      po.query_mean = data.query_mean;
+      po.query_factors = data.query_factors;
+      po.n_query_heads = data.n_query_heads;
+      po.stats_rank = data.rank;
+      po.query_future_positions = data.future_positions;
+    }
     kv::CompressionConfig cc;
     cc.budget = s.ratio > 0 ? 0 : s.budget;
     cc.window = s.ratio > 0 ? 0 : s.window;
@@ -96,7 +132,7 @@ void expect_bit_identical(const std::vector<std::vector<float>>& a, const std::v
 // original and a fresh session restored from the bytes both read the same question and decode.
 void expect_round_trip(const Model& m, const KvSetup& setup) {
   const int V = m.config().n_vocab;
-  const std::vector<float> filters = make_filters(m.config());
+  const PolicyData filters = make_policy_data(m.config());
   const std::string fp = runtime::model_fingerprint(m);
   ThreadPool pool(1);
   auto original = make_session(m, setup, pool, filters);
@@ -107,8 +143,9 @@ void expect_round_trip(const Model& m, const KvSetup& setup) {
     history.push_back(next);
     l = original->eval(std::span<const int32_t>(&next, 1));
   }
-  if (setup.policy != "none" && setup.ratio == 0)
+  if (setup.policy != "none" && setup.ratio == 0) {
     ASSERT_GT(original->compressor()->stats().evicted, 0) << "the test should save a compressed cache";
+  }
   const std::vector<uint8_t> bytes = kv::encode_state(runtime::capture_state(*original, fp, history));
 
   auto restored = make_session(m, setup, pool, filters);
@@ -121,11 +158,18 @@ void expect_round_trip(const Model& m, const KvSetup& setup) {
 
   const std::vector<int32_t> question = tokens(2, 23, V);
   expect_bit_identical(continue_from(*original, question, 12), continue_from(*restored, question, 12));
-  if (setup.policy != "none")
+  if (setup.policy != "none") {
     EXPECT_EQ(restored->compressor()->stats().evicted, original->compressor()->stats().evicted);
+  }
 }
 
-std::vector<std::string> all_policies() { return kv::policy_names(); }
+// Every policy, those scoring with calibrated query statistics and layer-consistent variants too.
+std::vector<std::string> all_policies() {
+  std::vector<std::string> names = kv::policy_names();
+  for (const std::string& n : kv::query_stats_policy_names()) names.push_back(n);
+  for (const char* n : {"qfilters+layer", "ea_calibrated+layer", "expected_attention+layer"}) names.emplace_back(n);
+  return names;
+}
 
 void every_policy_and_type(const std::string& fixture) {
   auto m = Model::load(test::fixture(fixture));
@@ -140,7 +184,7 @@ void every_policy_and_type(const std::string& fixture) {
       s.types = t;
       expect_round_trip(*m, s);
     }
-  for (const std::string& policy : {"snapkv", "knorm", "h2o"}) {  // prefill compression (--kv-ratio)
+  for (const std::string policy : {"snapkv", "knorm", "h2o"}) {  // prefill compression (--kv-ratio)
     SCOPED_TRACE(std::string(policy) + " ratio");
     KvSetup s;
     s.policy = policy;
@@ -192,18 +236,22 @@ class StateErrors : public ::testing::Test {
   void SetUp() override {
     model_ = Model::load(test::fixture("llama_f32_gqa_tied.gguf"));
     fp_ = runtime::model_fingerprint(*model_);
-    filters_ = make_filters(model_->config());
+    data_ = make_policy_data(model_->config());
     setup_.policy = "random";
-    auto s = make_session(*model_, setup_, pool_, filters_);
+    auto s = make_session(*model_, setup_, pool_, data_);
     s->prefill(tokens(3, 60, model_->config().n_vocab));
     bytes_ = kv::encode_state(runtime::capture_state(*s, fp_, {}));
   }
   // Restoring `bytes` into a session of `setup` fails with a message containing `expect`, and the
   // session continues exactly as one that never saw the file.
   void expect_refused(const std::vector<uint8_t>& bytes, const KvSetup& setup, const std::string& expect) {
+    expect_refused(bytes, setup, expect, data_);
+  }
+  void expect_refused(const std::vector<uint8_t>& bytes, const KvSetup& setup, const std::string& expect,
+                      const PolicyData& data) {
     const int V = model_->config().n_vocab;
-    auto victim = make_session(*model_, setup, pool_, filters_);
-    auto untouched = make_session(*model_, setup, pool_, filters_);
+    auto victim = make_session(*model_, setup, pool_, data);
+    auto untouched = make_session(*model_, setup, pool_, data);
     victim->eval(tokens(5, 30, V));
     untouched->eval(tokens(5, 30, V));
     try {
@@ -221,7 +269,7 @@ class StateErrors : public ::testing::Test {
   ThreadPool pool_{1};
   std::unique_ptr<Model> model_;
   std::string fp_;
-  std::vector<float> filters_;
+  PolicyData data_;
   KvSetup setup_;
   std::vector<uint8_t> bytes_;
 };
@@ -264,7 +312,7 @@ TEST_F(StateErrors, ForeignModel) {
   auto gemma = Model::load(test::fixture("gemma3_f32_mqa_tied.gguf"));
   EXPECT_NE(runtime::model_fingerprint(*gemma), fp_);
   ThreadPool pool(1);
-  auto s = make_session(*gemma, setup_, pool, make_filters(gemma->config()));
+  auto s = make_session(*gemma, setup_, pool, make_policy_data(gemma->config()));
   try {
     runtime::restore_state(*s, kv::decode_state(bytes_, "state.bin"), runtime::model_fingerprint(*gemma), "state.bin");
     ADD_FAILURE() << "a llama state restored into gemma";
@@ -272,6 +320,32 @@ TEST_F(StateErrors, ForeignModel) {
     EXPECT_NE(std::string(e.what()).find("saved for another model"), std::string::npos) << e.what();
   }
   EXPECT_EQ(s->n_past(), 0);
+}
+
+// A state pins what eviction reads from the filter file: a position-aware policy's state is
+// refused with other query statistics or other future positions; a qfilters state's hash reads
+// only the filters, as it always has (states saved before the statistics existed still restore).
+TEST_F(StateErrors, OtherFilterFileData) {
+  KvSetup rope = setup_;
+  rope.policy = "qfilters_rope";
+  auto s = make_session(*model_, rope, pool_, data_);
+  s->prefill(tokens(3, 60, model_->config().n_vocab));
+  const std::vector<uint8_t> bytes = kv::encode_state(runtime::capture_state(*s, fp_, {}));
+  PolicyData other_stats = data_;
+  other_stats.query_mean[5] += 0.25f;
+  expect_refused(bytes, rope, "saved with --kv-policy qfilters_rope", other_stats);
+  PolicyData other_future = data_;
+  other_future.future_positions = 64;
+  expect_refused(bytes, rope, "saved with --kv-policy qfilters_rope", other_future);
+
+  KvSetup qfilters = setup_;
+  qfilters.policy = "qfilters";
+  Fnv1a64 h;
+  h.add_u64(data_.filters.size());
+  h.add(std::span(reinterpret_cast<const uint8_t*>(data_.filters.data()), data_.filters.size() * sizeof(float)));
+  char hex[17];
+  std::snprintf(hex, sizeof hex, "%016llx", static_cast<unsigned long long>(h.value()));
+  EXPECT_EQ(runtime::state_config(*make_session(*model_, qfilters, pool_, data_), fp_).filters_hash, hex);
 }
 
 TEST_F(StateErrors, StateLargerThanTheContext) {

@@ -44,7 +44,7 @@ struct StateConfig {
   int skip_layers = 0;
   uint64_t seed = 0;
   int n_sink = 0, snapkv_window = 0, snapkv_kernel = 0;
-  std::string filters_hash;       // qfilters: hash of the filter values ("" without filters)
+  std::string filters_hash;       // hash of what eviction reads from the filter file ("" without one)
   AttentionStats stats;           // the statistics the cache keeps per slot
 
   bool operator==(const StateConfig&) const = default;

@@ -10,6 +10,7 @@
 #include <type_traits>
 #include <variant>
 
+#include "kv/policy.h"
 #include "util/error.h"
 #include "util/hash.h"
 
@@ -43,11 +44,29 @@ void hash_value(Fnv1a64& h, const gguf::Value& v) {
       v.v);
 }
 
-std::string filters_hash(std::span<const float> filters) {
-  if (filters.empty()) return "";
+void hash_floats(Fnv1a64& h, std::span<const float> x) {
+  h.add_u64(x.size());
+  h.add(std::span(reinterpret_cast<const uint8_t*>(x.data()), x.size_bytes()));
+}
+
+// What eviction reads from the filter file: the filters, and for the policies that score with
+// calibrated query statistics (qfilters_rope, ea_calibrated, also +layer) those statistics and
+// the positions they are moved to, so a state restored with another file, or other
+// --future-positions, is refused instead of evicting differently. "" without a filter file. The
+// filters alone hash as they always have, so earlier states of the other policies still restore.
+std::string filters_hash(std::string_view policy, const kv::PolicyOptions& po) {
+  if (po.filters.empty()) return "";
   Fnv1a64 h;
-  h.add_u64(filters.size());
-  h.add(std::span(reinterpret_cast<const uint8_t*>(filters.data()), filters.size_bytes()));
+  hash_floats(h, po.filters);
+  if (policy.ends_with(kv::kLayerSuffix)) policy.remove_suffix(kv::kLayerSuffix.size());
+  const std::vector<std::string> stats_policies = kv::query_stats_policy_names();
+  if (std::ranges::find(stats_policies, policy) != stats_policies.end()) {
+    hash_floats(h, po.query_mean);
+    hash_floats(h, po.query_factors);
+    h.add_u64(static_cast<uint64_t>(po.n_query_heads));
+    h.add_u64(static_cast<uint64_t>(po.stats_rank));
+    h.add_u64(static_cast<uint64_t>(po.query_future_positions));
+  }
   return hex64(h.value());
 }
 
@@ -162,7 +181,7 @@ kv::StateConfig state_config(const Session& s, const std::string& fingerprint) {
     c.n_sink = po.n_sink;
     c.snapkv_window = po.snapkv_window;
     c.snapkv_kernel = po.snapkv_kernel;
-    c.filters_hash = filters_hash(po.filters);
+    c.filters_hash = filters_hash(c.policy, po);
   }
   return c;
 }
