@@ -23,6 +23,7 @@
 #include <string_view>
 #include <vector>
 
+#include "fuzz_tokenizer.h"
 #include "gguf/gguf.h"
 #include "sample/sampler.h"
 #include "server/protocol.h"
@@ -247,19 +248,15 @@ void check_detokenize(const json& body) {
 }  // namespace server_request_fuzz
 
 extern "C" int LLVMFuzzerInitialize(int*, char***) {
-  const char* env = std::getenv("QF_FUZZ_MODEL");
-  const std::string path = env ? env : QF_SOURCE_DIR "/models/SmolLM2-135M-Instruct.Q4_1.gguf";
+  const qf::Tokenizer& tok = fuzz_tokenizer("server_request_fuzz");
   try {
-    // Kept for the whole run on purpose (the file is mapped once, not per input).
-    static std::unique_ptr<qf::gguf::File> file = qf::gguf::File::open(path);
-    static const qf::Tokenizer tok = qf::Tokenizer::from_gguf(*file);
     static const qf::ChatTemplate tmpl = qf::ChatTemplate::from_tokenizer(tok);
-    server_request_fuzz::g_tokenizer = &tok;
     server_request_fuzz::g_template = &tmpl;
   } catch (const qf::Error& e) {
-    std::fprintf(stderr, "server_request_fuzz: cannot load %s: %s\n", path.c_str(), e.what());
+    std::fprintf(stderr, "server_request_fuzz: no chat template: %s\n", e.what());
     std::exit(1);
   }
+  server_request_fuzz::g_tokenizer = &tok;
   return 0;
 }
 

@@ -12,6 +12,7 @@
 #include <string>
 #include <string_view>
 
+#include "fuzz_tokenizer.h"
 #include "gguf/gguf.h"
 #include "tokenizer/tokenizer.h"
 #include "util/error.h"
@@ -57,20 +58,11 @@ bool is_valid_utf8(std::string_view s) {
 }  // namespace
 
 extern "C" int LLVMFuzzerInitialize(int*, char***) {
-  const char* env = std::getenv("QF_FUZZ_MODEL");
-  const std::string path = env ? env : QF_SOURCE_DIR "/models/SmolLM2-135M-Instruct.Q4_1.gguf";
-  try {
-    // Kept for the whole run on purpose (the file is mapped once, not per input).
-    static std::unique_ptr<qf::gguf::File> file = qf::gguf::File::open(path);
-    static const qf::Tokenizer tok = qf::Tokenizer::from_gguf(*file);
-    g_tokenizer = &tok;
-    for (int32_t id = 0; id < tok.n_vocab(); ++id) {
-      const std::string& bytes = tok.token_bytes(id);
-      if (bytes.size() == 1 && !tok.is_control(id)) g_spellable[static_cast<uint8_t>(bytes[0])] = true;
-    }
-  } catch (const qf::Error& e) {
-    std::fprintf(stderr, "tokenizer_fuzz: cannot load %s: %s\n", path.c_str(), e.what());
-    std::exit(1);
+  const qf::Tokenizer& tok = fuzz_tokenizer("tokenizer_fuzz");
+  g_tokenizer = &tok;
+  for (int32_t id = 0; id < tok.n_vocab(); ++id) {
+    const std::string& bytes = tok.token_bytes(id);
+    if (bytes.size() == 1 && !tok.is_control(id)) g_spellable[static_cast<uint8_t>(bytes[0])] = true;
   }
   return 0;
 }
