@@ -538,6 +538,7 @@ std::vector<Shape> shapes_for(GgmlType t) {
   std::vector<Shape> s = {
       {1, 32, 1},    {3, 64, 3},     {17, 96, 17},  {35, 160, 1},  {35, 224, 3},   {64, 576, 17},
       {13, 576, 64}, {37, 1536, 3},  {5, 1536, 64}, {130, 288, 5}, {33, 576, 1},   {193, 1536, 1},
+      {19, 608, 16}, {6, 320, 11},  // token tiles of exactly 16 and of 9..15 (batched decode steps)
   };
   if (!is_quant(t)) {  // float rows need not be whole blocks
     s.push_back({7, 33, 3});
