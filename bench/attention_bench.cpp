@@ -17,6 +17,8 @@
 //     BM_Prefill (tiled, 1 thread) with keys and values stored as a KV type pair: 0 f32/f32,
 //     1 f16/f16, 2 bf16/bf16, 3 q8_0/q8_0, 4 q8_0/f16, 5 q4_0/q4_0 (label = the pair).
 //     BM_DecodeStatsTypes/<context>/<pair>: BM_DecodeStats mode 1 on a type pair.
+//   BM_BatchedStep/<sessions>/<pair>: the attention of one batched decode step, every layer of
+//     <sessions> compressed sessions (520 keys per KV head) on one thread, KV from memory.
 //
 // QF_SIMD_TARGET=avx2|avx512|scalar selects a lower SIMD target. Read CPU time on a shared machine.
 #include <benchmark/benchmark.h>
@@ -270,6 +272,40 @@ void BM_DecodeStatsTypes(benchmark::State& state) {
   state.SetLabel(t.label);
 }
 BENCHMARK(BM_DecodeStatsTypes)->ArgsProduct({{512, 8192}, {0, 1, 3, 5}})->Unit(benchmark::kMicrosecond);
+
+// The attention of one batched decode step: <sessions> sessions x 30 layers, each session's
+// layer one token against 520 keys per KV head (qfilters B=512 plus slack) stored as type pair
+// <pair>, every layer one attention_f32_many call over all sessions (what Forward runs), one
+// thread. At 16 sessions the keys and values (192 MB in f16) do not fit the caches, as in the
+// server: this measures the kernel streaming from memory, which BM_DecodeTypes (one layer,
+// cache-resident) does not.
+void BM_BatchedStep(benchmark::State& state) {
+  constexpr int kLayers = 30, kKeys = 520;
+  const int sessions = int(state.range(0)), pair = int(state.range(1));
+  std::vector<TypedLayer> layers;  // [layer][session]
+  layers.reserve(size_t(kLayers) * sessions);
+  for (int i = 0; i < kLayers * sessions; ++i) {
+    layers.push_back(make_typed(kKeys, 1, pair));
+    if (pair != 0)  // the typed copies are what the kernel reads: drop the f32 rows
+      for (int g = 0; g < kKvHeads; ++g) std::vector<float>().swap(layers.back().l.k[g]), std::vector<float>().swap(layers.back().l.v[g]);
+  }
+  const float scale = 1.0f / std::sqrt(float(kDim));
+  std::vector<AttentionCall> calls(sessions);
+  ThreadPool pool(1);
+  for (auto _ : state) {
+    for (int layer = 0; layer < kLayers; ++layer) {
+      for (int s = 0; s < sessions; ++s) {
+        Layer& l = layers[size_t(layer) * sessions + s].l;
+        calls[s] = {l.q.data(), 1, kHeads, l.heads.data(), kKvHeads, kDim, scale, l.out.data()};
+      }
+      attention_f32_many(calls.data(), sessions, pool);
+    }
+    benchmark::DoNotOptimize(calls.data());
+  }
+  state.SetLabel(layers[0].label);
+  state.counters["sessions/s"] = benchmark::Counter(double(sessions) * state.iterations(), benchmark::Counter::kIsRate);
+}
+BENCHMARK(BM_BatchedStep)->ArgsProduct({{1, 16}, {1, 3}})->Unit(benchmark::kMillisecond);
 
 BENCHMARK(BM_SmallBatch)->ArgsProduct({{1, 2, 3, 4, 6, 8}, {0, 1}})->Unit(benchmark::kMicrosecond);
 

@@ -5,6 +5,8 @@
 //     weight GB/s; with a single matrix those bytes are mostly cache-resident, so see also:
 //   BM_DecodeModel/<type>/<threads>: every matmul of one decode step of a 30-layer model
 //     (96 MB of weights for Q4_1 + Q8_0 output), i.e. weights streamed as in real decode.
+//   BM_BatchedModel/<type>/<n_tok>/<threads>: the same matrices against n_tok tokens, the weight
+//     products of one batched step of n_tok sessions (qf serve).
 //   GOPS counts 2 ops (multiply + add) per weight element per token.
 //   BM_TypeDecode/<type>/<threads>, BM_TypePrefill/<type>/<threads>: every supported quantized
 //     type on 4096 x 4096 matrices. Decode: one token through enough copies to stream 256 MiB of
@@ -108,46 +110,56 @@ void MatmulArgs(benchmark::internal::Benchmark* b) {
   for (int shape = 0; shape < 5; ++shape)
     for (auto type : {GgmlType::Q4_1, GgmlType::Q8_0}) {
       if (shape == 4 && type == GgmlType::Q4_1) continue;  // the output matrix is Q8_0
-      for (int n_tok : {1, 64, 512})
+      for (int n_tok : {1, 16, 64, 512})
         for (int threads : {1, 2}) b->Args({shape, static_cast<int>(type), n_tok, threads});
     }
   b->UseRealTime();
 }
 BENCHMARK(BM_Matmul)->Apply(MatmulArgs);
 
-// One decode step of SmolLM2-135M: 30 x (q, k, v, o, gate, up, down) + output, all different
+// Every weight matrix of SmolLM2-135M: 30 x (q, k, v, o, gate, up, down) + output, all different
 // memory, so weights come from L3/DRAM as in real decoding.
-void BM_DecodeModel(benchmark::State& state) {
-  const auto type = static_cast<GgmlType>(state.range(0));
-  const int threads = static_cast<int>(state.range(1));
+struct ModelWeights {
   struct Mat {
     std::vector<uint8_t> data;
     WeightView view;
   };
   std::vector<Mat> mats;
+  size_t bytes = 0;
+};
+
+ModelWeights make_model(GgmlType type) {
+  ModelWeights m;
   const int64_t shapes[7][2] = {{576, 576}, {192, 576}, {192, 576}, {576, 576}, {1536, 576}, {1536, 576}, {576, 1536}};
   uint32_t seed = 1;
   for (int layer = 0; layer < 30; ++layer)
-    for (const auto& sh : shapes) mats.push_back({make_weights(type, sh[0], sh[1], seed++), {}});
-  mats.push_back({make_weights(GgmlType::Q8_0, 49152, 576, seed++), {}});
-  size_t bytes = 0;
-  for (size_t i = 0; i < mats.size(); ++i) {
-    const bool out = i + 1 == mats.size();
+    for (const auto& sh : shapes) m.mats.push_back({make_weights(type, sh[0], sh[1], seed++), {}});
+  m.mats.push_back({make_weights(GgmlType::Q8_0, 49152, 576, seed++), {}});
+  for (size_t i = 0; i < m.mats.size(); ++i) {
+    const bool out = i + 1 == m.mats.size();
     const int64_t rows = out ? 49152 : shapes[i % 7][0], cols = out ? 576 : shapes[i % 7][1];
-    mats[i].view = {out ? GgmlType::Q8_0 : type, cols, rows, mats[i].data.data()};
-    bytes += mats[i].data.size();
+    m.mats[i].view = {out ? GgmlType::Q8_0 : type, cols, rows, m.mats[i].data.data()};
+    m.bytes += m.mats[i].data.size();
   }
+  return m;
+}
+
+// One decode step: every matrix against one token.
+void BM_DecodeModel(benchmark::State& state) {
+  const auto type = static_cast<GgmlType>(state.range(0));
+  const int threads = static_cast<int>(state.range(1));
+  const ModelWeights m = make_model(type);
   const auto x = make_x(1536);
   std::vector<float> y(49152);
   ThreadPool& p = pool(threads);
   for (auto _ : state) {
-    for (const Mat& m : mats) matmul(m.view, x.data(), 1, y.data(), p);
+    for (const auto& mat : m.mats) matmul(mat.view, x.data(), 1, y.data(), p);
     benchmark::ClobberMemory();
   }
   const double iters = static_cast<double>(state.iterations());
-  state.counters["GB/s"] = benchmark::Counter(iters * bytes / 1e9, benchmark::Counter::kIsRate);
+  state.counters["GB/s"] = benchmark::Counter(iters * m.bytes / 1e9, benchmark::Counter::kIsRate);
   state.counters["tok/s"] = benchmark::Counter(iters, benchmark::Counter::kIsRate);
-  state.SetLabel(std::to_string(bytes >> 20) + " MiB " + simd_target_name());
+  state.SetLabel(std::to_string(m.bytes >> 20) + " MiB " + simd_target_name());
 }
 BENCHMARK(BM_DecodeModel)
     ->ArgNames({"type", "threads"})
@@ -155,6 +167,28 @@ BENCHMARK(BM_DecodeModel)
     ->Args({static_cast<int>(GgmlType::Q4_1), 2})
     ->Unit(benchmark::kMillisecond)
     ->UseRealTime();
+
+// The weight products of one batched decode step (qf serve): every matrix against n_tok tokens,
+// one per session. Read CPU time on a shared machine; tok/s counts the n_tok tokens.
+void BM_BatchedModel(benchmark::State& state) {
+  const auto type = static_cast<GgmlType>(state.range(0));
+  const int64_t n_tok = state.range(1);
+  const int threads = static_cast<int>(state.range(2));
+  const ModelWeights m = make_model(type);
+  const auto x = make_x(1536 * n_tok);
+  std::vector<float> y(49152 * n_tok);
+  ThreadPool& p = pool(threads);
+  for (auto _ : state) {
+    for (const auto& mat : m.mats) matmul(mat.view, x.data(), n_tok, y.data(), p);
+    benchmark::ClobberMemory();
+  }
+  state.counters["tok/s"] = benchmark::Counter(static_cast<double>(state.iterations() * n_tok), benchmark::Counter::kIsRate);
+  state.SetLabel(std::to_string(m.bytes >> 20) + " MiB " + simd_target_name());
+}
+BENCHMARK(BM_BatchedModel)
+    ->ArgNames({"type", "n_tok", "threads"})
+    ->ArgsProduct({{static_cast<int>(GgmlType::Q4_1)}, {1, 2, 4, 8, 16, 32}, {1, 2}})
+    ->Unit(benchmark::kMillisecond);
 
 // ---- per weight type, shapes shared with scripts/ref/ggml_matmul_bench.cpp ----------------------
 

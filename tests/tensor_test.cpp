@@ -253,6 +253,11 @@ std::vector<float> random_activations(int64_t n_tok, int64_t cols, std::mt19937&
 // ---------------------------------------------------------------------------------------------
 // Conversions
 
+class SimdTargetsFp16 : public ::testing::Test {
+ protected:
+  void TearDown() override { ASSERT_TRUE(force_simd_target("best")); }
+};
+
 TEST(Fp16, DecodeAllValuesExactly) {
   for (uint32_t h = 0; h < 65536; ++h) {
     const float f = fp16_to_f32(static_cast<uint16_t>(h));
@@ -309,6 +314,48 @@ TEST(Fp16, EncodeRoundsToNearestEven) {
     ASSERT_EQ(f32_to_fp16(-f), ref_f32_to_fp16(-f)) << -f;
   }
   EXPECT_TRUE(std::isnan(fp16_to_f32(f32_to_fp16(NAN))));
+}
+
+// The SIMD row conversion (KV cache stores) gives f32_to_fp16's bits on every target: every
+// fp16 value, midpoints between neighbours and one float ulp either side, random floats of every
+// exponent (subnormal results, overflow), infinities and NaNs with payloads, at offsets that
+// leave scalar tails.
+TEST_F(SimdTargetsFp16, RowMatchesScalarEveryTarget) {
+  std::vector<float> x;
+  for (uint32_t h = 0; h < 65536; ++h) {
+    const float f = fp16_to_f32(static_cast<uint16_t>(h));
+    x.push_back(f);
+    x.push_back(std::nextafter(f, 0.0f));
+    x.push_back(std::nextafter(f, INFINITY));
+    if ((h & 0x7C00) != 0x7C00 && (h & 0x7FFF) != 0x7BFF)
+      x.push_back(static_cast<float>((ref_fp16(static_cast<uint16_t>(h)) + ref_fp16(static_cast<uint16_t>(h + 1))) / 2));
+  }
+  std::mt19937 rng(17);
+  for (int i = 0; i < 200000; ++i) {
+    const uint32_t b = static_cast<uint32_t>(rng());
+    float f;
+    std::memcpy(&f, &b, 4);
+    x.push_back(f);
+  }
+  for (uint32_t b : {0x7FC00000u, 0x7F800001u, 0xFFBFFFFFu, 0x7FFFE000u, 0x7F802000u})  // NaNs
+    for (int i = 0; i < 3; ++i) {
+      float f;
+      std::memcpy(&f, &b, 4);
+      x.push_back(f);
+    }
+  std::vector<uint16_t> want(x.size());
+  for (size_t i = 0; i < x.size(); ++i) want[i] = f32_to_fp16(x[i]);
+  for (const std::string& target : available_simd_targets()) {
+    ASSERT_TRUE(force_simd_target(target));
+    for (size_t off : {size_t{0}, size_t{3}}) {
+      std::vector<uint16_t> got(x.size() - off, 0xDEAD);
+      f32_to_fp16_row(x.data() + off, got.size(), got.data());
+      for (size_t i = 0; i < got.size(); ++i) ASSERT_EQ(got[i], want[i + off]) << target << " x=" << x[i + off] << " i=" << i;
+    }
+    std::vector<uint16_t> tail(5, 0xDEAD);  // shorter than a vector: all scalar, nothing past n
+    f32_to_fp16_row(x.data(), 4, tail.data());
+    EXPECT_EQ(tail[4], 0xDEAD) << target;
+  }
 }
 
 TEST(Bf16, DecodeEncode) {
@@ -491,6 +538,7 @@ std::vector<Shape> shapes_for(GgmlType t) {
   std::vector<Shape> s = {
       {1, 32, 1},    {3, 64, 3},     {17, 96, 17},  {35, 160, 1},  {35, 224, 3},   {64, 576, 17},
       {13, 576, 64}, {37, 1536, 3},  {5, 1536, 64}, {130, 288, 5}, {33, 576, 1},   {193, 1536, 1},
+      {19, 608, 16}, {6, 320, 11},  // token tiles of exactly 16 and of 9..15 (batched decode steps)
   };
   if (!is_quant(t)) {  // float rows need not be whole blocks
     s.push_back({7, 33, 3});

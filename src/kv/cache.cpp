@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "tensor/attention_kernel.h"
 #include "tensor/kernels.h"
 #include "util/error.h"
 
@@ -80,10 +81,19 @@ size_t kv_row_bytes(KvType t, int head_dim) {
 void kv_quantize_row(KvType t, const float* x, int head_dim, uint8_t* row) {
   switch (t) {
     case KvType::F32: std::memcpy(row, x, static_cast<size_t>(head_dim) * sizeof(float)); return;
-    case KvType::F16:
+    case KvType::F16: {
+      // Every decode step stores each session's new keys and values: in SIMD, not per value.
+      uint16_t h[kAttentionMaxDim];
+      for (int i0 = 0; i0 < head_dim; i0 += kAttentionMaxDim) {
+        const int n = std::min(kAttentionMaxDim, head_dim - i0);
+        f32_to_fp16_row(x + i0, static_cast<size_t>(n), h);
+        std::memcpy(row + 2 * static_cast<size_t>(i0), h, 2 * static_cast<size_t>(n));
+      }
+      return;
+    }
     case KvType::BF16:
       for (int i = 0; i < head_dim; ++i) {
-        const uint16_t h = t == KvType::F16 ? f32_to_fp16(x[i]) : f32_to_bf16(x[i]);
+        const uint16_t h = f32_to_bf16(x[i]);
         std::memcpy(row + 2 * static_cast<size_t>(i), &h, 2);
       }
       return;

@@ -18,6 +18,7 @@
 #define HWY_TARGET_INCLUDE "tensor/attention_kernel.cpp"
 #include <hwy/foreach_target.h>  // IWYU pragma: keep
 #include <hwy/aligned_allocator.h>
+#include <hwy/cache_control.h>
 #include <hwy/highway.h>
 #include <hwy/contrib/math/math-inl.h>
 
@@ -234,10 +235,21 @@ HWY_INLINE void ScoreColumns(D df, const float* HWY_RESTRICT qt, size_t ldq, con
   for (; j < m; ++j) ScoreTile<1, NV>(df, qt, ldq, k + static_cast<size_t>(j) * d, d, pt + j * ldp, ldp);
 }
 
-// o[r][x0, x0 + NV * N) = corr[r] * o[r][...] + sum_{j < m} pt[j][r] v_j[...] for r in [0, R),
-// with value row j stored at v + j * row_bytes and read by VR.
+// A stored row a tile of keys ahead, requested into the caches while this tile is computed: a
+// batched step streams every session's keys and values from memory, and the hardware
+// prefetchers stop at each 4 KiB page (32 f16 rows of 64). Prefetches never fault, so rows
+// past the end of the cache are harmless (the address is computed as an integer, no pointer
+// past the end is formed).
+HWY_INLINE void PrefetchTileAhead(const uint8_t* row, size_t row_bytes) {
+  const uintptr_t ahead = reinterpret_cast<uintptr_t>(row) + kTile * row_bytes;
+  for (size_t b = 0; b < row_bytes; b += 64) hwy::Prefetch(reinterpret_cast<const uint8_t*>(ahead + b));
+}
+
+// o[r][x0, x0 + NV * N) = corr[r] * o[r][...] + sum_{j < m} p(j, r) v_j[...] for r in [0, R),
+// with the weights p(j, r) = pt[j * ld + r * rs] and value row j stored at v + j * row_bytes
+// and read by VR.
 template <int R, int NV, class VR, class D>
-HWY_INLINE void AccumulateRows(D df, float* HWY_RESTRICT o, int d, const float* HWY_RESTRICT pt, size_t ld,
+HWY_INLINE void AccumulateRows(D df, float* HWY_RESTRICT o, int d, const float* HWY_RESTRICT pt, size_t ld, size_t rs,
                                const float* HWY_RESTRICT corr, const uint8_t* HWY_RESTRICT v, size_t row_bytes, int m,
                                int x0) {
   using V = decltype(hn::Zero(df));
@@ -249,10 +261,11 @@ HWY_INLINE void AccumulateRows(D df, float* HWY_RESTRICT o, int d, const float* 
   }
   const uint8_t* HWY_RESTRICT vj = v;
   for (int j = 0; j < m; ++j, vj += row_bytes) {
+    if (x0 == 0) PrefetchTileAhead(vj, row_bytes);
     V vv[NV];
     for (int i = 0; i < NV; ++i) vv[i] = VR::Load(df, vj, x0 + i * N);
     for (int r = 0; r < R; ++r) {
-      const V b = hn::Set(df, pt[j * ld + r]);
+      const V b = hn::Set(df, pt[j * ld + r * rs]);
       for (int i = 0; i < NV; ++i) a[r][i] = hn::MulAdd(b, vv[i], a[r][i]);
     }
   }
@@ -262,17 +275,17 @@ HWY_INLINE void AccumulateRows(D df, float* HWY_RESTRICT o, int d, const float* 
 
 template <int R, class VR, class D>
 HWY_INLINE void AccumulateAllColumns(D df, float* HWY_RESTRICT o, int d, const float* HWY_RESTRICT pt, size_t ld,
-                                     const float* HWY_RESTRICT corr, const uint8_t* HWY_RESTRICT v, size_t row_bytes,
+                                     size_t rs, const float* HWY_RESTRICT corr, const uint8_t* HWY_RESTRICT v, size_t row_bytes,
                                      int m) {
   const int N = static_cast<int>(hn::Lanes(df));
   const int d_vec = d / N * N;
   int x0 = 0;
-  for (; x0 + 4 * N <= d_vec; x0 += 4 * N) AccumulateRows<R, 4, VR>(df, o, d, pt, ld, corr, v, row_bytes, m, x0);
-  for (; x0 < d_vec; x0 += N) AccumulateRows<R, 1, VR>(df, o, d, pt, ld, corr, v, row_bytes, m, x0);
+  for (; x0 + 4 * N <= d_vec; x0 += 4 * N) AccumulateRows<R, 4, VR>(df, o, d, pt, ld, rs, corr, v, row_bytes, m, x0);
+  for (; x0 < d_vec; x0 += N) AccumulateRows<R, 1, VR>(df, o, d, pt, ld, rs, corr, v, row_bytes, m, x0);
   for (int r = 0; r < R; ++r)  // scalar tail when d is not a multiple of the lanes
     for (int x = d_vec; x < d; ++x) {
       float acc = o[r * d + x] * corr[r];
-      for (int j = 0; j < m; ++j) acc = std::fma(pt[j * ld + r], VR::At(v + static_cast<size_t>(j) * row_bytes, x), acc);
+      for (int j = 0; j < m; ++j) acc = std::fma(pt[j * ld + r * rs], VR::At(v + static_cast<size_t>(j) * row_bytes, x), acc);
       o[r * d + x] = acc;
     }
 }
@@ -289,9 +302,40 @@ HWY_INLINE void ForTiles(int n, const F& f) {
   }
 }
 
+// Per-key dot products, with the horizontal sums shared between keys. For K consecutive keys
+// (K a power of two, at most the lanes N) and NQ query rows, out[i] holds in lanes
+// [k * N / K, (k + 1) * N / K) partial sums of <q_i, key k> that add up to the whole product:
+// one key is a vector FMA chain over x; two halves of K keys combine by adding their vectors'
+// even and odd lanes (ConcatEven + ConcatOdd), which halves each key's lanes. At K = N lane k is
+// key k's dot product, and the N keys cost N - 1 combines per row instead of N full lane sums.
+// The order of the additions depends only on d and the target, never on the key type (each
+// reader gives the f32 rows' values), so a stored type gives its f32 rows' bits.
+template <int K, int NQ, class KR, class D>
+HWY_INLINE void KeyBlockSums(D df, const float* const* HWY_RESTRICT qs, const uint8_t* HWY_RESTRICT row,
+                             size_t row_bytes, int d_vec, hn::Vec<D>* HWY_RESTRICT out) {
+  if constexpr (K == 1) {
+    const int N = static_cast<int>(hn::Lanes(df));
+    PrefetchTileAhead(row, row_bytes);
+    for (int i = 0; i < NQ; ++i) out[i] = hn::Zero(df);
+    for (int x = 0; x < d_vec; x += N) {
+      const auto k = KR::Load(df, row, x);
+      for (int i = 0; i < NQ; ++i) out[i] = hn::MulAdd(hn::LoadU(df, qs[i] + x), k, out[i]);
+    }
+  } else {
+#if HWY_TARGET != HWY_SCALAR  // one lane: only K == 1
+    hn::Vec<D> lo[NQ], hi[NQ];
+    KeyBlockSums<K / 2, NQ, KR>(df, qs, row, row_bytes, d_vec, lo);
+    KeyBlockSums<K / 2, NQ, KR>(df, qs, row + (K / 2) * row_bytes, row_bytes, d_vec, hi);
+    for (int i = 0; i < NQ; ++i) out[i] = hn::Add(hn::ConcatEven(df, hi[i], lo[i]), hn::ConcatOdd(df, hi[i], lo[i]));
+#endif
+  }
+}
+
 // Scores of keys [j0, j0 + m) against NQ query rows: s[i][j] = scale * <q_i, k_j0+j>. Each key
-// vector is read (and widened, per KR) once for all the rows; each dot product is one FMA chain
-// over the lanes in x order, then a lane sum and the scalar tail.
+// vector is read (and widened, per KR) once for all the rows. Keys go a block of N at a time
+// (KeyBlockSums: one vector of N dot products per row); the last m % N keys, and every key on
+// the one-lane target, take a lane sum each. Heads whose size is not a multiple of the lanes
+// add their scalar tail to each dot product after the vector part.
 template <int NQ, class KR, class D>
 HWY_INLINE void GroupScores(D df, const float* const* qs, const KvRows& kr, int j0, int m, int d, float scale,
                             float (*s)[kTile]) {
@@ -299,43 +343,56 @@ HWY_INLINE void GroupScores(D df, const float* const* qs, const KvRows& kr, int 
   const int N = static_cast<int>(hn::Lanes(df));
   const int d_vec = d / N * N;
   const uint8_t* row = kr.data + static_cast<size_t>(j0) * kr.row_bytes;
-  for (int j = 0; j < m; ++j, row += kr.row_bytes) {
-    V acc[NQ];
-    for (int i = 0; i < NQ; ++i) acc[i] = hn::Zero(df);
-    for (int x = 0; x < d_vec; x += N) {
-      const V k = KR::Load(df, row, x);
-      for (int i = 0; i < NQ; ++i) acc[i] = hn::MulAdd(hn::LoadU(df, qs[i] + x), k, acc[i]);
-    }
+  // An explicit fma in the scalar tails: left to the compiler, contraction could differ between
+  // the readers' instantiations, and a type would no longer give its f32 rows' bits.
+  const auto add_tail = [&](int i, const uint8_t* key, float dot) {
+    for (int x = d_vec; x < d; ++x) dot = std::fma(qs[i][x], KR::At(key, x), dot);
+    return dot;
+  };
+  int j = 0;
+#if HWY_TARGET != HWY_SCALAR
+  constexpr int kBlock = static_cast<int>(hn::MaxLanes(D()));
+  static_assert(kTile % kBlock == 0, "score blocks must tile the key tile (aligned stores)");
+  const V vscale = hn::Set(df, scale);
+  for (; j + kBlock <= m; j += kBlock, row += kBlock * kr.row_bytes) {
+    V dots[NQ];
+    KeyBlockSums<kBlock, NQ, KR>(df, qs, row, kr.row_bytes, d_vec, dots);
     for (int i = 0; i < NQ; ++i) {
-      float dot = hn::GetLane(hn::SumOfLanes(df, acc[i]));
-      // An explicit fma: left to the compiler, contraction could differ between the readers'
-      // instantiations, and a type would no longer give its f32 rows' bits.
-      for (int x = d_vec; x < d; ++x) dot = std::fma(qs[i][x], KR::At(row, x), dot);
-      s[i][j] = dot * scale;
+      if (d_vec < d) {
+        hn::Store(dots[i], df, &s[i][j]);
+        for (int k = 0; k < kBlock; ++k) s[i][j + k] = add_tail(i, row + k * kr.row_bytes, s[i][j + k]);
+        dots[i] = hn::Load(df, &s[i][j]);
+      }
+      hn::Store(hn::Mul(dots[i], vscale), df, &s[i][j]);
     }
+  }
+#endif
+  for (; j < m; ++j, row += kr.row_bytes) {
+    V acc[NQ];
+    KeyBlockSums<1, NQ, KR>(df, qs, row, kr.row_bytes, d_vec, acc);
+    for (int i = 0; i < NQ; ++i) s[i][j] = add_tail(i, row, hn::GetLane(hn::SumOfLanes(df, acc[i]))) * scale;
   }
 }
 
 // One token's GQA group (see attention_group_f32) against keys [j_begin, j_end). Per tile of
 // keys: one dot product per key and query row (keys read as DecodeTile gives them, GroupScores),
-// the row maxima (exact in any order) and sums (key order, rows interleaved), and the weighted
-// values with the output rows held in registers across the tile (AccumulateAllColumns, values
-// read the same way).
+// the row maxima (exact in any order) and sums (lane-wise over the tile's vectors of weights),
+// and the weighted values with the output rows held in registers across the tile
+// (AccumulateAllColumns, values read the same way, weights straight from the score rows).
 void AttentionGroup(const float* HWY_RESTRICT q, int n_q, const KvRows* kr, const KvRows* vr, int j_begin,
                     int j_end, int d, float scale, float* HWY_RESTRICT out) {
   const hn::ScalableTag<float> df;
   using V = decltype(hn::Zero(df));
   const int N = static_cast<int>(hn::Lanes(df));
   const int d_vec = d / N * N;  // SIMD part of each row; the rest (if any) is scalar
-  HWY_ALIGN float s[kMaxQ][kTile];
-  HWY_ALIGN float pw[kTile * kMaxQ];  // weights transposed, pw[j * kMaxQ + i], for AccumulateAllColumns
+  HWY_ALIGN float s[kMaxQ][kTile];  // scores, then softmax weights
   HWY_ALIGN float kbuf[kTile * kAttentionMaxDim], vbuf[kTile * kAttentionMaxDim];  // block types' tiles
 
   for (int q0 = 0; q0 < n_q; q0 += kMaxQ) {
     const int nq = std::min(kMaxQ, n_q - q0);
     const float* qs[kMaxQ];
     float* o = out + static_cast<size_t>(q0) * d;  // nq rows of d
-    float run_max[kMaxQ], run_sum[kMaxQ], corr[kMaxQ], tile_sum[kMaxQ];
+    float run_max[kMaxQ], run_sum[kMaxQ], corr[kMaxQ];
     for (int i = 0; i < nq; ++i) {
       qs[i] = q + static_cast<size_t>(q0 + i) * d;
       run_max[i] = -INFINITY;
@@ -365,25 +422,23 @@ void AttentionGroup(const float* HWY_RESTRICT q, int n_q, const KvRows* kr, cons
           run_max[i] = tile_max;
         }
         const auto vrun = hn::Set(df, run_max[i]);
+        V vsum = hn::Zero(df);  // the tile's weights summed lane-wise, then the lanes, then the tail
         j = 0;
-        for (; j + N <= m; j += N)
-          hn::Store(hn::CallExp(df, hn::Max(hn::Sub(hn::Load(df, &s[i][j]), vrun), floor)), df, &s[i][j]);
-        for (; j < m; ++j) s[i][j] = std::exp(s[i][j] - run_max[i]);
-        tile_sum[i] = 0.0f;
-      }
-      // Each row's sum in key order; the rows' chains interleaved.
-      for (int j = 0; j < m; ++j)
-        for (int i = 0; i < nq; ++i) {
-          tile_sum[i] += s[i][j];
-          pw[j * kMaxQ + i] = s[i][j];
+        for (; j + N <= m; j += N) {
+          const V p = hn::CallExp(df, hn::Max(hn::Sub(hn::Load(df, &s[i][j]), vrun), floor));
+          hn::Store(p, df, &s[i][j]);
+          vsum = hn::Add(vsum, p);
         }
-      for (int i = 0; i < nq; ++i) run_sum[i] += tile_sum[i];
+        float tile_sum = hn::GetLane(hn::SumOfLanes(df, vsum));
+        for (; j < m; ++j) tile_sum += (s[i][j] = std::exp(s[i][j] - run_max[i]));
+        run_sum[i] += tile_sum;
+      }
       // Weighted values: o[i] = corr[i] * o[i] + sum_j p[i][j] v_j.
       const KvRows vt = DecodeTile(*vr, j0, m, d, vbuf);
       WithReader(vt.type, [&](auto reader) {
         ForTiles<kRowTile>(nq, [&](int r, auto nr) {
-          AccumulateAllColumns<decltype(nr)::value, decltype(reader)>(df, o + static_cast<size_t>(r) * d, d, pw + r,
-                                                                       kMaxQ, corr + r, vt.data, vt.row_bytes, m);
+          AccumulateAllColumns<decltype(nr)::value, decltype(reader)>(df, o + static_cast<size_t>(r) * d, d, s[r], 1,
+                                                                       kTile, corr + r, vt.data, vt.row_bytes, m);
         });
       });
     }
@@ -518,7 +573,7 @@ void AttentionBlock(const float* HWY_RESTRICT q, size_t q_stride, int n_tok, int
     const float* vt = RowsAsF32(*v, j0, m, d, vbuf);
     ForTiles<kRowTile>(r_hi - r_lo, [&](int i, auto nr) {
       const int r = r_lo + i;
-      AccumulateAllColumns<decltype(nr)::value, ReadF32>(df, o + static_cast<size_t>(r) * d, d, pt + r, ld, corr + r,
+      AccumulateAllColumns<decltype(nr)::value, ReadF32>(df, o + static_cast<size_t>(r) * d, d, pt + r, ld, 1, corr + r,
                                                          reinterpret_cast<const uint8_t*>(vt), row_f32, m);
     });
   }

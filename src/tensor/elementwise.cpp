@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <cstddef>
+#include <cstdint>
 
 #include "tensor/kernels.h"
 #include "tensor/kernels_internal.h"
@@ -109,6 +110,21 @@ void RmsNormF32(float* out, const float* x, const float* HWY_RESTRICT w, size_t 
   for (; i < n; ++i) out[i] = x[i] * inv * w[i];
 }
 
+// x[0, n) to fp16 bits, exactly as f32_to_fp16 rounds each (nearest even, NaN stays a quiet
+// NaN with the top payload bits, overflow to inf): the x86 targets' DemoteTo is vcvtps2ph, which
+// is that IEEE conversion; the portable target calls f32_to_fp16 itself.
+void F32ToFp16Row(const float* HWY_RESTRICT x, size_t n, uint16_t* HWY_RESTRICT out) {
+  size_t i = 0;
+#if HWY_TARGET != HWY_SCALAR && !defined(HWY_DISABLE_F16C)
+  const hn::ScalableTag<float> d;
+  const hn::Rebind<hwy::float16_t, decltype(d)> dh;
+  const size_t N = hn::Lanes(d);
+  auto* h = reinterpret_cast<hwy::float16_t*>(out);
+  for (; i + N <= n; i += N) hn::StoreU(hn::DemoteTo(dh, hn::LoadU(d, x + i)), dh, h + i);
+#endif
+  for (; i < n; ++i) out[i] = f32_to_fp16(x[i]);
+}
+
 }  // namespace HWY_NAMESPACE
 }  // namespace qf
 HWY_AFTER_NAMESPACE();
@@ -120,6 +136,7 @@ HWY_EXPORT(GeluTanhMulF32);
 HWY_EXPORT(SiluMulF32);
 HWY_EXPORT(SoftcapF32);
 HWY_EXPORT(RmsNormF32);
+HWY_EXPORT(F32ToFp16Row);
 
 void gelu_tanh_mul_f32(float* gate, const float* up, size_t n) {
   detail::init_simd_once();
@@ -139,6 +156,11 @@ void softcap_f32(float* x, size_t n, float cap) {
 void rmsnorm_f32(float* out, const float* x, const float* w, size_t n, float eps) {
   detail::init_simd_once();
   HWY_DYNAMIC_DISPATCH(RmsNormF32)(out, x, w, n, eps);
+}
+
+void f32_to_fp16_row(const float* x, size_t n, uint16_t* out) {
+  detail::init_simd_once();
+  HWY_DYNAMIC_DISPATCH(F32ToFp16Row)(x, n, out);
 }
 
 }  // namespace qf
