@@ -80,10 +80,10 @@ size_t kv_row_bytes(KvType t, int head_dim) {
 void kv_quantize_row(KvType t, const float* x, int head_dim, uint8_t* row) {
   switch (t) {
     case KvType::F32: std::memcpy(row, x, static_cast<size_t>(head_dim) * sizeof(float)); return;
-    case KvType::F16:
+    case KvType::F16: return f32_to_fp16_row(x, static_cast<size_t>(head_dim), row);
     case KvType::BF16:
       for (int i = 0; i < head_dim; ++i) {
-        const uint16_t h = t == KvType::F16 ? f32_to_fp16(x[i]) : f32_to_bf16(x[i]);
+        const uint16_t h = f32_to_bf16(x[i]);
         std::memcpy(row + 2 * static_cast<size_t>(i), &h, 2);
       }
       return;

@@ -81,6 +81,9 @@ std::vector<std::string> available_simd_targets();
 // fp16 / bf16 conversion (scalar, exact; round to nearest even; NaN stays NaN).
 float fp16_to_f32(uint16_t h);
 uint16_t f32_to_fp16(float f);
+// out[2i, 2i + 2) = f32_to_fp16(x[i]) (little endian) for i < n, bit for bit; SIMD where the
+// target has F16C (tensor/elementwise.cpp).
+void f32_to_fp16_row(const float* x, size_t n, uint8_t* out);
 float bf16_to_f32(uint16_t h);
 uint16_t f32_to_bf16(float f);
 
