@@ -802,6 +802,40 @@ TEST_F(SimdTargets, ElementwiseKernelsMatchDoubleFormulas) {
   }
 }
 
+// argmax_f32 is std::max_element on every target: first of tied maxima, -0 and +0 tied, NaNs
+// skipped except at index 0, infinities, and the maximum in the vector body or the tail.
+TEST_F(SimdTargets, ArgmaxMatchesMaxElement) {
+  std::mt19937 rng(5);
+  std::uniform_int_distribution<int> pick(0, 9);
+  const float specials[] = {NAN, INFINITY, -INFINITY, 0.0f, -0.0f, 3.0f, -3.0f};
+  std::vector<std::vector<float>> cases;
+  for (size_t n : {1, 2, 15, 16, 17, 31, 32, 33, 100, 262144 + 7}) {
+    for (int variant = 0; variant < 6; ++variant) {
+      std::vector<float> x(n);
+      for (float& v : x) v = std::uniform_real_distribution<float>(-4.0f, 4.0f)(rng);
+      if (variant == 1) for (float& v : x) v = static_cast<float>(pick(rng) % 3);  // many ties
+      if (variant == 2) for (float& v : x) if (pick(rng) < 4) v = specials[pick(rng) % std::size(specials)];
+      if (variant == 3) x[0] = NAN;
+      if (variant == 4) for (float& v : x) v = pick(rng) < 5 ? -0.0f : 0.0f;
+      if (variant == 5) for (float& v : x) v = pick(rng) < 8 ? NAN : -INFINITY;
+      cases.push_back(std::move(x));
+    }
+  }
+  for (const std::string& target : available_simd_targets()) {
+    ASSERT_TRUE(force_simd_target(target));
+    EXPECT_EQ(argmax_f32(nullptr, 0), 0u);
+    for (const std::vector<float>& x : cases) {
+      const size_t want = static_cast<size_t>(std::max_element(x.begin(), x.end()) - x.begin());
+      ASSERT_EQ(argmax_f32(x.data(), x.size()), want) << target << " n " << x.size();
+    }
+    for (size_t at : {size_t{0}, size_t{5}, size_t{16}, size_t{262143}}) {  // a unique max anywhere
+      std::vector<float> x(262144, -1.0f);
+      x[at] = 2.0f;
+      ASSERT_EQ(argmax_f32(x.data(), x.size()), at) << target;
+    }
+  }
+}
+
 // The row conversion an f16 KV cache stores with equals the scalar f32_to_fp16 bit for bit on
 // every target: halves' rounding boundaries, subnormals, overflow, infinities, NaN payloads.
 TEST_F(SimdTargets, Fp16RowConversionMatchesScalar) {

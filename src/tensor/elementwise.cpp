@@ -135,6 +135,36 @@ void F32ToF16(const float* HWY_RESTRICT x, size_t n, uint8_t* HWY_RESTRICT out) 
   }
 }
 
+// Index of the first maximum, as std::max_element with operator< finds it: NaNs never win
+// (they compare false) except at index 0, which nothing then beats; -0 and +0 tie. One pass
+// for the largest non-NaN value, one for its first index: greedy decoding runs this over
+// Gemma 3's 262,144 logits per token, 2% of decode one element at a time.
+size_t ArgmaxF32(const float* HWY_RESTRICT x, size_t n) {
+  if (n == 0 || std::isnan(x[0])) return 0;
+  const hn::ScalableTag<float> d;
+  const size_t N = hn::Lanes(d);
+  const auto ninf = hn::Set(d, -HUGE_VALF);
+  auto m0 = ninf, m1 = ninf;
+  size_t i = 0;
+  for (; i + 2 * N <= n; i += 2 * N) {
+    const auto a = hn::LoadU(d, x + i), b = hn::LoadU(d, x + i + N);
+    m0 = hn::Max(m0, hn::IfThenElse(hn::Eq(a, a), a, ninf));
+    m1 = hn::Max(m1, hn::IfThenElse(hn::Eq(b, b), b, ninf));
+  }
+  float best = hn::GetLane(hn::MaxOfLanes(d, hn::Max(m0, m1)));
+  for (; i < n; ++i)
+    if (x[i] > best) best = x[i];
+  const auto target = hn::Set(d, best);
+  i = 0;
+  for (; i + N <= n; i += N) {
+    const intptr_t k = hn::FindFirstTrue(d, hn::Eq(hn::LoadU(d, x + i), target));
+    if (k >= 0) return i + static_cast<size_t>(k);
+  }
+  for (; i < n; ++i)
+    if (x[i] == best) return i;
+  return 0;  // unreachable: best is one of the values
+}
+
 }  // namespace HWY_NAMESPACE
 }  // namespace qf
 HWY_AFTER_NAMESPACE();
@@ -147,6 +177,7 @@ HWY_EXPORT(SiluMulF32);
 HWY_EXPORT(SoftcapF32);
 HWY_EXPORT(RmsNormF32);
 HWY_EXPORT(F32ToF16);
+HWY_EXPORT(ArgmaxF32);
 
 void gelu_tanh_mul_f32(float* gate, const float* up, size_t n) {
   detail::init_simd_once();
@@ -171,6 +202,11 @@ void rmsnorm_f32(float* out, const float* x, const float* w, size_t n, float eps
 void f32_to_fp16_row(const float* x, size_t n, uint8_t* out) {
   detail::init_simd_once();
   HWY_DYNAMIC_DISPATCH(F32ToF16)(x, n, out);
+}
+
+size_t argmax_f32(const float* x, size_t n) {
+  detail::init_simd_once();
+  return HWY_DYNAMIC_DISPATCH(ArgmaxF32)(x, n);
 }
 
 }  // namespace qf

@@ -61,6 +61,8 @@ void gelu_tanh_mul_f32(float* gate, const float* up, size_t n);
 void silu_mul_f32(float* gate, const float* up, size_t n);
 // x[i] = cap * tanh(x[i] / cap).
 void softcap_f32(float* x, size_t n, float cap);
+// The index std::max_element(x, x + n) points to (0 when n == 0), SIMD.
+size_t argmax_f32(const float* x, size_t n);
 // out[i] = x[i] / sqrt(mean(x^2) + eps) * w[i]; the mean of squares in double. out may be x.
 void rmsnorm_f32(float* out, const float* x, const float* w, size_t n, float eps);
 
