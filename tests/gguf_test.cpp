@@ -7,6 +7,7 @@
 
 #include <array>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -659,6 +660,27 @@ TEST(Gguf, TensorDataMovesToHugePages) {
   }
   EXPECT_EQ(f->metadata().size(), ref->metadata().size());
   EXPECT_EQ(f->get_str("general.architecture"), ref->get_str("general.architecture"));
+}
+
+// Weights larger than half the memory limit stay mapped (page cache the kernel can reclaim).
+TEST(Gguf, TensorDataStaysMappedWhenMemoryIsShort) {
+  Builder b = small_builder();
+  b.tensor("big", 0, {393216});  // 1.5 MiB of F32
+  const Bytes bytes = b.build();
+  const std::string path = testing::TempDir() + "gguf_big_" + std::to_string(::getpid()) + ".gguf";
+  {
+    std::ofstream out(path, std::ios::binary);
+    out.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
+  }
+  auto f = File::open(path);
+  std::filesystem::remove(path);
+  const uint8_t* before = f->tensor("big").data;
+  ::setenv("QF_MEMORY_LIMIT_MB", "2", 1);  // half of it, 1 MiB, is less than the data
+  const bool moved = f->move_tensor_data_to_huge_pages();
+  ::unsetenv("QF_MEMORY_LIMIT_MB");
+  EXPECT_FALSE(moved);
+  EXPECT_FALSE(f->tensor_data_in_huge_pages());
+  EXPECT_EQ(f->tensor("big").data, before);
 }
 
 // Random mutations of a valid file: each must open or throw qf::Error, never crash or over-read

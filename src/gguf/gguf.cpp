@@ -13,6 +13,7 @@
 #include <limits>
 
 #include "util/error.h"
+#include "util/memory.h"
 
 namespace qf::gguf {
 
@@ -296,6 +297,9 @@ bool File::move_tensor_data_to_huge_pages() {
 #ifdef MADV_HUGEPAGE
   if (anon_ || !mapping_ || data_start_ >= size_) return anon_ != nullptr;
   if (!huge_pages_on_request()) return false;
+  // Mapped weights are page cache the kernel can drop under pressure; a copy is not. Copy only
+  // what leaves room (half the memory this process may use) for the rest.
+  if (size_ - data_start_ > memory_limit_bytes() / 2) return false;
   constexpr size_t kHuge = size_t{2} << 20;
   const size_t page = static_cast<size_t>(::sysconf(_SC_PAGESIZE));
   const size_t bytes = size_ - data_start_;

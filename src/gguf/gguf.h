@@ -82,7 +82,9 @@ class File {
   // once per token; with 4 KiB pages a single core read them about a third slower (hardware
   // prefetchers stop at page boundaries, and the TLB misses). Call before taking any
   // TensorInfo::data pointer: they move. Returns false, changing nothing, where the kernel offers
-  // no huge pages or the memory cannot be had (the weights then stay mapped).
+  // no huge pages, or the data exceeds half of memory_limit_bytes() (util/memory.h: mapped
+  // weights can be paged out under pressure, a copy cannot), or the allocation fails; the
+  // weights then stay mapped.
   bool move_tensor_data_to_huge_pages();
   bool tensor_data_in_huge_pages() const { return anon_ != nullptr; }
 
