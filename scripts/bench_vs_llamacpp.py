@@ -81,15 +81,20 @@ def summarize(engine, outs):
     # One rep per call, so each call's median is that rep's value; fall back to the median key.
     pre = [r for o in outs for r in o.get("prefill_runs", [o["prefill_tok_s"]])]
     dec = [r for o in outs for r in o.get("decode_runs", [o["decode_tok_s"]])]
+    # Tokens per CPU second (1 thread on a shared machine: about the idle speed), where reported.
+    cpu = {k: statistics.median(o[k] for o in outs)
+           for k in ("prefill_tok_per_cpu_s", "decode_tok_per_cpu_s") if all(k in o for o in outs)}
     return {
         "engine": engine,
         "prefill_tok_s": statistics.median(pre),
         "decode_tok_s": statistics.median(dec),
         "prefill_runs": pre,
         "decode_runs": dec,
+        **cpu,
         "peak_rss_mb": max(o["peak_rss_mb"] for o in outs),
         "details": {k: v for k, v in outs[-1].items()
-                    if k not in ("prefill_runs", "decode_runs", "prefill_tok_s", "decode_tok_s")},
+                    if k not in ("prefill_runs", "decode_runs", "prefill_tok_s", "decode_tok_s",
+                                 "prefill_tok_per_cpu_s", "decode_tok_per_cpu_s")},
     }
 
 
@@ -157,6 +162,16 @@ def main():
         r["ratio_prefill"], r["ratio_decode"] = round(rp, 4), round(rd, 4)
         print("| %s | %.1f | %.1f | %.2f | %.2f | %.0f |"
               % (r["engine"], r["prefill_tok_s"], r["decode_tok_s"], rp, rd, r["peak_rss_mb"]))
+    if args.threads == 1 and all("decode_tok_per_cpu_s" in r for r in rows):
+        print("\nper CPU second (1 thread: close to the idle-machine speed when other jobs share the cores)\n")
+        print("| engine | prefill tok/CPU s | decode tok/CPU s | prefill qf/llama.cpp | decode qf/llama.cpp |")
+        print("|---|---:|---:|---:|---:|")
+        for r in rows:
+            rp = r["prefill_tok_per_cpu_s"] / llama["prefill_tok_per_cpu_s"]
+            rd = r["decode_tok_per_cpu_s"] / llama["decode_tok_per_cpu_s"]
+            r["ratio_prefill_cpu"], r["ratio_decode_cpu"] = round(rp, 4), round(rd, 4)
+            print("| %s | %.1f | %.1f | %.2f | %.2f |"
+                  % (r["engine"], r["prefill_tok_per_cpu_s"], r["decode_tok_per_cpu_s"], rp, rd))
 
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -7,6 +7,7 @@
 
 #include <array>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -618,6 +619,68 @@ TEST(Gguf, OpenFromDisk) {
   std::filesystem::remove(path);
   EXPECT_THROW(File::open(path), Error);  // missing
   EXPECT_THROW(File::open(testing::TempDir()), Error);  // a directory
+}
+
+// Tensor data moved into huge-page memory: same bytes, same alignment, the metadata untouched;
+// a file from memory (not mapped) and a second call change nothing.
+TEST(Gguf, TensorDataMovesToHugePages) {
+  Builder b = small_builder();
+  b.tensor("q41", 3, {64, 3, 2});
+  b.tensor("f16", 1, {3, 5});
+  b.tensor("empty", 0, {0, 4});
+  const Bytes bytes = b.build();
+  const std::string path = testing::TempDir() + "gguf_huge_" + std::to_string(::getpid()) + ".gguf";
+  {
+    std::ofstream out(path, std::ios::binary);
+    out.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
+  }
+  std::vector<uint8_t> keep;
+  auto ref = parse(bytes, &keep);
+  EXPECT_FALSE(ref->move_tensor_data_to_huge_pages());  // not a mapping of ours
+  auto f = File::open(path);
+  std::filesystem::remove(path);  // the mapping keeps the data
+  std::vector<const uint8_t*> before;
+  for (const TensorInfo& t : f->tensors()) before.push_back(t.data);
+  const bool moved = f->move_tensor_data_to_huge_pages();
+  std::ifstream thp("/sys/kernel/mm/transparent_hugepage/enabled");
+  std::string thp_setting;
+  std::getline(thp, thp_setting);
+  if (!thp_setting.empty() && thp_setting.find("[never]") == std::string::npos)
+    EXPECT_TRUE(moved) << "THP is '" << thp_setting << "' but the data stayed mapped";
+  EXPECT_EQ(f->tensor_data_in_huge_pages(), moved);
+  EXPECT_EQ(f->move_tensor_data_to_huge_pages(), moved);  // idempotent
+  for (size_t i = 0; i < f->tensors().size(); ++i) {
+    const TensorInfo& t = f->tensors()[i];
+    const TensorInfo& r = ref->tensor(t.name);
+    EXPECT_EQ(t.offset, r.offset);
+    EXPECT_EQ(t.nbytes, r.nbytes);
+    if (t.nbytes) EXPECT_EQ(std::memcmp(t.data, r.data, t.nbytes), 0) << t.name;
+    EXPECT_EQ(reinterpret_cast<uintptr_t>(t.data) % 32, 0u) << t.name;
+    if (moved) EXPECT_NE(t.data, before[i]) << t.name;
+  }
+  EXPECT_EQ(f->metadata().size(), ref->metadata().size());
+  EXPECT_EQ(f->get_str("general.architecture"), ref->get_str("general.architecture"));
+}
+
+// Weights larger than half the memory limit stay mapped (page cache the kernel can reclaim).
+TEST(Gguf, TensorDataStaysMappedWhenMemoryIsShort) {
+  Builder b = small_builder();
+  b.tensor("big", 0, {393216});  // 1.5 MiB of F32
+  const Bytes bytes = b.build();
+  const std::string path = testing::TempDir() + "gguf_big_" + std::to_string(::getpid()) + ".gguf";
+  {
+    std::ofstream out(path, std::ios::binary);
+    out.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
+  }
+  auto f = File::open(path);
+  std::filesystem::remove(path);
+  const uint8_t* before = f->tensor("big").data;
+  ::setenv("QF_MEMORY_LIMIT_MB", "2", 1);  // half of it, 1 MiB, is less than the data
+  const bool moved = f->move_tensor_data_to_huge_pages();
+  ::unsetenv("QF_MEMORY_LIMIT_MB");
+  EXPECT_FALSE(moved);
+  EXPECT_FALSE(f->tensor_data_in_huge_pages());
+  EXPECT_EQ(f->tensor("big").data, before);
 }
 
 // Random mutations of a valid file: each must open or throw qf::Error, never crash or over-read

@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <bit>
 #include <chrono>
 #include <cfloat>
 #include <cmath>
@@ -349,11 +350,11 @@ TEST_F(SimdTargetsFp16, RowMatchesScalarEveryTarget) {
     ASSERT_TRUE(force_simd_target(target));
     for (size_t off : {size_t{0}, size_t{3}}) {
       std::vector<uint16_t> got(x.size() - off, 0xDEAD);
-      f32_to_fp16_row(x.data() + off, got.size(), got.data());
+      f32_to_fp16_row(x.data() + off, got.size(), reinterpret_cast<uint8_t*>(got.data()));
       for (size_t i = 0; i < got.size(); ++i) ASSERT_EQ(got[i], want[i + off]) << target << " x=" << x[i + off] << " i=" << i;
     }
     std::vector<uint16_t> tail(5, 0xDEAD);  // shorter than a vector: all scalar, nothing past n
-    f32_to_fp16_row(x.data(), 4, tail.data());
+    f32_to_fp16_row(x.data(), 4, reinterpret_cast<uint8_t*>(tail.data()));
     EXPECT_EQ(tail[4], 0xDEAD) << target;
   }
 }
@@ -846,6 +847,66 @@ TEST_F(SimdTargets, ElementwiseKernelsMatchDoubleFormulas) {
     std::vector<float> nan{NAN, 1.0f, NAN}, one{1.0f, NAN, 1.0f};
     gelu_tanh_mul_f32(nan.data(), one.data(), 3);
     EXPECT_TRUE(std::isnan(nan[0]) && std::isnan(nan[1]) && std::isnan(nan[2])) << target;
+  }
+}
+
+// argmax_f32 is std::max_element on every target: first of tied maxima, -0 and +0 tied, NaNs
+// skipped except at index 0, infinities, and the maximum in the vector body or the tail.
+TEST_F(SimdTargets, ArgmaxMatchesMaxElement) {
+  std::mt19937 rng(5);
+  std::uniform_int_distribution<int> pick(0, 9);
+  const float specials[] = {NAN, INFINITY, -INFINITY, 0.0f, -0.0f, 3.0f, -3.0f};
+  std::vector<std::vector<float>> cases;
+  for (size_t n : {1, 2, 15, 16, 17, 31, 32, 33, 100, 262144 + 7}) {
+    for (int variant = 0; variant < 6; ++variant) {
+      std::vector<float> x(n);
+      for (float& v : x) v = std::uniform_real_distribution<float>(-4.0f, 4.0f)(rng);
+      if (variant == 1) for (float& v : x) v = static_cast<float>(pick(rng) % 3);  // many ties
+      if (variant == 2) for (float& v : x) if (pick(rng) < 4) v = specials[pick(rng) % std::size(specials)];
+      if (variant == 3) x[0] = NAN;
+      if (variant == 4) for (float& v : x) v = pick(rng) < 5 ? -0.0f : 0.0f;
+      if (variant == 5) for (float& v : x) v = pick(rng) < 8 ? NAN : -INFINITY;
+      cases.push_back(std::move(x));
+    }
+  }
+  for (const std::string& target : available_simd_targets()) {
+    ASSERT_TRUE(force_simd_target(target));
+    EXPECT_EQ(argmax_f32(nullptr, 0), 0u);
+    for (const std::vector<float>& x : cases) {
+      const size_t want = static_cast<size_t>(std::max_element(x.begin(), x.end()) - x.begin());
+      ASSERT_EQ(argmax_f32(x.data(), x.size()), want) << target << " n " << x.size();
+    }
+    for (size_t at : {size_t{0}, size_t{5}, size_t{16}, size_t{262143}}) {  // a unique max anywhere
+      std::vector<float> x(262144, -1.0f);
+      x[at] = 2.0f;
+      ASSERT_EQ(argmax_f32(x.data(), x.size()), at) << target;
+    }
+  }
+}
+
+// The row conversion an f16 KV cache stores with equals the scalar f32_to_fp16 bit for bit on
+// every target: halves' rounding boundaries, subnormals, overflow, infinities, NaN payloads.
+TEST_F(SimdTargets, Fp16RowConversionMatchesScalar) {
+  std::vector<uint32_t> bits = {0x00000000u, 0x80000000u, 0x7F800000u, 0xFF800000u, 0x7FC00000u, 0xFFC00001u,
+                                0x7F800001u, 0x7FBFFFFFu, 0xFFFFFFFFu, 0x477FE000u, 0x477FEFFFu, 0x477FF000u,
+                                0x33000000u, 0x33000001u, 0x337FFFFFu, 0x38800000u, 0x387FFFFFu, 0x00000001u};
+  for (uint32_t h = 0; h < 0x7C00u; h += 37) {  // around every 37th half: the value, its ties, +-1 ulp
+    const uint32_t f = std::bit_cast<uint32_t>(fp16_to_f32(static_cast<uint16_t>(h)));
+    for (uint32_t b : {f, f - 1, f + 1, f + 0x1000u, f + 0xFFFu, f + 0x1001u}) bits.push_back(b);
+  }
+  std::mt19937 rng(21);
+  for (int i = 0; i < 200000; ++i) bits.push_back(static_cast<uint32_t>(rng()));
+  std::vector<float> x(bits.size());
+  for (size_t i = 0; i < x.size(); ++i) x[i] = std::bit_cast<float>(bits[i]);
+  for (const std::string& target : available_simd_targets()) {
+    ASSERT_TRUE(force_simd_target(target));
+    for (size_t n : {size_t{0}, size_t{1}, size_t{7}, size_t{8}, size_t{13}, size_t{256}, x.size()}) {
+      std::vector<uint8_t> out(2 * n + 4, 0xA5);  // guard bytes catch writes past n
+      f32_to_fp16_row(x.data(), n, out.data());
+      for (size_t i = 0; i < n; ++i)
+        ASSERT_EQ(rd16(out.data() + 2 * i), f32_to_fp16(x[i])) << target << " bits 0x" << std::hex << bits[i];
+      for (size_t i = 2 * n; i < out.size(); ++i) ASSERT_EQ(out[i], 0xA5) << target << " wrote past n " << n;
+    }
   }
 }
 

@@ -4,7 +4,6 @@
 #include <cmath>
 #include <cstring>
 
-#include "tensor/attention_kernel.h"
 #include "tensor/kernels.h"
 #include "util/error.h"
 
@@ -81,16 +80,7 @@ size_t kv_row_bytes(KvType t, int head_dim) {
 void kv_quantize_row(KvType t, const float* x, int head_dim, uint8_t* row) {
   switch (t) {
     case KvType::F32: std::memcpy(row, x, static_cast<size_t>(head_dim) * sizeof(float)); return;
-    case KvType::F16: {
-      // Every decode step stores each session's new keys and values: in SIMD, not per value.
-      uint16_t h[kAttentionMaxDim];
-      for (int i0 = 0; i0 < head_dim; i0 += kAttentionMaxDim) {
-        const int n = std::min(kAttentionMaxDim, head_dim - i0);
-        f32_to_fp16_row(x + i0, static_cast<size_t>(n), h);
-        std::memcpy(row + 2 * static_cast<size_t>(i0), h, 2 * static_cast<size_t>(n));
-      }
-      return;
-    }
+    case KvType::F16: return f32_to_fp16_row(x, static_cast<size_t>(head_dim), row);
     case KvType::BF16:
       for (int i = 0; i < head_dim; ++i) {
         const uint16_t h = f32_to_bf16(x[i]);

@@ -4,13 +4,14 @@
 #include <cmath>
 #include <limits>
 
+#include "tensor/kernels.h"
 #include "util/error.h"
 
 namespace qf {
 
 int32_t argmax(std::span<const float> logits) {
   if (logits.empty()) fail("argmax of empty logits");
-  return static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
+  return static_cast<int32_t>(argmax_f32(logits.data(), logits.size()));
 }
 
 uint64_t random_seed() {

@@ -61,6 +61,8 @@ void gelu_tanh_mul_f32(float* gate, const float* up, size_t n);
 void silu_mul_f32(float* gate, const float* up, size_t n);
 // x[i] = cap * tanh(x[i] / cap).
 void softcap_f32(float* x, size_t n, float cap);
+// The index std::max_element(x, x + n) points to (0 when n == 0), SIMD.
+size_t argmax_f32(const float* x, size_t n);
 // out[i] = x[i] / sqrt(mean(x^2) + eps) * w[i]; the mean of squares in double. out may be x.
 void rmsnorm_f32(float* out, const float* x, const float* w, size_t n, float eps);
 
@@ -81,8 +83,9 @@ std::vector<std::string> available_simd_targets();
 // fp16 / bf16 conversion (scalar, exact; round to nearest even; NaN stays NaN).
 float fp16_to_f32(uint16_t h);
 uint16_t f32_to_fp16(float f);
-// out[i] = f32_to_fp16(x[i]) for i in [0, n), bit for bit (SIMD, runtime dispatch).
-void f32_to_fp16_row(const float* x, size_t n, uint16_t* out);
+// out[2i, 2i + 2) = f32_to_fp16(x[i]) (little endian) for i < n, bit for bit (SIMD, runtime
+// dispatch; tensor/elementwise.cpp).
+void f32_to_fp16_row(const float* x, size_t n, uint8_t* out);
 float bf16_to_f32(uint16_t h);
 uint16_t f32_to_bf16(float f);
 
