@@ -98,6 +98,19 @@ def summarize(engine, outs):
     }
 
 
+def print_ratios(rows, llama, unit, prefill, decode, suffix, with_rss=False):
+    """A markdown table of each engine's prefill and decode rates and their ratios to llama.cpp's;
+    the ratios are also stored in each row (ratio_prefill<suffix>, ratio_decode<suffix>)."""
+    print("| engine | prefill %s | decode %s | prefill qf/llama.cpp | decode qf/llama.cpp |%s" %
+          (unit, unit, " peak RSS MB |" if with_rss else ""))
+    print("|---|---:|---:|---:|---:|" + ("---:|" if with_rss else ""))
+    for r in rows:
+        rp, rd = r[prefill] / llama[prefill], r[decode] / llama[decode]
+        r["ratio_prefill" + suffix], r["ratio_decode" + suffix] = round(rp, 4), round(rd, 4)
+        print("| %s | %.1f | %.1f | %.2f | %.2f |" % (r["engine"], r[prefill], r[decode], rp, rd) +
+              (" %.0f |" % r["peak_rss_mb"] if with_rss else ""))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", default=DEFAULT_MODEL)
@@ -154,24 +167,10 @@ def main():
     print("\nmodel %s, %d threads, pp%d / tg%d at depth %d, batch %d, median of %d (load avg %.1f -> %.1f)\n"
           % (os.path.basename(args.model), args.threads, args.prompt, args.gen, args.prompt,
              args.batch, args.reps, load_before[0], os.getloadavg()[0]))
-    print("| engine | prefill tok/s | decode tok/s | prefill qf/llama.cpp | decode qf/llama.cpp | peak RSS MB |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for r in rows:
-        rp = r["prefill_tok_s"] / llama["prefill_tok_s"]
-        rd = r["decode_tok_s"] / llama["decode_tok_s"]
-        r["ratio_prefill"], r["ratio_decode"] = round(rp, 4), round(rd, 4)
-        print("| %s | %.1f | %.1f | %.2f | %.2f | %.0f |"
-              % (r["engine"], r["prefill_tok_s"], r["decode_tok_s"], rp, rd, r["peak_rss_mb"]))
+    print_ratios(rows, llama, "tok/s", "prefill_tok_s", "decode_tok_s", "", with_rss=True)
     if args.threads == 1 and all("decode_tok_per_cpu_s" in r for r in rows):
         print("\nper CPU second (1 thread: close to the idle-machine speed when other jobs share the cores)\n")
-        print("| engine | prefill tok/CPU s | decode tok/CPU s | prefill qf/llama.cpp | decode qf/llama.cpp |")
-        print("|---|---:|---:|---:|---:|")
-        for r in rows:
-            rp = r["prefill_tok_per_cpu_s"] / llama["prefill_tok_per_cpu_s"]
-            rd = r["decode_tok_per_cpu_s"] / llama["decode_tok_per_cpu_s"]
-            r["ratio_prefill_cpu"], r["ratio_decode_cpu"] = round(rp, 4), round(rd, 4)
-            print("| %s | %.1f | %.1f | %.2f | %.2f |"
-                  % (r["engine"], r["prefill_tok_per_cpu_s"], r["decode_tok_per_cpu_s"], rp, rd))
+        print_ratios(rows, llama, "tok/CPU s", "prefill_tok_per_cpu_s", "decode_tok_per_cpu_s", "_cpu")
 
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
