@@ -56,6 +56,15 @@ void HalvesToF32(GgmlType type, const uint8_t* HWY_RESTRICT src, size_t n, float
   }
 }
 
+// The fp16 at p as a float: one hardware conversion where the target has one (F16C on x86),
+// instead of fp16_to_f32's out-of-line lookup in a 256 KiB table, which a step streaming many
+// sessions' blocks keeps evicting from the caches. Exact either way, so the same bits.
+HWY_INLINE float HalfToF32(const uint8_t* p) {
+  const hn::CappedTag<float, 1> d1;
+  const hn::Rebind<hwy::float16_t, decltype(d1)> dh1;
+  return hn::GetLane(hn::PromoteTo(d1, hn::LoadU(dh1, reinterpret_cast<const hwy::float16_t*>(p))));
+}
+
 // n_blocks consecutive q8_0 blocks (34 bytes: fp16 scale, 32 int8) to 32 floats each.
 void Q8_0ToF32(const uint8_t* HWY_RESTRICT src, size_t n_blocks, float* HWY_RESTRICT out) {
   const hn::ScalableTag<float> df;
@@ -63,9 +72,7 @@ void Q8_0ToF32(const uint8_t* HWY_RESTRICT src, size_t n_blocks, float* HWY_REST
   const hn::Rebind<int32_t, decltype(df)> di;
   const int N = static_cast<int>(hn::Lanes(df));  // divides 32 on every target
   for (size_t b = 0; b < n_blocks; ++b, src += sizeof(BlockQ8_0), out += kQK) {
-    uint16_t h;
-    std::memcpy(&h, src, 2);
-    const auto scale = hn::Set(df, fp16_to_f32(h));
+    const auto scale = hn::Set(df, HalfToF32(src));
     const auto* qs = reinterpret_cast<const int8_t*>(src + 2);
     for (int i = 0; i < kQK; i += N)
       hn::StoreU(hn::Mul(hn::ConvertTo(df, hn::PromoteTo(di, hn::LoadU(d8, qs + i))), scale), df, out + i);
@@ -81,9 +88,7 @@ void Q4_0ToF32(const uint8_t* HWY_RESTRICT src, size_t n_blocks, float* HWY_REST
   const int N = static_cast<int>(hn::Lanes(df));
   const auto low = hn::Set(di, 15), eight = hn::Set(di, 8);
   for (size_t b = 0; b < n_blocks; ++b, src += sizeof(BlockQ4_0), out += kQK) {
-    uint16_t h;
-    std::memcpy(&h, src, 2);
-    const auto scale = hn::Set(df, fp16_to_f32(h));
+    const auto scale = hn::Set(df, HalfToF32(src));
     const uint8_t* qs = src + 2;
     for (int i = 0; i < kQK / 2; i += N) {
       const auto q = hn::PromoteTo(di, hn::LoadU(d8, qs + i));
