@@ -28,6 +28,7 @@
 
 #include "tensor/kernels.h"
 #include "tensor/kernels_internal.h"
+#include "tensor/matmul_amx.h"
 #include "tensor/quant_blocks.h"
 #include "util/error.h"
 
@@ -1329,7 +1330,7 @@ HWY_EXPORT(AxpyF32);
 HWY_EXPORT(ScaleF32);
 HWY_EXPORT(MatmulImpl);
 
-void matmul(const WeightView& w, const float* x, int64_t n_tok, float* y, ThreadPool& pool) {
+void matmul(const WeightView& w, const float* x, int64_t n_tok, float* y, ThreadPool& pool, TokenKind kind) {
   detail::init_simd_once();
   const TypeInfo& ti = type_info(w.type);
   if (!ti.supported) fail("matmul: weight type ", ti.name, " is not supported");
@@ -1338,6 +1339,8 @@ void matmul(const WeightView& w, const float* x, int64_t n_tok, float* y, Thread
   row_bytes(w.type, w.cols);  // throws unless cols is a whole number of blocks
   if (w.rows == 0 || n_tok == 0) return;
   if (w.data == nullptr || x == nullptr || y == nullptr) fail("matmul: null pointer");
+  if (kind == TokenKind::prompt && detail::amx_handles(w.type) && amx_prompt_engine())
+    return detail::amx_matmul(w, x, n_tok, y, pool);
   HWY_DYNAMIC_DISPATCH(MatmulImpl)(w, x, n_tok, y, pool);
 }
 
@@ -1359,6 +1362,11 @@ void scale_f32(float* y, float a, size_t n) {
 std::string simd_target_name() {
   detail::init_simd_once();
   return hwy::TargetName(HWY_DYNAMIC_DISPATCH(TargetBit)());
+}
+
+bool amx_prompt_engine() {
+  detail::init_simd_once();
+  return HWY_DYNAMIC_DISPATCH(TargetBit)() == HWY_AVX3_DL && detail::amx_available();
 }
 
 }  // namespace qf
