@@ -71,7 +71,7 @@ int bench(const BenchOptions& o) {
     const auto t1 = clock::now();
     for (int i = 0; i < o.n_gen; ++i) {
       const int32_t next = argmax(logits);
-      logits = s.eval(std::span<const int32_t>(&next, 1));
+      logits = s.decode(next);
     }
     const double t_decode = std::chrono::duration<double>(clock::now() - t1).count();
     if (o.n_gen > 0) {

@@ -87,7 +87,7 @@ int run(const RunOptions& o) {
     std::fwrite(text.data(), 1, text.size(), stdout);
     std::fflush(stdout);
     if (n_gen == limit || !s.has_room(1)) break;
-    logits = s.eval(std::span<const int32_t>(&next, 1));
+    logits = s.decode(next);
   }
   const std::string rest = stream.flush();
   std::fwrite(rest.data(), 1, rest.size(), stdout);

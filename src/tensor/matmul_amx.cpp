@@ -222,53 +222,82 @@ void unpack_panel(const WeightView& w, size_t wrb, int64_t r0, int nrows, int64_
 // ---------------------------------------------------------------------------------------------
 // Tiles
 
-// acc[t] += float(C[t]) * (dw * dx[t]) (+ mw * sx[t]) for the NT tokens of one block.
+// The products of one block for 16 tokens, C[t][n] = sum_k A[t][k] B[k][n], stored to c (16 x 16
+// int32). The tile registers are loaded and stored again per block: tiles are not renamed, so a
+// second set (tmm1/3/5) lets the next block's loads start while this one's product runs.
+template <int kSet>
+inline void block_product(const uint8_t* a, long astride, const PanelBlock& p, int32_t* c) {
+  if constexpr (kSet == 0) {
+    _tile_loadd(2, a, astride);
+    _tile_loadd(4, p.b, 64);
+    _tile_zero(0);
+    _tile_dpbssd(0, 2, 4);
+    _tile_stored(0, c, 64);
+  } else {
+    _tile_loadd(3, a, astride);
+    _tile_loadd(5, p.b, 64);
+    _tile_zero(1);
+    _tile_dpbssd(1, 3, 5);
+    _tile_stored(1, c, 64);
+  }
+}
+
+// acc[t] += (term of block b) + (term of block b + 1): blocks summed in pairs before they reach
+// the accumulator, which halves its chain of roundings (the VNNI engine's lanes and final tree
+// are about as short).
 template <bool kHasMin, int NT>
-inline void epilogue(const int32_t* c, const PanelBlock& p, const float* dx, const float* sx, size_t fstride,
-                     __m512 (&acc)[kTile]) {
-  const __m512 dw = _mm512_load_ps(p.dw);
+inline void pair_epilogue(const int32_t* c0, const int32_t* c1, const PanelBlock* panel, const float* fx, size_t fstride,
+                          int64_t nb, int64_t b, __m512 (&acc)[kTile]) {
+  const __m512 dw0 = _mm512_load_ps(panel[b].dw), dw1 = _mm512_load_ps(panel[b + 1].dw);
+#pragma GCC unroll 16
   for (int t = 0; t < NT; ++t) {
-    const __m512 ct = _mm512_cvtepi32_ps(_mm512_load_si512(c + 16 * t));
-    acc[t] = _mm512_fmadd_ps(ct, _mm512_mul_ps(dw, _mm512_set1_ps(dx[t * fstride])), acc[t]);
-    if constexpr (kHasMin) acc[t] = _mm512_fmadd_ps(_mm512_load_ps(p.mw), _mm512_set1_ps(sx[t * fstride]), acc[t]);
+    const float* fx_t = fx + t * fstride;
+    __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(c0 + 16 * t)), _mm512_mul_ps(dw0, _mm512_set1_ps(fx_t[b])));
+    if constexpr (kHasMin) v = _mm512_fmadd_ps(_mm512_load_ps(panel[b].mw), _mm512_set1_ps(fx_t[nb + b]), v);
+    v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(c1 + 16 * t)), _mm512_mul_ps(dw1, _mm512_set1_ps(fx_t[b + 1])), v);
+    if constexpr (kHasMin) v = _mm512_fmadd_ps(_mm512_load_ps(panel[b + 1].mw), _mm512_set1_ps(fx_t[nb + b + 1]), v);
+    acc[t] = _mm512_add_ps(acc[t], v);
   }
 }
 
 // NT tokens (of a 16-token A tile whose rows past NT are padding) against one panel: y rows
-// [r0, r0 + 16) masked to `rows`.
+// [r0, r0 + 16) masked to `rows`. Software-pipelined: the products of the next pair of blocks
+// are computed and stored before the epilogue of this pair reads its stored products, so the
+// loads do not wait on the tile stores just issued.
 template <bool kHasMin, int NT>
 void tile(const uint8_t* act, size_t astride, int64_t nb, const PanelBlock* panel, float* y, int64_t ystride,
           __mmask16 rows) {
   __m512 acc[kTile];
+#pragma GCC unroll 16
   for (__m512& a : acc) a = _mm512_setzero_ps();
-  alignas(64) int32_t c[2][kTile * kTile];
+  alignas(64) int32_t c[2][2][kTile * kTile];  // [pair parity][block of the pair]
   // dx of token t, block b at fx[t * fstride + b]; sx nb floats further.
   const auto* fx = reinterpret_cast<const float*>(act + 32 * nb);
   const size_t fstride = astride / sizeof(float);
   const long stride = static_cast<long>(astride);
-  int64_t b = 0;
-  for (; b + 2 <= nb; b += 2) {
-    _tile_loadd(2, act + 32 * b, stride);
-    _tile_loadd(4, panel[b].b, 64);
-    _tile_loadd(3, act + 32 * (b + 1), stride);
-    _tile_loadd(5, panel[b + 1].b, 64);
-    _tile_zero(0);
-    _tile_zero(1);
-    _tile_dpbssd(0, 2, 4);
-    _tile_dpbssd(1, 3, 5);
-    _tile_stored(0, c[0], 64);
-    _tile_stored(1, c[1], 64);
-    epilogue<kHasMin, NT>(c[0], panel[b], fx + b, fx + nb + b, fstride, acc);
-    epilogue<kHasMin, NT>(c[1], panel[b + 1], fx + b + 1, fx + nb + b + 1, fstride, acc);
+  const int64_t pairs = nb / 2;
+  auto products = [&](int64_t k) {
+    block_product<0>(act + 64 * k, stride, panel[2 * k], c[k & 1][0]);
+    block_product<1>(act + 64 * k + 32, stride, panel[2 * k + 1], c[k & 1][1]);
+  };
+  if (pairs > 0) products(0);
+  for (int64_t k = 0; k < pairs; ++k) {
+    if (k + 1 < pairs) products(k + 1);
+    pair_epilogue<kHasMin, NT>(c[k & 1][0], c[k & 1][1], panel, fx, fstride, nb, 2 * k, acc);
   }
-  if (b < nb) {
-    _tile_loadd(2, act + 32 * b, stride);
-    _tile_loadd(4, panel[b].b, 64);
-    _tile_zero(0);
-    _tile_dpbssd(0, 2, 4);
-    _tile_stored(0, c[0], 64);
-    epilogue<kHasMin, NT>(c[0], panel[b], fx + b, fx + nb + b, fstride, acc);
+  if (nb % 2 != 0) {
+    const int64_t b = nb - 1;
+    block_product<0>(act + 32 * b, stride, panel[b], c[0][0]);
+    const __m512 dw = _mm512_load_ps(panel[b].dw);
+#pragma GCC unroll 16
+    for (int t = 0; t < NT; ++t) {
+      const float* fx_t = fx + t * fstride;
+      acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(c[0][0] + 16 * t)),
+                               _mm512_mul_ps(dw, _mm512_set1_ps(fx_t[b])), acc[t]);
+      if constexpr (kHasMin) acc[t] = _mm512_fmadd_ps(_mm512_load_ps(panel[b].mw), _mm512_set1_ps(fx_t[nb + b]), acc[t]);
+    }
   }
+#pragma GCC unroll 16
   for (int t = 0; t < NT; ++t) _mm512_mask_storeu_ps(y + t * ystride, rows, acc[t]);
 }
 
