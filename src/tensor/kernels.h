@@ -87,6 +87,8 @@ std::string simd_target_name();
 // force_simd_target / QF_SIMD_TARGET) and the environment variable QF_AMX is not 0. Throws
 // qf::Error when QF_AMX is set to anything but 0 or 1.
 bool amx_prompt_engine();
+// What qf reports as its kernels: simd_target_name(), plus " + AMX prompt" when amx_prompt_engine().
+std::string simd_description();
 
 // Caps run-time dispatch at a lower SIMD target, for tests and benchmarks. Names, best first:
 // "best" (no cap), "avx512vnni" (AVX3_DL), "avx512" (AVX3), "avx2", "scalar" (portable C++).

@@ -4,6 +4,8 @@
 // Quantized weights are multiplied with activations quantized to int8 in the format their row of
 // the type table names (kernels.h): blocks of 32 for the 32-element types, super-blocks of 256
 // (ggml's Q8_K) for the K-quants. Engines, best first (TypedMatmul picks one per type and target):
+//   amx     (matmul_amx.cpp, outside Highway) the 32-element types for TokenKind::prompt rows
+//           when the CPU and OS allow AMX and the target is AVX3_DL; matmul() picks it.
 //   vnni    every 32-element type (Q8_0/Q4_0/Q4_1/Q5_0/Q5_1/IQ4_NL) on AVX3_DL when the CPU
 //           reports AVX512-VNNI: four blocks per 512-bit register, one block per 128-bit lane,
 //           weights unpacked with vpermt2b, vpdpbusd.
@@ -1368,6 +1370,8 @@ bool amx_prompt_engine() {
   detail::init_simd_once();
   return HWY_DYNAMIC_DISPATCH(TargetBit)() == HWY_AVX3_DL && detail::amx_available();
 }
+
+std::string simd_description() { return simd_target_name() + (amx_prompt_engine() ? " + AMX prompt" : ""); }
 
 }  // namespace qf
 #endif  // HWY_ONCE
