@@ -248,6 +248,35 @@ void BM_TypePrefill(benchmark::State& state) {
 }
 BENCHMARK(BM_TypePrefill)->Apply(TypeArgs);
 
+// A prompt's matmul as Gemma 3 270M's FFN gate/up has it (2048 x 640) at 512 tokens, and at 1
+// and 16 tokens, with kind 1 = TokenKind::prompt (the AMX engine where amx_prompt_engine()) or
+// 0 = TokenKind::decode (the target's engine): the AMX-on/off comparison of prefill's matmuls.
+// QF_AMX=0 turns the prompt rows back to the target's engine. 1 thread, rates per CPU second.
+void BM_PromptMatmul(benchmark::State& state) {
+  const auto type = static_cast<GgmlType>(state.range(0));
+  const auto kind = state.range(1) ? TokenKind::prompt : TokenKind::decode;
+  const int64_t n_tok = state.range(2);
+  constexpr int64_t kRows = 2048, kCols = 640;
+  const auto w = make_weights(type, kRows, kCols, 1);
+  const auto x = make_x(kCols * n_tok);
+  std::vector<float> y(kRows * n_tok);
+  for (auto _ : state) {
+    matmul(WeightView{type, kCols, kRows, w.data()}, x.data(), n_tok, y.data(), pool(1), kind);
+    benchmark::ClobberMemory();
+  }
+  const double iters = static_cast<double>(state.iterations());
+  state.counters["GOPS"] = benchmark::Counter(iters * 2.0 * kRows * kCols * n_tok / 1e9, benchmark::Counter::kIsRate);
+  const bool amx = kind == TokenKind::prompt && amx_prompt_engine() && type != GgmlType::Q4_K && type != GgmlType::Q6_K;
+  state.SetLabel(std::string(type_info(type).name) + (amx ? " amx" : " ") + (amx ? "" : simd_target_name()));
+}
+BENCHMARK(BM_PromptMatmul)
+    ->ArgNames({"type", "prompt", "tokens"})
+    ->ArgsProduct({{static_cast<int>(GgmlType::Q5_0), static_cast<int>(GgmlType::Q8_0), static_cast<int>(GgmlType::Q4_0),
+                    static_cast<int>(GgmlType::Q4_1)},
+                   {0, 1},
+                   {1, 16, 512}})
+    ->Unit(benchmark::kMicrosecond);
+
 // Decode from a matrix that stays in L2 (about 512 KiB, 2048 columns, 1 thread): the kernel's
 // own throughput, which must exceed the read bandwidth for BM_TypeDecode to reach it. Rates are
 // per CPU second, so other processes sharing the core distort them less than wall time would.

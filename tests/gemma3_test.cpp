@@ -106,7 +106,13 @@ TEST_P(Gemma3, TeacherForcedMatchesLlamaCpp) {
               t.perplexity(), ref_ppl, 100.0 * (t.perplexity() / ref_ppl - 1));
   EXPECT_NEAR(t.perplexity() / ref_ppl, 1.0, 0.01);
   EXPECT_GE(t.stable_agreement(), 0.99);
-  EXPECT_GE(t.agreement(), self - 0.01) << "less agreement than llama.cpp has with itself";
+  // Slack 1.5 points: the raw agreement is float-rounding noise at this model's many near-ties.
+  // qf's own engines, which compute the same integer block products and differ only in the order
+  // of float additions, measured 93.6-94.4% on q4_k_m (AVX2 94.38, AVX-512 94.14, VNNI 94.19, AMX
+  // 93.62 with a sequential block sum and 93.71 with pairs; perplexity -0.10% to +0.23%), and
+  // llama.cpp agrees with itself at batch 1 on 94.95%. The gap >= 0.5 positions above are the
+  // sharp check.
+  EXPECT_GE(t.agreement(), self - 0.015) << "less agreement than llama.cpp has with itself";
 }
 
 // 20,000 tokens, scored over the second half (positions 10,000 on): sliding windows and global

@@ -62,7 +62,7 @@ inline std::vector<int32_t> greedy_continuation(Session& s, const std::vector<in
   for (size_t k = 0; k < n; ++k) {
     const int32_t next = argmax_row(logits.data(), n_vocab);
     out.push_back(next);
-    logits = s.eval(std::span<const int32_t>(&next, 1));
+    logits = s.decode(next);
   }
   return out;
 }

@@ -72,7 +72,7 @@ std::vector<std::vector<float>> run_alone(const Model& m, const Plan& p) {
   for (int step = 0; step < kSteps; ++step) {
     out.emplace_back(l.begin(), l.end());
     const int32_t next = argmax(l);
-    l = s->eval(std::span<const int32_t>(&next, 1));
+    l = s->decode(next);
   }
   return out;
 }
@@ -95,7 +95,10 @@ void expect_batched_equals_alone(const std::string& path) {
     for (size_t i = 0; i < ps.size(); ++i) {
       if (step < ps[i].start_step || done[i] == kSteps) continue;
       const bool first = step == ps[i].start_step;
-      items.push_back({sessions[i].get(), first ? std::span<const int32_t>(ps[i].prompt) : std::span<const int32_t>(&next[i], 1)});
+      // As the server: a prompt is prompt rows (the AMX engine where there is one), the token a
+      // session sampled is a decode row, both kinds in one pass.
+      if (first) items.push_back({sessions[i].get(), std::span<const int32_t>(ps[i].prompt), TokenKind::prompt});
+      else items.push_back({sessions[i].get(), std::span<const int32_t>(&next[i], 1), TokenKind::decode});
       who.push_back(i);
     }
     if (items.empty()) break;

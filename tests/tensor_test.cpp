@@ -561,18 +561,21 @@ TEST_F(SimdTargets, MatmulAllTypesShapesThreadsTargets) {
         const auto x = random_activations(s.n_tok, s.cols, rng);
         const std::string what = target + " " + std::string(type_info(t).name) + " " + std::to_string(s.rows) +
                                  "x" + std::to_string(s.cols) + " n_tok " + std::to_string(s.n_tok);
-        std::vector<float> first;
-        for (ThreadPool& pool : pools) {
-          std::vector<float> y(s.rows * s.n_tok, NAN);
-          matmul(w, x.data(), s.n_tok, y.data(), pool);
-          if (first.empty()) {
-            first = y;
-            check_matmul(w, x, s.n_tok, y, what);
-            if (HasFatalFailure()) return;
-          } else {
-            // Each output is computed by the same instructions whatever the split: bit-identical.
-            ASSERT_EQ(0, std::memcmp(first.data(), y.data(), y.size() * sizeof(float)))
-                << what << " differs with " << pool.size() << " threads";
+        for (TokenKind kind : {TokenKind::decode, TokenKind::prompt}) {
+          const std::string how = what + (kind == TokenKind::prompt ? " prompt" : " decode");
+          std::vector<float> first;
+          for (ThreadPool& pool : pools) {
+            std::vector<float> y(s.rows * s.n_tok, NAN);
+            matmul(w, x.data(), s.n_tok, y.data(), pool, kind);
+            if (first.empty()) {
+              first = y;
+              check_matmul(w, x, s.n_tok, y, how);
+              if (HasFatalFailure()) return;
+            } else {
+              // Each output is computed by the same instructions whatever the split: bit-identical.
+              ASSERT_EQ(0, std::memcmp(first.data(), y.data(), y.size() * sizeof(float)))
+                  << how << " differs with " << pool.size() << " threads";
+            }
           }
         }
       }
@@ -607,12 +610,14 @@ TEST_F(SimdTargets, MatmulExtremeBlocks) {
             const int64_t tok = j / cols;
             x[j] = tok == 0 ? 1.0f : tok == 1 ? -1.0f : (j % 2 ? 1.0f : -1.0f);
           }
-          std::vector<float> y(rows * n_tok, NAN);
-          matmul(w, x.data(), n_tok, y.data(), pool);
-          check_matmul(w, x, n_tok, y,
-                       target + " extreme " + std::string(ti.name) + " pattern " + std::to_string(pattern) +
-                           " n_tok " + std::to_string(n_tok));
-          if (HasFatalFailure()) return;
+          for (TokenKind kind : {TokenKind::decode, TokenKind::prompt}) {
+            std::vector<float> y(rows * n_tok, NAN);
+            matmul(w, x.data(), n_tok, y.data(), pool, kind);
+            check_matmul(w, x, n_tok, y,
+                         target + " extreme " + std::string(ti.name) + " pattern " + std::to_string(pattern) +
+                             " n_tok " + std::to_string(n_tok) + (kind == TokenKind::prompt ? " prompt" : ""));
+            if (HasFatalFailure()) return;
+          }
         }
       }
     }
@@ -660,11 +665,13 @@ TEST_F(SimdTargets, MatmulReadsNothingPastTheEnd) {
           const auto xs = random_activations(n_tok, cols, rng);
           GuardedBuffer xbuf(xs.size() * sizeof(float));
           std::memcpy(xbuf.data(), xs.data(), xs.size() * sizeof(float));
-          std::vector<float> y(rows * n_tok);
           const WeightView w{t, cols, rows, wbuf.data()};
-          matmul(w, reinterpret_cast<const float*>(xbuf.data()), n_tok, y.data(), pool);
-          check_matmul(w, xs, n_tok, y, target + " guarded " + std::string(type_info(t).name));
-          if (HasFatalFailure()) return;
+          for (TokenKind kind : {TokenKind::decode, TokenKind::prompt}) {
+            std::vector<float> y(rows * n_tok);
+            matmul(w, reinterpret_cast<const float*>(xbuf.data()), n_tok, y.data(), pool, kind);
+            check_matmul(w, xs, n_tok, y, target + " guarded " + std::string(type_info(t).name));
+            if (HasFatalFailure()) return;
+          }
         }
       }
     }
@@ -688,8 +695,107 @@ TEST_F(SimdTargets, NonFiniteActivationsAreSafe) {
       x[2 * cols + 70] = 1e-45f;
       std::vector<float> y(rows * n_tok);
       matmul(WeightView{t, cols, rows, data.data()}, x.data(), n_tok, y.data(), pool);
+      matmul(WeightView{t, cols, rows, data.data()}, x.data(), n_tok, y.data(), pool, TokenKind::prompt);
     }
   }
+}
+
+// The AMX prompt engine (TokenKind::prompt on CPUs with AMX): the reference check at shapes
+// around its 16 x 16 tiles (partial token tiles, partial row panels, odd block counts), every
+// thread count bit-identical, and each token's row independent of how many tokens share the
+// product and of the token's place in its tile.
+class AmxPrompt : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (!amx_prompt_engine())
+      GTEST_SKIP() << "AMX prompt engine not active here (no AMX-INT8, the OS refused the tile state, "
+                      "QF_AMX=0 or a SIMD target below avx512vnni): nothing to test";
+  }
+};
+
+const GgmlType kAmxTypes[] = {GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0,
+                              GgmlType::Q5_1, GgmlType::Q8_0, GgmlType::IQ4_NL};
+
+TEST_F(AmxPrompt, MatchesReferenceAroundTileEdges) {
+  ThreadPool pools[] = {ThreadPool(1), ThreadPool(2), ThreadPool(3)};
+  std::mt19937 rng(5);
+  const Shape shapes[] = {{16, 64, 16}, {17, 32, 15}, {31, 96, 17}, {33, 160, 40}, {48, 640, 33},
+                          {5, 2048, 7},  {64, 608, 1}, {15, 224, 31}, {100, 320, 64}};
+  for (GgmlType t : kAmxTypes) {
+    for (const Shape& s : shapes) {
+      const auto data = random_weights(t, s.rows, s.cols, rng);
+      const WeightView w{t, s.cols, s.rows, data.data()};
+      const auto x = random_activations(s.n_tok, s.cols, rng);
+      const std::string what = "amx " + std::string(type_info(t).name) + " " + std::to_string(s.rows) + "x" +
+                               std::to_string(s.cols) + " n_tok " + std::to_string(s.n_tok);
+      std::vector<float> first;
+      for (ThreadPool& pool : pools) {
+        std::vector<float> y(s.rows * s.n_tok, NAN);
+        matmul(w, x.data(), s.n_tok, y.data(), pool, TokenKind::prompt);
+        if (first.empty()) {
+          first = y;
+          check_matmul(w, x, s.n_tok, y, what);
+          if (HasFatalFailure()) return;
+        } else {
+          ASSERT_EQ(0, std::memcmp(first.data(), y.data(), y.size() * sizeof(float)))
+              << what << " differs with " << pool.size() << " threads";
+        }
+      }
+    }
+  }
+}
+
+TEST_F(AmxPrompt, TokenRowsIndependentOfTokenCountAndPlace) {
+  ThreadPool pool(2);
+  std::mt19937 rng(6);
+  constexpr int64_t kTok = 40, rows = 37, cols = 352;  // 11 blocks: an odd count
+  for (GgmlType t : kAmxTypes) {
+    const auto data = random_weights(t, rows, cols, rng);
+    const WeightView w{t, cols, rows, data.data()};
+    const auto x = random_activations(kTok, cols, rng);
+    std::vector<float> all(rows * kTok);
+    matmul(w, x.data(), kTok, all.data(), pool, TokenKind::prompt);
+    for (int64_t n = 1; n <= kTok; ++n) {
+      for (int64_t first : {int64_t{0}, kTok - n, (kTok - n) / 2}) {  // the token's place in a tile moves
+        std::vector<float> y(rows * n);
+        matmul(w, x.data() + first * cols, n, y.data(), pool, TokenKind::prompt);
+        ASSERT_EQ(0, std::memcmp(y.data(), all.data() + first * rows, y.size() * sizeof(float)))
+            << type_info(t).name << ": tokens [" << first << ", " << first + n << ") differ from the same tokens among "
+            << kTok;
+      }
+    }
+  }
+}
+
+// Capping the SIMD target below AVX3_DL turns the AMX engine off (prompt = decode there).
+TEST_F(AmxPrompt, OffBelowAvx512Vnni) {
+  ASSERT_TRUE(force_simd_target("avx512"));
+  EXPECT_FALSE(amx_prompt_engine());
+  ASSERT_TRUE(force_simd_target("best"));
+  EXPECT_TRUE(amx_prompt_engine());
+}
+
+TEST(SimdEnv, AmxEnvironmentVariable) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_EXIT(
+      {
+        setenv("QF_AMX", "0", 1);
+        std::fprintf(stderr, "amx=%d\n", static_cast<int>(amx_prompt_engine()));
+        std::exit(0);
+      },
+      ::testing::ExitedWithCode(0), "amx=0");
+  EXPECT_EXIT(
+      {
+        setenv("QF_AMX", "yes", 1);
+        try {
+          amx_prompt_engine();
+        } catch (const Error& e) {
+          std::fprintf(stderr, "%s\n", e.what());
+          std::exit(3);
+        }
+        std::exit(0);
+      },
+      ::testing::ExitedWithCode(3), "QF_AMX=yes");
 }
 
 TEST(SimdEnv, EnvironmentVariableForcesTarget) {

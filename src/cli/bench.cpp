@@ -71,7 +71,7 @@ int bench(const BenchOptions& o) {
     const auto t1 = clock::now();
     for (int i = 0; i < o.n_gen; ++i) {
       const int32_t next = argmax(logits);
-      logits = s.eval(std::span<const int32_t>(&next, 1));
+      logits = s.decode(next);
     }
     const double t_decode = std::chrono::duration<double>(clock::now() - t1).count();
     if (o.n_gen > 0) {
@@ -94,6 +94,7 @@ int bench(const BenchOptions& o) {
   j["model"] = o.model.model;
   j["threads"] = s.pool().size();
   j["simd"] = simd_target_name();
+  j["amx_prompt"] = amx_prompt_engine();
   j["prompt_tokens"] = o.n_prompt;
   j["gen_tokens"] = o.n_gen;
   j["reps"] = o.reps;
@@ -122,7 +123,7 @@ int bench(const BenchOptions& o) {
   } else {
     std::printf("prefill %d tokens: %.1f tok/s | decode %d tokens: %.1f tok/s | median of %d, %d threads, %s | peak RSS %.1f MiB\n",
                 o.n_prompt, median(prefill_runs), o.n_gen, median(decode_runs), o.reps, s.pool().size(),
-                simd_target_name().c_str(), peak_rss_mib());
+                simd_description().c_str(), peak_rss_mib());
     std::printf("per CPU second: prefill %.1f tok, decode %.1f tok\n", median(prefill_cpu_runs), median(decode_cpu_runs));
     std::printf("KV %s/%s, %lld bytes per token per layer: %.2f MiB in use vs %.2f MiB for a full cache",
                 std::string(kv::kv_type_name(s.cache().types().k)).c_str(),

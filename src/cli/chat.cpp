@@ -71,7 +71,7 @@ int chat(const ChatOptions& o) {
       const std::string text = stream.push(next);
       std::fwrite(text.data(), 1, text.size(), stdout);
       std::fflush(stdout);
-      logits = s.eval(std::span<const int32_t>(&next, 1));
+      logits = s.decode(next);
       fed.push_back(next);
     }
     const std::string rest = stream.flush();

@@ -87,7 +87,7 @@ int run(const RunOptions& o) {
     std::fwrite(text.data(), 1, text.size(), stdout);
     std::fflush(stdout);
     if (n_gen == limit || !s.has_room(1)) break;
-    logits = s.eval(std::span<const int32_t>(&next, 1));
+    logits = s.decode(next);
   }
   const std::string rest = stream.flush();
   std::fwrite(rest.data(), 1, rest.size(), stdout);
@@ -95,7 +95,7 @@ int run(const RunOptions& o) {
   const double gen_ms = ms_since(t1);
   std::fprintf(stderr, "\nprompt: %zu tokens in %.1f ms (%.1f tok/s) | generation: %d tokens in %.1f ms (%.1f tok/s) | %d threads, %s\n",
                ids.size(), prompt_ms, ids.size() * 1e3 / prompt_ms, n_gen, gen_ms,
-               n_gen > 0 ? n_gen * 1e3 / gen_ms : 0.0, s.pool().size(), simd_target_name().c_str());
+               n_gen > 0 ? n_gen * 1e3 / gen_ms : 0.0, s.pool().size(), simd_description().c_str());
   std::fprintf(stderr, "%s\n", kv_summary(s).c_str());
   return 0;
 }

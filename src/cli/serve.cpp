@@ -55,7 +55,7 @@ int serve(ServeOptions& o) {
   std::fprintf(stderr, "qf serve: http://%s:%d | %d slots, context %d, KV %s%s, %.1f MiB per session | %d threads, %s\n",
                o.server.host.c_str(), port, o.server.scheduler.n_slots, engine.n_ctx(), o.kv.policy.c_str(),
                o.kv.budget > 0 ? (" budget " + std::to_string(o.kv.budget)).c_str() : "", per_session / 1048576.0,
-               engine.pool().size(), simd_target_name().c_str());
+               engine.pool().size(), simd_description().c_str());
   std::thread watcher([&] {
     int sig = 0;
     sigwait(&signals, &sig);

@@ -88,7 +88,7 @@ NeedleRunner::Answer NeedleRunner::answer(const std::string& policy, int compres
     if (eog && eog(next)) break;
     a.tokens.push_back(next);
     if ((done && done(a.tokens)) || i + 1 == max_new || work_->n_past() >= work_->n_ctx()) break;
-    logits = work_->eval(std::span<const int32_t>(&next, 1));
+    logits = work_->decode(next);
   }
   return a;
 }

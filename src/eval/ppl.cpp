@@ -170,7 +170,9 @@ void run_ppl(const EvalContext& ctx, const std::vector<TokenDoc>& docs, const Pp
         nll.reserve(N - 1 - b);
         const std::string note = d.name + " B=" + std::to_string(b) + " " + p;
         for (int t = b; t < N - 1; ++t) {
-          std::span<const float> logits = s->eval(std::span<const int32_t>(&d.tokens[t], 1));
+          // One token at a time, as generation decodes (TokenKind::decode: the prompt engine
+          // would only be slower for single tokens).
+          std::span<const float> logits = s->decode(d.tokens[t]);
           nll.push_back(token_nll(logits, d.tokens[t + 1]));
           bar.advance(1, note);
         }

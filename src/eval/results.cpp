@@ -113,6 +113,7 @@ json run_info(const std::string& model_path, const std::string& fingerprint, con
   j["time"] = utc_now();
   j["threads"] = n_threads;
   j["simd"] = simd_target_name();
+  j["amx_prompt"] = amx_prompt_engine();
   struct utsname u {};
   if (uname(&u) == 0) j["machine"] = std::string(u.sysname) + " " + u.machine;
   j["cpus_online"] = static_cast<int>(sysconf(_SC_NPROCESSORS_ONLN));

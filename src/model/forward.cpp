@@ -38,8 +38,11 @@ void Forward::run(std::span<const Segment> segments, ThreadPool& pool) {
   }
   if (n == 0) return;
   seg_row_.clear();
+  runs_.clear();
   for (int row = 0; const Segment& s : segments) {
     seg_row_.push_back(row);
+    if (!runs_.empty() && runs_.back().kind == s.kind) runs_.back().n += s.n;
+    else runs_.push_back({row, s.n, s.kind});
     row += s.n;
   }
   if (c.embd_scale != 1.0f) ops::scale(x_.data(), n * E, c.embd_scale);
@@ -57,9 +60,9 @@ void Forward::attention_block(int l, std::span<const Segment> segments, int n, T
   const LayerWeights& w = model_.layers()[l];
   const int E = c.n_embd, D = c.head_dim, H = c.n_heads, KVH = c.n_kv_heads;
   ops::rmsnorm_rows(h_.data(), x_.data(), w.attn_norm, n, E, c.rms_eps);
-  matmul(w.wq, h_.data(), n, q_.data(), pool);
-  matmul(w.wk, h_.data(), n, k_.data(), pool);
-  matmul(w.wv, h_.data(), n, v_.data(), pool);
+  project(w.wq, h_.data(), q_.data(), pool);
+  project(w.wk, h_.data(), k_.data(), pool);
+  project(w.wv, h_.data(), v_.data(), pool);
   if (w.bq) {
     ops::add_bias_rows(q_.data(), w.bq, n, H * D);
     ops::add_bias_rows(k_.data(), w.bk, n, KVH * D);
@@ -97,7 +100,7 @@ void Forward::attention_block(int l, std::span<const Segment> segments, int n, T
     else jobs_.push_back({&ss.cache(), args_[i]});
   }
   kv::attend_fused_many(jobs_, pool);
-  matmul(w.wo, att_.data(), n, h_.data(), pool);
+  project(w.wo, att_.data(), h_.data(), pool);
   if (w.attn_post_norm) ops::rmsnorm_rows(h_.data(), h_.data(), w.attn_post_norm, n, E, c.rms_eps);
   ops::add(x_.data(), h_.data(), static_cast<size_t>(n) * E);
 }
@@ -107,15 +110,22 @@ void Forward::ffn_block(int l, int n, ThreadPool& pool) {
   const LayerWeights& w = model_.layers()[l];
   const int E = c.n_embd;
   ops::rmsnorm_rows(h_.data(), x_.data(), w.ffn_norm, n, E, c.rms_eps);
-  matmul(w.ffn_gate, h_.data(), n, ff_a_.data(), pool);
-  matmul(w.ffn_up, h_.data(), n, ff_b_.data(), pool);
+  project(w.ffn_gate, h_.data(), ff_a_.data(), pool);
+  project(w.ffn_up, h_.data(), ff_b_.data(), pool);
   ops::gated_activation(ff_a_.data(), ff_b_.data(), static_cast<size_t>(n) * c.n_ff, c.activation);
-  matmul(w.ffn_down, ff_a_.data(), n, h_.data(), pool);
+  project(w.ffn_down, ff_a_.data(), h_.data(), pool);
   if (w.ffn_post_norm) ops::rmsnorm_rows(h_.data(), h_.data(), w.ffn_post_norm, n, E, c.rms_eps);
   ops::add(x_.data(), h_.data(), static_cast<size_t>(n) * E);
 }
 
-// Only the rows whose logits are wanted go through the (large) output matrix, all in one product.
+void Forward::project(const WeightView& w, const float* x, float* y, ThreadPool& pool) const {
+  for (const KindRun& r : runs_)
+    matmul(w, x + static_cast<size_t>(r.row) * w.cols, r.n, y + static_cast<size_t>(r.row) * w.rows, pool, r.kind);
+}
+
+// Only the rows whose logits are wanted go through the (large) output matrix, all in one product,
+// on the decode engine whatever the rows' kind: a token's logits are computed one way only, and
+// the prompt engine would gain nothing on the one row a prompt chunk usually wants.
 void Forward::output_logits(std::span<const Segment> segments, ThreadPool& pool) {
   const ModelConfig& c = model_.config();
   const size_t E = c.n_embd, V = c.n_vocab;

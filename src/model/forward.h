@@ -10,6 +10,7 @@
 #include "kv/attention.h"
 #include "model/model.h"
 #include "model/ops.h"
+#include "tensor/kernels.h"
 #include "tensor/threadpool.h"
 
 namespace qf {
@@ -23,6 +24,9 @@ struct Segment {
   int n = 0;
   float* logits = nullptr;  // null: no logits; else [n_vocab] of the last token, or [n][n_vocab]
   bool all_logits = false;
+  // Picks the matmul engine of the segment's rows (tensor/kernels.h): prompt tokens may take the
+  // AMX engine, decode steps keep the engine whose numbers do not depend on the batch.
+  TokenKind kind = TokenKind::prompt;
 };
 
 class Forward {
@@ -40,6 +44,13 @@ class Forward {
   void attention_block(int l, std::span<const Segment> segments, int n, ThreadPool& pool);
   void ffn_block(int l, int n, ThreadPool& pool);
   void output_logits(std::span<const Segment> segments, ThreadPool& pool);
+  // y = W x over the pass's n rows: one matmul per run of consecutive rows of one TokenKind.
+  void project(const WeightView& w, const float* x, float* y, ThreadPool& pool) const;
+
+  struct KindRun {
+    int row, n;
+    TokenKind kind;
+  };
 
   const Model& model_;
   int max_rows_;
@@ -48,6 +59,7 @@ class Forward {
   std::vector<int32_t> pos_;
   std::vector<int> out_rows_;  // rows whose logits are wanted
   std::vector<int> seg_row_;  // first row of each segment
+  std::vector<KindRun> runs_;  // the pass's rows by kind
   std::vector<kv::AttentionArgs> args_;  // attention_block scratch
   std::vector<kv::AttentionJob> jobs_;
 };

@@ -202,6 +202,14 @@ void Session::check_tokens(std::span<const int32_t> tokens) const {
 }
 
 std::span<const float> Session::eval(std::span<const int32_t> tokens, bool all_logits) {
+  return eval_tokens(tokens, all_logits, TokenKind::prompt);
+}
+
+std::span<const float> Session::decode(int32_t token) {
+  return eval_tokens(std::span<const int32_t>(&token, 1), false, TokenKind::decode);
+}
+
+std::span<const float> Session::eval_tokens(std::span<const int32_t> tokens, bool all_logits, TokenKind kind) {
   const ModelConfig& c = model_.config();
   const int64_t n = static_cast<int64_t>(tokens.size());
   if (n == 0) return {};
@@ -213,7 +221,7 @@ std::span<const float> Session::eval(std::span<const int32_t> tokens, bool all_l
     const bool last_chunk = i + m == n;
     make_room(m);
     float* out = all_logits ? logits_.data() + static_cast<size_t>(i) * c.n_vocab : (last_chunk ? logits_.data() : nullptr);
-    forward_chunk(tokens.data() + i, m, out, all_logits);
+    forward_chunk(tokens.data() + i, m, out, all_logits, kind);
     if (compressor_) compressor_->after_step(*cache_);
   }
   return {logits_.data(), rows * c.n_vocab};
@@ -232,7 +240,7 @@ std::vector<std::span<const float>> Session::eval_batch(std::span<const BatchIte
     s.make_room(static_cast<int>(it.tokens.size()));
     const size_t vocab = s.model_.config().n_vocab;
     if (s.logits_.size() < vocab) s.logits_.resize(vocab);
-    segments.push_back({&s, it.tokens.data(), static_cast<int>(it.tokens.size()), s.logits_.data(), false});
+    segments.push_back({&s, it.tokens.data(), static_cast<int>(it.tokens.size()), s.logits_.data(), false, it.kind});
     rows += static_cast<int>(it.tokens.size());
   }
   if (rows > fw.max_rows()) fail("eval_batch: ", rows, " tokens exceed the batch of ", fw.max_rows());
@@ -264,8 +272,8 @@ void Session::shift_context() {
   positions_shifted_ += shift_delta_;
 }
 
-void Session::forward_chunk(const int32_t* tokens, int n, float* logits, bool all_logits) {
-  const Segment seg{this, tokens, n, logits, all_logits};
+void Session::forward_chunk(const int32_t* tokens, int n, float* logits, bool all_logits, TokenKind kind) {
+  const Segment seg{this, tokens, n, logits, all_logits, kind};
   forward_->run(std::span<const Segment>(&seg, 1), pool_);
 }
 

@@ -68,10 +68,12 @@ kv::RopeGeometry rope_geometry(const Model& model);
 
 class Session;
 
-// One session's share of a batched step: the tokens to append to it.
+// One session's share of a batched step: the tokens to append to it, prompt tokens or the token
+// it sampled last (TokenKind::decode, the engine Session::decode uses).
 struct BatchItem {
   Session* session = nullptr;
   std::span<const int32_t> tokens;
+  TokenKind kind = TokenKind::prompt;
 };
 
 class Session {
@@ -111,6 +113,10 @@ class Session {
   // Appends tokens to the sequence; streaming compression runs after each chunk. Returns the
   // logits of the last token, or of every token ([n][n_vocab]) when all_logits is set.
   std::span<const float> eval(std::span<const int32_t> tokens, bool all_logits = false);
+  // Appends the token the model just sampled (a decode step) and returns its logits. Prompt
+  // tokens go through eval/prefill, which may use the AMX engine (TokenKind::prompt); decode
+  // steps keep the engine a batched step uses, so a session decodes the same alone or batched.
+  std::span<const float> decode(int32_t token);
 
   // Forgets the sequence; memory stays allocated.
   void reset();
@@ -134,7 +140,8 @@ class Session {
 
  private:
   friend class Forward;
-  void forward_chunk(const int32_t* tokens, int n, float* logits, bool all_logits);
+  std::span<const float> eval_tokens(std::span<const int32_t> tokens, bool all_logits, TokenKind kind);
+  void forward_chunk(const int32_t* tokens, int n, float* logits, bool all_logits, TokenKind kind);
   // Layer l for this session's n rows of a forward pass: hands q/k to the hook, stores k/v in the
   // cache (after trimming a sliding window) and returns the arguments of the n queries' attention
   // over the cache, written to `out` (Forward runs it: kv::attend_fused_many for sessions whose

@@ -487,7 +487,7 @@ void Scheduler::step(const std::vector<Slot*>& active) {
       std::lock_guard<std::mutex> lock(mu_);
       ++metrics_.cancelled;
     } else if (s->prompt_done == s->job->tokens.size()) {
-      items.push_back({s->session.get(), std::span<const int32_t>(&s->pending, 1)});
+      items.push_back({s->session.get(), std::span<const int32_t>(&s->pending, 1), TokenKind::decode});
       who.push_back(s);
       ++rows;
     }

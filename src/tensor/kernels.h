@@ -23,6 +23,18 @@ struct WeightView {
   const uint8_t* data = nullptr;
 };
 
+// Which rows a matmul multiplies; picks the engine where that matters (AMX, see below).
+//   decode: decode steps (one new token of each of one or more sequences, batched or not) and
+//           every other use: the engines of the dispatched SIMD target.
+//   prompt: tokens of a sequence's prompt (prefill, evaluation, a server's prompt chunks): the
+//           AMX engine for the 32-element types where the CPU and OS allow it and the target is
+//           AVX3_DL (amx_prompt_engine()), else the same as decode.
+// Every engine computes a (row, token) result from that row and token alone (not from n_tok, the
+// token's place in a tile or the thread count), so a token always gets the same numbers from the
+// same kind: a prompt's numbers do not depend on its chunking, nor a session's decode steps on
+// what shares its batch. The two kinds may differ by float rounding.
+enum class TokenKind : uint8_t { decode, prompt };
+
 // y[t * rows + r] = dot(W row r, x[t * cols ...]) for t in [0, n_tok).
 // Quantized weights use the activations quantized to 8 bits (as llama.cpp does) in the format
 // their type-table row names, and integer dot products; F32/F16/BF16 weights use float dot
@@ -42,7 +54,8 @@ struct WeightView {
 // Quantized types need cols to be a whole number of blocks. x and y must not overlap. Throws
 // qf::Error on bad input or a type the table does not support.
 // Runs its own pool.run(), so it must not be called from inside a job of the same pool.
-void matmul(const WeightView& w, const float* x, int64_t n_tok, float* y, ThreadPool& pool);
+void matmul(const WeightView& w, const float* x, int64_t n_tok, float* y, ThreadPool& pool,
+            TokenKind kind = TokenKind::decode);
 
 // Dequantizes row `row` of w into out[0..cols). Throws qf::Error on a bad type, row or pointer.
 void dequantize_row(const WeightView& w, int64_t row, float* out);
@@ -69,6 +82,13 @@ void rmsnorm_f32(float* out, const float* x, const float* w, size_t n, float eps
 // Name of the SIMD target chosen at run time, as Highway names it ("AVX3_DL" = AVX-512 with
 // VNNI/VBMI, "AVX3" = AVX-512, "AVX2", "SCALAR").
 std::string simd_target_name();
+// Whether TokenKind::prompt matmuls of the 32-element types run on the AMX engine here: the CPU
+// has AMX-TILE and AMX-INT8, the OS grants the tile state, the dispatched target is AVX3_DL (see
+// force_simd_target / QF_SIMD_TARGET) and the environment variable QF_AMX is not 0. Throws
+// qf::Error when QF_AMX is set to anything but 0 or 1.
+bool amx_prompt_engine();
+// What qf reports as its kernels: simd_target_name(), plus " + AMX prompt" when amx_prompt_engine().
+std::string simd_description();
 
 // Caps run-time dispatch at a lower SIMD target, for tests and benchmarks. Names, best first:
 // "best" (no cap), "avx512vnni" (AVX3_DL), "avx512" (AVX3), "avx2", "scalar" (portable C++).

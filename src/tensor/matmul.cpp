@@ -4,6 +4,8 @@
 // Quantized weights are multiplied with activations quantized to int8 in the format their row of
 // the type table names (kernels.h): blocks of 32 for the 32-element types, super-blocks of 256
 // (ggml's Q8_K) for the K-quants. Engines, best first (TypedMatmul picks one per type and target):
+//   amx     (matmul_amx.cpp, outside Highway) the 32-element types for TokenKind::prompt rows
+//           when the CPU and OS allow AMX and the target is AVX3_DL; matmul() picks it.
 //   vnni    every 32-element type (Q8_0/Q4_0/Q4_1/Q5_0/Q5_1/IQ4_NL) on AVX3_DL when the CPU
 //           reports AVX512-VNNI: four blocks per 512-bit register, one block per 128-bit lane,
 //           weights unpacked with vpermt2b, vpdpbusd.
@@ -28,6 +30,7 @@
 
 #include "tensor/kernels.h"
 #include "tensor/kernels_internal.h"
+#include "tensor/matmul_amx.h"
 #include "tensor/quant_blocks.h"
 #include "util/error.h"
 
@@ -1329,7 +1332,7 @@ HWY_EXPORT(AxpyF32);
 HWY_EXPORT(ScaleF32);
 HWY_EXPORT(MatmulImpl);
 
-void matmul(const WeightView& w, const float* x, int64_t n_tok, float* y, ThreadPool& pool) {
+void matmul(const WeightView& w, const float* x, int64_t n_tok, float* y, ThreadPool& pool, TokenKind kind) {
   detail::init_simd_once();
   const TypeInfo& ti = type_info(w.type);
   if (!ti.supported) fail("matmul: weight type ", ti.name, " is not supported");
@@ -1338,6 +1341,8 @@ void matmul(const WeightView& w, const float* x, int64_t n_tok, float* y, Thread
   row_bytes(w.type, w.cols);  // throws unless cols is a whole number of blocks
   if (w.rows == 0 || n_tok == 0) return;
   if (w.data == nullptr || x == nullptr || y == nullptr) fail("matmul: null pointer");
+  if (kind == TokenKind::prompt && detail::amx_handles(w.type) && amx_prompt_engine())
+    return detail::amx_matmul(w, x, n_tok, y, pool);
   HWY_DYNAMIC_DISPATCH(MatmulImpl)(w, x, n_tok, y, pool);
 }
 
@@ -1360,6 +1365,13 @@ std::string simd_target_name() {
   detail::init_simd_once();
   return hwy::TargetName(HWY_DYNAMIC_DISPATCH(TargetBit)());
 }
+
+bool amx_prompt_engine() {
+  detail::init_simd_once();
+  return HWY_DYNAMIC_DISPATCH(TargetBit)() == HWY_AVX3_DL && detail::amx_available();
+}
+
+std::string simd_description() { return simd_target_name() + (amx_prompt_engine() ? " + AMX prompt" : ""); }
 
 }  // namespace qf
 #endif  // HWY_ONCE

@@ -77,7 +77,7 @@ int generate(Session& s, const std::vector<int32_t>& text, int64_t n_tokens, int
   std::span<const float> logits = s.prefill(prompt);
   for (int64_t i = 1; i <= n_tokens; ++i) {
     const int32_t next = sampler.sample_and_accept(logits);
-    logits = s.eval(std::span<const int32_t>(&next, 1));
+    logits = s.decode(next);
     if (i % every == 0 || i == n_tokens) {
       std::printf("{\"tokens\": %lld, \"n_past\": %d, \"shifted\": %lld, \"rss_kib\": %ld}\n",
                   static_cast<long long>(i), s.n_past(), static_cast<long long>(s.positions_shifted()), rss_kib());

@@ -233,7 +233,7 @@ class Generation {
         s_.note(prompt_);
         started_ = true;
       } else {
-        logits_ = s.eval(std::span<const int32_t>(&last_, 1));
+        logits_ = s.decode(last_);
         s_.note(std::span<const int32_t>(&last_, 1));
       }
       token = sampler_.sample_and_accept(logits_);

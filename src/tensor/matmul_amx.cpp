@@ -1,0 +1,416 @@
+// AMX int8 engine for prompt processing: the 32-element block types (Q4_0, Q4_1, Q5_0, Q5_1,
+// Q8_0, IQ4_NL) with Intel AMX tiles (Sapphire Rapids and later).
+//
+// Activations are quantized per token and block of 32 exactly as the other engines do (kernels.h):
+// int8 q, the fp16-rounded scale dx and sx = dx * sum(q), in the natural layout
+//   int8 qs[32 * nb] | float dx[nb] | float sx[nb]   (per token, stride a multiple of 64),
+// so 16 consecutive tokens' bytes of one block are an A tile (16 rows x 32 bytes).
+// Weights are unpacked per panel of 16 rows, once per matmul, into signed int8 in the B tile
+// layout (8 rows of 16 columns x 4 bytes: B[k/4][4n + k%4] = q[n][k]) with each row's block
+// scale dw (and min mw for Q4_1 / Q5_1); the panel stays in L1 while every 16-token tile of the
+// prompt passes over it. Per block one tdpbssd gives the 16 x 16 integer dot products C[t][n]
+// (exact), and the epilogue, with weight rows in the 16 float lanes, forms
+//   float(C[t]) * (dw * dx[t])  (+ mw * sx[t])
+// and adds blocks b, b + 1 together before adding them to acc[t], pair after pair in block order.
+// So a (row, token) result depends only on that row and token: not on how many tokens share the
+// matmul, the token's place in its tile or the thread count. Profiles put the time in the tile
+// loads, products and stores (about 95 cycles per block and 16 x 16 tile at 512 tokens), not in
+// the AVX-512 epilogue; more tiles in flight (2 x 2 blocking, as llama.cpp's AMX kernels do) is
+// the next step.
+//
+// AMX needs the OS to grant the tile state (arch_prctl ARCH_REQ_XCOMP_PERM) before the first
+// tile instruction, else the process gets SIGILL: amx_available() asks once per process and
+// checks XCR0 afterwards. Each worker loads the tile configuration at the start of its share of
+// a matmul and releases the tiles at the end, so nothing else on the thread can be disturbed
+// and an idle thread holds no tile state.
+#include "tensor/matmul_amx.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <string_view>
+
+#include "tensor/kernels_internal.h"
+#include "util/error.h"
+
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__)
+#define QF_AMX_BUILD 1
+#include <cpuid.h>
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include "tensor/quant_blocks.h"
+#else
+#define QF_AMX_BUILD 0
+#endif
+
+namespace qf::detail {
+
+#if QF_AMX_BUILD
+namespace {
+
+constexpr long kArchReqXcompPerm = 0x1023;
+constexpr long kXfeatureXtiledata = 18;
+
+// CPUID.(7,0):EDX bits 24 (AMX-TILE) and 25 (AMX-INT8); then the tile data permission, after
+// which XCR0 must enable XTILECFG (bit 17) and XTILEDATA (bit 18).
+bool cpu_and_os_allow_amx() {
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+  if (((d >> 24) & 1u) == 0 || ((d >> 25) & 1u) == 0) return false;
+  if (!__get_cpuid(1, &a, &b, &c, &d) || ((c >> 27) & 1u) == 0) return false;  // OSXSAVE: xgetbv works
+  if (syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) != 0) return false;
+  uint32_t lo = 0, hi = 0;
+  __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+  return ((lo >> 17) & 3u) == 3u;
+}
+
+bool enabled_by_env() {
+  const char* v = std::getenv("QF_AMX");
+  if (v == nullptr || *v == '\0' || std::string_view(v) == "1") return true;
+  if (std::string_view(v) == "0") return false;
+  fail("QF_AMX=", std::string(v), " is not 0 (off) or 1 (on where the CPU has AMX)");
+}
+
+}  // namespace
+
+bool amx_available() {
+  static const bool ok = enabled_by_env() && cpu_and_os_allow_amx();
+  return ok;
+}
+
+#pragma GCC push_options
+#pragma GCC target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")
+// GCC 12's AVX-512 headers warn about their own _mm512_undefined_* placeholders here.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+namespace {
+
+constexpr int kTile = 16;  // tokens per A tile, weight rows per panel
+// B tile of one block: 8 rows of 64 bytes, then the panel rows' scales and mins.
+struct alignas(64) PanelBlock {
+  int8_t b[8][64];
+  float dw[16];
+  float mw[16];
+};
+static_assert(sizeof(PanelBlock) == 640);
+
+// palette 1; tmm0, tmm1: C (16 x 16 int32); tmm2, tmm3: A (16 tokens x 32 bytes);
+// tmm4, tmm5: B (8 x 64 bytes). Two of each, so two blocks are in flight.
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {64, 64, 32, 32, 64, 64};
+  uint8_t rows[16] = {16, 16, 16, 16, 8, 8};
+};
+const TileConfig kTileConfig{};
+
+inline size_t act_stride(int64_t nb) { return (static_cast<size_t>(nb) * 40 + 63) / 64 * 64; }
+
+// Quantizes 16 floats (already multiplied by 1/d) with roundf semantics, clamped to +-127.
+inline __m128i quantize16(__m512 v) {
+  v = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, v, _CMP_ORD_Q), v);  // NaN -> 0
+  const __m512 sign = _mm512_set1_ps(-0.0f);
+  __m512 t = _mm512_roundscale_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+  const __mmask16 up =
+      _mm512_cmp_ps_mask(_mm512_andnot_ps(sign, _mm512_sub_ps(v, t)), _mm512_set1_ps(0.5f), _CMP_GE_OQ);
+  t = _mm512_mask_add_ps(t, up, t, _mm512_or_ps(_mm512_and_ps(v, sign), _mm512_set1_ps(1.0f)));
+  t = _mm512_min_ps(_mm512_max_ps(t, _mm512_set1_ps(-127.0f)), _mm512_set1_ps(127.0f));
+  return _mm512_cvtsepi32_epi8(_mm512_cvttps_epi32(t));
+}
+
+// One token in the natural layout (see the top of the file), the documented formula of kernels.h.
+void quantize_token(const float* x, int64_t nb, uint8_t* out) {
+  auto* qs = reinterpret_cast<int8_t*>(out);
+  auto* dx = reinterpret_cast<float*>(out + 32 * nb);
+  float* sx = dx + nb;
+  const __m512 sign = _mm512_set1_ps(-0.0f);
+  for (int64_t b = 0; b < nb; ++b) {
+    const __m512 x0 = _mm512_loadu_ps(x + 32 * b), x1 = _mm512_loadu_ps(x + 32 * b + 16);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_andnot_ps(sign, x0), _mm512_andnot_ps(sign, x1)));
+    const float d = amax / 127.0f;
+    const __m512 id = _mm512_set1_ps(d != 0.0f ? 1.0f / d : 0.0f);
+    const __m128i q0 = quantize16(_mm512_mul_ps(x0, id)), q1 = quantize16(_mm512_mul_ps(x1, id));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(qs + 32 * b), q0);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(qs + 32 * b + 16), q1);
+    const int sum = _mm512_reduce_add_epi32(_mm512_add_epi32(_mm512_cvtepi8_epi32(q0), _mm512_cvtepi8_epi32(q1)));
+    // fp16-rounded scale, as ggml's q8 blocks (F16C rounds to nearest even like f32_to_fp16).
+    const float d16 = _cvtsh_ss(_cvtss_sh(d, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    dx[b] = d16;
+    sx[b] = d16 * static_cast<float>(sum);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Weight panels. Lane n of every gather reads the same 4 bytes of row n's block; lanes past the
+// matrix's last row are masked off (zero weights, zero scales).
+
+struct Gather {
+  const uint8_t* blk;  // block b of the panel's first row
+  __m512i idx;         // n * row bytes
+  __mmask16 rows;
+  __m512i at(size_t off) const {
+    return _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), rows, idx, blk + off, 1);
+  }
+};
+
+// Bits 4j..4j+3 of each dword of qh, bit c moved to bit 4 of byte c (the fifth bit of element
+// 4j + c). The multiply places bit c of the nibble at bit 8c; the four shifted copies do not overlap.
+inline __m512i fifth_bits(__m512i qh, int j) {
+  const __m512i nib = _mm512_and_si512(_mm512_srli_epi32(qh, 4 * j), _mm512_set1_epi32(0xF));
+  const __m512i spread = _mm512_and_si512(_mm512_mullo_epi32(nib, _mm512_set1_epi32(0x00204081)), _mm512_set1_epi32(0x01010101));
+  return _mm512_slli_epi32(spread, 4);
+}
+
+// Nibble types: B rows j (elements 4j..4j+3, low nibbles of qs bytes 4j..) and j + 4 (elements
+// 16 + 4j.., high nibbles), each lane's four bytes from one row.
+template <GgmlType TY>
+void unpack_block(const Gather& g, PanelBlock& out) {
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  const __m512i head = g.at(0);  // d (and m) half words
+  _mm512_store_ps(out.dw, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(head)));
+  if constexpr (blocks::Codec<TY>::kHasMin)
+    _mm512_store_ps(out.mw, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(head, 16))));
+  else
+    _mm512_store_ps(out.mw, _mm512_setzero_ps());
+  auto store = [&](int j, __m512i v) { _mm512_store_si512(out.b[j], v); };
+  if constexpr (TY == GgmlType::Q8_0) {  // d, qs[32]
+    for (int j = 0; j < 8; ++j) store(j, g.at(2 + 4 * j));
+  } else if constexpr (TY == GgmlType::Q4_0 || TY == GgmlType::Q4_1 || TY == GgmlType::IQ4_NL) {
+    constexpr size_t kQs = TY == GgmlType::Q4_1 ? 4 : 2;  // Q4_1: d, m, qs[16]; else d, qs[16]
+    for (int j = 0; j < 4; ++j) {
+      const __m512i v = g.at(kQs + 4 * j);
+      __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+      if constexpr (TY == GgmlType::Q4_0) {
+        lo = _mm512_sub_epi8(lo, _mm512_set1_epi8(8));
+        hi = _mm512_sub_epi8(hi, _mm512_set1_epi8(8));
+      } else if constexpr (TY == GgmlType::IQ4_NL) {
+        const __m512i grid = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blocks::kIq4nlValues)));
+        lo = _mm512_shuffle_epi8(grid, lo);
+        hi = _mm512_shuffle_epi8(grid, hi);
+      }
+      store(j, lo);
+      store(j + 4, hi);
+    }
+  } else {
+    static_assert(TY == GgmlType::Q5_0 || TY == GgmlType::Q5_1);
+    constexpr size_t kQh = TY == GgmlType::Q5_1 ? 4 : 2;  // Q5_1: d, m, qh[4], qs[16]; Q5_0: d, qh[4], qs[16]
+    constexpr int kOffset = TY == GgmlType::Q5_0 ? 16 : 0;
+    const __m512i qh = g.at(kQh);
+    for (int j = 0; j < 4; ++j) {
+      const __m512i v = g.at(kQh + 4 + 4 * j);
+      const __m512i lo = _mm512_or_si512(_mm512_and_si512(v, low4), fifth_bits(qh, j));
+      const __m512i hi = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(v, 4), low4), fifth_bits(qh, j + 4));
+      store(j, _mm512_sub_epi8(lo, _mm512_set1_epi8(kOffset)));
+      store(j + 4, _mm512_sub_epi8(hi, _mm512_set1_epi8(kOffset)));
+    }
+  }
+}
+
+template <GgmlType TY>
+void unpack_panel(const WeightView& w, size_t wrb, int64_t r0, int nrows, int64_t nb, PanelBlock* panel) {
+  Gather g;
+  g.idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                             _mm512_set1_epi32(static_cast<int>(wrb)));
+  g.rows = static_cast<__mmask16>((1u << nrows) - 1u);
+  for (int64_t b = 0; b < nb; ++b) {
+    g.blk = w.data + static_cast<size_t>(r0) * wrb + static_cast<size_t>(b) * blocks::Codec<TY>::kBytes;
+    unpack_block<TY>(g, panel[b]);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tiles
+
+// The products of one block for 16 tokens, C[t][n] = sum_k A[t][k] B[k][n], stored to c (16 x 16
+// int32). The tile registers are loaded and stored again per block: tiles are not renamed, so a
+// second set (tmm1/3/5) lets the next block's loads start while this one's product runs.
+template <int kSet>
+inline void block_product(const uint8_t* a, long astride, const PanelBlock& p, int32_t* c) {
+  if constexpr (kSet == 0) {
+    _tile_loadd(2, a, astride);
+    _tile_loadd(4, p.b, 64);
+    _tile_zero(0);
+    _tile_dpbssd(0, 2, 4);
+    _tile_stored(0, c, 64);
+  } else {
+    _tile_loadd(3, a, astride);
+    _tile_loadd(5, p.b, 64);
+    _tile_zero(1);
+    _tile_dpbssd(1, 3, 5);
+    _tile_stored(1, c, 64);
+  }
+}
+
+// acc[t] += (term of block b) + (term of block b + 1): blocks summed in pairs before they reach
+// the accumulator, which halves its chain of roundings (the VNNI engine's lanes and final tree
+// are about as short).
+template <bool kHasMin, int NT>
+inline void pair_epilogue(const int32_t* c0, const int32_t* c1, const PanelBlock* panel, const float* fx, size_t fstride,
+                          int64_t nb, int64_t b, __m512 (&acc)[kTile]) {
+  const __m512 dw0 = _mm512_load_ps(panel[b].dw), dw1 = _mm512_load_ps(panel[b + 1].dw);
+#pragma GCC unroll 16
+  for (int t = 0; t < NT; ++t) {
+    const float* fx_t = fx + t * fstride;
+    __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(c0 + 16 * t)), _mm512_mul_ps(dw0, _mm512_set1_ps(fx_t[b])));
+    if constexpr (kHasMin) v = _mm512_fmadd_ps(_mm512_load_ps(panel[b].mw), _mm512_set1_ps(fx_t[nb + b]), v);
+    v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(c1 + 16 * t)), _mm512_mul_ps(dw1, _mm512_set1_ps(fx_t[b + 1])), v);
+    if constexpr (kHasMin) v = _mm512_fmadd_ps(_mm512_load_ps(panel[b + 1].mw), _mm512_set1_ps(fx_t[nb + b + 1]), v);
+    acc[t] = _mm512_add_ps(acc[t], v);
+  }
+}
+
+// NT tokens (of a 16-token A tile whose rows past NT are padding) against one panel: y rows
+// [r0, r0 + 16) masked to `rows`. Software-pipelined: the products of the next pair of blocks
+// are computed and stored before the epilogue of this pair reads its stored products, so the
+// loads do not wait on the tile stores just issued.
+template <bool kHasMin, int NT>
+void tile(const uint8_t* act, size_t astride, int64_t nb, const PanelBlock* panel, float* y, int64_t ystride,
+          __mmask16 rows) {
+  __m512 acc[kTile];
+#pragma GCC unroll 16
+  for (__m512& a : acc) a = _mm512_setzero_ps();
+  alignas(64) int32_t c[2][2][kTile * kTile];  // [pair parity][block of the pair]
+  // dx of token t, block b at fx[t * fstride + b]; sx nb floats further.
+  const auto* fx = reinterpret_cast<const float*>(act + 32 * nb);
+  const size_t fstride = astride / sizeof(float);
+  const long stride = static_cast<long>(astride);
+  const int64_t pairs = nb / 2;
+  auto products = [&](int64_t k) {
+    block_product<0>(act + 64 * k, stride, panel[2 * k], c[k & 1][0]);
+    block_product<1>(act + 64 * k + 32, stride, panel[2 * k + 1], c[k & 1][1]);
+  };
+  if (pairs > 0) products(0);
+  for (int64_t k = 0; k < pairs; ++k) {
+    if (k + 1 < pairs) products(k + 1);
+    pair_epilogue<kHasMin, NT>(c[k & 1][0], c[k & 1][1], panel, fx, fstride, nb, 2 * k, acc);
+  }
+  if (nb % 2 != 0) {
+    const int64_t b = nb - 1;
+    block_product<0>(act + 32 * b, stride, panel[b], c[0][0]);
+    const __m512 dw = _mm512_load_ps(panel[b].dw);
+#pragma GCC unroll 16
+    for (int t = 0; t < NT; ++t) {
+      const float* fx_t = fx + t * fstride;
+      acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(c[0][0] + 16 * t)),
+                               _mm512_mul_ps(dw, _mm512_set1_ps(fx_t[b])), acc[t]);
+      if constexpr (kHasMin) acc[t] = _mm512_fmadd_ps(_mm512_load_ps(panel[b].mw), _mm512_set1_ps(fx_t[nb + b]), acc[t]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int t = 0; t < NT; ++t) _mm512_mask_storeu_ps(y + t * ystride, rows, acc[t]);
+}
+
+template <bool kHasMin, int NT = kTile>
+void tile_n(int nt, const uint8_t* act, size_t astride, int64_t nb, const PanelBlock* panel, float* y,
+            int64_t ystride, __mmask16 rows) {
+  if constexpr (NT > 1) {
+    if (nt < NT) return tile_n<kHasMin, NT - 1>(nt, act, astride, nb, panel, y, ystride, rows);
+  }
+  tile<kHasMin, NT>(act, astride, nb, panel, y, ystride, rows);
+}
+
+// Owned by each thread: one panel of unpacked weights.
+PanelBlock* panel_buffer(int64_t nb) {
+  struct Free {
+    void operator()(PanelBlock* p) const { std::free(p); }
+  };
+  thread_local std::unique_ptr<PanelBlock, Free> buf;
+  thread_local int64_t cap = 0;
+  if (nb > cap) {
+    buf.reset(static_cast<PanelBlock*>(std::aligned_alloc(64, static_cast<size_t>(nb) * sizeof(PanelBlock))));
+    if (!buf) {
+      cap = 0;
+      fail("out of memory allocating the AMX weight panel");
+    }
+    cap = nb;
+  }
+  return buf.get();
+}
+
+// Panels [p0, p1) of 16 rows against every token.
+template <GgmlType TY>
+void run_panels(const WeightView& w, const uint8_t* act, size_t astride, int64_t n_tok, float* y, int64_t p0,
+                int64_t p1) {
+  const int64_t nb = w.cols / 32;
+  const size_t wrb = row_bytes(w.type, w.cols);
+  PanelBlock* panel = panel_buffer(nb);
+  _tile_loadconfig(&kTileConfig);
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t r0 = p * kTile;
+    const int nrows = static_cast<int>(std::min<int64_t>(kTile, w.rows - r0));
+    unpack_panel<TY>(w, wrb, r0, nrows, nb, panel);
+    __asm__ volatile("" ::: "memory");  // the tile loads' asm does not tell the compiler it reads the panel
+    const auto rows = static_cast<__mmask16>((1u << nrows) - 1u);
+    for (int64_t t0 = 0; t0 < n_tok; t0 += kTile) {
+      const int nt = static_cast<int>(std::min<int64_t>(kTile, n_tok - t0));
+      tile_n<blocks::Codec<TY>::kHasMin>(nt, act + t0 * astride, astride, nb, panel, y + t0 * w.rows + r0, w.rows,
+                                         rows);
+    }
+  }
+  _tile_release();
+}
+
+template <GgmlType TY>
+void amx_matmul_typed(const WeightView& w, const float* x, int64_t n_tok, float* y, ThreadPool& pool) {
+  // Gather offsets are int32: 15 rows of the matrix must fit.
+  if (row_bytes(w.type, w.cols) > static_cast<size_t>(INT32_MAX / kTile)) fail("matmul: rows too long for the AMX engine");
+  const int64_t nb = w.cols / 32;
+  const size_t astride = act_stride(nb);
+  const int64_t padded = (n_tok + kTile - 1) / kTile * kTile;
+  uint8_t* act = scratch(astride * static_cast<size_t>(padded));
+  // Padding tokens fill the last A tile: zeros (scales 0), never stored.
+  std::memset(act + astride * static_cast<size_t>(n_tok), 0, astride * static_cast<size_t>(padded - n_tok));
+  const auto quantize = [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) quantize_token(x + t * w.cols, nb, act + t * astride);
+  };
+  if (n_tok * w.cols >= 32 * 1024 && pool.size() > 1)
+    pool.parallel_for(n_tok, 1, quantize);
+  else
+    quantize(0, n_tok);
+  const int64_t panels = (w.rows + kTile - 1) / kTile;
+  const int64_t chunks = std::clamp<int64_t>(panels, 1, pool.size());
+  if (chunks == 1) return run_panels<TY>(w, act, astride, n_tok, y, 0, panels);
+  pool.run([&](int i, int) {
+    if (i >= chunks) return;
+    run_panels<TY>(w, act, astride, n_tok, y, panels * i / chunks, panels * (i + 1) / chunks);
+  });
+}
+
+}  // namespace
+
+#pragma GCC diagnostic pop
+#pragma GCC pop_options
+
+bool amx_handles(GgmlType t) {
+  return t == GgmlType::Q4_0 || t == GgmlType::Q4_1 || t == GgmlType::Q5_0 || t == GgmlType::Q5_1 ||
+         t == GgmlType::Q8_0 || t == GgmlType::IQ4_NL;
+}
+
+void amx_matmul(const WeightView& w, const float* x, int64_t n_tok, float* y, ThreadPool& pool) {
+  switch (w.type) {
+    case GgmlType::Q4_0: return amx_matmul_typed<GgmlType::Q4_0>(w, x, n_tok, y, pool);
+    case GgmlType::Q4_1: return amx_matmul_typed<GgmlType::Q4_1>(w, x, n_tok, y, pool);
+    case GgmlType::Q5_0: return amx_matmul_typed<GgmlType::Q5_0>(w, x, n_tok, y, pool);
+    case GgmlType::Q5_1: return amx_matmul_typed<GgmlType::Q5_1>(w, x, n_tok, y, pool);
+    case GgmlType::Q8_0: return amx_matmul_typed<GgmlType::Q8_0>(w, x, n_tok, y, pool);
+    case GgmlType::IQ4_NL: return amx_matmul_typed<GgmlType::IQ4_NL>(w, x, n_tok, y, pool);
+    default: fail("matmul: the AMX engine has no kernel for ", type_info(w.type).name);
+  }
+}
+
+#else  // !QF_AMX_BUILD
+
+bool amx_available() { return false; }
+bool amx_handles(GgmlType) { return false; }
+void amx_matmul(const WeightView&, const float*, int64_t, float*, ThreadPool&) {
+  fail("matmul: the AMX engine is not built for this platform");
+}
+
+#endif  // QF_AMX_BUILD
+
+}  // namespace qf::detail
