@@ -446,7 +446,7 @@ TEST_F(Tiny, StreamingPerplexityMatchesDirectDecoding) {
   std::vector<double> full(N - 1);
   {
     auto s = new_session(ctx_, N, "none", {});
-    for (int t = 0; t < N - 1; ++t) full[t] = token_nll(s->eval(std::span<const int32_t>(&x[t], 1)), x[t + 1]);
+    for (int t = 0; t < N - 1; ++t) full[t] = token_nll(s->decode(x[t]), x[t + 1]);
     const json& cell = log.get("doc|0|none");
     ASSERT_EQ(cell["nll"].size(), static_cast<size_t>(N - 1));
     for (int t = 0; t < N - 1; ++t) EXPECT_NEAR(cell["nll"][t].get<double>(), full[t], 2e-4) << t;
@@ -461,7 +461,7 @@ TEST_F(Tiny, StreamingPerplexityMatchesDirectDecoding) {
       cc.evict_every = st.evict_every;
       cc.skip_layers = st.skip_layers;
       auto s = new_session(ctx_, N, p, cc);
-      s->eval(std::span<const int32_t>(x.data(), b));  // batched, as the shared base does
+      s->eval(std::span<const int32_t>(x.data(), b), false, TokenKind::decode);  // batched, as the shared base does
       const json& cell = log.get("doc|" + std::to_string(b) + "|" + p);
       ASSERT_EQ(cell["nll"].size(), static_cast<size_t>(N - 1 - b));
       EXPECT_GT(cell["evicted"].get<int64_t>(), 0);

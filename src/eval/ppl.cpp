@@ -116,11 +116,15 @@ void run_ppl(const EvalContext& ctx, const std::vector<TokenDoc>& docs, const Pp
       const auto t0 = std::chrono::steady_clock::now();
       auto s = new_session(ctx, N, "none", {});
       std::vector<double> nll(N - 1);
-      // Chunks keep the all-logits buffer small (n_batch x n_vocab).
+      // Chunks keep the all-logits buffer small (n_batch x n_vocab). Every pass of this
+      // evaluation uses the decode engine (TokenKind::decode), the one the policies' token loops
+      // below run: the full cache and the shared prefixes then give each policy's session
+      // exactly the numbers it would compute itself, so a gap is the policy's, never the
+      // difference between the AMX prompt engine and the decode engine (~0.2% of perplexity).
       for (int i = 0; i < N - 1; i += ctx.n_batch) {
         poll_interrupt();  // a long document advances the bar only at its end
         const int m = std::min(ctx.n_batch, N - 1 - i);
-        std::span<const float> logits = s->eval(std::span<const int32_t>(d.tokens.data() + i, m), true);
+        std::span<const float> logits = s->eval(std::span<const int32_t>(d.tokens.data() + i, m), true, TokenKind::decode);
         for (int t = 0; t < m; ++t)
           nll[i + t] = token_nll(logits.subspan(static_cast<size_t>(t) * n_vocab, n_vocab), d.tokens[i + t + 1]);
       }
@@ -146,11 +150,11 @@ void run_ppl(const EvalContext& ctx, const std::vector<TokenDoc>& docs, const Pp
       std::unique_ptr<Session> base_plain, base_attn;
       if (!plain.empty()) {
         base_plain = new_session(ctx, N, "none", {}, union_needs(ctx, plain));  // query moments only
-        base_plain->eval(std::span<const int32_t>(d.tokens.data(), b));
+        base_plain->eval(std::span<const int32_t>(d.tokens.data(), b), false, TokenKind::decode);
       }
       if (!attn.empty()) {
         base_attn = new_session(ctx, N, "none", {}, union_needs(ctx, attn));
-        base_attn->eval(std::span<const int32_t>(d.tokens.data(), b));
+        base_attn->eval(std::span<const int32_t>(d.tokens.data(), b), false, TokenKind::decode);
       }
       const double base_seconds = seconds_since(t_base);
       const double shared = static_cast<double>(std::max<size_t>(1, plain.size() + attn.size()));
@@ -164,7 +168,7 @@ void run_ppl(const EvalContext& ctx, const std::vector<TokenDoc>& docs, const Pp
         cc.skip_layers = st.skip_layers;
         auto s = new_session(ctx, N, p, cc);
         const bool keyed = policy_needs(ctx, p).key_scores;
-        if (keyed) s->eval(std::span<const int32_t>(d.tokens.data(), b));
+        if (keyed) s->eval(std::span<const int32_t>(d.tokens.data(), b), false, TokenKind::decode);
         else s->copy_state_from(is_attention_policy(ctx, p) ? *base_attn : *base_plain);
         std::vector<double> nll;
         nll.reserve(N - 1 - b);

@@ -201,15 +201,11 @@ void Session::check_tokens(std::span<const int32_t> tokens) const {
       fail("token id ", t, " is outside the vocabulary (", model_.config().n_vocab, ")");
 }
 
-std::span<const float> Session::eval(std::span<const int32_t> tokens, bool all_logits) {
-  return eval_tokens(tokens, all_logits, TokenKind::prompt);
-}
-
 std::span<const float> Session::decode(int32_t token) {
-  return eval_tokens(std::span<const int32_t>(&token, 1), false, TokenKind::decode);
+  return eval(std::span<const int32_t>(&token, 1), false, TokenKind::decode);
 }
 
-std::span<const float> Session::eval_tokens(std::span<const int32_t> tokens, bool all_logits, TokenKind kind) {
+std::span<const float> Session::eval(std::span<const int32_t> tokens, bool all_logits, TokenKind kind) {
   const ModelConfig& c = model_.config();
   const int64_t n = static_cast<int64_t>(tokens.size());
   if (n == 0) return {};

@@ -111,8 +111,11 @@ class Session {
   // Returns the logits of its last token.
   std::span<const float> prefill(std::span<const int32_t> tokens);
   // Appends tokens to the sequence; streaming compression runs after each chunk. Returns the
-  // logits of the last token, or of every token ([n][n_vocab]) when all_logits is set.
-  std::span<const float> eval(std::span<const int32_t> tokens, bool all_logits = false);
+  // logits of the last token, or of every token ([n][n_vocab]) when all_logits is set. `kind`
+  // picks the matmul engine (TokenKind::decode: the numbers a decode step gives, which an
+  // evaluation that compares a prefill with token-by-token decoding needs on both sides).
+  std::span<const float> eval(std::span<const int32_t> tokens, bool all_logits = false,
+                              TokenKind kind = TokenKind::prompt);
   // Appends the token the model just sampled (a decode step) and returns its logits. Prompt
   // tokens go through eval/prefill, which may use the AMX engine (TokenKind::prompt); decode
   // steps keep the engine a batched step uses, so a session decodes the same alone or batched.
@@ -140,7 +143,6 @@ class Session {
 
  private:
   friend class Forward;
-  std::span<const float> eval_tokens(std::span<const int32_t> tokens, bool all_logits, TokenKind kind);
   void forward_chunk(const int32_t* tokens, int n, float* logits, bool all_logits, TokenKind kind);
   // Layer l for this session's n rows of a forward pass: hands q/k to the hook, stores k/v in the
   // cache (after trimming a sliding window) and returns the arguments of the n queries' attention
