@@ -442,7 +442,8 @@ void query_with_stats(Cache& c, int layer, int n_heads, int n, int32_t accumulat
   // expected_attention reads the queries' moments (no rotary embedding in these caches).
   if (!c.query_moments.empty())
     for (int t = 0; t < n; ++t)
-      if (qpos[t] >= kQueryMomentSinks) c.query_moments[layer].add(q.data() + size_t(t) * n_heads * d, n_heads, d);
+      if (qpos[t] >= kQueryMomentSinks)
+        c.query_moments[layer].add(q.data() + size_t(t) * n_heads * d, n_heads, d, c.stats().query_recent);
 }
 
 // Every registered policy, plus the layer-consistent variants of a score-only and an attention-free
@@ -456,6 +457,7 @@ std::vector<std::string> policies_under_test() {
   names.push_back("tova+layer");
   for (const auto& n : query_stats_policy_names()) names.push_back(n);
   names.push_back("qfilters_rope+layer");
+  names.push_back("qfilters_adaptive+layer");
   return names;
 }
 

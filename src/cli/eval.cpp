@@ -41,7 +41,9 @@ struct CommonOptions {
   bool fresh = false, quick = false, no_progress = false;
   uint64_t seed = 0;  // random policy
   int snapkv_window = 64;
-  int future_positions = 512;  // expected_attention, qfilters_rope, ea_calibrated
+  int future_positions = 512;  // expected_attention, qfilters_rope, ea_calibrated, qfilters_adaptive
+  float filter_blend = kv::PolicyOptions{}.filter_blend;      // qfilters_adaptive
+  int filter_horizon = kv::PolicyOptions{}.filter_horizon;    // qfilters_adaptive
 };
 
 struct EvalOptions {
@@ -75,9 +77,15 @@ void add_common(CLI::App* cmd, CommonOptions& o) {
   cmd->add_option("--kv-seed", o.seed, "seed of the random policy");
   cmd->add_option("--snapkv-window", o.snapkv_window, "snapkv observation window (queries)")->check(CLI::PositiveNumber);
   cmd->add_option("--future-positions", o.future_positions,
-                  "expected_attention, qfilters_rope, ea_calibrated: positions after the newest key the query "
-                  "statistics are moved to (mean rotary rotation)")
+                  "expected_attention, qfilters_rope, ea_calibrated, qfilters_adaptive: positions after the newest key "
+                  "the query statistics are moved to (mean rotary rotation)")
       ->check(CLI::PositiveNumber);
+  cmd->add_option("--filter-blend", o.filter_blend,
+                  "qfilters_adaptive: weight in [0, 1] of the recent queries in the filter (0 = qfilters_rope)")
+      ->check(CLI::Range(0.0, 1.0))->capture_default_str();
+  cmd->add_option("--filter-horizon", o.filter_horizon,
+                  "qfilters_adaptive: horizon in tokens of the recent queries' moving average (1 = the last query)")
+      ->check(CLI::PositiveNumber)->capture_default_str();
 }
 
 void add_ppl(CLI::App* cmd, eval::PplSettings& s) {
@@ -177,6 +185,8 @@ Setup setup(const CommonOptions& o) {
   s.ctx.policy_options.stats_rank = s.query_stats.stats_rank;
   s.ctx.policy_options.query_future_positions = o.future_positions;
   s.ctx.policy_options.ea_future_positions = o.future_positions;
+  s.ctx.policy_options.filter_blend = o.filter_blend;
+  s.ctx.policy_options.filter_horizon = o.filter_horizon;
   s.ctx.kv_types = kv_types(o.model);
   s.ctx.progress = !o.no_progress;
 
@@ -207,6 +217,8 @@ Setup setup(const CommonOptions& o) {
   s.run["policy_seed"] = o.seed;
   s.run["snapkv_window"] = o.snapkv_window;
   s.run["future_positions"] = o.future_positions;
+  s.run["filter_blend"] = o.filter_blend;
+  s.run["filter_horizon"] = o.filter_horizon;
   s.run["batch"] = o.model.n_batch;
   s.run["cache_type_k"] = o.model.cache_type_k;
   s.run["cache_type_v"] = o.model.cache_type_v;
@@ -243,6 +255,8 @@ json cell_settings(const Setup& s, const json& eval_settings) {
           {"eval", eval_settings}};
   // Only when not the default, so results made before the option existed still resume.
   if (s.run["future_positions"] != 512) settings["future_positions"] = s.run["future_positions"];
+  if (s.run["filter_blend"] != kv::PolicyOptions{}.filter_blend) settings["filter_blend"] = s.run["filter_blend"];
+  if (s.run["filter_horizon"] != kv::PolicyOptions{}.filter_horizon) settings["filter_horizon"] = s.run["filter_horizon"];
   return settings;
 }
 

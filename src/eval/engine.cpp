@@ -32,6 +32,7 @@ kv::AttentionStats union_needs(const EvalContext& ctx, const std::vector<std::st
     u.accumulate |= s.accumulate || s.window > 0;
     u.last_query |= s.last_query;
     u.query_moments |= s.query_moments;
+    u.query_recent = std::max(u.query_recent, s.query_recent);
   }
   return u;
 }

@@ -55,6 +55,8 @@ struct AttentionStats {
                             // last `window` queries; the Compressor restarts it after each round)
   bool query_moments = false;  // expected_attention: mean and covariance of the queries before the
                                // rotary embedding (Cache::query_moments; no attention weights)
+  int query_recent = 0;        // qfilters_adaptive: with query_moments, also the decayed sum of the
+                               // recent unit queries over this horizon in tokens (QueryMoments::recent)
   bool key_scores = false;  // qfilters, knorm: each slot's score, computed once from the model's F32
                             // key as it is appended (Cache::set_key_scorer), so eviction does not
                             // depend on the storage type's rounding and no kept key is rescanned

@@ -73,9 +73,10 @@ void QueryMoments::clear() {
   count = 0;
   std::fill(sum.begin(), sum.end(), 0.0);
   std::fill(outer.begin(), outer.end(), 0.0);
+  std::fill(recent.begin(), recent.end(), 0.0);
 }
 
-void QueryMoments::add(const float* q, int nh, int d) {
+void QueryMoments::add(const float* q, int nh, int d, int recent_horizon) {
   if (sum.empty()) {
     if (nh < 1 || d < 1) fail("query moments: bad shape ", nh, "x", d);
     n_heads = nh, head_dim = d;
@@ -84,6 +85,7 @@ void QueryMoments::add(const float* q, int nh, int d) {
   } else if (nh != n_heads || d != head_dim) {
     fail("query moments: ", nh, "x", d, " queries added to ", n_heads, "x", head_dim, " moments");
   }
+  if (recent_horizon > 0) add_recent(q, recent_horizon);
   for (int h = 0; h < nh; ++h) {
     const float* x = q + static_cast<size_t>(h) * d;
     double* s = sum.data() + static_cast<size_t>(h) * d;
@@ -96,6 +98,20 @@ void QueryMoments::add(const float* q, int nh, int d) {
     }
   }
   ++count;
+}
+
+void QueryMoments::add_recent(const float* q, int horizon) {
+  const int d = head_dim;
+  if (recent.empty()) recent.assign(static_cast<size_t>(n_heads) * d, 0.0);
+  const double decay = 1.0 - 1.0 / horizon;
+  for (int h = 0; h < n_heads; ++h) {
+    const float* x = q + static_cast<size_t>(h) * d;
+    double* r = recent.data() + static_cast<size_t>(h) * d;
+    double norm2 = 0;
+    for (int i = 0; i < d; ++i) norm2 += static_cast<double>(x[i]) * x[i];
+    const double inv = norm2 > 0 ? 1.0 / std::sqrt(norm2) : 0.0;  // a zero query adds nothing
+    for (int i = 0; i < d; ++i) r[i] = decay * r[i] + x[i] * inv;
+  }
 }
 
 void QueryMoments::mean_cov(int h, std::vector<double>& mean, std::vector<double>& cov) const {

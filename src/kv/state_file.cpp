@@ -110,6 +110,7 @@ void put_config(Writer& w, const StateConfig& c) {
   w.put<int64_t>(c.stats.window);
   w.put<uint8_t>(c.stats.query_moments);
   w.put<uint8_t>(c.stats.key_scores);
+  w.put<int64_t>(c.stats.query_recent);
 }
 
 KvType get_type(Reader& r, const char* what, int head_dim) {
@@ -126,7 +127,7 @@ bool get_flag(Reader& r, const char* what) {
   return v == 1;
 }
 
-StateConfig get_config(Reader& r) {
+StateConfig get_config(Reader& r, uint32_t version) {
   StateConfig c;
   c.model_fingerprint = r.get_str("model fingerprint");
   c.model_shape = r.get_str("model shape");
@@ -152,6 +153,8 @@ StateConfig get_config(Reader& r) {
   c.stats.window = r.get_int("statistics window", 0, kMaxTokens);
   c.stats.query_moments = get_flag(r, "query-moments flag");
   c.stats.key_scores = get_flag(r, "key-scores flag");
+  if (version >= 3) c.stats.query_recent = r.get_int("recent-query horizon", 0, kMaxTokens);
+  if (c.stats.query_recent > 0 && !c.stats.query_moments) r.bad("recent queries without query moments");
   return c;
 }
 
@@ -191,6 +194,12 @@ QueryMoments get_moments(Reader& r, const StateConfig& c, int layer) {
   m.n_heads = n_heads, m.head_dim = head_dim, m.count = count;
   r.get_raw(m.sum, static_cast<uint64_t>(n_heads) * head_dim, "query sums");
   r.get_raw(m.outer, static_cast<uint64_t>(n_heads) * head_dim * head_dim, "query outer sums");
+  if (c.stats.query_recent > 0) {
+    const uint64_t n_recent = r.get<uint64_t>("recent-query count");
+    if (n_recent != 0 && n_recent != static_cast<uint64_t>(n_heads) * head_dim)
+      r.bad("layer ", layer, ": ", n_recent, " recent-query values for ", n_heads, "x", head_dim, " moments");
+    r.get_raw(m.recent, n_recent, "recent queries");
+  }
   return m;
 }
 
@@ -228,6 +237,10 @@ std::vector<uint8_t> encode_state(const SessionState& s) {
       w.put<int64_t>(m.count);
       w.put_raw(m.sum);
       w.put_raw(m.outer);
+      if (c.stats.query_recent > 0) {
+        w.put<uint64_t>(m.recent.size());
+        w.put_raw(m.recent);
+      }
     }
   }
   const uint64_t body = w.bytes.size() - kStatePrefixBytes;
@@ -253,8 +266,9 @@ SessionState decode_state(std::span<const uint8_t> bytes, std::string_view name)
   std::memcpy(&body, bytes.data() + 16, 8);
   std::memcpy(&crc, bytes.data() + 24, 4);
   std::memcpy(&reserved2, bytes.data() + 28, 4);
-  if (version != kStateVersion)
-    fail(name, ": state file version ", version, " is not supported (this build reads version ", kStateVersion, ")");
+  if (version < kOldestStateVersion || version > kStateVersion)
+    fail(name, ": state file version ", version, " is not supported (this build reads versions ", kOldestStateVersion,
+         " to ", kStateVersion, ")");
   if (reserved1 != 0 || reserved2 != 0) fail(name, ": corrupt state file (reserved header fields are not 0)");
   const uint64_t have = bytes.size() - kStatePrefixBytes;
   if (body != have)
@@ -264,7 +278,7 @@ SessionState decode_state(std::span<const uint8_t> bytes, std::string_view name)
 
   Reader r(payload, name);
   SessionState s;
-  s.config = get_config(r);
+  s.config = get_config(r, version);
   const StateConfig& c = s.config;
   s.n_past = r.get_int("n_past", 0, kMaxTokens);
   s.prompt_end = r.get_int("prompt_end", 0, s.n_past);

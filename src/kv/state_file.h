@@ -7,7 +7,8 @@
 // (a fingerprint of its architecture, tensor table and tokenizer), the KV storage types and
 // shapes, the policy and its parameters.
 //
-// Layout (little-endian), version 2 (version 1 had no key scores):
+// Layout (little-endian), version 3 (version 2, still read, had no recent queries; version 1 no
+// key scores):
 //   [0, 8)   magic "QFKVSTAT"
 //   [8, 12)  u32 version
 //   [12, 16) u32 reserved (0)
@@ -17,7 +18,8 @@
 //   body: the SessionState fields in declaration order (strings and arrays length-prefixed),
 //         then every head's n, keys, values, positions and kept statistics (attention sums,
 //         counts, last-query attention, key scores: the ones config.stats names), then (when the
-//         statistics include query moments) per layer: n_heads, head_dim, count, sums, outer sums.
+//         statistics include query moments) per layer: n_heads, head_dim, count, sums, outer sums,
+//         and (with a recent-query horizon) the recent queries, length-prefixed.
 //
 // This file only reads and writes the format and checks that a file is consistent in itself;
 // runtime/session_state.h matches a state to a session and restores it.
@@ -74,7 +76,8 @@ struct SessionState {
 };
 
 inline constexpr char kStateMagic[8] = {'Q', 'F', 'K', 'V', 'S', 'T', 'A', 'T'};
-inline constexpr uint32_t kStateVersion = 2;
+inline constexpr uint32_t kStateVersion = 3;
+inline constexpr uint32_t kOldestStateVersion = 2;  // read as recent-query horizon 0
 inline constexpr size_t kStatePrefixBytes = 32;
 
 std::vector<uint8_t> encode_state(const SessionState& s);
