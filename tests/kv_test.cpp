@@ -461,17 +461,19 @@ std::vector<std::string> policies_under_test() {
   return names;
 }
 
-// Calibrated query statistics of 2 query heads per KV head, rank 2, for the policies that need them.
+// Calibrated query statistics of `group` query heads per KV head (the queries the test feeds the
+// cache, which qfilters_adaptive's recent queries must match), rank 2, for the policies that need them.
 struct RandomQueryStats {
   std::vector<float> mean, factors;
-  RandomQueryStats(int n_layers, int nkv, int d, std::mt19937& rng) {
-    mean = random_filters(n_layers, 2 * nkv, d, rng);
-    factors = random_filters(n_layers, 2 * nkv * 2, d, rng);
+  int group;
+  RandomQueryStats(int n_layers, int nkv, int d, int group, std::mt19937& rng) : group(group) {
+    mean = random_filters(n_layers, group * nkv, d, rng);
+    factors = random_filters(n_layers, group * nkv * 2, d, rng);
   }
   void set(PolicyOptions& o, int nkv) const {
     o.query_mean = mean;
     o.query_factors = factors;
-    o.n_query_heads = 2 * nkv;
+    o.n_query_heads = group * nkv;
     o.stats_rank = 2;
   }
 };
@@ -480,7 +482,7 @@ TEST(Compressor, EveryPolicyEvictsItsOwnTopScores) {
   const int nkv = 3, group = 3, d = 8, L = 2;
   std::mt19937 rng(21);
   const std::vector<float> filters = random_filters(L, nkv, d, rng);
-  const RandomQueryStats stats(L, nkv, d, rng);
+  const RandomQueryStats stats(L, nkv, d, group, rng);
   PolicyOptions opt;
   opt.seed = 5;
   opt.snapkv_window = 6;
@@ -521,7 +523,7 @@ TEST(Compressor, BudgetAboveSequenceEvictsNothing) {
   const int nkv = 3, d = 8, L = 2;
   std::mt19937 rng(31);
   const std::vector<float> filters = random_filters(L, nkv, d, rng);
-  const RandomQueryStats stats(L, nkv, d, rng);
+  const RandomQueryStats stats(L, nkv, d, 1, rng);  // one query per KV head below
   PolicyOptions opt;
   opt.filters = filters;
   opt.snapkv_window = 4;
