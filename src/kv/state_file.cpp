@@ -92,7 +92,7 @@ class Reader {
 constexpr int64_t kMaxLayers = 4096, kMaxHeads = 4096, kMaxHeadDim = 1 << 16;
 constexpr int64_t kMaxTokens = std::numeric_limits<int32_t>::max();
 
-void put_config(Writer& w, const StateConfig& c) {
+void put_config(Writer& w, const StateConfig& c, uint32_t version) {
   w.put_str(c.model_fingerprint);
   w.put_str(c.model_shape);
   for (int v : {c.n_layers, c.n_kv_heads, c.head_dim}) w.put<int64_t>(v);
@@ -110,7 +110,7 @@ void put_config(Writer& w, const StateConfig& c) {
   w.put<int64_t>(c.stats.window);
   w.put<uint8_t>(c.stats.query_moments);
   w.put<uint8_t>(c.stats.key_scores);
-  w.put<int64_t>(c.stats.query_recent);
+  if (version >= 3) w.put<int64_t>(c.stats.query_recent);
 }
 
 KvType get_type(Reader& r, const char* what, int head_dim) {
@@ -208,9 +208,11 @@ QueryMoments get_moments(Reader& r, const StateConfig& c, int layer) {
 std::vector<uint8_t> encode_state(const SessionState& s) {
   const StateConfig& c = s.config;
   if (s.heads.size() != static_cast<size_t>(c.n_layers) * c.n_kv_heads) fail("encode_state: one head state per (layer, KV head) expected");
+  if (s.version < kOldestStateVersion || s.version > kStateVersion) fail("encode_state: unknown version ", s.version);
+  if (s.version < 3 && c.stats.query_recent > 0) fail("encode_state: version ", s.version, " has no recent queries");
   Writer w;
   w.bytes.resize(kStatePrefixBytes);
-  put_config(w, c);
+  put_config(w, c, s.version);
   w.put<int64_t>(s.n_past);
   w.put<int64_t>(s.prompt_end);
   w.put<int64_t>(s.queries_seen);
@@ -248,7 +250,7 @@ std::vector<uint8_t> encode_state(const SessionState& s) {
   uint8_t* p = w.bytes.data();
   std::memcpy(p, kStateMagic, 8);
   const uint32_t zero = 0;
-  std::memcpy(p + 8, &kStateVersion, 4);
+  std::memcpy(p + 8, &s.version, 4);
   std::memcpy(p + 12, &zero, 4);
   std::memcpy(p + 16, &body, 8);
   std::memcpy(p + 24, &crc, 4);
@@ -278,6 +280,7 @@ SessionState decode_state(std::span<const uint8_t> bytes, std::string_view name)
 
   Reader r(payload, name);
   SessionState s;
+  s.version = version;
   s.config = get_config(r, version);
   const StateConfig& c = s.config;
   s.n_past = r.get_int("n_past", 0, kMaxTokens);

@@ -64,6 +64,7 @@ struct HeadState {
 };
 
 struct SessionState {
+  uint32_t version = 3;            // of the file it was read from; encode_state writes it back
   StateConfig config;
   int n_past = 0;                  // positions read so far
   int prompt_end = 0;              // where the last prompt ended (snapkv's observation window)
@@ -76,7 +77,7 @@ struct SessionState {
 };
 
 inline constexpr char kStateMagic[8] = {'Q', 'F', 'K', 'V', 'S', 'T', 'A', 'T'};
-inline constexpr uint32_t kStateVersion = 3;
+inline constexpr uint32_t kStateVersion = 3;  // = SessionState{}.version
 inline constexpr uint32_t kOldestStateVersion = 2;  // read as recent-query horizon 0
 inline constexpr size_t kStatePrefixBytes = 32;
 
