@@ -111,10 +111,11 @@ def state_file(*, types=(0, 0), policy="none", params=(0, 0, 0, 0.0, 0, 0, 0, 0,
             body += rng.random(n, dtype=np.float32).tobytes()
         if key_scores:
             body += rng.standard_normal(n, dtype=np.float32).tobytes()
-    if query_moments:  # per layer: 4 query heads x head_dim, count, sums, outer sums (float64)
-        for layer in range(n_layers):
+    if query_moments or query_recent > 0:  # per layer: 4 query heads x head_dim, count, then
+        for layer in range(n_layers):       # sums and outer sums (float64), recent queries
             body += i64(4) + i64(head_dim) + i64(n_past)
-            body += rng.standard_normal(4 * head_dim).tobytes() + rng.standard_normal(4 * head_dim * head_dim).tobytes()
+            if query_moments:
+                body += rng.standard_normal(4 * head_dim).tobytes() + rng.standard_normal(4 * head_dim * head_dim).tobytes()
             if query_recent > 0:  # length-prefixed recent queries: 4 x head_dim float64
                 body += struct.pack("<Q", 4 * head_dim) + rng.standard_normal(4 * head_dim).tobytes()
     prefix = b"QFKVSTAT" + struct.pack("<IIQII", version, 0, len(body), zlib.crc32(body), 0)
@@ -208,7 +209,7 @@ def main():
           state_file(policy="expected_attention", params=(3, 1, 1, 0.0, 0, 0, 4, 64, 5), stats=(False, False, 0, True, False), keep=3, head_dim=8))
     write(os.path.join(st, "valid_qfilters_adaptive.qfstate"),
           state_file(policy="qfilters_adaptive", params=(3, 1, 1, 0.0, 0, 0, 4, 64, 5), filters_hash="0011223344556677",
-                     stats=(False, False, 0, True, False), keep=3, head_dim=8, query_recent=16))
+                     stats=(False, False, 0, False, False), keep=3, head_dim=8, query_recent=16))
     write(os.path.join(st, "version2_expected_attention.qfstate"),
           state_file(policy="expected_attention", params=(3, 1, 1, 0.0, 0, 0, 4, 64, 5), stats=(False, False, 0, True, False),
                      keep=3, head_dim=8, version=2))

@@ -111,16 +111,18 @@ TEST(FuzzReplay, StateFileSeedsFromThePythonEncoder) {
       EXPECT_EQ(s.evicted, 7);
       EXPECT_EQ(s.config.model_fingerprint, "0123456789abcdef");
       // Expected Attention's state carries one layer's query moments per layer (4 query heads).
-      EXPECT_EQ(s.query_moments.size(), s.config.stats.query_moments ? static_cast<size_t>(s.config.n_layers) : 0u);
+      const bool moments = s.config.stats.query_moments || s.config.stats.query_recent > 0;
+      EXPECT_EQ(s.query_moments.size(), moments ? static_cast<size_t>(s.config.n_layers) : 0u);
       // qfilters and knorm carry one key score per kept slot.
       for (const qf::kv::HeadState& h : s.heads)
         EXPECT_EQ(h.key_score.size(), s.config.stats.key_scores ? static_cast<size_t>(h.n()) : 0u);
       for (const qf::kv::QueryMoments& m : s.query_moments) {
         EXPECT_EQ(m.n_heads, 4);
-        EXPECT_EQ(m.sum.size(), static_cast<size_t>(m.n_heads) * m.head_dim);
-        EXPECT_EQ(m.outer.size(), static_cast<size_t>(m.n_heads) * m.head_dim * m.head_dim);
-        // qfilters_adaptive's also carries the recent queries.
-        EXPECT_EQ(m.recent.size(), s.config.stats.query_recent > 0 ? m.sum.size() : 0u);
+        // Expected Attention's sums; qfilters_adaptive's recent queries only.
+        const size_t per_head = static_cast<size_t>(m.n_heads) * m.head_dim;
+        EXPECT_EQ(m.sum.size(), s.config.stats.query_moments ? per_head : 0u);
+        EXPECT_EQ(m.outer.size(), s.config.stats.query_moments ? per_head * m.head_dim : 0u);
+        EXPECT_EQ(m.recent.size(), s.config.stats.query_recent > 0 ? per_head : 0u);
       }
       EXPECT_EQ(qf::kv::encode_state(s), bytes);  // reads back what was written
       ++valid;

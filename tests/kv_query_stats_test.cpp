@@ -268,8 +268,8 @@ TEST(QueryStatsPolicies, AdaptiveFilterBlendsTheRecentQueriesAsADirectComputatio
     s.options.filter_horizon = horizon;
     auto p = make_policy("qfilters_adaptive", s.options);
     EXPECT_EQ(p->name(), "qfilters_adaptive");
-    // Only the queries' moments: no attention statistics, so the fused kernel stays.
-    EXPECT_EQ(p->needs(s.options), (AttentionStats{.query_moments = true, .query_recent = horizon}));
+    // Only the recent queries (not even their moments): no attention statistics, so the fused kernel stays.
+    EXPECT_EQ(p->needs(s.options), (AttentionStats{.query_recent = horizon}));
     std::vector<float> k;
     Cache c = s.cache(T, 0, 23, &k, p->needs(s.options));
     const std::vector<float> q = random_queries(n_q, 29);
@@ -331,6 +331,15 @@ TEST(QueryStatsPolicies, RecentQueriesAreADecayedSumOfUnitQueries) {
   QueryMoments none;  // horizon 0: no recent queries kept
   none.add(q1, 1, 2);
   EXPECT_TRUE(none.recent.empty());
+  QueryMoments only_recent;  // recent queries without the sums (what qfilters_adaptive asks for)
+  only_recent.add(q1, 1, 2, 1, false);
+  ASSERT_EQ(only_recent.recent.size(), 2u);
+  EXPECT_NEAR(only_recent.recent[0], 0.6, 1e-7);  // 3/5 and 4/5 of a float query
+  EXPECT_NEAR(only_recent.recent[1], 0.8, 1e-7);
+  EXPECT_TRUE(only_recent.sum.empty() && only_recent.outer.empty());
+  std::vector<double> mean, cov;
+  EXPECT_THROW(only_recent.mean_cov(0, mean, cov), Error);      // no sums to read
+  EXPECT_THROW(only_recent.add(q2, 1, 2, 1, true), Error);      // sums would miss the first query
   last.clear();
   EXPECT_EQ(last.recent, (std::vector<double>{0.0, 0.0}));
 }

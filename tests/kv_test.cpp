@@ -443,7 +443,8 @@ void query_with_stats(Cache& c, int layer, int n_heads, int n, int32_t accumulat
   if (!c.query_moments.empty())
     for (int t = 0; t < n; ++t)
       if (qpos[t] >= kQueryMomentSinks)
-        c.query_moments[layer].add(q.data() + size_t(t) * n_heads * d, n_heads, d, c.stats().query_recent);
+        c.query_moments[layer].add(q.data() + size_t(t) * n_heads * d, n_heads, d, c.stats().query_recent,
+                                   c.stats().query_moments);
 }
 
 // Every registered policy, plus the layer-consistent variants of a score-only and an attention-free

@@ -49,10 +49,12 @@ struct QueryMoments {
   std::vector<double> recent;  // [n_heads][head_dim]
 
   void clear();
-  // Adds one token's queries, q[n_heads][head_dim] before the rotary embedding; recent_horizon H
-  // > 0 also updates `recent` (1 - 1/H per token). The first call sets the shape; a later call
-  // with another shape throws qf::Error.
-  void add(const float* q, int n_heads, int head_dim, int recent_horizon = 0);
+  // Adds one token's queries, q[n_heads][head_dim] before the rotary embedding: to the sums when
+  // `moments` (else sum and outer stay empty: qfilters_adaptive needs only the recent queries, and
+  // the outer products cost head_dim^2 / 2 per query head); recent_horizon H > 0 also updates
+  // `recent` (1 - 1/H per token). The first call sets the shape; a later call with another shape,
+  // or asking for the sums after calls that did not keep them, throws qf::Error.
+  void add(const float* q, int n_heads, int head_dim, int recent_horizon = 0, bool moments = true);
   // Mean and covariance (the biased estimate, divided by count as kvpress) of query head h;
   // zeros when no query was added. cov is head_dim x head_dim, full.
   void mean_cov(int h, std::vector<double>& mean, std::vector<double>& cov) const;

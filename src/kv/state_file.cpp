@@ -154,12 +154,13 @@ StateConfig get_config(Reader& r, uint32_t version) {
   c.stats.query_moments = get_flag(r, "query-moments flag");
   c.stats.key_scores = get_flag(r, "key-scores flag");
   if (version >= 3) c.stats.query_recent = r.get_int("recent-query horizon", 0, kMaxTokens);
-  if (c.stats.query_recent > 0 && !c.stats.query_moments) r.bad("recent queries without query moments");
   return c;
 }
 
 // Statistics arrays a head carries, as Cache allocates them.
 bool keeps_sum(const AttentionStats& s) { return s.accumulate || s.window > 0; }
+// Whether the state holds per-layer query moments (sums, recent queries or both), as Cache does.
+bool keeps_moments(const AttentionStats& s) { return s.query_moments || s.query_recent > 0; }
 
 HeadState get_head(Reader& r, const SessionState& s, int layer, int kv_head) {
   const StateConfig& c = s.config;
@@ -192,8 +193,10 @@ QueryMoments get_moments(Reader& r, const StateConfig& c, int layer) {
   if (head_dim != c.head_dim || n_heads % c.n_kv_heads != 0)
     r.bad("layer ", layer, ": query moments of ", n_heads, "x", head_dim, " do not fit ", c.n_kv_heads, " KV heads of ", c.head_dim);
   m.n_heads = n_heads, m.head_dim = head_dim, m.count = count;
-  r.get_raw(m.sum, static_cast<uint64_t>(n_heads) * head_dim, "query sums");
-  r.get_raw(m.outer, static_cast<uint64_t>(n_heads) * head_dim * head_dim, "query outer sums");
+  if (c.stats.query_moments) {
+    r.get_raw(m.sum, static_cast<uint64_t>(n_heads) * head_dim, "query sums");
+    r.get_raw(m.outer, static_cast<uint64_t>(n_heads) * head_dim * head_dim, "query outer sums");
+  }
   if (c.stats.query_recent > 0) {
     const uint64_t n_recent = r.get<uint64_t>("recent-query count");
     if (n_recent != 0 && n_recent != static_cast<uint64_t>(n_heads) * head_dim)
@@ -231,14 +234,18 @@ std::vector<uint8_t> encode_state(const SessionState& s) {
     w.put_raw(h.attn_last);
     w.put_raw(h.key_score);
   }
-  if (c.stats.query_moments) {
+  if (keeps_moments(c.stats)) {
     if (s.query_moments.size() != static_cast<size_t>(c.n_layers)) fail("encode_state: query moments per layer expected");
     for (const QueryMoments& m : s.query_moments) {
       w.put<int64_t>(m.n_heads);
       w.put<int64_t>(m.head_dim);
       w.put<int64_t>(m.count);
-      w.put_raw(m.sum);
-      w.put_raw(m.outer);
+      if (c.stats.query_moments) {
+        if (m.n_heads && (m.sum.size() != static_cast<size_t>(m.n_heads) * m.head_dim || m.outer.size() != m.sum.size() * m.head_dim))
+          fail("encode_state: query moments without their sums");
+        w.put_raw(m.sum);
+        w.put_raw(m.outer);
+      }
       if (c.stats.query_recent > 0) {
         w.put<uint64_t>(m.recent.size());
         w.put_raw(m.recent);
@@ -300,7 +307,7 @@ SessionState decode_state(std::span<const uint8_t> bytes, std::string_view name)
   s.heads.reserve(n_heads);
   for (int l = 0; l < c.n_layers; ++l)
     for (int h = 0; h < c.n_kv_heads; ++h) s.heads.push_back(get_head(r, s, l, h));
-  if (c.stats.query_moments)
+  if (keeps_moments(c.stats))
     for (int l = 0; l < c.n_layers; ++l) s.query_moments.push_back(get_moments(r, c, l));
   if (r.left() != 0) r.bad(r.left(), " bytes after the last head");
   return s;

@@ -18,8 +18,9 @@
 //   body: the SessionState fields in declaration order (strings and arrays length-prefixed),
 //         then every head's n, keys, values, positions and kept statistics (attention sums,
 //         counts, last-query attention, key scores: the ones config.stats names), then (when the
-//         statistics include query moments) per layer: n_heads, head_dim, count, sums, outer sums,
-//         and (with a recent-query horizon) the recent queries, length-prefixed.
+//         statistics include query moments or recent queries) per layer: n_heads, head_dim, count,
+//         the sums and outer sums (query moments), the recent queries, length-prefixed (a
+//         recent-query horizon).
 //
 // This file only reads and writes the format and checks that a file is consistent in itself;
 // runtime/session_state.h matches a state to a session and restores it.
@@ -73,7 +74,7 @@ struct SessionState {
   std::vector<int32_t> tokens;     // the tokens read: n_past of them, or none if not tracked
   std::string policy_state;        // Policy::save_state()
   std::vector<HeadState> heads;    // [layer * n_kv_heads + kv_head]
-  std::vector<QueryMoments> query_moments;  // per layer, when config.stats.query_moments (else empty)
+  std::vector<QueryMoments> query_moments;  // per layer, when config.stats.query_moments or query_recent (else empty)
 };
 
 inline constexpr char kStateMagic[8] = {'Q', 'F', 'K', 'V', 'S', 'T', 'A', 'T'};

@@ -249,7 +249,7 @@ kv::SessionState capture_state(const Session& s, const std::string& fingerprint,
       if (!hc.key_score.empty()) hs.key_score.assign(hc.key_score.begin(), hc.key_score.begin() + hc.n);
       st.heads.push_back(std::move(hs));
     }
-  if (st.config.stats.query_moments) st.query_moments = cache.query_moments;
+  if (st.config.stats.query_moments || st.config.stats.query_recent > 0) st.query_moments = cache.query_moments;
   return st;
 }
 
@@ -279,7 +279,7 @@ void restore_state(Session& s, const kv::SessionState& st, const std::string& fi
       copy_into(hs.key_score, hc.key_score);
       hc.n = hs.n();
     }
-  if (st.config.stats.query_moments) cache.query_moments = st.query_moments;
+  if (st.config.stats.query_moments || st.config.stats.query_recent > 0) cache.query_moments = st.query_moments;
   cache.queries_seen = st.queries_seen;
   s.restore_position(st.n_past, st.prompt_end);
 }

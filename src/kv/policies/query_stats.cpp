@@ -110,7 +110,7 @@ class AdaptiveQFilters final : public Policy {
       : stats_(stats), future_(future), blend_(blend), horizon_(horizon) {}
   std::string_view name() const override { return "qfilters_adaptive"; }
   AttentionStats needs(const PolicyOptions&) const override {
-    return {.query_moments = true, .query_recent = horizon_};
+    return {.query_recent = horizon_};  // not the sums: only the recent queries
   }
 
   void score_head(const Cache& cache, int layer, int kv_head, std::span<float> scores) override {
