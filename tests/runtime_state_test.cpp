@@ -36,6 +36,8 @@ struct KvSetup {
   kv::KvTypes types;
   int budget = 24, window = 4, evict_every = 3;
   float ratio = 0;
+  float filter_blend = kv::PolicyOptions{}.filter_blend;  // qfilters_adaptive
+  int filter_horizon = kv::PolicyOptions{}.filter_horizon;
 };
 
 // Deterministic stand-ins for a filter file: filters, and the calibrated query statistics of
@@ -89,6 +91,8 @@ std::unique_ptr<Session> make_session(const Model& m, const KvSetup& s, ThreadPo
       po.n_query_heads = data.n_query_heads;
       po.stats_rank = data.rank;
       po.query_future_positions = data.future_positions;
+      po.filter_blend = s.filter_blend;
+      po.filter_horizon = s.filter_horizon;
     }
     kv::CompressionConfig cc;
     cc.budget = s.ratio > 0 ? 0 : s.budget;
@@ -167,7 +171,8 @@ void expect_round_trip(const Model& m, const KvSetup& setup) {
 std::vector<std::string> all_policies() {
   std::vector<std::string> names = kv::policy_names();
   for (const std::string& n : kv::query_stats_policy_names()) names.push_back(n);
-  for (const char* n : {"qfilters+layer", "ea_calibrated+layer", "expected_attention+layer"}) names.emplace_back(n);
+  for (const char* n : {"qfilters+layer", "ea_calibrated+layer", "expected_attention+layer", "qfilters_adaptive+layer"})
+    names.emplace_back(n);
   return names;
 }
 
@@ -184,6 +189,14 @@ void every_policy_and_type(const std::string& fixture) {
       s.types = t;
       expect_round_trip(*m, s);
     }
+  {  // with a horizon above 1 the recent queries carry over from before the save
+    SCOPED_TRACE("qfilters_adaptive blend 0.5 horizon 16");
+    KvSetup s;
+    s.policy = "qfilters_adaptive";
+    s.filter_blend = 0.5f;
+    s.filter_horizon = 16;
+    expect_round_trip(*m, s);
+  }
   for (const std::string policy : {"snapkv", "knorm", "h2o"}) {  // prefill compression (--kv-ratio)
     SCOPED_TRACE(std::string(policy) + " ratio");
     KvSetup s;
@@ -337,6 +350,19 @@ TEST_F(StateErrors, OtherFilterFileData) {
   PolicyData other_future = data_;
   other_future.future_positions = 64;
   expect_refused(bytes, rope, "saved with --kv-policy qfilters_rope", other_future);
+
+  // qfilters_adaptive's filter also follows its blend and horizon.
+  KvSetup adaptive = setup_;
+  adaptive.policy = "qfilters_adaptive";
+  auto a = make_session(*model_, adaptive, pool_, data_);
+  a->prefill(tokens(3, 60, model_->config().n_vocab));
+  const std::vector<uint8_t> adaptive_bytes = kv::encode_state(runtime::capture_state(*a, fp_, {}));
+  KvSetup other_blend = adaptive;
+  other_blend.filter_blend = 0.25f;
+  expect_refused(adaptive_bytes, other_blend, "saved with --kv-policy qfilters_adaptive");
+  KvSetup other_horizon = adaptive;
+  other_horizon.filter_horizon = 8;
+  expect_refused(adaptive_bytes, other_horizon, "saved with --kv-policy qfilters_adaptive");
 
   KvSetup qfilters = setup_;
   qfilters.policy = "qfilters";

@@ -31,8 +31,9 @@ struct PolicyOptions {
   int query_future_positions = 512;
   // qfilters_adaptive: weight of the recent queries in the filter, in [0, 1] (0 = qfilters_rope's
   // filter), and the horizon in tokens of their exponential moving average (1 = the last query).
-  float filter_blend = 0.5f;
-  int filter_horizon = 16;
+  // The defaults are what found the most needles (docs/results.md, "Adaptive filters").
+  float filter_blend = 1.0f;
+  int filter_horizon = 1;
 };
 
 class Policy {
