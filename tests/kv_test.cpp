@@ -550,6 +550,62 @@ TEST(Compressor, BudgetAboveSequenceEvictsNothing) {
   }
 }
 
+// Per-layer budgets share the uniform total out by the weights of the compressed layers: each
+// layer's cache is allocated for its own budget (memory really freed), streaming holds each layer
+// at its budget, and prefill keeps each layer's share of the kept tokens.
+TEST(Compressor, PerLayerBudgetsShareTheSameTotal) {
+  const int nkv = 2, d = 4, L = 4, budget = 20, window = 4, steps = 80;
+  std::mt19937 rng(43);
+  // Layer 0 is skipped: its weight does not count. Shares of layers 1-3: 0.5, 1, 1.5.
+  CompressionConfig cfg{.budget = budget, .window = window, .skip_layers = 1, .layer_weights = {9, 1, 2, 3}};
+  cfg.validate(L);
+  Compressor comp(make_policy("knorm", {}), {}, cfg);
+  EXPECT_DOUBLE_EQ(comp.layer_share(1), 0.5);
+  EXPECT_DOUBLE_EQ(comp.layer_share(3), 1.5);
+  EXPECT_EQ(comp.layer_budget(1), 10);
+  EXPECT_EQ(comp.layer_budget(3), 30);
+  std::vector<int> cap;
+  for (int l = 0; l < L; ++l) cap.push_back(comp.capacity(l, 1000, 1));
+  EXPECT_EQ(cap, (std::vector<int>{1000, 11, 21, 31}));
+  Compressor uniform(make_policy("knorm", {}), {}, {.budget = budget, .window = window, .skip_layers = 1});
+  Cache c({L, nkv, d}, cap, comp.needs());
+  Cache u({L, nkv, d}, {1000, uniform.capacity(1, 1000, 1), uniform.capacity(2, 1000, 1), uniform.capacity(3, 1000, 1)},
+          uniform.needs());
+  EXPECT_EQ(c.bytes_reserved(), u.bytes_reserved());  // the same memory, shared out differently
+  c.set_key_scorer(comp.policy().key_scorer(c.shape()));
+  for (int t = 0; t < steps; ++t) {
+    for (int l = 0; l < L; ++l) append_random(c, l, 1, t, rng);
+    comp.after_step(c);
+  }
+  for (int h = 0; h < nkv; ++h) {
+    EXPECT_EQ(c.head(0, h).n, steps);
+    EXPECT_EQ(c.head(1, h).n, 10);
+    EXPECT_EQ(c.head(2, h).n, 20);
+    EXPECT_EQ(c.head(3, h).n, 30);
+  }
+
+  // Prefill: 40 tokens, ratio 0.5: the uniform 20 become 10, 20, 30; a share above what the
+  // prompt holds keeps all of it.
+  Compressor pre(make_policy("knorm", {}), {}, {.prefill_ratio = 0.5f, .skip_layers = 1, .layer_weights = {1, 1, 2, 3}});
+  Compressor greedy(make_policy("knorm", {}), {}, {.prefill_ratio = 0.25f, .skip_layers = 1, .layer_weights = {1, 1, 1, 4}});
+  for (Compressor* cp : {&pre, &greedy}) {
+    Cache p({L, nkv, d}, {40, 40, 40, 40}, cp->needs());
+    p.set_key_scorer(cp->policy().key_scorer(p.shape()));
+    for (int l = 0; l < L; ++l) append_random(p, l, 40, 0, rng);
+    cp->after_prefill(p, 40);
+    const std::vector<int> want = cp == &pre ? std::vector<int>{40, 10, 20, 30} : std::vector<int>{40, 15, 15, 40};
+    for (int l = 0; l < L; ++l) EXPECT_EQ(p.head(l, 1).n, want[l]) << "layer " << l;
+  }
+}
+
+TEST(Compressor, PerLayerWeightsAreChecked) {
+  EXPECT_THROW((CompressionConfig{.layer_weights = {1, 2}}.validate(3)), Error);
+  EXPECT_THROW((CompressionConfig{.layer_weights = {1, 0, 2}}.validate(3)), Error);
+  EXPECT_THROW((CompressionConfig{.layer_weights = {1, -1, 2}}.validate(3)), Error);
+  EXPECT_THROW((CompressionConfig{.layer_weights = {1, NAN, 2}}.validate(3)), Error);
+  EXPECT_NO_THROW((CompressionConfig{.layer_weights = {1, 0.5f, 2}}.validate(3)));
+}
+
 TEST(Compressor, StreamingKeepsBudgetWindowAndSkippedLayers) {
   const int nkv = 2, d = 4, L = 3, budget = 16, window = 4, every = 3, steps = 100;
   std::mt19937 rng(41);

@@ -38,6 +38,7 @@ struct KvSetup {
   float ratio = 0;
   float filter_blend = kv::PolicyOptions{}.filter_blend;  // qfilters_adaptive
   int filter_horizon = kv::PolicyOptions{}.filter_horizon;
+  std::vector<float> layer_weights;                        // per-layer budgets
 };
 
 // Deterministic stand-ins for a filter file: filters, and the calibrated query statistics of
@@ -99,6 +100,7 @@ std::unique_ptr<Session> make_session(const Model& m, const KvSetup& s, ThreadPo
     cc.window = s.ratio > 0 ? 0 : s.window;
     cc.evict_every = s.ratio > 0 ? 1 : s.evict_every;
     cc.prefill_ratio = s.ratio;
+    cc.layer_weights = s.layer_weights;
     so.compressor = std::make_unique<kv::Compressor>(kv::make_policy(s.policy, po), po, cc);
   }
   return std::make_unique<Session>(m, std::move(so));
@@ -319,6 +321,22 @@ TEST_F(StateErrors, ForeignPolicyTypesAndShapes) {
   other.policy = "none";
   other.types = {};
   expect_refused(bytes_, other, "this session uses a full cache");
+}
+
+// Per-layer budgets are an evaluation setting the state format does not pin: saving is refused
+// rather than writing a state that would restore under uniform budgets.
+TEST_F(StateErrors, PerLayerBudgetsAreNotSaved) {
+  KvSetup uneven = setup_;
+  uneven.layer_weights.assign(model_->config().n_layers, 1.0f);
+  uneven.layer_weights[0] = 2.0f;
+  auto s = make_session(*model_, uneven, pool_, data_);
+  s->prefill(tokens(3, 60, model_->config().n_vocab));
+  try {
+    runtime::capture_state(*s, fp_, {});
+    ADD_FAILURE() << "saved";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("per-layer budgets"), std::string::npos) << e.what();
+  }
 }
 
 TEST_F(StateErrors, ForeignModel) {

@@ -44,6 +44,7 @@ struct CommonOptions {
   int future_positions = 512;  // expected_attention, qfilters_rope, ea_calibrated, qfilters_adaptive
   float filter_blend = kv::PolicyOptions{}.filter_blend;      // qfilters_adaptive
   int filter_horizon = kv::PolicyOptions{}.filter_horizon;    // qfilters_adaptive
+  std::vector<float> layer_weights;                           // per-layer budgets (empty: uniform)
 };
 
 struct EvalOptions {
@@ -86,6 +87,10 @@ void add_common(CLI::App* cmd, CommonOptions& o) {
   cmd->add_option("--filter-horizon", o.filter_horizon,
                   "qfilters_adaptive: horizon in tokens of the recent queries' moving average (1 = the last query)")
       ->check(CLI::PositiveNumber)->capture_default_str();
+  cmd->add_option("--layer-weights", o.layer_weights,
+                  "per-layer budgets at equal total: one positive weight per layer, comma-separated; compressed "
+                  "layer l keeps w_l / mean(w over the compressed layers) times the uniform budget")
+      ->delimiter(',');
 }
 
 void add_ppl(CLI::App* cmd, eval::PplSettings& s) {
@@ -187,6 +192,8 @@ Setup setup(const CommonOptions& o) {
   s.ctx.policy_options.ea_future_positions = o.future_positions;
   s.ctx.policy_options.filter_blend = o.filter_blend;
   s.ctx.policy_options.filter_horizon = o.filter_horizon;
+  s.ctx.layer_weights = o.layer_weights;
+  if (!o.layer_weights.empty()) kv::CompressionConfig{.layer_weights = o.layer_weights}.validate(c.n_layers);
   s.ctx.kv_types = kv_types(o.model);
   s.ctx.progress = !o.no_progress;
 
@@ -219,6 +226,7 @@ Setup setup(const CommonOptions& o) {
   s.run["future_positions"] = o.future_positions;
   s.run["filter_blend"] = o.filter_blend;
   s.run["filter_horizon"] = o.filter_horizon;
+  s.run["layer_weights"] = o.layer_weights;
   s.run["batch"] = o.model.n_batch;
   s.run["cache_type_k"] = o.model.cache_type_k;
   s.run["cache_type_v"] = o.model.cache_type_v;
@@ -257,6 +265,7 @@ json cell_settings(const Setup& s, const json& eval_settings) {
   if (s.run["future_positions"] != 512) settings["future_positions"] = s.run["future_positions"];
   if (s.run["filter_blend"] != kv::PolicyOptions{}.filter_blend) settings["filter_blend"] = s.run["filter_blend"];
   if (s.run["filter_horizon"] != kv::PolicyOptions{}.filter_horizon) settings["filter_horizon"] = s.run["filter_horizon"];
+  if (!s.run["layer_weights"].empty()) settings["layer_weights"] = s.run["layer_weights"];
   return settings;
 }
 

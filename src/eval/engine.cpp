@@ -38,8 +38,10 @@ kv::AttentionStats union_needs(const EvalContext& ctx, const std::vector<std::st
 }
 
 std::unique_ptr<kv::Compressor> new_compressor(const EvalContext& ctx, const std::string& policy,
-                                               const kv::CompressionConfig& cc) {
+                                               const kv::CompressionConfig& config) {
   if (ctx.model == nullptr) fail("evaluation context without a model");
+  kv::CompressionConfig cc = config;
+  if (cc.layer_weights.empty()) cc.layer_weights = ctx.layer_weights;
   cc.validate(ctx.model->config().n_layers);
   return std::make_unique<kv::Compressor>(kv::make_policy(policy, ctx.policy_options), ctx.policy_options, cc);
 }

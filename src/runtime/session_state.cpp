@@ -176,6 +176,8 @@ kv::StateConfig state_config(const Session& s, const std::string& fingerprint) {
   if (const kv::Compressor* comp = s.compressor()) {
     const kv::CompressionConfig& cc = comp->config();
     const kv::PolicyOptions& po = comp->options();
+    // Only the evaluations set them; a state that did not pin them would restore under other budgets.
+    if (!cc.layer_weights.empty()) fail("a session with per-layer budgets (--layer-weights) cannot be saved");
     c.policy = std::string(comp->policy().name());
     c.budget = cc.budget;
     c.window = cc.window;
