@@ -7,6 +7,8 @@
 #   scripts/eval_issue15.sh adaptive     the adaptive filters (qfilters_adaptive): the needle sweep
 #                                        over blend / horizon, the full needle protocol and perplexity
 #                                        (docs/results.md section 5, "Adaptive filters"; ~30 min quiet)
+#   scripts/eval_issue15.sh layers       per-layer budgets at equal memory (--layer-weights spread and a
+#                                        middle-layer profile) on seeds 42-44 and held-out 45-47 (~25 min)
 # Resumable: finished cells are kept in results/issue15-*/<eval>.jsonl.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -56,4 +58,15 @@ if [ "$what" = adaptive ]; then
     scripts/niah_paired.py results/issue15-adaptive-niah-b1/niah.jsonl:qfilters_adaptive+layer \
       results/issue15-niah/niah.jsonl:$p
   done
+fi
+if [ "$what" = layers ]; then
+  mid3=1,1,3,3,3,3,3,3,3,3,3,3,3,3,3,3,3,3,3,3,1,1,1,1,1,1,1,1,1,1  # SmolLM2's 30 layers
+  for run in mid3:42,43,44:$mid3 spread:42,43,44:spread uniform:45,46,47: spread:45,46,47:spread; do
+    IFS=: read -r name seeds weights <<< "$run"
+    nice -n 10 "$qf" eval niah -m "$M" --filters "$F" -o "results/issue15-layers-$name-${seeds//,/}" --lengths 1024,2048 \
+      --depths 5 --compressions 4,8 --seeds "$seeds" --digits 7 --skip-layers 2 -t 1 --no-progress \
+      --policies tova,ea_calibrated+layer,qfilters_adaptive+layer ${weights:+--layer-weights "$weights"}
+  done
+  nice -n 10 "$qf" eval ppl -m "$M" --filters "$F" -o results/issue15-layers-ppl-spread --docs 8 --tokens 1024 \
+    --budgets 128,256 --window 64 --policies none,streaming,h2o,qfilters_adaptive --layer-weights spread -t 1 --no-progress
 fi
