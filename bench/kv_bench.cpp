@@ -4,7 +4,8 @@
 // whole round (BM_ScoreAndEvict: score + select + compact). One thread, so the numbers are
 // per-core work; multiply by the compressed layers for a whole decode step. BM_ScoreTypes:
 // qfilters and knorm scoring keys stored as each KV type (f32, f16, bf16, q8_0, q4_0). Read CPU
-// time on a shared machine.
+// time on a shared machine. BM_ObserveQueries: the per-token query bookkeeping of the policies
+// that read query moments.
 #include <benchmark/benchmark.h>
 
 #include <cmath>
@@ -94,7 +95,8 @@ const std::vector<std::string>& bench_policies() {
   static const std::vector<std::string> names = {"qfilters", "knorm",           "streaming",          "random",
                                                  "snapkv",   "tova",            "h2o",                "expected_attention",
                                                  "qfilters+layer", "expected_attention+layer",
-                                                 "qfilters_rope",  "ea_calibrated",   "qfilters_rope+layer"};
+                                                 "qfilters_rope",  "ea_calibrated",   "qfilters_rope+layer",
+                                                 "qfilters_adaptive", "qfilters_adaptive+layer"};
   return names;
 }
 
@@ -127,6 +129,7 @@ struct RoundSetup {
     comp = std::make_unique<Compressor>(make_policy(name, opt), opt, CompressionConfig{.budget = kBudget, .window = kWindow});
     cache = std::make_unique<Cache>(CacheShape{1, kKvHeads, kDim}, std::vector<int>{comp->capacity(0, 1 << 30, 1)}, comp->needs(),
                                     types);
+    cache->set_key_scorer(comp->policy().key_scorer(cache->shape()));  // as a session does (qfilters, knorm)
     fill(*cache, kBudget + 1, rng);
     std::uniform_real_distribution<float> u(0.0f, 0.01f);
     for (int h = 0; h < kKvHeads; ++h) {
@@ -141,11 +144,11 @@ struct RoundSetup {
     cache->rope.n_rot = kDim;
     cache->rope.inv_freq.assign(1, std::vector<double>(kDim / 2));
     for (int i = 0; i < kDim / 2; ++i) cache->rope.inv_freq[0][i] = std::pow(10000.0, -2.0 * i / kDim);
-    if (!cache->query_moments.empty()) {  // expected_attention: moments of earlier queries
+    if (!cache->query_moments.empty()) {  // expected_attention, qfilters_adaptive: earlier queries
       std::vector<float> q(kHeads * kDim);
       for (int t = 0; t < kBudget; ++t) {
         for (auto& x : q) x = nd(rng);
-        cache->query_moments[0].add(q.data(), kHeads, kDim);
+        cache->query_moments[0].add(q.data(), kHeads, kDim, cache->stats().query_recent, cache->stats().query_moments);
       }
     }
     for (auto& x : k) x = nd(rng);
@@ -165,7 +168,7 @@ void BM_Score(benchmark::State& state) {
     benchmark::DoNotOptimize(scores.data());
   }
 }
-BENCHMARK(BM_Score)->DenseRange(0, 12)->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_Score)->DenseRange(0, 14)->Unit(benchmark::kMicrosecond);
 
 // Scoring from stored keys of each type. Args: 0 qfilters / 1 knorm, KV type index (kv_types()).
 void BM_ScoreTypes(benchmark::State& state) {
@@ -197,6 +200,25 @@ void BM_ScoreAndEvict(benchmark::State& state) {
   }
   if (s.comp->stats().evictions != state.iterations()) state.SkipWithError("expected one eviction per step");
 }
-BENCHMARK(BM_ScoreAndEvict)->DenseRange(0, 12)->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_ScoreAndEvict)->DenseRange(0, 14)->Unit(benchmark::kMicrosecond);
+
+// What the query-reading policies add to every decode step of one layer, eviction or not: one
+// token's 9 queries added to the sums and outer products (expected_attention) or to the recent
+// queries (qfilters_adaptive). Args: 0 moments, 1 recent queries only.
+void BM_ObserveQueries(benchmark::State& state) {
+  const bool recent = state.range(0) == 1;
+  state.SetLabel(recent ? "qfilters_adaptive: recent queries" : "expected_attention: moments");
+  std::mt19937 rng(4);
+  std::normal_distribution<float> nd;
+  std::vector<float> q(kHeads * kDim);
+  for (auto& x : q) x = nd(rng);
+  QueryMoments m;
+  for (auto _ : state) {
+    m.add(q.data(), kHeads, kDim, recent ? 16 : 0, !recent);
+    benchmark::DoNotOptimize(m.recent.data());
+    benchmark::DoNotOptimize(m.sum.data());
+  }
+}
+BENCHMARK(BM_ObserveQueries)->Arg(0)->Arg(1)->Unit(benchmark::kMicrosecond);
 
 }  // namespace

@@ -80,7 +80,7 @@ GGML_ROW = {0: lambda d: 4 * d, 1: lambda d: 2 * d, 30: lambda d: 2 * d, 8: lamb
 
 def state_file(*, types=(0, 0), policy="none", params=(0, 0, 0, 0.0, 0, 0, 0, 0, 0), filters_hash="",
                stats=(False, False, 0, False, False), n_past=6, prompt_end=None, tokens=True, policy_state="", keep=None,
-               n_layers=2, n_kv_heads=2, head_dim=32):
+               n_layers=2, n_kv_heads=2, head_dim=32, version=3, query_recent=0):
     rng = np.random.default_rng(len(policy) + n_past)
     i64 = lambda v: struct.pack("<q", v)
     text = lambda t: struct.pack("<Q", len(t.encode())) + t.encode()
@@ -92,6 +92,8 @@ def state_file(*, types=(0, 0), policy="none", params=(0, 0, 0, 0.0, 0, 0, 0, 0,
     body += i64(budget) + i64(window) + i64(evict_every) + struct.pack("<f", ratio) + i64(skip_layers)
     body += struct.pack("<Q", seed) + i64(n_sink) + i64(snap_window) + i64(snap_kernel) + text(filters_hash)
     body += struct.pack("<BB", accumulate, last_query) + i64(stats_window) + struct.pack("<BB", query_moments, key_scores)
+    if version >= 3:  # the recent-query horizon (qfilters_adaptive); version 2 had none
+        body += i64(query_recent)
     body += i64(n_past) + i64(prompt_end) + i64(3 * n_past) + i64(7) + i64(2)
     toks = list(range(10, 10 + n_past)) if tokens else []
     body += struct.pack("<Q", len(toks)) + struct.pack(f"<{len(toks)}i", *toks) + text(policy_state)
@@ -109,11 +111,14 @@ def state_file(*, types=(0, 0), policy="none", params=(0, 0, 0, 0.0, 0, 0, 0, 0,
             body += rng.random(n, dtype=np.float32).tobytes()
         if key_scores:
             body += rng.standard_normal(n, dtype=np.float32).tobytes()
-    if query_moments:  # per layer: 4 query heads x head_dim, count, sums, outer sums (float64)
-        for layer in range(n_layers):
+    if query_moments or query_recent > 0:  # per layer: 4 query heads x head_dim, count, then
+        for layer in range(n_layers):       # sums and outer sums (float64), recent queries
             body += i64(4) + i64(head_dim) + i64(n_past)
-            body += rng.standard_normal(4 * head_dim).tobytes() + rng.standard_normal(4 * head_dim * head_dim).tobytes()
-    prefix = b"QFKVSTAT" + struct.pack("<IIQII", 2, 0, len(body), zlib.crc32(body), 0)
+            if query_moments:
+                body += rng.standard_normal(4 * head_dim).tobytes() + rng.standard_normal(4 * head_dim * head_dim).tobytes()
+            if query_recent > 0:  # length-prefixed recent queries: 4 x head_dim float64
+                body += struct.pack("<Q", 4 * head_dim) + rng.standard_normal(4 * head_dim).tobytes()
+    prefix = b"QFKVSTAT" + struct.pack("<IIQII", version, 0, len(body), zlib.crc32(body), 0)
     return prefix + body
 
 
@@ -182,7 +187,8 @@ def main():
     write_filters(os.path.join(out, "filter_file", "foreign_f16.safetensors"), None, dtype="F16")
     write_filters(os.path.join(out, "filter_file", "wrong_shape.safetensors"), ours, shape=(3, 2, 4))
 
-    # State files: valid_* must decode (tests/fuzz_replay_test.cpp checks it); the others must not.
+    # State files: valid_* must decode (tests/fuzz_replay_test.cpp checks it) and encode back to the
+    # same bytes; version2_* (an older version) must decode; the others must not.
     st = os.path.join(out, "state_file")
     write(os.path.join(st, "valid_full_f32.qfstate"), state_file(n_past=4))
     write(os.path.join(st, "valid_h2o_q8_q4.qfstate"),
@@ -201,6 +207,12 @@ def main():
           state_file(types=(8, 8), policy="knorm", params=(3, 1, 1, 0.0, 0, 0, 4, 64, 5), stats=(False, False, 0, False, True), keep=3))
     write(os.path.join(st, "valid_expected_attention.qfstate"),
           state_file(policy="expected_attention", params=(3, 1, 1, 0.0, 0, 0, 4, 64, 5), stats=(False, False, 0, True, False), keep=3, head_dim=8))
+    write(os.path.join(st, "valid_qfilters_adaptive.qfstate"),
+          state_file(policy="qfilters_adaptive", params=(3, 1, 1, 0.0, 0, 0, 4, 64, 5), filters_hash="0011223344556677",
+                     stats=(False, False, 0, False, False), keep=3, head_dim=8, query_recent=16))
+    write(os.path.join(st, "version2_expected_attention.qfstate"),
+          state_file(policy="expected_attention", params=(3, 1, 1, 0.0, 0, 0, 4, 64, 5), stats=(False, False, 0, True, False),
+                     keep=3, head_dim=8, version=2))
     truncated = state_file(n_past=3)
     write(os.path.join(st, "truncated.qfstate"), truncated[: len(truncated) - 9])
 

@@ -4,6 +4,11 @@
 # then needles at x4 and x8 and streaming perplexity at B = 128 and 256, one thread each, niced.
 #   scripts/eval_issue15.sh              both evaluations, one after the other
 #   scripts/eval_issue15.sh niah|ppl     one of them
+#   scripts/eval_issue15.sh adaptive     the adaptive filters (qfilters_adaptive): the needle sweep
+#                                        over blend / horizon, the full needle protocol and perplexity
+#                                        (docs/results.md section 5, "Adaptive filters"; ~30 min quiet)
+#   scripts/eval_issue15.sh layers       per-layer budgets at equal memory (--layer-weights spread and a
+#                                        middle-layer profile) on seeds 42-44 and held-out 45-47 (~25 min)
 # Resumable: finished cells are kept in results/issue15-*/<eval>.jsonl.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -30,4 +35,38 @@ if [ "$what" = all ] || [ "$what" = ppl ]; then
   nice -n 10 "$qf" eval ppl -m "$M" --filters "$F" -o results/issue15-ppl --docs 8 --tokens 1024 \
     --budgets 128,256 --window 64 --policies none,streaming,h2o,tova,qfilters,qfilters_rope,ea_calibrated,ea_calibrated+layer \
     -t 1 --no-progress
+fi
+if [ "$what" = adaptive ]; then
+  # Choosing blend and horizon: 1,024 tokens, x4, 3 seeds (15 prompts) per setting.
+  for bh in 1:1 1:4 1:16 0.9:1 0.5:1; do
+    b=${bh%:*} h=${bh#*:}
+    nice -n 10 "$qf" eval niah -m "$M" --filters "$F" -o "results/issue15-adaptive-sweep-b$b-h$h" --lengths 1024 \
+      --depths 5 --compressions 4 --seeds 42,43,44 --digits 7 --skip-layers 2 -t 1 --no-progress \
+      --policies qfilters_adaptive,qfilters_adaptive+layer --filter-blend "$b" --filter-horizon "$h"
+  done
+  # The full needle protocol (as "niah" above) for the defaults (blend 1, horizon 1) and blend 0.9.
+  for b in 1 0.9; do
+    nice -n 10 "$qf" eval niah -m "$M" --filters "$F" -o "results/issue15-adaptive-niah-b$b" --lengths 1024,2048 \
+      --depths 5 --compressions 4,8 --seeds 42,43,44 --digits 7 --skip-layers 2 -t 1 --no-progress \
+      --policies qfilters_adaptive,qfilters_adaptive+layer --filter-blend "$b" --filter-horizon 1
+  done
+  nice -n 10 "$qf" eval ppl -m "$M" --filters "$F" -o results/issue15-adaptive-ppl --docs 8 --tokens 1024 \
+    --budgets 128,256 --window 64 --policies none,streaming,h2o,qfilters_adaptive,qfilters_adaptive+layer \
+    --filter-blend 1 --filter-horizon 1 -t 1 --no-progress
+  # Paired against the baselines of "niah" above (the same prompts).
+  for p in tova ea_calibrated+layer qfilters_rope+layer; do
+    scripts/niah_paired.py results/issue15-adaptive-niah-b1/niah.jsonl:qfilters_adaptive+layer \
+      results/issue15-niah/niah.jsonl:$p
+  done
+fi
+if [ "$what" = layers ]; then
+  mid3=1,1,3,3,3,3,3,3,3,3,3,3,3,3,3,3,3,3,3,3,1,1,1,1,1,1,1,1,1,1  # SmolLM2's 30 layers
+  for run in mid3:42,43,44:$mid3 spread:42,43,44:spread uniform:45,46,47: spread:45,46,47:spread; do
+    IFS=: read -r name seeds weights <<< "$run"
+    nice -n 10 "$qf" eval niah -m "$M" --filters "$F" -o "results/issue15-layers-$name-${seeds//,/}" --lengths 1024,2048 \
+      --depths 5 --compressions 4,8 --seeds "$seeds" --digits 7 --skip-layers 2 -t 1 --no-progress \
+      --policies tova,ea_calibrated+layer,qfilters_adaptive+layer ${weights:+--layer-weights "$weights"}
+  done
+  nice -n 10 "$qf" eval ppl -m "$M" --filters "$F" -o results/issue15-layers-ppl-spread --docs 8 --tokens 1024 \
+    --budgets 128,256 --window 64 --policies none,streaming,h2o,qfilters_adaptive --layer-weights spread -t 1 --no-progress
 fi

@@ -681,6 +681,45 @@ TEST(Report, CountsAgainstKeysDisagreementsAndEnergy) {
 
 // ---- query statistics (query_stats version 1) -----------------------------------------------------
 
+// With every factor kept (rank = head_dim) the factors' squared norms sum to the trace of the
+// covariance, the mean squared distance of the samples from their mean: query_spread is that over
+// ||mean||^2, averaged over a layer's query heads, checked against the samples directly.
+TEST(QueryStats, SpreadIsTheQueriesVarianceOverTheirSquaredMean) {
+  const int L = 2, nh = 3, d = 5, n = 200;
+  Rng rng(12);
+  Filters f(L, 1, d);
+  f.n_query_heads = nh;
+  f.stats_rank = d;
+  f.query_mean.resize(size_t(L) * nh * d);
+  f.query_factors.resize(size_t(L) * nh * d * d);
+  std::normal_distribution<double> nd;
+  std::vector<double> want(L, 0.0);
+  for (int l = 0; l < L; ++l) {
+    for (int h = 0; h < nh; ++h) {
+      std::vector<float> x(size_t(n) * d);
+      for (int i = 0; i < n; ++i)
+        for (int j = 0; j < d; ++j) x[size_t(i) * d + j] = float(1.0 + h + (l + 1) * (j + 1) * 0.3 * nd(rng));
+      const size_t at = size_t(l) * nh + h;
+      query_moments(x.data(), n, d, d, d, f.query_mean.data() + at * d, f.query_factors.data() + at * d * d);
+      std::vector<double> mu(d, 0.0);
+      for (int i = 0; i < n; ++i)
+        for (int j = 0; j < d; ++j) mu[j] += x[size_t(i) * d + j] / double(n);
+      double m2 = 0, var = 0;
+      for (int j = 0; j < d; ++j) m2 += mu[j] * mu[j];
+      for (int i = 0; i < n; ++i)
+        for (int j = 0; j < d; ++j) var += (x[size_t(i) * d + j] - mu[j]) * (x[size_t(i) * d + j] - mu[j]) / n;
+      want[l] += var / m2 / nh;
+    }
+  }
+  const std::vector<float> got = query_spread(f);
+  ASSERT_EQ(got.size(), size_t(L));
+  for (int l = 0; l < L; ++l) EXPECT_NEAR(got[l], want[l], 1e-4 * want[l]) << "layer " << l;
+  EXPECT_GT(query_spread(f)[1], query_spread(f)[0]);  // layer 1's queries were made to vary more
+  std::fill(f.query_mean.begin(), f.query_mean.begin() + d, 0.0f);
+  EXPECT_THROW(query_spread(f), Error);  // a zero mean query
+  EXPECT_THROW(query_spread(Filters(L, 1, d)), Error);  // no statistics
+}
+
 TEST(QueryStats, MeanAndFactorsAreTheSampleMomentsEigenpairs) {
   const int n = 500, d = 6, stride = 10, rank = 3;
   Rng rng(8);

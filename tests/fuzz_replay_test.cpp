@@ -98,20 +98,31 @@ TEST(FuzzReplay, StateFileSeedsFromThePythonEncoder) {
     const std::vector<uint8_t> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
     const std::string name = entry.path().filename().string();
     SCOPED_TRACE(name);
-    if (name.rfind("valid_", 0) == 0) {
+    if (name.rfind("version2_", 0) == 0) {  // the previous version still reads, with no recent queries
+      const qf::kv::SessionState s = qf::kv::decode_state(bytes, name);
+      EXPECT_EQ(s.config.stats.query_recent, 0);
+      EXPECT_EQ(s.query_moments.size(), s.config.stats.query_moments ? static_cast<size_t>(s.config.n_layers) : 0u);
+      for (const qf::kv::QueryMoments& m : s.query_moments) EXPECT_TRUE(m.recent.empty());
+      EXPECT_EQ(qf::kv::encode_state(s), bytes);  // in its own version
+      ++valid;
+    } else if (name.rfind("valid_", 0) == 0) {
       const qf::kv::SessionState s = qf::kv::decode_state(bytes, name);
       EXPECT_EQ(s.config.n_layers * s.config.n_kv_heads, static_cast<int>(s.heads.size()));
       EXPECT_EQ(s.evicted, 7);
       EXPECT_EQ(s.config.model_fingerprint, "0123456789abcdef");
       // Expected Attention's state carries one layer's query moments per layer (4 query heads).
-      EXPECT_EQ(s.query_moments.size(), s.config.stats.query_moments ? static_cast<size_t>(s.config.n_layers) : 0u);
+      const bool moments = s.config.stats.query_moments || s.config.stats.query_recent > 0;
+      EXPECT_EQ(s.query_moments.size(), moments ? static_cast<size_t>(s.config.n_layers) : 0u);
       // qfilters and knorm carry one key score per kept slot.
       for (const qf::kv::HeadState& h : s.heads)
         EXPECT_EQ(h.key_score.size(), s.config.stats.key_scores ? static_cast<size_t>(h.n()) : 0u);
       for (const qf::kv::QueryMoments& m : s.query_moments) {
         EXPECT_EQ(m.n_heads, 4);
-        EXPECT_EQ(m.sum.size(), static_cast<size_t>(m.n_heads) * m.head_dim);
-        EXPECT_EQ(m.outer.size(), static_cast<size_t>(m.n_heads) * m.head_dim * m.head_dim);
+        // Expected Attention's sums; qfilters_adaptive's recent queries only.
+        const size_t per_head = static_cast<size_t>(m.n_heads) * m.head_dim;
+        EXPECT_EQ(m.sum.size(), s.config.stats.query_moments ? per_head : 0u);
+        EXPECT_EQ(m.outer.size(), s.config.stats.query_moments ? per_head * m.head_dim : 0u);
+        EXPECT_EQ(m.recent.size(), s.config.stats.query_recent > 0 ? per_head : 0u);
       }
       EXPECT_EQ(qf::kv::encode_state(s), bytes);  // reads back what was written
       ++valid;
@@ -119,7 +130,7 @@ TEST(FuzzReplay, StateFileSeedsFromThePythonEncoder) {
       EXPECT_THROW(qf::kv::decode_state(bytes, name), qf::Error);
     }
   }
-  EXPECT_EQ(valid, 8);
+  EXPECT_EQ(valid, 10);
 }
 
 }  // namespace

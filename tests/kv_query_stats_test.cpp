@@ -78,10 +78,10 @@ struct StatsCase {
 
   // A one-layer cache holding T random keys (stored rotated by their positions first .. first+T-1)
   // and values; head 1 lost a few positions, a sink among them.
-  Cache cache(int T, int first, uint32_t seed, std::vector<float>* keys_out = nullptr) const {
+  Cache cache(int T, int first, uint32_t seed, std::vector<float>* keys_out = nullptr, AttentionStats stats = {}) const {
     std::mt19937 rng(seed);
     std::normal_distribution<float> nd;
-    Cache c({1, nkv, d}, {T}, {});
+    Cache c({1, nkv, d}, {T}, stats);
     c.rope = rope();
     std::vector<float> k(size_t(T) * nkv * d), v(k.size());
     for (auto& x : k) x = nd(rng);
@@ -209,8 +209,162 @@ TEST(QueryStatsPolicies, EaCalibratedMatchesADirectComputation) {
   }
 }
 
+// ---- qfilters_adaptive ------------------------------------------------------------------------
+
+std::vector<double> unit(std::vector<double> x) {
+  double n = 0;
+  for (double v : x) n += v * v;
+  for (double& v : x) v /= std::sqrt(n);
+  return x;
+}
+
+// Random queries before the rotary embedding, [n][n_heads][d], at positions first .. first+n-1.
+std::vector<float> random_queries(int n, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> nd;
+  std::vector<float> q(size_t(n) * StatsCase::n_heads * StatsCase::d);
+  for (auto& x : q) x = nd(rng) + 0.7f;  // a common direction, as real queries have
+  return q;
+}
+
+// The adaptive filter computed from scratch: each query head's moving average as the explicit sum
+// sum_t (1 - 1/H)^(n-1-t) q_t / ||q_t||, unit; the group's mean of those, unit; blended with the
+// unit group-mean calibrated query; unit; moved by the dense mean rotation.
+std::vector<double> adaptive_filter(const StatsCase& s, const std::vector<float>& q, int n_q, int h, double blend,
+                                    int horizon, const Matrix& R) {
+  const int d = StatsCase::d;
+  std::vector<double> cal(d, 0.0), recent(d, 0.0);
+  for (int g = 0; g < StatsCase::group; ++g) {
+    const int qh = h * StatsCase::group + g;
+    for (int i = 0; i < d; ++i) cal[i] += s.mean[size_t(qh) * d + i];
+    std::vector<double> ema(d, 0.0);
+    for (int t = 0; t < n_q; ++t) {
+      const float* x = q.data() + (size_t(t) * StatsCase::n_heads + qh) * d;
+      double n2 = 0;
+      for (int i = 0; i < d; ++i) n2 += double(x[i]) * x[i];
+      const double w = std::pow(1.0 - 1.0 / horizon, n_q - 1 - t) / std::sqrt(n2);
+      for (int i = 0; i < d; ++i) ema[i] += w * x[i];
+    }
+    ema = unit(ema);
+    for (int i = 0; i < d; ++i) recent[i] += ema[i];
+  }
+  cal = unit(cal), recent = unit(recent);
+  std::vector<double> f(d);
+  for (int i = 0; i < d; ++i) f[i] = (1 - blend) * cal[i] + blend * recent[i];
+  f = unit(f);
+  std::vector<double> rf(d, 0.0);
+  for (int i = 0; i < d; ++i)
+    for (int j = 0; j < d; ++j) rf[i] += R[i][j] * f[j];
+  return rf;
+}
+
+TEST(QueryStatsPolicies, AdaptiveFilterBlendsTheRecentQueriesAsADirectComputation) {
+  const int T = 40, future = 16, n_q = 25;
+  for (const auto& [blend, horizon] : std::vector<std::pair<float, int>>{{0.5f, 8}, {1.0f, 1}, {0.3f, 100}}) {
+    SCOPED_TRACE("blend " + std::to_string(blend) + " horizon " + std::to_string(horizon));
+    StatsCase s(21);
+    s.options.query_future_positions = future;
+    s.options.filter_blend = blend;
+    s.options.filter_horizon = horizon;
+    auto p = make_policy("qfilters_adaptive", s.options);
+    EXPECT_EQ(p->name(), "qfilters_adaptive");
+    // Only the recent queries (not even their moments): no attention statistics, so the fused kernel stays.
+    EXPECT_EQ(p->needs(s.options), (AttentionStats{.query_recent = horizon}));
+    std::vector<float> k;
+    Cache c = s.cache(T, 0, 23, &k, p->needs(s.options));
+    const std::vector<float> q = random_queries(n_q, 29);
+    for (int t = 0; t < n_q; ++t)
+      c.query_moments[0].add(q.data() + size_t(t) * StatsCase::n_heads * StatsCase::d, StatsCase::n_heads, StatsCase::d,
+                             horizon);
+    const Matrix R = mean_rotation(StatsCase::d, StatsCase::n_rot, s.inv_freq, T, future);
+    for (int h = 0; h < StatsCase::nkv; ++h) {
+      const std::vector<double> rf = adaptive_filter(s, q, n_q, h, blend, horizon, R);
+      const std::vector<float> got = score(*p, c, h);
+      const HeadCache& hc = c.head(0, h);
+      for (int j = 0; j < hc.n; ++j) {
+        const double want = dot(rf, k.data() + (size_t(hc.pos[j]) * StatsCase::nkv + h) * StatsCase::d);
+        EXPECT_NEAR(got[j], want, 1e-4 * (1 + std::abs(want))) << "head " << h << " pos " << hc.pos[j];
+      }
+    }
+  }
+}
+
+TEST(QueryStatsPolicies, AdaptiveFilterWithoutRecentQueriesRanksAsQFiltersRope) {
+  StatsCase s(31);
+  s.options.query_future_positions = 8;
+  auto rope = make_policy("qfilters_rope", s.options);
+  std::vector<float> q = random_queries(10, 37);
+  for (const float blend : {0.0f, 0.6f}) {
+    s.options.filter_blend = blend;
+    auto p = make_policy("qfilters_adaptive", s.options);
+    Cache c = s.cache(30, 0, 33, nullptr, p->needs(s.options));
+    // Blend 0 ignores the recent queries; blend 0.6 has none to blend yet.
+    if (blend == 0.0f)
+      for (int t = 0; t < 10; ++t)
+        c.query_moments[0].add(q.data() + size_t(t) * StatsCase::n_heads * StatsCase::d, StatsCase::n_heads,
+                               StatsCase::d, s.options.filter_horizon);
+    for (int h = 0; h < StatsCase::nkv; ++h) {
+      const std::vector<float> a = score(*p, c, h), b = score(*rope, c, h);
+      // The same filter direction, unit length instead of the mean query's: b = ||f|| a.
+      double ratio = 0;
+      for (size_t j = 0; j < a.size(); ++j)
+        if (std::abs(a[j]) > 1e-3) ratio = b[j] / a[j];
+      ASSERT_GT(ratio, 0);
+      for (size_t j = 0; j < a.size(); ++j) EXPECT_NEAR(b[j], ratio * a[j], 1e-4 * (1 + std::abs(b[j]))) << blend;
+    }
+  }
+}
+
+TEST(QueryStatsPolicies, RecentQueriesAreADecayedSumOfUnitQueries) {
+  QueryMoments m;
+  const float q1[2] = {3.0f, 4.0f}, q2[2] = {0.0f, -2.0f}, zero[2] = {0.0f, 0.0f};
+  m.add(q1, 1, 2, 4);
+  m.add(q2, 1, 2, 4);
+  m.add(zero, 1, 2, 4);  // a zero query adds nothing, but the older ones still decay
+  ASSERT_EQ(m.recent.size(), 2u);
+  EXPECT_NEAR(m.recent[0], 0.75 * 0.75 * 0.6, 1e-12);
+  EXPECT_NEAR(m.recent[1], 0.75 * (0.75 * 0.8 - 1.0), 1e-12);
+  QueryMoments last;  // horizon 1: the last query only
+  last.add(q1, 1, 2, 1);
+  last.add(q2, 1, 2, 1);
+  EXPECT_EQ(last.recent, (std::vector<double>{0.0, -1.0}));
+  QueryMoments none;  // horizon 0: no recent queries kept
+  none.add(q1, 1, 2);
+  EXPECT_TRUE(none.recent.empty());
+  QueryMoments only_recent;  // recent queries without the sums (what qfilters_adaptive asks for)
+  only_recent.add(q1, 1, 2, 1, false);
+  ASSERT_EQ(only_recent.recent.size(), 2u);
+  EXPECT_NEAR(only_recent.recent[0], 0.6, 1e-7);  // 3/5 and 4/5 of a float query
+  EXPECT_NEAR(only_recent.recent[1], 0.8, 1e-7);
+  EXPECT_TRUE(only_recent.sum.empty() && only_recent.outer.empty());
+  std::vector<double> mean, cov;
+  EXPECT_THROW(only_recent.mean_cov(0, mean, cov), Error);      // no sums to read
+  EXPECT_THROW(only_recent.add(q2, 1, 2, 1, true), Error);      // sums would miss the first query
+  last.clear();
+  EXPECT_EQ(last.recent, (std::vector<double>{0.0, 0.0}));
+}
+
+TEST(QueryStatsPolicies, AdaptiveFilterOptionsAreChecked) {
+  StatsCase s(41);
+  s.options.filter_blend = 1.5f;
+  EXPECT_THROW(make_policy("qfilters_adaptive", s.options), Error);
+  s.options.filter_blend = -0.1f;
+  EXPECT_THROW(make_policy("qfilters_adaptive", s.options), Error);
+  s.options.filter_blend = 0.5f;
+  s.options.filter_horizon = 0;
+  EXPECT_THROW(make_policy("qfilters_adaptive", s.options), Error);
+  s.options.filter_horizon = 4;
+  // Recent queries of another shape than the statistics' are an error, not a misread.
+  auto p = make_policy("qfilters_adaptive", s.options);
+  Cache c = s.cache(10, 0, 3, nullptr, p->needs(s.options));
+  const std::vector<float> q(size_t(2) * StatsCase::d, 1.0f);
+  c.query_moments[0].add(q.data(), 2, StatsCase::d, 4);
+  std::vector<float> out(c.head(0, 0).n);
+  EXPECT_THROW(p->score_head(c, 0, 0, out), Error);
+}
+
 TEST(QueryStatsPolicies, MissingOrMisshapenStatisticsAreErrors) {
-  for (const char* name : {"qfilters_rope", "ea_calibrated", "qfilters_rope+layer"}) {
+  for (const char* name : {"qfilters_rope", "ea_calibrated", "qfilters_rope+layer", "qfilters_adaptive"}) {
     SCOPED_TRACE(name);
     try {
       make_policy(name, {});
@@ -227,7 +381,7 @@ TEST(QueryStatsPolicies, MissingOrMisshapenStatisticsAreErrors) {
   const Cache c = s.cache(10, 0, 3);
   Cache other({1, StatsCase::nkv, 4}, {10}, {});
   other.head(0, 0).n = 0;
-  for (const char* name : {"qfilters_rope", "ea_calibrated"}) {
+  for (const char* name : {"qfilters_rope", "ea_calibrated", "qfilters_adaptive"}) {
     auto p = make_policy(name, s.options);
     std::vector<float> out(c.head(0, 0).n);
     EXPECT_NO_THROW(p->score_head(c, 0, 0, out));
@@ -236,7 +390,7 @@ TEST(QueryStatsPolicies, MissingOrMisshapenStatisticsAreErrors) {
   }
   // Listed apart from the default policies.
   const std::vector<std::string> names = query_stats_policy_names();
-  EXPECT_EQ(names, (std::vector<std::string>{"qfilters_rope", "ea_calibrated"}));
+  EXPECT_EQ(names, (std::vector<std::string>{"qfilters_rope", "ea_calibrated", "qfilters_adaptive"}));
   for (const auto& n : policy_names()) EXPECT_NE(n, "qfilters_rope");
 }
 

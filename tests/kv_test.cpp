@@ -442,7 +442,9 @@ void query_with_stats(Cache& c, int layer, int n_heads, int n, int32_t accumulat
   // expected_attention reads the queries' moments (no rotary embedding in these caches).
   if (!c.query_moments.empty())
     for (int t = 0; t < n; ++t)
-      if (qpos[t] >= kQueryMomentSinks) c.query_moments[layer].add(q.data() + size_t(t) * n_heads * d, n_heads, d);
+      if (qpos[t] >= kQueryMomentSinks)
+        c.query_moments[layer].add(q.data() + size_t(t) * n_heads * d, n_heads, d, c.stats().query_recent,
+                                   c.stats().query_moments);
 }
 
 // Every registered policy, plus the layer-consistent variants of a score-only and an attention-free
@@ -456,20 +458,23 @@ std::vector<std::string> policies_under_test() {
   names.push_back("tova+layer");
   for (const auto& n : query_stats_policy_names()) names.push_back(n);
   names.push_back("qfilters_rope+layer");
+  names.push_back("qfilters_adaptive+layer");
   return names;
 }
 
-// Calibrated query statistics of 2 query heads per KV head, rank 2, for the policies that need them.
+// Calibrated query statistics of `group` query heads per KV head (the queries the test feeds the
+// cache, which qfilters_adaptive's recent queries must match), rank 2, for the policies that need them.
 struct RandomQueryStats {
   std::vector<float> mean, factors;
-  RandomQueryStats(int n_layers, int nkv, int d, std::mt19937& rng) {
-    mean = random_filters(n_layers, 2 * nkv, d, rng);
-    factors = random_filters(n_layers, 2 * nkv * 2, d, rng);
+  int group;
+  RandomQueryStats(int n_layers, int nkv, int d, int group, std::mt19937& rng) : group(group) {
+    mean = random_filters(n_layers, group * nkv, d, rng);
+    factors = random_filters(n_layers, group * nkv * 2, d, rng);
   }
   void set(PolicyOptions& o, int nkv) const {
     o.query_mean = mean;
     o.query_factors = factors;
-    o.n_query_heads = 2 * nkv;
+    o.n_query_heads = group * nkv;
     o.stats_rank = 2;
   }
 };
@@ -478,7 +483,7 @@ TEST(Compressor, EveryPolicyEvictsItsOwnTopScores) {
   const int nkv = 3, group = 3, d = 8, L = 2;
   std::mt19937 rng(21);
   const std::vector<float> filters = random_filters(L, nkv, d, rng);
-  const RandomQueryStats stats(L, nkv, d, rng);
+  const RandomQueryStats stats(L, nkv, d, group, rng);
   PolicyOptions opt;
   opt.seed = 5;
   opt.snapkv_window = 6;
@@ -519,7 +524,7 @@ TEST(Compressor, BudgetAboveSequenceEvictsNothing) {
   const int nkv = 3, d = 8, L = 2;
   std::mt19937 rng(31);
   const std::vector<float> filters = random_filters(L, nkv, d, rng);
-  const RandomQueryStats stats(L, nkv, d, rng);
+  const RandomQueryStats stats(L, nkv, d, 1, rng);  // one query per KV head below
   PolicyOptions opt;
   opt.filters = filters;
   opt.snapkv_window = 4;
@@ -543,6 +548,62 @@ TEST(Compressor, BudgetAboveSequenceEvictsNothing) {
     comp.after_prefill(c, 150);  // no prefill ratio: no-op
     EXPECT_EQ(c.tokens_held(), 150 * L * nkv);
   }
+}
+
+// Per-layer budgets share the uniform total out by the weights of the compressed layers: each
+// layer's cache is allocated for its own budget (memory really freed), streaming holds each layer
+// at its budget, and prefill keeps each layer's share of the kept tokens.
+TEST(Compressor, PerLayerBudgetsShareTheSameTotal) {
+  const int nkv = 2, d = 4, L = 4, budget = 20, window = 4, steps = 80;
+  std::mt19937 rng(43);
+  // Layer 0 is skipped: its weight does not count. Shares of layers 1-3: 0.5, 1, 1.5.
+  CompressionConfig cfg{.budget = budget, .window = window, .skip_layers = 1, .layer_weights = {9, 1, 2, 3}};
+  cfg.validate(L);
+  Compressor comp(make_policy("knorm", {}), {}, cfg);
+  EXPECT_DOUBLE_EQ(comp.layer_share(1), 0.5);
+  EXPECT_DOUBLE_EQ(comp.layer_share(3), 1.5);
+  EXPECT_EQ(comp.layer_budget(1), 10);
+  EXPECT_EQ(comp.layer_budget(3), 30);
+  std::vector<int> cap;
+  for (int l = 0; l < L; ++l) cap.push_back(comp.capacity(l, 1000, 1));
+  EXPECT_EQ(cap, (std::vector<int>{1000, 11, 21, 31}));
+  Compressor uniform(make_policy("knorm", {}), {}, {.budget = budget, .window = window, .skip_layers = 1});
+  Cache c({L, nkv, d}, cap, comp.needs());
+  Cache u({L, nkv, d}, {1000, uniform.capacity(1, 1000, 1), uniform.capacity(2, 1000, 1), uniform.capacity(3, 1000, 1)},
+          uniform.needs());
+  EXPECT_EQ(c.bytes_reserved(), u.bytes_reserved());  // the same memory, shared out differently
+  c.set_key_scorer(comp.policy().key_scorer(c.shape()));
+  for (int t = 0; t < steps; ++t) {
+    for (int l = 0; l < L; ++l) append_random(c, l, 1, t, rng);
+    comp.after_step(c);
+  }
+  for (int h = 0; h < nkv; ++h) {
+    EXPECT_EQ(c.head(0, h).n, steps);
+    EXPECT_EQ(c.head(1, h).n, 10);
+    EXPECT_EQ(c.head(2, h).n, 20);
+    EXPECT_EQ(c.head(3, h).n, 30);
+  }
+
+  // Prefill: 40 tokens, ratio 0.5: the uniform 20 become 10, 20, 30; a share above what the
+  // prompt holds keeps all of it.
+  Compressor pre(make_policy("knorm", {}), {}, {.prefill_ratio = 0.5f, .skip_layers = 1, .layer_weights = {1, 1, 2, 3}});
+  Compressor greedy(make_policy("knorm", {}), {}, {.prefill_ratio = 0.25f, .skip_layers = 1, .layer_weights = {1, 1, 1, 4}});
+  for (Compressor* cp : {&pre, &greedy}) {
+    Cache p({L, nkv, d}, {40, 40, 40, 40}, cp->needs());
+    p.set_key_scorer(cp->policy().key_scorer(p.shape()));
+    for (int l = 0; l < L; ++l) append_random(p, l, 40, 0, rng);
+    cp->after_prefill(p, 40);
+    const std::vector<int> want = cp == &pre ? std::vector<int>{40, 10, 20, 30} : std::vector<int>{40, 15, 15, 40};
+    for (int l = 0; l < L; ++l) EXPECT_EQ(p.head(l, 1).n, want[l]) << "layer " << l;
+  }
+}
+
+TEST(Compressor, PerLayerWeightsAreChecked) {
+  EXPECT_THROW((CompressionConfig{.layer_weights = {1, 2}}.validate(3)), Error);
+  EXPECT_THROW((CompressionConfig{.layer_weights = {1, 0, 2}}.validate(3)), Error);
+  EXPECT_THROW((CompressionConfig{.layer_weights = {1, -1, 2}}.validate(3)), Error);
+  EXPECT_THROW((CompressionConfig{.layer_weights = {1, NAN, 2}}.validate(3)), Error);
+  EXPECT_NO_THROW((CompressionConfig{.layer_weights = {1, 0.5f, 2}}.validate(3)));
 }
 
 TEST(Compressor, StreamingKeepsBudgetWindowAndSkippedLayers) {

@@ -36,6 +36,9 @@ struct KvSetup {
   kv::KvTypes types;
   int budget = 24, window = 4, evict_every = 3;
   float ratio = 0;
+  float filter_blend = kv::PolicyOptions{}.filter_blend;  // qfilters_adaptive
+  int filter_horizon = kv::PolicyOptions{}.filter_horizon;
+  std::vector<float> layer_weights;                        // per-layer budgets
 };
 
 // Deterministic stand-ins for a filter file: filters, and the calibrated query statistics of
@@ -89,12 +92,15 @@ std::unique_ptr<Session> make_session(const Model& m, const KvSetup& s, ThreadPo
       po.n_query_heads = data.n_query_heads;
       po.stats_rank = data.rank;
       po.query_future_positions = data.future_positions;
+      po.filter_blend = s.filter_blend;
+      po.filter_horizon = s.filter_horizon;
     }
     kv::CompressionConfig cc;
     cc.budget = s.ratio > 0 ? 0 : s.budget;
     cc.window = s.ratio > 0 ? 0 : s.window;
     cc.evict_every = s.ratio > 0 ? 1 : s.evict_every;
     cc.prefill_ratio = s.ratio;
+    cc.layer_weights = s.layer_weights;
     so.compressor = std::make_unique<kv::Compressor>(kv::make_policy(s.policy, po), po, cc);
   }
   return std::make_unique<Session>(m, std::move(so));
@@ -167,7 +173,8 @@ void expect_round_trip(const Model& m, const KvSetup& setup) {
 std::vector<std::string> all_policies() {
   std::vector<std::string> names = kv::policy_names();
   for (const std::string& n : kv::query_stats_policy_names()) names.push_back(n);
-  for (const char* n : {"qfilters+layer", "ea_calibrated+layer", "expected_attention+layer"}) names.emplace_back(n);
+  for (const char* n : {"qfilters+layer", "ea_calibrated+layer", "expected_attention+layer", "qfilters_adaptive+layer"})
+    names.emplace_back(n);
   return names;
 }
 
@@ -184,6 +191,14 @@ void every_policy_and_type(const std::string& fixture) {
       s.types = t;
       expect_round_trip(*m, s);
     }
+  {  // with a horizon above 1 the recent queries carry over from before the save
+    SCOPED_TRACE("qfilters_adaptive blend 0.5 horizon 16");
+    KvSetup s;
+    s.policy = "qfilters_adaptive";
+    s.filter_blend = 0.5f;
+    s.filter_horizon = 16;
+    expect_round_trip(*m, s);
+  }
   for (const std::string policy : {"snapkv", "knorm", "h2o"}) {  // prefill compression (--kv-ratio)
     SCOPED_TRACE(std::string(policy) + " ratio");
     KvSetup s;
@@ -308,6 +323,22 @@ TEST_F(StateErrors, ForeignPolicyTypesAndShapes) {
   expect_refused(bytes_, other, "this session uses a full cache");
 }
 
+// Per-layer budgets are an evaluation setting the state format does not pin: saving is refused
+// rather than writing a state that would restore under uniform budgets.
+TEST_F(StateErrors, PerLayerBudgetsAreNotSaved) {
+  KvSetup uneven = setup_;
+  uneven.layer_weights.assign(model_->config().n_layers, 1.0f);
+  uneven.layer_weights[0] = 2.0f;
+  auto s = make_session(*model_, uneven, pool_, data_);
+  s->prefill(tokens(3, 60, model_->config().n_vocab));
+  try {
+    runtime::capture_state(*s, fp_, {});
+    ADD_FAILURE() << "saved";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("per-layer budgets"), std::string::npos) << e.what();
+  }
+}
+
 TEST_F(StateErrors, ForeignModel) {
   auto gemma = Model::load(test::fixture("gemma3_f32_mqa_tied.gguf"));
   EXPECT_NE(runtime::model_fingerprint(*gemma), fp_);
@@ -337,6 +368,19 @@ TEST_F(StateErrors, OtherFilterFileData) {
   PolicyData other_future = data_;
   other_future.future_positions = 64;
   expect_refused(bytes, rope, "saved with --kv-policy qfilters_rope", other_future);
+
+  // qfilters_adaptive's filter also follows its blend and horizon.
+  KvSetup adaptive = setup_;
+  adaptive.policy = "qfilters_adaptive";
+  auto a = make_session(*model_, adaptive, pool_, data_);
+  a->prefill(tokens(3, 60, model_->config().n_vocab));
+  const std::vector<uint8_t> adaptive_bytes = kv::encode_state(runtime::capture_state(*a, fp_, {}));
+  KvSetup other_blend = adaptive;
+  other_blend.filter_blend = 0.25f;
+  expect_refused(adaptive_bytes, other_blend, "saved with --kv-policy qfilters_adaptive");
+  KvSetup other_horizon = adaptive;
+  other_horizon.filter_horizon = 8;
+  expect_refused(adaptive_bytes, other_horizon, "saved with --kv-policy qfilters_adaptive");
 
   KvSetup qfilters = setup_;
   qfilters.policy = "qfilters";

@@ -184,6 +184,26 @@ void query_moments(const float* samples, int n_samples, int dim, std::ptrdiff_t 
   }
 }
 
+std::vector<float> query_spread(const Filters& f) {
+  if (!f.has_query_stats() || f.stats_rank < 1) fail("the filter file has no query statistics with covariance factors (qf calibrate --stats-rank N)");
+  const int d = f.head_dim, nh = f.n_query_heads, rank = f.stats_rank;
+  std::vector<float> spread(f.n_layers);
+  for (int l = 0; l < f.n_layers; ++l) {
+    double sum = 0;
+    for (int h = 0; h < nh; ++h) {
+      const float* mu = f.query_mean.data() + (static_cast<size_t>(l) * nh + h) * d;
+      const float* u = f.query_factors.data() + (static_cast<size_t>(l) * nh + h) * rank * d;
+      double m2 = 0, var = 0;
+      for (int i = 0; i < d; ++i) m2 += static_cast<double>(mu[i]) * mu[i];
+      for (int i = 0; i < rank * d; ++i) var += static_cast<double>(u[i]) * u[i];
+      if (!(m2 > 0)) fail("query spread: layer ", l, " head ", h, " has a zero mean query");
+      sum += var / m2;
+    }
+    spread[l] = static_cast<float>(sum / nh);
+  }
+  return spread;
+}
+
 void Calibrator::add_query_stats(int layer, const float* queries, int n_samples, int rank) {
   Filters& f = filters_;
   if (layer < 0 || layer >= f.n_layers) fail("calibration: layer ", layer, " out of range 0..", f.n_layers - 1);

@@ -120,6 +120,13 @@ class Calibrator {
 void query_moments(const float* samples, int n_samples, int dim, std::ptrdiff_t row_stride, int rank, float* mean,
                    float* factors);
 
+// Per layer, how much its queries vary around their mean: the mean over its query heads of
+// sum_r ||u_r||^2 / ||mu||^2 (the variance the stored factors capture over the squared mean). The
+// per-layer budgets `qf eval --layer-weights spread` are proportional to it: a layer whose queries
+// keep changing is the one a fixed selection of keys serves worst. Throws qf::Error without query
+// statistics (or factors), or for a zero mean query.
+std::vector<float> query_spread(const Filters& f);
+
 // ---- Converting filters from other sources -------------------------------------------------------
 
 // Row order inside each head. kHf: rotary pairs are (i, i + d/2) as in Hugging Face checkpoints;

@@ -4,6 +4,7 @@
 // per-cell / per-head CSV that scripts/plot_results.py draws.
 #include <algorithm>
 #include <chrono>
+#include <cstdlib>
 #include <cstdio>
 #include <filesystem>
 #include <map>
@@ -11,6 +12,7 @@
 #include <nlohmann/json.hpp>
 
 #include "calib/filter_file.h"
+#include "calib/filters.h"
 #include "cli/commands.h"
 #include "cli/common.h"
 #include "eval/corpus.h"
@@ -41,7 +43,10 @@ struct CommonOptions {
   bool fresh = false, quick = false, no_progress = false;
   uint64_t seed = 0;  // random policy
   int snapkv_window = 64;
-  int future_positions = 512;  // expected_attention, qfilters_rope, ea_calibrated
+  int future_positions = 512;  // expected_attention, qfilters_rope, ea_calibrated, qfilters_adaptive
+  float filter_blend = kv::PolicyOptions{}.filter_blend;      // qfilters_adaptive
+  int filter_horizon = kv::PolicyOptions{}.filter_horizon;    // qfilters_adaptive
+  std::string layer_weights;                                  // per-layer budgets: "", "spread" or w0,w1,...
 };
 
 struct EvalOptions {
@@ -75,9 +80,19 @@ void add_common(CLI::App* cmd, CommonOptions& o) {
   cmd->add_option("--kv-seed", o.seed, "seed of the random policy");
   cmd->add_option("--snapkv-window", o.snapkv_window, "snapkv observation window (queries)")->check(CLI::PositiveNumber);
   cmd->add_option("--future-positions", o.future_positions,
-                  "expected_attention, qfilters_rope, ea_calibrated: positions after the newest key the query "
-                  "statistics are moved to (mean rotary rotation)")
+                  "expected_attention, qfilters_rope, ea_calibrated, qfilters_adaptive: positions after the newest key "
+                  "the query statistics are moved to (mean rotary rotation)")
       ->check(CLI::PositiveNumber);
+  cmd->add_option("--filter-blend", o.filter_blend,
+                  "qfilters_adaptive: weight in [0, 1] of the recent queries in the filter (0 = qfilters_rope)")
+      ->check(CLI::Range(0.0, 1.0))->capture_default_str();
+  cmd->add_option("--filter-horizon", o.filter_horizon,
+                  "qfilters_adaptive: horizon in tokens of the recent queries' moving average (1 = the last query)")
+      ->check(CLI::PositiveNumber)->capture_default_str();
+  cmd->add_option("--layer-weights", o.layer_weights,
+                  "per-layer budgets at equal total: 'spread' (from the --filters file's query statistics: how much "
+                  "each layer's queries vary) or one positive weight per layer, comma-separated; compressed layer l "
+                  "keeps w_l / mean(w over the compressed layers) times the uniform budget");
 }
 
 void add_ppl(CLI::App* cmd, eval::PplSettings& s) {
@@ -137,6 +152,28 @@ void apply_quick(const CLI::App* cmd, EvalOptions& o, const std::string& which) 
   }
 }
 
+// --layer-weights: "" (uniform), "spread" (calib::query_spread of the filter file) or numbers.
+std::vector<float> layer_weights(const std::string& spec, const calib::Filters& stats) {
+  if (spec.empty()) return {};
+  if (spec == "spread") {
+    if (!stats.has_query_stats()) fail("--layer-weights spread needs --filters with query statistics (qf calibrate --stats-rank N)");
+    return calib::query_spread(stats);
+  }
+  std::vector<float> w;
+  size_t at = 0;
+  while (at <= spec.size()) {
+    const size_t comma = std::min(spec.find(',', at), spec.size());
+    const std::string item = spec.substr(at, comma - at);
+    char* end = nullptr;
+    const float v = std::strtof(item.c_str(), &end);
+    if (item.empty() || end != item.c_str() + item.size())
+      fail("--layer-weights: '", item, "' is not a number (give 'spread' or comma-separated weights)");
+    w.push_back(v);
+    at = comma + 1;
+  }
+  return w;
+}
+
 // What every evaluation needs, loaded once.
 struct Setup {
   std::unique_ptr<Model> model;
@@ -177,6 +214,10 @@ Setup setup(const CommonOptions& o) {
   s.ctx.policy_options.stats_rank = s.query_stats.stats_rank;
   s.ctx.policy_options.query_future_positions = o.future_positions;
   s.ctx.policy_options.ea_future_positions = o.future_positions;
+  s.ctx.policy_options.filter_blend = o.filter_blend;
+  s.ctx.policy_options.filter_horizon = o.filter_horizon;
+  s.ctx.layer_weights = layer_weights(o.layer_weights, s.query_stats);
+  if (!s.ctx.layer_weights.empty()) kv::CompressionConfig{.layer_weights = s.ctx.layer_weights}.validate(c.n_layers);
   s.ctx.kv_types = kv_types(o.model);
   s.ctx.progress = !o.no_progress;
 
@@ -207,6 +248,9 @@ Setup setup(const CommonOptions& o) {
   s.run["policy_seed"] = o.seed;
   s.run["snapkv_window"] = o.snapkv_window;
   s.run["future_positions"] = o.future_positions;
+  s.run["filter_blend"] = o.filter_blend;
+  s.run["filter_horizon"] = o.filter_horizon;
+  s.run["layer_weights"] = s.ctx.layer_weights;  // the numbers, also for 'spread'
   s.run["batch"] = o.model.n_batch;
   s.run["cache_type_k"] = o.model.cache_type_k;
   s.run["cache_type_v"] = o.model.cache_type_v;
@@ -243,6 +287,9 @@ json cell_settings(const Setup& s, const json& eval_settings) {
           {"eval", eval_settings}};
   // Only when not the default, so results made before the option existed still resume.
   if (s.run["future_positions"] != 512) settings["future_positions"] = s.run["future_positions"];
+  if (s.run["filter_blend"] != kv::PolicyOptions{}.filter_blend) settings["filter_blend"] = s.run["filter_blend"];
+  if (s.run["filter_horizon"] != kv::PolicyOptions{}.filter_horizon) settings["filter_horizon"] = s.run["filter_horizon"];
+  if (!s.run["layer_weights"].empty()) settings["layer_weights"] = s.run["layer_weights"];
   return settings;
 }
 

@@ -32,13 +32,16 @@ kv::AttentionStats union_needs(const EvalContext& ctx, const std::vector<std::st
     u.accumulate |= s.accumulate || s.window > 0;
     u.last_query |= s.last_query;
     u.query_moments |= s.query_moments;
+    u.query_recent = std::max(u.query_recent, s.query_recent);
   }
   return u;
 }
 
 std::unique_ptr<kv::Compressor> new_compressor(const EvalContext& ctx, const std::string& policy,
-                                               const kv::CompressionConfig& cc) {
+                                               const kv::CompressionConfig& config) {
   if (ctx.model == nullptr) fail("evaluation context without a model");
+  kv::CompressionConfig cc = config;
+  if (cc.layer_weights.empty()) cc.layer_weights = ctx.layer_weights;
   cc.validate(ctx.model->config().n_layers);
   return std::make_unique<kv::Compressor>(kv::make_policy(policy, ctx.policy_options), ctx.policy_options, cc);
 }

@@ -18,6 +18,7 @@ struct EvalContext {
   int n_batch = 256;                  // prefill chunk
   kv::PolicyOptions policy_options;   // seed, snapkv window, filters (storage owned by the caller)
   kv::KvTypes kv_types;               // storage types of every session's keys and values
+  std::vector<float> layer_weights;   // per-layer budgets of every compressed session (CompressionConfig)
   bool progress = true;               // progress line on stderr
 };
 

@@ -76,7 +76,8 @@ std::vector<int> policy_layers(const ModelConfig& c) {
 bool fidelity_is_circular(const EvalContext& ctx, const std::string& policy) {
   // Query moments gathered over the whole document include the later queries whose attention
   // is the target: partly circular too.
-  return policy != "none" && (is_attention_policy(ctx, policy) || policy_needs(ctx, policy).query_moments);
+  return policy != "none" && (is_attention_policy(ctx, policy) || (policy_needs(ctx, policy).query_moments ||
+                                                                        policy_needs(ctx, policy).query_recent > 0));
 }
 
 namespace {

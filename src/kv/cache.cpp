@@ -141,7 +141,7 @@ Cache::Cache(CacheShape shape, std::vector<int> capacity, AttentionStats stats, 
       if (stats_.key_scores) hc.key_score.assign(cap, 0.0f);
     }
   }
-  if (stats_.query_moments) query_moments.resize(shape_.n_layers);
+  if (stats_.query_moments || stats_.query_recent > 0) query_moments.resize(shape_.n_layers);
 }
 
 void Cache::append(int layer, const float* k, const float* v, const int32_t* pos, int n_tok) {

@@ -55,6 +55,8 @@ struct AttentionStats {
                             // last `window` queries; the Compressor restarts it after each round)
   bool query_moments = false;  // expected_attention: mean and covariance of the queries before the
                                // rotary embedding (Cache::query_moments; no attention weights)
+  int query_recent = 0;        // qfilters_adaptive: the decayed sum of the recent unit queries over this
+                               // horizon in tokens (QueryMoments::recent; without query_moments, no sums)
   bool key_scores = false;  // qfilters, knorm: each slot's score, computed once from the model's F32
                             // key as it is appended (Cache::set_key_scorer), so eviction does not
                             // depend on the storage type's rounding and no kept key is rescanned
@@ -148,8 +150,8 @@ class Cache {
   // Total queries seen (for the accumulate statistics' normaliser).
   int64_t queries_seen = 0;
 
-  // AttentionStats::query_moments: per layer, the moments of the queries at positions >=
-  // kQueryMomentSinks (filled by the session, which knows the rotary embedding), and the rotary
+  // AttentionStats::query_moments / query_recent: per layer, the moments (or recent queries) of the
+  // queries at positions >= kQueryMomentSinks (filled by the session, which knows the rotary embedding), and the rotary
   // geometry that carries them to later positions. Empty when not asked for.
   std::vector<QueryMoments> query_moments;
   RopeGeometry rope;

@@ -23,6 +23,12 @@ void CompressionConfig::validate(int n_layers) const {
     fail("--kv-evict-every (", evict_every, ") must not exceed budget - window (", budget - window, ")");
   if (!(prefill_ratio >= 0.0f && prefill_ratio < 1.0f)) fail("--kv-ratio must be in [0, 1)");
   if (skip_layers < 0 || skip_layers > n_layers) fail("--kv-skip-layers must be in [0, ", n_layers, "]");
+  if (!layer_weights.empty()) {
+    if (layer_weights.size() != static_cast<size_t>(n_layers))
+      fail("--layer-weights: ", layer_weights.size(), " weights for a model of ", n_layers, " layers");
+    for (float w : layer_weights)
+      if (!(w > 0.0f) || !std::isfinite(w)) fail("--layer-weights: every weight must be positive and finite (got ", w, ")");
+  }
 }
 
 Compressor::Compressor(std::unique_ptr<Policy> policy, PolicyOptions options, CompressionConfig config)
@@ -36,17 +42,32 @@ bool Compressor::compresses(int layer) const {
 
 int Compressor::capacity(int layer, int n_ctx, int max_step) const {
   if (!compresses(layer) || config_.budget <= 0 || config_.prefill_ratio > 0) return n_ctx;
-  return std::min(n_ctx, config_.budget + max_step);
+  return std::min(n_ctx, layer_budget(layer) + max_step);
+}
+
+double Compressor::layer_share(int layer) const {
+  const std::vector<float>& w = config_.layer_weights;
+  if (w.empty()) return 1.0;
+  double sum = 0;
+  int n = 0;
+  for (int l = 0; l < static_cast<int>(w.size()); ++l)
+    if (compresses(l)) sum += w[l], ++n;
+  return n ? w.at(layer) * n / sum : 1.0;
+}
+
+int Compressor::layer_budget(int layer) const {
+  if (config_.layer_weights.empty()) return config_.budget;
+  return std::max(config_.window + 1, static_cast<int>(std::lround(config_.budget * layer_share(layer))));
 }
 
 void Compressor::after_step(Cache& cache) {
   if (config_.budget <= 0) return;
-  const int target = std::max(config_.window, config_.budget - (config_.evict_every - 1));
   for (int l = config_.skip_layers; l < cache.shape().n_layers; ++l) {
     if (!compresses(l)) continue;
+    const int budget = layer_budget(l);
     bool over = false;
-    for (int h = 0; h < cache.shape().n_kv_heads; ++h) over |= cache.head(l, h).n > config_.budget;
-    if (over) compress_layer(cache, l, target, config_.window);
+    for (int h = 0; h < cache.shape().n_kv_heads; ++h) over |= cache.head(l, h).n > budget;
+    if (over) compress_layer(cache, l, std::max(config_.window, budget - (config_.evict_every - 1)), config_.window);
   }
 }
 
@@ -56,8 +77,9 @@ void Compressor::after_prefill(Cache& cache, int n_prompt) {
     if (!compresses(l)) continue;
     // All heads of a layer hold the same count before compression.
     const int n = cache.head(l, 0).n;
-    const int target = static_cast<int>(static_cast<double>(std::min(n, n_prompt)) * (1.0 - config_.prefill_ratio));
-    compress_layer(cache, l, std::max(target, 1), std::min(config_.window, std::max(target, 1)));
+    const double kept = static_cast<double>(std::min(n, n_prompt)) * (1.0 - config_.prefill_ratio) * layer_share(l);
+    const int target = std::clamp(static_cast<int>(kept), 1, std::max(n, 1));
+    compress_layer(cache, l, target, std::min(config_.window, target));
   }
 }
 

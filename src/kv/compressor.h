@@ -5,7 +5,10 @@
 //  - prefill: after the prompt, each head keeps int(T * (1 - ratio)) of its T prompt tokens by
 //    top score (kvpress ScorerPress semantics).
 // The first `skip_layers` layers are never compressed, nor the exempt ones (sliding-window
-// layers, whose window already bounds them).
+// layers, whose window already bounds them). Per-layer budgets (layer_weights) share the same
+// total out unevenly: compressed layer l gets budget x w_l / mean(w) (streaming; its cache is
+// allocated for that many, so memory is really freed) or keeps that multiple of the prefill's
+// kept tokens, the mean taken over the compressed layers.
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -22,6 +25,7 @@ struct CompressionConfig {
   int evict_every = 1;      // streaming eviction granularity
   float prefill_ratio = 0;  // 0: no prefill compression; else in (0, 1)
   int skip_layers = 0;
+  std::vector<float> layer_weights;  // empty: the same budget / ratio for every compressed layer
   bool enabled() const { return budget > 0 || prefill_ratio > 0; }
   // Throws qf::Error on inconsistent settings (window >= budget, ratio outside [0, 1), ...).
   void validate(int n_layers) const;
@@ -57,6 +61,10 @@ class Compressor {
   // Tokens each head of `layer` must be able to hold at once, when at most `max_step` tokens
   // are appended between compressions and a sequence is at most `n_ctx` long.
   int capacity(int layer, int n_ctx, int max_step) const;
+  // w_l / mean of w over the compressed layers (1 without layer_weights).
+  double layer_share(int layer) const;
+  // Streaming budget of `layer`: round(budget x layer_share), at least window + 1.
+  int layer_budget(int layer) const;
 
   // Streaming: call after every forward step.
   void after_step(Cache& cache);

@@ -29,6 +29,11 @@ struct PolicyOptions {
   std::span<const float> query_mean, query_factors;
   int n_query_heads = 0, stats_rank = 0;
   int query_future_positions = 512;
+  // qfilters_adaptive: weight of the recent queries in the filter, in [0, 1] (0 = qfilters_rope's
+  // filter), and the horizon in tokens of their exponential moving average (1 = the last query).
+  // The defaults are what found the most needles (docs/results.md, "Adaptive filters").
+  float filter_blend = 1.0f;
+  int filter_horizon = 1;
 };
 
 class Policy {

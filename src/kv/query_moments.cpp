@@ -73,16 +73,23 @@ void QueryMoments::clear() {
   count = 0;
   std::fill(sum.begin(), sum.end(), 0.0);
   std::fill(outer.begin(), outer.end(), 0.0);
+  std::fill(recent.begin(), recent.end(), 0.0);
 }
 
-void QueryMoments::add(const float* q, int nh, int d) {
-  if (sum.empty()) {
+void QueryMoments::add(const float* q, int nh, int d, int recent_horizon, bool moments) {
+  if (n_heads == 0) {
     if (nh < 1 || d < 1) fail("query moments: bad shape ", nh, "x", d);
     n_heads = nh, head_dim = d;
-    sum.assign(static_cast<size_t>(nh) * d, 0.0);
-    outer.assign(static_cast<size_t>(nh) * d * d, 0.0);
   } else if (nh != n_heads || d != head_dim) {
     fail("query moments: ", nh, "x", d, " queries added to ", n_heads, "x", head_dim, " moments");
+  }
+  if (recent_horizon > 0) add_recent(q, recent_horizon);
+  ++count;
+  if (!moments) return;
+  if (sum.empty()) {
+    if (count > 1) fail("query moments: sums asked for after ", count - 1, " queries kept without them");
+    sum.assign(static_cast<size_t>(nh) * d, 0.0);
+    outer.assign(static_cast<size_t>(nh) * d * d, 0.0);
   }
   for (int h = 0; h < nh; ++h) {
     const float* x = q + static_cast<size_t>(h) * d;
@@ -95,7 +102,20 @@ void QueryMoments::add(const float* q, int nh, int d) {
       for (int j = i; j < d; ++j) row[j] += xi * x[j];
     }
   }
-  ++count;
+}
+
+void QueryMoments::add_recent(const float* q, int horizon) {
+  const int d = head_dim;
+  if (recent.empty()) recent.assign(static_cast<size_t>(n_heads) * d, 0.0);
+  const double decay = 1.0 - 1.0 / horizon;
+  for (int h = 0; h < n_heads; ++h) {
+    const float* x = q + static_cast<size_t>(h) * d;
+    double* r = recent.data() + static_cast<size_t>(h) * d;
+    double norm2 = 0;
+    for (int i = 0; i < d; ++i) norm2 += static_cast<double>(x[i]) * x[i];
+    const double inv = norm2 > 0 ? 1.0 / std::sqrt(norm2) : 0.0;  // a zero query adds nothing
+    for (int i = 0; i < d; ++i) r[i] = decay * r[i] + x[i] * inv;
+  }
 }
 
 void QueryMoments::mean_cov(int h, std::vector<double>& mean, std::vector<double>& cov) const {
@@ -104,6 +124,7 @@ void QueryMoments::mean_cov(int h, std::vector<double>& mean, std::vector<double
   cov.assign(static_cast<size_t>(d) * d, 0.0);
   if (count == 0) return;
   if (h < 0 || h >= n_heads) fail("query moments: head ", h, " out of range");
+  if (sum.empty()) fail("query moments: only the recent queries were kept, not the sums");
   const double inv = 1.0 / static_cast<double>(count);
   const double* s = sum.data() + static_cast<size_t>(h) * d;
   const double* o = outer.data() + static_cast<size_t>(h) * d * d;

@@ -43,14 +43,24 @@ struct QueryMoments {
   int64_t count = 0;           // queries added (per head)
   std::vector<double> sum;     // [n_heads][head_dim]
   std::vector<double> outer;   // [n_heads][head_dim][head_dim], upper triangle filled (i <= j)
+  // Recent queries (AttentionStats::query_recent = H > 0): per head, the exponentially decayed sum
+  // of the unit-length queries, recent = (1 - 1/H) recent + q / ||q||. Only its direction is used
+  // (adaptive filters), so it is not normalised by the weights' sum. Empty when H is 0.
+  std::vector<double> recent;  // [n_heads][head_dim]
 
   void clear();
-  // Adds one token's queries, q[n_heads][head_dim] before the rotary embedding. The first call
-  // sets the shape; a later call with another shape throws qf::Error.
-  void add(const float* q, int n_heads, int head_dim);
+  // Adds one token's queries, q[n_heads][head_dim] before the rotary embedding: to the sums when
+  // `moments` (else sum and outer stay empty: qfilters_adaptive needs only the recent queries, and
+  // the outer products cost head_dim^2 / 2 per query head); recent_horizon H > 0 also updates
+  // `recent` (1 - 1/H per token). The first call sets the shape; a later call with another shape,
+  // or asking for the sums after calls that did not keep them, throws qf::Error.
+  void add(const float* q, int n_heads, int head_dim, int recent_horizon = 0, bool moments = true);
   // Mean and covariance (the biased estimate, divided by count as kvpress) of query head h;
   // zeros when no query was added. cov is head_dim x head_dim, full.
   void mean_cov(int h, std::vector<double>& mean, std::vector<double>& cov) const;
+
+ private:
+  void add_recent(const float* q, int horizon);
 };
 
 }  // namespace qf::kv

@@ -92,7 +92,7 @@ class Reader {
 constexpr int64_t kMaxLayers = 4096, kMaxHeads = 4096, kMaxHeadDim = 1 << 16;
 constexpr int64_t kMaxTokens = std::numeric_limits<int32_t>::max();
 
-void put_config(Writer& w, const StateConfig& c) {
+void put_config(Writer& w, const StateConfig& c, uint32_t version) {
   w.put_str(c.model_fingerprint);
   w.put_str(c.model_shape);
   for (int v : {c.n_layers, c.n_kv_heads, c.head_dim}) w.put<int64_t>(v);
@@ -110,6 +110,7 @@ void put_config(Writer& w, const StateConfig& c) {
   w.put<int64_t>(c.stats.window);
   w.put<uint8_t>(c.stats.query_moments);
   w.put<uint8_t>(c.stats.key_scores);
+  if (version >= 3) w.put<int64_t>(c.stats.query_recent);
 }
 
 KvType get_type(Reader& r, const char* what, int head_dim) {
@@ -126,7 +127,7 @@ bool get_flag(Reader& r, const char* what) {
   return v == 1;
 }
 
-StateConfig get_config(Reader& r) {
+StateConfig get_config(Reader& r, uint32_t version) {
   StateConfig c;
   c.model_fingerprint = r.get_str("model fingerprint");
   c.model_shape = r.get_str("model shape");
@@ -152,11 +153,14 @@ StateConfig get_config(Reader& r) {
   c.stats.window = r.get_int("statistics window", 0, kMaxTokens);
   c.stats.query_moments = get_flag(r, "query-moments flag");
   c.stats.key_scores = get_flag(r, "key-scores flag");
+  if (version >= 3) c.stats.query_recent = r.get_int("recent-query horizon", 0, kMaxTokens);
   return c;
 }
 
 // Statistics arrays a head carries, as Cache allocates them.
 bool keeps_sum(const AttentionStats& s) { return s.accumulate || s.window > 0; }
+// Whether the state holds per-layer query moments (sums, recent queries or both), as Cache does.
+bool keeps_moments(const AttentionStats& s) { return s.query_moments || s.query_recent > 0; }
 
 HeadState get_head(Reader& r, const SessionState& s, int layer, int kv_head) {
   const StateConfig& c = s.config;
@@ -189,8 +193,16 @@ QueryMoments get_moments(Reader& r, const StateConfig& c, int layer) {
   if (head_dim != c.head_dim || n_heads % c.n_kv_heads != 0)
     r.bad("layer ", layer, ": query moments of ", n_heads, "x", head_dim, " do not fit ", c.n_kv_heads, " KV heads of ", c.head_dim);
   m.n_heads = n_heads, m.head_dim = head_dim, m.count = count;
-  r.get_raw(m.sum, static_cast<uint64_t>(n_heads) * head_dim, "query sums");
-  r.get_raw(m.outer, static_cast<uint64_t>(n_heads) * head_dim * head_dim, "query outer sums");
+  if (c.stats.query_moments) {
+    r.get_raw(m.sum, static_cast<uint64_t>(n_heads) * head_dim, "query sums");
+    r.get_raw(m.outer, static_cast<uint64_t>(n_heads) * head_dim * head_dim, "query outer sums");
+  }
+  if (c.stats.query_recent > 0) {
+    const uint64_t n_recent = r.get<uint64_t>("recent-query count");
+    if (n_recent != 0 && n_recent != static_cast<uint64_t>(n_heads) * head_dim)
+      r.bad("layer ", layer, ": ", n_recent, " recent-query values for ", n_heads, "x", head_dim, " moments");
+    r.get_raw(m.recent, n_recent, "recent queries");
+  }
   return m;
 }
 
@@ -199,9 +211,11 @@ QueryMoments get_moments(Reader& r, const StateConfig& c, int layer) {
 std::vector<uint8_t> encode_state(const SessionState& s) {
   const StateConfig& c = s.config;
   if (s.heads.size() != static_cast<size_t>(c.n_layers) * c.n_kv_heads) fail("encode_state: one head state per (layer, KV head) expected");
+  if (s.version < kOldestStateVersion || s.version > kStateVersion) fail("encode_state: unknown version ", s.version);
+  if (s.version < 3 && c.stats.query_recent > 0) fail("encode_state: version ", s.version, " has no recent queries");
   Writer w;
   w.bytes.resize(kStatePrefixBytes);
-  put_config(w, c);
+  put_config(w, c, s.version);
   w.put<int64_t>(s.n_past);
   w.put<int64_t>(s.prompt_end);
   w.put<int64_t>(s.queries_seen);
@@ -220,14 +234,22 @@ std::vector<uint8_t> encode_state(const SessionState& s) {
     w.put_raw(h.attn_last);
     w.put_raw(h.key_score);
   }
-  if (c.stats.query_moments) {
+  if (keeps_moments(c.stats)) {
     if (s.query_moments.size() != static_cast<size_t>(c.n_layers)) fail("encode_state: query moments per layer expected");
     for (const QueryMoments& m : s.query_moments) {
       w.put<int64_t>(m.n_heads);
       w.put<int64_t>(m.head_dim);
       w.put<int64_t>(m.count);
-      w.put_raw(m.sum);
-      w.put_raw(m.outer);
+      if (c.stats.query_moments) {
+        if (m.n_heads && (m.sum.size() != static_cast<size_t>(m.n_heads) * m.head_dim || m.outer.size() != m.sum.size() * m.head_dim))
+          fail("encode_state: query moments without their sums");
+        w.put_raw(m.sum);
+        w.put_raw(m.outer);
+      }
+      if (c.stats.query_recent > 0) {
+        w.put<uint64_t>(m.recent.size());
+        w.put_raw(m.recent);
+      }
     }
   }
   const uint64_t body = w.bytes.size() - kStatePrefixBytes;
@@ -235,7 +257,7 @@ std::vector<uint8_t> encode_state(const SessionState& s) {
   uint8_t* p = w.bytes.data();
   std::memcpy(p, kStateMagic, 8);
   const uint32_t zero = 0;
-  std::memcpy(p + 8, &kStateVersion, 4);
+  std::memcpy(p + 8, &s.version, 4);
   std::memcpy(p + 12, &zero, 4);
   std::memcpy(p + 16, &body, 8);
   std::memcpy(p + 24, &crc, 4);
@@ -253,8 +275,9 @@ SessionState decode_state(std::span<const uint8_t> bytes, std::string_view name)
   std::memcpy(&body, bytes.data() + 16, 8);
   std::memcpy(&crc, bytes.data() + 24, 4);
   std::memcpy(&reserved2, bytes.data() + 28, 4);
-  if (version != kStateVersion)
-    fail(name, ": state file version ", version, " is not supported (this build reads version ", kStateVersion, ")");
+  if (version < kOldestStateVersion || version > kStateVersion)
+    fail(name, ": state file version ", version, " is not supported (this build reads versions ", kOldestStateVersion,
+         " to ", kStateVersion, ")");
   if (reserved1 != 0 || reserved2 != 0) fail(name, ": corrupt state file (reserved header fields are not 0)");
   const uint64_t have = bytes.size() - kStatePrefixBytes;
   if (body != have)
@@ -264,7 +287,8 @@ SessionState decode_state(std::span<const uint8_t> bytes, std::string_view name)
 
   Reader r(payload, name);
   SessionState s;
-  s.config = get_config(r);
+  s.version = version;
+  s.config = get_config(r, version);
   const StateConfig& c = s.config;
   s.n_past = r.get_int("n_past", 0, kMaxTokens);
   s.prompt_end = r.get_int("prompt_end", 0, s.n_past);
@@ -283,7 +307,7 @@ SessionState decode_state(std::span<const uint8_t> bytes, std::string_view name)
   s.heads.reserve(n_heads);
   for (int l = 0; l < c.n_layers; ++l)
     for (int h = 0; h < c.n_kv_heads; ++h) s.heads.push_back(get_head(r, s, l, h));
-  if (c.stats.query_moments)
+  if (keeps_moments(c.stats))
     for (int l = 0; l < c.n_layers; ++l) s.query_moments.push_back(get_moments(r, c, l));
   if (r.left() != 0) r.bad(r.left(), " bytes after the last head");
   return s;

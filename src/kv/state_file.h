@@ -7,7 +7,8 @@
 // (a fingerprint of its architecture, tensor table and tokenizer), the KV storage types and
 // shapes, the policy and its parameters.
 //
-// Layout (little-endian), version 2 (version 1 had no key scores):
+// Layout (little-endian), version 3 (version 2, still read, had no recent queries; version 1 no
+// key scores):
 //   [0, 8)   magic "QFKVSTAT"
 //   [8, 12)  u32 version
 //   [12, 16) u32 reserved (0)
@@ -17,7 +18,9 @@
 //   body: the SessionState fields in declaration order (strings and arrays length-prefixed),
 //         then every head's n, keys, values, positions and kept statistics (attention sums,
 //         counts, last-query attention, key scores: the ones config.stats names), then (when the
-//         statistics include query moments) per layer: n_heads, head_dim, count, sums, outer sums.
+//         statistics include query moments or recent queries) per layer: n_heads, head_dim, count,
+//         the sums and outer sums (query moments), the recent queries, length-prefixed (a
+//         recent-query horizon).
 //
 // This file only reads and writes the format and checks that a file is consistent in itself;
 // runtime/session_state.h matches a state to a session and restores it.
@@ -62,6 +65,7 @@ struct HeadState {
 };
 
 struct SessionState {
+  uint32_t version = 3;            // of the file it was read from; encode_state writes it back
   StateConfig config;
   int n_past = 0;                  // positions read so far
   int prompt_end = 0;              // where the last prompt ended (snapkv's observation window)
@@ -70,11 +74,12 @@ struct SessionState {
   std::vector<int32_t> tokens;     // the tokens read: n_past of them, or none if not tracked
   std::string policy_state;        // Policy::save_state()
   std::vector<HeadState> heads;    // [layer * n_kv_heads + kv_head]
-  std::vector<QueryMoments> query_moments;  // per layer, when config.stats.query_moments (else empty)
+  std::vector<QueryMoments> query_moments;  // per layer, when config.stats.query_moments or query_recent (else empty)
 };
 
 inline constexpr char kStateMagic[8] = {'Q', 'F', 'K', 'V', 'S', 'T', 'A', 'T'};
-inline constexpr uint32_t kStateVersion = 2;
+inline constexpr uint32_t kStateVersion = 3;  // = SessionState{}.version
+inline constexpr uint32_t kOldestStateVersion = 2;  // read as recent-query horizon 0
 inline constexpr size_t kStatePrefixBytes = 32;
 
 std::vector<uint8_t> encode_state(const SessionState& s);

@@ -78,6 +78,7 @@ Session::Session(const Model& model, SessionOptions opt)
   stats.last_query |= opt.stats.last_query;
   stats.window = std::max(stats.window, opt.stats.window);
   stats.query_moments |= opt.stats.query_moments;
+  stats.query_recent = std::max(stats.query_recent, opt.stats.query_recent);
   stats.key_scores |= opt.stats.key_scores;
   check_fits_in_memory(planned_bytes(c, capacity, n_batch_, opt.kv_types, stats.key_scores),
                        "a context of " + std::to_string(n_ctx_) + " tokens (KV cache and activations)",
@@ -314,7 +315,8 @@ void Session::observe_queries(int l, int n, const float* q, const int32_t* pos) 
     std::copy(q + t * row, q + (t + 1) * row, query_row_.begin());
     // Undo the rotary embedding: the moments are of the queries before it.
     for (int h = 0; h < c.n_heads; ++h) cache_->rope.rotate(l, -static_cast<double>(pos[t]), query_row_.data() + h * c.head_dim);
-    cache_->query_moments[l].add(query_row_.data(), c.n_heads, c.head_dim);
+    cache_->query_moments[l].add(query_row_.data(), c.n_heads, c.head_dim, cache_->stats().query_recent,
+                                 cache_->stats().query_moments);
   }
 }
 

@@ -50,8 +50,8 @@ void hash_floats(Fnv1a64& h, std::span<const float> x) {
 }
 
 // What eviction reads from the filter file: the filters, and for the policies that score with
-// calibrated query statistics (qfilters_rope, ea_calibrated, also +layer) those statistics and
-// the positions they are moved to, so a state restored with another file, or other
+// calibrated query statistics (qfilters_rope, ea_calibrated, qfilters_adaptive, also +layer) those
+// statistics, the positions they are moved to (and qfilters_adaptive's blend and horizon), so a state restored with another file, or other
 // --future-positions, is refused instead of evicting differently. "" without a filter file. The
 // filters alone hash as they always have, so earlier states of the other policies still restore.
 std::string filters_hash(std::string_view policy, const kv::PolicyOptions& po) {
@@ -66,6 +66,11 @@ std::string filters_hash(std::string_view policy, const kv::PolicyOptions& po) {
     h.add_u64(static_cast<uint64_t>(po.n_query_heads));
     h.add_u64(static_cast<uint64_t>(po.stats_rank));
     h.add_u64(static_cast<uint64_t>(po.query_future_positions));
+    if (policy == "qfilters_adaptive") {  // its filter also follows these two options
+      const double blend = po.filter_blend;
+      h.add(std::span(reinterpret_cast<const uint8_t*>(&blend), sizeof blend));
+      h.add_u64(static_cast<uint64_t>(po.filter_horizon));
+    }
   }
   return hex64(h.value());
 }
@@ -86,7 +91,7 @@ std::string describe_policy(const kv::StateConfig& c) {
 std::string describe_stats(const kv::AttentionStats& s) {
   return std::string("accumulate ") + (s.accumulate ? "on" : "off") + ", last query " + (s.last_query ? "on" : "off") +
          ", window " + std::to_string(s.window) + ", query moments " + (s.query_moments ? "on" : "off") +
-         ", key scores " + (s.key_scores ? "on" : "off");
+         ", key scores " + (s.key_scores ? "on" : "off") + ", recent-query horizon " + std::to_string(s.query_recent);
 }
 
 // Fails with the first way the file's configuration differs from the session's.
@@ -171,6 +176,8 @@ kv::StateConfig state_config(const Session& s, const std::string& fingerprint) {
   if (const kv::Compressor* comp = s.compressor()) {
     const kv::CompressionConfig& cc = comp->config();
     const kv::PolicyOptions& po = comp->options();
+    // Only the evaluations set them; a state that did not pin them would restore under other budgets.
+    if (!cc.layer_weights.empty()) fail("a session with per-layer budgets (--layer-weights) cannot be saved");
     c.policy = std::string(comp->policy().name());
     c.budget = cc.budget;
     c.window = cc.window;
@@ -244,7 +251,7 @@ kv::SessionState capture_state(const Session& s, const std::string& fingerprint,
       if (!hc.key_score.empty()) hs.key_score.assign(hc.key_score.begin(), hc.key_score.begin() + hc.n);
       st.heads.push_back(std::move(hs));
     }
-  if (st.config.stats.query_moments) st.query_moments = cache.query_moments;
+  if (st.config.stats.query_moments || st.config.stats.query_recent > 0) st.query_moments = cache.query_moments;
   return st;
 }
 
@@ -274,7 +281,7 @@ void restore_state(Session& s, const kv::SessionState& st, const std::string& fi
       copy_into(hs.key_score, hc.key_score);
       hc.n = hs.n();
     }
-  if (st.config.stats.query_moments) cache.query_moments = st.query_moments;
+  if (st.config.stats.query_moments || st.config.stats.query_recent > 0) cache.query_moments = st.query_moments;
   cache.queries_seen = st.queries_seen;
   s.restore_position(st.n_past, st.prompt_end);
 }

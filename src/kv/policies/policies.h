@@ -41,6 +41,7 @@ std::unique_ptr<Policy> make_h2o(const PolicyOptions&);
 std::unique_ptr<Policy> make_expected_attention(const PolicyOptions&);
 std::unique_ptr<Policy> make_qfilters_rope(const PolicyOptions&);
 std::unique_ptr<Policy> make_ea_calibrated(const PolicyOptions&);
+std::unique_ptr<Policy> make_qfilters_adaptive(const PolicyOptions&);
 // Wraps a policy into its layer-consistent variant (kLayerSuffix).
 std::unique_ptr<Policy> make_layer_consistent(std::unique_ptr<Policy> inner);
 

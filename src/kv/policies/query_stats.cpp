@@ -14,7 +14,15 @@
 //    group, times ||v||; the first kQueryMomentSinks positions are always kept. (rank + 1) dot
 //    products per key and query head, instead of head_dim^2 for the session-moment version.
 //
-// Neither computes an attention weight, so the fused attention kernel stays. Scores change as the
+//  - qfilters_adaptive: qfilters_rope's filter blended with the recent queries of the same KV
+//    group: f = normalize((1 - a) c + a r), c the unit group-mean calibrated query, r the unit mean
+//    of the group's recent-query directions (QueryMoments::recent, an exponential moving average
+//    of the unit queries before the rotary embedding, so queries at different positions add up
+//    in one frame instead of smearing over rotations); score <k, R f>. One dot product per kept key
+//    per round, like qfilters_rope. With a = 1 and horizon 1 it ranks a head's keys by the logits
+//    of the group's last query (TOVA's ranking for one query head) without attention weights.
+//
+// None computes an attention weight, so the fused attention kernel stays. Scores change as the
 // position advances, so they are recomputed at every eviction round (score_head).
 #include <algorithm>
 #include <cmath>
@@ -83,6 +91,79 @@ class QFiltersRope final : public Policy {
  private:
   QueryStats stats_;
   int future_;
+  std::vector<float> filter_;
+};
+
+// Unit-length copy of x (zeros stay zeros); returns false for a zero vector.
+bool normalize(std::vector<double>& x) {
+  double n2 = 0;
+  for (double v : x) n2 += v * v;
+  if (!(n2 > 0)) return false;
+  const double inv = 1.0 / std::sqrt(n2);
+  for (double& v : x) v *= inv;
+  return true;
+}
+
+class AdaptiveQFilters final : public Policy {
+ public:
+  AdaptiveQFilters(QueryStats stats, int future, double blend, int horizon)
+      : stats_(stats), future_(future), blend_(blend), horizon_(horizon) {}
+  std::string_view name() const override { return "qfilters_adaptive"; }
+  AttentionStats needs(const PolicyOptions&) const override {
+    return {.query_recent = horizon_};  // not the sums: only the recent queries
+  }
+
+  void score_head(const Cache& cache, int layer, int kv_head, std::span<float> scores) override {
+    const CacheShape& s = cache.shape();
+    stats_.check(s, name());
+    const int d = s.head_dim;
+    const std::vector<double> f = blended_filter(cache, layer, kv_head);
+    const RopeGeometry::PairMatrix r = cache.rope.mean_pair_rotation(layer, next_position(cache, layer), future_, d);
+    filter_.resize(d);
+    for (int i = 0; i < d; ++i) filter_[i] = static_cast<float>(r.diag[i] * f[i] + r.off[i] * f[r.partner[i]]);
+    for_each_key(cache.head(layer, kv_head), d, [&](int j, const float* key) { scores[j] = dot_f32(key, filter_.data(), d); });
+  }
+
+ private:
+  // normalize((1 - a) c + a r) before the rotary embedding; c alone while no recent query is known.
+  std::vector<double> blended_filter(const Cache& cache, int layer, int kv_head) const {
+    const int d = cache.shape().head_dim, group = stats_.n_heads / cache.shape().n_kv_heads;
+    std::vector<double> cal(d, 0.0), recent(d, 0.0);
+    for (int g = 0; g < group; ++g) {
+      const float* mu = stats_.head_mean(layer, kv_head * group + g, d);
+      for (int i = 0; i < d; ++i) cal[i] += mu[i];
+    }
+    normalize(cal);
+    if (!has_recent(cache, layer) || !(blend_ > 0)) return cal;
+    const std::vector<double>& rq = cache.query_moments[layer].recent;
+    std::vector<double> one(d);
+    for (int g = 0; g < group; ++g) {
+      const double* src = rq.data() + static_cast<size_t>(kv_head * group + g) * d;
+      one.assign(src, src + d);
+      if (normalize(one))
+        for (int i = 0; i < d; ++i) recent[i] += one[i];
+    }
+    if (!normalize(recent)) return cal;
+    std::vector<double> f(d);
+    for (int i = 0; i < d; ++i) f[i] = (1.0 - blend_) * cal[i] + blend_ * recent[i];
+    if (!normalize(f)) return cal;  // exactly opposite directions at a = 0.5
+    return f;
+  }
+
+  bool has_recent(const Cache& cache, int layer) const {
+    if (cache.query_moments.empty()) return false;
+    const QueryMoments& m = cache.query_moments[layer];
+    if (m.recent.empty()) return false;
+    if (m.n_heads != stats_.n_heads || m.head_dim != cache.shape().head_dim)
+      fail(name(), ": recent queries of ", m.n_heads, "x", m.head_dim, " heads do not fit the statistics' ",
+           stats_.n_heads, " query heads of ", cache.shape().head_dim);
+    return true;
+  }
+
+  QueryStats stats_;
+  int future_;
+  double blend_;
+  int horizon_;
   std::vector<float> filter_;
 };
 
@@ -170,6 +251,14 @@ QueryStats stats_of(const PolicyOptions& o, std::string_view policy) {
 
 std::unique_ptr<Policy> make_qfilters_rope(const PolicyOptions& o) {
   return std::make_unique<QFiltersRope>(stats_of(o, "qfilters_rope"), o.query_future_positions);
+}
+
+std::unique_ptr<Policy> make_qfilters_adaptive(const PolicyOptions& o) {
+  if (!(o.filter_blend >= 0.0f && o.filter_blend <= 1.0f))
+    fail("qfilters_adaptive: --filter-blend must lie in [0, 1] (got ", o.filter_blend, ")");
+  if (o.filter_horizon < 1) fail("qfilters_adaptive: --filter-horizon must be >= 1 token (got ", o.filter_horizon, ")");
+  return std::make_unique<AdaptiveQFilters>(stats_of(o, "qfilters_adaptive"), o.query_future_positions, o.filter_blend,
+                                            o.filter_horizon);
 }
 
 std::unique_ptr<Policy> make_ea_calibrated(const PolicyOptions& o) {

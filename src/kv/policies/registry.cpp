@@ -18,6 +18,7 @@ constexpr std::pair<std::string_view, Factory> kPolicies[] = {
 constexpr std::pair<std::string_view, Factory> kQueryStatsPolicies[] = {
     {"qfilters_rope", policies::make_qfilters_rope},
     {"ea_calibrated", policies::make_ea_calibrated},
+    {"qfilters_adaptive", policies::make_qfilters_adaptive},
 };
 }  // namespace
 
