@@ -242,11 +242,17 @@ std::vector<std::span<const float>> Session::eval_batch(std::span<const BatchIte
   }
   if (rows > fw.max_rows()) fail("eval_batch: ", rows, " tokens exceed the batch of ", fw.max_rows());
   fw.run(segments, pool);
+  // Each session evicts from its own cache with its own compressor, so the batch's sessions
+  // evict in parallel: with one eviction per step (the default) scoring, selection and
+  // compaction take ~0.4 ms per session on SmolLM2, 6-7 ms of a 16-session step when serial.
+  pool.parallel_for(static_cast<int64_t>(segments.size()), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      Session& s = *segments[static_cast<size_t>(i)].session;
+      if (s.compressor_) s.compressor_->after_step(*s.cache_);
+    }
+  });
   std::vector<std::span<const float>> out;
-  for (const Segment& seg : segments) {
-    if (seg.session->compressor_) seg.session->compressor_->after_step(*seg.session->cache_);
-    out.emplace_back(seg.session->logits_.data(), seg.session->model_.config().n_vocab);
-  }
+  for (const Segment& seg : segments) out.emplace_back(seg.session->logits_.data(), seg.session->model_.config().n_vocab);
   return out;
 }
 

@@ -76,7 +76,8 @@ Timing decode_together(runtime::Engine& engine, const runtime::KvOptions& kv, co
   Timing t;
   for (int step = 0; step < steps; ++step) {
     std::vector<BatchItem> items;
-    for (int i = 0; i < n; ++i) items.push_back({sessions[i].get(), std::span<const int32_t>(&next[i], 1)});
+    for (int i = 0; i < n; ++i)  // decode rows, as the server batches them (the decode engine)
+      items.push_back({sessions[i].get(), std::span<const int32_t>(&next[i], 1), TokenKind::decode});
     const auto t0 = Clock::now();
     const auto logits = Session::eval_batch(items, fw, engine.pool());
     const auto t1 = Clock::now();
