@@ -64,8 +64,21 @@ int64_t next_position(const Cache& cache, int layer) {
 }
 
 // out = R x for the sparse mean rotation, scaled by `scale`.
-void apply(const RopeGeometry::PairMatrix& r, const float* x, int d, double scale, float* out) {
+template <class T>
+void apply(const RopeGeometry::PairMatrix& r, const T* x, int d, double scale, float* out) {
   for (int i = 0; i < d; ++i) out[i] = static_cast<float>((r.diag[i] * x[i] + r.off[i] * x[r.partner[i]]) * scale);
+}
+
+// scores[j] = <k_j, R f> over the head's keys: the filter f (before the rotary embedding) moved
+// by the mean rotation over the `future` positions after the newest key. `moved` is scratch.
+template <class T>
+void score_moved_filter(const Cache& cache, int layer, int kv_head, const T* f, int future, std::vector<float>& moved,
+                        std::span<float> scores) {
+  const int d = cache.shape().head_dim;
+  const RopeGeometry::PairMatrix r = cache.rope.mean_pair_rotation(layer, next_position(cache, layer), future, d);
+  moved.resize(d);
+  apply(r, f, d, 1.0, moved.data());
+  for_each_key(cache.head(layer, kv_head), d, [&](int j, const float* key) { scores[j] = dot_f32(key, moved.data(), d); });
 }
 
 class QFiltersRope final : public Policy {
@@ -82,10 +95,7 @@ class QFiltersRope final : public Policy {
       const float* mu = stats_.head_mean(layer, kv_head * group + g, d);
       for (int i = 0; i < d; ++i) f[i] += mu[i] / static_cast<float>(group);
     }
-    const RopeGeometry::PairMatrix r = cache.rope.mean_pair_rotation(layer, next_position(cache, layer), future_, d);
-    filter_.resize(d);
-    apply(r, f.data(), d, 1.0, filter_.data());
-    for_each_key(cache.head(layer, kv_head), d, [&](int j, const float* key) { scores[j] = dot_f32(key, filter_.data(), d); });
+    score_moved_filter(cache, layer, kv_head, f.data(), future_, filter_, scores);
   }
 
  private:
@@ -114,14 +124,9 @@ class AdaptiveQFilters final : public Policy {
   }
 
   void score_head(const Cache& cache, int layer, int kv_head, std::span<float> scores) override {
-    const CacheShape& s = cache.shape();
-    stats_.check(s, name());
-    const int d = s.head_dim;
+    stats_.check(cache.shape(), name());
     const std::vector<double> f = blended_filter(cache, layer, kv_head);
-    const RopeGeometry::PairMatrix r = cache.rope.mean_pair_rotation(layer, next_position(cache, layer), future_, d);
-    filter_.resize(d);
-    for (int i = 0; i < d; ++i) filter_[i] = static_cast<float>(r.diag[i] * f[i] + r.off[i] * f[r.partner[i]]);
-    for_each_key(cache.head(layer, kv_head), d, [&](int j, const float* key) { scores[j] = dot_f32(key, filter_.data(), d); });
+    score_moved_filter(cache, layer, kv_head, f.data(), future_, filter_, scores);
   }
 
  private:
