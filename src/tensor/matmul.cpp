@@ -271,7 +271,7 @@ void FloatMatmul(const WeightView& w, const float* x, int64_t n_tok, float* y, T
 // Activation quantization, natural layout (x256 and generic engines). Per token:
 //   int8 qs[32 * nb] | float d[nb] | float s[nb], where s = d * sum(q) of the block.
 
-inline size_t NatStride(int64_t nb) { return detail::round_up64(static_cast<size_t>(nb) * 40); }
+inline size_t NatStride(int64_t nb) { return detail::natural_stride(nb); }
 
 // round(v) with halves away from zero, as C's roundf, then clamped to the int8 range. NaN -> 0.
 template <class D, class V>
@@ -1331,6 +1331,7 @@ HWY_EXPORT(DotF32);
 HWY_EXPORT(AxpyF32);
 HWY_EXPORT(ScaleF32);
 HWY_EXPORT(MatmulImpl);
+HWY_EXPORT(QuantizeNat);
 
 void matmul(const WeightView& w, const float* x, int64_t n_tok, float* y, ThreadPool& pool, TokenKind kind) {
   detail::init_simd_once();
@@ -1365,6 +1366,10 @@ std::string simd_target_name() {
   detail::init_simd_once();
   return hwy::TargetName(HWY_DYNAMIC_DISPATCH(TargetBit)());
 }
+
+namespace detail {
+void quantize_natural(const float* x, int64_t nb, uint8_t* out) { HWY_DYNAMIC_DISPATCH(QuantizeNat)(x, nb, out); }
+}  // namespace detail
 
 bool amx_prompt_engine() {
   detail::init_simd_once();

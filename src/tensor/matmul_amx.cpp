@@ -1,7 +1,8 @@
 // AMX int8 engine for prompt processing: the 32-element block types (Q4_0, Q4_1, Q5_0, Q5_1,
 // Q8_0, IQ4_NL) with Intel AMX tiles (Sapphire Rapids and later).
 //
-// Activations are quantized per token and block of 32 exactly as the other engines do (kernels.h):
+// Activations are quantized per token and block of 32 by the natural-layout quantizer the other
+// engines use (detail::quantize_natural, kernels.h's formula):
 // int8 q, the fp16-rounded scale dx and sx = dx * sum(q), in the natural layout
 //   int8 qs[32 * nb] | float dx[nb] | float sx[nb]   (per token, stride a multiple of 64),
 // so 16 consecutive tokens' bytes of one block are an A tile (16 rows x 32 bytes).
@@ -108,42 +109,6 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {16, 16, 16, 16, 8, 8};
 };
 const TileConfig kTileConfig{};
-
-inline size_t act_stride(int64_t nb) { return (static_cast<size_t>(nb) * 40 + 63) / 64 * 64; }
-
-// Quantizes 16 floats (already multiplied by 1/d) with roundf semantics, clamped to +-127.
-inline __m128i quantize16(__m512 v) {
-  v = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, v, _CMP_ORD_Q), v);  // NaN -> 0
-  const __m512 sign = _mm512_set1_ps(-0.0f);
-  __m512 t = _mm512_roundscale_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
-  const __mmask16 up =
-      _mm512_cmp_ps_mask(_mm512_andnot_ps(sign, _mm512_sub_ps(v, t)), _mm512_set1_ps(0.5f), _CMP_GE_OQ);
-  t = _mm512_mask_add_ps(t, up, t, _mm512_or_ps(_mm512_and_ps(v, sign), _mm512_set1_ps(1.0f)));
-  t = _mm512_min_ps(_mm512_max_ps(t, _mm512_set1_ps(-127.0f)), _mm512_set1_ps(127.0f));
-  return _mm512_cvtsepi32_epi8(_mm512_cvttps_epi32(t));
-}
-
-// One token in the natural layout (see the top of the file), the documented formula of kernels.h.
-void quantize_token(const float* x, int64_t nb, uint8_t* out) {
-  auto* qs = reinterpret_cast<int8_t*>(out);
-  auto* dx = reinterpret_cast<float*>(out + 32 * nb);
-  float* sx = dx + nb;
-  const __m512 sign = _mm512_set1_ps(-0.0f);
-  for (int64_t b = 0; b < nb; ++b) {
-    const __m512 x0 = _mm512_loadu_ps(x + 32 * b), x1 = _mm512_loadu_ps(x + 32 * b + 16);
-    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_andnot_ps(sign, x0), _mm512_andnot_ps(sign, x1)));
-    const float d = amax / 127.0f;
-    const __m512 id = _mm512_set1_ps(d != 0.0f ? 1.0f / d : 0.0f);
-    const __m128i q0 = quantize16(_mm512_mul_ps(x0, id)), q1 = quantize16(_mm512_mul_ps(x1, id));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(qs + 32 * b), q0);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(qs + 32 * b + 16), q1);
-    const int sum = _mm512_reduce_add_epi32(_mm512_add_epi32(_mm512_cvtepi8_epi32(q0), _mm512_cvtepi8_epi32(q1)));
-    // fp16-rounded scale, as ggml's q8 blocks (F16C rounds to nearest even like f32_to_fp16).
-    const float d16 = _cvtsh_ss(_cvtss_sh(d, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-    dx[b] = d16;
-    sx[b] = d16 * static_cast<float>(sum);
-  }
-}
 
 // ---------------------------------------------------------------------------------------------
 // Weight panels. Lane n of every gather reads the same 4 bytes of row n's block; lanes past the
@@ -360,13 +325,13 @@ void amx_matmul_typed(const WeightView& w, const float* x, int64_t n_tok, float*
   // Gather offsets are int32: 15 rows of the matrix must fit.
   if (row_bytes(w.type, w.cols) > static_cast<size_t>(INT32_MAX / kTile)) fail("matmul: rows too long for the AMX engine");
   const int64_t nb = w.cols / 32;
-  const size_t astride = act_stride(nb);
+  const size_t astride = natural_stride(nb);
   const int64_t padded = (n_tok + kTile - 1) / kTile * kTile;
   uint8_t* act = scratch(astride * static_cast<size_t>(padded));
   // Padding tokens fill the last A tile: zeros (scales 0), never stored.
   std::memset(act + astride * static_cast<size_t>(n_tok), 0, astride * static_cast<size_t>(padded - n_tok));
   const auto quantize = [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) quantize_token(x + t * w.cols, nb, act + t * astride);
+    for (int64_t t = t0; t < t1; ++t) quantize_natural(x + t * w.cols, nb, act + t * astride);
   };
   if (n_tok * w.cols >= 32 * 1024 && pool.size() > 1)
     pool.parallel_for(n_tok, 1, quantize);
