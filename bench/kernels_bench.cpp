@@ -14,8 +14,9 @@
 //     scripts/bench_kernels_vs_ggml.py runs these beside the same shapes through libggml.
 //   BM_TypeDecodeCached/<type>: decode from an L2-resident matrix, per CPU second: the kernel's
 //     own speed, which bounds BM_TypeDecode from above.
-//   BM_ReadBandwidth/<0|1>: streaming read of 1 GiB per thread (1 and 2 threads), plain (0) or
-//   in 2 MiB pages with software prefetch as decode reads weights (1): the bound for decode.
+//   BM_ReadBandwidth/<0..3>: streaming read of 1 GiB per thread (1 and 2 threads), plain (0),
+//   in 2 MiB pages with software prefetch as decode reads weights (1): the bound for decode;
+//   2 MiB pages alone (2), prefetch alone (3): which of the two matters.
 //
 // QF_SIMD_TARGET=avx2|avx512|scalar selects a lower SIMD target.
 #include <benchmark/benchmark.h>
@@ -305,17 +306,18 @@ BENCHMARK(BM_TypeDecodeCached)->Apply([](benchmark::internal::Benchmark* b) {
 // Arg 0: a plain vector. Arg 1: as the decode kernels read weights: the buffer in 2 MiB pages
 // (madvise, as gguf::File::move_tensor_data_to_huge_pages does) and each line requested 8 KiB
 // ahead (the hardware prefetchers stop at every 4 KiB page). The faster of the two is the
-// ceiling a memory-bound decode is judged against.
+// ceiling a memory-bound decode is judged against. Args 2 and 3: the pages or the prefetch alone.
 void BM_ReadBandwidth(benchmark::State& state) {
   constexpr size_t kBytes = size_t{1} << 30, kPrefetch = 8192;
-  const bool tuned = state.range(0) != 0;
+  const bool huge = state.range(0) == 1 || state.range(0) == 2;
+  const bool prefetch = state.range(0) == 1 || state.range(0) == 3;
   void* raw = ::mmap(nullptr, kBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (raw == MAP_FAILED) {
     state.SkipWithError("mmap failed");
     return;
   }
 #ifdef MADV_HUGEPAGE
-  if (tuned) ::madvise(raw, kBytes, MADV_HUGEPAGE);
+  if (huge) ::madvise(raw, kBytes, MADV_HUGEPAGE);
 #endif
   auto* buf = static_cast<uint64_t*>(raw);
   const size_t words = kBytes / 8;
@@ -323,7 +325,7 @@ void BM_ReadBandwidth(benchmark::State& state) {
   for (auto _ : state) {
     uint64_t s[8] = {};
     for (size_t i = 0; i < words; i += 8) {
-      if (tuned) __builtin_prefetch(reinterpret_cast<const char*>(buf + i) + kPrefetch);
+      if (prefetch) __builtin_prefetch(reinterpret_cast<const char*>(buf + i) + kPrefetch);
       for (int k = 0; k < 8; ++k) s[k] += buf[i + k];
     }
     benchmark::DoNotOptimize(s);
@@ -332,7 +334,7 @@ void BM_ReadBandwidth(benchmark::State& state) {
   state.counters["GB/s"] = benchmark::Counter(static_cast<double>(state.iterations()) * kBytes / 1e9,
                                               benchmark::Counter::kIsRate);
 }
-BENCHMARK(BM_ReadBandwidth)->Arg(0)->Arg(1)->Unit(benchmark::kMillisecond)->UseRealTime()->Threads(1)->Threads(2);
+BENCHMARK(BM_ReadBandwidth)->DenseRange(0, 3)->Unit(benchmark::kMillisecond)->UseRealTime()->Threads(1)->Threads(2);
 
 void BM_DotF32(benchmark::State& state) {
   const size_t n = static_cast<size_t>(state.range(0));

@@ -142,6 +142,36 @@ TEST(Cache, AppendRetainClearAndStats) {
   EXPECT_EQ(c.head(1, 1).k.size(), 5u * 4 * sizeof(float));  // bytes of 5 f32 rows
 }
 
+// Every head's keys and values are regions of one buffer: the sizes asked for, cache-line
+// aligned, disjoint, zeroed; a session-sized cache is in 2 MiB pages where the kernel offers them.
+TEST(Cache, HeadsAreDisjointAlignedRegionsOfOneBuffer) {
+  const CacheShape shape{3, 2, 64};
+  const KvTypes types{KvType::Q8_0, KvType::F16};
+  Cache c(shape, {4000, 3000, 5}, {}, types);  // 2.7 MiB
+  std::vector<std::pair<uintptr_t, uintptr_t>> regions;
+  for (int l = 0; l < shape.n_layers; ++l)
+    for (int h = 0; h < shape.n_kv_heads; ++h) {
+      const HeadCache& hc = c.head(l, h);
+      EXPECT_EQ(hc.k.size(), size_t(c.capacity(l)) * kv_row_bytes(types.k, 64));
+      EXPECT_EQ(hc.v.size(), size_t(c.capacity(l)) * kv_row_bytes(types.v, 64));
+      for (const auto& s : {hc.k, hc.v}) {
+        EXPECT_EQ(reinterpret_cast<uintptr_t>(s.data()) % 64, 0u);
+        EXPECT_TRUE(std::all_of(s.begin(), s.end(), [](uint8_t b) { return b == 0; }));
+        regions.emplace_back(reinterpret_cast<uintptr_t>(s.data()), reinterpret_cast<uintptr_t>(s.data() + s.size()));
+      }
+    }
+  std::sort(regions.begin(), regions.end());
+  for (size_t i = 1; i < regions.size(); ++i) EXPECT_LT(regions[i - 1].second, regions[i].first);  // a guard gap between
+  const size_t span = regions.back().second - regions.front().first;
+  EXPECT_GE(span, size_t(2) << 20);
+  const uintptr_t first = regions.front().first;
+  if (huge_pages_on_request()) EXPECT_EQ(first % (size_t(2) << 20), 0u) << "a 2 MiB cache should start on a huge page";
+#if defined(__SANITIZE_ADDRESS__)  // the gap after a region is poisoned: writing past a head is caught
+  uint8_t* past = c.head(1, 0).v.data() + c.head(1, 0).v.size();
+  EXPECT_DEATH(*static_cast<volatile uint8_t*>(past) = 1, "AddressSanitizer");
+#endif
+}
+
 TEST(Cache, AllocatesOnlyRequestedStatistics) {
   Cache none({1, 1, 2}, {3});
   EXPECT_TRUE(none.head(0, 0).attn_sum.empty());

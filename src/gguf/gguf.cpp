@@ -13,6 +13,7 @@
 #include <limits>
 
 #include "util/error.h"
+#include "util/huge_pages.h"
 #include "util/memory.h"
 
 namespace qf::gguf {
@@ -276,51 +277,24 @@ std::unique_ptr<File> File::from_memory(const uint8_t* data, size_t size, std::s
 }
 
 File::~File() {
-  if (anon_) ::munmap(anon_, anon_size_);
   if (mapping_) ::munmap(mapping_, size_);
 }
 
-namespace {
-// Transparent huge pages for madvise'd memory: the setting reads "always [madvise] never" or
-// "[always] madvise never"; "[never]" (or no file: no THP in the kernel) means none.
-bool huge_pages_on_request() {
-  std::FILE* f = std::fopen("/sys/kernel/mm/transparent_hugepage/enabled", "r");
-  if (!f) return false;
-  char buf[128] = {};
-  const size_t n = std::fread(buf, 1, sizeof buf - 1, f);
-  std::fclose(f);
-  return n > 0 && std::strstr(buf, "[never]") == nullptr;
-}
-}  // namespace
-
 bool File::move_tensor_data_to_huge_pages() {
-#ifdef MADV_HUGEPAGE
-  if (anon_ || !mapping_ || data_start_ >= size_) return anon_ != nullptr;
+  if (anon_.data() != nullptr || !mapping_ || data_start_ >= size_) return anon_.data() != nullptr;
   if (!huge_pages_on_request()) return false;
   // Mapped weights are page cache the kernel can drop under pressure; a copy is not. Copy only
   // what leaves room (half the memory this process may use) for the rest.
-  if (size_ - data_start_ > memory_limit_bytes() / 2) return false;
-  constexpr size_t kHuge = size_t{2} << 20;
-  const size_t page = static_cast<size_t>(::sysconf(_SC_PAGESIZE));
   const size_t bytes = size_ - data_start_;
-  // Over-allocate by one huge page so the copy can start on a 2 MiB boundary (only aligned 2 MiB
-  // ranges get huge pages), then give back the unaligned head and the tail.
-  const size_t span = (bytes + kHuge - 1) / kHuge * kHuge;
-  void* raw = ::mmap(nullptr, span + kHuge, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (raw == MAP_FAILED) return false;
-  const auto raw_at = reinterpret_cast<uintptr_t>(raw);
-  const uintptr_t at = (raw_at + kHuge - 1) / kHuge * kHuge;
-  if (at > raw_at) ::munmap(raw, at - raw_at);
-  if (at + span < raw_at + span + kHuge) ::munmap(reinterpret_cast<void*>(at + span), raw_at + span + kHuge - (at + span));
-  auto* dst = reinterpret_cast<uint8_t*>(at);
-  if (::madvise(dst, span, MADV_HUGEPAGE) != 0) {  // THP disabled or not built: nothing to gain
-    ::munmap(dst, span);
-    return false;
-  }
+  if (bytes > memory_limit_bytes() / 2) return false;
+  HugePageBuffer copy(bytes, /*min_huge_bytes=*/0);
+  if (!copy.in_huge_pages()) return false;  // THP refused: nothing to gain
   // Copy in chunks, dropping each chunk's file pages from this process once copied, so resident
   // memory never holds both copies.
+  const size_t page = static_cast<size_t>(::sysconf(_SC_PAGESIZE));
   const uint8_t* src = base_ + data_start_;
-  constexpr size_t kChunk = 8 * kHuge;
+  uint8_t* dst = copy.data();
+  constexpr size_t kChunk = 8 * HugePageBuffer::kHugePage;
   for (size_t off = 0; off < bytes; off += kChunk) {
     const size_t n = std::min(kChunk, bytes - off);
     std::memcpy(dst + off, src + off, n);
@@ -328,14 +302,10 @@ bool File::move_tensor_data_to_huge_pages() {
     const uintptr_t hi = reinterpret_cast<uintptr_t>(src + off + n) / page * page;
     if (hi > lo) ::madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_DONTNEED);
   }
-  ::mprotect(dst, span, PROT_READ);  // weights are read-only, as they were in the mapping
+  ::mprotect(dst, copy.mapped_bytes(), PROT_READ);  // weights are read-only, as they were in the mapping
   for (TensorInfo& t : tensors_) t.data = dst + (t.data - src);
-  anon_ = dst;
-  anon_size_ = span;
+  anon_ = std::move(copy);
   return true;
-#else
-  return false;
-#endif
 }
 
 void File::parse() {

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "tensor/types.h"
+#include "util/huge_pages.h"
 
 namespace qf::gguf {
 
@@ -86,7 +87,7 @@ class File {
   // weights can be paged out under pressure, a copy cannot), or the allocation fails; the
   // weights then stay mapped.
   bool move_tensor_data_to_huge_pages();
-  bool tensor_data_in_huge_pages() const { return anon_ != nullptr; }
+  bool tensor_data_in_huge_pages() const { return anon_.data() != nullptr; }
 
   const std::vector<TensorInfo>& tensors() const { return tensors_; }
   const TensorInfo* find_tensor(std::string_view name) const;
@@ -101,8 +102,7 @@ class File {
   size_t size_ = 0;
   void* mapping_ = nullptr;  // non-null when we own an mmap
   uint64_t data_start_ = 0;  // the data section's offset in the file
-  void* anon_ = nullptr;     // the tensor data's anonymous copy, when moved there
-  size_t anon_size_ = 0;
+  HugePageBuffer anon_;      // the tensor data's anonymous copy, when moved there
   uint32_t version_ = 0;
   uint64_t alignment_ = 32;
   std::vector<std::pair<std::string, Value>> kv_;

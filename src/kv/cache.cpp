@@ -6,6 +6,7 @@
 
 #include "tensor/kernels.h"
 #include "util/error.h"
+#include "util/memory.h"
 
 namespace qf::kv {
 
@@ -100,7 +101,7 @@ void kv_dequantize_row(KvType t, const uint8_t* row, int head_dim, float* x) {
 }
 
 namespace {
-std::vector<float> rows_f32(KvType t, const std::vector<uint8_t>& data, size_t row_bytes, int n, int d) {
+std::vector<float> rows_f32(KvType t, std::span<const uint8_t> data, size_t row_bytes, int n, int d) {
   std::vector<float> out(static_cast<size_t>(n) * d);
   for (int j = 0; j < n; ++j) kv_dequantize_row(t, data.data() + j * row_bytes, d, out.data() + static_cast<size_t>(j) * d);
   return out;
@@ -122,9 +123,11 @@ Cache::Cache(CacheShape shape, std::vector<int> capacity, AttentionStats stats, 
   k_row_bytes_ = kv_row_bytes(types_.k, shape_.head_dim);
   v_row_bytes_ = kv_row_bytes(types_.v, shape_.head_dim);
   heads_.resize(static_cast<size_t>(shape_.n_layers) * shape_.n_kv_heads);
+  for (int l = 0; l < shape_.n_layers; ++l)
+    if (capacity_[l] <= 0) fail("kv cache: capacity of layer ", l, " must be positive");
+  allocate_storage();
   const bool need_sum = stats_.accumulate || stats_.window > 0;
   for (int l = 0; l < shape_.n_layers; ++l) {
-    if (capacity_[l] <= 0) fail("kv cache: capacity of layer ", l, " must be positive");
     const size_t cap = static_cast<size_t>(capacity_[l]);
     for (int h = 0; h < shape_.n_kv_heads; ++h) {
       HeadCache& hc = head(l, h);
@@ -132,8 +135,6 @@ Cache::Cache(CacheShape shape, std::vector<int> capacity, AttentionStats stats, 
       hc.v_type = types_.v;
       hc.k_row_bytes = k_row_bytes_;
       hc.v_row_bytes = v_row_bytes_;
-      hc.k.assign(cap * k_row_bytes_, 0);
-      hc.v.assign(cap * v_row_bytes_, 0);
       hc.pos.assign(cap, 0);
       if (need_sum) hc.attn_sum.assign(cap, 0.0f);
       if (stats_.accumulate) hc.attn_cnt.assign(cap, 0);
@@ -142,6 +143,35 @@ Cache::Cache(CacheShape shape, std::vector<int> capacity, AttentionStats stats, 
     }
   }
   if (stats_.query_moments || stats_.query_recent > 0) query_moments.resize(shape_.n_layers);
+}
+
+// One buffer for every head's keys and values: head (l, h)'s keys, then its values, each region
+// starting on a cache line, with a cache line between regions that ASan builds poison, so a head
+// that writes past its capacity is caught as it was when every region was its own allocation.
+void Cache::allocate_storage() {
+  constexpr size_t kLine = 64;
+  const auto region = [](size_t bytes) { return (bytes + kLine - 1) / kLine * kLine + kLine; };
+  size_t total = 0;
+  for (int l = 0; l < shape_.n_layers; ++l) {
+    const size_t cap = static_cast<size_t>(capacity_[l]);
+    total += shape_.n_kv_heads * (region(cap * k_row_bytes_) + region(cap * v_row_bytes_));
+  }
+  check_fits_in_memory(total, "the KV cache", "lower the context (-c) or the KV budget, or use a smaller KV type (-ctk/-ctv)");
+  storage_ = HugePageBuffer(total);
+  uint8_t* at = storage_.data();
+  const auto take = [&](size_t bytes) {
+    const std::span<uint8_t> s(at, bytes);
+    at += region(bytes);
+    storage_.poison(s.data() + bytes, region(bytes) - bytes);
+    return s;
+  };
+  for (int l = 0; l < shape_.n_layers; ++l) {
+    const size_t cap = static_cast<size_t>(capacity_[l]);
+    for (int h = 0; h < shape_.n_kv_heads; ++h) {
+      head(l, h).k = take(cap * k_row_bytes_);
+      head(l, h).v = take(cap * v_row_bytes_);
+    }
+  }
 }
 
 void Cache::append(int layer, const float* k, const float* v, const int32_t* pos, int n_tok) {

@@ -2,7 +2,9 @@
 // the heads of one layer disagree on which tokens matter. Keys are stored after the rotary
 // embedding, so evicting never re-rotates anything and positions keep counting up.
 //
-// Storage for each head is allocated once, at construction, for `capacity` tokens; appends and
+// Storage for every head is allocated once, at construction, for `capacity` tokens, in one
+// buffer of 2 MiB pages (util/huge_pages.h: decode streams every kept key and value, and a
+// batched step does so for every session, so the page size bounds its speed); appends and
 // evictions move data inside it. With a budget the resident memory is therefore flat however
 // long a generation runs.
 //
@@ -22,6 +24,7 @@
 #include "kv/query_moments.h"
 #include "tensor/attention_kernel.h"
 #include "tensor/types.h"
+#include "util/huge_pages.h"
 
 namespace qf::kv {
 
@@ -65,7 +68,7 @@ struct AttentionStats {
 
 struct HeadCache {
   int n = 0;                     // tokens held, slots [0, n), in increasing position order
-  std::vector<uint8_t> k, v;     // capacity rows of k_row_bytes / v_row_bytes each
+  std::span<uint8_t> k, v;       // capacity rows of k_row_bytes / v_row_bytes each, in the Cache's storage
   KvType k_type = KvType::F32, v_type = KvType::F32;
   size_t k_row_bytes = 0, v_row_bytes = 0;
   std::vector<int32_t> pos;      // position of each slot
@@ -160,9 +163,11 @@ class Cache {
   size_t index(int layer, int kv_head) const { return static_cast<size_t>(layer) * shape_.n_kv_heads + kv_head; }
   // Bytes of one slot's key and value in one head.
   int64_t slot_bytes() const { return static_cast<int64_t>(k_row_bytes_ + v_row_bytes_); }
+  void allocate_storage();
 
   CacheShape shape_;
   std::vector<int> capacity_;
+  HugePageBuffer storage_;  // every head's keys and values (HeadCache::k / v are views into it)
   AttentionStats stats_;
   KvTypes types_;
   size_t k_row_bytes_ = 0, v_row_bytes_ = 0;

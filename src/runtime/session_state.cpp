@@ -135,8 +135,8 @@ void check_fits(const Session& s, const kv::SessionState& st, std::string_view n
       fail(name, ": query moments of ", m.n_heads, " heads; this model has ", n_heads);
 }
 
-template <typename T>
-void copy_into(const std::vector<T>& from, std::vector<T>& to) {
+template <typename T, typename Storage>  // Storage: a vector or a span of the cache's storage
+void copy_into(const std::vector<T>& from, Storage& to) {
   std::copy(from.begin(), from.end(), to.begin());
 }
 

@@ -4,8 +4,9 @@
 // One session reads a CONTEXT-token prompt (pseudo-random token ids: the speed does not depend
 // on the text), then for each count N in SESSIONS (e.g. 1,16) N copies of it decode STEPS tokens
 // together through Session::eval_batch, each sampling its next token with llama.cpp's default
-// chain as the server does. Prints, per N, a JSON line: milliseconds per step (the forward pass
-// and the sampling apart), aggregate tokens/s and its ratio to the first N's.
+// chain, on the thread pool as the server does. Prints, per N, a JSON line: milliseconds per
+// step (the forward pass and the sampling apart), aggregate tokens/s and its ratio to the
+// first N's.
 // KV: POLICY:BUDGET[:FILTERS] (the server benchmark's settings: window 64, eviction every 16),
 // or none:0 for a full cache. CTK / CTV: KV storage types (default f16).
 #include <chrono>
@@ -81,7 +82,9 @@ Timing decode_together(runtime::Engine& engine, const runtime::KvOptions& kv, co
     const auto t0 = Clock::now();
     const auto logits = Session::eval_batch(items, fw, engine.pool());
     const auto t1 = Clock::now();
-    for (int i = 0; i < n; ++i) next[i] = samplers[i].sample_and_accept(logits[i]);
+    engine.pool().parallel_for(n, 1, [&](int64_t b, int64_t e) {  // on the pool, as the server samples
+      for (int64_t i = b; i < e; ++i) next[i] = samplers[i].sample_and_accept(logits[i]);
+    });
     const auto t2 = Clock::now();
     t.forward_ms += ms(t1 - t0);
     t.sample_ms += ms(t2 - t1);
