@@ -166,24 +166,62 @@ struct ReadBF16 {  // the high half of an f32
   }
 };
 
-// f(reader) with the reader of f32, f16 or bf16 rows.
+// q8_0 rows (34-byte blocks: fp16 scale, 32 int8): d * q, the product Q8_0ToF32 forms. A
+// vector never straddles two blocks (the lanes divide 32), and its block's scale is converted
+// once per vector (F16C), which the compiler shares between a block's vectors.
+struct ReadQ8_0 {
+  template <class D>
+  static HWY_INLINE hn::Vec<D> Load(D df, const uint8_t* HWY_RESTRICT row, int x) {
+    const hn::Rebind<int8_t, D> d8;
+    const hn::Rebind<int32_t, D> di;
+    const uint8_t* blk = row + static_cast<size_t>(x / kQK) * sizeof(BlockQ8_0);
+    const auto q = hn::PromoteTo(di, hn::LoadU(d8, reinterpret_cast<const int8_t*>(blk + 2) + x % kQK));
+    return hn::Mul(hn::ConvertTo(df, q), hn::Set(df, HalfToF32(blk)));
+  }
+  static HWY_INLINE float At(const uint8_t* row, int x) {
+    const uint8_t* blk = row + static_cast<size_t>(x / kQK) * sizeof(BlockQ8_0);
+    return static_cast<float>(reinterpret_cast<const int8_t*>(blk + 2)[x % kQK]) * HalfToF32(blk);
+  }
+};
+
+// q4_0 rows (18-byte blocks: fp16 scale, 16 bytes whose low nibble is element j and high nibble
+// element j + 16, offset by 8): d * (q - 8), as Q4_0ToF32 forms it.
+struct ReadQ4_0 {
+  template <class D>
+  static HWY_INLINE hn::Vec<D> Load(D df, const uint8_t* HWY_RESTRICT row, int x) {
+    const hn::Rebind<uint8_t, D> d8;
+    const hn::Rebind<int32_t, D> di;
+    const uint8_t* blk = row + static_cast<size_t>(x / kQK) * sizeof(BlockQ4_0);
+    const int e = x % kQK;  // a vector lies in one half (lanes <= 16)
+    const auto bytes = hn::PromoteTo(di, hn::LoadU(d8, blk + 2 + e % (kQK / 2)));
+    const auto q = e < kQK / 2 ? hn::And(bytes, hn::Set(di, 15)) : hn::ShiftRight<4>(bytes);
+    return hn::Mul(hn::ConvertTo(df, hn::Sub(q, hn::Set(di, 8))), hn::Set(df, HalfToF32(blk)));
+  }
+  static HWY_INLINE float At(const uint8_t* row, int x) {
+    const uint8_t* blk = row + static_cast<size_t>(x / kQK) * sizeof(BlockQ4_0);
+    const int e = x % kQK;
+    const int byte = blk[2 + e % (kQK / 2)];
+    return static_cast<float>((e < kQK / 2 ? byte & 15 : byte >> 4) - 8) * HalfToF32(blk);
+  }
+};
+
+// f(reader) with the reader of the rows' type.
 template <class F>
 HWY_INLINE void WithReader(GgmlType type, const F& f) {
   switch (type) {
     case GgmlType::F16: f(ReadF16()); break;
+    case GgmlType::Q8_0: f(ReadQ8_0()); break;
+    case GgmlType::Q4_0: f(ReadQ4_0()); break;
     case GgmlType::BF16: f(ReadBF16()); break;
     default: f(ReadF32()); break;
   }
 }
 
-// Rows [j0, j0 + m) as the decode kernel reads them: in place for f32, f16 and bf16 (widened in
-// registers), converted to floats in buf for q8_0 and q4_0, whose per-vector scale lookups made
-// reading them in registers slower than converting the tile once (measured, BM_DecodeTypes).
-HWY_INLINE KvRows DecodeTile(const KvRows& rows, int j0, int m, int d, float* HWY_RESTRICT buf) {
-  const uint8_t* p = rows.data + static_cast<size_t>(j0) * rows.row_bytes;
-  if (rows.type != GgmlType::Q8_0 && rows.type != GgmlType::Q4_0) return {rows.type, p, rows.row_bytes};
-  DequantizeRows(rows.type, p, m, d, buf);
-  return {GgmlType::F32, reinterpret_cast<const uint8_t*>(buf), static_cast<size_t>(d) * sizeof(float)};
+// Rows [j0, j0 + m) as the decode kernel reads them: in place, every type widened in registers
+// by its reader (converting a tile into scratch first only added a store and a reload per value:
+// measured, BM_DecodeTypes and BM_BatchedStep).
+HWY_INLINE KvRows RowsFrom(const KvRows& rows, int j0) {
+  return {rows.type, rows.data + static_cast<size_t>(j0) * rows.row_bytes, rows.row_bytes};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -380,7 +418,7 @@ HWY_INLINE void GroupScores(D df, const float* const* qs, const KvRows& kr, int 
 }
 
 // One token's GQA group (see attention_group_f32) against keys [j_begin, j_end). Per tile of
-// keys: one dot product per key and query row (keys read as DecodeTile gives them, GroupScores),
+// keys: one dot product per key and query row (keys read in place by their type's reader, GroupScores),
 // the row maxima (exact in any order) and sums (lane-wise over the tile's vectors of weights),
 // and the weighted values with the output rows held in registers across the tile
 // (AccumulateAllColumns, values read the same way, weights straight from the score rows).
@@ -391,7 +429,6 @@ void AttentionGroup(const float* HWY_RESTRICT q, int n_q, const KvRows* kr, cons
   const int N = static_cast<int>(hn::Lanes(df));
   const int d_vec = d / N * N;  // SIMD part of each row; the rest (if any) is scalar
   HWY_ALIGN float s[kMaxQ][kTile];  // scores, then softmax weights
-  HWY_ALIGN float kbuf[kTile * kAttentionMaxDim], vbuf[kTile * kAttentionMaxDim];  // block types' tiles
 
   for (int q0 = 0; q0 < n_q; q0 += kMaxQ) {
     const int nq = std::min(kMaxQ, n_q - q0);
@@ -406,7 +443,7 @@ void AttentionGroup(const float* HWY_RESTRICT q, int n_q, const KvRows* kr, cons
     std::fill(o, o + static_cast<size_t>(nq) * d, 0.0f);
     for (int j0 = j_begin; j0 < j_end; j0 += kTile) {
       const int m = std::min(kTile, j_end - j0);
-      const KvRows kt = DecodeTile(*kr, j0, m, d, kbuf);
+      const KvRows kt = RowsFrom(*kr, j0);
       WithReader(kt.type, [&](auto reader) {
         ForTiles<kMaxQ>(nq, [&](int, auto rows) {
           GroupScores<decltype(rows)::value, decltype(reader)>(df, qs, kt, 0, m, d, scale, s);
@@ -439,7 +476,7 @@ void AttentionGroup(const float* HWY_RESTRICT q, int n_q, const KvRows* kr, cons
         run_sum[i] += tile_sum;
       }
       // Weighted values: o[i] = corr[i] * o[i] + sum_j p[i][j] v_j.
-      const KvRows vt = DecodeTile(*vr, j0, m, d, vbuf);
+      const KvRows vt = RowsFrom(*vr, j0);
       WithReader(vt.type, [&](auto reader) {
         ForTiles<kRowTile>(nq, [&](int r, auto nr) {
           AccumulateAllColumns<decltype(nr)::value, decltype(reader)>(df, o + static_cast<size_t>(r) * d, d, s[r], 1,
