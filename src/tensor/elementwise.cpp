@@ -117,7 +117,7 @@ void RmsNormF32(float* out, const float* x, const float* HWY_RESTRICT w, size_t 
 // every session's new keys and values (one element at a time it was 2% of Gemma 3's prefill).
 void F32ToFp16Row(const float* HWY_RESTRICT x, size_t n, uint8_t* HWY_RESTRICT out) {
   size_t i = 0;
-#if HWY_TARGET != HWY_SCALAR && !defined(HWY_DISABLE_F16C)
+#if HWY_TARGET != HWY_SCALAR && HWY_TARGET != HWY_EMU128 && !defined(HWY_DISABLE_F16C)
   const hn::ScalableTag<float> d;
   const hn::Rebind<hwy::float16_t, decltype(d)> dh;
   const size_t N = hn::Lanes(d);

@@ -63,9 +63,11 @@ struct TargetName {
   const char* name;
   int64_t target;
 };
+// The portable fallback ("scalar"): Highway builds SCALAR with GCC and EMU128 with clang.
+constexpr int64_t kPortable = (HWY_TARGETS & HWY_SCALAR) != 0 ? HWY_SCALAR : HWY_EMU128;
 // Best first. Highway numbers better targets with lower bits.
 constexpr TargetName kTargets[] = {
-    {"avx512vnni", HWY_AVX3_DL}, {"avx512", HWY_AVX3}, {"avx2", HWY_AVX2}, {"scalar", HWY_SCALAR}};
+    {"avx512vnni", HWY_AVX3_DL}, {"avx512", HWY_AVX3}, {"avx2", HWY_AVX2}, {"scalar", kPortable}};
 
 // What the CPU and OS support, read before any override is installed.
 int64_t real_targets() {
@@ -86,9 +88,9 @@ bool force_simd_target(std::string_view name) {
   }
   for (const TargetName& t : kTargets) {
     if (name != t.name) continue;
-    if (t.target != HWY_SCALAR && (real & t.target) == 0) return false;
-    // Everything no better than the cap (higher bits); SCALAR is always the last resort.
-    hwy::SetSupportedTargetsForTest((real & ~(t.target - 1)) | HWY_SCALAR);
+    if (t.target != kPortable && (real & t.target) == 0) return false;
+    // Everything no better than the cap (higher bits); the portable target is the last resort.
+    hwy::SetSupportedTargetsForTest((real & ~(t.target - 1)) | kPortable);
     return true;
   }
   return false;
@@ -98,7 +100,7 @@ std::vector<std::string> available_simd_targets() {
   const int64_t real = real_targets();
   std::vector<std::string> names;
   for (const TargetName& t : kTargets)
-    if (t.target == HWY_SCALAR || (real & t.target) != 0) names.emplace_back(t.name);
+    if (t.target == kPortable || (real & t.target) != 0) names.emplace_back(t.name);
   return names;
 }
 

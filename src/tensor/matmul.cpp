@@ -32,6 +32,7 @@
 #include "tensor/kernels_internal.h"
 #include "tensor/matmul_amx.h"
 #include "tensor/quant_blocks.h"
+#include "tensor/target_pragmas.h"
 #include "util/error.h"
 
 #ifndef QF_TENSOR_MATMUL_ONCE_
@@ -680,8 +681,7 @@ struct X256KEngine {
 // the CPU reports VNNI.
 
 #if HWY_TARGET == HWY_AVX3_DL
-#pragma GCC push_options
-#pragma GCC target("avx512vnni")
+QF_EXTEND_HWY_TARGET("avx512vnni")
 #define QF_X512K_VNNI 1
 #else
 #define QF_X512K_VNNI 0
@@ -877,7 +877,7 @@ struct X512KEngine {
 };
 
 #if HWY_TARGET == HWY_AVX3_DL
-#pragma GCC pop_options
+QF_END_HWY_EXTENSION
 #endif
 #undef QF_X512K_VNNI
 #endif  // HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL
@@ -903,8 +903,7 @@ struct X512KEngine {
 // consecutive blocks, gathered into lanes with one or two vpermt2b; a Q5 block's fifth bits are
 // gathered the same way (byte j / 8 of its qh in byte j of the lane) and tested per byte.
 
-#pragma GCC push_options
-#pragma GCC target("avx512vnni")
+QF_EXTEND_HWY_TARGET("avx512vnni")
 
 namespace vnni {
 
@@ -1206,7 +1205,7 @@ struct VnniEngine {
   }
 };
 
-#pragma GCC pop_options
+QF_END_HWY_EXTENSION
 #endif  // HWY_TARGET == HWY_AVX3_DL
 
 // =============================================================================================

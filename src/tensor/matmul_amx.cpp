@@ -43,6 +43,7 @@
 #include <unistd.h>
 
 #include "tensor/quant_blocks.h"
+#include "tensor/target_pragmas.h"
 #else
 #define QF_AMX_BUILD 0
 #endif
@@ -82,8 +83,7 @@ bool amx_available() {
   return ok;
 }
 
-#pragma GCC push_options
-#pragma GCC target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")
+QF_PUSH_TARGET("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")
 // GCC 12's AVX-512 headers warn about their own _mm512_undefined_* placeholders here.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -349,7 +349,7 @@ void amx_matmul_typed(const WeightView& w, const float* x, int64_t n_tok, float*
 }  // namespace
 
 #pragma GCC diagnostic pop
-#pragma GCC pop_options
+QF_POP_TARGET
 
 bool amx_handles(GgmlType t) {
   return t == GgmlType::Q4_0 || t == GgmlType::Q4_1 || t == GgmlType::Q5_0 || t == GgmlType::Q5_1 ||
