@@ -166,6 +166,12 @@ struct ReadBF16 {  // the high half of an f32
   }
 };
 
+// The block of a quantized row that holds value x.
+template <class Block>
+HWY_INLINE const uint8_t* BlockOf(const uint8_t* row, int x) {
+  return row + static_cast<size_t>(x / kQK) * sizeof(Block);
+}
+
 // q8_0 rows (34-byte blocks: fp16 scale, 32 int8): d * q, the product Q8_0ToF32 forms. A
 // vector never straddles two blocks (the lanes divide 32), and its block's scale is converted
 // once per vector (F16C), which the compiler shares between a block's vectors.
@@ -174,12 +180,12 @@ struct ReadQ8_0 {
   static HWY_INLINE hn::Vec<D> Load(D df, const uint8_t* HWY_RESTRICT row, int x) {
     const hn::Rebind<int8_t, D> d8;
     const hn::Rebind<int32_t, D> di;
-    const uint8_t* blk = row + static_cast<size_t>(x / kQK) * sizeof(BlockQ8_0);
+    const uint8_t* blk = BlockOf<BlockQ8_0>(row, x);
     const auto q = hn::PromoteTo(di, hn::LoadU(d8, reinterpret_cast<const int8_t*>(blk + 2) + x % kQK));
     return hn::Mul(hn::ConvertTo(df, q), hn::Set(df, HalfToF32(blk)));
   }
   static HWY_INLINE float At(const uint8_t* row, int x) {
-    const uint8_t* blk = row + static_cast<size_t>(x / kQK) * sizeof(BlockQ8_0);
+    const uint8_t* blk = BlockOf<BlockQ8_0>(row, x);
     return static_cast<float>(reinterpret_cast<const int8_t*>(blk + 2)[x % kQK]) * HalfToF32(blk);
   }
 };
@@ -191,14 +197,14 @@ struct ReadQ4_0 {
   static HWY_INLINE hn::Vec<D> Load(D df, const uint8_t* HWY_RESTRICT row, int x) {
     const hn::Rebind<uint8_t, D> d8;
     const hn::Rebind<int32_t, D> di;
-    const uint8_t* blk = row + static_cast<size_t>(x / kQK) * sizeof(BlockQ4_0);
+    const uint8_t* blk = BlockOf<BlockQ4_0>(row, x);
     const int e = x % kQK;  // a vector lies in one half (lanes <= 16)
     const auto bytes = hn::PromoteTo(di, hn::LoadU(d8, blk + 2 + e % (kQK / 2)));
     const auto q = e < kQK / 2 ? hn::And(bytes, hn::Set(di, 15)) : hn::ShiftRight<4>(bytes);
     return hn::Mul(hn::ConvertTo(df, hn::Sub(q, hn::Set(di, 8))), hn::Set(df, HalfToF32(blk)));
   }
   static HWY_INLINE float At(const uint8_t* row, int x) {
-    const uint8_t* blk = row + static_cast<size_t>(x / kQK) * sizeof(BlockQ4_0);
+    const uint8_t* blk = BlockOf<BlockQ4_0>(row, x);
     const int e = x % kQK;
     const int byte = blk[2 + e % (kQK / 2)];
     return static_cast<float>((e < kQK / 2 ? byte & 15 : byte >> 4) - 8) * HalfToF32(blk);
