@@ -585,6 +585,63 @@ TEST_F(SimdTargets, MatmulAllTypesShapesThreadsTargets) {
   }
 }
 
+// matmul_shared_input: matrices of one type and width reading one input give, bit for bit,
+// what separate matmul calls give, whatever the threads, target and token kind, including row
+// counts that are not a whole number of the engines' row groups (7, 5) and matrices of
+// different types or widths (no sharing: one matmul each). Sizes that disagree are an error.
+TEST_F(SimdTargets, SharedInputMatmulEqualsSeparateMatmuls) {
+  ThreadPool pools[] = {ThreadPool(1), ThreadPool(2), ThreadPool(3)};
+  const GgmlType types[] = {GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q4_K, GgmlType::F16};
+  for (const std::string& target : available_simd_targets()) {
+    ASSERT_TRUE(force_simd_target(target));
+    std::mt19937 rng(7);
+    for (GgmlType t : types) {
+      const int64_t cols = 256;
+      for (const std::vector<int64_t>& rows : {std::vector<int64_t>{96, 32, 32}, {8, 7, 12}, {5, 64}}) {
+        std::vector<std::vector<uint8_t>> data;
+        std::vector<WeightView> ws;
+        for (int64_t r : rows) data.push_back(random_weights(t, r, cols, rng));
+        for (size_t i = 0; i < rows.size(); ++i) ws.push_back({t, cols, rows[i], data[i].data()});
+        for (int64_t n_tok : {1, 3, 16}) {
+          const auto x = random_activations(n_tok, cols, rng);
+          for (TokenKind kind : {TokenKind::decode, TokenKind::prompt}) {
+            for (ThreadPool& pool : pools) {
+              std::vector<std::vector<float>> want(rows.size()), got(rows.size());
+              std::vector<float*> out;
+              for (size_t i = 0; i < rows.size(); ++i) {
+                want[i].assign(rows[i] * n_tok, NAN);
+                got[i].assign(rows[i] * n_tok, NAN);
+                matmul(ws[i], x.data(), n_tok, want[i].data(), pool, kind);
+                out.push_back(got[i].data());
+              }
+              matmul_shared_input(ws, x.data(), n_tok, out, pool, kind);
+              for (size_t i = 0; i < rows.size(); ++i)
+                ASSERT_EQ(0, std::memcmp(want[i].data(), got[i].data(), want[i].size() * sizeof(float)))
+                    << target << " " << type_info(t).name << " matrix " << i << " of " << rows.size() << ", n_tok "
+                    << n_tok << ", " << pool.size() << " threads";
+            }
+          }
+        }
+      }
+    }
+  }
+  // Different widths or types: each matrix alone, same results.
+  ThreadPool& pool = pools[1];
+  std::mt19937 rng(8);
+  const auto a = random_weights(GgmlType::Q4_1, 8, 64, rng), b = random_weights(GgmlType::Q8_0, 8, 64, rng);
+  const std::vector<WeightView> mixed{{GgmlType::Q4_1, 64, 8, a.data()}, {GgmlType::Q8_0, 64, 8, b.data()}};
+  const auto x = random_activations(2, 64, rng);
+  std::vector<float> ya(16), yb(16), wa(16), wb(16);
+  std::vector<float*> out{ya.data(), yb.data()};
+  matmul_shared_input(mixed, x.data(), 2, out, pool);
+  matmul(mixed[0], x.data(), 2, wa.data(), pool);
+  matmul(mixed[1], x.data(), 2, wb.data(), pool);
+  EXPECT_EQ(ya, wa);
+  EXPECT_EQ(yb, wb);
+  std::vector<float*> one{ya.data()};
+  EXPECT_THROW(matmul_shared_input(mixed, x.data(), 2, one, pool), Error);
+}
+
 // The integer bounds of the SIMD engines (int16 pair sums of vpmaddubsw, int32 group sums,
 // scale and offset ranges) at their extremes: every quant and scale byte set to one pattern
 // (all ones: largest quants and scales; 0x80: Q6_K scale -128; ...) against activations that

@@ -60,9 +60,7 @@ void Forward::attention_block(int l, std::span<const Segment> segments, int n, T
   const LayerWeights& w = model_.layers()[l];
   const int E = c.n_embd, D = c.head_dim, H = c.n_heads, KVH = c.n_kv_heads;
   ops::rmsnorm_rows(h_.data(), x_.data(), w.attn_norm, n, E, c.rms_eps);
-  project(w.wq, h_.data(), q_.data(), pool);
-  project(w.wk, h_.data(), k_.data(), pool);
-  project(w.wv, h_.data(), v_.data(), pool);
+  project_shared({w.wq, w.wk, w.wv}, h_.data(), {q_.data(), k_.data(), v_.data()}, pool);
   if (w.bq) {
     ops::add_bias_rows(q_.data(), w.bq, n, H * D);
     ops::add_bias_rows(k_.data(), w.bk, n, KVH * D);
@@ -110,8 +108,7 @@ void Forward::ffn_block(int l, int n, ThreadPool& pool) {
   const LayerWeights& w = model_.layers()[l];
   const int E = c.n_embd;
   ops::rmsnorm_rows(h_.data(), x_.data(), w.ffn_norm, n, E, c.rms_eps);
-  project(w.ffn_gate, h_.data(), ff_a_.data(), pool);
-  project(w.ffn_up, h_.data(), ff_b_.data(), pool);
+  project_shared({w.ffn_gate, w.ffn_up}, h_.data(), {ff_a_.data(), ff_b_.data()}, pool);
   ops::gated_activation(ff_a_.data(), ff_b_.data(), static_cast<size_t>(n) * c.n_ff, c.activation);
   project(w.ffn_down, ff_a_.data(), h_.data(), pool);
   if (w.ffn_post_norm) ops::rmsnorm_rows(h_.data(), h_.data(), w.ffn_post_norm, n, E, c.rms_eps);
@@ -121,6 +118,15 @@ void Forward::ffn_block(int l, int n, ThreadPool& pool) {
 void Forward::project(const WeightView& w, const float* x, float* y, ThreadPool& pool) const {
   for (const KindRun& r : runs_)
     matmul(w, x + static_cast<size_t>(r.row) * w.cols, r.n, y + static_cast<size_t>(r.row) * w.rows, pool, r.kind);
+}
+
+template <size_t N>
+void Forward::project_shared(const WeightView (&ws)[N], const float* x, float* const (&ys)[N], ThreadPool& pool) const {
+  for (const KindRun& r : runs_) {
+    float* out[N];
+    for (size_t i = 0; i < N; ++i) out[i] = ys[i] + static_cast<size_t>(r.row) * ws[i].rows;
+    matmul_shared_input(ws, x + static_cast<size_t>(r.row) * ws[0].cols, r.n, out, pool, r.kind);
+  }
 }
 
 // Only the rows whose logits are wanted go through the (large) output matrix, all in one product,

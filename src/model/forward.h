@@ -46,6 +46,9 @@ class Forward {
   void output_logits(std::span<const Segment> segments, ThreadPool& pool);
   // y = W x over the pass's n rows: one matmul per run of consecutive rows of one TokenKind.
   void project(const WeightView& w, const float* x, float* y, ThreadPool& pool) const;
+  // The same for matrices that read the same x (q, k, v; gate, up): matmul_shared_input.
+  template <size_t N>
+  void project_shared(const WeightView (&ws)[N], const float* x, float* const (&ys)[N], ThreadPool& pool) const;
 
   struct KindRun {
     int row, n;

@@ -5,6 +5,7 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <span>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -56,6 +57,13 @@ enum class TokenKind : uint8_t { decode, prompt };
 // Runs its own pool.run(), so it must not be called from inside a job of the same pool.
 void matmul(const WeightView& w, const float* x, int64_t n_tok, float* y, ThreadPool& pool,
             TokenKind kind = TokenKind::decode);
+
+// ys[i] = ws[i] x for matrices that read the same input (a layer's q, k and v projections; gate
+// and up): one quantization of x and one parallel region over all their rows, where the
+// matrices share a type and a width (otherwise one matmul each). Bit for bit the results of
+// separate matmul calls.
+void matmul_shared_input(std::span<const WeightView> ws, const float* x, int64_t n_tok, std::span<float* const> ys,
+                         ThreadPool& pool, TokenKind kind = TokenKind::decode);
 
 // Dequantizes row `row` of w into out[0..cols). Throws qf::Error on a bad type, row or pointer.
 void dequantize_row(const WeightView& w, int64_t row, float* out);

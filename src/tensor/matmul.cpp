@@ -27,6 +27,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <span>
 
 #include "tensor/kernels.h"
 #include "tensor/kernels_internal.h"
@@ -1249,28 +1250,55 @@ void QuantRows(const WeightView& w, const uint8_t* act, size_t astride, int64_t 
   }
 }
 
+// Products of one or more matrices of one type and width with the same input (a layer's q, k
+// and v; gate and up): the input is quantized once and one parallel region covers every
+// matrix's rows, split as one matrix of all of them. Each row goes through the tile it would
+// get alone as long as every matrix but the last has a whole number of row groups (align rows);
+// otherwise each matrix gets its own region. Either way the results are those of separate
+// products, bit for bit.
 template <class E, GgmlType TY>
-void QuantMatmul(const WeightView& w, const float* x, int64_t n_tok, float* y, ThreadPool& pool) {
-  const int64_t nb = w.cols / blocks::Codec<TY>::kElems;
+void QuantMatmul(std::span<const WeightView> ws, const float* x, int64_t n_tok, std::span<float* const> ys,
+                 ThreadPool& pool) {
+  const WeightView& w0 = ws[0];
+  const int64_t nb = w0.cols / blocks::Codec<TY>::kElems;
   const size_t astride = E::Stride(nb);
   uint8_t* act = detail::scratch(astride * static_cast<size_t>(n_tok));
   const auto quantize = [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) E::Quantize(x + t * w.cols, nb, w.type, act + t * astride);
+    for (int64_t t = t0; t < t1; ++t) E::Quantize(x + t * w0.cols, nb, w0.type, act + t * astride);
   };
-  if (n_tok * w.cols >= detail::kParallelQuantElems && pool.size() > 1)
+  if (n_tok * w0.cols >= detail::kParallelQuantElems && pool.size() > 1)
     pool.parallel_for(n_tok, 1, quantize);
   else
     quantize(0, n_tok);
-  SplitRows(pool, w.rows, std::max(E::kR, E::kRDecode),
-            [&](int64_t r0, int64_t r1) { QuantRows<E, TY>(w, act, astride, n_tok, y, r0, r1); });
+  constexpr int64_t align = std::max(E::kR, E::kRDecode);
+  int64_t total = 0;
+  bool aligned = true;
+  for (size_t i = 0; i < ws.size(); ++i) {
+    total += ws[i].rows;
+    aligned = aligned && (i + 1 == ws.size() || ws[i].rows % align == 0);
+  }
+  if (!aligned) {
+    for (size_t i = 0; i < ws.size(); ++i)
+      SplitRows(pool, ws[i].rows, align,
+                [&](int64_t r0, int64_t r1) { QuantRows<E, TY>(ws[i], act, astride, n_tok, ys[i], r0, r1); });
+    return;
+  }
+  SplitRows(pool, total, align, [&](int64_t r0, int64_t r1) {
+    int64_t first = 0;  // matrix i holds rows [first, first + rows) of the stacked matrix
+    for (size_t i = 0; i < ws.size(); first += ws[i].rows, ++i) {
+      const int64_t lo = std::max(r0, first), hi = std::min(r1, first + ws[i].rows);
+      if (lo < hi) QuantRows<E, TY>(ws[i], act, astride, n_tok, ys[i], lo - first, hi - first);
+    }
+  });
 }
 
 // The matmul of one weight type on this target: the hand-tuned engine where there is one, else
 // the generic engine of the type's block shape.
 template <GgmlType TY>
-void TypedMatmul(const WeightView& w, const float* x, int64_t n_tok, float* y, ThreadPool& pool) {
+void TypedMatmul(std::span<const WeightView> w, const float* x, int64_t n_tok, std::span<float* const> y,
+                 ThreadPool& pool) {
   if constexpr (TY == GgmlType::F32 || TY == GgmlType::F16 || TY == GgmlType::BF16) {
-    FloatMatmul<TY>(w, x, n_tok, y, pool);
+    for (size_t i = 0; i < w.size(); ++i) FloatMatmul<TY>(w[i], x, n_tok, y[i], pool);
   } else if constexpr (blocks::Codec<TY>::kElems == 32) {
 #if HWY_TARGET == HWY_AVX3_DL
     if (detail::cpu_has_avx512vnni()) return QuantMatmul<VnniEngine, TY>(w, x, n_tok, y, pool);
@@ -1303,7 +1331,7 @@ using KernelTypes = TypeList<GgmlType::F32, GgmlType::F16, GgmlType::BF16, GgmlT
                              GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::Q8_0, GgmlType::IQ4_NL, GgmlType::Q2_K,
                              GgmlType::Q3_K, GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K>;
 
-using MatmulFn = void (*)(const WeightView&, const float*, int64_t, float*, ThreadPool&);
+using MatmulFn = void (*)(std::span<const WeightView>, const float*, int64_t, std::span<float* const>, ThreadPool&);
 
 template <GgmlType... Ts>
 MatmulFn KernelFor(GgmlType t, TypeList<Ts...>) {
@@ -1312,10 +1340,11 @@ MatmulFn KernelFor(GgmlType t, TypeList<Ts...>) {
   return fn;
 }
 
-void MatmulImpl(const WeightView& w, const float* x, int64_t n_tok, float* y, ThreadPool& pool) {
-  const MatmulFn fn = KernelFor(w.type, KernelTypes{});
-  if (fn == nullptr) fail("matmul: no kernel for weight type ", type_info(w.type).name);
-  fn(w, x, n_tok, y, pool);
+// Matrices of one type and width with the same input (matmul_shared_input's checks done).
+void MatmulImpl(const WeightView* w, size_t n, const float* x, int64_t n_tok, float* const* y, ThreadPool& pool) {
+  const MatmulFn fn = KernelFor(w[0].type, KernelTypes{});
+  if (fn == nullptr) fail("matmul: no kernel for weight type ", type_info(w[0].type).name);
+  fn(std::span<const WeightView>(w, n), x, n_tok, std::span<float* const>(y, n), pool);
 }
 
 }  // namespace HWY_NAMESPACE
@@ -1332,18 +1361,43 @@ HWY_EXPORT(ScaleF32);
 HWY_EXPORT(MatmulImpl);
 HWY_EXPORT(QuantizeNat);
 
-void matmul(const WeightView& w, const float* x, int64_t n_tok, float* y, ThreadPool& pool, TokenKind kind) {
-  detail::init_simd_once();
+namespace {
+void check_matmul(const WeightView& w, const float* x, int64_t n_tok, const float* y) {
   const TypeInfo& ti = type_info(w.type);
   if (!ti.supported) fail("matmul: weight type ", ti.name, " is not supported");
   if (w.cols <= 0 || w.rows < 0 || n_tok < 0)
     fail("matmul: bad shape ", w.rows, " x ", w.cols, " with ", n_tok, " tokens");
   row_bytes(w.type, w.cols);  // throws unless cols is a whole number of blocks
+  if (w.rows > 0 && n_tok > 0 && (w.data == nullptr || x == nullptr || y == nullptr)) fail("matmul: null pointer");
+}
+}  // namespace
+
+void matmul(const WeightView& w, const float* x, int64_t n_tok, float* y, ThreadPool& pool, TokenKind kind) {
+  detail::init_simd_once();
+  check_matmul(w, x, n_tok, y);
   if (w.rows == 0 || n_tok == 0) return;
-  if (w.data == nullptr || x == nullptr || y == nullptr) fail("matmul: null pointer");
   if (kind == TokenKind::prompt && detail::amx_handles(w.type) && amx_prompt_engine())
     return detail::amx_matmul(w, x, n_tok, y, pool);
-  HWY_DYNAMIC_DISPATCH(MatmulImpl)(w, x, n_tok, y, pool);
+  HWY_DYNAMIC_DISPATCH(MatmulImpl)(&w, 1, x, n_tok, &y, pool);
+}
+
+void matmul_shared_input(std::span<const WeightView> ws, const float* x, int64_t n_tok, std::span<float* const> ys,
+                         ThreadPool& pool, TokenKind kind) {
+  detail::init_simd_once();
+  if (ws.size() != ys.size()) fail("matmul_shared_input: ", ws.size(), " matrices but ", ys.size(), " outputs");
+  for (size_t i = 0; i < ws.size(); ++i) {
+    check_matmul(ws[i], x, n_tok, ys[i]);
+    if (ws[i].type != ws[0].type || ws[i].cols != ws[0].cols || ws[i].rows == 0) {
+      for (size_t j = 0; j < ws.size(); ++j) matmul(ws[j], x, n_tok, ys[j], pool, kind);  // nothing to share
+      return;
+    }
+  }
+  if (ws.empty() || n_tok == 0) return;
+  if (kind == TokenKind::prompt && detail::amx_handles(ws[0].type) && amx_prompt_engine()) {
+    for (size_t i = 0; i < ws.size(); ++i) detail::amx_matmul(ws[i], x, n_tok, ys[i], pool);
+    return;
+  }
+  HWY_DYNAMIC_DISPATCH(MatmulImpl)(ws.data(), ws.size(), x, n_tok, ys.data(), pool);
 }
 
 float dot_f32(const float* a, const float* b, size_t n) {
