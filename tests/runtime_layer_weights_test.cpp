@@ -132,6 +132,25 @@ TEST_F(EngineLayerWeights, BadWeightsAreOneLineErrors) {
   expect_error([&] { engine_.new_session(no_stats); }, "needs --filters with query statistics");
 }
 
+// A model with sliding-window layers: those keep their window and the weights share the budget
+// among the global layers only, in the session and in what admission charges for it alike.
+TEST(LayerWeightsSlidingWindow, AdmissionChargesWhatTheSessionReserves) {
+  ModelOptions mo;
+  mo.model = test::fixture("gemma3_f32_mqa_tied.gguf");  // 7 layers, only layer 5 global
+  mo.n_ctx = 128;
+  mo.n_threads = 1;
+  mo.n_batch = 8;
+  Engine engine(mo);
+  KvOptions kv;
+  kv.policy = "knorm";
+  kv.budget = 24;
+  kv.window = 4;
+  kv.layer_weights = "1,1,1,1,1,2,1";
+  auto s = engine.new_session(kv);
+  EXPECT_EQ(s->cache().capacity(5), 24 + 8);  // the one compressed layer keeps the whole budget
+  EXPECT_EQ(engine.session_kv_bytes(kv), s->cache().bytes_reserved());
+}
+
 // "spread" is calib::query_spread of the --filters file, for any policy given that file; a state's
 // KV options keep the spelling "spread" where it gives the state's weights (a server's own
 // options then match a restored slot), else spell out the numbers.

@@ -106,8 +106,15 @@ std::unique_ptr<kv::Compressor> Engine::make_compressor(const KvOptions& kv) {
   cc.prefill_ratio = kv.ratio;
   cc.skip_layers = kv.skip_layers;
   cc.layer_weights = layer_weights(kv);
-  cc.validate(model_->config().n_layers);
-  return std::make_unique<kv::Compressor>(kv::make_policy(kv.policy, po), po, cc);
+  const ModelConfig& c = model_->config();
+  cc.validate(c.n_layers);
+  auto comp = std::make_unique<kv::Compressor>(kv::make_policy(kv.policy, po), po, cc);
+  // As the session will: sliding-window layers keep their window, so per-layer budgets share the
+  // total among the others, here too (session_kv_bytes sizes caches from this compressor).
+  std::vector<bool> local(c.n_layers);
+  for (int l = 0; l < c.n_layers; ++l) local[l] = c.layers[l].local();
+  comp->exempt_layers(std::move(local));
+  return comp;
 }
 
 std::vector<float> Engine::layer_weights(const KvOptions& kv) {
