@@ -9,9 +9,6 @@
 #                                        (docs/results.md section 5, "Adaptive filters"; ~30 min quiet)
 #   scripts/eval_issue15.sh layers       per-layer budgets at equal memory (--layer-weights spread and a
 #                                        middle-layer profile) on seeds 42-44 and held-out 45-47 (~25 min)
-#   scripts/eval_issue15.sh heads        per-KV-head budgets (--layer-weights spread-heads) against per-layer
-#                                        spread, both in this build, seeds 42-44 and held-out 45-47, and
-#                                        perplexity; paired tests at the end (~40 min on one core)
 # Resumable: finished cells are kept in results/issue15-*/<eval>.jsonl.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -60,27 +57,6 @@ if [ "$what" = adaptive ]; then
   for p in tova ea_calibrated+layer qfilters_rope+layer; do
     scripts/niah_paired.py results/issue15-adaptive-niah-b1/niah.jsonl:qfilters_adaptive+layer \
       results/issue15-niah/niah.jsonl:$p
-  done
-fi
-if [ "$what" = heads ]; then
-  for seeds in 42,43,44 45,46,47; do
-    for w in spread spread-heads; do
-      nice -n 10 "$qf" eval niah -m "$M" --filters "$F" -o "results/issue15-heads-$w-${seeds//,/}" --lengths 1024,2048 \
-        --depths 5 --compressions 4,8 --seeds "$seeds" --digits 7 --skip-layers 2 -t 1 --no-progress \
-        --policies tova,qfilters_adaptive+layer,ea_calibrated+layer --layer-weights "$w"
-    done
-  done
-  for w in spread spread-heads; do
-    nice -n 10 "$qf" eval ppl -m "$M" --filters "$F" -o "results/issue15-heads-ppl-$w" --docs 8 --tokens 1024 \
-      --budgets 128,256 --window 64 --policies none,streaming,h2o,qfilters_adaptive --layer-weights "$w" -t 1 --no-progress
-  done
-  for p in tova qfilters_adaptive+layer ea_calibrated+layer; do
-    for seeds in 424344 454647; do
-      scripts/niah_paired.py "results/issue15-heads-spread-heads-$seeds/niah.jsonl:$p" "results/issue15-heads-spread-$seeds/niah.jsonl:$p"
-    done
-  done
-  for p in h2o qfilters_adaptive streaming; do
-    scripts/ppl_paired.py results/issue15-heads-ppl-spread/ppl.jsonl results/issue15-heads-ppl-spread-heads/ppl.jsonl --policy "$p"
   done
 fi
 if [ "$what" = layers ]; then

@@ -720,35 +720,6 @@ TEST(QueryStats, SpreadIsTheQueriesVarianceOverTheirSquaredMean) {
   EXPECT_THROW(query_spread(Filters(L, 1, d)), Error);  // no statistics
 }
 
-// Per KV head: the mean of the spreads of the query heads sharing it (h / (nh / n_kv)); their mean
-// over a layer's KV heads is the layer's spread.
-TEST(QueryStats, SpreadPerKvHeadIsTheMeanOverItsQueryGroup) {
-  const int L = 2, nh = 4, nkv = 2, d = 3, rank = 1;
-  Filters f(L, nkv, d);
-  f.n_query_heads = nh;
-  f.stats_rank = rank;
-  f.query_mean.assign(size_t(L) * nh * d, 0.0f);
-  f.query_factors.assign(size_t(L) * nh * rank * d, 0.0f);
-  std::vector<double> head(size_t(L) * nh);
-  for (int l = 0; l < L; ++l)
-    for (int h = 0; h < nh; ++h) {
-      const size_t at = size_t(l) * nh + h;
-      f.query_mean[at * d] = 2.0f;                              // ||mu||^2 = 4
-      f.query_factors[at * d + 1] = float(1 + h + 3 * l);       // ||u||^2 = (1 + h + 3l)^2
-      head[at] = (1.0 + h + 3 * l) * (1.0 + h + 3 * l) / 4.0;
-    }
-  const std::vector<float> per_kv = query_spread_per_kv_head(f), per_layer = query_spread(f);
-  ASSERT_EQ(per_kv.size(), size_t(L) * nkv);
-  for (int l = 0; l < L; ++l) {
-    for (int g = 0; g < nkv; ++g)
-      EXPECT_FLOAT_EQ(per_kv[size_t(l) * nkv + g], float((head[size_t(l) * nh + 2 * g] + head[size_t(l) * nh + 2 * g + 1]) / 2));
-    EXPECT_FLOAT_EQ((per_kv[size_t(l) * nkv] + per_kv[size_t(l) * nkv + 1]) / 2, per_layer[l]);
-  }
-  f.n_query_heads = 3;  // 3 query heads do not group into 2 KV heads
-  EXPECT_THROW(query_spread_per_kv_head(f), Error);
-  EXPECT_THROW(query_spread_per_kv_head(Filters(L, nkv, d)), Error);  // no statistics
-}
-
 TEST(QueryStats, MeanAndFactorsAreTheSampleMomentsEigenpairs) {
   const int n = 500, d = 6, stride = 10, rank = 3;
   Rng rng(8);

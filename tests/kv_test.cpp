@@ -560,10 +560,10 @@ TEST(Compressor, PerLayerBudgetsShareTheSameTotal) {
   CompressionConfig cfg{.budget = budget, .window = window, .skip_layers = 1, .layer_weights = {9, 1, 2, 3}};
   cfg.validate(L);
   Compressor comp(make_policy("knorm", {}), {}, cfg);
-  EXPECT_DOUBLE_EQ(comp.head_share(1, 0), 0.5);
-  EXPECT_DOUBLE_EQ(comp.head_share(3, 1), 1.5);
-  EXPECT_EQ(comp.head_budget(1, 1), 10);
-  EXPECT_EQ(comp.head_budget(3, 0), 30);
+  EXPECT_DOUBLE_EQ(comp.layer_share(1), 0.5);
+  EXPECT_DOUBLE_EQ(comp.layer_share(3), 1.5);
+  EXPECT_EQ(comp.layer_budget(1), 10);
+  EXPECT_EQ(comp.layer_budget(3), 30);
   std::vector<int> cap;
   for (int l = 0; l < L; ++l) cap.push_back(comp.capacity(l, 1000, 1));
   EXPECT_EQ(cap, (std::vector<int>{1000, 11, 21, 31}));
@@ -596,59 +596,6 @@ TEST(Compressor, PerLayerBudgetsShareTheSameTotal) {
     const std::vector<int> want = cp == &pre ? std::vector<int>{40, 10, 20, 30} : std::vector<int>{40, 15, 15, 40};
     for (int l = 0; l < L; ++l) EXPECT_EQ(p.head(l, 1).n, want[l]) << "layer " << l;
   }
-}
-
-// Per-KV-head weights ([layer][kv_head]): each head holds its own budget in streaming and its own
-// share of the kept tokens after prefill, the total staying the uniform one.
-TEST(Compressor, PerHeadBudgetsShareTheSameTotal) {
-  const int nkv = 2, d = 4, L = 3, budget = 20, window = 2, steps = 60;
-  std::mt19937 rng(44);
-  // Layer 0 skipped. Compressed heads (1,0) (1,1) (2,0) (2,1): weights 1, 3, 2, 2 -> shares 0.5, 1.5, 1, 1.
-  CompressionConfig cfg{.budget = budget, .window = window, .evict_every = 3, .skip_layers = 1,
-                        .layer_weights = {7, 7, 1, 3, 2, 2}};
-  cfg.validate(L, nkv);
-  EXPECT_THROW(cfg.validate(L), Error);  // without the KV heads, 6 weights do not fit 3 layers
-  Compressor comp(make_policy("knorm", {}), {}, cfg);
-  comp.configure_layers(std::vector<bool>(L, false), nkv);
-  EXPECT_DOUBLE_EQ(comp.head_share(1, 0), 0.5);
-  EXPECT_DOUBLE_EQ(comp.head_share(1, 1), 1.5);
-  EXPECT_DOUBLE_EQ(comp.head_share(2, 0), 1.0);
-  EXPECT_EQ(comp.head_budget(1, 0), 10);
-  EXPECT_EQ(comp.head_budget(1, 1), 30);
-  EXPECT_EQ(comp.capacity(1, 0, 1000, 4), 14);
-  EXPECT_EQ(comp.capacity(1, 1, 1000, 4), 34);
-  EXPECT_EQ(comp.capacity(1, 1000, 4), 34);  // the layer: its largest head
-  EXPECT_EQ(comp.capacity(0, 1, 1000, 4), 1000);
-  Cache c({L, nkv, d}, {steps, 34, 24}, comp.needs());
-  c.set_key_scorer(comp.policy().key_scorer(c.shape()));
-  for (int t = 0; t < steps; ++t) {
-    for (int l = 0; l < L; ++l) append_random(c, l, 1, t, rng);
-    comp.after_step(c);
-    for (int l = 1; l < L; ++l)
-      for (int h = 0; h < nkv; ++h) ASSERT_LE(c.head(l, h).n, comp.head_budget(l, h)) << l << " " << h << " step " << t;
-  }
-  EXPECT_EQ(c.head(0, 0).n, steps);
-  EXPECT_GE(c.head(1, 0).n, 10 - 2);  // evict_every 3: between budget - 2 and budget
-  EXPECT_GE(c.head(1, 1).n, 30 - 2);
-  for (int l = 1; l < L; ++l)
-    for (int h = 0; h < nkv; ++h) {  // the newest `window` positions are always kept
-      const HeadCache& hc = c.head(l, h);
-      EXPECT_EQ(hc.pos[hc.n - 1], steps - 1);
-      EXPECT_EQ(hc.pos[hc.n - 2], steps - 2);
-    }
-
-  // Prefill, ratio 0.5 of 40 tokens: 20 per head uniformly; here 10, 30, 20, 20.
-  Compressor pre(make_policy("knorm", {}), {}, {.prefill_ratio = 0.5f, .skip_layers = 1, .layer_weights = cfg.layer_weights});
-  pre.configure_layers(std::vector<bool>(L, false), nkv);
-  Cache p({L, nkv, d}, {40, 40, 40}, pre.needs());
-  p.set_key_scorer(pre.policy().key_scorer(p.shape()));
-  for (int l = 0; l < L; ++l) append_random(p, l, 40, 0, rng);
-  pre.after_prefill(p, 40);
-  EXPECT_EQ(p.head(0, 0).n, 40);
-  EXPECT_EQ(p.head(1, 0).n, 10);
-  EXPECT_EQ(p.head(1, 1).n, 30);
-  EXPECT_EQ(p.head(2, 0).n, 20);
-  EXPECT_EQ(p.head(2, 1).n, 20);
 }
 
 TEST(Compressor, PerLayerWeightsAreChecked) {

@@ -6,7 +6,6 @@
 
 #include <unistd.h>
 
-#include <cmath>
 #include <cstdint>
 #include <filesystem>
 #include <string>
@@ -178,17 +177,6 @@ TEST_F(EngineLayerWeights, SpreadComesFromTheFilterFile) {
   const KvOptions spelled = kv_options_for_state(state, uniform_base, engine_, "s");
   EXPECT_EQ(spelled.layer_weights, format_layer_weights(spread));
   EXPECT_EQ(engine_.layer_weights(spelled), spread);
-
-  // Per KV head: 3 layers x 2 KV heads, each head's cache sized by its own share.
-  kv.layer_weights = "spread-heads";
-  const std::vector<float> heads = calib::query_spread_per_kv_head(loaded.filters);
-  ASSERT_EQ(heads.size(), 6u);
-  EXPECT_EQ(engine_.layer_weights(kv), heads);
-  auto h = engine_.new_session(kv);
-  EXPECT_EQ(h->compressor()->config().layer_weights, heads);
-  for (int l = 0; l < 3; ++l)
-    for (int k = 0; k < 2; ++k) EXPECT_EQ(h->compressor()->head_budget(l, k), std::lround(24 * heads[l * 2 + k] * 6 / (heads[0] + heads[1] + heads[2] + heads[3] + heads[4] + heads[5])));
-  EXPECT_EQ(kv_options_for_state(state_config(*h, model_fingerprint(engine_.model())), kv, engine_, "s"), kv);
 }
 
 }  // namespace

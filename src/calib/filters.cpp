@@ -184,42 +184,24 @@ void query_moments(const float* samples, int n_samples, int dim, std::ptrdiff_t 
   }
 }
 
-namespace {
-
-// sum_r ||u_r||^2 / ||mu||^2 of one query head (query_spread's summand).
-double head_spread(const Filters& f, int layer, int head) {
-  const int d = f.head_dim, nh = f.n_query_heads, rank = f.stats_rank;
-  const float* mu = f.query_mean.data() + (static_cast<size_t>(layer) * nh + head) * d;
-  const float* u = f.query_factors.data() + (static_cast<size_t>(layer) * nh + head) * rank * d;
-  double m2 = 0, var = 0;
-  for (int i = 0; i < d; ++i) m2 += static_cast<double>(mu[i]) * mu[i];
-  for (int i = 0; i < rank * d; ++i) var += static_cast<double>(u[i]) * u[i];
-  if (!(m2 > 0)) fail("query spread: layer ", layer, " head ", head, " has a zero mean query");
-  return var / m2;
-}
-
-// Per layer and group of `group` consecutive query heads: the mean of their spreads.
-std::vector<float> grouped_spread(const Filters& f, int group) {
+std::vector<float> query_spread(const Filters& f) {
   if (!f.has_query_stats() || f.stats_rank < 1) fail("the filter file has no query statistics with covariance factors (qf calibrate --stats-rank N)");
-  const int nh = f.n_query_heads, n_groups = nh / group;
-  std::vector<float> spread(static_cast<size_t>(f.n_layers) * n_groups);
-  for (int l = 0; l < f.n_layers; ++l)
-    for (int g = 0; g < n_groups; ++g) {
-      double sum = 0;
-      for (int h = g * group; h < (g + 1) * group; ++h) sum += head_spread(f, l, h);
-      spread[static_cast<size_t>(l) * n_groups + g] = static_cast<float>(sum / group);
+  const int d = f.head_dim, nh = f.n_query_heads, rank = f.stats_rank;
+  std::vector<float> spread(f.n_layers);
+  for (int l = 0; l < f.n_layers; ++l) {
+    double sum = 0;
+    for (int h = 0; h < nh; ++h) {
+      const float* mu = f.query_mean.data() + (static_cast<size_t>(l) * nh + h) * d;
+      const float* u = f.query_factors.data() + (static_cast<size_t>(l) * nh + h) * rank * d;
+      double m2 = 0, var = 0;
+      for (int i = 0; i < d; ++i) m2 += static_cast<double>(mu[i]) * mu[i];
+      for (int i = 0; i < rank * d; ++i) var += static_cast<double>(u[i]) * u[i];
+      if (!(m2 > 0)) fail("query spread: layer ", l, " head ", h, " has a zero mean query");
+      sum += var / m2;
     }
+    spread[l] = static_cast<float>(sum / nh);
+  }
   return spread;
-}
-
-}  // namespace
-
-std::vector<float> query_spread(const Filters& f) { return grouped_spread(f, f.n_query_heads); }
-
-std::vector<float> query_spread_per_kv_head(const Filters& f) {
-  if (f.n_kv_heads < 1 || f.n_query_heads % f.n_kv_heads != 0)
-    fail("query spread: ", f.n_query_heads, " query heads do not group into ", f.n_kv_heads, " KV heads");
-  return grouped_spread(f, f.n_query_heads / f.n_kv_heads);
 }
 
 void Calibrator::add_query_stats(int layer, const float* queries, int n_samples, int rank) {

@@ -126,10 +126,6 @@ void query_moments(const float* samples, int n_samples, int dim, std::ptrdiff_t 
 // keep changing is the one a fixed selection of keys serves worst. Throws qf::Error without query
 // statistics (or factors), or for a zero mean query.
 std::vector<float> query_spread(const Filters& f);
-// The same per (layer, KV head), [l][kv_head]: the mean over the query heads that share the KV head
-// (query head h belongs to KV head h / (n_query_heads / n_kv_heads)). Budgets `--layer-weights
-// spread-heads` are proportional to it.
-std::vector<float> query_spread_per_kv_head(const Filters& f);
 
 // ---- Converting filters from other sources -------------------------------------------------------
 

@@ -29,10 +29,9 @@ struct SamplingFlags {
 // --layer-weights (qf eval and every subcommand with --kv-budget).
 inline constexpr const char* kLayerWeightsHelp =
     "per-layer budgets at equal total: 'spread' (from the --filters file's query statistics: how much each "
-    "layer's queries vary; more needles found at the same memory, docs/results.md section 5), 'spread-heads' "
-    "(the same per KV head) or one positive weight per layer (or per layer and KV head), comma-separated; "
-    "compressed layer (head) l keeps w_l / mean(w over the compressed ones) times the uniform budget (or kept "
-    "prefill tokens)";
+    "layer's queries vary; more needles found at the same memory, docs/results.md section 5) or one positive "
+    "weight per layer, comma-separated; compressed layer l keeps w_l / mean(w over the compressed layers) times "
+    "the uniform budget (or kept prefill tokens)";
 
 void add_model_options(CLI::App* app, ModelOptions& o, bool model_required = true);
 // argv with llama.cpp's several-letter one-dash flags (-ctk, -ctv, -np), which CLI11 would read

@@ -192,7 +192,7 @@ Setup setup(const CommonOptions& o) {
   s.ctx.policy_options.filter_blend = o.filter_blend;
   s.ctx.policy_options.filter_horizon = o.filter_horizon;
   s.ctx.layer_weights = runtime::parse_layer_weights(o.layer_weights, &s.query_stats);
-  if (!s.ctx.layer_weights.empty()) kv::CompressionConfig{.layer_weights = s.ctx.layer_weights}.validate(c.n_layers, c.n_kv_heads);
+  if (!s.ctx.layer_weights.empty()) kv::CompressionConfig{.layer_weights = s.ctx.layer_weights}.validate(c.n_layers);
   s.ctx.kv_types = kv_types(o.model);
   s.ctx.progress = !o.no_progress;
 

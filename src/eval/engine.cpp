@@ -42,7 +42,7 @@ std::unique_ptr<kv::Compressor> new_compressor(const EvalContext& ctx, const std
   if (ctx.model == nullptr) fail("evaluation context without a model");
   kv::CompressionConfig cc = config;
   if (cc.layer_weights.empty()) cc.layer_weights = ctx.layer_weights;
-  cc.validate(ctx.model->config().n_layers, ctx.model->config().n_kv_heads);
+  cc.validate(ctx.model->config().n_layers);
   return std::make_unique<kv::Compressor>(kv::make_policy(policy, ctx.policy_options), ctx.policy_options, cc);
 }
 

@@ -5,14 +5,13 @@
 //  - prefill: after the prompt, each head keeps int(T * (1 - ratio)) of its T prompt tokens by
 //    top score (kvpress ScorerPress semantics).
 // The first `skip_layers` layers are never compressed, nor the exempt ones (sliding-window
-// layers, whose window already bounds them). Budget weights (layer_weights) share the same total
-// out unevenly, per layer or per (layer, KV head): compressed head (l, h) gets budget x w / mean(w)
-// (streaming; its cache is allocated for that many, so memory is really freed) or keeps that
-// multiple of the prefill's kept tokens, the mean taken over the compressed heads.
+// layers, whose window already bounds them). Per-layer budgets (layer_weights) share the same
+// total out unevenly: compressed layer l gets budget x w_l / mean(w) (streaming; its cache is
+// allocated for that many, so memory is really freed) or keeps that multiple of the prefill's
+// kept tokens, the mean taken over the compressed layers.
 #pragma once
 #include <cstdint>
 #include <memory>
-#include <span>
 #include <vector>
 
 #include "kv/cache.h"
@@ -26,13 +25,10 @@ struct CompressionConfig {
   int evict_every = 1;      // streaming eviction granularity
   float prefill_ratio = 0;  // 0: no prefill compression; else in (0, 1)
   int skip_layers = 0;
-  // Budget weights: empty = the same budget / ratio for every compressed head; n_layers of them =
-  // per layer; n_layers x n_kv_heads ([layer][kv_head]) = per KV head.
-  std::vector<float> layer_weights;
+  std::vector<float> layer_weights;  // empty: the same budget / ratio for every compressed layer
   bool enabled() const { return budget > 0 || prefill_ratio > 0; }
   // Throws qf::Error on inconsistent settings (window >= budget, ratio outside [0, 1), ...).
-  // n_kv_heads 0: per-KV-head weights are not accepted.
-  void validate(int n_layers, int n_kv_heads = 0) const;
+  void validate(int n_layers) const;
 };
 
 struct CompressionStats {
@@ -58,20 +54,17 @@ class Compressor {
   }
   AttentionStats needs() const { return policy_->needs(options_); }
 
-  // The model's layers, one entry each: exempt[l] leaves layer l alone (a sliding window); and
-  // their KV heads, to read per-KV-head budget weights. Sessions call it before sizing their cache.
-  void configure_layers(std::vector<bool> exempt, int n_kv_heads);
+  // exempt[l]: leave layer l alone.
+  void exempt_layers(std::vector<bool> exempt) { exempt_ = std::move(exempt); }
   bool compresses(int layer) const;
 
-  // Tokens head (layer, kv_head) must be able to hold at once, when at most `max_step` tokens
-  // are appended between compressions and a sequence is at most `n_ctx` long; without kv_head,
-  // the most any head of the layer needs.
-  int capacity(int layer, int kv_head, int n_ctx, int max_step) const;
+  // Tokens each head of `layer` must be able to hold at once, when at most `max_step` tokens
+  // are appended between compressions and a sequence is at most `n_ctx` long.
   int capacity(int layer, int n_ctx, int max_step) const;
-  // w / mean of w over the compressed heads (1 without layer_weights).
-  double head_share(int layer, int kv_head) const;
-  // Streaming budget of a head: round(budget x head_share), at least window + 1.
-  int head_budget(int layer, int kv_head) const;
+  // w_l / mean of w over the compressed layers (1 without layer_weights).
+  double layer_share(int layer) const;
+  // Streaming budget of `layer`: round(budget x layer_share), at least window + 1.
+  int layer_budget(int layer) const;
 
   // Streaming: call after every forward step.
   void after_step(Cache& cache);
@@ -81,9 +74,6 @@ class Compressor {
   // Keeps, in each head of `layer`, the `keep_recent` newest slots plus the top-scored
   // `target - keep_recent` older ones (ties: the newer slot wins). Exposed for tests.
   void compress_layer(Cache& cache, int layer, int target, int keep_recent);
-  // The same with one target per KV head (a head at or under its target is left alone), each
-  // keeping min(keep_recent, its target) newest slots.
-  void compress_layer(Cache& cache, int layer, std::span<const int> targets, int keep_recent);
 
  private:
   std::unique_ptr<Policy> policy_;
@@ -91,13 +81,7 @@ class Compressor {
   CompressionConfig config_;
   CompressionStats stats_;
   std::vector<std::vector<float>> scores_;  // reused between calls
-  // head_share of every (layer, KV head), [l * share_heads_ + h] (share_heads_ 1: per-layer
-  // weights); empty without weights. Rebuilt when the layers are configured.
-  void compute_shares();
-  std::vector<double> shares_;
-  int share_heads_ = 1;
-  int n_kv_heads_ = 0;  // 0 until configure_layers
-  std::vector<int> order_, keep_, targets_;
+  std::vector<int> order_, keep_;
   std::vector<bool> exempt_;
 };
 

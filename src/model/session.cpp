@@ -66,10 +66,10 @@ Session::Session(const Model& model, SessionOptions opt)
   }
   kv::AttentionStats stats;
   if (compressor_) {
-    compressor_->config().validate(c.n_layers, c.n_kv_heads);
+    compressor_->config().validate(c.n_layers);
     std::vector<bool> local(c.n_layers);
     for (int l = 0; l < c.n_layers; ++l) local[l] = c.layers[l].local();
-    compressor_->configure_layers(local, c.n_kv_heads);  // a sliding window already bounds them
+    compressor_->exempt_layers(local);  // a sliding window already bounds them
     stats = compressor_->needs();
   }
   const std::vector<int> capacity = cache_capacity(model, compressor_.get(), n_ctx_, n_batch_);

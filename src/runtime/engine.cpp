@@ -17,10 +17,10 @@ kv::KvTypes kv_types(const ModelOptions& o) {
 
 std::vector<float> parse_layer_weights(const std::string& spec, const calib::Filters* stats) {
   if (spec.empty()) return {};
-  if (spec == "spread" || spec == "spread-heads") {
+  if (spec == "spread") {
     if (!stats || !stats->has_query_stats())
-      fail("--layer-weights ", spec, " needs --filters with query statistics (qf calibrate --stats-rank N)");
-    return spec == "spread" ? calib::query_spread(*stats) : calib::query_spread_per_kv_head(*stats);
+      fail("--layer-weights spread needs --filters with query statistics (qf calibrate --stats-rank N)");
+    return calib::query_spread(*stats);
   }
   std::vector<float> w;
   for (size_t at = 0; at <= spec.size();) {
@@ -107,18 +107,18 @@ std::unique_ptr<kv::Compressor> Engine::make_compressor(const KvOptions& kv) {
   cc.skip_layers = kv.skip_layers;
   cc.layer_weights = layer_weights(kv);
   const ModelConfig& c = model_->config();
-  cc.validate(c.n_layers, c.n_kv_heads);
+  cc.validate(c.n_layers);
   auto comp = std::make_unique<kv::Compressor>(kv::make_policy(kv.policy, po), po, cc);
   // As the session will: sliding-window layers keep their window, so per-layer budgets share the
   // total among the others, here too (session_kv_bytes sizes caches from this compressor).
   std::vector<bool> local(c.n_layers);
   for (int l = 0; l < c.n_layers; ++l) local[l] = c.layers[l].local();
-  comp->configure_layers(std::move(local), c.n_kv_heads);
+  comp->exempt_layers(std::move(local));
   return comp;
 }
 
 std::vector<float> Engine::layer_weights(const KvOptions& kv) {
-  if (kv.layer_weights != "spread" && kv.layer_weights != "spread-heads") return parse_layer_weights(kv.layer_weights, nullptr);
+  if (kv.layer_weights != "spread") return parse_layer_weights(kv.layer_weights, nullptr);
   return parse_layer_weights(kv.layer_weights, kv.filters.empty() ? nullptr : &filters(kv));
 }
 

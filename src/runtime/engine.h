@@ -41,9 +41,8 @@ struct KvOptions {
   int evict_every = 1;
   float ratio = 0.0f;
   int skip_layers = 0;
-  // Budgets at equal total (kv::CompressionConfig::layer_weights): "" = uniform, "spread"
-  // (calib::query_spread of the --filters file), "spread-heads" (per KV head), or one weight per
-  // layer (or per layer and KV head), comma-separated.
+  // Per-layer budgets at equal total (kv::CompressionConfig::layer_weights): "" = uniform, "spread"
+  // (calib::query_spread of the --filters file) or one weight per layer, comma-separated.
   std::string layer_weights;
   uint64_t seed = 0;
   // At the end of the context: "keep" counting positions, or "shift" them (see PositionMode).
@@ -56,10 +55,9 @@ struct KvOptions {
 };
 
 // The weights a --layer-weights spec names: {} for "" (uniform), calib::query_spread(*stats) for
-// "spread" and calib::query_spread_per_kv_head(*stats) for "spread-heads" (stats: the filter file,
-// null without one), else the comma-separated numbers. Throws a one-line qf::Error for a malformed
-// number or "spread(-heads)" without query statistics; the count and signs are checked by
-// kv::CompressionConfig::validate.
+// "spread" (stats: the filter file, null without one), else the comma-separated numbers. Throws a
+// one-line qf::Error for a malformed number or "spread" without query statistics; the count and
+// signs are checked by kv::CompressionConfig::validate.
 std::vector<float> parse_layer_weights(const std::string& spec, const calib::Filters* stats);
 // The spec of explicit weights that parse_layer_weights reads back exactly ("" for none).
 std::string format_layer_weights(const std::vector<float>& weights);
