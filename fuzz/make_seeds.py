@@ -80,7 +80,7 @@ GGML_ROW = {0: lambda d: 4 * d, 1: lambda d: 2 * d, 30: lambda d: 2 * d, 8: lamb
 
 def state_file(*, types=(0, 0), policy="none", params=(0, 0, 0, 0.0, 0, 0, 0, 0, 0), filters_hash="",
                stats=(False, False, 0, False, False), n_past=6, prompt_end=None, tokens=True, policy_state="", keep=None,
-               n_layers=2, n_kv_heads=2, head_dim=32, version=3, query_recent=0):
+               n_layers=2, n_kv_heads=2, head_dim=32, version=4, query_recent=0, layer_weights=()):
     rng = np.random.default_rng(len(policy) + n_past)
     i64 = lambda v: struct.pack("<q", v)
     text = lambda t: struct.pack("<Q", len(t.encode())) + t.encode()
@@ -94,6 +94,8 @@ def state_file(*, types=(0, 0), policy="none", params=(0, 0, 0, 0.0, 0, 0, 0, 0,
     body += struct.pack("<BB", accumulate, last_query) + i64(stats_window) + struct.pack("<BB", query_moments, key_scores)
     if version >= 3:  # the recent-query horizon (qfilters_adaptive); version 2 had none
         body += i64(query_recent)
+    if version >= 4:  # per-layer budget weights, length-prefixed (0 = uniform); version 3 had none
+        body += struct.pack("<Q", len(layer_weights)) + struct.pack(f"<{len(layer_weights)}f", *layer_weights)
     body += i64(n_past) + i64(prompt_end) + i64(3 * n_past) + i64(7) + i64(2)
     toks = list(range(10, 10 + n_past)) if tokens else []
     body += struct.pack("<Q", len(toks)) + struct.pack(f"<{len(toks)}i", *toks) + text(policy_state)
@@ -188,7 +190,7 @@ def main():
     write_filters(os.path.join(out, "filter_file", "wrong_shape.safetensors"), ours, shape=(3, 2, 4))
 
     # State files: valid_* must decode (tests/fuzz_replay_test.cpp checks it) and encode back to the
-    # same bytes; version2_* (an older version) must decode; the others must not.
+    # same bytes; version2_* and version3_* (older versions) must decode; the others must not.
     st = os.path.join(out, "state_file")
     write(os.path.join(st, "valid_full_f32.qfstate"), state_file(n_past=4))
     write(os.path.join(st, "valid_h2o_q8_q4.qfstate"),
@@ -210,6 +212,18 @@ def main():
     write(os.path.join(st, "valid_qfilters_adaptive.qfstate"),
           state_file(policy="qfilters_adaptive", params=(3, 1, 1, 0.0, 0, 0, 4, 64, 5), filters_hash="0011223344556677",
                      stats=(False, False, 0, False, False), keep=3, head_dim=8, query_recent=16))
+    write(os.path.join(st, "valid_tova_layer_weights.qfstate"),
+          state_file(policy="tova", params=(3, 1, 1, 0.0, 0, 0, 4, 64, 5), stats=(False, True, 0, False, False), keep=3,
+                     layer_weights=(1.5, 0.5)))
+    write(os.path.join(st, "version3_qfilters_adaptive.qfstate"),
+          state_file(policy="qfilters_adaptive", params=(3, 1, 1, 0.0, 0, 0, 4, 64, 5), filters_hash="0011223344556677",
+                     stats=(False, False, 0, False, False), keep=3, head_dim=8, query_recent=16, version=3))
+    write(os.path.join(st, "bad_layer_weight_count.qfstate"),
+          state_file(policy="tova", params=(3, 1, 1, 0.0, 0, 0, 4, 64, 5), stats=(False, True, 0, False, False), keep=3,
+                     layer_weights=(1.0, 1.0, 1.0)))
+    write(os.path.join(st, "bad_layer_weight_zero.qfstate"),
+          state_file(policy="tova", params=(3, 1, 1, 0.0, 0, 0, 4, 64, 5), stats=(False, True, 0, False, False), keep=3,
+                     layer_weights=(1.0, 0.0)))
     write(os.path.join(st, "version2_expected_attention.qfstate"),
           state_file(policy="expected_attention", params=(3, 1, 1, 0.0, 0, 0, 4, 64, 5), stats=(False, False, 0, True, False),
                      keep=3, head_dim=8, version=2))

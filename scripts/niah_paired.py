@@ -1,31 +1,35 @@
 #!/usr/bin/env python3
 """Paired comparison of two policies' needle answers on the same prompts (qf eval niah logs).
 
-    scripts/niah_paired.py A.jsonl:POLICY_A B.jsonl:POLICY_B [--lengths 1024,2048] [--compressions 4,8]
+    scripts/niah_paired.py A.jsonl[,A2.jsonl...]:POLICY_A B.jsonl[,...]:POLICY_B [--lengths 1024,2048] [--compressions 4,8]
 
 Pairs the cells of equal (length, depth, seed, digits, skip, compression); prints, per length and
 over all, how many needles each policy finds, how many only one of them finds (wins / losses), the
-two-sided exact sign test's p over those, and the mean difference of partial credit. The logs may
+two-sided exact sign test's p over those, and the mean difference of partial credit (over all
+cells also its 95% paired-bootstrap interval: 4,000 resamples of the prompts, seed 1). Several logs
+per side (comma-separated: runs of other seeds) are pooled. The logs may
 come from different runs (e.g. a new policy against an earlier baseline) as long as the prompts
 agree: the needle number is checked.
 """
 import argparse
 import json
 import math
+import random
 
 
 def load(spec):
-    path, policy = spec.rsplit(":", 1)
+    paths, policy = spec.rsplit(":", 1)
     cells = {}
-    with open(path) as f:
-        for line in f:
-            r = json.loads(line)
-            if r.get("policy") != policy:
-                continue
-            key = (r["length"], r["depth_index"], r["seed"], r["digits"], r["skip_layers"], r["compression"])
-            cells[key] = r
+    for path in paths.split(","):
+        with open(path) as f:
+            for line in f:
+                r = json.loads(line)
+                if r.get("policy") != policy:
+                    continue
+                key = (r["length"], r["depth_index"], r["seed"], r["digits"], r["skip_layers"], r["compression"])
+                cells[key] = r
     if not cells:
-        raise SystemExit(f"{path}: no cells of policy {policy}")
+        raise SystemExit(f"{paths}: no cells of policy {policy}")
     return policy, cells
 
 
@@ -36,6 +40,14 @@ def sign_test(wins, losses):
     k = min(wins, losses)
     p = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
     return min(1.0, 2 * p)
+
+
+def bootstrap_interval(diffs, resamples=4000, seed=1):
+    """95% percentile interval of the mean of `diffs` over resamples of them."""
+    rng = random.Random(seed)
+    n = len(diffs)
+    means = sorted(sum(diffs[rng.randrange(n)] for _ in range(n)) / n for _ in range(resamples))
+    return means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]
 
 
 def main():
@@ -64,7 +76,11 @@ def main():
         wins = sum(a[k]["correct"] and not b[k]["correct"] for k in ks)
         losses = sum(b[k]["correct"] and not a[k]["correct"] for k in ks)
         dp = sum(a[k]["partial"] - b[k]["partial"] for k in ks) / len(ks)
-        print(f"{g:<12} {len(ks):>3} {fa:>24} {fb:>24} {wins:>5} {losses:>6} {sign_test(wins, losses):>6.3f} {dp:>+12.2f}")
+        interval = ""
+        if g == "all":
+            lo, hi = bootstrap_interval([a[k]["partial"] - b[k]["partial"] for k in ks])
+            interval = f" [{lo:+.2f}, {hi:+.2f}]"
+        print(f"{g:<12} {len(ks):>3} {fa:>24} {fb:>24} {wins:>5} {losses:>6} {sign_test(wins, losses):>6.3f} {dp:>+12.2f}{interval}")
 
 
 if __name__ == "__main__":

@@ -164,4 +164,31 @@ TEST(Cli, SaveAndLoadState) {
   std::filesystem::remove(state);
 }
 
+// --layer-weights in qf run and bench: a state saved with per-layer budgets restores under the
+// same weights only; a wrong count, or 'spread' without query statistics, is one clear line.
+TEST(Cli, LayerWeights) {
+  std::string weights;  // SmolLM2's 30 layers: the first half keeps twice what the second keeps
+  for (int l = 0; l < 30; ++l) weights += (l ? "," : "") + std::string(l < 15 ? "2" : "1");
+  const std::string state = qf::test::temp_file("layers.qfstate");
+  const std::string kv = " -t 1 -c 256 --kv-policy knorm --kv-budget 16 --kv-window 4";
+  const CliResult saved = run_qf("run -m " + model() + kv + " --layer-weights " + weights +
+                                 " -p 'The capital of France is Paris. The capital of Italy is' -n 0 --save-state " + state);
+  ASSERT_EQ(saved.exit_code, 0) << saved.err;
+  const CliResult loaded = run_qf("run -m " + model() + kv + " --layer-weights " + weights + " --load-state " + state +
+                                  " -p ' Rome.' -n 2 --temp 0");
+  ASSERT_EQ(loaded.exit_code, 0) << loaded.err;
+  EXPECT_NE(loaded.err.find("state: restored 12 positions"), std::string::npos) << loaded.err;
+  expect_clean_failure(run_qf("run -m " + model() + kv + " --load-state " + state + " -p x -n 1"),
+                       "saved with per-layer budget weights 2,2,");
+  std::filesystem::remove(state);
+  expect_clean_failure(run_qf("run -m " + model() + kv + " --layer-weights 1,2 -p x -n 1"),
+                       "--layer-weights: 2 weights for a model of 30 layers");
+  expect_clean_failure(run_qf("run -m " + model() + kv + " --layer-weights spread -p x -n 1"),
+                       "--layer-weights spread needs --filters with query statistics");
+  const CliResult bench = run_qf("bench -m " + model() + " -p 16 -n 4 -r 1 -t 1 --json --kv-policy knorm --kv-budget 8 "
+                                 "--kv-window 2 --layer-weights " + weights);
+  ASSERT_EQ(bench.exit_code, 0) << bench.err;
+  EXPECT_NE(bench.out.find("\"kv_layer_weights\":\"" + weights + "\""), std::string::npos) << bench.out;
+}
+
 }  // namespace

@@ -98,11 +98,19 @@ TEST(FuzzReplay, StateFileSeedsFromThePythonEncoder) {
     const std::vector<uint8_t> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
     const std::string name = entry.path().filename().string();
     SCOPED_TRACE(name);
-    if (name.rfind("version2_", 0) == 0) {  // the previous version still reads, with no recent queries
+    if (name.rfind("version2_", 0) == 0) {  // an older version still reads, with no recent queries
       const qf::kv::SessionState s = qf::kv::decode_state(bytes, name);
+      EXPECT_EQ(s.version, 2u);
       EXPECT_EQ(s.config.stats.query_recent, 0);
       EXPECT_EQ(s.query_moments.size(), s.config.stats.query_moments ? static_cast<size_t>(s.config.n_layers) : 0u);
       for (const qf::kv::QueryMoments& m : s.query_moments) EXPECT_TRUE(m.recent.empty());
+      EXPECT_EQ(qf::kv::encode_state(s), bytes);  // in its own version
+      ++valid;
+    } else if (name.rfind("version3_", 0) == 0) {  // the previous version: uniform budgets
+      const qf::kv::SessionState s = qf::kv::decode_state(bytes, name);
+      EXPECT_EQ(s.version, 3u);
+      EXPECT_GT(s.config.stats.query_recent, 0);
+      EXPECT_TRUE(s.config.layer_weights.empty());
       EXPECT_EQ(qf::kv::encode_state(s), bytes);  // in its own version
       ++valid;
     } else if (name.rfind("valid_", 0) == 0) {
@@ -124,13 +132,17 @@ TEST(FuzzReplay, StateFileSeedsFromThePythonEncoder) {
         EXPECT_EQ(m.outer.size(), s.config.stats.query_moments ? per_head * m.head_dim : 0u);
         EXPECT_EQ(m.recent.size(), s.config.stats.query_recent > 0 ? per_head : 0u);
       }
+      EXPECT_EQ(s.version, qf::kv::kStateVersion);
+      // Per-layer budget weights: none (uniform), or one per layer as written.
+      if (name == "valid_tova_layer_weights.qfstate") EXPECT_EQ(s.config.layer_weights, (std::vector<float>{1.5f, 0.5f}));
+      else EXPECT_TRUE(s.config.layer_weights.empty());
       EXPECT_EQ(qf::kv::encode_state(s), bytes);  // reads back what was written
       ++valid;
     } else {
       EXPECT_THROW(qf::kv::decode_state(bytes, name), qf::Error);
     }
   }
-  EXPECT_EQ(valid, 10);
+  EXPECT_EQ(valid, 12);
 }
 
 }  // namespace

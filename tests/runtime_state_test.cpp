@@ -208,6 +208,36 @@ void every_policy_and_type(const std::string& fixture) {
   }
 }
 
+// Per-layer budgets: each layer's heads hold their own budget; saved and restored, the session
+// continues bit-identically (streaming and prefill compression, several policies).
+TEST(SessionState, PerLayerBudgetsContinueBitIdentically) {
+  auto m = Model::load(test::fixture("llama_f32_gqa_tied.gguf"));
+  for (const std::string policy : {"knorm", "tova", "h2o", "qfilters_adaptive+layer", "random"}) {
+    SCOPED_TRACE(policy);
+    KvSetup s;
+    s.policy = policy;
+    s.budget = 30;
+    s.layer_weights = {2.0f, 1.0f, 0.5f};  // budgets 51, 26, 13 (mean weight 7/6)
+    expect_round_trip(*m, s);
+  }
+  {  // the weights really size the caches: budget + one prefill chunk (n_batch 16) per layer
+    KvSetup s;
+    s.policy = "knorm";
+    s.budget = 30;
+    s.layer_weights = {2.0f, 1.0f, 0.5f};
+    ThreadPool pool(1);
+    auto session = make_session(*m, s, pool, make_policy_data(m->config()));
+    EXPECT_EQ(session->cache().capacity(0), 51 + 16);
+    EXPECT_EQ(session->cache().capacity(1), 26 + 16);
+    EXPECT_EQ(session->cache().capacity(2), 13 + 16);
+  }
+  KvSetup ratio;
+  ratio.policy = "snapkv";
+  ratio.ratio = 0.5f;
+  ratio.layer_weights = {1.0f, 1.0f, 0.5f};
+  expect_round_trip(*m, ratio);
+}
+
 TEST(SessionState, EveryPolicyAndTypeContinuesBitIdentically) { every_policy_and_type("llama_f32_gqa_tied.gguf"); }
 TEST(SessionState, SlidingWindowModelContinuesBitIdentically) { every_policy_and_type("gemma3_f32_mqa_tied.gguf"); }
 
@@ -228,15 +258,17 @@ TEST(SessionState, KvOptionsRoundTripThroughTheStateHeader) {
   random.policy = "random", random.seed = 7, random.cache_type_k = "", random.cache_type_v = "f32";
   runtime::KvOptions snap;
   snap.policy = "snapkv", snap.ratio = 0.5f;
-  for (const runtime::KvOptions& kv : {runtime::KvOptions{}, knorm, random, snap}) {
+  runtime::KvOptions weighted = knorm;
+  weighted.layer_weights = "0.5,1.25,3";
+  for (const runtime::KvOptions& kv : {runtime::KvOptions{}, knorm, random, snap, weighted}) {
     SCOPED_TRACE(kv.policy);
     const kv::StateConfig c = runtime::state_config(*engine.new_session(kv), fp);
     EXPECT_EQ(c.stats.key_scores, kv.policy == "knorm");
-    EXPECT_EQ(runtime::kv_options_for_state(c, runtime::KvOptions{}, engine.options(), "s"), kv);
+    EXPECT_EQ(runtime::kv_options_for_state(c, runtime::KvOptions{}, engine, "s"), kv);
   }
   kv::StateConfig with_filters = runtime::state_config(*engine.new_session(knorm), fp);
   with_filters.filters_hash = "00112233aabbccdd";
-  EXPECT_THROW(runtime::kv_options_for_state(with_filters, {}, engine.options(), "s"), Error);
+  EXPECT_THROW(runtime::kv_options_for_state(with_filters, {}, engine, "s"), Error);
 }
 
 TEST(SessionState, Crc32MatchesZlib) {
@@ -323,20 +355,40 @@ TEST_F(StateErrors, ForeignPolicyTypesAndShapes) {
   expect_refused(bytes_, other, "this session uses a full cache");
 }
 
-// Per-layer budgets are an evaluation setting the state format does not pin: saving is refused
-// rather than writing a state that would restore under uniform budgets.
-TEST_F(StateErrors, PerLayerBudgetsAreNotSaved) {
+// A state pins its per-layer budget weights: restoring it under uniform budgets, or other weights,
+// is refused (the heads would hold more than their budgets, or evict differently).
+TEST_F(StateErrors, OtherLayerWeights) {
   KvSetup uneven = setup_;
-  uneven.layer_weights.assign(model_->config().n_layers, 1.0f);
-  uneven.layer_weights[0] = 2.0f;
+  uneven.layer_weights = {2.0f, 1.0f, 0.5f};
   auto s = make_session(*model_, uneven, pool_, data_);
   s->prefill(tokens(3, 60, model_->config().n_vocab));
-  try {
-    runtime::capture_state(*s, fp_, {});
-    ADD_FAILURE() << "saved";
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("per-layer budgets"), std::string::npos) << e.what();
-  }
+  const std::vector<uint8_t> bytes = kv::encode_state(runtime::capture_state(*s, fp_, {}));
+  EXPECT_EQ(kv::decode_state(bytes, "s").config.layer_weights, uneven.layer_weights);
+  expect_refused(bytes, setup_, "saved with per-layer budget weights 2,1,0.5; this session uses uniform budgets");
+  KvSetup other = uneven;
+  other.layer_weights = {1.0f, 1.0f, 2.0f};
+  expect_refused(bytes, other, "this session uses per-layer budget weights 1,1,2 (--layer-weights)");
+  expect_refused(bytes_, uneven, "saved with uniform budgets; this session uses per-layer budget weights 2,1,0.5");
+}
+
+// A version 3 file (before layer weights) still restores, and the older version cannot carry them.
+TEST_F(StateErrors, Version3StillRestores) {
+  kv::SessionState st = kv::decode_state(bytes_, "s");
+  EXPECT_EQ(st.version, kv::kStateVersion);
+  st.version = 3;
+  const std::vector<uint8_t> v3 = kv::encode_state(st);
+  EXPECT_EQ(v3.size(), bytes_.size() - sizeof(uint64_t));  // no layer-weight count
+  const kv::SessionState back = kv::decode_state(v3, "s");
+  EXPECT_EQ(back.version, 3u);
+  EXPECT_TRUE(back.config.layer_weights.empty());
+  const int V = model_->config().n_vocab;
+  auto restored = make_session(*model_, setup_, pool_, data_);
+  auto original = make_session(*model_, setup_, pool_, data_);
+  runtime::restore_state(*restored, back, fp_, "s");
+  runtime::restore_state(*original, kv::decode_state(bytes_, "s"), fp_, "s");
+  expect_bit_identical(continue_from(*original, tokens(6, 9, V), 4), continue_from(*restored, tokens(6, 9, V), 4));
+  st.config.layer_weights = {1.0f, 2.0f, 1.0f};
+  EXPECT_THROW(kv::encode_state(st), Error);
 }
 
 TEST_F(StateErrors, ForeignModel) {

@@ -31,7 +31,7 @@ TEST(ServerProtocol, ChatRequestWithEveryField) {
     "max_tokens": 12, "temperature": 0.5, "top_p": 0.9, "top_k": 7, "min_p": 0.1, "seed": 3,
     "presence_penalty": 0.5, "frequency_penalty": -0.5, "repeat_penalty": 1.1, "stop": ["\n\n", "END"],
     "stream": true, "stream_options": {"include_usage": true}, "n": 1, "logprobs": false,
-    "kv_policy": "knorm", "kv_budget": 64, "kv_window": 8, "kv_positions": "keep"})", true);
+    "kv_policy": "knorm", "kv_budget": 64, "kv_window": 8, "kv_positions": "keep", "kv_layer_weights": [1, 2.5, 3]})", true);
   ASSERT_EQ(r.messages.size(), 2u);
   EXPECT_EQ(r.messages[1].content, "hi there");
   EXPECT_EQ(r.max_tokens, 12);
@@ -49,6 +49,24 @@ TEST(ServerProtocol, ChatRequestWithEveryField) {
   EXPECT_EQ(r.kv->budget, 64);
   EXPECT_EQ(r.kv->window, 8);
   EXPECT_EQ(r.kv->positions, "keep");  // checked against keep | shift at admission
+  EXPECT_EQ(r.kv->layer_weights, "1,2.5,3");  // --layer-weights' spelling; the count is checked at admission
+}
+
+TEST(ServerProtocol, LayerWeightsPerRequest) {
+  runtime::KvOptions server;
+  server.policy = "qfilters";
+  server.layer_weights = "spread";
+  auto kv = [&](const char* body) { return parse_completion(json::parse(body), false, {}, server).kv; };
+  EXPECT_FALSE(kv(R"({"prompt": "x"})").has_value());  // the server's own, "spread" included
+  EXPECT_EQ(kv(R"({"prompt": "x", "kv_budget": 64})")->layer_weights, "spread");
+  EXPECT_EQ(kv(R"({"prompt": "x", "kv_layer_weights": "1,2"})")->layer_weights, "1,2");
+  EXPECT_EQ(kv(R"({"prompt": "x", "kv_layer_weights": [0.5, 1e-3]})")->layer_weights, "0.5,0.00100000005");
+  EXPECT_EQ(kv(R"({"prompt": "x", "kv_policy": "none"})")->layer_weights, "");  // a full cache has no budgets
+  expect_bad(R"({"prompt": "x", "kv_layer_weights": []})", "kv_layer_weights");
+  expect_bad(R"({"prompt": "x", "kv_layer_weights": [1, -1]})", "kv_layer_weights");
+  expect_bad(R"({"prompt": "x", "kv_layer_weights": [1, 1e300]})", "kv_layer_weights");
+  expect_bad(R"({"prompt": "x", "kv_layer_weights": [1, "2"]})", "kv_layer_weights");
+  expect_bad(R"({"prompt": "x", "kv_layer_weights": 5})", "kv_layer_weights");
 }
 
 TEST(ServerProtocol, DefaultsComeFromTheServer) {

@@ -159,5 +159,38 @@ TEST_F(SchedulerThreads, EraseIsVisibleAtOnce) {
   EXPECT_EQ(sched.metrics().kv_bytes_reserved, 0);
 }
 
+// Per-layer budgets: /slots and /metrics report what the session's per-layer caches reserve, which
+// is what admission charged and, at equal total, what uniform budgets reserve.
+TEST(SchedulerMemory, LayerWeightsReportTheirOwnKvBytes) {
+  // -b 8: caches hold budget + 8 tokens, well below the context, so budgets decide their size.
+  runtime::Engine engine(runtime::ModelOptions{
+      .model = test::fixture("llama_f32_gqa_tied.gguf"), .n_ctx = kContext, .n_threads = 1, .n_batch = 8});
+  const Tokenizer tok = Tokenizer::from_gguf(engine.model().file());
+  SchedulerOptions so;
+  so.n_slots = 1;
+  Scheduler sched(engine, tok, so);
+  CompletionRequest r;
+  r.max_tokens = 6;
+  r.ignore_eos = true;
+  r.sampling.temperature = 0;
+  r.prompt_tokens = {5, 17, 40, 41, 99, 100, 7, 8, 9, 12, 13, 14};
+  runtime::KvOptions kv;
+  kv.policy = "knorm";
+  kv.budget = 24;
+  kv.window = 4;
+  kv.layer_weights = "3,1,2";  // shared out as 36, 12, 24
+  r.kv = kv;
+  ASSERT_EQ(run_to_end(sched, std::move(r)), 6);
+  ASSERT_TRUE(sched.drain(std::chrono::seconds(30)));
+  const int64_t charged = engine.session_kv_bytes(kv);
+  EXPECT_EQ(charged, engine.new_session(kv)->cache().bytes_reserved());
+  EXPECT_EQ(sched.slots_json()[0]["kv_bytes_reserved"].get<int64_t>(), charged);
+  EXPECT_EQ(sched.metrics().kv_bytes_reserved, charged);
+  runtime::KvOptions uniform = kv;
+  uniform.layer_weights.clear();
+  EXPECT_EQ(charged, engine.session_kv_bytes(uniform));
+  EXPECT_LT(charged, engine.session_kv_bytes(runtime::KvOptions{}));
+}
+
 }  // namespace
 }  // namespace qf::server

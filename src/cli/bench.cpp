@@ -107,6 +107,7 @@ int bench(const BenchOptions& o) {
   j["peak_rss_mb"] = peak_rss_mib();
   j["kv_policy"] = o.kv.policy;
   j["kv_budget"] = o.kv.budget;
+  if (!o.kv.layer_weights.empty()) j["kv_layer_weights"] = o.kv.layer_weights;
   j["kv_bytes_used"] = kv_used;
   j["kv_bytes_full"] = kv_full;
   j["kv_bytes_reserved"] = s.cache().bytes_reserved();

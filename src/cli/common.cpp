@@ -64,6 +64,7 @@ void add_kv_options(CLI::App* app, KvOptions& o) {
   app->add_option("--kv-ratio", o.ratio, "prefill: fraction of the prompt's tokens evicted per head, in [0, 1)")->group("KV cache");
   app->add_option("--kv-skip-layers", o.skip_layers, "leave the first N layers uncompressed")
       ->check(CLI::NonNegativeNumber)->group("KV cache");
+  app->add_option("--layer-weights", o.layer_weights, kLayerWeightsHelp)->group("KV cache");
   app->add_option("--kv-seed", o.seed, "seed of the random policy")->group("KV cache");
   app->add_option("--kv-positions", o.positions,
                   "at the end of the context (-c): shift = forget the older half of the sequence after its first 4 "

@@ -26,6 +26,13 @@ struct SamplingFlags {
   SamplerOptions resolve() const;
 };
 
+// --layer-weights (qf eval and every subcommand with --kv-budget).
+inline constexpr const char* kLayerWeightsHelp =
+    "per-layer budgets at equal total: 'spread' (from the --filters file's query statistics: how much each "
+    "layer's queries vary; more needles found at the same memory, docs/results.md section 5) or one positive "
+    "weight per layer, comma-separated; compressed layer l keeps w_l / mean(w over the compressed layers) times "
+    "the uniform budget (or kept prefill tokens)";
+
 void add_model_options(CLI::App* app, ModelOptions& o, bool model_required = true);
 // argv with llama.cpp's several-letter one-dash flags (-ctk, -ctv, -np), which CLI11 would read
 // as bundled one-letter flags, spelled out as their long names.

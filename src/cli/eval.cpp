@@ -89,10 +89,7 @@ void add_common(CLI::App* cmd, CommonOptions& o) {
   cmd->add_option("--filter-horizon", o.filter_horizon,
                   "qfilters_adaptive: horizon in tokens of the recent queries' moving average (1 = the last query)")
       ->check(CLI::PositiveNumber)->capture_default_str();
-  cmd->add_option("--layer-weights", o.layer_weights,
-                  "per-layer budgets at equal total: 'spread' (from the --filters file's query statistics: how much "
-                  "each layer's queries vary) or one positive weight per layer, comma-separated; compressed layer l "
-                  "keeps w_l / mean(w over the compressed layers) times the uniform budget");
+  cmd->add_option("--layer-weights", o.layer_weights, kLayerWeightsHelp);
 }
 
 void add_ppl(CLI::App* cmd, eval::PplSettings& s) {
@@ -152,28 +149,6 @@ void apply_quick(const CLI::App* cmd, EvalOptions& o, const std::string& which) 
   }
 }
 
-// --layer-weights: "" (uniform), "spread" (calib::query_spread of the filter file) or numbers.
-std::vector<float> layer_weights(const std::string& spec, const calib::Filters& stats) {
-  if (spec.empty()) return {};
-  if (spec == "spread") {
-    if (!stats.has_query_stats()) fail("--layer-weights spread needs --filters with query statistics (qf calibrate --stats-rank N)");
-    return calib::query_spread(stats);
-  }
-  std::vector<float> w;
-  size_t at = 0;
-  while (at <= spec.size()) {
-    const size_t comma = std::min(spec.find(',', at), spec.size());
-    const std::string item = spec.substr(at, comma - at);
-    char* end = nullptr;
-    const float v = std::strtof(item.c_str(), &end);
-    if (item.empty() || end != item.c_str() + item.size())
-      fail("--layer-weights: '", item, "' is not a number (give 'spread' or comma-separated weights)");
-    w.push_back(v);
-    at = comma + 1;
-  }
-  return w;
-}
-
 // What every evaluation needs, loaded once.
 struct Setup {
   std::unique_ptr<Model> model;
@@ -216,7 +191,7 @@ Setup setup(const CommonOptions& o) {
   s.ctx.policy_options.ea_future_positions = o.future_positions;
   s.ctx.policy_options.filter_blend = o.filter_blend;
   s.ctx.policy_options.filter_horizon = o.filter_horizon;
-  s.ctx.layer_weights = layer_weights(o.layer_weights, s.query_stats);
+  s.ctx.layer_weights = runtime::parse_layer_weights(o.layer_weights, &s.query_stats);
   if (!s.ctx.layer_weights.empty()) kv::CompressionConfig{.layer_weights = s.ctx.layer_weights}.validate(c.n_layers);
   s.ctx.kv_types = kv_types(o.model);
   s.ctx.progress = !o.no_progress;

@@ -52,9 +52,11 @@ int serve(ServeOptions& o) {
   server::Server srv(engine, o.server);
   const int port = srv.bind();
   if (port < 0) fail("cannot listen on ", o.server.host, ":", o.server.port);
-  std::fprintf(stderr, "qf serve: http://%s:%d | %d slots, context %d, KV %s%s, %.1f MiB per session | %d threads, %s\n",
+  const std::string budget = o.kv.budget > 0 ? " budget " + std::to_string(o.kv.budget) : "";
+  const std::string weights = o.kv.layer_weights.empty() ? "" : " layer weights " + o.kv.layer_weights;
+  std::fprintf(stderr, "qf serve: http://%s:%d | %d slots, context %d, KV %s%s%s, %.1f MiB per session | %d threads, %s\n",
                o.server.host.c_str(), port, o.server.scheduler.n_slots, engine.n_ctx(), o.kv.policy.c_str(),
-               o.kv.budget > 0 ? (" budget " + std::to_string(o.kv.budget)).c_str() : "", per_session / 1048576.0,
+               budget.c_str(), weights.c_str(), per_session / 1048576.0,
                engine.pool().size(), simd_description().c_str());
   std::thread watcher([&] {
     int sig = 0;

@@ -1,6 +1,7 @@
 #include "kv/state_file.h"
 
 #include <bit>
+#include <cmath>
 #include <cstring>
 #include <limits>
 #include <type_traits>
@@ -111,6 +112,10 @@ void put_config(Writer& w, const StateConfig& c, uint32_t version) {
   w.put<uint8_t>(c.stats.query_moments);
   w.put<uint8_t>(c.stats.key_scores);
   if (version >= 3) w.put<int64_t>(c.stats.query_recent);
+  if (version >= 4) {
+    w.put<uint64_t>(c.layer_weights.size());
+    w.put_raw(c.layer_weights);
+  }
 }
 
 KvType get_type(Reader& r, const char* what, int head_dim) {
@@ -154,6 +159,13 @@ StateConfig get_config(Reader& r, uint32_t version) {
   c.stats.query_moments = get_flag(r, "query-moments flag");
   c.stats.key_scores = get_flag(r, "key-scores flag");
   if (version >= 3) c.stats.query_recent = r.get_int("recent-query horizon", 0, kMaxTokens);
+  if (version >= 4) {
+    const uint64_t n = r.get<uint64_t>("layer-weight count");
+    if (n != 0 && n != static_cast<uint64_t>(c.n_layers)) r.bad(n, " layer weights for ", c.n_layers, " layers");
+    r.get_raw(c.layer_weights, n, "layer weights");
+    for (float w : c.layer_weights)
+      if (!(w > 0.0f) || !std::isfinite(w)) r.bad("layer weight ", w, " is not positive and finite");
+  }
   return c;
 }
 
@@ -213,6 +225,7 @@ std::vector<uint8_t> encode_state(const SessionState& s) {
   if (s.heads.size() != static_cast<size_t>(c.n_layers) * c.n_kv_heads) fail("encode_state: one head state per (layer, KV head) expected");
   if (s.version < kOldestStateVersion || s.version > kStateVersion) fail("encode_state: unknown version ", s.version);
   if (s.version < 3 && c.stats.query_recent > 0) fail("encode_state: version ", s.version, " has no recent queries");
+  if (s.version < 4 && !c.layer_weights.empty()) fail("encode_state: version ", s.version, " has no layer weights");
   Writer w;
   w.bytes.resize(kStatePrefixBytes);
   put_config(w, c, s.version);

@@ -7,8 +7,8 @@
 // (a fingerprint of its architecture, tensor table and tokenizer), the KV storage types and
 // shapes, the policy and its parameters.
 //
-// Layout (little-endian), version 3 (version 2, still read, had no recent queries; version 1 no
-// key scores):
+// Layout (little-endian), version 4 (version 3, still read, had no per-layer budget weights;
+// version 2, still read, no recent queries either; version 1 no key scores):
 //   [0, 8)   magic "QFKVSTAT"
 //   [8, 12)  u32 version
 //   [12, 16) u32 reserved (0)
@@ -16,6 +16,7 @@
 //   [24, 28) u32 CRC-32 of the body
 //   [28, 32) u32 reserved (0)
 //   body: the SessionState fields in declaration order (strings and arrays length-prefixed),
+//         the config's layer weights as a u64 count (0: uniform budgets, else n_layers) and floats,
 //         then every head's n, keys, values, positions and kept statistics (attention sums,
 //         counts, last-query attention, key scores: the ones config.stats names), then (when the
 //         statistics include query moments or recent queries) per layer: n_heads, head_dim, count,
@@ -49,6 +50,7 @@ struct StateConfig {
   int n_sink = 0, snapkv_window = 0, snapkv_kernel = 0;
   std::string filters_hash;       // hash of what eviction reads from the filter file ("" without one)
   AttentionStats stats;           // the statistics the cache keeps per slot
+  std::vector<float> layer_weights;  // CompressionConfig::layer_weights (empty: uniform budgets)
 
   bool operator==(const StateConfig&) const = default;
 };
@@ -65,7 +67,7 @@ struct HeadState {
 };
 
 struct SessionState {
-  uint32_t version = 3;            // of the file it was read from; encode_state writes it back
+  uint32_t version = 4;            // of the file it was read from; encode_state writes it back
   StateConfig config;
   int n_past = 0;                  // positions read so far
   int prompt_end = 0;              // where the last prompt ended (snapkv's observation window)
@@ -78,7 +80,7 @@ struct SessionState {
 };
 
 inline constexpr char kStateMagic[8] = {'Q', 'F', 'K', 'V', 'S', 'T', 'A', 'T'};
-inline constexpr uint32_t kStateVersion = 3;  // = SessionState{}.version
+inline constexpr uint32_t kStateVersion = 4;  // = SessionState{}.version
 inline constexpr uint32_t kOldestStateVersion = 2;  // read as recent-query horizon 0
 inline constexpr size_t kStatePrefixBytes = 32;
 

@@ -1,6 +1,8 @@
 #include "runtime/engine.h"
 
+#include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <sstream>
 
 #include "calib/filter_file.h"
@@ -11,6 +13,38 @@ namespace qf::runtime {
 
 kv::KvTypes kv_types(const ModelOptions& o) {
   return {kv::parse_kv_type(o.cache_type_k), kv::parse_kv_type(o.cache_type_v)};
+}
+
+std::vector<float> parse_layer_weights(const std::string& spec, const calib::Filters* stats) {
+  if (spec.empty()) return {};
+  if (spec == "spread") {
+    if (!stats || !stats->has_query_stats())
+      fail("--layer-weights spread needs --filters with query statistics (qf calibrate --stats-rank N)");
+    return calib::query_spread(*stats);
+  }
+  std::vector<float> w;
+  for (size_t at = 0; at <= spec.size();) {
+    const size_t comma = std::min(spec.find(',', at), spec.size());
+    const std::string item = spec.substr(at, comma - at);
+    char* end = nullptr;
+    const float v = std::strtof(item.c_str(), &end);
+    if (item.empty() || end != item.c_str() + item.size())
+      fail("--layer-weights: '", item, "' is not a number (give 'spread' or comma-separated weights)");
+    w.push_back(v);
+    at = comma + 1;
+  }
+  return w;
+}
+
+std::string format_layer_weights(const std::vector<float>& weights) {
+  std::string spec;
+  char buf[32];
+  for (float w : weights) {
+    std::snprintf(buf, sizeof buf, "%.9g", static_cast<double>(w));  // 9 digits: a float reads back exactly
+    if (!spec.empty()) spec += ',';
+    spec += buf;
+  }
+  return spec;
 }
 
 Engine::Engine(const ModelOptions& options) : options_(options) {
@@ -48,7 +82,8 @@ std::unique_ptr<kv::Compressor> Engine::make_compressor(const KvOptions& kv) {
   if (kv.filters.empty() && (!kv.filter_layout.empty() || !kv.filter_sign.empty()))
     fail("--filter-layout and --filter-sign describe a --filters FILE, and none was given");
   if (kv.policy == "none") {
-    if (compress || !kv.filters.empty()) fail("--kv-budget, --kv-ratio and --filters need a --kv-policy (e.g. qfilters)");
+    if (compress || !kv.filters.empty() || !kv.layer_weights.empty())
+      fail("--kv-budget, --kv-ratio, --filters and --layer-weights need a --kv-policy (e.g. qfilters)");
     return nullptr;
   }
   if (!compress) fail("--kv-policy ", kv.policy, " needs --kv-budget and/or --kv-ratio");
@@ -70,8 +105,21 @@ std::unique_ptr<kv::Compressor> Engine::make_compressor(const KvOptions& kv) {
   cc.evict_every = kv.evict_every;
   cc.prefill_ratio = kv.ratio;
   cc.skip_layers = kv.skip_layers;
-  cc.validate(model_->config().n_layers);
-  return std::make_unique<kv::Compressor>(kv::make_policy(kv.policy, po), po, cc);
+  cc.layer_weights = layer_weights(kv);
+  const ModelConfig& c = model_->config();
+  cc.validate(c.n_layers);
+  auto comp = std::make_unique<kv::Compressor>(kv::make_policy(kv.policy, po), po, cc);
+  // As the session will: sliding-window layers keep their window, so per-layer budgets share the
+  // total among the others, here too (session_kv_bytes sizes caches from this compressor).
+  std::vector<bool> local(c.n_layers);
+  for (int l = 0; l < c.n_layers; ++l) local[l] = c.layers[l].local();
+  comp->exempt_layers(std::move(local));
+  return comp;
+}
+
+std::vector<float> Engine::layer_weights(const KvOptions& kv) {
+  if (kv.layer_weights != "spread") return parse_layer_weights(kv.layer_weights, nullptr);
+  return parse_layer_weights(kv.layer_weights, kv.filters.empty() ? nullptr : &filters(kv));
 }
 
 std::unique_ptr<Session> Engine::new_session(const KvOptions& kv, int n_ctx) {

@@ -41,6 +41,9 @@ struct KvOptions {
   int evict_every = 1;
   float ratio = 0.0f;
   int skip_layers = 0;
+  // Per-layer budgets at equal total (kv::CompressionConfig::layer_weights): "" = uniform, "spread"
+  // (calib::query_spread of the --filters file) or one weight per layer, comma-separated.
+  std::string layer_weights;
   uint64_t seed = 0;
   // At the end of the context: "keep" counting positions, or "shift" them (see PositionMode).
   std::string positions = "keep";
@@ -50,6 +53,14 @@ struct KvOptions {
 
   bool operator==(const KvOptions&) const = default;
 };
+
+// The weights a --layer-weights spec names: {} for "" (uniform), calib::query_spread(*stats) for
+// "spread" (stats: the filter file, null without one), else the comma-separated numbers. Throws a
+// one-line qf::Error for a malformed number or "spread" without query statistics; the count and
+// signs are checked by kv::CompressionConfig::validate.
+std::vector<float> parse_layer_weights(const std::string& spec, const calib::Filters* stats);
+// The spec of explicit weights that parse_layer_weights reads back exactly ("" for none).
+std::string format_layer_weights(const std::vector<float>& weights);
 
 // A model, the thread pool its sessions share, and the filter files loaded for them (each once).
 // Sessions made here borrow the pool: run them from one thread at a time.
@@ -71,6 +82,9 @@ class Engine {
   // Bytes of keys and values a session with these options reserves (what admission control
   // charges for it), without building one.
   int64_t session_kv_bytes(const KvOptions& kv, int n_ctx = 0);
+
+  // The per-layer weights kv.layer_weights names (loading the filter file for "spread").
+  std::vector<float> layer_weights(const KvOptions& kv);
 
  private:
   std::unique_ptr<kv::Compressor> make_compressor(const KvOptions& kv);

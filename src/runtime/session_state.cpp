@@ -88,6 +88,18 @@ std::string describe_policy(const kv::StateConfig& c) {
   return os.str();
 }
 
+// "uniform budgets" or "per-layer budget weights 1.2,0.81,..." (4 digits: for reading).
+std::string describe_budgets(const std::vector<float>& w) {
+  if (w.empty()) return "uniform budgets";
+  std::string out = "per-layer budget weights ";
+  char buf[32];
+  for (size_t l = 0; l < w.size(); ++l) {
+    std::snprintf(buf, sizeof buf, "%s%.4g", l ? "," : "", static_cast<double>(w[l]));
+    out += buf;
+  }
+  return out;
+}
+
 std::string describe_stats(const kv::AttentionStats& s) {
   return std::string("accumulate ") + (s.accumulate ? "on" : "off") + ", last query " + (s.last_query ? "on" : "off") +
          ", window " + std::to_string(s.window) + ", query moments " + (s.query_moments ? "on" : "off") +
@@ -107,7 +119,11 @@ void check_config(const kv::StateConfig& file, const kv::StateConfig& mine, std:
          "; this session stores ", kv::kv_type_name(mine.type_k), "/", kv::kv_type_name(mine.type_v), " (-ctk/-ctv)");
   kv::StateConfig a = file, b = mine;
   a.stats = b.stats = {};
+  a.layer_weights = b.layer_weights = {};
   if (a != b) fail(name, ": saved with ", describe_policy(file), "; this session uses ", describe_policy(mine));
+  if (file.layer_weights != mine.layer_weights)
+    fail(name, ": saved with ", describe_budgets(file.layer_weights), "; this session uses ",
+         describe_budgets(mine.layer_weights), " (--layer-weights)");
   if (!(file.stats == mine.stats))
     fail(name, ": saved with attention statistics (", describe_stats(file.stats), "); this session keeps (",
          describe_stats(mine.stats), ")");
@@ -176,8 +192,6 @@ kv::StateConfig state_config(const Session& s, const std::string& fingerprint) {
   if (const kv::Compressor* comp = s.compressor()) {
     const kv::CompressionConfig& cc = comp->config();
     const kv::PolicyOptions& po = comp->options();
-    // Only the evaluations set them; a state that did not pin them would restore under other budgets.
-    if (!cc.layer_weights.empty()) fail("a session with per-layer budgets (--layer-weights) cannot be saved");
     c.policy = std::string(comp->policy().name());
     c.budget = cc.budget;
     c.window = cc.window;
@@ -189,12 +203,13 @@ kv::StateConfig state_config(const Session& s, const std::string& fingerprint) {
     c.snapkv_window = po.snapkv_window;
     c.snapkv_kernel = po.snapkv_kernel;
     c.filters_hash = filters_hash(c.policy, po);
+    c.layer_weights = cc.layer_weights;
   }
   return c;
 }
 
-KvOptions kv_options_for_state(const kv::StateConfig& c, KvOptions kv, const ModelOptions& engine,
-                               std::string_view name) {
+KvOptions kv_options_for_state(const kv::StateConfig& c, KvOptions kv, Engine& engine, std::string_view name) {
+  const std::vector<float> base_weights = engine.layer_weights(kv);  // before the filter file may be dropped
   kv.policy = c.policy;
   if (c.policy == "none") {  // a full cache, as a request's "kv_policy": "none" spells it
     kv.budget = 0;
@@ -214,7 +229,10 @@ KvOptions kv_options_for_state(const kv::StateConfig& c, KvOptions kv, const Mod
   } else if (kv.filters.empty()) {
     fail(name, ": saved with Q-Filters (", c.filters_hash, "); start with the same --filters");
   }
-  ModelOptions types = engine;
+  // `base`'s spelling ("spread") where it gives the state's weights, else the numbers themselves.
+  if (base_weights != c.layer_weights || (kv.layer_weights == "spread" && kv.filters.empty()))
+    kv.layer_weights = format_layer_weights(c.layer_weights);
+  ModelOptions types = engine.options();
   if (!kv.cache_type_k.empty()) types.cache_type_k = kv.cache_type_k;
   if (!kv.cache_type_v.empty()) types.cache_type_v = kv.cache_type_v;
   const kv::KvTypes mine = kv_types(types);

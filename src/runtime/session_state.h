@@ -28,12 +28,12 @@ kv::StateConfig state_config(const Session& s, const std::string& model_fingerpr
 
 // The other direction: the KV options of a session that can restore a state saved with `c`.
 // They are `base` (e.g. a server's options, which name the filter file: the state pins only its
-// hash, checked when restoring) with the state's policy, parameters and storage types; a type is
-// named only where it differs from what `base` would store (its own name, else `engine`'s -ctk /
-// -ctv), so equal options compare equal. Throws qf::Error starting with `name` for a state saved with Q-Filters when `base` names
-// no filter file.
-KvOptions kv_options_for_state(const kv::StateConfig& c, KvOptions base, const ModelOptions& engine,
-                               std::string_view name);
+// hash, checked when restoring) with the state's policy, parameters, per-layer weights and storage
+// types; a type is named only where it differs from what `base` would store (its own name, else
+// `engine`'s -ctk / -ctv), and base's --layer-weights spelling is kept where it gives the state's
+// weights, so equal options compare equal. Throws qf::Error starting with `name` for a state saved
+// with Q-Filters when `base` names no filter file (or for base options `engine` refuses).
+KvOptions kv_options_for_state(const kv::StateConfig& c, KvOptions base, Engine& engine, std::string_view name);
 
 // The session's state; `tokens` are the tokens it has read (n_past of them, or none).
 kv::SessionState capture_state(const Session& s, const std::string& model_fingerprint,

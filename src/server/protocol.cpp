@@ -140,6 +140,23 @@ void check_unsupported(const json& body) {
     throw HttpError(400, "tool calls are not supported by this server", "invalid_request_error", "tools");
 }
 
+// kv_layer_weights: "spread", "w0,w1,..." or an array of numbers, as --layer-weights spells it
+// (counts and signs are checked with the other KV options, at admission).
+std::optional<std::string> get_layer_weights(const json& body, const char* key) {
+  const json* v = field(body, key);
+  if (!v) return std::nullopt;
+  if (v->is_string()) return v->get<std::string>();
+  if (!v->is_array() || v->empty()) bad(key, "must be \"spread\" or an array of per-layer weights");
+  std::vector<float> w;
+  for (const json& x : *v) {
+    if (!x.is_number()) bad(key, "must be \"spread\" or an array of per-layer weights");
+    const double d = x.get<double>();
+    if (!(d > 0) || !std::isfinite(static_cast<float>(d))) bad(key, "weights must be positive and finite");
+    w.push_back(static_cast<float>(d));
+  }
+  return runtime::format_layer_weights(w);
+}
+
 std::optional<runtime::KvOptions> parse_kv(const json& body, const runtime::KvOptions& server_kv) {
   runtime::KvOptions kv = server_kv;
   bool any = false;
@@ -149,9 +166,10 @@ std::optional<runtime::KvOptions> parse_kv(const json& body, const runtime::KvOp
   if (auto e = get_int(body, "kv_evict_every", 1, INT32_MAX)) kv.evict_every = static_cast<int>(*e), any = true;
   if (auto r = get_float(body, "kv_ratio", 0.0, 1.0)) kv.ratio = *r, any = true;
   if (auto s = get_int(body, "kv_skip_layers", 0, INT32_MAX)) kv.skip_layers = static_cast<int>(*s), any = true;
+  if (auto w = get_layer_weights(body, "kv_layer_weights")) kv.layer_weights = *w, any = true;
   if (auto p = get_string(body, "kv_positions")) kv.positions = *p, any = true;  // keep | shift, checked at admission
   if (!any) return std::nullopt;
-  if (kv.policy == "none") kv.budget = 0, kv.ratio = 0, kv.filters.clear();
+  if (kv.policy == "none") kv.budget = 0, kv.ratio = 0, kv.filters.clear(), kv.layer_weights.clear();
   return kv;
 }
 

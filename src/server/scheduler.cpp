@@ -223,7 +223,7 @@ Scheduler::SlotFileResult Scheduler::restore_slot(int id, const std::string& pat
       st = kv::decode_state(bytes, name);
       if (st.tokens.size() != static_cast<size_t>(st.n_past))
         fail(name, ": the state has no token history, which a server slot needs for prompt reuse");
-      kv = runtime::kv_options_for_state(st.config, opt_.kv, engine_.options(), name);
+      kv = runtime::kv_options_for_state(st.config, opt_.kv, engine_, name);
     } catch (const Error& e) {
       throw HttpError(400, e.what(), "invalid_request_error", "filename");
     }

@@ -228,6 +228,16 @@ class ServerTest(unittest.TestCase):
                                         {"prompt": "x", "kv_policy": "qfilters", "kv_budget": 32})
         self.assert_error(status, body, 400)
         self.assertIn("--filters", body["error"]["message"])
+        # Per-layer budgets per request (SmolLM2: 30 layers; the same total as a uniform 48).
+        weighted = self.api.completions.create(model=MODEL_ID, prompt="The history of the world, in brief:",
+                                               max_tokens=8, temperature=0,
+                                               extra_body={"kv_policy": "knorm", "kv_budget": 48, "kv_window": 8,
+                                                           "kv_layer_weights": [2] * 15 + [1] * 15})
+        self.assertEqual(weighted.usage.completion_tokens, 8)
+        status, body = self.srv.request("POST", "/v1/completions", {"prompt": "x", "kv_policy": "knorm",
+                                                                    "kv_budget": 32, "kv_layer_weights": [1, 2]})
+        self.assert_error(status, body, 400)
+        self.assertIn("--layer-weights: 2 weights for a model of 30 layers", body["error"]["message"])
 
     def test_bad_input(self):
         s = self.srv

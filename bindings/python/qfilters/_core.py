@@ -180,6 +180,11 @@ class KVConfig:
         evict_every: evict this many tokens at a time (amortises scoring).
         ratio: prefill compression: a prompt of T tokens keeps int(T * (1 - ratio)) per head.
         skip_layers: leave the first layers uncompressed.
+        layer_weights: per-layer budgets at the same total memory: "spread" (from the query
+            statistics of `filters`, a file made with ``qf calibrate --stats-rank N``: layers whose
+            queries vary more keep more; more needles found, docs/results.md section 5) or one
+            positive weight per layer; compressed layer l keeps w_l / mean(w) x budget tokens
+            (None = the same budget everywhere). Saved states pin them.
         seed: seed of the random policy.
         filter_layout, filter_sign: how to read a filter file not made by qf (published: "hf",
             "keep_smallest_dot").
@@ -194,6 +199,7 @@ class KVConfig:
     ratio: Optional[float] = None
     skip_layers: int = 0
     seed: int = 0
+    layer_weights: Union[str, Sequence[float], None] = None
     filter_layout: Optional[str] = None
     filter_sign: Optional[str] = None
     cache_type_k: Optional[str] = None
@@ -222,10 +228,12 @@ class KVConfig:
             raise ValueError(f"filter_layout must be 'gguf' or 'hf', got {self.filter_layout!r}")
         if self.filter_sign not in (None, "keep_largest_dot", "keep_smallest_dot"):
             raise ValueError(f"filter_sign must be 'keep_largest_dot' or 'keep_smallest_dot', got {self.filter_sign!r}")
+        self._check_layer_weights()
         compress = self.budget > 0 or bool(self.ratio)
         if self.policy == "none":
-            if compress or self.filters is not None:
-                raise ValueError("policy 'none' is a full cache: budget, ratio and filters need an eviction policy")
+            if compress or self.filters is not None or self.layer_weights is not None:
+                raise ValueError("policy 'none' is a full cache: budget, ratio, filters and layer_weights need an "
+                                 "eviction policy")
         else:
             if not compress:
                 raise ValueError(f"policy {self.policy!r} needs budget > 0 and/or ratio > 0")
@@ -233,6 +241,27 @@ class KVConfig:
                 raise ValueError("policy 'qfilters' needs filters (qfilters.calibrate(model) or a filter file)")
             if self.budget > 0 and self.window >= self.budget:
                 raise ValueError(f"window ({self.window}) must be smaller than budget ({self.budget})")
+
+    def _check_layer_weights(self) -> None:
+        w = self.layer_weights
+        if w is None or w == "spread":
+            if w == "spread" and self.filters is None:
+                raise ValueError("layer_weights='spread' needs filters with query statistics (qf calibrate --stats-rank N)")
+            return
+        if isinstance(w, (str, bytes)) or not isinstance(w, (Sequence, np.ndarray)) or len(w) == 0:
+            raise ValueError(f"layer_weights must be 'spread' or a sequence of per-layer weights, got {w!r}")
+        for x in w:
+            if isinstance(x, bool) or not isinstance(x, (int, float, np.integer, np.floating)) \
+                    or not math.isfinite(x) or x <= 0:
+                raise ValueError(f"layer_weights must be positive and finite, got {x!r}")
+        object.__setattr__(self, "layer_weights", tuple(float(x) for x in w))  # frozen: hashable
+
+    def _layer_weights_spec(self) -> str:
+        """The engine's spelling: "", "spread" or comma-separated weights (repr: exact)."""
+        w = self.layer_weights
+        if w is None:
+            return ""
+        return w if isinstance(w, str) else ",".join(repr(float(x)) for x in w)
 
     @classmethod
     def full(cls) -> "KVConfig":
@@ -254,6 +283,7 @@ class KVConfig:
             "evict_every": self.evict_every,
             "ratio": 0.0 if full or self.ratio is None else float(self.ratio),
             "skip_layers": self.skip_layers,
+            "layer_weights": "" if full else self._layer_weights_spec(),
             "seed": self.seed,
             "cache_type_k": self.cache_type_k or "",
             "cache_type_v": self.cache_type_v or "",

@@ -48,6 +48,7 @@ runtime::KvOptions kv_options(const nb::dict& d) {
   get("evict_every", kv.evict_every);
   get("ratio", kv.ratio);
   get("skip_layers", kv.skip_layers);
+  get("layer_weights", kv.layer_weights);
   get("seed", kv.seed);
   std::string ctk, ctv;
   get("cache_type_k", ctk);

@@ -94,6 +94,38 @@ def test_bad_files_raise_and_change_nothing(tiny, tmp_path):
                          n_ctx=192).load_state(good)
 
 
+def test_layer_weights_are_saved_and_pinned(tiny, tmp_path):
+    """Per-layer budgets: the caches follow the weights at the same total, a saved state continues
+    bit for bit under the same weights and is refused under uniform budgets."""
+    kv = qfilters.KVConfig(policy="tova", budget=24, window=4, layer_weights=[3, 1, 2])
+    assert kv.layer_weights == (3.0, 1.0, 2.0)
+    original = qfilters.Session(tiny, kv=kv, n_ctx=192)
+    uniform = qfilters.Session(tiny, kv=qfilters.KVConfig(policy="tova", budget=24, window=4), n_ctx=192)
+    doc = _doc(80, tiny.n_vocab)
+    original.prefill(doc)
+    uniform.prefill(doc)
+    assert original.kv_stats()["bytes_reserved"] == uniform.kv_stats()["bytes_reserved"]
+    held = [len(layer[0]) for layer in original.kv_positions()]
+    assert held == [36, 12, 24], held  # 24 x 3 / mean(3, 1, 2), 24 x 1 / 2, 24 x 2 / 2
+    original.save_state(tmp_path / "w.qfstate")
+    restored = qfilters.Session(tiny, kv=kv, n_ctx=192)
+    restored.load_state(tmp_path / "w.qfstate")
+    question = _doc(9, tiny.n_vocab, seed=2)
+    for a, b in zip(_continue(original, question), _continue(restored, question)):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(qfilters.Error, match="saved with per-layer budget weights 3,1,2; this session uses uniform"):
+        uniform.load_state(tmp_path / "w.qfstate")
+    with pytest.raises(qfilters.Error, match="2 weights for a model of 3 layers"):
+        qfilters.Session(tiny, kv=qfilters.KVConfig(policy="tova", budget=24, window=4, layer_weights=[1, 2]))
+    for bad in ([], [1, 0, 1], [1, float("nan"), 1], "1,2,3", [True, 1, 1]):
+        with pytest.raises(ValueError, match="layer_weights"):
+            qfilters.KVConfig(policy="tova", budget=24, window=4, layer_weights=bad)
+    with pytest.raises(ValueError, match="needs filters"):
+        qfilters.KVConfig(policy="tova", budget=24, window=4, layer_weights="spread")
+    with pytest.raises(ValueError, match="layer_weights"):
+        qfilters.KVConfig(policy="none", layer_weights=[1, 1, 1])
+
+
 def test_generate_then_save(tiny, tmp_path):
     """generate() records its tokens: the saved history is the prompt and what was fed back."""
     s = qfilters.Session(tiny, kv=qfilters.KVConfig.full(), n_ctx=192)
