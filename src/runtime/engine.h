@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "calib/filters.h"
+#include "runtime/layer_weights.h"
 #include "model/model.h"
 #include "kv/cache.h"
 #include "model/session.h"
@@ -54,13 +55,6 @@ struct KvOptions {
   bool operator==(const KvOptions&) const = default;
 };
 
-// The weights a --layer-weights spec names: {} for "" (uniform), calib::query_spread(*stats) for
-// "spread" (stats: the filter file, null without one), else the comma-separated numbers. Throws a
-// one-line qf::Error for a malformed number or "spread" without query statistics; the count and
-// signs are checked by kv::CompressionConfig::validate.
-std::vector<float> parse_layer_weights(const std::string& spec, const calib::Filters* stats);
-// The spec of explicit weights that parse_layer_weights reads back exactly ("" for none).
-std::string format_layer_weights(const std::vector<float>& weights);
 
 // A model, the thread pool its sessions share, and the filter files loaded for them (each once).
 // Sessions made here borrow the pool: run them from one thread at a time.
