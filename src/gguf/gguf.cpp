@@ -282,7 +282,6 @@ File::~File() {
 
 bool File::move_tensor_data_to_huge_pages() {
   if (anon_.data() != nullptr || !mapping_ || data_start_ >= size_) return anon_.data() != nullptr;
-  if (!huge_pages_on_request()) return false;
   // Mapped weights are page cache the kernel can drop under pressure; a copy is not. Copy only
   // what leaves room (half the memory this process may use) for the rest.
   const size_t bytes = size_ - data_start_;

@@ -1,8 +1,6 @@
 #include "runtime/engine.h"
 
-#include <algorithm>
 #include <cstdio>
-#include <cstdlib>
 #include <sstream>
 
 #include "calib/filter_file.h"

@@ -55,7 +55,6 @@ struct KvOptions {
   bool operator==(const KvOptions&) const = default;
 };
 
-
 // A model, the thread pool its sessions share, and the filter files loaded for them (each once).
 // Sessions made here borrow the pool: run them from one thread at a time.
 class Engine {

@@ -88,16 +88,9 @@ std::string describe_policy(const kv::StateConfig& c) {
   return os.str();
 }
 
-// "uniform budgets" or "per-layer budget weights 1.2,0.81,..." (4 digits: for reading).
+// "uniform budgets" or "per-layer budget weights 1.2,0.81,..." (as --layer-weights spells them).
 std::string describe_budgets(const std::vector<float>& w) {
-  if (w.empty()) return "uniform budgets";
-  std::string out = "per-layer budget weights ";
-  char buf[32];
-  for (size_t l = 0; l < w.size(); ++l) {
-    std::snprintf(buf, sizeof buf, "%s%.4g", l ? "," : "", static_cast<double>(w[l]));
-    out += buf;
-  }
-  return out;
+  return w.empty() ? "uniform budgets" : "per-layer budget weights " + format_layer_weights(w);
 }
 
 std::string describe_stats(const kv::AttentionStats& s) {
