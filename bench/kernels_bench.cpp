@@ -131,7 +131,9 @@ struct ModelWeights {
   size_t bytes = 0;
 };
 
-ModelWeights make_model(GgmlType type) {
+// panels: the layer and output matrices in the panel layout (kernels.h), as Model::load puts
+// them where the AMX engine runs; elsewhere the argument changes nothing.
+ModelWeights make_model(GgmlType type, bool panels = false) {
   ModelWeights m;
   const int64_t shapes[7][2] = {{576, 576}, {192, 576}, {192, 576}, {576, 576}, {1536, 576}, {1536, 576}, {576, 1536}};
   uint32_t seed = 1;
@@ -142,6 +144,7 @@ ModelWeights make_model(GgmlType type) {
     const bool out = i + 1 == m.mats.size();
     const int64_t rows = out ? 49152 : shapes[i % 7][0], cols = out ? 576 : shapes[i % 7][1];
     m.mats[i].view = {out ? GgmlType::Q8_0 : type, cols, rows, m.mats[i].data.data()};
+    if (panels && panels_supported(m.mats[i].view)) to_panels(m.mats[i].view, m.mats[i].data.data());
     m.bytes += m.mats[i].data.size();
   }
   return m;
@@ -151,7 +154,7 @@ ModelWeights make_model(GgmlType type) {
 void BM_DecodeModel(benchmark::State& state) {
   const auto type = static_cast<GgmlType>(state.range(0));
   const int threads = static_cast<int>(state.range(1));
-  const ModelWeights m = make_model(type);
+  const ModelWeights m = make_model(type, state.range(2) != 0);
   const auto x = make_x(1536);
   std::vector<float> y(49152);
   ThreadPool& p = pool(threads);
@@ -165,9 +168,8 @@ void BM_DecodeModel(benchmark::State& state) {
   state.SetLabel(std::to_string(m.bytes >> 20) + " MiB " + simd_target_name());
 }
 BENCHMARK(BM_DecodeModel)
-    ->ArgNames({"type", "threads"})
-    ->Args({static_cast<int>(GgmlType::Q4_1), 1})
-    ->Args({static_cast<int>(GgmlType::Q4_1), 2})
+    ->ArgNames({"type", "threads", "panels"})
+    ->ArgsProduct({{static_cast<int>(GgmlType::Q4_1)}, {1, 2}, {0, 1}})
     ->Unit(benchmark::kMillisecond)
     ->UseRealTime();
 
@@ -177,7 +179,7 @@ void BM_BatchedModel(benchmark::State& state) {
   const auto type = static_cast<GgmlType>(state.range(0));
   const int64_t n_tok = state.range(1);
   const int threads = static_cast<int>(state.range(2));
-  const ModelWeights m = make_model(type);
+  const ModelWeights m = make_model(type, state.range(3) != 0);
   const auto x = make_x(1536 * n_tok);
   std::vector<float> y(49152 * n_tok);
   ThreadPool& p = pool(threads);
@@ -189,8 +191,8 @@ void BM_BatchedModel(benchmark::State& state) {
   state.SetLabel(std::to_string(m.bytes >> 20) + " MiB " + simd_target_name());
 }
 BENCHMARK(BM_BatchedModel)
-    ->ArgNames({"type", "n_tok", "threads"})
-    ->ArgsProduct({{static_cast<int>(GgmlType::Q4_1)}, {1, 2, 4, 8, 16, 32}, {1, 2}})
+    ->ArgNames({"type", "n_tok", "threads", "panels"})
+    ->ArgsProduct({{static_cast<int>(GgmlType::Q4_1)}, {1, 2, 3, 4, 5, 6, 8, 16, 32}, {1, 2}, {0, 1}})
     ->Unit(benchmark::kMillisecond);
 
 // ---- per weight type, shapes shared with scripts/ref/ggml_matmul_bench.cpp ----------------------

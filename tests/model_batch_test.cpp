@@ -4,6 +4,8 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstdlib>
 #include <memory>
 #include <string>
 #include <vector>
@@ -131,6 +133,39 @@ TEST(ModelBatch, FloatFixtureBatchedEqualsAlone) { on_every_target("llama_f32_gq
 TEST(ModelBatch, QuantizedFixtureBatchedEqualsAlone) { on_every_target("llama_q4_1_mqa.gguf"); }
 TEST(ModelBatch, SlidingWindowFixtureBatchedEqualsAlone) { on_every_target("gemma3_f32_mqa_tied.gguf"); }
 TEST(ModelBatch, SmolLM2BatchedEqualsAlone) { expect_batched_equals_alone(test::smollm2_path()); }
+
+// Where the AMX engine runs, Model::load puts every matrix in the panel layout (the tied
+// token_embd too: its rows are still read); QF_PANELS=0 keeps the rows layout. Decode then runs
+// on different engines (VNNI over rows, the AMX engine's numbers over panels): both quantize
+// the activations to 8 bits, so one rounding flip in a layer moves the logits by tenths after
+// 30 layers (0.4-0.7 measured over these steps); greedy decoding picks the same tokens. Both
+// engines are checked against references in tensor_test and against llama.cpp in smollm2_test.
+TEST(ModelBatch, SmolLM2PanelLayout) {
+  auto panels = Model::load(test::smollm2_path());
+  const bool amx = amx_prompt_engine();
+  const auto layout = amx ? WeightLayout::panels16 : WeightLayout::rows;
+  for (const LayerWeights& w : panels->layers())
+    for (const WeightView* v : {&w.wq, &w.wk, &w.wv, &w.wo, &w.ffn_gate, &w.ffn_up, &w.ffn_down})
+      EXPECT_EQ(v->layout, layout);
+  EXPECT_EQ(panels->token_embd().layout, layout);
+  EXPECT_EQ(panels->output().layout, layout);
+  if (!amx) GTEST_SKIP() << "no AMX engine here: every matrix keeps the rows layout (checked)";
+  ::setenv("QF_PANELS", "0", 1);
+  auto rows = Model::load(test::smollm2_path());
+  ::setenv("QF_PANELS", "maybe", 1);
+  EXPECT_THROW(Model::load(test::smollm2_path()), Error);
+  ::unsetenv("QF_PANELS");
+  EXPECT_EQ(rows->layers()[3].ffn_down.layout, WeightLayout::rows);
+  EXPECT_EQ(rows->token_embd().layout, WeightLayout::rows);
+  Plan p{"none", 0, {1, 504, 3458, 314, 260, 7825, 28, 2171}, 0};
+  const auto a = run_alone(*panels, p), b = run_alone(*rows, p);
+  for (size_t step = 0; step < a.size(); ++step) {
+    ASSERT_EQ(argmax(a[step]), argmax(b[step])) << "step " << step;
+    float worst = 0.0f;
+    for (size_t v = 0; v < a[step].size(); ++v) worst = std::max(worst, std::abs(a[step][v] - b[step][v]));
+    EXPECT_LT(worst, 1.5f) << "step " << step;
+  }
+}
 
 TEST(ModelBatch, BadBatchesAreErrors) {
   auto m = Model::load(test::fixture("llama_f32_gqa_tied.gguf"));

@@ -826,6 +826,110 @@ TEST_F(AmxPrompt, TokenRowsIndependentOfTokenCountAndPlace) {
   }
 }
 
+// Weights in the panel layout (to_panels): every token count, either kind and every thread
+// count give each (row, token) the numbers the AMX engine gives the rows layout, bit for bit,
+// so a session's decode steps are the same alone, batched or as a prompt; the VNNI path (up to 3
+// tokens) and the tiles both run here. dequantize_row reads the panels back exactly.
+TEST_F(AmxPrompt, PanelLayoutGivesTheTilesNumbers) {
+  ThreadPool pools[] = {ThreadPool(1), ThreadPool(2), ThreadPool(3)};
+  std::mt19937 rng(15);
+  const std::pair<int64_t, int64_t> shapes[] = {{16, 64}, {48, 96}, {64, 352}, {32, 608}, {144, 32}};
+  for (GgmlType t : kAmxTypes) {
+    for (const auto& [rows, cols] : shapes) {
+      auto data = random_weights(t, rows, cols, rng);
+      const WeightView natural{t, cols, rows, data.data()};
+      std::vector<uint8_t> panel_bytes = data;
+      WeightView panels{t, cols, rows, panel_bytes.data()};
+      ASSERT_TRUE(panels_supported(panels));
+      to_panels(panels, panel_bytes.data());
+      ASSERT_EQ(panels.layout, WeightLayout::panels16);
+      ASSERT_NE(0, std::memcmp(data.data(), panel_bytes.data(), data.size()));
+      std::vector<float> want(cols), got(cols);
+      for (int64_t r = 0; r < rows; ++r) {
+        dequantize_row(natural, r, want.data());
+        dequantize_row(panels, r, got.data());
+        ASSERT_EQ(0, std::memcmp(want.data(), got.data(), cols * sizeof(float))) << type_info(t).name << " row " << r;
+      }
+      constexpr int64_t kTok = 33;
+      const auto x = random_activations(kTok, cols, rng);
+      std::vector<float> all(rows * kTok);
+      matmul(natural, x.data(), kTok, all.data(), pools[1], TokenKind::prompt);
+      check_matmul(natural, x, kTok, all, "amx rows layout");
+      if (HasFatalFailure()) return;
+      for (int64_t n : {1, 2, 3, 4, 5, 6, 16, 17, 33}) {
+        for (TokenKind kind : {TokenKind::decode, TokenKind::prompt}) {
+          for (ThreadPool& pool : pools) {
+            const int64_t first = (kTok - n) / 2;
+            std::vector<float> y(rows * n, NAN);
+            matmul(panels, x.data() + first * cols, n, y.data(), pool, kind);
+            ASSERT_EQ(0, std::memcmp(y.data(), all.data() + first * rows, y.size() * sizeof(float)))
+                << type_info(t).name << " " << rows << "x" << cols << ": " << n << " tokens, "
+                << (kind == TokenKind::decode ? "decode" : "prompt") << ", " << pool.size()
+                << " threads differ from the rows layout on the AMX engine";
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST_F(AmxPrompt, PanelsShareTheirInputBitForBit) {
+  ThreadPool pool(2);
+  std::mt19937 rng(16);
+  constexpr int64_t cols = 576;
+  for (GgmlType t : {GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q4_0}) {
+    std::vector<std::vector<uint8_t>> bytes;
+    std::vector<WeightView> ws;
+    for (int64_t rows : {48, 16, 192}) {
+      bytes.push_back(random_weights(t, rows, cols, rng));
+      ws.push_back(WeightView{t, cols, rows, bytes.back().data()});
+    }
+    for (size_t i = 0; i < ws.size(); ++i) to_panels(ws[i], bytes[i].data());
+    for (int64_t n : {1, 3, 16}) {
+      const auto x = random_activations(n, cols, rng);
+      std::vector<std::vector<float>> shared(ws.size()), alone(ws.size());
+      std::vector<float*> ys;
+      for (size_t i = 0; i < ws.size(); ++i) {
+        shared[i].assign(ws[i].rows * n, NAN);
+        alone[i].assign(ws[i].rows * n, NAN);
+        ys.push_back(shared[i].data());
+        matmul(ws[i], x.data(), n, alone[i].data(), pool);
+      }
+      matmul_shared_input(ws, x.data(), n, ys, pool);
+      for (size_t i = 0; i < ws.size(); ++i)
+        ASSERT_EQ(0, std::memcmp(shared[i].data(), alone[i].data(), alone[i].size() * sizeof(float)))
+            << type_info(t).name << " matrix " << i << ", " << n << " tokens";
+    }
+  }
+}
+
+TEST_F(AmxPrompt, PanelLayoutRefusesWhatItCannotHold) {
+  std::mt19937 rng(17);
+  auto odd = random_weights(GgmlType::Q4_1, 24, 64, rng);
+  WeightView w{GgmlType::Q4_1, 64, 24, odd.data()};
+  EXPECT_FALSE(panels_supported(w));  // 24 rows: not whole panels
+  EXPECT_THROW(to_panels(w, odd.data()), Error);
+  auto k = random_weights(GgmlType::Q4_K, 16, 256, rng);
+  WeightView kw{GgmlType::Q4_K, 256, 16, k.data()};
+  EXPECT_FALSE(panels_supported(kw));
+  EXPECT_THROW(to_panels(kw, k.data()), Error);
+  auto ok = random_weights(GgmlType::Q8_0, 16, 64, rng);
+  WeightView p{GgmlType::Q8_0, 64, 16, ok.data()};
+  to_panels(p, ok.data());
+  EXPECT_FALSE(panels_supported(p));  // already converted
+  EXPECT_THROW(to_panels(p, ok.data()), Error);
+}
+
+TEST(PanelLayout, OnlyWhereTheAmxEngineRuns) {
+  std::mt19937 rng(18);
+  auto bytes = random_weights(GgmlType::Q4_1, 16, 64, rng);
+  const WeightView w{GgmlType::Q4_1, 64, 16, bytes.data()};
+  EXPECT_EQ(panels_supported(w), amx_prompt_engine());
+  ASSERT_TRUE(force_simd_target("avx2"));
+  EXPECT_FALSE(panels_supported(w));
+  ASSERT_TRUE(force_simd_target("best"));
+}
+
 // Capping the SIMD target below AVX3_DL turns the AMX engine off (prompt = decode there).
 TEST_F(AmxPrompt, OffBelowAvx512Vnni) {
   ASSERT_TRUE(force_simd_target("avx512"));

@@ -307,6 +307,18 @@ bool File::move_tensor_data_to_huge_pages() {
   return true;
 }
 
+bool File::edit_tensor_data(const std::function<void(uint8_t*, uint8_t*)>& edit) {
+  if (anon_.data() == nullptr) return false;
+  struct ReadOnlyAgain {
+    HugePageBuffer& buf;
+    ~ReadOnlyAgain() { ::mprotect(buf.data(), buf.mapped_bytes(), PROT_READ); }
+  } guard{anon_};
+  if (::mprotect(anon_.data(), anon_.mapped_bytes(), PROT_READ | PROT_WRITE) != 0)
+    fail(path_, ": cannot make the weights' copy writable: ", std::strerror(errno));
+  edit(anon_.data(), anon_.data() + (size_ - data_start_));
+  return true;
+}
+
 void File::parse() {
   Cursor c(base_, size_, path_);
 

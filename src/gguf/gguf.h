@@ -3,6 +3,7 @@
 // qf::Error naming the problem, never a crash or an out-of-bounds read.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -88,6 +89,10 @@ class File {
   // weights then stay mapped.
   bool move_tensor_data_to_huge_pages();
   bool tensor_data_in_huge_pages() const { return anon_.data() != nullptr; }
+  // Runs edit(begin, end) with the tensor data writable, when it is this process's own copy (see
+  // above; it is read-only again afterwards, also when edit throws). Returns false, without
+  // calling edit, when the data is the file's mapping.
+  bool edit_tensor_data(const std::function<void(uint8_t* begin, uint8_t* end)>& edit);
 
   const std::vector<TensorInfo>& tensors() const { return tensors_; }
   const TensorInfo* find_tensor(std::string_view name) const;

@@ -1,8 +1,10 @@
 #include "model/model.h"
 
+#include <algorithm>
 #include <cstdlib>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "model/arch/arch.h"
 #include "util/error.h"
@@ -102,7 +104,31 @@ std::unique_ptr<Model> Model::load(const std::string& path) {
     fail(path, ": block_count = ", c.n_layers, " but the file has only ", f.tensors().size(), " tensors");
   m->layers_.reserve(c.n_layers);
   for (int l = 0; l < c.n_layers; ++l) m->layers_.push_back(bind_layer(f, c, l));
+  m->use_panel_layout();
   return m;
+}
+
+void Model::use_panel_layout() {
+  const char* env = std::getenv("QF_PANELS");
+  if (env && *env && std::string_view(env) != "1") {
+    if (std::string_view(env) != "0") fail("QF_PANELS=", env, " is not 0 (rows layout) or 1 (panels where the CPU has AMX)");
+    return;
+  }
+  std::vector<WeightView*> matrices;
+  for (LayerWeights& w : layers_)
+    for (WeightView* v : {&w.wq, &w.wk, &w.wv, &w.wo, &w.ffn_gate, &w.ffn_up, &w.ffn_down}) matrices.push_back(v);
+  matrices.push_back(&token_embd_);  // dequantize_row reads its rows from either layout
+  if (!config_.tied_output) matrices.push_back(&output_);
+  std::erase_if(matrices, [](const WeightView* v) { return !panels_supported(*v); });
+  if (matrices.empty()) return;
+  file_->edit_tensor_data([&](uint8_t* begin, uint8_t* end) {
+    for (WeightView* v : matrices) {
+      if (v->data < begin || v->data + v->rows * row_bytes(v->type, v->cols) > end)
+        fail("a weight lies outside the model's tensor data");
+      to_panels(*v, begin + (v->data - begin));  // the same bytes, writable
+    }
+  });
+  if (config_.tied_output) output_ = token_embd_;
 }
 
 }  // namespace qf

@@ -40,6 +40,11 @@ class Model {
 
  private:
   Model() = default;
+  // On machines with the AMX engine, the matrices take the panel layout (kernels.h) in the
+  // process's own copy of the weights: decode reads them with plain loads and gives the same
+  // numbers batched or alone, in a prompt or a step. QF_PANELS=0, or weights left in the file
+  // mapping (QF_MMAP_WEIGHTS=1), keep the rows layout.
+  void use_panel_layout();
   std::unique_ptr<gguf::File> file_;
   ModelConfig config_;
   WeightView token_embd_, output_;

@@ -8,9 +8,11 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <vector>
 
 #include "tensor/kernels.h"
 #include "tensor/kernels_internal.h"
+#include "tensor/matmul_amx.h"
 #include "util/error.h"
 
 namespace qf {
@@ -25,7 +27,26 @@ void dequantize_row(const WeightView& w, int64_t row, float* out) {
   if (w.cols <= 0 || row < 0 || row >= w.rows)
     fail("dequantize_row: row ", row, " out of range for a ", w.rows, " x ", w.cols, " tensor");
   const size_t rb = row_bytes(w.type, w.cols);  // also checks cols % block size
+  if (w.layout == WeightLayout::panels16) {
+    thread_local std::vector<uint8_t> bytes;
+    bytes.resize(rb);
+    detail::panel_row(w.type, w.cols, w.data, row, bytes.data());
+    return ti.dequantize(bytes.data(), w.cols, out);
+  }
   ti.dequantize(w.data + static_cast<size_t>(row) * rb, w.cols, out);
+}
+
+bool panels_supported(const WeightView& w) {
+  return w.layout == WeightLayout::rows && detail::amx_handles(w.type) && w.rows > 0 && w.rows % 16 == 0 &&
+         w.cols > 0 && w.cols % 32 == 0 && amx_prompt_engine();
+}
+
+void to_panels(WeightView& w, uint8_t* data) {
+  if (data == nullptr || data != w.data) fail("to_panels: data must be the weight's own bytes");
+  if (!panels_supported(w))
+    fail("to_panels: a ", w.rows, " x ", w.cols, " ", type_info(w.type).name, " matrix cannot take the panel layout here");
+  detail::rows_to_panels(w.type, w.cols, w.rows, data);
+  w.layout = WeightLayout::panels16;
 }
 
 // ---------------------------------------------------------------------------------------------

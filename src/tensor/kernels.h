@@ -15,14 +15,32 @@
 
 namespace qf {
 
-// A 2-D weight as GGUF stores it: `rows` rows of `cols` elements each (ggml ne[0] = cols,
-// ne[1] = rows), rows contiguous, each row `row_bytes(type, cols)` bytes.
+// How a weight's bytes are arranged.
+//   rows:     as GGUF stores them, row r at r * row_bytes(type, cols).
+//   panels16: the AMX engine's layout (matmul_amx.cpp): each group of 16 rows keeps its bytes,
+//             rearranged so that every block's 16 rows lie side by side; the engine reads them
+//             with plain loads instead of gathers, and decode (VNNI over the same panels)
+//             gives the tiles' numbers bit for bit. Only where panels_supported(); see to_panels.
+enum class WeightLayout : uint8_t { rows, panels16 };
+
+// A 2-D weight: `rows` rows of `cols` elements each (ggml ne[0] = cols, ne[1] = rows), each row
+// `row_bytes(type, cols)` bytes, `rows * row_bytes` bytes in all in either layout.
 struct WeightView {
   GgmlType type = GgmlType::F32;
   int64_t cols = 0;
   int64_t rows = 0;
   const uint8_t* data = nullptr;
+  WeightLayout layout = WeightLayout::rows;
 };
+
+// Whether this machine's matmul can read w in the panel layout: the AMX engine is on
+// (amx_prompt_engine()), w is in the rows layout, has one of its types (Q4_0, Q4_1, Q5_0, Q5_1,
+// Q8_0, IQ4_NL) and a multiple of 16 rows.
+bool panels_supported(const WeightView& w);
+// Rewrites w's bytes in place into the panel layout and sets w.layout; `data` is w.data, writable.
+// A matrix in this layout gives every token the same numbers whatever its TokenKind (the AMX
+// engine's); dequantize_row still reads it. Throws qf::Error unless panels_supported(w).
+void to_panels(WeightView& w, uint8_t* data);
 
 // Which rows a matmul multiplies; picks the engine where that matters (AMX, see below).
 //   decode: decode steps (one new token of each of one or more sequences, batched or not) and

@@ -1369,6 +1369,8 @@ void check_matmul(const WeightView& w, const float* x, int64_t n_tok, const floa
     fail("matmul: bad shape ", w.rows, " x ", w.cols, " with ", n_tok, " tokens");
   row_bytes(w.type, w.cols);  // throws unless cols is a whole number of blocks
   if (w.rows > 0 && n_tok > 0 && (w.data == nullptr || x == nullptr || y == nullptr)) fail("matmul: null pointer");
+  if (w.layout == WeightLayout::panels16 && !(detail::amx_available() && detail::amx_handles(w.type) && w.rows % 16 == 0))
+    fail("matmul: a ", type_info(w.type).name, " matrix in the panel layout needs the AMX engine and a multiple of 16 rows");
 }
 }  // namespace
 
@@ -1376,8 +1378,8 @@ void matmul(const WeightView& w, const float* x, int64_t n_tok, float* y, Thread
   detail::init_simd_once();
   check_matmul(w, x, n_tok, y);
   if (w.rows == 0 || n_tok == 0) return;
-  if (kind == TokenKind::prompt && detail::amx_handles(w.type) && amx_prompt_engine())
-    return detail::amx_matmul(w, x, n_tok, y, pool);
+  if (w.layout == WeightLayout::panels16 || (kind == TokenKind::prompt && detail::amx_handles(w.type) && amx_prompt_engine()))
+    return detail::amx_matmul({&w, 1}, x, n_tok, {&y, 1}, pool);
   HWY_DYNAMIC_DISPATCH(MatmulImpl)(&w, 1, x, n_tok, &y, pool);
 }
 
@@ -1387,16 +1389,15 @@ void matmul_shared_input(std::span<const WeightView> ws, const float* x, int64_t
   if (ws.size() != ys.size()) fail("matmul_shared_input: ", ws.size(), " matrices but ", ys.size(), " outputs");
   for (size_t i = 0; i < ws.size(); ++i) {
     check_matmul(ws[i], x, n_tok, ys[i]);
-    if (ws[i].type != ws[0].type || ws[i].cols != ws[0].cols || ws[i].rows == 0) {
+    if (ws[i].type != ws[0].type || ws[i].cols != ws[0].cols || ws[i].layout != ws[0].layout || ws[i].rows == 0) {
       for (size_t j = 0; j < ws.size(); ++j) matmul(ws[j], x, n_tok, ys[j], pool, kind);  // nothing to share
       return;
     }
   }
   if (ws.empty() || n_tok == 0) return;
-  if (kind == TokenKind::prompt && detail::amx_handles(ws[0].type) && amx_prompt_engine()) {
-    for (size_t i = 0; i < ws.size(); ++i) detail::amx_matmul(ws[i], x, n_tok, ys[i], pool);
-    return;
-  }
+  if (ws[0].layout == WeightLayout::panels16 ||
+      (kind == TokenKind::prompt && detail::amx_handles(ws[0].type) && amx_prompt_engine()))
+    return detail::amx_matmul(ws, x, n_tok, ys, pool);
   HWY_DYNAMIC_DISPATCH(MatmulImpl)(ws.data(), ws.size(), x, n_tok, ys.data(), pool);
 }
 

@@ -31,6 +31,7 @@
 #include <cstring>
 #include <memory>
 #include <string_view>
+#include <vector>
 
 #include "tensor/kernels_internal.h"
 #include "util/error.h"
@@ -49,6 +50,14 @@
 #endif
 
 namespace qf::detail {
+
+namespace {
+// Bytes of a block's scale (and min) at its start: in the panel layout the 16 rows' heads come
+// first, side by side, then the rest of the block 4 bytes per row at a time.
+constexpr size_t panel_head_bytes(GgmlType t) {
+  return t == GgmlType::Q4_1 || t == GgmlType::Q5_1 ? 4 : 2;
+}
+}  // namespace
 
 #if QF_AMX_BUILD
 namespace {
@@ -83,7 +92,7 @@ bool amx_available() {
   return ok;
 }
 
-QF_PUSH_TARGET("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")
+QF_PUSH_TARGET("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,f16c,fma")
 // GCC 12's AVX-512 headers warn about their own _mm512_undefined_* placeholders here.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -91,6 +100,15 @@ QF_PUSH_TARGET("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")
 namespace {
 
 constexpr int kTile = 16;  // tokens per A tile, weight rows per panel
+// Up to this many tokens, panel-layout weights go through VNNI instead of the tiles: unpacking a
+// panel for the tiles costs more than a few tokens' products. kernels_bench BM_BatchedModel
+// (SmolLM2's matrices, Q4_1, 1 thread, ms per step) at 1 / 2 / 3 / 4 tokens: VNNI 6.2 / 9.8 /
+// 15.8 / 18.7, tiles - / 15.4 / 15.9 / 16.1.
+constexpr int kVnniMaxTokens = 3;
+// Decode prefetch distance along the weight stream, as the natural-layout VNNI engine's.
+constexpr size_t kPrefetchBytes = 8192;
+template <GgmlType TY>
+constexpr size_t kPanelHead = panel_head_bytes(TY);
 // B tile of one block: 8 rows of 64 bytes, then the panel rows' scales and mins.
 struct alignas(64) PanelBlock {
   int8_t b[8][64];
@@ -111,9 +129,11 @@ struct alignas(64) TileConfig {
 const TileConfig kTileConfig{};
 
 // ---------------------------------------------------------------------------------------------
-// Weight panels. Lane n of every gather reads the same 4 bytes of row n's block; lanes past the
-// matrix's last row are masked off (zero weights, zero scales).
+// Where a block's 16 lanes come from. Lane n of `at(off)` holds bytes [off, off + 4) of block b
+// of the panel's row n, for every offset unpack_block reads.
 
+// Natural layout (rows as GGUF stores them): gathers, one row per lane; lanes past the matrix's
+// last row are masked off (zero weights, zero scales).
 struct Gather {
   const uint8_t* blk;  // block b of the panel's first row
   __m512i idx;         // n * row bytes
@@ -121,6 +141,30 @@ struct Gather {
   __m512i at(size_t off) const {
     return _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), rows, idx, blk + off, 1);
   }
+};
+
+// Panel layout (kernels.h WeightLayout::panels16): the same bytes, already side by side.
+template <GgmlType TY>
+struct PanelLoad {
+  static constexpr size_t kHead = kPanelHead<TY>;
+  const uint8_t* blk;  // block b of the panel
+  __m512i at(size_t off) const {
+    if (off == 0) {
+      if constexpr (kHead == 2)  // d only: 16 halfs, widened to the dwords a gather would give
+        return _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk)));
+      else
+        return _mm512_loadu_si512(blk);
+    }
+    return _mm512_loadu_si512(blk + 16 * off);
+  }
+};
+
+// One block of 16 rows as the B tile wants it: b[j] lane n = elements 4j..4j+3 of row n, signed
+// int8 (Q4_1 and Q5_1 quants are 0..15 and 0..31, so also valid unsigned bytes); dw, mw the rows'
+// block scales and mins (0 for types without).
+struct Unpacked {
+  __m512i b[8];
+  __m512 dw, mw;
 };
 
 // Bits 4j..4j+3 of each dword of qh, bit c moved to bit 4 of byte c (the fifth bit of element
@@ -133,18 +177,18 @@ inline __m512i fifth_bits(__m512i qh, int j) {
 
 // Nibble types: B rows j (elements 4j..4j+3, low nibbles of qs bytes 4j..) and j + 4 (elements
 // 16 + 4j.., high nibbles), each lane's four bytes from one row.
-template <GgmlType TY>
-void unpack_block(const Gather& g, PanelBlock& out) {
+template <GgmlType TY, class Src>
+inline Unpacked unpack_block(const Src& g) {
+  Unpacked u;
   const __m512i low4 = _mm512_set1_epi8(0x0F);
   const __m512i head = g.at(0);  // d (and m) half words
-  _mm512_store_ps(out.dw, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(head)));
+  u.dw = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(head));
   if constexpr (blocks::Codec<TY>::kHasMin)
-    _mm512_store_ps(out.mw, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(head, 16))));
+    u.mw = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(head, 16)));
   else
-    _mm512_store_ps(out.mw, _mm512_setzero_ps());
-  auto store = [&](int j, __m512i v) { _mm512_store_si512(out.b[j], v); };
+    u.mw = _mm512_setzero_ps();
   if constexpr (TY == GgmlType::Q8_0) {  // d, qs[32]
-    for (int j = 0; j < 8; ++j) store(j, g.at(2 + 4 * j));
+    for (int j = 0; j < 8; ++j) u.b[j] = g.at(2 + 4 * j);
   } else if constexpr (TY == GgmlType::Q4_0 || TY == GgmlType::Q4_1 || TY == GgmlType::IQ4_NL) {
     constexpr size_t kQs = TY == GgmlType::Q4_1 ? 4 : 2;  // Q4_1: d, m, qs[16]; else d, qs[16]
     for (int j = 0; j < 4; ++j) {
@@ -158,8 +202,8 @@ void unpack_block(const Gather& g, PanelBlock& out) {
         lo = _mm512_shuffle_epi8(grid, lo);
         hi = _mm512_shuffle_epi8(grid, hi);
       }
-      store(j, lo);
-      store(j + 4, hi);
+      u.b[j] = lo;
+      u.b[j + 4] = hi;
     }
   } else {
     static_assert(TY == GgmlType::Q5_0 || TY == GgmlType::Q5_1);
@@ -170,22 +214,147 @@ void unpack_block(const Gather& g, PanelBlock& out) {
       const __m512i v = g.at(kQh + 4 + 4 * j);
       const __m512i lo = _mm512_or_si512(_mm512_and_si512(v, low4), fifth_bits(qh, j));
       const __m512i hi = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(v, 4), low4), fifth_bits(qh, j + 4));
-      store(j, _mm512_sub_epi8(lo, _mm512_set1_epi8(kOffset)));
-      store(j + 4, _mm512_sub_epi8(hi, _mm512_set1_epi8(kOffset)));
+      u.b[j] = _mm512_sub_epi8(lo, _mm512_set1_epi8(kOffset));
+      u.b[j + 4] = _mm512_sub_epi8(hi, _mm512_set1_epi8(kOffset));
     }
   }
+  return u;
 }
 
+inline void store_block(const Unpacked& u, PanelBlock& out) {
+  for (int j = 0; j < 8; ++j) _mm512_store_si512(out.b[j], u.b[j]);
+  _mm512_store_ps(out.dw, u.dw);
+  _mm512_store_ps(out.mw, u.mw);
+}
+
+// Unpacks panel [r0, r0 + 16) (nrows of them real) of w into PanelBlocks.
 template <GgmlType TY>
 void unpack_panel(const WeightView& w, size_t wrb, int64_t r0, int nrows, int64_t nb, PanelBlock* panel) {
+  if (w.layout == WeightLayout::panels16) {
+    constexpr size_t kBlockBytes = kTile * blocks::Codec<TY>::kBytes;
+    const uint8_t* base = w.data + static_cast<size_t>(r0) * wrb;
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t* blk = base + static_cast<size_t>(b) * kBlockBytes;
+      for (size_t off = 0; off < kBlockBytes; off += 64)  // the panels are one stream: fetch ahead
+        _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetchBytes + off), _MM_HINT_T0);
+      store_block(unpack_block<TY>(PanelLoad<TY>{blk}), panel[b]);
+    }
+    return;
+  }
   Gather g;
   g.idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                              _mm512_set1_epi32(static_cast<int>(wrb)));
   g.rows = static_cast<__mmask16>((1u << nrows) - 1u);
   for (int64_t b = 0; b < nb; ++b) {
     g.blk = w.data + static_cast<size_t>(r0) * wrb + static_cast<size_t>(b) * blocks::Codec<TY>::kBytes;
-    unpack_block<TY>(g, panel[b]);
+    store_block(unpack_block<TY>(g), panel[b]);
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The float epilogue, written once for both engines below so that they round identically: with
+// weight rows in the 16 lanes, c the exact integer products of a block and fx_t token t's
+// scales (dx[nb] then sx[nb]),
+//   pair_term  = float(c0) * (dw0 * dx[b]) (+ mw0 * sx[b]) + float(c1) * (dw1 * dx[b+1]) (+ ...)
+// added to the accumulator pair after pair in block order (blocks summed in pairs first halves
+// the accumulator's chain of roundings), and an odd last block added alone.
+
+template <bool kHasMin>
+inline __m512 pair_term(__m512i c0, __m512i c1, __m512 dw0, __m512 mw0, __m512 dw1, __m512 mw1, const float* fx_t,
+                        int64_t nb, int64_t b) {
+  __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(c0), _mm512_mul_ps(dw0, _mm512_set1_ps(fx_t[b])));
+  if constexpr (kHasMin) v = _mm512_fmadd_ps(mw0, _mm512_set1_ps(fx_t[nb + b]), v);
+  v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(c1), _mm512_mul_ps(dw1, _mm512_set1_ps(fx_t[b + 1])), v);
+  if constexpr (kHasMin) v = _mm512_fmadd_ps(mw1, _mm512_set1_ps(fx_t[nb + b + 1]), v);
+  return v;
+}
+
+template <bool kHasMin>
+inline __m512 add_last_block(__m512 acc, __m512i c, __m512 dw, __m512 mw, const float* fx_t, int64_t nb, int64_t b) {
+  acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(c), _mm512_mul_ps(dw, _mm512_set1_ps(fx_t[b])), acc);
+  if constexpr (kHasMin) acc = _mm512_fmadd_ps(mw, _mm512_set1_ps(fx_t[nb + b]), acc);
+  return acc;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Few tokens on panel-layout weights (decode): VNNI with the weight rows in the lanes. For each
+// block, lane n of b[j] holds row n's elements 4j..4j+3 and the token's four bytes are broadcast,
+// so eight vpdpbusd give the block's 16 exact integer products, the same integers as the AMX
+// tile, and the shared epilogue makes the results those of the AMX engine bit for bit. vpdpbusd
+// multiplies unsigned by signed bytes: signed weights are biased by 128 and 128 * sum(q) of the
+// token's block (isum) subtracted again.
+
+template <GgmlType TY, int NT>
+inline void block_products_vnni(const Unpacked& u, const uint8_t* act, size_t astride, const int32_t* isum, int64_t nb,
+                                int64_t b, __m512i (&c)[NT]) {
+  constexpr bool kSigned = !blocks::Codec<TY>::kHasMin;
+  __m512i bu[8];
+  for (int j = 0; j < 8; ++j) bu[j] = kSigned ? _mm512_xor_si512(u.b[j], _mm512_set1_epi8(static_cast<char>(0x80))) : u.b[j];
+#pragma GCC unroll 8
+  for (int t = 0; t < NT; ++t) {
+    const uint8_t* xq = act + t * astride + 32 * b;
+    int32_t xd[8];
+    std::memcpy(xd, xq, 32);
+    __m512i lo = _mm512_setzero_si512(), hi = _mm512_setzero_si512();  // two chains of four
+    for (int j = 0; j < 4; ++j) {
+      lo = _mm512_dpbusd_epi32(lo, bu[j], _mm512_set1_epi32(xd[j]));
+      hi = _mm512_dpbusd_epi32(hi, bu[j + 4], _mm512_set1_epi32(xd[j + 4]));
+    }
+    c[t] = _mm512_add_epi32(lo, hi);
+    if constexpr (kSigned) c[t] = _mm512_sub_epi32(c[t], _mm512_set1_epi32(128 * isum[t * nb + b]));
+  }
+}
+
+// NT tokens against panels [p0, p1) of panel-layout w.
+template <GgmlType TY, int NT>
+void vnni_panels(const WeightView& w, const uint8_t* act, size_t astride, const int32_t* isum, float* y, int64_t p0,
+                 int64_t p1) {
+  using C = blocks::Codec<TY>;
+  constexpr bool kHasMin = C::kHasMin;
+  constexpr size_t kBlockBytes = kTile * C::kBytes;
+  const int64_t nb = w.cols / 32;
+  const size_t panel_bytes = static_cast<size_t>(nb) * kBlockBytes;
+  const float* fx[NT];
+  for (int t = 0; t < NT; ++t) fx[t] = reinterpret_cast<const float*>(act + t * astride + 32 * nb);
+  for (int64_t p = p0; p < p1; ++p) {
+    const uint8_t* base = w.data + static_cast<size_t>(p) * panel_bytes;
+    const auto block = [&](int64_t b) {
+      const uint8_t* blk = base + static_cast<size_t>(b) * kBlockBytes;
+      // Decode streams the weights once: fetch the next blocks ahead of use.
+      for (size_t off = 0; off < kBlockBytes; off += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetchBytes + off), _MM_HINT_T0);
+      return unpack_block<TY>(PanelLoad<TY>{blk});
+    };
+    __m512 acc[NT];
+    for (__m512& a : acc) a = _mm512_setzero_ps();
+    int64_t b = 0;
+    for (; b + 1 < nb; b += 2) {
+      const Unpacked u0 = block(b);
+      __m512i c0[NT];
+      block_products_vnni<TY, NT>(u0, act, astride, isum, nb, b, c0);
+      const Unpacked u1 = block(b + 1);
+      __m512i c1[NT];
+      block_products_vnni<TY, NT>(u1, act, astride, isum, nb, b + 1, c1);
+      for (int t = 0; t < NT; ++t)
+        acc[t] = _mm512_add_ps(acc[t], pair_term<kHasMin>(c0[t], c1[t], u0.dw, u0.mw, u1.dw, u1.mw, fx[t], nb, b));
+    }
+    if (b < nb) {
+      const Unpacked u = block(b);
+      __m512i c[NT];
+      block_products_vnni<TY, NT>(u, act, astride, isum, nb, b, c);
+      for (int t = 0; t < NT; ++t) acc[t] = add_last_block<kHasMin>(acc[t], c[t], u.dw, u.mw, fx[t], nb, b);
+    }
+    for (int t = 0; t < NT; ++t) _mm512_storeu_ps(y + t * w.rows + p * kTile, acc[t]);
+  }
+}
+
+template <GgmlType TY, int NT = kVnniMaxTokens>
+void vnni_panels_n(int nt, const WeightView& w, const uint8_t* act, size_t astride, const int32_t* isum, float* y,
+                   int64_t p0, int64_t p1) {
+  if constexpr (NT > 1) {
+    if (nt < NT) return vnni_panels_n<TY, NT - 1>(nt, w, act, astride, isum, y, p0, p1);
+  }
+  vnni_panels<TY, NT>(w, act, astride, isum, y, p0, p1);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -218,15 +387,11 @@ template <bool kHasMin, int NT>
 inline void pair_epilogue(const int32_t* c0, const int32_t* c1, const PanelBlock* panel, const float* fx, size_t fstride,
                           int64_t nb, int64_t b, __m512 (&acc)[kTile]) {
   const __m512 dw0 = _mm512_load_ps(panel[b].dw), dw1 = _mm512_load_ps(panel[b + 1].dw);
+  const __m512 mw0 = _mm512_load_ps(panel[b].mw), mw1 = _mm512_load_ps(panel[b + 1].mw);
 #pragma GCC unroll 16
-  for (int t = 0; t < NT; ++t) {
-    const float* fx_t = fx + t * fstride;
-    __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(c0 + 16 * t)), _mm512_mul_ps(dw0, _mm512_set1_ps(fx_t[b])));
-    if constexpr (kHasMin) v = _mm512_fmadd_ps(_mm512_load_ps(panel[b].mw), _mm512_set1_ps(fx_t[nb + b]), v);
-    v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(c1 + 16 * t)), _mm512_mul_ps(dw1, _mm512_set1_ps(fx_t[b + 1])), v);
-    if constexpr (kHasMin) v = _mm512_fmadd_ps(_mm512_load_ps(panel[b + 1].mw), _mm512_set1_ps(fx_t[nb + b + 1]), v);
-    acc[t] = _mm512_add_ps(acc[t], v);
-  }
+  for (int t = 0; t < NT; ++t)
+    acc[t] = _mm512_add_ps(acc[t], pair_term<kHasMin>(_mm512_load_si512(c0 + 16 * t), _mm512_load_si512(c1 + 16 * t), dw0,
+                                                      mw0, dw1, mw1, fx + t * fstride, nb, b));
 }
 
 // NT tokens (of a 16-token A tile whose rows past NT are padding) against one panel: y rows
@@ -257,14 +422,10 @@ void tile(const uint8_t* act, size_t astride, int64_t nb, const PanelBlock* pane
   if (nb % 2 != 0) {
     const int64_t b = nb - 1;
     block_product<0>(act + 32 * b, stride, panel[b], c[0][0]);
-    const __m512 dw = _mm512_load_ps(panel[b].dw);
+    const __m512 dw = _mm512_load_ps(panel[b].dw), mw = _mm512_load_ps(panel[b].mw);
 #pragma GCC unroll 16
-    for (int t = 0; t < NT; ++t) {
-      const float* fx_t = fx + t * fstride;
-      acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(c[0][0] + 16 * t)),
-                               _mm512_mul_ps(dw, _mm512_set1_ps(fx_t[b])), acc[t]);
-      if constexpr (kHasMin) acc[t] = _mm512_fmadd_ps(_mm512_load_ps(panel[b].mw), _mm512_set1_ps(fx_t[nb + b]), acc[t]);
-    }
+    for (int t = 0; t < NT; ++t)
+      acc[t] = add_last_block<kHasMin>(acc[t], _mm512_load_si512(c[0][0] + 16 * t), dw, mw, fx + t * fstride, nb, b);
   }
 #pragma GCC unroll 16
   for (int t = 0; t < NT; ++t) _mm512_mask_storeu_ps(y + t * ystride, rows, acc[t]);
@@ -297,14 +458,14 @@ PanelBlock* panel_buffer(int64_t nb) {
   return buf.get();
 }
 
-// Panels [p0, p1) of 16 rows against every token.
+// Panels [p0, p1) of 16 rows of w against every token, on AMX tiles (the tile configuration
+// loaded by the caller).
 template <GgmlType TY>
-void run_panels(const WeightView& w, const uint8_t* act, size_t astride, int64_t n_tok, float* y, int64_t p0,
-                int64_t p1) {
+void tile_panels(const WeightView& w, const uint8_t* act, size_t astride, int64_t n_tok, float* y, int64_t p0,
+                 int64_t p1) {
   const int64_t nb = w.cols / 32;
   const size_t wrb = row_bytes(w.type, w.cols);
   PanelBlock* panel = panel_buffer(nb);
-  _tile_loadconfig(&kTileConfig);
   for (int64_t p = p0; p < p1; ++p) {
     const int64_t r0 = p * kTile;
     const int nrows = static_cast<int>(std::min<int64_t>(kTile, w.rows - r0));
@@ -317,32 +478,85 @@ void run_panels(const WeightView& w, const uint8_t* act, size_t astride, int64_t
                                          rows);
     }
   }
-  _tile_release();
+}
+
+// Few tokens on panel-layout weights go to VNNI, everything else to the tiles.
+bool vnni_takes(const WeightView& w, int64_t n_tok) {
+  return w.layout == WeightLayout::panels16 && n_tok <= kVnniMaxTokens;
+}
+
+// Panels [q0, q1) of the matrices stacked (matrix i's panels after those of matrices 0..i-1).
+template <GgmlType TY>
+void run_panels(std::span<const WeightView> ws, std::span<float* const> ys, const uint8_t* act, size_t astride,
+                const int32_t* isum, int64_t n_tok, int64_t q0, int64_t q1) {
+  bool tiles = false;
+  int64_t first = 0;
+  for (size_t i = 0; i < ws.size(); ++i) {
+    const int64_t panels = (ws[i].rows + kTile - 1) / kTile;
+    const int64_t lo = std::max(q0, first) - first, hi = std::min(q1, first + panels) - first;
+    first += panels;
+    if (lo >= hi) continue;
+    if (vnni_takes(ws[i], n_tok)) {
+      vnni_panels_n<TY>(static_cast<int>(n_tok), ws[i], act, astride, isum, ys[i], lo, hi);
+      continue;
+    }
+    if (!tiles) _tile_loadconfig(&kTileConfig);
+    tiles = true;
+    tile_panels<TY>(ws[i], act, astride, n_tok, ys[i], lo, hi);
+  }
+  if (tiles) _tile_release();
+}
+
+// isum[t * nb + b] = sum of token t's int8 quants in block b.
+void block_sums(const uint8_t* act, size_t astride, int64_t n_tok, int64_t nb, int32_t* isum) {
+  const __m256i bias = _mm256_set1_epi8(static_cast<char>(0x80));
+  for (int64_t t = 0; t < n_tok; ++t)
+    for (int64_t b = 0; b < nb; ++b) {
+      const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(act + t * astride + 32 * b));
+      const __m256i s = _mm256_sad_epu8(_mm256_xor_si256(q, bias), _mm256_setzero_si256());  // sums of q + 128
+      const __m128i s2 = _mm_add_epi64(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+      isum[t * nb + b] = static_cast<int32_t>(_mm_cvtsi128_si64(s2) + _mm_extract_epi64(s2, 1)) - 32 * 128;
+    }
 }
 
 template <GgmlType TY>
-void amx_matmul_typed(const WeightView& w, const float* x, int64_t n_tok, float* y, ThreadPool& pool) {
+void amx_matmul_typed(std::span<const WeightView> ws, const float* x, int64_t n_tok, std::span<float* const> ys,
+                      ThreadPool& pool) {
+  const int64_t cols = ws[0].cols;
   // Gather offsets are int32: 15 rows of the matrix must fit.
-  if (row_bytes(w.type, w.cols) > static_cast<size_t>(INT32_MAX / kTile)) fail("matmul: rows too long for the AMX engine");
-  const int64_t nb = w.cols / 32;
+  if (row_bytes(ws[0].type, cols) > static_cast<size_t>(INT32_MAX / kTile)) fail("matmul: rows too long for the AMX engine");
+  const int64_t nb = cols / 32;
   const size_t astride = natural_stride(nb);
-  const int64_t padded = (n_tok + kTile - 1) / kTile * kTile;
+  bool any_tiles = false, any_vnni = false;
+  int64_t panels = 0;
+  for (const WeightView& w : ws) {
+    (vnni_takes(w, n_tok) ? any_vnni : any_tiles) = true;
+    panels += (w.rows + kTile - 1) / kTile;
+  }
+  const int64_t padded = any_tiles ? (n_tok + kTile - 1) / kTile * kTile : n_tok;
   uint8_t* act = scratch(astride * static_cast<size_t>(padded));
   // Padding tokens fill the last A tile: zeros (scales 0), never stored.
   std::memset(act + astride * static_cast<size_t>(n_tok), 0, astride * static_cast<size_t>(padded - n_tok));
   const auto quantize = [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) quantize_natural(x + t * w.cols, nb, act + t * astride);
+    for (int64_t t = t0; t < t1; ++t) quantize_natural(x + t * cols, nb, act + t * astride);
   };
-  if (n_tok * w.cols >= 32 * 1024 && pool.size() > 1)
+  if (n_tok * cols >= 32 * 1024 && pool.size() > 1)
     pool.parallel_for(n_tok, 1, quantize);
   else
     quantize(0, n_tok);
-  const int64_t panels = (w.rows + kTile - 1) / kTile;
+  // The caller's buffer (a thread_local name inside the workers' lambda would be theirs).
+  thread_local std::vector<int32_t> isum_buffer;
+  const int32_t* isum = nullptr;
+  if (any_vnni && !blocks::Codec<TY>::kHasMin) {
+    isum_buffer.resize(static_cast<size_t>(n_tok * nb));
+    block_sums(act, astride, n_tok, nb, isum_buffer.data());
+    isum = isum_buffer.data();
+  }
   const int64_t chunks = std::clamp<int64_t>(panels, 1, pool.size());
-  if (chunks == 1) return run_panels<TY>(w, act, astride, n_tok, y, 0, panels);
+  if (chunks == 1) return run_panels<TY>(ws, ys, act, astride, isum, n_tok, 0, panels);
   pool.run([&](int i, int) {
     if (i >= chunks) return;
-    run_panels<TY>(w, act, astride, n_tok, y, panels * i / chunks, panels * (i + 1) / chunks);
+    run_panels<TY>(ws, ys, act, astride, isum, n_tok, panels * i / chunks, panels * (i + 1) / chunks);
   });
 }
 
@@ -356,15 +570,16 @@ bool amx_handles(GgmlType t) {
          t == GgmlType::Q8_0 || t == GgmlType::IQ4_NL;
 }
 
-void amx_matmul(const WeightView& w, const float* x, int64_t n_tok, float* y, ThreadPool& pool) {
-  switch (w.type) {
-    case GgmlType::Q4_0: return amx_matmul_typed<GgmlType::Q4_0>(w, x, n_tok, y, pool);
-    case GgmlType::Q4_1: return amx_matmul_typed<GgmlType::Q4_1>(w, x, n_tok, y, pool);
-    case GgmlType::Q5_0: return amx_matmul_typed<GgmlType::Q5_0>(w, x, n_tok, y, pool);
-    case GgmlType::Q5_1: return amx_matmul_typed<GgmlType::Q5_1>(w, x, n_tok, y, pool);
-    case GgmlType::Q8_0: return amx_matmul_typed<GgmlType::Q8_0>(w, x, n_tok, y, pool);
-    case GgmlType::IQ4_NL: return amx_matmul_typed<GgmlType::IQ4_NL>(w, x, n_tok, y, pool);
-    default: fail("matmul: the AMX engine has no kernel for ", type_info(w.type).name);
+void amx_matmul(std::span<const WeightView> ws, const float* x, int64_t n_tok, std::span<float* const> ys,
+                ThreadPool& pool) {
+  switch (ws[0].type) {
+    case GgmlType::Q4_0: return amx_matmul_typed<GgmlType::Q4_0>(ws, x, n_tok, ys, pool);
+    case GgmlType::Q4_1: return amx_matmul_typed<GgmlType::Q4_1>(ws, x, n_tok, ys, pool);
+    case GgmlType::Q5_0: return amx_matmul_typed<GgmlType::Q5_0>(ws, x, n_tok, ys, pool);
+    case GgmlType::Q5_1: return amx_matmul_typed<GgmlType::Q5_1>(ws, x, n_tok, ys, pool);
+    case GgmlType::Q8_0: return amx_matmul_typed<GgmlType::Q8_0>(ws, x, n_tok, ys, pool);
+    case GgmlType::IQ4_NL: return amx_matmul_typed<GgmlType::IQ4_NL>(ws, x, n_tok, ys, pool);
+    default: fail("matmul: the AMX engine has no kernel for ", type_info(ws[0].type).name);
   }
 }
 
@@ -372,10 +587,45 @@ void amx_matmul(const WeightView& w, const float* x, int64_t n_tok, float* y, Th
 
 bool amx_available() { return false; }
 bool amx_handles(GgmlType) { return false; }
-void amx_matmul(const WeightView&, const float*, int64_t, float*, ThreadPool&) {
+void amx_matmul(std::span<const WeightView>, const float*, int64_t, std::span<float* const>, ThreadPool&) {
   fail("matmul: the AMX engine is not built for this platform");
 }
 
 #endif  // QF_AMX_BUILD
+
+// Panel layout (kernels.h WeightLayout::panels16): panel p holds rows [16p, 16p + 16) in the
+// bytes the rows layout gives them; in it, block b starts at b * 16 * block_bytes with the 16
+// rows' heads side by side (16 x head bytes), then every further 4 bytes [o, o + 4) of the 16
+// rows' blocks, 64 bytes at 16 * o. These are the bytes the AMX engine used to gather.
+void rows_to_panels(GgmlType t, int64_t cols, int64_t rows, uint8_t* data) {
+  const size_t kb = type_info(t).block_bytes, head = panel_head_bytes(t);
+  const size_t wrb = row_bytes(t, cols), nb = static_cast<size_t>(cols) / 32;
+  std::vector<uint8_t> rows16(16 * wrb);
+  for (int64_t p = 0; p < rows / 16; ++p) {
+    uint8_t* panel = data + static_cast<size_t>(p) * 16 * wrb;
+    std::memcpy(rows16.data(), panel, rows16.size());
+    for (size_t b = 0; b < nb; ++b) {
+      uint8_t* out = panel + b * 16 * kb;
+      for (size_t n = 0; n < 16; ++n) {
+        const uint8_t* blk = rows16.data() + n * wrb + b * kb;
+        std::memcpy(out + n * head, blk, head);
+        for (size_t o = head; o < kb; o += 4) std::memcpy(out + 16 * o + 4 * n, blk + o, 4);
+      }
+    }
+  }
+}
+
+void panel_row(GgmlType t, int64_t cols, const uint8_t* data, int64_t row, uint8_t* out) {
+  const size_t kb = type_info(t).block_bytes, head = panel_head_bytes(t);
+  const size_t wrb = row_bytes(t, cols), nb = static_cast<size_t>(cols) / 32;
+  const uint8_t* panel = data + static_cast<size_t>(row / 16) * 16 * wrb;
+  const size_t n = static_cast<size_t>(row % 16);
+  for (size_t b = 0; b < nb; ++b) {
+    const uint8_t* in = panel + b * 16 * kb;
+    uint8_t* blk = out + b * kb;
+    std::memcpy(blk, in + n * head, head);
+    for (size_t o = head; o < kb; o += 4) std::memcpy(blk + o, in + 16 * o + 4 * n, 4);
+  }
+}
 
 }  // namespace qf::detail

@@ -3,6 +3,7 @@
 // TokenKind::prompt rows when amx_available() and the dispatched SIMD target is AVX3_DL.
 #pragma once
 #include <cstdint>
+#include <span>
 
 #include "tensor/kernels.h"
 
@@ -20,6 +21,17 @@ bool amx_handles(GgmlType t);
 // has checked the shape and pointers. Activations are quantized exactly as the other engines
 // quantize them for 32-element types; each output depends only on its own row and token (never
 // on n_tok, the token's place in a tile or the thread count).
-void amx_matmul(const WeightView& w, const float* x, int64_t n_tok, float* y, ThreadPool& pool);
+// Matrices of one type and width share the input's quantization (matmul_shared_input). Weights
+// in the panel layout take the AMX tiles too, or VNNI for a few tokens (decode) with the same
+// integer products and the same float epilogue, so their results are the tiles' bit for bit:
+// one token gets the same numbers alone, batched or in a prompt.
+void amx_matmul(std::span<const WeightView> ws, const float* x, int64_t n_tok, std::span<float* const> ys,
+                ThreadPool& pool);
+
+// The panel layout (kernels.h WeightLayout::panels16), for the types amx_handles(): rewrites a
+// rows x cols matrix in place (rows a multiple of 16), and copies row `row` of a panel-layout
+// matrix back into the rows layout (row_bytes(t, cols) bytes at out).
+void rows_to_panels(GgmlType t, int64_t cols, int64_t rows, uint8_t* data);
+void panel_row(GgmlType t, int64_t cols, const uint8_t* data, int64_t row, uint8_t* out);
 
 }  // namespace qf::detail
