@@ -12,7 +12,6 @@
 
 #include "tensor/kernels.h"
 #include "tensor/kernels_internal.h"
-#include "tensor/matmul_amx.h"
 #include "util/error.h"
 
 namespace qf {
@@ -36,23 +35,47 @@ void dequantize_row(const WeightView& w, int64_t row, float* out) {
   ti.dequantize(w.data + static_cast<size_t>(row) * rb, w.cols, out);
 }
 
-bool panels_supported(const WeightView& w) {
-  return w.layout == WeightLayout::rows && detail::amx_handles(w.type) && w.rows > 0 && w.rows % 16 == 0 &&
-         w.cols > 0 && w.cols % 32 == 0 && amx_prompt_engine();
-}
 
-void to_panels(WeightView& w, uint8_t* data) {
-  if (data == nullptr || data != w.data) fail("to_panels: data must be the weight's own bytes");
-  if (!panels_supported(w))
-    fail("to_panels: a ", w.rows, " x ", w.cols, " ", type_info(w.type).name, " matrix cannot take the panel layout here");
-  detail::rows_to_panels(w.type, w.cols, w.rows, data);
-  w.layout = WeightLayout::panels16;
-}
 
 // ---------------------------------------------------------------------------------------------
 // Scratch buffer
 
 namespace detail {
+
+// Panel layout (kernels.h WeightLayout::panels16): panel p holds rows [16p, 16p + 16) in the
+// bytes the rows layout gives them; in it, block b starts at b * 16 * block_bytes with the 16
+// rows' heads side by side (16 x head bytes), then every further 4 bytes [o, o + 4) of the 16
+// rows' blocks, 64 bytes at 16 * o. These are the bytes the AMX engine used to gather.
+void rows_to_panels(GgmlType t, int64_t cols, int64_t rows, uint8_t* data) {
+  const size_t kb = type_info(t).block_bytes, head = panel_head_bytes(t);
+  const size_t wrb = row_bytes(t, cols), nb = static_cast<size_t>(cols) / 32;
+  std::vector<uint8_t> rows16(16 * wrb);
+  for (int64_t p = 0; p < rows / 16; ++p) {
+    uint8_t* panel = data + static_cast<size_t>(p) * 16 * wrb;
+    std::memcpy(rows16.data(), panel, rows16.size());
+    for (size_t b = 0; b < nb; ++b) {
+      uint8_t* out = panel + b * 16 * kb;
+      for (size_t n = 0; n < 16; ++n) {
+        const uint8_t* blk = rows16.data() + n * wrb + b * kb;
+        std::memcpy(out + n * head, blk, head);
+        for (size_t o = head; o < kb; o += 4) std::memcpy(out + 16 * o + 4 * n, blk + o, 4);
+      }
+    }
+  }
+}
+
+void panel_row(GgmlType t, int64_t cols, const uint8_t* data, int64_t row, uint8_t* out) {
+  const size_t kb = type_info(t).block_bytes, head = panel_head_bytes(t);
+  const size_t wrb = row_bytes(t, cols), nb = static_cast<size_t>(cols) / 32;
+  const uint8_t* panel = data + static_cast<size_t>(row / 16) * 16 * wrb;
+  const size_t n = static_cast<size_t>(row % 16);
+  for (size_t b = 0; b < nb; ++b) {
+    const uint8_t* in = panel + b * 16 * kb;
+    uint8_t* blk = out + b * kb;
+    std::memcpy(blk, in + n * head, head);
+    for (size_t o = head; o < kb; o += 4) std::memcpy(blk + o, in + 16 * o + 4 * n, 4);
+  }
+}
 
 uint8_t* scratch(size_t bytes) {
   struct Free {

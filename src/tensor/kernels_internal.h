@@ -4,6 +4,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "tensor/types.h"
+
 namespace qf::detail {
 
 // A 64-byte aligned buffer owned by the calling thread, at least `bytes` long, valid until that
@@ -15,6 +17,15 @@ uint8_t* scratch(size_t bytes);
 // d the fp16-rounded scale and s = d * sum(q). The AMX engine's A tiles read this layout.
 void quantize_natural(const float* x, int64_t nb, uint8_t* out);
 inline size_t natural_stride(int64_t nb) { return (static_cast<size_t>(nb) * 40 + 63) / 64 * 64; }
+
+// The panel layout (kernels.h WeightLayout::panels16) of the 32-element types, in kernels.cpp:
+// each block of a panel starts with its 16 rows' scale (and min) half words side by side,
+// panel_head_bytes each, then holds the rest of the 16 blocks 4 bytes per row at a time.
+// rows_to_panels rewrites a rows x cols matrix in place (rows a multiple of 16); panel_row
+// copies row `row` of a panel-layout matrix back into the rows layout (row_bytes bytes at out).
+constexpr size_t panel_head_bytes(GgmlType t) { return t == GgmlType::Q4_1 || t == GgmlType::Q5_1 ? 4 : 2; }
+void rows_to_panels(GgmlType t, int64_t cols, int64_t rows, uint8_t* data);
+void panel_row(GgmlType t, int64_t cols, const uint8_t* data, int64_t row, uint8_t* out);
 
 // Applies QF_SIMD_TARGET once per process (throws qf::Error on a bad value; retried next call).
 void init_simd_once();

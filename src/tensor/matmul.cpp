@@ -1430,6 +1430,19 @@ bool amx_prompt_engine() {
   return HWY_DYNAMIC_DISPATCH(TargetBit)() == HWY_AVX3_DL && detail::amx_available();
 }
 
+bool panels_supported(const WeightView& w) {
+  return w.layout == WeightLayout::rows && detail::amx_handles(w.type) && w.rows > 0 && w.rows % 16 == 0 &&
+         w.cols > 0 && w.cols % 32 == 0 && amx_prompt_engine();
+}
+
+void to_panels(WeightView& w, uint8_t* data) {
+  if (data == nullptr || data != w.data) fail("to_panels: data must be the weight's own bytes");
+  if (!panels_supported(w))
+    fail("to_panels: a ", w.rows, " x ", w.cols, " ", type_info(w.type).name, " matrix cannot take the panel layout here");
+  detail::rows_to_panels(w.type, w.cols, w.rows, data);
+  w.layout = WeightLayout::panels16;
+}
+
 std::string simd_description() { return simd_target_name() + (amx_prompt_engine() ? " + AMX prompt" : ""); }
 
 }  // namespace qf

@@ -51,14 +51,6 @@
 
 namespace qf::detail {
 
-namespace {
-// Bytes of a block's scale (and min) at its start: in the panel layout the 16 rows' heads come
-// first, side by side, then the rest of the block 4 bytes per row at a time.
-constexpr size_t panel_head_bytes(GgmlType t) {
-  return t == GgmlType::Q4_1 || t == GgmlType::Q5_1 ? 4 : 2;
-}
-}  // namespace
-
 #if QF_AMX_BUILD
 namespace {
 
@@ -592,40 +584,5 @@ void amx_matmul(std::span<const WeightView>, const float*, int64_t, std::span<fl
 }
 
 #endif  // QF_AMX_BUILD
-
-// Panel layout (kernels.h WeightLayout::panels16): panel p holds rows [16p, 16p + 16) in the
-// bytes the rows layout gives them; in it, block b starts at b * 16 * block_bytes with the 16
-// rows' heads side by side (16 x head bytes), then every further 4 bytes [o, o + 4) of the 16
-// rows' blocks, 64 bytes at 16 * o. These are the bytes the AMX engine used to gather.
-void rows_to_panels(GgmlType t, int64_t cols, int64_t rows, uint8_t* data) {
-  const size_t kb = type_info(t).block_bytes, head = panel_head_bytes(t);
-  const size_t wrb = row_bytes(t, cols), nb = static_cast<size_t>(cols) / 32;
-  std::vector<uint8_t> rows16(16 * wrb);
-  for (int64_t p = 0; p < rows / 16; ++p) {
-    uint8_t* panel = data + static_cast<size_t>(p) * 16 * wrb;
-    std::memcpy(rows16.data(), panel, rows16.size());
-    for (size_t b = 0; b < nb; ++b) {
-      uint8_t* out = panel + b * 16 * kb;
-      for (size_t n = 0; n < 16; ++n) {
-        const uint8_t* blk = rows16.data() + n * wrb + b * kb;
-        std::memcpy(out + n * head, blk, head);
-        for (size_t o = head; o < kb; o += 4) std::memcpy(out + 16 * o + 4 * n, blk + o, 4);
-      }
-    }
-  }
-}
-
-void panel_row(GgmlType t, int64_t cols, const uint8_t* data, int64_t row, uint8_t* out) {
-  const size_t kb = type_info(t).block_bytes, head = panel_head_bytes(t);
-  const size_t wrb = row_bytes(t, cols), nb = static_cast<size_t>(cols) / 32;
-  const uint8_t* panel = data + static_cast<size_t>(row / 16) * 16 * wrb;
-  const size_t n = static_cast<size_t>(row % 16);
-  for (size_t b = 0; b < nb; ++b) {
-    const uint8_t* in = panel + b * 16 * kb;
-    uint8_t* blk = out + b * kb;
-    std::memcpy(blk, in + n * head, head);
-    for (size_t o = head; o < kb; o += 4) std::memcpy(blk + o, in + 16 * o + 4 * n, 4);
-  }
-}
 
 }  // namespace qf::detail

@@ -28,10 +28,5 @@ bool amx_handles(GgmlType t);
 void amx_matmul(std::span<const WeightView> ws, const float* x, int64_t n_tok, std::span<float* const> ys,
                 ThreadPool& pool);
 
-// The panel layout (kernels.h WeightLayout::panels16), for the types amx_handles(): rewrites a
-// rows x cols matrix in place (rows a multiple of 16), and copies row `row` of a panel-layout
-// matrix back into the rows layout (row_bytes(t, cols) bytes at out).
-void rows_to_panels(GgmlType t, int64_t cols, int64_t rows, uint8_t* data);
-void panel_row(GgmlType t, int64_t cols, const uint8_t* data, int64_t row, uint8_t* out);
 
 }  // namespace qf::detail
