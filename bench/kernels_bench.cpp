@@ -214,6 +214,7 @@ void TypeArgs(benchmark::internal::Benchmark* b) {
   b->UseRealTime();
 }
 
+// panels (third argument, where given): the matrices in the panel layout where it is supported.
 void BM_TypeDecode(benchmark::State& state) {
   const auto type = static_cast<GgmlType>(state.range(0));
   ThreadPool& p = pool(static_cast<int>(state.range(1)));
@@ -221,10 +222,15 @@ void BM_TypeDecode(benchmark::State& state) {
   const int copies = std::max(1, static_cast<int>(kStreamMiB * 1048576.0 / mat_bytes + 0.999));
   const auto w = make_weights(type, kTypeRows, kTypeCols, 1);
   std::vector<std::vector<uint8_t>> mats(copies, w);
+  std::vector<WeightView> views;
+  for (auto& m : mats) {
+    views.push_back(WeightView{type, kTypeCols, kTypeRows, m.data()});
+    if (state.range(2) != 0 && panels_supported(views.back())) to_panels(views.back(), m.data());
+  }
   const auto x = make_x(kTypeCols);
   std::vector<float> y(kTypeRows);
   for (auto _ : state) {
-    for (const auto& m : mats) matmul(WeightView{type, kTypeCols, kTypeRows, m.data()}, x.data(), 1, y.data(), p);
+    for (const WeightView& v : views) matmul(v, x.data(), 1, y.data(), p);
     benchmark::ClobberMemory();
   }
   const double iters = static_cast<double>(state.iterations());
@@ -232,7 +238,13 @@ void BM_TypeDecode(benchmark::State& state) {
   state.counters["GOPS"] = benchmark::Counter(iters * 2.0 * kTypeRows * kTypeCols * copies / 1e9, benchmark::Counter::kIsRate);
   state.SetLabel(std::string(type_info(type).name) + " " + std::to_string(copies) + " copies " + simd_target_name());
 }
-BENCHMARK(BM_TypeDecode)->Apply(TypeArgs);
+BENCHMARK(BM_TypeDecode)->Apply([](benchmark::internal::Benchmark* b) {
+  b->ArgNames({"type", "threads", "panels"});
+  for (GgmlType t : quantized_types())
+    for (int threads : {1, 2, 4})
+      for (int panels : {0, 1}) b->Args({static_cast<int>(t), threads, panels});
+  b->UseRealTime();
+});
 
 void BM_TypePrefill(benchmark::State& state) {
   const auto type = static_cast<GgmlType>(state.range(0));

@@ -312,9 +312,6 @@ void vnni_panels(const WeightView& w, const uint8_t* act, size_t astride, const 
     const uint8_t* base = w.data + static_cast<size_t>(p) * panel_bytes;
     const auto block = [&](int64_t b) {
       const uint8_t* blk = base + static_cast<size_t>(b) * kBlockBytes;
-      // Decode streams the weights once: fetch the next blocks ahead of use.
-      for (size_t off = 0; off < kBlockBytes; off += 64)
-        _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetchBytes + off), _MM_HINT_T0);
       return unpack_block<TY>(PanelLoad<TY>{blk});
     };
     __m512 acc[NT];
