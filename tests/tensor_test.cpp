@@ -828,7 +828,7 @@ TEST_F(AmxPrompt, TokenRowsIndependentOfTokenCountAndPlace) {
 
 // Weights in the panel layout (to_panels): every token count, either kind and every thread
 // count give each (row, token) the numbers the AMX engine gives the rows layout, bit for bit,
-// so a session's decode steps are the same alone, batched or as a prompt; the VNNI path (up to 3
+// so a session's decode steps are the same alone, batched or as a prompt; the VNNI path (up to 2
 // tokens) and the tiles both run here. dequantize_row reads the panels back exactly.
 TEST_F(AmxPrompt, PanelLayoutGivesTheTilesNumbers) {
   ThreadPool pools[] = {ThreadPool(1), ThreadPool(2), ThreadPool(3)};

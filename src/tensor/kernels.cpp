@@ -42,38 +42,49 @@ void dequantize_row(const WeightView& w, int64_t row, float* out) {
 
 namespace detail {
 
-// Panel layout (kernels.h WeightLayout::panels16): panel p holds rows [16p, 16p + 16) in the
-// bytes the rows layout gives them; in it, block b starts at b * 16 * block_bytes with the 16
-// rows' heads side by side (16 x head bytes), then every further 4 bytes [o, o + 4) of the 16
-// rows' blocks, 64 bytes at 16 * o. These are the bytes the AMX engine used to gather.
+// Panel layout (kernels.h WeightLayout::panels16, kernels_internal.h): panel p holds rows
+// [16p, 16p + 16) in the bytes the rows layout gives them. In it, block b's quants (everything
+// after the head) start at b * body, body = 16 * (block_bytes - head): the 16 rows' bytes
+// [o, o + 4) side by side, 64 bytes at 16 * (o - head); then, after every block's quants, the
+// heads: block b's 16 rows' heads side by side at nb * body + b * 16 * head. These are the
+// bytes the AMX engine used to gather, and each 64 of them a whole cache line.
+struct PanelGeometry {
+  size_t block, head, body, wrb, nb;
+  PanelGeometry(GgmlType t, int64_t cols)
+      : block(type_info(t).block_bytes),
+        head(panel_head_bytes(t)),
+        body(16 * (block - head)),
+        wrb(row_bytes(t, cols)),
+        nb(static_cast<size_t>(cols) / 32) {}
+  // Where row n's bytes [o, o + 4) (o >= head), or its head (o = 0, head bytes), of block b lie.
+  size_t at(size_t b, size_t n, size_t o) const {
+    return o == 0 ? nb * body + b * 16 * head + n * head : b * body + 16 * (o - head) + 4 * n;
+  }
+};
+
 void rows_to_panels(GgmlType t, int64_t cols, int64_t rows, uint8_t* data) {
-  const size_t kb = type_info(t).block_bytes, head = panel_head_bytes(t);
-  const size_t wrb = row_bytes(t, cols), nb = static_cast<size_t>(cols) / 32;
-  std::vector<uint8_t> rows16(16 * wrb);
+  const PanelGeometry g(t, cols);
+  std::vector<uint8_t> rows16(16 * g.wrb);
   for (int64_t p = 0; p < rows / 16; ++p) {
-    uint8_t* panel = data + static_cast<size_t>(p) * 16 * wrb;
+    uint8_t* panel = data + static_cast<size_t>(p) * 16 * g.wrb;
     std::memcpy(rows16.data(), panel, rows16.size());
-    for (size_t b = 0; b < nb; ++b) {
-      uint8_t* out = panel + b * 16 * kb;
+    for (size_t b = 0; b < g.nb; ++b)
       for (size_t n = 0; n < 16; ++n) {
-        const uint8_t* blk = rows16.data() + n * wrb + b * kb;
-        std::memcpy(out + n * head, blk, head);
-        for (size_t o = head; o < kb; o += 4) std::memcpy(out + 16 * o + 4 * n, blk + o, 4);
+        const uint8_t* blk = rows16.data() + n * g.wrb + b * g.block;
+        std::memcpy(panel + g.at(b, n, 0), blk, g.head);
+        for (size_t o = g.head; o < g.block; o += 4) std::memcpy(panel + g.at(b, n, o), blk + o, 4);
       }
-    }
   }
 }
 
 void panel_row(GgmlType t, int64_t cols, const uint8_t* data, int64_t row, uint8_t* out) {
-  const size_t kb = type_info(t).block_bytes, head = panel_head_bytes(t);
-  const size_t wrb = row_bytes(t, cols), nb = static_cast<size_t>(cols) / 32;
-  const uint8_t* panel = data + static_cast<size_t>(row / 16) * 16 * wrb;
+  const PanelGeometry g(t, cols);
+  const uint8_t* panel = data + static_cast<size_t>(row / 16) * 16 * g.wrb;
   const size_t n = static_cast<size_t>(row % 16);
-  for (size_t b = 0; b < nb; ++b) {
-    const uint8_t* in = panel + b * 16 * kb;
-    uint8_t* blk = out + b * kb;
-    std::memcpy(blk, in + n * head, head);
-    for (size_t o = head; o < kb; o += 4) std::memcpy(blk + o, in + 16 * o + 4 * n, 4);
+  for (size_t b = 0; b < g.nb; ++b) {
+    uint8_t* blk = out + b * g.block;
+    std::memcpy(blk, panel + g.at(b, n, 0), g.head);
+    for (size_t o = g.head; o < g.block; o += 4) std::memcpy(blk + o, panel + g.at(b, n, o), 4);
   }
 }
 

@@ -19,8 +19,8 @@ void quantize_natural(const float* x, int64_t nb, uint8_t* out);
 inline size_t natural_stride(int64_t nb) { return (static_cast<size_t>(nb) * 40 + 63) / 64 * 64; }
 
 // The panel layout (kernels.h WeightLayout::panels16) of the 32-element types, in kernels.cpp:
-// each block of a panel starts with its 16 rows' scale (and min) half words side by side,
-// panel_head_bytes each, then holds the rest of the 16 blocks 4 bytes per row at a time.
+// a panel of 16 rows holds, block after block, the 16 rows' quants 4 bytes per row at a time,
+// then every block's 16 heads (scale, and min, half words: panel_head_bytes each) side by side.
 // rows_to_panels rewrites a rows x cols matrix in place (rows a multiple of 16); panel_row
 // copies row `row` of a panel-layout matrix back into the rows layout (row_bytes bytes at out).
 constexpr size_t panel_head_bytes(GgmlType t) { return t == GgmlType::Q4_1 || t == GgmlType::Q5_1 ? 4 : 2; }

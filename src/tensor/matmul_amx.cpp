@@ -92,11 +92,11 @@ QF_PUSH_TARGET("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,
 namespace {
 
 constexpr int kTile = 16;  // tokens per A tile, weight rows per panel
-// Up to this many tokens, panel-layout weights go through VNNI instead of the tiles: unpacking a
-// panel for the tiles costs more than a few tokens' products. kernels_bench BM_BatchedModel
-// (SmolLM2's matrices, Q4_1, 1 thread, ms per step) at 1 / 2 / 3 / 4 tokens: VNNI 6.2 / 9.8 /
-// 15.8 / 18.7, tiles - / 15.4 / 15.9 / 16.1.
-constexpr int kVnniMaxTokens = 3;
+// Up to this many tokens, panel-layout weights go through VNNI instead of the tiles, which do
+// 16 tokens' products for about the price of one but pay for storing each unpacked block and
+// its 16 x 16 products. kernels_bench BM_BatchedModel (SmolLM2's matrices, Q4_1, 1 thread, ms
+// per step, medians of 3) at 2 / 3 / 4 tokens: VNNI 12.4 / 13.8 / 14.6, tiles 12.8 / 13.7 / 13.6.
+constexpr int kVnniMaxTokens = 2;
 // Decode prefetch distance along the weight stream, as the natural-layout VNNI engine's.
 constexpr size_t kPrefetchBytes = 8192;
 template <GgmlType TY>
@@ -135,19 +135,32 @@ struct Gather {
   }
 };
 
-// Panel layout (kernels.h WeightLayout::panels16): the same bytes, already side by side.
+// Panel layout (kernels.h WeightLayout::panels16; kernels_internal.h): the same bytes, already
+// side by side, block b's quants at b * kBody and its 16 heads after all the quants. Loads of
+// the quants are whole cache lines.
 template <GgmlType TY>
 struct PanelLoad {
   static constexpr size_t kHead = kPanelHead<TY>;
-  const uint8_t* blk;  // block b of the panel
+  static constexpr size_t kBody = kTile * (blocks::Codec<TY>::kBytes - kHead);
+  const uint8_t* body;  // block b's quants
+  const uint8_t* head;  // block b's heads
+  PanelLoad(const uint8_t* panel, int64_t nb, int64_t b)
+      : body(panel + static_cast<size_t>(b) * kBody),
+        head(panel + static_cast<size_t>(nb) * kBody + static_cast<size_t>(b) * kTile * kHead) {}
+  // Decode streams the weights once: fetch the quants and the heads ahead of use.
+  void prefetch() const {
+    for (size_t off = 0; off < kBody; off += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(body + kPrefetchBytes + off), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(head + 8 * kTile * kHead), _MM_HINT_T0);
+  }
   __m512i at(size_t off) const {
     if (off == 0) {
       if constexpr (kHead == 2)  // d only: 16 halfs, widened to the dwords a gather would give
-        return _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk)));
+        return _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(head)));
       else
-        return _mm512_loadu_si512(blk);
+        return _mm512_loadu_si512(head);
     }
-    return _mm512_loadu_si512(blk + 16 * off);
+    return _mm512_loadu_si512(body + 16 * (off - kHead));
   }
 };
 
@@ -223,13 +236,11 @@ inline void store_block(const Unpacked& u, PanelBlock& out) {
 template <GgmlType TY>
 void unpack_panel(const WeightView& w, size_t wrb, int64_t r0, int nrows, int64_t nb, PanelBlock* panel) {
   if (w.layout == WeightLayout::panels16) {
-    constexpr size_t kBlockBytes = kTile * blocks::Codec<TY>::kBytes;
     const uint8_t* base = w.data + static_cast<size_t>(r0) * wrb;
     for (int64_t b = 0; b < nb; ++b) {
-      const uint8_t* blk = base + static_cast<size_t>(b) * kBlockBytes;
-      for (size_t off = 0; off < kBlockBytes; off += 64)  // the panels are one stream: fetch ahead
-        _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetchBytes + off), _MM_HINT_T0);
-      store_block(unpack_block<TY>(PanelLoad<TY>{blk}), panel[b]);
+      const PanelLoad<TY> src(base, nb, b);
+      src.prefetch();
+      store_block(unpack_block<TY>(src), panel[b]);
     }
     return;
   }
@@ -301,18 +312,18 @@ inline void block_products_vnni(const Unpacked& u, const uint8_t* act, size_t as
 template <GgmlType TY, int NT>
 void vnni_panels(const WeightView& w, const uint8_t* act, size_t astride, const int32_t* isum, float* y, int64_t p0,
                  int64_t p1) {
-  using C = blocks::Codec<TY>;
-  constexpr bool kHasMin = C::kHasMin;
-  constexpr size_t kBlockBytes = kTile * C::kBytes;
+  constexpr bool kHasMin = blocks::Codec<TY>::kHasMin;
   const int64_t nb = w.cols / 32;
-  const size_t panel_bytes = static_cast<size_t>(nb) * kBlockBytes;
+  const size_t panel_bytes = static_cast<size_t>(nb) * kTile * blocks::Codec<TY>::kBytes;
   const float* fx[NT];
   for (int t = 0; t < NT; ++t) fx[t] = reinterpret_cast<const float*>(act + t * astride + 32 * nb);
   for (int64_t p = p0; p < p1; ++p) {
     const uint8_t* base = w.data + static_cast<size_t>(p) * panel_bytes;
     const auto block = [&](int64_t b) {
-      const uint8_t* blk = base + static_cast<size_t>(b) * kBlockBytes;
-      return unpack_block<TY>(PanelLoad<TY>{blk});
+      const PanelLoad<TY> src(base, nb, b);
+      // Without the prefetch `qf bench` (SmolLM2, 2 threads) decoded 175-180 tok/s instead of 222.
+      src.prefetch();
+      return unpack_block<TY>(src);
     };
     __m512 acc[NT];
     for (__m512& a : acc) a = _mm512_setzero_ps();
@@ -373,10 +384,10 @@ inline void block_product(const uint8_t* a, long astride, const PanelBlock& p, i
 // the accumulator, which halves its chain of roundings (the VNNI engine's lanes and final tree
 // are about as short).
 template <bool kHasMin, int NT>
-inline void pair_epilogue(const int32_t* c0, const int32_t* c1, const PanelBlock* panel, const float* fx, size_t fstride,
-                          int64_t nb, int64_t b, __m512 (&acc)[kTile]) {
-  const __m512 dw0 = _mm512_load_ps(panel[b].dw), dw1 = _mm512_load_ps(panel[b + 1].dw);
-  const __m512 mw0 = _mm512_load_ps(panel[b].mw), mw1 = _mm512_load_ps(panel[b + 1].mw);
+inline void pair_epilogue(const int32_t* c0, const int32_t* c1, const PanelBlock& p0, const PanelBlock& p1,
+                          const float* fx, size_t fstride, int64_t nb, int64_t b, __m512 (&acc)[kTile]) {
+  const __m512 dw0 = _mm512_load_ps(p0.dw), dw1 = _mm512_load_ps(p1.dw);
+  const __m512 mw0 = _mm512_load_ps(p0.mw), mw1 = _mm512_load_ps(p1.mw);
 #pragma GCC unroll 16
   for (int t = 0; t < NT; ++t)
     acc[t] = _mm512_add_ps(acc[t], pair_term<kHasMin>(_mm512_load_si512(c0 + 16 * t), _mm512_load_si512(c1 + 16 * t), dw0,
@@ -384,34 +395,40 @@ inline void pair_epilogue(const int32_t* c0, const int32_t* c1, const PanelBlock
 }
 
 // NT tokens (of a 16-token A tile whose rows past NT are padding) against one panel: y rows
-// [r0, r0 + 16) masked to `rows`. Software-pipelined: the products of the next pair of blocks
-// are computed and stored before the epilogue of this pair reads its stored products, so the
-// loads do not wait on the tile stores just issued.
-template <bool kHasMin, int NT>
-void tile(const uint8_t* act, size_t astride, int64_t nb, const PanelBlock* panel, float* y, int64_t ystride,
+// [r0, r0 + 16) masked to `rows`; fetch(b) gives block b unpacked (a PanelBlock that stays
+// valid until fetch(b + 4)). Software-pipelined: the next pair of blocks is fetched and its
+// products computed and stored before the epilogue of this pair reads its stored products, so
+// the loads do not wait on the tile stores just issued, and a fetch that unpacks from memory
+// overlaps the epilogue before it.
+template <bool kHasMin, int NT, class Fetch>
+void tile(const uint8_t* act, size_t astride, int64_t nb, const Fetch& fetch, float* y, int64_t ystride,
           __mmask16 rows) {
   __m512 acc[kTile];
 #pragma GCC unroll 16
   for (__m512& a : acc) a = _mm512_setzero_ps();
   alignas(64) int32_t c[2][2][kTile * kTile];  // [pair parity][block of the pair]
+  const PanelBlock* blk[2][2];                  // the same, their unpacked weights
   // dx of token t, block b at fx[t * fstride + b]; sx nb floats further.
   const auto* fx = reinterpret_cast<const float*>(act + 32 * nb);
   const size_t fstride = astride / sizeof(float);
   const long stride = static_cast<long>(astride);
   const int64_t pairs = nb / 2;
   auto products = [&](int64_t k) {
-    block_product<0>(act + 64 * k, stride, panel[2 * k], c[k & 1][0]);
-    block_product<1>(act + 64 * k + 32, stride, panel[2 * k + 1], c[k & 1][1]);
+    blk[k & 1][0] = &fetch(2 * k);
+    blk[k & 1][1] = &fetch(2 * k + 1);
+    block_product<0>(act + 64 * k, stride, *blk[k & 1][0], c[k & 1][0]);
+    block_product<1>(act + 64 * k + 32, stride, *blk[k & 1][1], c[k & 1][1]);
   };
   if (pairs > 0) products(0);
   for (int64_t k = 0; k < pairs; ++k) {
     if (k + 1 < pairs) products(k + 1);
-    pair_epilogue<kHasMin, NT>(c[k & 1][0], c[k & 1][1], panel, fx, fstride, nb, 2 * k, acc);
+    pair_epilogue<kHasMin, NT>(c[k & 1][0], c[k & 1][1], *blk[k & 1][0], *blk[k & 1][1], fx, fstride, nb, 2 * k, acc);
   }
   if (nb % 2 != 0) {
     const int64_t b = nb - 1;
-    block_product<0>(act + 32 * b, stride, panel[b], c[0][0]);
-    const __m512 dw = _mm512_load_ps(panel[b].dw), mw = _mm512_load_ps(panel[b].mw);
+    const PanelBlock& last = fetch(b);
+    block_product<0>(act + 32 * b, stride, last, c[0][0]);
+    const __m512 dw = _mm512_load_ps(last.dw), mw = _mm512_load_ps(last.mw);
 #pragma GCC unroll 16
     for (int t = 0; t < NT; ++t)
       acc[t] = add_last_block<kHasMin>(acc[t], _mm512_load_si512(c[0][0] + 16 * t), dw, mw, fx + t * fstride, nb, b);
@@ -420,13 +437,13 @@ void tile(const uint8_t* act, size_t astride, int64_t nb, const PanelBlock* pane
   for (int t = 0; t < NT; ++t) _mm512_mask_storeu_ps(y + t * ystride, rows, acc[t]);
 }
 
-template <bool kHasMin, int NT = kTile>
-void tile_n(int nt, const uint8_t* act, size_t astride, int64_t nb, const PanelBlock* panel, float* y,
-            int64_t ystride, __mmask16 rows) {
+template <bool kHasMin, int NT = kTile, class Fetch>
+void tile_n(int nt, const uint8_t* act, size_t astride, int64_t nb, const Fetch& fetch, float* y, int64_t ystride,
+            __mmask16 rows) {
   if constexpr (NT > 1) {
-    if (nt < NT) return tile_n<kHasMin, NT - 1>(nt, act, astride, nb, panel, y, ystride, rows);
+    if (nt < NT) return tile_n<kHasMin, NT - 1>(nt, act, astride, nb, fetch, y, ystride, rows);
   }
-  tile<kHasMin, NT>(act, astride, nb, panel, y, ystride, rows);
+  tile<kHasMin, NT>(act, astride, nb, fetch, y, ystride, rows);
 }
 
 // Owned by each thread: one panel of unpacked weights.
@@ -448,13 +465,34 @@ PanelBlock* panel_buffer(int64_t nb) {
 }
 
 // Panels [p0, p1) of 16 rows of w against every token, on AMX tiles (the tile configuration
-// loaded by the caller).
+// loaded by the caller). Several token tiles share one unpacking of the panel; a single one
+// (a batched decode step) unpacks each block from the panel layout just before its products, so
+// reading the weights overlaps the epilogue of the blocks before.
 template <GgmlType TY>
 void tile_panels(const WeightView& w, const uint8_t* act, size_t astride, int64_t n_tok, float* y, int64_t p0,
                  int64_t p1) {
+  constexpr bool kHasMin = blocks::Codec<TY>::kHasMin;
   const int64_t nb = w.cols / 32;
   const size_t wrb = row_bytes(w.type, w.cols);
+  if (w.layout == WeightLayout::panels16 && n_tok <= kTile) {
+    alignas(64) PanelBlock ring[4];
+    const auto rows = static_cast<__mmask16>(0xFFFF);
+    for (int64_t p = p0; p < p1; ++p) {
+      const uint8_t* base = w.data + static_cast<size_t>(p) * kTile * wrb;
+      const auto fetch = [&](int64_t b) -> const PanelBlock& {
+        const PanelLoad<TY> src(base, nb, b);
+        src.prefetch();
+        PanelBlock& out = ring[b & 3];
+        store_block(unpack_block<TY>(src), out);
+        __asm__ volatile("" ::: "memory");  // the tile loads' asm does not tell the compiler it reads the block
+        return out;
+      };
+      tile_n<kHasMin>(static_cast<int>(n_tok), act, astride, nb, fetch, y + p * kTile, w.rows, rows);
+    }
+    return;
+  }
   PanelBlock* panel = panel_buffer(nb);
+  const auto fetch = [panel](int64_t b) -> const PanelBlock& { return panel[b]; };
   for (int64_t p = p0; p < p1; ++p) {
     const int64_t r0 = p * kTile;
     const int nrows = static_cast<int>(std::min<int64_t>(kTile, w.rows - r0));
@@ -463,8 +501,7 @@ void tile_panels(const WeightView& w, const uint8_t* act, size_t astride, int64_
     const auto rows = static_cast<__mmask16>((1u << nrows) - 1u);
     for (int64_t t0 = 0; t0 < n_tok; t0 += kTile) {
       const int nt = static_cast<int>(std::min<int64_t>(kTile, n_tok - t0));
-      tile_n<blocks::Codec<TY>::kHasMin>(nt, act + t0 * astride, astride, nb, panel, y + t0 * w.rows + r0, w.rows,
-                                         rows);
+      tile_n<kHasMin>(nt, act + t0 * astride, astride, nb, fetch, y + t0 * w.rows + r0, w.rows, rows);
     }
   }
 }
