@@ -51,7 +51,8 @@ void to_panels(WeightView& w, uint8_t* data);
 // Every engine computes a (row, token) result from that row and token alone (not from n_tok, the
 // token's place in a tile or the thread count), so a token always gets the same numbers from the
 // same kind: a prompt's numbers do not depend on its chunking, nor a session's decode steps on
-// what shares its batch. The two kinds may differ by float rounding.
+// what shares its batch. The two kinds may differ by float rounding. Weights in the panel layout
+// (WeightLayout::panels16) give every token the AMX engine's numbers whatever its kind.
 enum class TokenKind : uint8_t { decode, prompt };
 
 // y[t * rows + r] = dot(W row r, x[t * cols ...]) for t in [0, n_tok).
