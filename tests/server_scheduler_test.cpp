@@ -185,6 +185,7 @@ TEST(SchedulerMemory, LayerWeightsReportTheirOwnKvBytes) {
   const int64_t charged = engine.session_kv_bytes(kv);
   EXPECT_EQ(charged, engine.new_session(kv)->cache().bytes_reserved());
   EXPECT_EQ(sched.slots_json()[0]["kv_bytes_reserved"].get<int64_t>(), charged);
+  EXPECT_EQ(sched.slots_json()[0]["kv_layer_weights"].get<std::string>(), "3,1,2");
   EXPECT_EQ(sched.metrics().kv_bytes_reserved, charged);
   runtime::KvOptions uniform = kv;
   uniform.layer_weights.clear();

@@ -36,6 +36,7 @@ struct Scheduler::Slot {
     bool has_session = false;
     std::string kv_policy = "none";
     int kv_budget = 0;
+    std::string kv_layer_weights;  // as the request spelled them; empty: uniform budgets
     int64_t kv_bytes = 0;
   };
 
@@ -272,6 +273,7 @@ json Scheduler::slots_json() {
                    {"n_past", s->status.n_past},
                    {"kv_policy", s->status.kv_policy},
                    {"kv_budget", s->status.kv_budget},
+                   {"kv_layer_weights", s->status.kv_layer_weights},
                    {"kv_bytes_reserved", s->status.kv_bytes},
                    {"has_session", s->status.has_session}});
   }
@@ -286,6 +288,7 @@ void Scheduler::publish() {
     s->status.has_session = s->session != nullptr;
     s->status.kv_policy = s->session ? s->kv.policy : "none";
     s->status.kv_budget = s->kv.budget;
+    s->status.kv_layer_weights = s->session ? s->kv.layer_weights : "";
     s->status.kv_bytes = s->kv_bytes;
     if (!s->session) continue;
     used += s->session->cache().bytes_used();
