@@ -452,7 +452,7 @@ struct GenericKEngine {
 
 struct X256Engine {
   static constexpr int kR = 2, kT = 4, kRDecode = 4;
-  static constexpr size_t kDecodePrefetchBytes = 8192;  // see vnni::kPrefetchBytes
+  static constexpr size_t kDecodePrefetchBytes = detail::kWeightPrefetchBytes;
   static size_t Stride(int64_t nb) { return NatStride(nb); }
   static void Quantize(const float* x, int64_t nb, GgmlType, uint8_t* out) { QuantizeNat(x, nb, out); }
 
@@ -567,7 +567,7 @@ struct X256Engine {
 
 struct X256KEngine {
   static constexpr int kR = 2, kT = 4, kRDecode = 2;
-  static constexpr size_t kDecodePrefetchBytes = 8192;
+  static constexpr size_t kDecodePrefetchBytes = detail::kWeightPrefetchBytes;
   static size_t Stride(int64_t nb) { return KStride(nb); }
   static void Quantize(const float* x, int64_t nb, GgmlType, uint8_t* out) { QuantizeK(x, nb, out); }
 
@@ -846,7 +846,7 @@ struct X512KEngine {
   // Prefill: 2 rows x 8 tokens, one row's unpacked super-block live at a time (10 registers)
   // beside the 16 accumulators. Decode streams 4 rows at a time, sharing the activation loads.
   static constexpr int kR = 2, kT = 8, kRDecode = 4;
-  static constexpr size_t kDecodePrefetchBytes = 8192;  // see vnni::kPrefetchBytes
+  static constexpr size_t kDecodePrefetchBytes = detail::kWeightPrefetchBytes;
   static size_t Stride(int64_t nb) { return KStride(nb); }
   static void Quantize(const float* x, int64_t nb, GgmlType, uint8_t* out) { QuantizeK(x, nb, out); }
 
@@ -909,9 +909,7 @@ QF_EXTEND_HWY_TARGET("avx512vnni")
 namespace vnni {
 
 constexpr size_t kGroupBytes = 256;
-// Decode prefetch distance along the weight stream. Hardware prefetchers alone left decode at
-// about half the streaming bandwidth; 4-16 KiB ahead all did about equally well.
-constexpr size_t kPrefetchBytes = 8192;
+constexpr size_t kPrefetchBytes = detail::kWeightPrefetchBytes;
 
 struct Tables {
   alignas(64) uint8_t q41[64];   // Q4_1 qs bytes, from [p, p+64) | [p+16, p+80)

@@ -88,6 +88,7 @@ QF_PUSH_TARGET("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,
 // GCC 12's AVX-512 headers warn about their own _mm512_undefined_* placeholders here.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 
 namespace {
 
@@ -97,8 +98,6 @@ constexpr int kTile = 16;  // tokens per A tile, weight rows per panel
 // its 16 x 16 products. kernels_bench BM_BatchedModel (SmolLM2's matrices, Q4_1, 1 thread, ms
 // per step, medians of 3) at 2 / 3 / 4 tokens: VNNI 12.4 / 13.8 / 14.6, tiles 12.8 / 13.7 / 13.6.
 constexpr int kVnniMaxTokens = 2;
-// Decode prefetch distance along the weight stream, as the natural-layout VNNI engine's.
-constexpr size_t kPrefetchBytes = 8192;
 template <GgmlType TY>
 constexpr size_t kPanelHead = panel_head_bytes(TY);
 // B tile of one block: 8 rows of 64 bytes, then the panel rows' scales and mins.
@@ -150,7 +149,7 @@ struct PanelLoad {
   // Decode streams the weights once: fetch the quants and the heads ahead of use.
   void prefetch() const {
     for (size_t off = 0; off < kBody; off += 64)
-      _mm_prefetch(reinterpret_cast<const char*>(body + kPrefetchBytes + off), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(body + kWeightPrefetchBytes + off), _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(head + 8 * kTile * kHead), _MM_HINT_T0);
   }
   __m512i at(size_t off) const {
@@ -226,6 +225,15 @@ inline Unpacked unpack_block(const Src& g) {
   return u;
 }
 
+// Block b of a panel-layout panel, unpacked; its stream fetched ahead (without the prefetch
+// `qf bench` decoded SmolLM2 at 175-180 tok/s instead of 222 on 2 threads).
+template <GgmlType TY>
+inline Unpacked read_panel_block(const uint8_t* panel, int64_t nb, int64_t b) {
+  const PanelLoad<TY> src(panel, nb, b);
+  src.prefetch();
+  return unpack_block<TY>(src);
+}
+
 inline void store_block(const Unpacked& u, PanelBlock& out) {
   for (int j = 0; j < 8; ++j) _mm512_store_si512(out.b[j], u.b[j]);
   _mm512_store_ps(out.dw, u.dw);
@@ -237,11 +245,7 @@ template <GgmlType TY>
 void unpack_panel(const WeightView& w, size_t wrb, int64_t r0, int nrows, int64_t nb, PanelBlock* panel) {
   if (w.layout == WeightLayout::panels16) {
     const uint8_t* base = w.data + static_cast<size_t>(r0) * wrb;
-    for (int64_t b = 0; b < nb; ++b) {
-      const PanelLoad<TY> src(base, nb, b);
-      src.prefetch();
-      store_block(unpack_block<TY>(src), panel[b]);
-    }
+    for (int64_t b = 0; b < nb; ++b) store_block(read_panel_block<TY>(base, nb, b), panel[b]);
     return;
   }
   Gather g;
@@ -319,12 +323,7 @@ void vnni_panels(const WeightView& w, const uint8_t* act, size_t astride, const 
   for (int t = 0; t < NT; ++t) fx[t] = reinterpret_cast<const float*>(act + t * astride + 32 * nb);
   for (int64_t p = p0; p < p1; ++p) {
     const uint8_t* base = w.data + static_cast<size_t>(p) * panel_bytes;
-    const auto block = [&](int64_t b) {
-      const PanelLoad<TY> src(base, nb, b);
-      // Without the prefetch `qf bench` (SmolLM2, 2 threads) decoded 175-180 tok/s instead of 222.
-      src.prefetch();
-      return unpack_block<TY>(src);
-    };
+    const auto block = [&](int64_t b) { return read_panel_block<TY>(base, nb, b); };
     __m512 acc[NT];
     for (__m512& a : acc) a = _mm512_setzero_ps();
     int64_t b = 0;
@@ -480,10 +479,8 @@ void tile_panels(const WeightView& w, const uint8_t* act, size_t astride, int64_
     for (int64_t p = p0; p < p1; ++p) {
       const uint8_t* base = w.data + static_cast<size_t>(p) * kTile * wrb;
       const auto fetch = [&](int64_t b) -> const PanelBlock& {
-        const PanelLoad<TY> src(base, nb, b);
-        src.prefetch();
         PanelBlock& out = ring[b & 3];
-        store_block(unpack_block<TY>(src), out);
+        store_block(read_panel_block<TY>(base, nb, b), out);
         __asm__ volatile("" ::: "memory");  // the tile loads' asm does not tell the compiler it reads the block
         return out;
       };
