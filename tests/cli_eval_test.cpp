@@ -105,7 +105,7 @@ TEST_F(CliEval, QuickPerplexity) {
   EXPECT_EQ(j["run"]["cache_type_k"], "f16");  // llama.cpp's default KV storage
   EXPECT_EQ(j["run"]["cache_type_v"], "f16");
   const std::vector<std::string> want{"none", "qfilters", "knorm", "streaming", "random",
-                                      "snapkv", "tova", "h2o", "expected_attention"};
+                                      "snapkv", "tova", "h2o", "expected_attention", "keydiff"};
   EXPECT_EQ(j["policies"].get<std::vector<std::string>>(), want);
   double full = 0;
   for (const auto& row : j["results"])

@@ -553,6 +553,55 @@ TEST(Policies, ExpectedAttentionMatchesADirectComputation) {
   EXPECT_THROW(make_policy("expected_attention", o), Error);
 }
 
+TEST(Policies, KeyDiffIsMinusCosineToTheMeanUnitKey) {
+  // Unit keys (1,0), (1,0), (0,1) and a zero key: the anchor is (2,1)/sqrt(5); the zero key has
+  // no direction (cosine 0) and does not move the anchor.
+  Cache c = hand_cache(2, {{0, 1, 2, 3}}, {}, {{{3, 0}, {0.5f, 0}, {0, 2}, {0, 0}}});
+  auto p = make_policy("keydiff", {});
+  const auto s = score(*p, c, 0, 0);
+  EXPECT_FLOAT_EQ(s[0], -2.0f / std::sqrt(5.0f));
+  EXPECT_FLOAT_EQ(s[1], -2.0f / std::sqrt(5.0f));
+  EXPECT_FLOAT_EQ(s[2], -1.0f / std::sqrt(5.0f));
+  EXPECT_EQ(s[3], 0.0f);
+  EXPECT_TRUE(p->key_scorer({1, 1, 2}) == nullptr);  // the anchor moves: no per-key score
+
+  // Random keys on a ragged cache against kvpress's formula in double: -cos(k, mean_j k_j/|k_j|),
+  // each head with its own anchor over the keys it holds.
+  const int d = 16, nkv = 2, T = 50;
+  std::mt19937 rng(29);
+  std::normal_distribution<float> nd;
+  Cache r({1, nkv, d}, {T}, {});
+  std::vector<float> k(size_t(T) * nkv * d), v(k.size());
+  for (size_t i = 0; i < k.size(); ++i) k[i] = nd(rng) + (i % d == 3 ? 1.5f : 0.0f);  // a shared direction
+  std::vector<int32_t> pos(T);
+  std::iota(pos.begin(), pos.end(), 0);
+  r.append(0, k.data(), v.data(), pos.data(), T);
+  std::vector<int> keep;
+  for (int i = 0; i < T; ++i)
+    if (i % 5 != 1) keep.push_back(i);
+  r.retain(0, 1, keep);
+  for (int h = 0; h < nkv; ++h) {
+    const HeadCache& hc = r.head(0, h);
+    auto key = [&](int s) { return k.data() + (size_t(hc.pos[s]) * nkv + h) * d; };
+    auto norm = [&](const float* x) {
+      double n = 0;
+      for (int i = 0; i < d; ++i) n += double(x[i]) * x[i];
+      return std::sqrt(n);
+    };
+    std::vector<double> anchor(d, 0.0);
+    for (int s = 0; s < hc.n; ++s)
+      for (int i = 0; i < d; ++i) anchor[i] += key(s)[i] / norm(key(s)) / hc.n;
+    double an = 0;
+    for (double a : anchor) an += a * a;
+    const std::vector<float> got = score(*p, r, 0, h);
+    for (int s = 0; s < hc.n; ++s) {
+      double dot = 0;
+      for (int i = 0; i < d; ++i) dot += key(s)[i] * anchor[i];
+      EXPECT_NEAR(got[s], -dot / norm(key(s)) / std::sqrt(an), 1e-5) << "head " << h << " pos " << hc.pos[s];
+    }
+  }
+}
+
 TEST(Policies, LayerConsistentAveragesStandardisedScoresByPosition) {
   // knorm on hand-made keys: head 0 holds positions 0..3, head 1 positions 1..3 (position 0 evicted).
   const std::vector<std::vector<std::vector<float>>> keys{{{1, 0}, {2, 0}, {3, 0}, {4, 0}}, {{0, 3}, {0, 1}, {0, 2}}};
@@ -576,6 +625,34 @@ TEST(Policies, LayerConsistentAveragesStandardisedScoresByPosition) {
   EXPECT_THROW(make_policy("none+layer", {}), Error);
   EXPECT_THROW(make_policy("knorm+layer+layer", {}), Error);
   EXPECT_THROW(make_policy("+layer", {}), Error);
+}
+
+TEST(Policies, SpanTakesTheBestScoreWithinTwoPositions) {
+  // knorm on hand-made keys, head 0 with a hole at position 3: scores -|k| =
+  // pos 0:-5, 1:-1, 2:-6, 4:-7, 5:-8, 6:-9, 9:-2, 10:-9. Position 6 sees 4..8 (held: 4, 5, 6);
+  // position 4 sees 2..6; position 9 sees 7..11.
+  const std::vector<std::vector<float>> keys{{5, 0}, {1, 0}, {6, 0}, {7, 0}, {8, 0}, {9, 0}, {2, 0}, {9, 0}};
+  Cache c = hand_cache(2, {{0, 1, 2, 4, 5, 6, 9, 10}}, {}, {keys});
+  auto p = make_policy("knorm+span", {});
+  EXPECT_EQ(p->name(), "knorm+span");
+  const std::vector<float> got = score(*p, c, 0, 0);
+  const std::vector<float> want{-1, -1, -1, -6, -7, -7, -2, -2};
+  EXPECT_EQ(got, want);
+  std::vector<std::vector<float>> layer;
+  p->score_layer(c, 0, layer);
+  EXPECT_EQ(layer[0], want);
+  EXPECT_EQ(base_policy_name("ea_calibrated+layer+span"), "ea_calibrated");
+  EXPECT_EQ(base_policy_name("tova"), "tova");
+  EXPECT_EQ(make_policy("knorm+layer+span", {})->name(), "knorm+layer+span");
+  EXPECT_EQ(make_policy("knorm+span+layer", {})->name(), "knorm+span+layer");
+  for (const char* bad : {"none+span", "knorm+span+span", "knorm+span+layer+span", "+span", "none+layer+span"})
+    EXPECT_THROW(make_policy(bad, {}), Error) << bad;
+  // The compressor keeps whole neighbourhoods: target 4 keeps 0, 1, 2 (ties: the newer first)
+  // and 9 or 10.
+  Compressor comp(make_policy("knorm+span", {}), {}, {});
+  comp.compress_layer(c, 0, 4, 0);
+  EXPECT_EQ(std::vector<int32_t>(c.head(0, 0).pos.begin(), c.head(0, 0).pos.begin() + 4),
+            (std::vector<int32_t>{0, 1, 2, 10}));
 }
 
 }  // namespace

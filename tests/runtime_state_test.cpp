@@ -64,11 +64,7 @@ PolicyData make_policy_data(const ModelConfig& c, uint32_t salt = 0) {
   return d;
 }
 
-// The policy without its "+layer" suffix.
-std::string base_policy(std::string name) {
-  if (name.ends_with(kv::kLayerSuffix)) name.resize(name.size() - kv::kLayerSuffix.size());
-  return name;
-}
+std::string base_policy(const std::string& name) { return std::string(kv::base_policy_name(name)); }
 
 bool uses_query_stats(const std::string& policy) {
   const auto names = kv::query_stats_policy_names();
@@ -169,11 +165,13 @@ void expect_round_trip(const Model& m, const KvSetup& setup) {
   }
 }
 
-// Every policy, those scoring with calibrated query statistics and layer-consistent variants too.
+// Every policy, those scoring with calibrated query statistics, layer-consistent and span variants
+// too (random's generator must survive inside them).
 std::vector<std::string> all_policies() {
   std::vector<std::string> names = kv::policy_names();
   for (const std::string& n : kv::query_stats_policy_names()) names.push_back(n);
-  for (const char* n : {"qfilters+layer", "ea_calibrated+layer", "expected_attention+layer", "qfilters_adaptive+layer"})
+  for (const char* n : {"qfilters+layer", "ea_calibrated+layer", "expected_attention+layer", "qfilters_adaptive+layer",
+                        "random+layer", "random+span", "ea_calibrated+layer+span"})
     names.emplace_back(n);
   return names;
 }

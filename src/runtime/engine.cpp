@@ -62,8 +62,8 @@ std::unique_ptr<kv::Compressor> Engine::make_compressor(const KvOptions& kv) {
     po.query_factors = f.query_factors;
     po.n_query_heads = f.n_query_heads;
     po.stats_rank = f.stats_rank;
-  } else if (kv.policy == "qfilters") {
-    fail("--kv-policy qfilters needs --filters FILE (make one with: qf calibrate -m MODEL -o FILE)");
+  } else if (kv::base_policy_name(kv.policy) == "qfilters") {
+    fail("--kv-policy ", kv.policy, " needs --filters FILE (make one with: qf calibrate -m MODEL -o FILE)");
   }
   kv::CompressionConfig cc;
   cc.budget = kv.budget;

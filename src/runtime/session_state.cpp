@@ -50,7 +50,7 @@ void hash_floats(Fnv1a64& h, std::span<const float> x) {
 }
 
 // What eviction reads from the filter file: the filters, and for the policies that score with
-// calibrated query statistics (qfilters_rope, ea_calibrated, qfilters_adaptive, also +layer) those
+// calibrated query statistics (qfilters_rope, ea_calibrated, qfilters_adaptive, also +layer / +span) those
 // statistics, the positions they are moved to (and qfilters_adaptive's blend and horizon), so a state restored with another file, or other
 // --future-positions, is refused instead of evicting differently. "" without a filter file. The
 // filters alone hash as they always have, so earlier states of the other policies still restore.
@@ -58,7 +58,7 @@ std::string filters_hash(std::string_view policy, const kv::PolicyOptions& po) {
   if (po.filters.empty()) return "";
   Fnv1a64 h;
   hash_floats(h, po.filters);
-  if (policy.ends_with(kv::kLayerSuffix)) policy.remove_suffix(kv::kLayerSuffix.size());
+  policy = kv::base_policy_name(policy);
   const std::vector<std::string> stats_policies = kv::query_stats_policy_names();
   if (std::ranges::find(stats_policies, policy) != stats_policies.end()) {
     hash_floats(h, po.query_mean);
@@ -81,9 +81,10 @@ std::string describe_policy(const kv::StateConfig& c) {
   std::ostringstream os;
   os << "--kv-policy " << c.policy << " budget " << c.budget << " window " << c.window << " evict_every "
      << c.evict_every << " ratio " << c.ratio << " skip_layers " << c.skip_layers;
-  if (c.policy == "random") os << " seed " << c.seed;
-  if (c.policy == "streaming") os << " sinks " << c.n_sink;
-  if (c.policy == "snapkv") os << " observation window " << c.snapkv_window << " kernel " << c.snapkv_kernel;
+  const std::string_view base = kv::base_policy_name(c.policy);
+  if (base == "random") os << " seed " << c.seed;
+  if (base == "streaming") os << " sinks " << c.n_sink;
+  if (base == "snapkv") os << " observation window " << c.snapkv_window << " kernel " << c.snapkv_kernel;
   if (!c.filters_hash.empty()) os << " filters " << c.filters_hash;
   return os.str();
 }

@@ -32,6 +32,8 @@ class LayerConsistent final : public Policy {
   std::string_view name() const override { return name_; }
   AttentionStats needs(const PolicyOptions& o) const override { return inner_->needs(o); }
   KeyScorer key_scorer(const CacheShape& shape) const override { return inner_->key_scorer(shape); }
+  std::string save_state() const override { return inner_->save_state(); }
+  void load_state(std::string_view state) override { inner_->load_state(state); }
 
   void score_head(const Cache& cache, int layer, int kv_head, std::span<float> scores) override {
     score_layer(cache, layer, layer_scores_);

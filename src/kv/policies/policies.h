@@ -39,10 +39,13 @@ std::unique_ptr<Policy> make_snapkv(const PolicyOptions&);
 std::unique_ptr<Policy> make_tova(const PolicyOptions&);
 std::unique_ptr<Policy> make_h2o(const PolicyOptions&);
 std::unique_ptr<Policy> make_expected_attention(const PolicyOptions&);
+std::unique_ptr<Policy> make_keydiff(const PolicyOptions&);
 std::unique_ptr<Policy> make_qfilters_rope(const PolicyOptions&);
 std::unique_ptr<Policy> make_ea_calibrated(const PolicyOptions&);
 std::unique_ptr<Policy> make_qfilters_adaptive(const PolicyOptions&);
 // Wraps a policy into its layer-consistent variant (kLayerSuffix).
 std::unique_ptr<Policy> make_layer_consistent(std::unique_ptr<Policy> inner);
+// Wraps a policy into its span variant (kSpanSuffix).
+std::unique_ptr<Policy> make_span(std::unique_ptr<Policy> inner);
 
 }  // namespace qf::kv::policies

@@ -13,6 +13,7 @@ constexpr std::pair<std::string_view, Factory> kPolicies[] = {
     {"streaming", policies::make_streaming}, {"random", policies::make_random},
     {"snapkv", policies::make_snapkv}, {"tova", policies::make_tova},
     {"h2o", policies::make_h2o},           {"expected_attention", policies::make_expected_attention},
+    {"keydiff", policies::make_keydiff},
 };
 // They need a filter file with query statistics, which older files and the default sweeps lack.
 constexpr std::pair<std::string_view, Factory> kQueryStatsPolicies[] = {
@@ -38,8 +39,15 @@ std::unique_ptr<Policy> make_policy(std::string_view name, const PolicyOptions& 
   if (name == "none") fail("KV policy 'none' is the uncompressed cache: it has no eviction policy object");
   if (name.size() > kLayerSuffix.size() && name.ends_with(kLayerSuffix)) {
     const std::string_view base = name.substr(0, name.size() - kLayerSuffix.size());
-    if (base == "none" || base.ends_with(kLayerSuffix)) fail("KV policy '", name, "' has no layer-consistent variant");
+    if (base_policy_name(base) == "none" || base.find(kLayerSuffix) != std::string_view::npos)
+      fail("KV policy '", name, "' has no layer-consistent variant");
     return policies::make_layer_consistent(make_policy(base, options));
+  }
+  if (name.size() > kSpanSuffix.size() && name.ends_with(kSpanSuffix)) {
+    const std::string_view base = name.substr(0, name.size() - kSpanSuffix.size());
+    if (base_policy_name(base) == "none" || base.find(kSpanSuffix) != std::string_view::npos)
+      fail("KV policy '", name, "' has no span variant");
+    return policies::make_span(make_policy(base, options));
   }
   for (const auto& [n, factory] : kPolicies)
     if (n == name) return factory(options);
@@ -49,6 +57,18 @@ std::unique_ptr<Policy> make_policy(std::string_view name, const PolicyOptions& 
   for (const auto& n : policy_names()) known += (known.empty() ? "" : ", ") + n;
   for (const auto& n : query_stats_policy_names()) known += ", " + n;
   fail("unknown KV policy '", name, "' (known: ", known, ")");
+}
+
+std::string_view base_policy_name(std::string_view name) {
+  for (bool stripped = true; stripped;) {
+    stripped = false;
+    for (const std::string_view suffix : {kLayerSuffix, kSpanSuffix})
+      if (name.size() > suffix.size() && name.ends_with(suffix)) {
+        name.remove_suffix(suffix.size());
+        stripped = true;
+      }
+  }
+  return name;
 }
 
 void Policy::score_layer(const Cache& cache, int layer, std::vector<std::vector<float>>& scores) {
