@@ -625,34 +625,9 @@ TEST(Policies, LayerConsistentAveragesStandardisedScoresByPosition) {
   EXPECT_THROW(make_policy("none+layer", {}), Error);
   EXPECT_THROW(make_policy("knorm+layer+layer", {}), Error);
   EXPECT_THROW(make_policy("+layer", {}), Error);
-}
-
-TEST(Policies, SpanTakesTheBestScoreWithinTwoPositions) {
-  // knorm on hand-made keys, head 0 with a hole at position 3: scores -|k| =
-  // pos 0:-5, 1:-1, 2:-6, 4:-7, 5:-8, 6:-9, 9:-2, 10:-9. Position 6 sees 4..8 (held: 4, 5, 6);
-  // position 4 sees 2..6; position 9 sees 7..11.
-  const std::vector<std::vector<float>> keys{{5, 0}, {1, 0}, {6, 0}, {7, 0}, {8, 0}, {9, 0}, {2, 0}, {9, 0}};
-  Cache c = hand_cache(2, {{0, 1, 2, 4, 5, 6, 9, 10}}, {}, {keys});
-  auto p = make_policy("knorm+span", {});
-  EXPECT_EQ(p->name(), "knorm+span");
-  const std::vector<float> got = score(*p, c, 0, 0);
-  const std::vector<float> want{-1, -1, -1, -6, -7, -7, -2, -2};
-  EXPECT_EQ(got, want);
-  std::vector<std::vector<float>> layer;
-  p->score_layer(c, 0, layer);
-  EXPECT_EQ(layer[0], want);
-  EXPECT_EQ(base_policy_name("ea_calibrated+layer+span"), "ea_calibrated");
+  EXPECT_EQ(base_policy_name("ea_calibrated+layer"), "ea_calibrated");
   EXPECT_EQ(base_policy_name("tova"), "tova");
-  EXPECT_EQ(make_policy("knorm+layer+span", {})->name(), "knorm+layer+span");
-  EXPECT_EQ(make_policy("knorm+span+layer", {})->name(), "knorm+span+layer");
-  for (const char* bad : {"none+span", "knorm+span+span", "knorm+span+layer+span", "+span", "none+layer+span"})
-    EXPECT_THROW(make_policy(bad, {}), Error) << bad;
-  // The compressor keeps whole neighbourhoods: target 4 keeps 0, 1, 2 (ties: the newer first)
-  // and 9 or 10.
-  Compressor comp(make_policy("knorm+span", {}), {}, {});
-  comp.compress_layer(c, 0, 4, 0);
-  EXPECT_EQ(std::vector<int32_t>(c.head(0, 0).pos.begin(), c.head(0, 0).pos.begin() + 4),
-            (std::vector<int32_t>{0, 1, 2, 10}));
+  EXPECT_EQ(base_policy_name("+layer"), "+layer");
 }
 
 }  // namespace

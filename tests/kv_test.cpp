@@ -477,7 +477,7 @@ void query_with_stats(Cache& c, int layer, int n_heads, int n, int32_t accumulat
                                    c.stats().query_moments);
 }
 
-// Every registered policy, plus layer-consistent and span variants.
+// Every registered policy, plus layer-consistent variants.
 std::vector<std::string> policies_under_test() {
   std::vector<std::string> names;
   for (const auto& n : policy_names())
@@ -488,8 +488,7 @@ std::vector<std::string> policies_under_test() {
   for (const auto& n : query_stats_policy_names()) names.push_back(n);
   names.push_back("qfilters_rope+layer");
   names.push_back("qfilters_adaptive+layer");
-  names.push_back("keydiff+layer+span");
-  names.push_back("tova+span");
+  names.push_back("keydiff+layer");
   return names;
 }
 

@@ -165,13 +165,13 @@ void expect_round_trip(const Model& m, const KvSetup& setup) {
   }
 }
 
-// Every policy, those scoring with calibrated query statistics, layer-consistent and span variants
-// too (random's generator must survive inside them).
+// Every policy, those scoring with calibrated query statistics and layer-consistent variants too
+// (random's generator must survive inside one).
 std::vector<std::string> all_policies() {
   std::vector<std::string> names = kv::policy_names();
   for (const std::string& n : kv::query_stats_policy_names()) names.push_back(n);
   for (const char* n : {"qfilters+layer", "ea_calibrated+layer", "expected_attention+layer", "qfilters_adaptive+layer",
-                        "random+layer", "random+span", "ea_calibrated+layer+span"})
+                        "random+layer"})
     names.emplace_back(n);
   return names;
 }

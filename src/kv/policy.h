@@ -73,13 +73,7 @@ std::vector<std::string> query_stats_policy_names();
 // over the heads holding that position, so a token is kept in all heads of the layer or in none
 // (+inf in any head: kept). Any policy but none takes it; policy_names() does not list them.
 inline constexpr std::string_view kLayerSuffix = "+layer";
-// Suffix of a span variant: "<policy>+span" gives each token the best score held within
-// kSpanRadius positions of it in the same head, so the tokens around one worth keeping (the other
-// digits of a number) are kept with it. Combines with +layer ("<policy>+layer+span": the layer's
-// consensus, then spans), each suffix at most once; policy_names() does not list them.
-inline constexpr std::string_view kSpanSuffix = "+span";
-inline constexpr int kSpanRadius = 2;
-// The policy under its +layer / +span suffixes ("ea_calibrated+layer+span" -> "ea_calibrated").
+// The policy under its +layer suffix ("ea_calibrated+layer" -> "ea_calibrated").
 std::string_view base_policy_name(std::string_view name);
 // Throws qf::Error for an unknown name or options the policy cannot use (e.g. qfilters
 // without filters).

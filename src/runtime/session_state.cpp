@@ -50,7 +50,7 @@ void hash_floats(Fnv1a64& h, std::span<const float> x) {
 }
 
 // What eviction reads from the filter file: the filters, and for the policies that score with
-// calibrated query statistics (qfilters_rope, ea_calibrated, qfilters_adaptive, also +layer / +span) those
+// calibrated query statistics (qfilters_rope, ea_calibrated, qfilters_adaptive, also +layer) those
 // statistics, the positions they are moved to (and qfilters_adaptive's blend and horizon), so a state restored with another file, or other
 // --future-positions, is refused instead of evicting differently. "" without a filter file. The
 // filters alone hash as they always have, so earlier states of the other policies still restore.

@@ -45,7 +45,5 @@ std::unique_ptr<Policy> make_ea_calibrated(const PolicyOptions&);
 std::unique_ptr<Policy> make_qfilters_adaptive(const PolicyOptions&);
 // Wraps a policy into its layer-consistent variant (kLayerSuffix).
 std::unique_ptr<Policy> make_layer_consistent(std::unique_ptr<Policy> inner);
-// Wraps a policy into its span variant (kSpanSuffix).
-std::unique_ptr<Policy> make_span(std::unique_ptr<Policy> inner);
 
 }  // namespace qf::kv::policies

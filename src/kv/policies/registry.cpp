@@ -39,15 +39,8 @@ std::unique_ptr<Policy> make_policy(std::string_view name, const PolicyOptions& 
   if (name == "none") fail("KV policy 'none' is the uncompressed cache: it has no eviction policy object");
   if (name.size() > kLayerSuffix.size() && name.ends_with(kLayerSuffix)) {
     const std::string_view base = name.substr(0, name.size() - kLayerSuffix.size());
-    if (base_policy_name(base) == "none" || base.find(kLayerSuffix) != std::string_view::npos)
-      fail("KV policy '", name, "' has no layer-consistent variant");
+    if (base == "none" || base.ends_with(kLayerSuffix)) fail("KV policy '", name, "' has no layer-consistent variant");
     return policies::make_layer_consistent(make_policy(base, options));
-  }
-  if (name.size() > kSpanSuffix.size() && name.ends_with(kSpanSuffix)) {
-    const std::string_view base = name.substr(0, name.size() - kSpanSuffix.size());
-    if (base_policy_name(base) == "none" || base.find(kSpanSuffix) != std::string_view::npos)
-      fail("KV policy '", name, "' has no span variant");
-    return policies::make_span(make_policy(base, options));
   }
   for (const auto& [n, factory] : kPolicies)
     if (n == name) return factory(options);
@@ -60,14 +53,7 @@ std::unique_ptr<Policy> make_policy(std::string_view name, const PolicyOptions& 
 }
 
 std::string_view base_policy_name(std::string_view name) {
-  for (bool stripped = true; stripped;) {
-    stripped = false;
-    for (const std::string_view suffix : {kLayerSuffix, kSpanSuffix})
-      if (name.size() > suffix.size() && name.ends_with(suffix)) {
-        name.remove_suffix(suffix.size());
-        stripped = true;
-      }
-  }
+  if (name.size() > kLayerSuffix.size() && name.ends_with(kLayerSuffix)) name.remove_suffix(kLayerSuffix.size());
   return name;
 }
 
