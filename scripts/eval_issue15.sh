@@ -7,6 +7,8 @@
 #   scripts/eval_issue15.sh adaptive     the adaptive filters (qfilters_adaptive): the needle sweep
 #                                        over blend / horizon, the full needle protocol and perplexity
 #                                        (docs/results.md section 5, "Adaptive filters"; ~30 min quiet)
+#   scripts/eval_issue15.sh keydiff      KeyDiff: the needle protocol beside same-build baselines, then
+#                                        perplexity (docs/results.md section 5, "KeyDiff"; ~10 min quiet)
 #   scripts/eval_issue15.sh layers       per-layer budgets at equal memory (--layer-weights spread and a
 #                                        middle-layer profile) on seeds 42-44 and held-out 45-47 (~25 min)
 # Resumable: finished cells are kept in results/issue15-*/<eval>.jsonl.
@@ -58,6 +60,16 @@ if [ "$what" = adaptive ]; then
     scripts/niah_paired.py results/issue15-adaptive-niah-b1/niah.jsonl:qfilters_adaptive+layer \
       results/issue15-niah/niah.jsonl:$p
   done
+fi
+if [ "$what" = keydiff ]; then
+  for run in keydiff:keydiff,keydiff+layer base:qfilters,ea_calibrated+layer,qfilters_adaptive+layer,qfilters+layer; do
+    nice -n 10 "$qf" eval niah -m "$M" --filters "$F" -o "results/issue15-${run%%:*}-niah" --lengths 1024,2048 \
+      --depths 5 --compressions 4,8 --seeds 42,43,44 --digits 7 --skip-layers 2 -t 1 --no-progress --policies "${run#*:}"
+  done
+  nice -n 10 "$qf" eval ppl -m "$M" --filters "$F" -o results/issue15-keydiff-ppl --docs 8 --tokens 1024 \
+    --budgets 128,256 --window 64 --policies none,streaming,h2o,keydiff,keydiff+layer -t 1 --no-progress
+  scripts/niah_paired.py results/issue15-keydiff-niah/niah.jsonl:keydiff results/issue15-base-niah/niah.jsonl:qfilters
+  scripts/niah_paired.py results/issue15-keydiff-niah/niah.jsonl:keydiff+layer results/issue15-base-niah/niah.jsonl:ea_calibrated+layer
 fi
 if [ "$what" = layers ]; then
   mid3=1,1,3,3,3,3,3,3,3,3,3,3,3,3,3,3,3,3,3,3,1,1,1,1,1,1,1,1,1,1  # SmolLM2's 30 layers

@@ -38,6 +38,7 @@ COLORS = {
     "tova": "#ff7f0e",
     "h2o": "#8c564b",
     "expected_attention": "#e377c2",
+    "keydiff": "#bcbd22",
 }
 LABELS = {"none": "full cache"}
 

@@ -2,7 +2,10 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <algorithm>
 #include <map>
+#include <numeric>
+#include <random>
 #include <set>
 #include <vector>
 
@@ -72,6 +75,33 @@ TEST(Sampler, TopKTopPAndMinPCutTheSupport) {
   o = plain(5.0f);  // the cuts use the untempered distribution, as llama.cpp's chain does
   o.min_p = 0.3f;
   EXPECT_EQ(support(o), (std::set<int32_t>{0, 1}));
+}
+
+// The top-k cut on a vocabulary the size of a real model's, with many ties: the support is
+// exactly the k best by (logit, then lower id), wherever they sit in the vocabulary.
+TEST(Sampler, TopKOnALargeVocabularyKeepsTheKBestLowerIdsFirst) {
+  std::mt19937 rng(7);
+  std::normal_distribution<float> nd;
+  std::vector<float> logits(49152);
+  for (float& x : logits) x = std::floor(nd(rng) * 4.0f) / 4.0f;  // ties in every bucket
+  std::vector<int32_t> ids(logits.size());
+  std::iota(ids.begin(), ids.end(), 0);
+  std::stable_sort(ids.begin(), ids.end(), [&](int32_t a, int32_t b) { return logits[a] > logits[b]; });
+  for (int k : {1, 5, 40, 300}) {
+    SamplerOptions o = plain(1.0f);
+    o.top_k = k;
+    Sampler s(o);
+    std::set<int32_t> got;
+    for (const auto& [id, n] : draw(s, logits, 40 * k)) got.insert(id);
+    EXPECT_EQ(got, std::set<int32_t>(ids.begin(), ids.begin() + k)) << "k " << k;
+  }
+  // All equal: the k lowest ids.
+  SamplerOptions o = plain(1.0f);
+  o.top_k = 3;
+  Sampler s(o);
+  std::set<int32_t> got;
+  for (const auto& [id, n] : draw(s, std::vector<float>(1000, 0.5f), 600)) got.insert(id);
+  EXPECT_EQ(got, (std::set<int32_t>{0, 1, 2}));
 }
 
 TEST(Sampler, RepeatPenaltyDividesPositiveAndMultipliesNegativeLogits) {

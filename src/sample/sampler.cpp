@@ -64,6 +64,31 @@ void Sampler::apply_penalties(std::vector<float>& logits) const {
   }
 }
 
+// cand_ = the k highest logits, highest first, ties by lower id (deterministic). For a top-k cut
+// one pass over the logits with a heap of k, whose worst entry is the bar a logit must clear:
+// almost none do, so a batched step does not spend its time building and sorting every
+// (logit, id) pair of a 49k-word vocabulary for each session.
+void Sampler::top_candidates(std::span<const float> l, int k) {
+  const int n = static_cast<int>(l.size());
+  auto higher = [](const auto& a, const auto& b) { return a.first != b.first ? a.first > b.first : a.second < b.second; };
+  cand_.clear();
+  if (k == n) {
+    for (int i = 0; i < n; ++i) cand_.emplace_back(l[i], i);
+  } else {
+    // A NaN logit never clears the bar; one among the first k is ranked last like -inf would be.
+    auto key = [](float x) { return std::isnan(x) ? -std::numeric_limits<float>::infinity() : x; };
+    for (int i = 0; i < k; ++i) cand_.emplace_back(key(l[i]), i);
+    std::make_heap(cand_.begin(), cand_.end(), higher);  // front: the worst of the k
+    for (int i = k; i < n; ++i)
+      if (l[i] > cand_.front().first) {  // a later id never wins a tie
+        std::pop_heap(cand_.begin(), cand_.end(), higher);
+        cand_.back() = {l[i], i};
+        std::push_heap(cand_.begin(), cand_.end(), higher);
+      }
+  }
+  std::sort(cand_.begin(), cand_.end(), higher);
+}
+
 int32_t Sampler::sample(std::span<const float> logits) {
   if (logits.empty()) fail("sampling from empty logits");
   std::span<const float> l = logits;
@@ -78,13 +103,8 @@ int32_t Sampler::sample(std::span<const float> logits) {
   if (opt_.temperature <= 0.0f) return argmax(l);
 
   const int n = static_cast<int>(l.size());
-  cand_.resize(n);
-  for (int i = 0; i < n; ++i) cand_[i] = {l[i], i};
-  // Highest logit first; ties by lower id so the order is deterministic.
-  auto higher = [](const auto& a, const auto& b) { return a.first != b.first ? a.first > b.first : a.second < b.second; };
   const int k = opt_.top_k > 0 ? std::min(opt_.top_k, n) : n;
-  std::partial_sort(cand_.begin(), cand_.begin() + k, cand_.end(), higher);
-  cand_.resize(k);
+  top_candidates(l, k);
 
   // The cuts look at the model's own distribution over the top-k (before temperature).
   const float mx = cand_[0].first;

@@ -47,6 +47,7 @@ class Sampler {
 
  private:
   void apply_penalties(std::vector<float>& logits) const;
+  void top_candidates(std::span<const float> logits, int k);
 
   SamplerOptions opt_;
   std::mt19937_64 rng_;
