@@ -1,4 +1,4 @@
-// Attention fidelity (method.md section 6): per (layer, KV head), the Spearman correlation
+// Attention fidelity (docs/method.md section 6): per (layer, KV head), the Spearman correlation
 // between a policy's score of each key and the attention the key actually receives, on average,
 // from the later queries of the document (softmax over the causal keys, averaged over the query
 // heads of the GQA group). The last key has no later query and is left out.

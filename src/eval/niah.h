@@ -1,4 +1,4 @@
-// Needle in a haystack (method.md section 6), kvpress-style prefill compression: a natural-text
+// Needle in a haystack (docs/method.md section 6), kvpress-style prefill compression: a natural-text
 // haystack of L tokens carries, at depth d%, the sentence "The special magic number is N." with
 // a random N; the context (instruction + haystack) is compressed after prefill, the question is
 // appended uncompressed, the greedy answer is right when it contains N's digits exactly.

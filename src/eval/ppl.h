@@ -1,4 +1,4 @@
-// Memory-constrained generation (method.md section 6): teacher-forced decoding through a
+// Memory-constrained generation (docs/method.md section 6): teacher-forced decoding through a
 // document with the cache capped at `budget` tokens per head (newest `window` always kept), the
 // NLL of every next token, for every policy on the same tokens.
 //
