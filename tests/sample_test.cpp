@@ -3,6 +3,7 @@
 
 #include <cmath>
 #include <algorithm>
+#include <limits>
 #include <map>
 #include <numeric>
 #include <random>
@@ -102,6 +103,20 @@ TEST(Sampler, TopKOnALargeVocabularyKeepsTheKBestLowerIdsFirst) {
   std::set<int32_t> got;
   for (const auto& [id, n] : draw(s, std::vector<float>(1000, 0.5f), 600)) got.insert(id);
   EXPECT_EQ(got, (std::set<int32_t>{0, 1, 2}));
+}
+
+// A broken row of logits (NaN) must not make the sort undefined or the NaN token drawn.
+TEST(Sampler, NaNLogitsAreNeverDrawn) {
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  const std::vector<float> logits{nan, std::log(2.0f), nan, 0.0f, nan};
+  for (int k : {0, 2, 4}) {
+    SamplerOptions o = plain(1.0f);
+    o.top_k = k;
+    Sampler s(o);
+    std::set<int32_t> got;
+    for (const auto& [id, n] : draw(s, logits, 2000)) got.insert(id);
+    EXPECT_EQ(got, (std::set<int32_t>{1, 3})) << "k " << k;
+  }
 }
 
 TEST(Sampler, RepeatPenaltyDividesPositiveAndMultipliesNegativeLogits) {

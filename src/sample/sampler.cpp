@@ -71,12 +71,13 @@ void Sampler::apply_penalties(std::vector<float>& logits) const {
 void Sampler::top_candidates(std::span<const float> l, int k) {
   const int n = static_cast<int>(l.size());
   auto higher = [](const auto& a, const auto& b) { return a.first != b.first ? a.first > b.first : a.second < b.second; };
+  // NaN ranks like -inf, so that `higher` stays a strict weak order (sorting with NaN is undefined).
+  auto key = [](float x) { return std::isnan(x) ? -std::numeric_limits<float>::infinity() : x; };
   cand_.clear();
   if (k == n) {
-    for (int i = 0; i < n; ++i) cand_.emplace_back(l[i], i);
+    for (int i = 0; i < n; ++i) cand_.emplace_back(key(l[i]), i);
   } else {
-    // A NaN logit never clears the bar; one among the first k is ranked last like -inf would be.
-    auto key = [](float x) { return std::isnan(x) ? -std::numeric_limits<float>::infinity() : x; };
+    // A NaN logit never clears the bar below.
     for (int i = 0; i < k; ++i) cand_.emplace_back(key(l[i]), i);
     std::make_heap(cand_.begin(), cand_.end(), higher);  // front: the worst of the k
     for (int i = k; i < n; ++i)
