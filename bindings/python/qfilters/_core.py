@@ -22,7 +22,7 @@ Prompt = Union[str, Sequence[Message], Sequence[int]]
 
 def policies() -> List[str]:
     """KV cache policies: ``"none"`` (full cache) and every eviction policy of this build."""
-    return ["none"] + list(_ext.policy_names())
+    return list(_ext.policy_names())  # the engine's list starts with "none"
 
 
 def simd_target() -> str:
@@ -172,7 +172,9 @@ class KVConfig:
 
     Args:
         policy: "none" (full cache) or an eviction policy: qfilters, knorm, streaming, random,
-            snapkv, tova, h2o (see :func:`qfilters.policies`).
+            snapkv, tova, h2o, expected_attention, keydiff, with query statistics in the filter
+            file also qfilters_rope, ea_calibrated, qfilters_adaptive; any with "+layer" (see
+            :func:`qfilters.policies` and docs/method.md section 4).
         filters: Q-Filters for policy "qfilters": a :class:`Filters` or a filter file path.
         budget: during generation each KV head keeps at most `budget` tokens (0 = no bound;
             default 512 for an eviction policy without `ratio`, else 0).

@@ -106,6 +106,12 @@ def _filters_for(model):
                               doc_len=128, samples=64, progress=False)
 
 
+def test_policies_are_listed_once():
+    names = qfilters.policies()
+    assert names[0] == "none" and len(names) == len(set(names))
+    assert {"qfilters", "tova", "h2o", "expected_attention", "keydiff"} <= set(names)
+
+
 @pytest.mark.parametrize("policy", qfilters.policies())
 def test_every_policy(tiny, policy):
     tokens = [int(t) for t in np.random.default_rng(1).integers(3, 300, 120)]
