@@ -82,6 +82,39 @@ TEST(KvTypes, QuantizedRoundingByHand) {
   EXPECT_EQ(round_trip(KvType::Q8_0, std::vector<float>(64, 0.0f)), std::vector<float>(64, 0.0f));
 }
 
+// q8_0's quants are roundf(x / d), ties away from zero, for every value: at and beside the
+// halves (where truncate-then-step and round-to-nearest-even differ from roundf), then random
+// rows against std::round.
+TEST(KvTypes, Q8_0QuantsAreRoundfOfTheScaledValues) {
+  auto quants = [](const std::vector<float>& x) {
+    std::vector<uint8_t> row(kv_row_bytes(KvType::Q8_0, static_cast<int>(x.size())));
+    kv_quantize_row(KvType::Q8_0, x.data(), static_cast<int>(x.size()), row.data());
+    std::vector<int> q;
+    for (size_t b = 0; b < x.size() / 32; ++b)
+      for (int i = 0; i < 32; ++i) q.push_back(static_cast<int8_t>(row[b * 34 + 2 + i]));
+    return q;
+  };
+  std::vector<float> x{127.0f};  // d = 1: the quants are the rounded values themselves
+  for (float h : {0.5f, 1.5f, 2.5f, 63.5f, 126.5f})
+    for (float v : {h, std::nextafter(h, 0.0f), std::nextafter(h, 200.0f)}) x.push_back(v), x.push_back(-v);
+  x.resize(32, 0.0f);
+  for (size_t i = 0; i < x.size(); ++i) EXPECT_EQ(quants(x)[i], static_cast<int>(std::round(x[i]))) << x[i];
+  std::mt19937 rng(3);
+  std::normal_distribution<float> nd(0.0f, 3.0f);
+  std::vector<float> r(4096);
+  for (int trial = 0; trial < 50; ++trial) {
+    for (float& v : r) v = nd(rng);
+    const std::vector<int> q = quants(r);
+    for (size_t b = 0; b < r.size() / 32; ++b) {
+      float amax = 0.0f;
+      for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(r[b * 32 + i]));
+      const float id = 1.0f / (amax / 127.0f);
+      for (int i = 0; i < 32; ++i)
+        ASSERT_EQ(q[b * 32 + i], static_cast<int>(std::round(r[b * 32 + i] * id))) << trial << " " << b << " " << i;
+    }
+  }
+}
+
 // Relative error of a round trip on normal data: what each type promises.
 TEST(KvTypes, RoundTripErrorPerType) {
   std::mt19937 rng(9);

@@ -21,6 +21,14 @@ constexpr KvTypeName kKvTypeNames[] = {
     {KvType::F32, "f32"}, {KvType::F16, "f16"}, {KvType::BF16, "bf16"}, {KvType::Q8_0, "q8_0"}, {KvType::Q4_0, "q4_0"}};
 constexpr KvType kKvTypes[] = {KvType::F32, KvType::F16, KvType::BF16, KvType::Q8_0, KvType::Q4_0};
 
+// roundf(v) for |v| <= 127, inline: truncate, then step away from zero when the dropped part
+// (exact in float) is at least one half. std::round is a libm call, once per stored value.
+inline int round_half_away(float v) {
+  const int t = static_cast<int>(v);
+  const float frac = v - static_cast<float>(t);
+  return t + (frac >= 0.5f) - (frac <= -0.5f);
+}
+
 // ggml's reference rounding: q8_0 scales by max|x| / 127 and rounds half away from zero.
 void quantize_q8_0(const float* x, int n, uint8_t* out) {
   for (int b = 0; b < n / kQK; ++b, x += kQK, out += sizeof(BlockQ8_0)) {
@@ -29,7 +37,7 @@ void quantize_q8_0(const float* x, int n, uint8_t* out) {
     const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
     BlockQ8_0 blk;
     blk.d = f32_to_fp16(d);
-    for (int i = 0; i < kQK; ++i) blk.qs[i] = static_cast<int8_t>(std::round(x[i] * id));
+    for (int i = 0; i < kQK; ++i) blk.qs[i] = static_cast<int8_t>(round_half_away(x[i] * id));
     std::memcpy(out, &blk, sizeof blk);
   }
 }
