@@ -64,11 +64,9 @@ PolicyData make_policy_data(const ModelConfig& c, uint32_t salt = 0) {
   return d;
 }
 
-std::string base_policy(const std::string& name) { return std::string(kv::base_policy_name(name)); }
-
 bool uses_query_stats(const std::string& policy) {
   const auto names = kv::query_stats_policy_names();
-  return std::ranges::find(names, base_policy(policy)) != names.end();
+  return std::ranges::find(names, kv::base_policy_name(policy)) != names.end();
 }
 
 std::unique_ptr<Session> make_session(const Model& m, const KvSetup& s, ThreadPool& pool, const PolicyData& data) {
@@ -81,7 +79,7 @@ std::unique_ptr<Session> make_session(const Model& m, const KvSetup& s, ThreadPo
     kv::PolicyOptions po;
     po.seed = 11;
     po.snapkv_window = 8;
-    if (base_policy(s.policy) == "qfilters" || uses_query_stats(s.policy)) po.filters = data.filters;
+    if (kv::base_policy_name(s.policy) == "qfilters" || uses_query_stats(s.policy)) po.filters = data.filters;
     if (uses_query_stats(s.policy)) {
       po.query_mean = data.query_mean;
       po.query_factors = data.query_factors;
