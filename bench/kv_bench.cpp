@@ -96,7 +96,8 @@ const std::vector<std::string>& bench_policies() {
                                                  "snapkv",   "tova",            "h2o",                "expected_attention",
                                                  "qfilters+layer", "expected_attention+layer",
                                                  "qfilters_rope",  "ea_calibrated",   "qfilters_rope+layer",
-                                                 "qfilters_adaptive", "qfilters_adaptive+layer", "keydiff"};
+                                                 "qfilters_adaptive", "qfilters_adaptive+layer", "keydiff",
+                                                 "qfilters_max"};
   return names;
 }
 
@@ -168,7 +169,7 @@ void BM_Score(benchmark::State& state) {
     benchmark::DoNotOptimize(scores.data());
   }
 }
-BENCHMARK(BM_Score)->DenseRange(0, 15)->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_Score)->DenseRange(0, 16)->Unit(benchmark::kMicrosecond);
 
 // Scoring from stored keys of each type. Args: 0 qfilters / 1 knorm, KV type index (kv_types()).
 void BM_ScoreTypes(benchmark::State& state) {
@@ -200,7 +201,7 @@ void BM_ScoreAndEvict(benchmark::State& state) {
   }
   if (s.comp->stats().evictions != state.iterations()) state.SkipWithError("expected one eviction per step");
 }
-BENCHMARK(BM_ScoreAndEvict)->DenseRange(0, 15)->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_ScoreAndEvict)->DenseRange(0, 16)->Unit(benchmark::kMicrosecond);
 
 // What the query-reading policies add to every decode step of one layer, eviction or not: one
 // token's 9 queries added to the sums and outer products (expected_attention) or to the recent

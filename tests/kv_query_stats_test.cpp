@@ -1,5 +1,5 @@
 // The policies that score with calibrated query statistics before the rotary embedding
-// (qfilters_rope, ea_calibrated) against direct double-precision computations with dense rotation
+// (qfilters_rope, ea_calibrated, qfilters_adaptive, qfilters_max) against direct double-precision computations with dense rotation
 // matrices, and the property that motivates them: a key's score depends on its distance to the
 // current position, not on its absolute position.
 #include <gtest/gtest.h>
@@ -227,28 +227,25 @@ std::vector<float> random_queries(int n, uint32_t seed) {
   return q;
 }
 
-// The adaptive filter computed from scratch: each query head's moving average as the explicit sum
-// sum_t (1 - 1/H)^(n-1-t) q_t / ||q_t||, unit; the group's mean of those, unit; blended with the
-// unit group-mean calibrated query; unit; moved by the dense mean rotation.
-std::vector<double> adaptive_filter(const StatsCase& s, const std::vector<float>& q, int n_q, int h, double blend,
-                                    int horizon, const Matrix& R) {
+// Query head qh's recent queries from scratch: the explicit sum sum_t (1 - 1/H)^(n-1-t) q_t / ||q_t||,
+// unit.
+std::vector<double> recent_direction(const std::vector<float>& q, int n_q, int qh, int horizon) {
   const int d = StatsCase::d;
-  std::vector<double> cal(d, 0.0), recent(d, 0.0);
-  for (int g = 0; g < StatsCase::group; ++g) {
-    const int qh = h * StatsCase::group + g;
-    for (int i = 0; i < d; ++i) cal[i] += s.mean[size_t(qh) * d + i];
-    std::vector<double> ema(d, 0.0);
-    for (int t = 0; t < n_q; ++t) {
-      const float* x = q.data() + (size_t(t) * StatsCase::n_heads + qh) * d;
-      double n2 = 0;
-      for (int i = 0; i < d; ++i) n2 += double(x[i]) * x[i];
-      const double w = std::pow(1.0 - 1.0 / horizon, n_q - 1 - t) / std::sqrt(n2);
-      for (int i = 0; i < d; ++i) ema[i] += w * x[i];
-    }
-    ema = unit(ema);
-    for (int i = 0; i < d; ++i) recent[i] += ema[i];
+  std::vector<double> ema(d, 0.0);
+  for (int t = 0; t < n_q; ++t) {
+    const float* x = q.data() + (size_t(t) * StatsCase::n_heads + qh) * d;
+    double n2 = 0;
+    for (int i = 0; i < d; ++i) n2 += double(x[i]) * x[i];
+    const double w = std::pow(1.0 - 1.0 / horizon, n_q - 1 - t) / std::sqrt(n2);
+    for (int i = 0; i < d; ++i) ema[i] += w * x[i];
   }
-  cal = unit(cal), recent = unit(recent);
+  return unit(ema);
+}
+
+// unit((1 - blend) cal + blend recent) for unit cal and recent, moved by the dense mean rotation.
+std::vector<double> blend_and_move(const std::vector<double>& cal, const std::vector<double>& recent, double blend,
+                                   const Matrix& R) {
+  const int d = StatsCase::d;
   std::vector<double> f(d);
   for (int i = 0; i < d; ++i) f[i] = (1 - blend) * cal[i] + blend * recent[i];
   f = unit(f);
@@ -256,6 +253,21 @@ std::vector<double> adaptive_filter(const StatsCase& s, const std::vector<float>
   for (int i = 0; i < d; ++i)
     for (int j = 0; j < d; ++j) rf[i] += R[i][j] * f[j];
   return rf;
+}
+
+// The adaptive filter computed from scratch: each query head's recent direction; the group's mean
+// of those, unit; blended with the unit group-mean calibrated query; unit; moved.
+std::vector<double> adaptive_filter(const StatsCase& s, const std::vector<float>& q, int n_q, int h, double blend,
+                                    int horizon, const Matrix& R) {
+  const int d = StatsCase::d;
+  std::vector<double> cal(d, 0.0), recent(d, 0.0);
+  for (int g = 0; g < StatsCase::group; ++g) {
+    const int qh = h * StatsCase::group + g;
+    for (int i = 0; i < d; ++i) cal[i] += s.mean[size_t(qh) * d + i];
+    const std::vector<double> ema = recent_direction(q, n_q, qh, horizon);
+    for (int i = 0; i < d; ++i) recent[i] += ema[i];
+  }
+  return blend_and_move(unit(cal), unit(recent), blend, R);
 }
 
 TEST(QueryStatsPolicies, AdaptiveFilterBlendsTheRecentQueriesAsADirectComputation) {
@@ -286,6 +298,68 @@ TEST(QueryStatsPolicies, AdaptiveFilterBlendsTheRecentQueriesAsADirectComputatio
         EXPECT_NEAR(got[j], want, 1e-4 * (1 + std::abs(want))) << "head " << h << " pos " << hc.pos[j];
       }
     }
+  }
+}
+
+// qfilters_max from scratch: every query head's own blended filter, its projections standardised
+// (mean 0, population standard deviation 1) over its KV head's keys, the maximum over the group,
+// then over the KV heads holding the same position.
+TEST(QueryStatsPolicies, QFiltersMaxIsTheBestStandardisedProjectionOverTheLayersQueryHeads) {
+  const int T = 40, future = 16, n_q = 25, d = StatsCase::d, group = StatsCase::group, nkv = StatsCase::nkv;
+  for (const auto& [blend, horizon] : std::vector<std::pair<float, int>>{{1.0f, 1}, {0.5f, 8}, {0.0f, 1}}) {
+    SCOPED_TRACE("blend " + std::to_string(blend) + " horizon " + std::to_string(horizon));
+    StatsCase s(51);
+    s.options.query_future_positions = future;
+    s.options.filter_blend = blend;
+    s.options.filter_horizon = horizon;
+    auto p = make_policy("qfilters_max", s.options);
+    EXPECT_EQ(p->name(), "qfilters_max");
+    EXPECT_EQ(p->needs(s.options), (AttentionStats{.query_recent = horizon}));
+    std::vector<float> k;
+    Cache c = s.cache(T, 0, 53, &k, p->needs(s.options));  // head 1 lost every 7th position
+    const std::vector<float> q = random_queries(n_q, 59);
+    for (int t = 0; t < n_q; ++t)
+      c.query_moments[0].add(q.data() + size_t(t) * StatsCase::n_heads * d, StatsCase::n_heads, d, horizon);
+    const Matrix R = mean_rotation(d, StatsCase::n_rot, s.inv_freq, T, future);
+
+    std::vector<std::vector<double>> best(nkv);  // [kv head][slot]
+    for (int h = 0; h < nkv; ++h) {
+      const HeadCache& hc = c.head(0, h);
+      best[h].assign(hc.n, -1e300);
+      for (int g = 0; g < group; ++g) {
+        const int qh = h * group + g;
+        const std::vector<double> cal = unit(std::vector<double>(s.mean.begin() + qh * d, s.mean.begin() + (qh + 1) * d));
+        const std::vector<double> rf = blend_and_move(cal, recent_direction(q, n_q, qh, horizon), blend, R);
+        std::vector<double> z(hc.n);
+        double m = 0, sq = 0;
+        for (int j = 0; j < hc.n; ++j) m += z[j] = dot(rf, k.data() + (size_t(hc.pos[j]) * nkv + h) * d);
+        m /= hc.n;
+        for (double x : z) sq += (x - m) * (x - m);
+        const double sd = std::sqrt(sq / hc.n);
+        for (int j = 0; j < hc.n; ++j) best[h][j] = std::max(best[h][j], (z[j] - m) / sd);
+      }
+    }
+    std::vector<std::vector<float>> layer;
+    p->score_layer(c, 0, layer);
+    ASSERT_EQ(layer.size(), size_t(nkv));
+    for (int h = 0; h < nkv; ++h) {
+      const HeadCache& hc = c.head(0, h);
+      const std::vector<float> got = score(*p, c, h);
+      ASSERT_EQ(got, layer[h]);
+      for (int j = 0; j < hc.n; ++j) {
+        double want = -1e300;
+        for (int o = 0; o < nkv; ++o) {
+          const HeadCache& other = c.head(0, o);
+          for (int i = 0; i < other.n; ++i)
+            if (other.pos[i] == hc.pos[j]) want = std::max(want, best[o][i]);
+        }
+        EXPECT_NEAR(got[j], want, 1e-4 * (1 + std::abs(want))) << "head " << h << " pos " << hc.pos[j];
+      }
+    }
+    // A position both heads hold has one score: the layer keeps it in every head or in none.
+    ASSERT_EQ(c.head(0, 0).pos[3], 3);
+    ASSERT_EQ(c.head(0, 1).pos[2], 3);  // head 1 lost position 2
+    EXPECT_EQ(layer[0][3], layer[1][2]);
   }
 }
 
@@ -345,26 +419,29 @@ TEST(QueryStatsPolicies, RecentQueriesAreADecayedSumOfUnitQueries) {
 }
 
 TEST(QueryStatsPolicies, AdaptiveFilterOptionsAreChecked) {
-  StatsCase s(41);
-  s.options.filter_blend = 1.5f;
-  EXPECT_THROW(make_policy("qfilters_adaptive", s.options), Error);
-  s.options.filter_blend = -0.1f;
-  EXPECT_THROW(make_policy("qfilters_adaptive", s.options), Error);
-  s.options.filter_blend = 0.5f;
-  s.options.filter_horizon = 0;
-  EXPECT_THROW(make_policy("qfilters_adaptive", s.options), Error);
-  s.options.filter_horizon = 4;
-  // Recent queries of another shape than the statistics' are an error, not a misread.
-  auto p = make_policy("qfilters_adaptive", s.options);
-  Cache c = s.cache(10, 0, 3, nullptr, p->needs(s.options));
-  const std::vector<float> q(size_t(2) * StatsCase::d, 1.0f);
-  c.query_moments[0].add(q.data(), 2, StatsCase::d, 4);
-  std::vector<float> out(c.head(0, 0).n);
-  EXPECT_THROW(p->score_head(c, 0, 0, out), Error);
+  for (const char* name : {"qfilters_adaptive", "qfilters_max"}) {
+    SCOPED_TRACE(name);
+    StatsCase s(41);
+    s.options.filter_blend = 1.5f;
+    EXPECT_THROW(make_policy(name, s.options), Error);
+    s.options.filter_blend = -0.1f;
+    EXPECT_THROW(make_policy(name, s.options), Error);
+    s.options.filter_blend = 0.5f;
+    s.options.filter_horizon = 0;
+    EXPECT_THROW(make_policy(name, s.options), Error);
+    s.options.filter_horizon = 4;
+    // Recent queries of another shape than the statistics' are an error, not a misread.
+    auto p = make_policy(name, s.options);
+    Cache c = s.cache(10, 0, 3, nullptr, p->needs(s.options));
+    const std::vector<float> q(size_t(2) * StatsCase::d, 1.0f);
+    c.query_moments[0].add(q.data(), 2, StatsCase::d, 4);
+    std::vector<float> out(c.head(0, 0).n);
+    EXPECT_THROW(p->score_head(c, 0, 0, out), Error);
+  }
 }
 
 TEST(QueryStatsPolicies, MissingOrMisshapenStatisticsAreErrors) {
-  for (const char* name : {"qfilters_rope", "ea_calibrated", "qfilters_rope+layer", "qfilters_adaptive"}) {
+  for (const char* name : {"qfilters_rope", "ea_calibrated", "qfilters_rope+layer", "qfilters_adaptive", "qfilters_max"}) {
     SCOPED_TRACE(name);
     try {
       make_policy(name, {});
@@ -381,7 +458,7 @@ TEST(QueryStatsPolicies, MissingOrMisshapenStatisticsAreErrors) {
   const Cache c = s.cache(10, 0, 3);
   Cache other({1, StatsCase::nkv, 4}, {10}, {});
   other.head(0, 0).n = 0;
-  for (const char* name : {"qfilters_rope", "ea_calibrated", "qfilters_adaptive"}) {
+  for (const char* name : {"qfilters_rope", "ea_calibrated", "qfilters_adaptive", "qfilters_max"}) {
     auto p = make_policy(name, s.options);
     std::vector<float> out(c.head(0, 0).n);
     EXPECT_NO_THROW(p->score_head(c, 0, 0, out));
@@ -390,7 +467,7 @@ TEST(QueryStatsPolicies, MissingOrMisshapenStatisticsAreErrors) {
   }
   // Listed apart from the default policies.
   const std::vector<std::string> names = query_stats_policy_names();
-  EXPECT_EQ(names, (std::vector<std::string>{"qfilters_rope", "ea_calibrated", "qfilters_adaptive"}));
+  EXPECT_EQ(names, (std::vector<std::string>{"qfilters_rope", "ea_calibrated", "qfilters_adaptive", "qfilters_max"}));
   for (const auto& n : policy_names()) EXPECT_NE(n, "qfilters_rope");
 }
 

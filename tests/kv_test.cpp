@@ -165,7 +165,9 @@ TEST(Cache, HeadsAreDisjointAlignedRegionsOfOneBuffer) {
   const size_t span = regions.back().second - regions.front().first;
   EXPECT_GE(span, size_t(2) << 20);
   const uintptr_t first = regions.front().first;
-  if (huge_pages_on_request()) EXPECT_EQ(first % (size_t(2) << 20), 0u) << "a 2 MiB cache should start on a huge page";
+  if (huge_pages_on_request()) {
+    EXPECT_EQ(first % (size_t(2) << 20), 0u) << "a 2 MiB cache should start on a huge page";
+  }
 #if defined(__SANITIZE_ADDRESS__)  // the gap after a region is poisoned: writing past a head is caught
   uint8_t* past = c.head(1, 0).v.data() + c.head(1, 0).v.size();
   EXPECT_DEATH(*static_cast<volatile uint8_t*>(past) = 1, "AddressSanitizer");

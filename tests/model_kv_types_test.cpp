@@ -266,7 +266,9 @@ TEST_F(ModelKvTypes, KeyScoringPoliciesEvictAlikeForEveryType) {
                   policy.c_str(), label(types).c_str(), layer0, layer0_before, all, all_before, f32.size());
       EXPECT_EQ(layer0, 0u);
       EXPECT_LE(all, all_before);
-      if (types.k == KvType::F16 && types.v == KvType::F16) EXPECT_LE(all, f32.size() / 200);
+      if (types.k == KvType::F16 && types.v == KvType::F16) {
+        EXPECT_LE(all, f32.size() / 200);
+      }
     }
   }
 }

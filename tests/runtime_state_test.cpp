@@ -417,18 +417,20 @@ TEST_F(StateErrors, OtherFilterFileData) {
   other_future.future_positions = 64;
   expect_refused(bytes, rope, "saved with --kv-policy qfilters_rope", other_future);
 
-  // qfilters_adaptive's filter also follows its blend and horizon.
-  KvSetup adaptive = setup_;
-  adaptive.policy = "qfilters_adaptive";
-  auto a = make_session(*model_, adaptive, pool_, data_);
-  a->prefill(tokens(3, 60, model_->config().n_vocab));
-  const std::vector<uint8_t> adaptive_bytes = kv::encode_state(runtime::capture_state(*a, fp_, {}));
-  KvSetup other_blend = adaptive;
-  other_blend.filter_blend = 0.25f;
-  expect_refused(adaptive_bytes, other_blend, "saved with --kv-policy qfilters_adaptive");
-  KvSetup other_horizon = adaptive;
-  other_horizon.filter_horizon = 8;
-  expect_refused(adaptive_bytes, other_horizon, "saved with --kv-policy qfilters_adaptive");
+  // The filters that follow the recent queries also follow their blend and horizon.
+  for (const std::string policy : {"qfilters_adaptive", "qfilters_max"}) {
+    KvSetup adaptive = setup_;
+    adaptive.policy = policy;
+    auto a = make_session(*model_, adaptive, pool_, data_);
+    a->prefill(tokens(3, 60, model_->config().n_vocab));
+    const std::vector<uint8_t> adaptive_bytes = kv::encode_state(runtime::capture_state(*a, fp_, {}));
+    KvSetup other_blend = adaptive;
+    other_blend.filter_blend = 0.25f;
+    expect_refused(adaptive_bytes, other_blend, "saved with --kv-policy " + policy);
+    KvSetup other_horizon = adaptive;
+    other_horizon.filter_horizon = 8;
+    expect_refused(adaptive_bytes, other_horizon, "saved with --kv-policy " + policy);
+  }
 
   KvSetup qfilters = setup_;
   qfilters.policy = "qfilters";
@@ -447,7 +449,7 @@ TEST_F(StateErrors, StateLargerThanTheContext) {
   kv::PolicyOptions po;
   po.seed = 11;
   po.snapkv_window = 8;
-  kv::CompressionConfig cc{24, 4, 3, 0, 0};
+  const kv::CompressionConfig cc{.budget = 24, .window = 4, .evict_every = 3};
   so.compressor = std::make_unique<kv::Compressor>(kv::make_policy("random", po), po, cc);
   Session small(*model_, std::move(so));
   EXPECT_THROW(runtime::restore_state(small, kv::decode_state(bytes_, "s"), fp_, "s"), Error);

@@ -43,9 +43,9 @@ struct CommonOptions {
   bool fresh = false, quick = false, no_progress = false;
   uint64_t seed = 0;  // random policy
   int snapkv_window = 64;
-  int future_positions = 512;  // expected_attention, qfilters_rope, ea_calibrated, qfilters_adaptive
-  float filter_blend = kv::PolicyOptions{}.filter_blend;      // qfilters_adaptive
-  int filter_horizon = kv::PolicyOptions{}.filter_horizon;    // qfilters_adaptive
+  int future_positions = 512;  // expected_attention and the query-statistics policies
+  float filter_blend = kv::PolicyOptions{}.filter_blend;      // qfilters_adaptive, qfilters_max
+  int filter_horizon = kv::PolicyOptions{}.filter_horizon;    // qfilters_adaptive, qfilters_max
   std::string layer_weights;                                  // per-layer budgets: "", "spread" or w0,w1,...
 };
 
@@ -80,14 +80,14 @@ void add_common(CLI::App* cmd, CommonOptions& o) {
   cmd->add_option("--kv-seed", o.seed, "seed of the random policy");
   cmd->add_option("--snapkv-window", o.snapkv_window, "snapkv observation window (queries)")->check(CLI::PositiveNumber);
   cmd->add_option("--future-positions", o.future_positions,
-                  "expected_attention, qfilters_rope, ea_calibrated, qfilters_adaptive: positions after the newest key "
+                  "expected_attention, qfilters_rope, ea_calibrated, qfilters_adaptive, qfilters_max: positions after the newest key "
                   "the query statistics are moved to (mean rotary rotation)")
       ->check(CLI::PositiveNumber);
   cmd->add_option("--filter-blend", o.filter_blend,
-                  "qfilters_adaptive: weight in [0, 1] of the recent queries in the filter (0 = qfilters_rope)")
+                  "qfilters_adaptive, qfilters_max: weight in [0, 1] of the recent queries in the filter (0 = qfilters_rope)")
       ->check(CLI::Range(0.0, 1.0))->capture_default_str();
   cmd->add_option("--filter-horizon", o.filter_horizon,
-                  "qfilters_adaptive: horizon in tokens of the recent queries' moving average (1 = the last query)")
+                  "qfilters_adaptive, qfilters_max: horizon in tokens of the recent queries' moving average (1 = the last query)")
       ->check(CLI::PositiveNumber)->capture_default_str();
   cmd->add_option("--layer-weights", o.layer_weights, kLayerWeightsHelp);
 }

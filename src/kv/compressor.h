@@ -25,7 +25,7 @@ struct CompressionConfig {
   int evict_every = 1;      // streaming eviction granularity
   float prefill_ratio = 0;  // 0: no prefill compression; else in (0, 1)
   int skip_layers = 0;
-  std::vector<float> layer_weights;  // empty: the same budget / ratio for every compressed layer
+  std::vector<float> layer_weights{};  // empty: the same budget / ratio for every compressed layer
   bool enabled() const { return budget > 0 || prefill_ratio > 0; }
   // Throws qf::Error on inconsistent settings (window >= budget, ratio outside [0, 1), ...).
   void validate(int n_layers) const;

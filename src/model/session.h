@@ -38,17 +38,17 @@ struct SessionOptions {
   int n_threads = 0;  // 0 = all cores; ignored when `pool` is given
   ThreadPool* pool = nullptr;  // shared pool (must outlive the session); null = the session owns one
   int n_batch = 256;  // tokens per forward chunk during prefill
-  std::unique_ptr<kv::Compressor> compressor;  // null = full cache
+  std::unique_ptr<kv::Compressor> compressor{};  // null = full cache
   // Attention statistics to keep in addition to the compressor's needs (e.g. for a session whose
   // cache is shared with several policies through copy_state_from). accumulate and window both
   // write attn_sum, so asking for both mixes them.
-  kv::AttentionStats stats;
+  kv::AttentionStats stats{};
   // Scorer of a cache asked to keep key scores (stats.key_scores) without a compressor whose
   // policy scores single keys, e.g. an evaluation's prefix shared by several sessions of one
   // policy. A compressor's own scorer (Policy::key_scorer) is used otherwise.
-  kv::KeyScorer key_scorer;
+  kv::KeyScorer key_scorer{};
   // Storage types of the cached keys and values (the CLI's -ctk / -ctv; the CLI defaults to f16).
-  kv::KvTypes kv_types;
+  kv::KvTypes kv_types{};
   // At the end of the context: keep counting, or shift (see PositionMode). Evaluations keep the
   // library default (a result never silently shifts); qf run / chat / serve default to shift.
   PositionMode positions = PositionMode::keep;

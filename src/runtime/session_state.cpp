@@ -50,8 +50,9 @@ void hash_floats(Fnv1a64& h, std::span<const float> x) {
 }
 
 // What eviction reads from the filter file: the filters, and for the policies that score with
-// calibrated query statistics (qfilters_rope, ea_calibrated, qfilters_adaptive, also +layer) those
-// statistics, the positions they are moved to (and qfilters_adaptive's blend and horizon), so a state restored with another file, or other
+// calibrated query statistics (query_stats_policy_names(), also +layer) those statistics, the
+// positions they are moved to (and the blend and horizon of the filters that follow the recent
+// queries), so a state restored with another file, or other
 // --future-positions, is refused instead of evicting differently. "" without a filter file. The
 // filters alone hash as they always have, so earlier states of the other policies still restore.
 std::string filters_hash(std::string_view policy, const kv::PolicyOptions& po) {
@@ -66,7 +67,7 @@ std::string filters_hash(std::string_view policy, const kv::PolicyOptions& po) {
     h.add_u64(static_cast<uint64_t>(po.n_query_heads));
     h.add_u64(static_cast<uint64_t>(po.stats_rank));
     h.add_u64(static_cast<uint64_t>(po.query_future_positions));
-    if (policy == "qfilters_adaptive") {  // its filter also follows these two options
+    if (policy == "qfilters_adaptive" || policy == "qfilters_max") {  // their filters also follow these
       const double blend = po.filter_blend;
       h.add(std::span(reinterpret_cast<const uint8_t*>(&blend), sizeof blend));
       h.add_u64(static_cast<uint64_t>(po.filter_horizon));

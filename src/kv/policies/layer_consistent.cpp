@@ -9,11 +9,7 @@
 
 namespace qf::kv::policies {
 
-namespace {
-
-// Scores shifted and scaled to mean 0, standard deviation 1 over the finite ones (+-inf and NaN
-// stay as they are; a constant head becomes all zeros).
-void standardise(std::vector<float>& s) {
+void standardise(std::span<float> s) {
   double sum = 0, sq = 0;
   int n = 0;
   for (float x : s)
@@ -24,6 +20,8 @@ void standardise(std::vector<float>& s) {
   for (float& x : s)
     if (std::isfinite(x)) x = static_cast<float>((x - m) * inv);
 }
+
+namespace {
 
 class LayerConsistent final : public Policy {
  public:
@@ -49,18 +47,11 @@ class LayerConsistent final : public Policy {
       const HeadCache& self = cache.head(layer, h);
       scores[h].assign(self.n, 0.0f);
       count_.assign(self.n, 0);
-      for (int o = 0; o < nkv; ++o) {
-        const HeadCache& other = cache.head(layer, o);
-        // Both heads list positions in increasing order: merge.
-        for (int i = 0, j = 0; i < self.n && j < other.n;) {
-          if (self.pos[i] < other.pos[j]) ++i;
-          else if (self.pos[i] > other.pos[j]) ++j;
-          else {
-            scores[h][i] += raw_[o][j++];
-            ++count_[i++];
-          }
-        }
-      }
+      for (int o = 0; o < nkv; ++o)
+        for_each_shared_position(self, cache.head(layer, o), [&](int i, int j) {
+          scores[h][i] += raw_[o][j];
+          ++count_[i];
+        });
       for (int i = 0; i < self.n; ++i) scores[h][i] /= static_cast<float>(count_[i]);  // count >= 1: itself
     }
   }

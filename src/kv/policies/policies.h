@@ -2,6 +2,7 @@
 #pragma once
 #include <algorithm>
 #include <memory>
+#include <span>
 #include <vector>
 
 #include "kv/policy.h"
@@ -31,6 +32,21 @@ inline bool copy_key_scores(const HeadCache& hc, std::span<float> scores) {
   return true;
 }
 
+// Calls f(i, j) for every position that both heads hold, slot i of a and slot j of b (a head
+// lists its positions in increasing order, so one merge pass finds them).
+template <class F>
+void for_each_shared_position(const HeadCache& a, const HeadCache& b, const F& f) {
+  for (int i = 0, j = 0; i < a.n && j < b.n;) {
+    if (a.pos[i] < b.pos[j]) ++i;
+    else if (a.pos[i] > b.pos[j]) ++j;
+    else f(i++, j++);
+  }
+}
+
+// Shifts and scales s to mean 0 and standard deviation 1 over its finite values (+-inf and NaN
+// stay as they are; a constant head becomes all zeros), so that heads can be compared.
+void standardise(std::span<float> s);
+
 std::unique_ptr<Policy> make_qfilters(const PolicyOptions&);
 std::unique_ptr<Policy> make_knorm(const PolicyOptions&);
 std::unique_ptr<Policy> make_streaming(const PolicyOptions&);
@@ -43,6 +59,7 @@ std::unique_ptr<Policy> make_keydiff(const PolicyOptions&);
 std::unique_ptr<Policy> make_qfilters_rope(const PolicyOptions&);
 std::unique_ptr<Policy> make_ea_calibrated(const PolicyOptions&);
 std::unique_ptr<Policy> make_qfilters_adaptive(const PolicyOptions&);
+std::unique_ptr<Policy> make_qfilters_max(const PolicyOptions&);
 // Wraps a policy into its layer-consistent variant (kLayerSuffix).
 std::unique_ptr<Policy> make_layer_consistent(std::unique_ptr<Policy> inner);
 

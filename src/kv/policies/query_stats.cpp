@@ -22,6 +22,10 @@
 //    per round, like qfilters_rope. With a = 1 and horizon 1 it ranks a head's keys by the logits
 //    of the group's last query (TOVA's ranking for one query head) without attention weights.
 //
+//  - qfilters_max: qfilters_adaptive's filter per query head (not per group); the projections
+//    standardised per query head, and a token's score the maximum over all the layer's query heads,
+//    so every KV head of the layer keeps the same tokens (see the class).
+//
 // None computes an attention weight, so the fused attention kernel stays. Scores change as the
 // position advances, so they are recomputed at every eviction round (score_head).
 #include <algorithm>
@@ -114,6 +118,28 @@ bool normalize(std::vector<double>& x) {
   return true;
 }
 
+// normalize((1 - a) c + a r) for unit c and r; c itself when r is zero or they cancel (exactly
+// opposite directions at a = 0.5).
+std::vector<double> blend_directions(const std::vector<double>& c, const std::vector<double>& r, double a) {
+  if (!(a > 0)) return c;
+  std::vector<double> f(c.size());
+  for (size_t i = 0; i < f.size(); ++i) f[i] = (1.0 - a) * c[i] + a * r[i];
+  return normalize(f) ? f : c;
+}
+
+// The layer's recent queries (QueryMoments::recent), or null while none is known; recent queries
+// of another shape than the statistics' are an error, not a misread.
+const std::vector<double>* recent_queries(const Cache& cache, int layer, const QueryStats& stats,
+                                          std::string_view policy) {
+  if (cache.query_moments.empty()) return nullptr;
+  const QueryMoments& m = cache.query_moments[layer];
+  if (m.recent.empty()) return nullptr;
+  if (m.n_heads != stats.n_heads || m.head_dim != cache.shape().head_dim)
+    fail(policy, ": recent queries of ", m.n_heads, "x", m.head_dim, " heads do not fit the statistics' ",
+         stats.n_heads, " query heads of ", cache.shape().head_dim);
+  return &m.recent;
+}
+
 class AdaptiveQFilters final : public Policy {
  public:
   AdaptiveQFilters(QueryStats stats, int future, double blend, int horizon)
@@ -139,30 +165,18 @@ class AdaptiveQFilters final : public Policy {
       for (int i = 0; i < d; ++i) cal[i] += mu[i];
     }
     normalize(cal);
-    if (!has_recent(cache, layer) || !(blend_ > 0)) return cal;
-    const std::vector<double>& rq = cache.query_moments[layer].recent;
+    if (!(blend_ > 0)) return cal;
+    const std::vector<double>* rq = recent_queries(cache, layer, stats_, name());
+    if (!rq) return cal;
     std::vector<double> one(d);
     for (int g = 0; g < group; ++g) {
-      const double* src = rq.data() + static_cast<size_t>(kv_head * group + g) * d;
+      const double* src = rq->data() + static_cast<size_t>(kv_head * group + g) * d;
       one.assign(src, src + d);
       if (normalize(one))
         for (int i = 0; i < d; ++i) recent[i] += one[i];
     }
     if (!normalize(recent)) return cal;
-    std::vector<double> f(d);
-    for (int i = 0; i < d; ++i) f[i] = (1.0 - blend_) * cal[i] + blend_ * recent[i];
-    if (!normalize(f)) return cal;  // exactly opposite directions at a = 0.5
-    return f;
-  }
-
-  bool has_recent(const Cache& cache, int layer) const {
-    if (cache.query_moments.empty()) return false;
-    const QueryMoments& m = cache.query_moments[layer];
-    if (m.recent.empty()) return false;
-    if (m.n_heads != stats_.n_heads || m.head_dim != cache.shape().head_dim)
-      fail(name(), ": recent queries of ", m.n_heads, "x", m.head_dim, " heads do not fit the statistics' ",
-           stats_.n_heads, " query heads of ", cache.shape().head_dim);
-    return true;
+    return blend_directions(cal, recent, blend_);
   }
 
   QueryStats stats_;
@@ -170,6 +184,78 @@ class AdaptiveQFilters final : public Policy {
   double blend_;
   int horizon_;
   std::vector<float> filter_;
+};
+
+// qfilters_max: qfilters_adaptive's filter per query head instead of per KV group, and a token's
+// score the best of the layer's query heads. Each query head h scores the keys of its KV head with
+// f_h = normalize((1 - a) c_h + a r_h) (c_h its unit calibrated mean query, r_h the unit moving
+// average of its recent queries), moved to the next positions; the projections are standardised
+// per query head; a position's score is the maximum over every query head of the layer whose KV
+// head holds it. So a token one head singles out (a digit the question will need) outranks one
+// that all heads find ordinary, as in TOVA's average of peaked softmax rows, and every KV head of
+// the layer gets the same score for the same token (kept in all or none). group dot products per
+// kept key, no attention weight: the fused kernel stays.
+class QFiltersMax final : public Policy {
+ public:
+  QFiltersMax(QueryStats stats, int future, double blend, int horizon)
+      : stats_(stats), future_(future), blend_(blend), horizon_(horizon) {}
+  std::string_view name() const override { return "qfilters_max"; }
+  AttentionStats needs(const PolicyOptions&) const override { return {.query_recent = horizon_}; }
+
+  void score_head(const Cache& cache, int layer, int kv_head, std::span<float> scores) override {
+    score_layer(cache, layer, layer_scores_);
+    std::copy(layer_scores_[kv_head].begin(), layer_scores_[kv_head].end(), scores.begin());
+  }
+
+  void score_layer(const Cache& cache, int layer, std::vector<std::vector<float>>& scores) override {
+    const CacheShape& s = cache.shape();
+    stats_.check(s, name());
+    const int nkv = s.n_kv_heads, d = s.head_dim, group = stats_.n_heads / nkv;
+    const std::vector<double>* rq = recent_queries(cache, layer, stats_, name());
+    const RopeGeometry::PairMatrix r = cache.rope.mean_pair_rotation(layer, next_position(cache, layer), future_, d);
+    head_best_.resize(nkv);
+    moved_.resize(static_cast<size_t>(group) * d);
+    for (int kv = 0; kv < nkv; ++kv) {
+      const HeadCache& hc = cache.head(layer, kv);
+      for (int g = 0; g < group; ++g) {
+        const int q = kv * group + g;
+        std::vector<double> cal(stats_.head_mean(layer, q, d), stats_.head_mean(layer, q, d) + d), recent;
+        normalize(cal);
+        if (rq) recent.assign(rq->data() + static_cast<size_t>(q) * d, rq->data() + static_cast<size_t>(q + 1) * d);
+        const std::vector<double> f = rq && normalize(recent) ? blend_directions(cal, recent, blend_) : cal;
+        apply(r, f.data(), d, 1.0, moved_.data() + static_cast<size_t>(g) * d);
+      }
+      proj_.resize(static_cast<size_t>(group) * hc.n);  // [group][n]
+      for_each_key(hc, d, [&](int j, const float* key) {
+        for (int g = 0; g < group; ++g)
+          proj_[static_cast<size_t>(g) * hc.n + j] = dot_f32(key, moved_.data() + static_cast<size_t>(g) * d, d);
+      });
+      head_best_[kv].assign(hc.n, -std::numeric_limits<float>::infinity());
+      for (int g = 0; g < group; ++g) {
+        const std::span<float> z(proj_.data() + static_cast<size_t>(g) * hc.n, hc.n);
+        standardise(z);
+        for (int j = 0; j < hc.n; ++j) head_best_[kv][j] = std::max(head_best_[kv][j], z[j]);
+      }
+    }
+    scores.resize(nkv);
+    for (int kv = 0; kv < nkv; ++kv) {
+      const HeadCache& self = cache.head(layer, kv);
+      scores[kv] = head_best_[kv];
+      for (int o = 0; o < nkv; ++o)
+        if (o != kv)
+          for_each_shared_position(self, cache.head(layer, o), [&](int i, int j) {
+            scores[kv][i] = std::max(scores[kv][i], head_best_[o][j]);
+          });
+    }
+  }
+
+ private:
+  QueryStats stats_;
+  int future_;
+  double blend_;
+  int horizon_;
+  std::vector<float> moved_, proj_;
+  std::vector<std::vector<float>> head_best_, layer_scores_;
 };
 
 class CalibratedExpectedAttention final : public Policy {
@@ -252,6 +338,12 @@ QueryStats stats_of(const PolicyOptions& o, std::string_view policy) {
   return {o.query_mean, o.query_factors, o.n_query_heads, o.stats_rank};
 }
 
+void check_recent_options(const PolicyOptions& o, std::string_view policy) {
+  if (!(o.filter_blend >= 0.0f && o.filter_blend <= 1.0f))
+    fail(policy, ": --filter-blend must lie in [0, 1] (got ", o.filter_blend, ")");
+  if (o.filter_horizon < 1) fail(policy, ": --filter-horizon must be >= 1 token (got ", o.filter_horizon, ")");
+}
+
 }  // namespace
 
 std::unique_ptr<Policy> make_qfilters_rope(const PolicyOptions& o) {
@@ -259,11 +351,15 @@ std::unique_ptr<Policy> make_qfilters_rope(const PolicyOptions& o) {
 }
 
 std::unique_ptr<Policy> make_qfilters_adaptive(const PolicyOptions& o) {
-  if (!(o.filter_blend >= 0.0f && o.filter_blend <= 1.0f))
-    fail("qfilters_adaptive: --filter-blend must lie in [0, 1] (got ", o.filter_blend, ")");
-  if (o.filter_horizon < 1) fail("qfilters_adaptive: --filter-horizon must be >= 1 token (got ", o.filter_horizon, ")");
+  check_recent_options(o, "qfilters_adaptive");
   return std::make_unique<AdaptiveQFilters>(stats_of(o, "qfilters_adaptive"), o.query_future_positions, o.filter_blend,
                                             o.filter_horizon);
+}
+
+std::unique_ptr<Policy> make_qfilters_max(const PolicyOptions& o) {
+  check_recent_options(o, "qfilters_max");
+  return std::make_unique<QFiltersMax>(stats_of(o, "qfilters_max"), o.query_future_positions, o.filter_blend,
+                                       o.filter_horizon);
 }
 
 std::unique_ptr<Policy> make_ea_calibrated(const PolicyOptions& o) {

@@ -20,6 +20,7 @@ constexpr std::pair<std::string_view, Factory> kQueryStatsPolicies[] = {
     {"qfilters_rope", policies::make_qfilters_rope},
     {"ea_calibrated", policies::make_ea_calibrated},
     {"qfilters_adaptive", policies::make_qfilters_adaptive},
+    {"qfilters_max", policies::make_qfilters_max},
 };
 }  // namespace
 

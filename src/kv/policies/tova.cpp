@@ -28,12 +28,7 @@ class Tova final : public Policy {
     for (int h = 0; h < nkv; ++h) {
       const HeadCache& other = cache.head(layer, h);
       if (other.attn_last.empty()) fail("tova: the cache keeps no last-query attention (build it with the policy's needs())");
-      // Both heads list positions in increasing order: merge.
-      for (int i = 0, j = 0; i < n && j < other.n;) {
-        if (self.pos[i] < other.pos[j]) ++i;
-        else if (self.pos[i] > other.pos[j]) ++j;
-        else scores[i++] += other.attn_last[j++];
-      }
+      for_each_shared_position(self, other, [&](int i, int j) { scores[i] += other.attn_last[j]; });
     }
     const float inv = 1.0f / static_cast<float>(nkv);
     for (int i = 0; i < n; ++i) scores[i] *= inv;
