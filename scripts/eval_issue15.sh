@@ -9,6 +9,9 @@
 #                                        (docs/results.md section 5, "Adaptive filters"; ~30 min quiet)
 #   scripts/eval_issue15.sh keydiff      KeyDiff: the needle protocol beside same-build baselines, then
 #                                        perplexity (docs/results.md section 5, "KeyDiff"; ~10 min quiet)
+#   scripts/eval_issue15.sh max          qfilters_max: the needle protocol on seeds 42-47 beside same-build
+#                                        baselines, 4,096-token needles, perplexity, paired comparisons
+#                                        (docs/results.md section 5, "One filter per query head"; ~20 min quiet)
 #   scripts/eval_issue15.sh layers       per-layer budgets at equal memory (--layer-weights spread and a
 #                                        middle-layer profile) on seeds 42-44 and held-out 45-47 (~25 min)
 # Resumable: finished cells are kept in results/issue15-*/<eval>.jsonl.
@@ -81,4 +84,24 @@ if [ "$what" = layers ]; then
   done
   nice -n 10 "$qf" eval ppl -m "$M" --filters "$F" -o results/issue15-layers-ppl-spread --docs 8 --tokens 1024 \
     --budgets 128,256 --window 64 --policies none,streaming,h2o,qfilters_adaptive --layer-weights spread -t 1 --no-progress
+fi
+if [ "$what" = max ]; then
+  niah() {  # OUT SEEDS LENGTHS POLICIES
+    nice -n 10 "$qf" eval niah -m "$M" --filters "$F" -o "results/issue15-max-$1" --lengths "$3" --depths 5 \
+      --compressions 4,8 --seeds "$2" --digits 7 --skip-layers 2 -t 1 --no-progress --policies "$4"
+  }
+  base=none,tova,qfilters_max,ea_calibrated+layer,qfilters_adaptive+layer,qfilters+layer
+  niah niah 42,43,44,45,46,47 1024,2048 "$base"
+  niah 4k 42,43,44 4096 none,tova,qfilters_max,ea_calibrated+layer
+  for b in 0.9 0.7; do
+    nice -n 10 "$qf" eval niah -m "$M" --filters "$F" -o "results/issue15-max-blend$b" --lengths 1024,2048 --depths 5 \
+      --compressions 4,8 --seeds 42,43,44 --digits 7 --skip-layers 2 -t 1 --no-progress --policies qfilters_max \
+      --filter-blend "$b"
+  done
+  nice -n 10 "$qf" eval ppl -m "$M" --filters "$F" -o results/issue15-max-ppl --docs 8 --tokens 1024 \
+    --budgets 128,256 --window 64 --policies none,streaming,h2o,tova,qfilters,qfilters_max -t 1 --no-progress
+  for p in tova ea_calibrated+layer qfilters_adaptive+layer; do
+    scripts/niah_paired.py results/issue15-max-niah/niah.jsonl:qfilters_max results/issue15-max-niah/niah.jsonl:$p
+  done
+  scripts/niah_paired.py results/issue15-max-4k/niah.jsonl:qfilters_max results/issue15-max-4k/niah.jsonl:tova --lengths 4096
 fi

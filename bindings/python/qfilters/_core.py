@@ -173,8 +173,8 @@ class KVConfig:
     Args:
         policy: "none" (full cache) or an eviction policy: qfilters, knorm, streaming, random,
             snapkv, tova, h2o, expected_attention, keydiff, with query statistics in the filter
-            file also qfilters_rope, ea_calibrated, qfilters_adaptive; any with "+layer" (see
-            :func:`qfilters.policies` and docs/method.md section 4).
+            file also qfilters_rope, ea_calibrated, qfilters_adaptive, qfilters_max; any with
+            "+layer" (see :func:`qfilters.policies` and docs/method.md section 4).
         filters: Q-Filters for policy "qfilters": a :class:`Filters` or a filter file path.
         budget: during generation each KV head keeps at most `budget` tokens (0 = no bound;
             default 512 for an eviction policy without `ratio`, else 0).
