@@ -23,6 +23,7 @@
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #include "tensor/kernels.h"
@@ -1031,6 +1032,27 @@ TEST_F(SimdTargets, VectorOps) {
       y = b;
       scale_f32(y.data(), -1.5f, n);
       for (size_t i = 0; i < n + 4; ++i) ASSERT_EQ(y[i], i < n ? b[i] * -1.5f : b[i]) << target << " scale n " << n;
+    }
+  }
+}
+
+// dot_rows_f32: every (row, vector) pair is dot_f32 of the pair, bit for bit, and nothing past the
+// output is written.
+TEST_F(SimdTargets, DotRowsIsDotPerPair) {
+  std::mt19937 rng(5);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (const std::string& target : available_simd_targets()) {
+    ASSERT_TRUE(force_simd_target(target));
+    for (const auto& [rows, d, nx] : std::vector<std::tuple<size_t, size_t, size_t>>{{0, 8, 3}, {1, 64, 1}, {7, 64, 3},
+                                                                                       {64, 8, 4}, {5, 33, 2}}) {
+      std::vector<float> a(rows * d), x(nx * d), out(rows * nx + 3, -7.0f);
+      for (auto& v : a) v = normal(rng);
+      for (auto& v : x) v = normal(rng);
+      dot_rows_f32(a.data(), rows, d, x.data(), nx, out.data());
+      for (size_t j = 0; j < rows; ++j)
+        for (size_t g = 0; g < nx; ++g)
+          ASSERT_EQ(out[j * nx + g], dot_f32(a.data() + j * d, x.data() + g * d, d)) << target << " row " << j << " g " << g;
+      for (size_t i = rows * nx; i < out.size(); ++i) ASSERT_EQ(out[i], -7.0f) << target;
     }
   }
 }

@@ -89,6 +89,8 @@ void dequantize_row(const WeightView& w, int64_t row, float* out);
 
 // Float vector kernels (n may be any size; x and y must not overlap).
 float dot_f32(const float* a, const float* b, size_t n);
+// out[j * n_x + g] = dot_f32(rows + j * d, x + g * d, d) for j < n_rows, g < n_x, bit for bit.
+void dot_rows_f32(const float* rows, size_t n_rows, size_t d, const float* x, size_t n_x, float* out);
 void axpy_f32(float a, const float* x, float* y, size_t n);  // y += a * x
 void scale_f32(float* y, float a, size_t n);                // y *= a
 

@@ -130,6 +130,14 @@ float DotF32(const float* HWY_RESTRICT a, const float* HWY_RESTRICT b, size_t n)
   return hn::GetLane(hn::SumOfLanes(d, hn::Add(s0, s1)));
 }
 
+// out[j * n_x + g] = DotF32(rows[j], x[g]): each row of d floats against each of n_x vectors, in
+// one dispatch (the per-call dispatch costs as much as a 64-float dot product).
+void DotRowsF32(const float* HWY_RESTRICT rows, size_t n_rows, size_t d, const float* HWY_RESTRICT x, size_t n_x,
+                float* HWY_RESTRICT out) {
+  for (size_t j = 0; j < n_rows; ++j)
+    for (size_t g = 0; g < n_x; ++g) out[j * n_x + g] = DotF32(rows + j * d, x + g * d, d);
+}
+
 void AxpyF32(float a, const float* HWY_RESTRICT x, float* HWY_RESTRICT y, size_t n) {
   const hn::ScalableTag<float> d;
   const size_t N = hn::Lanes(d);
@@ -1354,6 +1362,7 @@ namespace qf {
 
 HWY_EXPORT(TargetBit);
 HWY_EXPORT(DotF32);
+HWY_EXPORT(DotRowsF32);
 HWY_EXPORT(AxpyF32);
 HWY_EXPORT(ScaleF32);
 HWY_EXPORT(MatmulImpl);
@@ -1402,6 +1411,11 @@ void matmul_shared_input(std::span<const WeightView> ws, const float* x, int64_t
 float dot_f32(const float* a, const float* b, size_t n) {
   detail::init_simd_once();
   return HWY_DYNAMIC_DISPATCH(DotF32)(a, b, n);
+}
+
+void dot_rows_f32(const float* rows, size_t n_rows, size_t d, const float* x, size_t n_x, float* out) {
+  detail::init_simd_once();
+  HWY_DYNAMIC_DISPATCH(DotRowsF32)(rows, n_rows, d, x, n_x, out);
 }
 
 void axpy_f32(float a, const float* x, float* y, size_t n) {

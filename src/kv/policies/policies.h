@@ -9,18 +9,26 @@
 
 namespace qf::kv::policies {
 
-// Calls f(slot, key) for every slot of hc, the stored (possibly quantized) key given as d floats:
-// converted 64 rows at a time (the attention kernels' SIMD conversion), so a policy scores the
-// keys attention actually reads.
+// Calls f(j0, m, tile) for consecutive slots [j0, j0 + m) of hc, their stored (possibly
+// quantized) keys given as m rows of d floats: converted 64 rows at a time (the attention
+// kernels' SIMD conversion), so a policy scores the keys attention actually reads.
 template <class F>
-void for_each_key(const HeadCache& hc, int d, const F& f) {
+void for_each_key_tile(const HeadCache& hc, int d, const F& f) {
   constexpr int kRows = 64;
   std::vector<float> tile(static_cast<size_t>(std::min(kRows, hc.n)) * d);
   for (int j0 = 0; j0 < hc.n; j0 += kRows) {
     const int m = std::min(kRows, hc.n - j0);
     dequantize_kv_rows(hc.keys(), j0, m, d, tile.data());
-    for (int j = 0; j < m; ++j) f(j0 + j, tile.data() + static_cast<size_t>(j) * d);
+    f(j0, m, tile.data());
   }
+}
+
+// Calls f(slot, key) for every slot of hc, the key as d floats (as for_each_key_tile).
+template <class F>
+void for_each_key(const HeadCache& hc, int d, const F& f) {
+  for_each_key_tile(hc, d, [&](int j0, int m, const float* tile) {
+    for (int j = 0; j < m; ++j) f(j0 + j, tile + static_cast<size_t>(j) * d);
+  });
 }
 
 // Scores of one head from the scores its cache kept per slot (AttentionStats::key_scores),

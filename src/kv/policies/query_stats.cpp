@@ -226,9 +226,12 @@ class QFiltersMax final : public Policy {
         apply(r, f.data(), d, 1.0, moved_.data() + static_cast<size_t>(g) * d);
       }
       proj_.resize(static_cast<size_t>(group) * hc.n);  // [group][n]
-      for_each_key(hc, d, [&](int j, const float* key) {
-        for (int g = 0; g < group; ++g)
-          proj_[static_cast<size_t>(g) * hc.n + j] = dot_f32(key, moved_.data() + static_cast<size_t>(g) * d, d);
+      for_each_key_tile(hc, d, [&](int j0, int m, const float* tile) {
+        tile_dots_.resize(static_cast<size_t>(m) * group);  // [m][group]
+        dot_rows_f32(tile, m, d, moved_.data(), group, tile_dots_.data());
+        for (int j = 0; j < m; ++j)
+          for (int g = 0; g < group; ++g)
+            proj_[static_cast<size_t>(g) * hc.n + j0 + j] = tile_dots_[static_cast<size_t>(j) * group + g];
       });
       head_best_[kv].assign(hc.n, -std::numeric_limits<float>::infinity());
       for (int g = 0; g < group; ++g) {
@@ -254,7 +257,7 @@ class QFiltersMax final : public Policy {
   int future_;
   double blend_;
   int horizon_;
-  std::vector<float> moved_, proj_;
+  std::vector<float> moved_, proj_, tile_dots_;
   std::vector<std::vector<float>> head_best_, layer_scores_;
 };
 
