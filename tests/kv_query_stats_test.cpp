@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <numeric>
 #include <random>
 #include <string>
@@ -270,31 +271,47 @@ std::vector<double> adaptive_filter(const StatsCase& s, const std::vector<float>
   return blend_and_move(unit(cal), unit(recent), blend, R);
 }
 
+// A policy that follows the recent queries, on a one-layer cache of 40 keys (head 1 lost every 7th
+// position) after 25 random queries, with the dense mean rotation to the 16 positions it scores for.
+struct RecentQueriesCase {
+  static constexpr int T = 40, future = 16, n_q = 25;
+  StatsCase s;
+  std::unique_ptr<Policy> policy;
+  std::vector<float> keys, queries;
+  Cache cache;
+  Matrix R;
+};
+
+RecentQueriesCase recent_queries_case(const std::string& name, float blend, int horizon, uint32_t seed) {
+  using C = RecentQueriesCase;
+  StatsCase s(seed);
+  s.options.query_future_positions = C::future;
+  s.options.filter_blend = blend;
+  s.options.filter_horizon = horizon;
+  auto p = make_policy(name, s.options);
+  EXPECT_EQ(p->name(), name);
+  // Only the recent queries (not even their moments): no attention statistics, so the fused kernel stays.
+  EXPECT_EQ(p->needs(s.options), (AttentionStats{.query_recent = horizon}));
+  std::vector<float> k;
+  Cache c = s.cache(C::T, 0, seed + 2, &k, p->needs(s.options));
+  std::vector<float> q = random_queries(C::n_q, seed + 8);
+  for (int t = 0; t < C::n_q; ++t)
+    c.query_moments[0].add(q.data() + size_t(t) * StatsCase::n_heads * StatsCase::d, StatsCase::n_heads, StatsCase::d,
+                           horizon);
+  Matrix R = mean_rotation(StatsCase::d, StatsCase::n_rot, s.inv_freq, C::T, C::future);
+  return {std::move(s), std::move(p), std::move(k), std::move(q), std::move(c), std::move(R)};
+}
+
 TEST(QueryStatsPolicies, AdaptiveFilterBlendsTheRecentQueriesAsADirectComputation) {
-  const int T = 40, future = 16, n_q = 25;
   for (const auto& [blend, horizon] : std::vector<std::pair<float, int>>{{0.5f, 8}, {1.0f, 1}, {0.3f, 100}}) {
     SCOPED_TRACE("blend " + std::to_string(blend) + " horizon " + std::to_string(horizon));
-    StatsCase s(21);
-    s.options.query_future_positions = future;
-    s.options.filter_blend = blend;
-    s.options.filter_horizon = horizon;
-    auto p = make_policy("qfilters_adaptive", s.options);
-    EXPECT_EQ(p->name(), "qfilters_adaptive");
-    // Only the recent queries (not even their moments): no attention statistics, so the fused kernel stays.
-    EXPECT_EQ(p->needs(s.options), (AttentionStats{.query_recent = horizon}));
-    std::vector<float> k;
-    Cache c = s.cache(T, 0, 23, &k, p->needs(s.options));
-    const std::vector<float> q = random_queries(n_q, 29);
-    for (int t = 0; t < n_q; ++t)
-      c.query_moments[0].add(q.data() + size_t(t) * StatsCase::n_heads * StatsCase::d, StatsCase::n_heads, StatsCase::d,
-                             horizon);
-    const Matrix R = mean_rotation(StatsCase::d, StatsCase::n_rot, s.inv_freq, T, future);
+    RecentQueriesCase rc = recent_queries_case("qfilters_adaptive", blend, horizon, 21);
     for (int h = 0; h < StatsCase::nkv; ++h) {
-      const std::vector<double> rf = adaptive_filter(s, q, n_q, h, blend, horizon, R);
-      const std::vector<float> got = score(*p, c, h);
-      const HeadCache& hc = c.head(0, h);
+      const std::vector<double> rf = adaptive_filter(rc.s, rc.queries, rc.n_q, h, blend, horizon, rc.R);
+      const std::vector<float> got = score(*rc.policy, rc.cache, h);
+      const HeadCache& hc = rc.cache.head(0, h);
       for (int j = 0; j < hc.n; ++j) {
-        const double want = dot(rf, k.data() + (size_t(hc.pos[j]) * StatsCase::nkv + h) * StatsCase::d);
+        const double want = dot(rf, rc.keys.data() + (size_t(hc.pos[j]) * StatsCase::nkv + h) * StatsCase::d);
         EXPECT_NEAR(got[j], want, 1e-4 * (1 + std::abs(want))) << "head " << h << " pos " << hc.pos[j];
       }
     }
@@ -305,34 +322,23 @@ TEST(QueryStatsPolicies, AdaptiveFilterBlendsTheRecentQueriesAsADirectComputatio
 // (mean 0, population standard deviation 1) over its KV head's keys, the maximum over the group,
 // then over the KV heads holding the same position.
 TEST(QueryStatsPolicies, QFiltersMaxIsTheBestStandardisedProjectionOverTheLayersQueryHeads) {
-  const int T = 40, future = 16, n_q = 25, d = StatsCase::d, group = StatsCase::group, nkv = StatsCase::nkv;
+  const int d = StatsCase::d, group = StatsCase::group, nkv = StatsCase::nkv;
   for (const auto& [blend, horizon] : std::vector<std::pair<float, int>>{{1.0f, 1}, {0.5f, 8}, {0.0f, 1}}) {
     SCOPED_TRACE("blend " + std::to_string(blend) + " horizon " + std::to_string(horizon));
-    StatsCase s(51);
-    s.options.query_future_positions = future;
-    s.options.filter_blend = blend;
-    s.options.filter_horizon = horizon;
-    auto p = make_policy("qfilters_max", s.options);
-    EXPECT_EQ(p->name(), "qfilters_max");
-    EXPECT_EQ(p->needs(s.options), (AttentionStats{.query_recent = horizon}));
-    std::vector<float> k;
-    Cache c = s.cache(T, 0, 53, &k, p->needs(s.options));  // head 1 lost every 7th position
-    const std::vector<float> q = random_queries(n_q, 59);
-    for (int t = 0; t < n_q; ++t)
-      c.query_moments[0].add(q.data() + size_t(t) * StatsCase::n_heads * d, StatsCase::n_heads, d, horizon);
-    const Matrix R = mean_rotation(d, StatsCase::n_rot, s.inv_freq, T, future);
-
+    RecentQueriesCase rc = recent_queries_case("qfilters_max", blend, horizon, 51);
+    const Cache& c = rc.cache;
     std::vector<std::vector<double>> best(nkv);  // [kv head][slot]
     for (int h = 0; h < nkv; ++h) {
       const HeadCache& hc = c.head(0, h);
       best[h].assign(hc.n, -1e300);
       for (int g = 0; g < group; ++g) {
         const int qh = h * group + g;
-        const std::vector<double> cal = unit(std::vector<double>(s.mean.begin() + qh * d, s.mean.begin() + (qh + 1) * d));
-        const std::vector<double> rf = blend_and_move(cal, recent_direction(q, n_q, qh, horizon), blend, R);
+        const std::vector<double> cal =
+            unit(std::vector<double>(rc.s.mean.begin() + qh * d, rc.s.mean.begin() + (qh + 1) * d));
+        const std::vector<double> rf = blend_and_move(cal, recent_direction(rc.queries, rc.n_q, qh, horizon), blend, rc.R);
         std::vector<double> z(hc.n);
         double m = 0, sq = 0;
-        for (int j = 0; j < hc.n; ++j) m += z[j] = dot(rf, k.data() + (size_t(hc.pos[j]) * nkv + h) * d);
+        for (int j = 0; j < hc.n; ++j) m += z[j] = dot(rf, rc.keys.data() + (size_t(hc.pos[j]) * nkv + h) * d);
         m /= hc.n;
         for (double x : z) sq += (x - m) * (x - m);
         const double sd = std::sqrt(sq / hc.n);
@@ -340,11 +346,11 @@ TEST(QueryStatsPolicies, QFiltersMaxIsTheBestStandardisedProjectionOverTheLayers
       }
     }
     std::vector<std::vector<float>> layer;
-    p->score_layer(c, 0, layer);
+    rc.policy->score_layer(c, 0, layer);
     ASSERT_EQ(layer.size(), size_t(nkv));
     for (int h = 0; h < nkv; ++h) {
       const HeadCache& hc = c.head(0, h);
-      const std::vector<float> got = score(*p, c, h);
+      const std::vector<float> got = score(*rc.policy, c, h);
       ASSERT_EQ(got, layer[h]);
       for (int j = 0; j < hc.n; ++j) {
         double want = -1e300;
