@@ -104,4 +104,14 @@ if [ "$what" = max ]; then
     scripts/niah_paired.py results/issue15-max-niah/niah.jsonl:qfilters_max results/issue15-max-niah/niah.jsonl:$p
   done
   scripts/niah_paired.py results/issue15-max-4k/niah.jsonl:qfilters_max results/issue15-max-4k/niah.jsonl:tova --lengths 4096
+  # Gemma 3 (scripts/fetch_model.sh gemma3 fetches it; its filters with query statistics are calibrated once)
+  G=models/gemma-3-270m-q4_k_m.gguf GF=models/gemma-3-270m-q4_k_m.qstats.safetensors
+  if [ -f "$G" ]; then
+    [ -f "$GF" ] || nice -n 10 "$qf" calibrate -m "$G" -o "$GF" --stats-rank 8 -t 1
+    nice -n 10 "$qf" eval ppl -m "$G" --filters "$GF" -o results/issue15-max-gemma-ppl --docs 8 --tokens 1024 \
+      --budgets 128,256 --window 64 --policies none,streaming,h2o,tova,qfilters,qfilters_max -t 1 --no-progress
+    nice -n 10 "$qf" eval niah -m "$G" --filters "$GF" -o results/issue15-max-gemma-niah --lengths 1024,2048 --depths 5 \
+      --compressions 4,8 --seeds 42,43,44 --digits 7 --skip-layers 2 -t 1 --no-progress \
+      --policies none,tova,qfilters_max,ea_calibrated+layer,qfilters
+  fi
 fi
