@@ -586,6 +586,44 @@ TEST_F(SimdTargets, MatmulAllTypesShapesThreadsTargets) {
   }
 }
 
+// The VNNI engine's batched tiles (1x16 and 4x4, chosen by CPU vendor): for every token count of a
+// batched step and row counts with remainders, the same outputs bit for bit, and each token's
+// outputs those of the same token alone (the single-token path), so a batched session decodes
+// exactly as it would alone on any CPU.
+TEST_F(SimdTargets, VnniBatchTilesGiveTheSameBits) {
+  if (simd_target_name() != "AVX3_DL") GTEST_SKIP() << "no AVX-512 VNNI here";
+  struct ResetTile {
+    ~ResetTile() { force_vnni_batch_tile("default"); }
+  } reset;
+  EXPECT_FALSE(force_vnni_batch_tile("2x8"));
+  ThreadPool pool(2);
+  std::mt19937 rng(11);
+  for (GgmlType t : {GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q4_0}) {
+    for (const int64_t rows : {int64_t(37), int64_t(64)}) {
+      const int64_t cols = 288;
+      const auto data = random_weights(t, rows, cols, rng);
+      const WeightView w{t, cols, rows, data.data()};
+      for (int64_t n_tok : {2, 3, 4, 5, 7, 8, 13, 16, 17}) {
+        const std::string what = std::string(type_info(t).name) + " rows " + std::to_string(rows) + " n_tok " +
+                                 std::to_string(n_tok);
+        const auto x = random_activations(n_tok, cols, rng);
+        std::vector<float> wide(rows * n_tok), square(rows * n_tok), alone(rows);
+        ASSERT_TRUE(force_vnni_batch_tile("1x16"));
+        EXPECT_EQ(vnni_batch_tile(), "1x16");
+        matmul(w, x.data(), n_tok, wide.data(), pool, TokenKind::decode);
+        ASSERT_TRUE(force_vnni_batch_tile("4x4"));
+        EXPECT_EQ(vnni_batch_tile(), "4x4");
+        matmul(w, x.data(), n_tok, square.data(), pool, TokenKind::decode);
+        ASSERT_EQ(0, std::memcmp(wide.data(), square.data(), wide.size() * sizeof(float))) << what;
+        for (int64_t tok = 0; tok < n_tok; ++tok) {
+          matmul(w, x.data() + tok * cols, 1, alone.data(), pool, TokenKind::decode);
+          ASSERT_EQ(0, std::memcmp(alone.data(), square.data() + tok * rows, rows * sizeof(float))) << what << " token " << tok;
+        }
+      }
+    }
+  }
+}
+
 // matmul_shared_input: matrices of one type and width reading one input give, bit for bit,
 // what separate matmul calls give, whatever the threads, target and token kind, including row
 // counts that are not a whole number of the engines' row groups (7, 5) and matrices of

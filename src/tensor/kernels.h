@@ -116,6 +116,15 @@ std::string simd_target_name();
 // force_simd_target / QF_SIMD_TARGET) and the environment variable QF_AMX is not 0. Throws
 // qf::Error when QF_AMX is set to anything but 0 or 1.
 bool amx_prompt_engine();
+// Tile of the AVX-512 VNNI engine for quantized products of 2-16 tokens (a batched decode step):
+// "1x16" (1 weight row x 16 tokens, the faster on Intel) or "4x4" (the faster on AMD). The
+// default is "4x4" on AMD CPUs, else "1x16"; the environment variable QF_VNNI_TILE=1x16|4x4
+// sets it before the first call (another value throws qf::Error from that call). Longer products
+// use 1x16 and a single token its own rows-only tile. The results are the same bit for bit.
+std::string vnni_batch_tile();
+// For tests and benchmarks: "1x16", "4x4" or "default" (the above); false for another name.
+// Not thread-safe: call it while no kernel runs.
+bool force_vnni_batch_tile(std::string_view name);
 // What qf reports as its kernels: simd_target_name(), plus " + AMX prompt" when amx_prompt_engine().
 std::string simd_description();
 

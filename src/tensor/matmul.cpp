@@ -26,8 +26,10 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <span>
+#include <string_view>
 
 #include "tensor/kernels.h"
 #include "tensor/kernels_internal.h"
@@ -58,6 +60,28 @@ inline bool cpu_has_avx512vnni() {
   return false;
 #endif
 }
+
+// Whether the CPU is an AMD one (cpuid vendor "AuthenticAMD"): its 512-bit integer dot products
+// issue as two 256-bit halves, which favours squarer VNNI tiles (VnniSquareEngine).
+inline bool cpu_is_amd() {
+#if defined(__x86_64__) || defined(__i386__)
+  static const bool amd = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid(0, &a, &b, &c, &d)) return false;
+    return b == 0x68747541u && d == 0x69746e65u && c == 0x444d4163u;  // "Auth" "enti" "cAMD"
+  }();
+  return amd;
+#else
+  return false;
+#endif
+}
+
+// -1: the default tile of batched products (vnni_square_tiles()), 0: 1x16, 1: 4x4.
+inline int& vnni_tile_forced() {
+  static int forced = -1;
+  return forced;
+}
+bool vnni_square_tiles();
 
 constexpr int64_t kQKi = kQK;
 // Prefill processes weights in row blocks of about this many bytes, so a block stays in L2
@@ -1212,6 +1236,15 @@ struct VnniEngine {
   }
 };
 
+// The same engine with tiles of 4 rows x 4 tokens, for products of at most kMaxTokens tokens
+// where detail::vnni_square_tiles() (AMD by default). On an AMD EPYC (Zen, 2 cores) a batched
+// step of 16 SmolLM2 sessions took 13% less time than with 1 x 16 tiles, and a 512-token
+// prefill 4% more, hence the token limit. Every output sums the same products in the same
+// order with either tile, so the results are the same bit for bit.
+struct VnniSquareEngine : VnniEngine {
+  static constexpr int kR = 4, kT = 4, kMaxTokens = 16;
+};
+
 QF_END_HWY_EXTENSION
 #endif  // HWY_TARGET == HWY_AVX3_DL
 
@@ -1307,7 +1340,11 @@ void TypedMatmul(std::span<const WeightView> w, const float* x, int64_t n_tok, s
     for (size_t i = 0; i < w.size(); ++i) FloatMatmul<TY>(w[i], x, n_tok, y[i], pool);
   } else if constexpr (blocks::Codec<TY>::kElems == 32) {
 #if HWY_TARGET == HWY_AVX3_DL
-    if (detail::cpu_has_avx512vnni()) return QuantMatmul<VnniEngine, TY>(w, x, n_tok, y, pool);
+    if (detail::cpu_has_avx512vnni()) {
+      if (n_tok <= VnniSquareEngine::kMaxTokens && detail::vnni_square_tiles())
+        return QuantMatmul<VnniSquareEngine, TY>(w, x, n_tok, y, pool);
+      return QuantMatmul<VnniEngine, TY>(w, x, n_tok, y, pool);
+    }
 #endif
 #if QF_X86_SIMD
     QuantMatmul<X256Engine, TY>(w, x, n_tok, y, pool);
@@ -1435,7 +1472,29 @@ std::string simd_target_name() {
 
 namespace detail {
 void quantize_natural(const float* x, int64_t nb, uint8_t* out) { HWY_DYNAMIC_DISPATCH(QuantizeNat)(x, nb, out); }
+
+bool vnni_square_tiles() {
+  static const bool by_default = [] {
+    const char* v = std::getenv("QF_VNNI_TILE");
+    if (v == nullptr) return cpu_is_amd();
+    if (std::string_view(v) == "4x4") return true;
+    if (std::string_view(v) == "1x16") return false;
+    fail("QF_VNNI_TILE=", std::string(v), " is not 1x16 or 4x4");
+  }();
+  const int forced = vnni_tile_forced();
+  return forced < 0 ? by_default : forced == 1;
+}
 }  // namespace detail
+
+std::string vnni_batch_tile() { return detail::vnni_square_tiles() ? "4x4" : "1x16"; }
+
+bool force_vnni_batch_tile(std::string_view name) {
+  if (name == "default") detail::vnni_tile_forced() = -1;
+  else if (name == "1x16") detail::vnni_tile_forced() = 0;
+  else if (name == "4x4") detail::vnni_tile_forced() = 1;
+  else return false;
+  return true;
+}
 
 bool amx_prompt_engine() {
   detail::init_simd_once();
