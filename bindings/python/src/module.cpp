@@ -28,6 +28,8 @@ NB_MODULE(_qfilters, m) {
   // qf::Error carries the same one-line message the CLI prints.
   static nb::exception<qf::Error> error(m, "Error", PyExc_ValueError);
   m.def("policy_names", &qf::kv::policy_names, "Names of the KV cache policies this build knows.");
+  m.def("query_stats_policy_names", &qf::kv::query_stats_policy_names,
+        "Names of the policies that also need query statistics in the filter file.");
   m.def("simd_target", &qf::simd_target_name, "The SIMD instruction set the kernels dispatch to.");
   m.attr("__version__") = QF_VERSION;
   bind_model(m);

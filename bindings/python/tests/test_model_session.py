@@ -112,6 +112,22 @@ def test_policies_are_listed_once():
     assert {"qfilters", "tova", "h2o", "expected_attention", "keydiff"} <= set(names)
 
 
+def test_layer_and_query_statistics_policies_are_accepted(tiny):
+    # The engine's other names: "+layer" variants and the policies that need query statistics.
+    for name in ("tova+layer", "qfilters_max", "ea_calibrated+layer", "qfilters_adaptive"):
+        assert qfilters.KVConfig(policy=name).policy == name
+    for name in ("bogus", "none+layer", "tova+layer+layer", "+layer"):
+        with pytest.raises(ValueError, match="unknown KV policy"):
+            qfilters.KVConfig(policy=name)
+    s = qfilters.Session(tiny, kv=qfilters.KVConfig(policy="tova+layer", budget=32, window=8))
+    for t in range(3, 63):
+        s.eval([t])
+    assert s.kv_stats()["policy"] == "tova+layer" and s.kv_stats()["evicted"] > 0
+    # Without query statistics in a filter file, the engine's one-line error.
+    with pytest.raises(ValueError, match="stats-rank"):
+        qfilters.Session(tiny, kv=qfilters.KVConfig(policy="qfilters_max", budget=32, window=8))
+
+
 @pytest.mark.parametrize("policy", qfilters.policies())
 def test_every_policy(tiny, policy):
     tokens = [int(t) for t in np.random.default_rng(1).integers(3, 300, 120)]
