@@ -13,6 +13,9 @@ class Error(ValueError):
 def policy_names() -> list[str]:
     """Names of the KV cache policies this build knows."""
 
+def query_stats_policy_names() -> list[str]:
+    """Names of the policies that also need query statistics in the filter file."""
+
 def simd_target() -> str:
     """The SIMD instruction set the kernels dispatch to."""
 
