@@ -108,6 +108,9 @@ TEST(Policies, RegistryNamesAndUnknownName) {
     EXPECT_NE(std::string(e.what()).find("unknown KV policy 'lru'"), std::string::npos) << e.what();
     EXPECT_NE(std::string(e.what()).find("snapkv"), std::string::npos) << e.what();
   }
+  // is_policy_name: what make_policy knows, whatever options a policy would also need.
+  for (const char* n : {"none", "tova", "tova+layer", "qfilters_max", "ea_calibrated+layer"}) EXPECT_TRUE(is_policy_name(n)) << n;
+  for (const char* n : {"lru", "none+layer", "tova+layer+layer", "+layer", ""}) EXPECT_FALSE(is_policy_name(n)) << n;
 }
 
 TEST(Policies, BadOptionsThrow) {

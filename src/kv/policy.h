@@ -75,6 +75,9 @@ std::vector<std::string> query_stats_policy_names();
 inline constexpr std::string_view kLayerSuffix = "+layer";
 // The policy under its +layer suffix ("ea_calibrated+layer" -> "ea_calibrated").
 std::string_view base_policy_name(std::string_view name);
+// Whether make_policy knows `name` ("none", a policy of either list, or one with kLayerSuffix),
+// whatever options it would also need.
+bool is_policy_name(std::string_view name);
 // Throws qf::Error for an unknown name or options the policy cannot use (e.g. qfilters
 // without filters).
 std::unique_ptr<Policy> make_policy(std::string_view name, const PolicyOptions& options);

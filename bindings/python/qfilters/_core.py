@@ -25,18 +25,6 @@ def policies() -> List[str]:
     return list(_ext.policy_names())  # the engine's list starts with "none"
 
 
-def _known_policy(name: str) -> bool:
-    """Whether the engine takes `name`: a policy of :func:`policies`, one that needs query
-    statistics in the filter file (qfilters_rope, ea_calibrated, qfilters_adaptive, qfilters_max),
-    or either with "+layer" ("none" has no layer-consistent variant)."""
-    if not isinstance(name, str):
-        return False
-    base = name[: -len("+layer")] if name.endswith("+layer") else name
-    if base == "none":
-        return name == "none"
-    return base in policies() or base in _ext.query_stats_policy_names()
-
-
 def simd_target() -> str:
     """The SIMD instruction set the kernels run with on this CPU (e.g. ``"AVX3_DL"``)."""
     return _ext.simd_target()
@@ -220,7 +208,7 @@ class KVConfig:
     cache_type_v: Optional[str] = None
 
     def __post_init__(self) -> None:
-        if not _known_policy(self.policy):
+        if not isinstance(self.policy, str) or not _ext.is_policy_name(self.policy):
             names = policies() + list(_ext.query_stats_policy_names())
             raise ValueError(f"unknown KV policy {self.policy!r}; one of: {', '.join(names)} "
                              "(any but none also with \"+layer\")")

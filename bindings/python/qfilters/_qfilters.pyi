@@ -16,6 +16,9 @@ def policy_names() -> list[str]:
 def query_stats_policy_names() -> list[str]:
     """Names of the policies that also need query statistics in the filter file."""
 
+def is_policy_name(name: str) -> bool:
+    """Whether the engine knows this KV policy name (+layer variants included)."""
+
 def simd_target() -> str:
     """The SIMD instruction set the kernels dispatch to."""
 

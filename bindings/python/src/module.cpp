@@ -30,6 +30,8 @@ NB_MODULE(_qfilters, m) {
   m.def("policy_names", &qf::kv::policy_names, "Names of the KV cache policies this build knows.");
   m.def("query_stats_policy_names", &qf::kv::query_stats_policy_names,
         "Names of the policies that also need query statistics in the filter file.");
+  m.def("is_policy_name", [](const std::string& name) { return qf::kv::is_policy_name(name); }, nb::arg("name"),
+        "Whether the engine knows this KV policy name (+layer variants included).");
   m.def("simd_target", &qf::simd_target_name, "The SIMD instruction set the kernels dispatch to.");
   m.attr("__version__") = QF_VERSION;
   bind_model(m);

@@ -53,6 +53,17 @@ std::unique_ptr<Policy> make_policy(std::string_view name, const PolicyOptions& 
   fail("unknown KV policy '", name, "' (known: ", known, ")");
 }
 
+bool is_policy_name(std::string_view name) {
+  if (name == "none") return true;
+  const std::string_view base = base_policy_name(name);
+  if (base == "none" || base.ends_with(kLayerSuffix)) return false;
+  for (const auto& [n, factory] : kPolicies)
+    if (n == base) return true;
+  for (const auto& [n, factory] : kQueryStatsPolicies)
+    if (n == base) return true;
+  return false;
+}
+
 std::string_view base_policy_name(std::string_view name) {
   if (name.size() > kLayerSuffix.size() && name.ends_with(kLayerSuffix)) name.remove_suffix(kLayerSuffix.size());
   return name;
