@@ -47,8 +47,13 @@ std::vector<std::string> spell_out_llama_flags(int argc, char** argv) {
 void add_kv_options(CLI::App* app, KvOptions& o) {
   std::string names;
   for (const auto& n : kv::policy_names()) names += (names.empty() ? "" : ", ") + n;
-  app->add_option("--kv-policy", o.policy, "KV eviction policy: " + names + " (NAME+layer: one selection per layer, kept in all its KV heads or none)")->group("KV cache");
-  app->add_option("--filters", o.filters, "Q-Filters file (safetensors) for --kv-policy qfilters")
+  std::string with_stats;
+  for (const auto& n : kv::query_stats_policy_names()) with_stats += (with_stats.empty() ? "" : ", ") + n;
+  app->add_option("--kv-policy", o.policy,
+                  "KV eviction policy: " + names + "; with a --filters file holding query statistics (qf calibrate "
+                  "--stats-rank N): " + with_stats + " (NAME+layer: one selection per layer, kept in all its KV heads or none)")
+      ->group("KV cache");
+  app->add_option("--filters", o.filters, "filter file (safetensors, qf calibrate) for the qfilters* and ea_calibrated policies")
       ->check(CLI::ExistingFile)->group("KV cache");
   app->add_option("--filter-layout", o.filter_layout,
                   "row order of a --filters file not made by qf (published filters: hf)")
