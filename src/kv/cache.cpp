@@ -220,21 +220,29 @@ void Cache::retain(int layer, int kv_head, std::span<const int> keep) {
   if (layer < 0 || layer >= shape_.n_layers || kv_head < 0 || kv_head >= shape_.n_kv_heads)
     fail("kv cache: retain() on layer ", layer, " head ", kv_head, " out of range");
   HeadCache& hc = head(layer, kv_head);
-  int out = 0, prev = -1;
+  int prev = -1;
   for (int slot : keep) {
     // Strictly ascending: a repeated slot would duplicate a token.
     if (slot <= prev || slot >= hc.n) fail("kv cache: retain() needs strictly ascending slots inside the cache");
     prev = slot;
-    if (slot != out) {
-      std::memmove(hc.k.data() + out * k_row_bytes_, hc.k.data() + slot * k_row_bytes_, k_row_bytes_);
-      std::memmove(hc.v.data() + out * v_row_bytes_, hc.v.data() + slot * v_row_bytes_, v_row_bytes_);
-      hc.pos[out] = hc.pos[slot];
-      if (!hc.attn_sum.empty()) hc.attn_sum[out] = hc.attn_sum[slot];
-      if (!hc.attn_cnt.empty()) hc.attn_cnt[out] = hc.attn_cnt[slot];
-      if (!hc.attn_last.empty()) hc.attn_last[out] = hc.attn_last[slot];
-      if (!hc.key_score.empty()) hc.key_score[out] = hc.key_score[slot];
-    }
-    ++out;
+  }
+  // Moves slots [from, from + len) down to [to, to + len), every per-slot array alike.
+  auto move_run = [&](int to, int from, int len) {
+    std::memmove(hc.k.data() + to * k_row_bytes_, hc.k.data() + from * k_row_bytes_, len * k_row_bytes_);
+    std::memmove(hc.v.data() + to * v_row_bytes_, hc.v.data() + from * v_row_bytes_, len * v_row_bytes_);
+    auto move = [&](auto& a) {
+      if (!a.empty()) std::copy(a.begin() + from, a.begin() + from + len, a.begin() + to);
+    };
+    move(hc.pos), move(hc.attn_sum), move(hc.attn_cnt), move(hc.attn_last), move(hc.key_score);
+  };
+  // Kept slots come in runs of consecutive slots (all but the evicted few): one move per run.
+  int out = 0;
+  for (size_t i = 0; i < keep.size();) {
+    size_t end = i + 1;
+    while (end < keep.size() && keep[end] == keep[end - 1] + 1) ++end;
+    const int len = static_cast<int>(end - i);
+    if (keep[i] != out) move_run(out, keep[i], len);
+    out += len, i = end;
   }
   hc.n = out;
 }
