@@ -187,6 +187,43 @@ TEST(Cache, AllocatesOnlyRequestedStatistics) {
   EXPECT_EQ(last.head(0, 0).attn_last.size(), 3u);
 }
 
+// retain() moves whole runs of kept slots at once: with several gaps, leading kept slots, a
+// lone slot and a run at the end, every row and per-slot statistic lands where a slot-by-slot
+// copy puts it, and keeping everything changes nothing.
+TEST(Cache, RetainMovesRunsOfSlotsWithTheirRowsAndStatistics) {
+  std::mt19937 rng(7);
+  Cache c({1, 2, 4}, {12}, AttentionStats{.accumulate = true, .last_query = true, .key_scores = true});
+  c.set_key_scorer([](int, int, const float* key, int32_t) { return key[0]; });
+  append_random(c, 0, 12, 100, rng);
+  HeadCache& hc = c.head(0, 1);
+  for (int j = 0; j < 12; ++j) hc.attn_sum[j] = 1.0f + j, hc.attn_cnt[j] = 50 + j, hc.attn_last[j] = 0.25f * j;
+  const std::vector<float> keys = keys_f32(hc, 4), values = values_f32(hc, 4);
+  const std::vector<float> key_score(hc.key_score.begin(), hc.key_score.begin() + 12);
+  const std::vector<int> keep{0, 1, 4, 5, 6, 8, 10, 11};
+  c.retain(0, 1, keep);
+  ASSERT_EQ(hc.n, static_cast<int>(keep.size()));
+  const std::vector<float> kept_keys = keys_f32(hc, 4), kept_values = values_f32(hc, 4);
+  for (size_t i = 0; i < keep.size(); ++i) {
+    const int from = keep[i];
+    EXPECT_EQ(hc.pos[i], 100 + from) << i;
+    EXPECT_EQ(hc.attn_sum[i], 1.0f + from) << i;
+    EXPECT_EQ(hc.attn_cnt[i], 50 + from) << i;
+    EXPECT_EQ(hc.attn_last[i], 0.25f * from) << i;
+    EXPECT_EQ(hc.key_score[i], key_score[from]) << i;
+    for (int e = 0; e < 4; ++e) {
+      EXPECT_EQ(kept_keys[i * 4 + e], keys[from * 4 + e]) << i;
+      EXPECT_EQ(kept_values[i * 4 + e], values[from * 4 + e]) << i;
+    }
+  }
+  EXPECT_EQ(c.head(0, 0).n, 12);  // the other head is untouched
+  const std::vector<int32_t> before = positions(hc);
+  std::vector<int> all(hc.n);
+  std::iota(all.begin(), all.end(), 0);
+  c.retain(0, 1, all);
+  EXPECT_EQ(positions(hc), before);
+  EXPECT_EQ(keys_f32(hc, 4), kept_keys);
+}
+
 TEST(Cache, OverflowThrowsAndLeavesEveryHeadUnchanged) {
   std::mt19937 rng(1);
   Cache c({2, 2, 4}, {8, 5});
