@@ -189,10 +189,10 @@ BENCHMARK(BM_ScoreTypes)->ArgsProduct({{0, 1}, {0, 1, 2, 3, 4}})->Unit(benchmark
 // One streaming round in one layer at budget 512, window 64, evict_every 1: score the 513
 // cached tokens of each KV head, evict one, compact; then append the next token (a memcpy of
 // 3 x 64 x 2 floats). Args: policy index.
-void BM_ScoreAndEvict(benchmark::State& state) {
+void ScoreAndEvict(benchmark::State& state, KvTypes types) {
   const std::string& name = bench_policies()[state.range(0)];
   state.SetLabel(name);
-  RoundSetup s(name);
+  RoundSetup s(name, types);
   int32_t pos = RoundSetup::kBudget + 1;
   for (auto _ : state) {
     s.comp->after_step(*s.cache);
@@ -201,7 +201,11 @@ void BM_ScoreAndEvict(benchmark::State& state) {
   }
   if (s.comp->stats().evictions != state.iterations()) state.SkipWithError("expected one eviction per step");
 }
+void BM_ScoreAndEvict(benchmark::State& state) { ScoreAndEvict(state, {}); }
 BENCHMARK(BM_ScoreAndEvict)->DenseRange(0, 16)->Unit(benchmark::kMicrosecond);
+// The same round with keys and values stored as f16, the CLI's and server's default.
+void BM_ScoreAndEvictF16(benchmark::State& state) { ScoreAndEvict(state, {KvType::F16, KvType::F16}); }
+BENCHMARK(BM_ScoreAndEvictF16)->DenseRange(0, 16)->Unit(benchmark::kMicrosecond);
 
 // What the query-reading policies add to every decode step of one layer, eviction or not: one
 // token's 9 queries added to the sums and outer products (expected_attention) or to the recent

@@ -449,8 +449,14 @@ TEST(QueryMoments, RopeGeometryRotatesAndAverages) {
           const double want = (j == i ? sp.diag[i] : 0.0) + (j == sp.partner[i] && j != i ? sp.off[i] : 0.0);
           EXPECT_NEAR(dense[i * 8 + j], want, 1e-9) << p0 << " " << i << "," << j;
         }
+      // Amplitudes computed once give the same matrix at any later start.
+      const std::vector<double> amplitudes = g.mean_pair_amplitudes(0, n);
+      const RopeGeometry::PairMatrix later = g.mean_pair_rotation(0, p0 + 77, n, 8, amplitudes);
+      EXPECT_EQ(later.diag, g.mean_pair_rotation(0, p0 + 77, n, 8).diag);
+      EXPECT_EQ(later.off, g.mean_pair_rotation(0, p0 + 77, n, 8).off);
     }
   }
+  EXPECT_THROW(g.mean_pair_rotation(0, 5, 4, 8, std::vector<double>(2)), Error);  // 3 pairs rotate
   QueryMoments q;
   q.add(v.data(), 2, 4);
   EXPECT_THROW(q.add(v.data(), 4, 2), Error);  // another shape

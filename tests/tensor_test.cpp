@@ -1074,25 +1074,35 @@ TEST_F(SimdTargets, VectorOps) {
   }
 }
 
-// dot_rows_f32: every (row, vector) pair is dot_f32 of the pair, bit for bit, and nothing past the
-// output is written.
-TEST_F(SimdTargets, DotRowsIsDotPerPair) {
+// project_rows_f32: every (row, vector) pair against a double dot product, within float rounding
+// of its terms; block remainders (rows not a multiple of the lanes, dims not a multiple of the
+// lanes) included, and nothing written outside the n_x runs of n_rows outputs.
+TEST_F(SimdTargets, ProjectRowsAreTheDotProductsOfEveryPair) {
   std::mt19937 rng(5);
   std::normal_distribution<float> normal(0.0f, 1.0f);
   for (const std::string& target : available_simd_targets()) {
     ASSERT_TRUE(force_simd_target(target));
-    for (const auto& [rows, d, nx] : std::vector<std::tuple<size_t, size_t, size_t>>{{0, 8, 3}, {1, 64, 1}, {7, 64, 3},
-                                                                                       {64, 8, 4}, {5, 33, 2}}) {
-      std::vector<float> a(rows * d), x(nx * d), out(rows * nx + 3, -7.0f);
+    for (const auto& [rows, d, nx] : std::vector<std::tuple<size_t, size_t, size_t>>{
+             {1, 64, 1}, {7, 64, 3}, {16, 64, 3}, {33, 64, 3}, {64, 8, 4}, {5, 33, 2}, {17, 1, 2}, {40, 100, 1}}) {
+      const size_t stride = rows + 3;
+      std::vector<float> a(rows * d), x(nx * d), out(nx * stride, -7.0f);
       for (auto& v : a) v = normal(rng);
       for (auto& v : x) v = normal(rng);
-      dot_rows_f32(a.data(), rows, d, x.data(), nx, out.data());
-      for (size_t j = 0; j < rows; ++j)
-        for (size_t g = 0; g < nx; ++g)
-          ASSERT_EQ(out[j * nx + g], dot_f32(a.data() + j * d, x.data() + g * d, d)) << target << " row " << j << " g " << g;
-      for (size_t i = rows * nx; i < out.size(); ++i) ASSERT_EQ(out[i], -7.0f) << target;
+      project_rows_f32(a.data(), rows, d, x.data(), nx, out.data(), stride);
+      for (size_t g = 0; g < nx; ++g) {
+        for (size_t j = 0; j < rows; ++j) {
+          double dot = 0, magnitude = 0;
+          for (size_t i = 0; i < d; ++i) {
+            dot += static_cast<double>(a[j * d + i]) * x[g * d + i];
+            magnitude += std::abs(static_cast<double>(a[j * d + i]) * x[g * d + i]);
+          }
+          ASSERT_NEAR(out[g * stride + j], dot, 1e-6 * magnitude + 1e-30) << target << " row " << j << " g " << g;
+        }
+        for (size_t j = rows; j < stride; ++j) ASSERT_EQ(out[g * stride + j], -7.0f) << target << " past row " << j;
+      }
     }
   }
+  EXPECT_THROW(project_rows_f32(nullptr, 4, 8, nullptr, 1, nullptr, 3), Error);  // stride below the rows
 }
 
 // ---------------------------------------------------------------------------------------------

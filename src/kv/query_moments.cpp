@@ -44,7 +44,23 @@ std::vector<double> RopeGeometry::mean_rotation(int layer, int64_t p0, int n, in
   return r;
 }
 
+std::vector<double> RopeGeometry::mean_pair_amplitudes(int layer, int n) const {
+  if (empty() || n < 1) return {};
+  if (layer < 0 || static_cast<size_t>(layer) >= inv_freq.size()) fail("rope: layer ", layer, " out of range");
+  std::vector<double> amplitude(n_rot / 2);
+  for (int i = 0; i < n_rot / 2; ++i) {
+    const double w = inv_freq[layer][i], sh = std::sin(0.5 * w);
+    amplitude[i] = std::abs(sh) < 1e-12 ? 1.0 : std::sin(0.5 * n * w) / (n * sh);
+  }
+  return amplitude;
+}
+
 RopeGeometry::PairMatrix RopeGeometry::mean_pair_rotation(int layer, int64_t p0, int n, int head_dim) const {
+  return mean_pair_rotation(layer, p0, n, head_dim, mean_pair_amplitudes(layer, n));
+}
+
+RopeGeometry::PairMatrix RopeGeometry::mean_pair_rotation(int layer, int64_t p0, int n, int head_dim,
+                                                          std::span<const double> amplitudes) const {
   PairMatrix m;
   m.partner.resize(head_dim);
   std::iota(m.partner.begin(), m.partner.end(), 0);
@@ -53,14 +69,13 @@ RopeGeometry::PairMatrix RopeGeometry::mean_pair_rotation(int layer, int64_t p0,
   if (empty() || n < 1) return m;
   if (layer < 0 || static_cast<size_t>(layer) >= inv_freq.size()) fail("rope: layer ", layer, " out of range");
   const int half = n_rot / 2;
+  if (amplitudes.size() != static_cast<size_t>(half)) fail("rope: ", amplitudes.size(), " amplitudes for ", half, " pairs");
   const int stride = adjacent ? 2 : 1, second = adjacent ? 1 : half;
   for (int i = 0; i < half; ++i) {
     // mean of exp(i (p0 + k) w), k < n = exp(i (p0 + (n-1)/2) w) * sin(n w/2) / (n sin(w/2)).
     const double w = inv_freq[layer][i];
-    const double sh = std::sin(0.5 * w);
-    const double ratio = std::abs(sh) < 1e-12 ? 1.0 : std::sin(0.5 * n * w) / (n * sh);
     const double mid = (static_cast<double>(p0) + 0.5 * (n - 1)) * w;
-    const double c = std::cos(mid) * ratio, s = std::sin(mid) * ratio;
+    const double c = std::cos(mid) * amplitudes[i], s = std::sin(mid) * amplitudes[i];
     const int a = stride * i, b = a + second;
     m.partner[a] = b, m.partner[b] = a;
     m.diag[a] = c, m.diag[b] = c;

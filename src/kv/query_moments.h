@@ -4,6 +4,7 @@
 // outer products, and the rotary geometry that carries them to future positions.
 #pragma once
 #include <cstdint>
+#include <span>
 #include <vector>
 
 namespace qf::kv {
@@ -35,6 +36,10 @@ struct RopeGeometry {
     std::vector<double> diag, off;
   };
   PairMatrix mean_pair_rotation(int layer, int64_t p0, int n, int head_dim) const;
+  // The same, with the pairs' amplitudes sin(n w / 2) / (n sin(w / 2)) given: they depend on the
+  // layer and n only, so a caller that moves filters every decode step computes them once.
+  std::vector<double> mean_pair_amplitudes(int layer, int n) const;
+  PairMatrix mean_pair_rotation(int layer, int64_t p0, int n, int head_dim, std::span<const double> amplitudes) const;
 };
 
 // One layer's query moments (all query heads), in double: sums, not yet divided.

@@ -89,8 +89,11 @@ void dequantize_row(const WeightView& w, int64_t row, float* out);
 
 // Float vector kernels (n may be any size; x and y must not overlap).
 float dot_f32(const float* a, const float* b, size_t n);
-// out[j * n_x + g] = dot_f32(rows + j * d, x + g * d, d) for j < n_rows, g < n_x, bit for bit.
-void dot_rows_f32(const float* rows, size_t n_rows, size_t d, const float* x, size_t n_x, float* out);
+// out[g * out_stride + j] = <rows + j * d, x + g * d> for j < n_rows, g < n_x: each row of d
+// floats projected on n_x vectors, a vector's projections contiguous. Not bit-identical to
+// dot_f32 (another summation order), within float rounding of it.
+void project_rows_f32(const float* rows, size_t n_rows, size_t d, const float* x, size_t n_x, float* out,
+                      size_t out_stride);
 void axpy_f32(float a, const float* x, float* y, size_t n);  // y += a * x
 void scale_f32(float* y, float a, size_t n);                // y *= a
 

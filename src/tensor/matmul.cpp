@@ -134,7 +134,8 @@ int64_t TargetBit() { return HWY_TARGET; }
 // =============================================================================================
 // Float vector ops
 
-float DotF32(const float* HWY_RESTRICT a, const float* HWY_RESTRICT b, size_t n) {
+// Two accumulators over the vectors of a and b, then one sum of lanes.
+HWY_INLINE float Dot(const float* HWY_RESTRICT a, const float* HWY_RESTRICT b, size_t n) {
   const hn::ScalableTag<float> d;
   const size_t N = hn::Lanes(d);
   auto s0 = hn::Zero(d), s1 = hn::Zero(d);
@@ -154,13 +155,75 @@ float DotF32(const float* HWY_RESTRICT a, const float* HWY_RESTRICT b, size_t n)
   return hn::GetLane(hn::SumOfLanes(d, hn::Add(s0, s1)));
 }
 
-// out[j * n_x + g] = DotF32(rows[j], x[g]): each row of d floats against each of n_x vectors, in
-// one dispatch (the per-call dispatch costs as much as a 64-float dot product).
-void DotRowsF32(const float* HWY_RESTRICT rows, size_t n_rows, size_t d, const float* HWY_RESTRICT x, size_t n_x,
-                float* HWY_RESTRICT out) {
-  for (size_t j = 0; j < n_rows; ++j)
-    for (size_t g = 0; g < n_x; ++g) out[j * n_x + g] = DotF32(rows + j * d, x + g * d, d);
+float DotF32(const float* HWY_RESTRICT a, const float* HWY_RESTRICT b, size_t n) { return Dot(a, b, n); }
+
+#if HWY_TARGET != HWY_SCALAR
+// Lane r of the result: the sum of the lanes of v[r], for the N = lanes vectors v[0..N), which it
+// clobbers. log2 N rounds of adjacent-lane pair sums, the lower source's in the lower half: a
+// lane each in order after the last round, with N - 1 shuffle pairs instead of N reductions.
+template <class D, class V, size_t N>
+HWY_INLINE V SumLanesOfEach(D d, V (&v)[N]) {
+  for (size_t n = N; n > 1; n /= 2)
+    for (size_t i = 0; i < n / 2; ++i)
+      v[i] = hn::Add(hn::ConcatEven(d, v[2 * i + 1], v[2 * i]), hn::ConcatOdd(d, v[2 * i + 1], v[2 * i]));
+  return v[0];
 }
+
+// out[g * out_stride + j] = <rows[j], x[g]> for the first n_blocks * lanes rows: a block of lanes
+// rows against one vector at a time, their dot products summed together by SumLanesOfEach and
+// stored as one vector. kD: the row length when known at compile time (the rows' offsets then fit
+// in the loads' displacements instead of spilling lanes pointers), 0 for d.
+template <size_t kD>
+void ProjectBlocks(const float* HWY_RESTRICT rows, size_t n_blocks, size_t d, const float* HWY_RESTRICT x, size_t n_x,
+                   float* HWY_RESTRICT out, size_t out_stride) {
+  const hn::ScalableTag<float> df;
+  using V = hn::Vec<decltype(df)>;
+  constexpr size_t N = HWY_LANES(float);
+  static_assert((N & (N - 1)) == 0, "lanes must be a power of two");
+  const size_t dd = kD ? kD : d;
+  V acc[N];
+  for (size_t b = 0; b < n_blocks; ++b) {
+    const float* block = rows + b * N * dd;
+    for (size_t g = 0; g < n_x; ++g) {
+      const float* xg = x + g * dd;
+      for (size_t r = 0; r < N; ++r) acc[r] = hn::Zero(df);
+      size_t i = 0;
+      for (; i + N <= dd; i += N) {
+        const V xv = hn::LoadU(df, xg + i);
+        for (size_t r = 0; r < N; ++r) acc[r] = hn::MulAdd(hn::LoadU(df, block + r * dd + i), xv, acc[r]);
+      }
+      if (i < dd) {
+        const auto tail = hn::FirstN(df, dd - i);
+        const V xv = hn::MaskedLoad(tail, df, xg + i);
+        for (size_t r = 0; r < N; ++r) acc[r] = hn::MulAdd(hn::MaskedLoad(tail, df, block + r * dd + i), xv, acc[r]);
+      }
+      hn::StoreU(SumLanesOfEach(df, acc), df, out + g * out_stride + b * N);
+    }
+  }
+}
+
+// out[g * out_stride + j] = <rows[j], x[g]>: whole blocks of lanes rows by ProjectBlocks (the
+// usual head dimensions compiled for), the remaining rows one dot product at a time.
+void ProjectRowsF32(const float* HWY_RESTRICT rows, size_t n_rows, size_t d, const float* HWY_RESTRICT x, size_t n_x,
+                    float* HWY_RESTRICT out, size_t out_stride) {
+  constexpr size_t N = HWY_LANES(float);
+  const size_t n_blocks = n_rows / N;
+  switch (d) {
+    case 64: ProjectBlocks<64>(rows, n_blocks, d, x, n_x, out, out_stride); break;
+    case 128: ProjectBlocks<128>(rows, n_blocks, d, x, n_x, out, out_stride); break;
+    case 256: ProjectBlocks<256>(rows, n_blocks, d, x, n_x, out, out_stride); break;
+    default: ProjectBlocks<0>(rows, n_blocks, d, x, n_x, out, out_stride);
+  }
+  for (size_t j = n_blocks * N; j < n_rows; ++j)
+    for (size_t g = 0; g < n_x; ++g) out[g * out_stride + j] = Dot(rows + j * d, x + g * d, d);
+}
+#else
+void ProjectRowsF32(const float* HWY_RESTRICT rows, size_t n_rows, size_t d, const float* HWY_RESTRICT x, size_t n_x,
+                    float* HWY_RESTRICT out, size_t out_stride) {
+  for (size_t g = 0; g < n_x; ++g)
+    for (size_t j = 0; j < n_rows; ++j) out[g * out_stride + j] = Dot(rows + j * d, x + g * d, d);
+}
+#endif
 
 void AxpyF32(float a, const float* HWY_RESTRICT x, float* HWY_RESTRICT y, size_t n) {
   const hn::ScalableTag<float> d;
@@ -1399,7 +1462,7 @@ namespace qf {
 
 HWY_EXPORT(TargetBit);
 HWY_EXPORT(DotF32);
-HWY_EXPORT(DotRowsF32);
+HWY_EXPORT(ProjectRowsF32);
 HWY_EXPORT(AxpyF32);
 HWY_EXPORT(ScaleF32);
 HWY_EXPORT(MatmulImpl);
@@ -1450,9 +1513,12 @@ float dot_f32(const float* a, const float* b, size_t n) {
   return HWY_DYNAMIC_DISPATCH(DotF32)(a, b, n);
 }
 
-void dot_rows_f32(const float* rows, size_t n_rows, size_t d, const float* x, size_t n_x, float* out) {
+void project_rows_f32(const float* rows, size_t n_rows, size_t d, const float* x, size_t n_x, float* out,
+                      size_t out_stride) {
+  if (n_rows == 0 || n_x == 0) return;
+  if (out_stride < n_rows) fail("project_rows_f32: output stride ", out_stride, " < ", n_rows, " rows");
   detail::init_simd_once();
-  HWY_DYNAMIC_DISPATCH(DotRowsF32)(rows, n_rows, d, x, n_x, out);
+  HWY_DYNAMIC_DISPATCH(ProjectRowsF32)(rows, n_rows, d, x, n_x, out, out_stride);
 }
 
 void axpy_f32(float a, const float* x, float* y, size_t n) {

@@ -9,16 +9,21 @@
 
 namespace qf::kv::policies {
 
+Standardisation Standardisation::of(double sum, double sum_sq, int n) {
+  if (n <= 0) return {};
+  const double m = sum / n, var = std::max(0.0, sum_sq / n - m * m);
+  return {m, var > 0 ? 1.0 / std::sqrt(var) : 0.0};
+}
+
 void standardise(std::span<float> s) {
   double sum = 0, sq = 0;
   int n = 0;
   for (float x : s)
     if (std::isfinite(x)) sum += x, sq += static_cast<double>(x) * x, ++n;
   if (n == 0) return;
-  const double m = sum / n, var = std::max(0.0, sq / n - m * m);
-  const double inv = var > 0 ? 1.0 / std::sqrt(var) : 0.0;
+  const Standardisation z = Standardisation::of(sum, sq, n);
   for (float& x : s)
-    if (std::isfinite(x)) x = static_cast<float>((x - m) * inv);
+    if (std::isfinite(x)) x = z(x);
 }
 
 namespace {

@@ -11,10 +11,17 @@ namespace qf::kv::policies {
 
 // Calls f(j0, m, tile) for consecutive slots [j0, j0 + m) of hc, their stored (possibly
 // quantized) keys given as m rows of d floats: converted 64 rows at a time (the attention
-// kernels' SIMD conversion), so a policy scores the keys attention actually reads.
+// kernels' SIMD conversion), so a policy scores the keys attention actually reads. F32 keys
+// are read where they are stored.
 template <class F>
 void for_each_key_tile(const HeadCache& hc, int d, const F& f) {
   constexpr int kRows = 64;
+  const KvRows keys = hc.keys();
+  if (keys.type == GgmlType::F32 && keys.row_bytes == static_cast<size_t>(d) * sizeof(float)) {
+    const float* rows = reinterpret_cast<const float*>(keys.data);
+    for (int j0 = 0; j0 < hc.n; j0 += kRows) f(j0, std::min(kRows, hc.n - j0), rows + static_cast<size_t>(j0) * d);
+    return;
+  }
   std::vector<float> tile(static_cast<size_t>(std::min(kRows, hc.n)) * d);
   for (int j0 = 0; j0 < hc.n; j0 += kRows) {
     const int m = std::min(kRows, hc.n - j0);
@@ -50,6 +57,14 @@ void for_each_shared_position(const HeadCache& a, const HeadCache& b, const F& f
     else f(i++, j++);
   }
 }
+
+// The map x -> (x - mean) / sd of n values with the given sum and sum of squares (in double, in
+// slot order); a constant set maps to zeros.
+struct Standardisation {
+  double mean = 0, inv_sd = 0;
+  static Standardisation of(double sum, double sum_sq, int n);
+  float operator()(float x) const { return static_cast<float>((x - mean) * inv_sd); }
+};
 
 // Shifts and scales s to mean 0 and standard deviation 1 over its finite values (+-inf and NaN
 // stay as they are; a constant head becomes all zeros), so that heads can be compared.

@@ -82,7 +82,9 @@ void score_moved_filter(const Cache& cache, int layer, int kv_head, const T* f, 
   const RopeGeometry::PairMatrix r = cache.rope.mean_pair_rotation(layer, next_position(cache, layer), future, d);
   moved.resize(d);
   apply(r, f, d, 1.0, moved.data());
-  for_each_key(cache.head(layer, kv_head), d, [&](int j, const float* key) { scores[j] = dot_f32(key, moved.data(), d); });
+  for_each_key_tile(cache.head(layer, kv_head), d, [&](int j0, int m, const float* tile) {
+    project_rows_f32(tile, m, d, moved.data(), 1, scores.data() + j0, scores.size() - j0);
+  });
 }
 
 class QFiltersRope final : public Policy {
@@ -210,37 +212,22 @@ class QFiltersMax final : public Policy {
   void score_layer(const Cache& cache, int layer, std::vector<std::vector<float>>& scores) override {
     const CacheShape& s = cache.shape();
     stats_.check(s, name());
-    const int nkv = s.n_kv_heads, d = s.head_dim, group = stats_.n_heads / nkv;
-    const std::vector<double>* rq = recent_queries(cache, layer, stats_, name());
-    const RopeGeometry::PairMatrix r = cache.rope.mean_pair_rotation(layer, next_position(cache, layer), future_, d);
+    const int nkv = s.n_kv_heads;
+    if (amplitudes_.size() != static_cast<size_t>(s.n_layers)) amplitudes_.assign(s.n_layers, {});
+    if (amplitudes_[layer].empty()) amplitudes_[layer] = cache.rope.mean_pair_amplitudes(layer, future_);
+    const RopeGeometry::PairMatrix r =
+        cache.rope.mean_pair_rotation(layer, next_position(cache, layer), future_, s.head_dim, amplitudes_[layer]);
+    moved_filters(cache, layer, r);
     head_best_.resize(nkv);
-    moved_.resize(static_cast<size_t>(group) * d);
-    for (int kv = 0; kv < nkv; ++kv) {
-      const HeadCache& hc = cache.head(layer, kv);
-      for (int g = 0; g < group; ++g) {
-        const int q = kv * group + g;
-        std::vector<double> cal(stats_.head_mean(layer, q, d), stats_.head_mean(layer, q, d) + d), recent;
-        normalize(cal);
-        if (rq) recent.assign(rq->data() + static_cast<size_t>(q) * d, rq->data() + static_cast<size_t>(q + 1) * d);
-        const std::vector<double> f = rq && normalize(recent) ? blend_directions(cal, recent, blend_) : cal;
-        apply(r, f.data(), d, 1.0, moved_.data() + static_cast<size_t>(g) * d);
-      }
-      proj_.resize(static_cast<size_t>(group) * hc.n);  // [group][n]
-      for_each_key_tile(hc, d, [&](int j0, int m, const float* tile) {
-        tile_dots_.resize(static_cast<size_t>(m) * group);  // [m][group]
-        dot_rows_f32(tile, m, d, moved_.data(), group, tile_dots_.data());
-        for (int j = 0; j < m; ++j)
-          for (int g = 0; g < group; ++g)
-            proj_[static_cast<size_t>(g) * hc.n + j0 + j] = tile_dots_[static_cast<size_t>(j) * group + g];
-      });
-      head_best_[kv].assign(hc.n, -std::numeric_limits<float>::infinity());
-      for (int g = 0; g < group; ++g) {
-        const std::span<float> z(proj_.data() + static_cast<size_t>(g) * hc.n, hc.n);
-        standardise(z);
-        for (int j = 0; j < hc.n; ++j) head_best_[kv][j] = std::max(head_best_[kv][j], z[j]);
-      }
-    }
+    for (int kv = 0; kv < nkv; ++kv) best_of_group(cache, layer, kv, head_best_[kv]);
     scores.resize(nkv);
+    if (same_positions(cache, layer)) {  // the usual case: this policy keeps the same tokens in every head
+      scores[0] = head_best_[0];
+      for (int kv = 1; kv < nkv; ++kv)
+        for (size_t j = 0; j < scores[0].size(); ++j) scores[0][j] = std::max(scores[0][j], head_best_[kv][j]);
+      for (int kv = 1; kv < nkv; ++kv) scores[kv] = scores[0];
+      return;
+    }
     for (int kv = 0; kv < nkv; ++kv) {
       const HeadCache& self = cache.head(layer, kv);
       scores[kv] = head_best_[kv];
@@ -253,11 +240,92 @@ class QFiltersMax final : public Policy {
   }
 
  private:
+  // moved_[q] = R f_q for every query head q of the layer, f_q = normalize((1 - a) c_q + a r_q).
+  void moved_filters(const Cache& cache, int layer, const RopeGeometry::PairMatrix& r) {
+    const int d = cache.shape().head_dim, n_heads = stats_.n_heads;
+    if (unit_means_.empty()) {  // the calibrated means, normalised once
+      unit_means_.resize(static_cast<size_t>(cache.shape().n_layers) * n_heads);
+      for (int l = 0; l < cache.shape().n_layers; ++l)
+        for (int q = 0; q < n_heads; ++q) {
+          std::vector<double>& c = unit_means_[static_cast<size_t>(l) * n_heads + q];
+          c.assign(stats_.head_mean(l, q, d), stats_.head_mean(l, q, d) + d);
+          normalize(c);
+        }
+    }
+    const std::vector<double>* rq = recent_queries(cache, layer, stats_, name());
+    moved_.resize(static_cast<size_t>(n_heads) * d);
+    for (int q = 0; q < n_heads; ++q) {
+      const std::vector<double>& cal = unit_means_[static_cast<size_t>(layer) * n_heads + q];
+      const double* f = cal.data();
+      if (rq) {
+        recent_.assign(rq->data() + static_cast<size_t>(q) * d, rq->data() + static_cast<size_t>(q + 1) * d);
+        if (normalize(recent_)) f = (blended_ = blend_directions(cal, recent_, blend_)).data();
+      }
+      apply(r, f, d, 1.0, moved_.data() + static_cast<size_t>(q) * d);
+    }
+  }
+
+  // best[j] = the largest standardised projection of KV head kv's key j on the moved filters of
+  // the head's query group.
+  void best_of_group(const Cache& cache, int layer, int kv, std::vector<float>& best) {
+    const HeadCache& hc = cache.head(layer, kv);
+    const int d = cache.shape().head_dim, group = stats_.n_heads / cache.shape().n_kv_heads, n = hc.n;
+    const float* filters = moved_.data() + static_cast<size_t>(kv) * group * d;
+    // The projections, [group][n]; each query head's standardised (in float: the ranking within a
+    // head does not depend on it, the maximum across heads hardly), the best kept per key.
+    proj_.resize(static_cast<size_t>(group) * n);
+    for_each_key_tile(hc, d, [&](int j0, int m, const float* tile) {
+      project_rows_f32(tile, m, d, filters, group, proj_.data() + j0, n);
+    });
+    best.assign(n, -std::numeric_limits<float>::infinity());
+    for (int g = 0; g < group; ++g) {
+      const std::span<float> p(proj_.data() + static_cast<size_t>(g) * n, n);
+      const Standardisation z = standardisation_of(p);
+      if (z.mean != z.mean) {  // a non-finite key: standardise() leaves it out
+        standardise(p);
+        for (int j = 0; j < n; ++j) best[j] = std::max(best[j], p[j]);
+        continue;
+      }
+      const float mean = static_cast<float>(z.mean), inv_sd = static_cast<float>(z.inv_sd);
+      for (int j = 0; j < n; ++j) best[j] = std::max(best[j], (p[j] - mean) * inv_sd);
+    }
+  }
+
+  // The standardisation of p (mean NaN when a value is not finite), from float sums over 8
+  // lanes (independent, so each loop vectorises) added up in double.
+  static Standardisation standardisation_of(std::span<const float> p) {
+    constexpr size_t kLanes = 8;
+    const size_t whole = p.size() / kLanes * kLanes;
+    float lane_sum[kLanes] = {}, lane_sq[kLanes] = {};
+    for (size_t j = 0; j < whole; j += kLanes)
+      for (size_t k = 0; k < kLanes; ++k) lane_sum[k] += p[j + k];
+    for (size_t j = 0; j < whole; j += kLanes)
+      for (size_t k = 0; k < kLanes; ++k) lane_sq[k] += p[j + k] * p[j + k];
+    double sum = 0, sq = 0;
+    for (size_t k = 0; k < kLanes; ++k) sum += lane_sum[k], sq += lane_sq[k];
+    for (size_t j = whole; j < p.size(); ++j) sum += p[j], sq += static_cast<double>(p[j]) * p[j];
+    if (!std::isfinite(sum) || !std::isfinite(sq)) return {std::numeric_limits<double>::quiet_NaN(), 0};
+    return Standardisation::of(sum, sq, static_cast<int>(p.size()));
+  }
+
+  // Whether every KV head of the layer holds the same positions.
+  static bool same_positions(const Cache& cache, int layer) {
+    const HeadCache& first = cache.head(layer, 0);
+    for (int kv = 1; kv < cache.shape().n_kv_heads; ++kv) {
+      const HeadCache& hc = cache.head(layer, kv);
+      if (hc.n != first.n || !std::equal(first.pos.begin(), first.pos.begin() + first.n, hc.pos.begin())) return false;
+    }
+    return true;
+  }
+
   QueryStats stats_;
   int future_;
   double blend_;
   int horizon_;
-  std::vector<float> moved_, proj_, tile_dots_;
+  std::vector<std::vector<double>> unit_means_;  // [layer * n_heads + q]
+  std::vector<std::vector<double>> amplitudes_;  // [layer]: the mean rotation's, computed once
+  std::vector<double> recent_, blended_;
+  std::vector<float> moved_, proj_;  // [n_heads][d], [group][n]
   std::vector<std::vector<float>> head_best_, layer_scores_;
 };
 
