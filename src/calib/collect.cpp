@@ -155,7 +155,7 @@ void QueryCollector::finish(Calibrator& cal, const kv::RopeGeometry& rope, int s
         const float* row = rows_[l].data() + static_cast<size_t>(i) * row_;
         unrotated.insert(unrotated.end(), row, row + row_);
         float* q = unrotated.data() + unrotated.size() - row_;
-        for (int h = 0; h < n_head_; ++h) rope.rotate(l, -static_cast<double>(row_pos_[l][i]), q + static_cast<size_t>(h) * head_dim_);
+        rope.rotate(l, -static_cast<double>(row_pos_[l][i]), q, n_head_, head_dim_);
       }
       if (unrotated.empty()) fail("calibration: every query sample is among the first ", kv::kQueryMomentSinks, " positions");
       // A small head keeps every eigenpair it has.

@@ -7,18 +7,20 @@
 
 namespace qf::kv {
 
-void RopeGeometry::rotate(int layer, double pos, float* v) const {
+void RopeGeometry::rotate(int layer, double pos, float* v, int n_vectors, int head_dim) const {
   if (empty()) return;
   if (layer < 0 || static_cast<size_t>(layer) >= inv_freq.size()) fail("rope: layer ", layer, " out of range");
   const int half = n_rot / 2;
   const int stride = adjacent ? 2 : 1, second = adjacent ? 1 : half;
   for (int i = 0; i < half; ++i) {
     const double th = pos * inv_freq[layer][i], c = std::cos(th), s = std::sin(th);
-    float& x0 = v[stride * i];
-    float& x1 = v[stride * i + second];
-    const double a = x0, b = x1;
-    x0 = static_cast<float>(a * c - b * s);
-    x1 = static_cast<float>(a * s + b * c);
+    for (int h = 0; h < n_vectors; ++h) {
+      float& x0 = v[static_cast<size_t>(h) * head_dim + stride * i];
+      float& x1 = v[static_cast<size_t>(h) * head_dim + stride * i + second];
+      const double a = x0, b = x1;
+      x0 = static_cast<float>(a * c - b * s);
+      x1 = static_cast<float>(a * s + b * c);
+    }
   }
 }
 

@@ -23,7 +23,10 @@ struct RopeGeometry {
 
   bool empty() const { return inv_freq.empty(); }
   // Rotates v (head_dim values) by the angles of position `pos` (a negative pos undoes it).
-  void rotate(int layer, double pos, float* v) const;
+  void rotate(int layer, double pos, float* v) const { rotate(layer, pos, v, 1, 0); }
+  // The same for n_vectors vectors of head_dim values back to back (one token's heads), each
+  // angle's cosine and sine computed once for all of them.
+  void rotate(int layer, double pos, float* v, int n_vectors, int head_dim) const;
   // Mean over positions p0 .. p0 + n - 1 of the rotation matrices, head_dim x head_dim row-major
   // (identity where nothing rotates).
   std::vector<double> mean_rotation(int layer, int64_t p0, int n, int head_dim) const;

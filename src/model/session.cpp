@@ -320,7 +320,7 @@ void Session::observe_queries(int l, int n, const float* q, const int32_t* pos) 
     if (pos[t] < kv::kQueryMomentSinks) continue;
     std::copy(q + t * row, q + (t + 1) * row, query_row_.begin());
     // Undo the rotary embedding: the moments are of the queries before it.
-    for (int h = 0; h < c.n_heads; ++h) cache_->rope.rotate(l, -static_cast<double>(pos[t]), query_row_.data() + h * c.head_dim);
+    cache_->rope.rotate(l, -static_cast<double>(pos[t]), query_row_.data(), c.n_heads, c.head_dim);
     cache_->query_moments[l].add(query_row_.data(), c.n_heads, c.head_dim, cache_->stats().query_recent,
                                  cache_->stats().query_moments);
   }
