@@ -340,39 +340,44 @@ class CalibratedExpectedAttention final : public Policy {
     const HeadCache& hc = cache.head(layer, kv_head);
     const int n = hc.n, d = s.head_dim, rank = stats_.rank, group = stats_.n_heads / s.n_kv_heads;
     if (n == 0) return;
-    keys_.resize(static_cast<size_t>(n) * d);
-    for_each_key(hc, d, [&](int j, const float* key) { std::copy(key, key + d, keys_.data() + static_cast<size_t>(j) * d); });
-
     const RopeGeometry::PairMatrix r = cache.rope.mean_pair_rotation(layer, next_position(cache, layer), future_, d);
     const double inv_sqrt_d = 1.0 / std::sqrt(static_cast<double>(d)), inv_sqrt_2d = 1.0 / std::sqrt(2.0 * d);
-    moved_.resize(static_cast<size_t>(rank + 1) * d);
-    acc_.assign(n, 0.0);
-    logit_.resize(n);
+    const int rows = rank + 1;
+    moved_.resize(static_cast<size_t>(group) * rows * d);
     for (int g = 0; g < group; ++g) {
       const int q = kv_head * group + g;
       // Row 0: mu' / sqrt(d); rows 1..rank: u'_r / sqrt(2d), so that the logit is
       // <row0, k> + sum_r <row_r, k>^2.
-      apply(r, stats_.head_mean(layer, q, d), d, inv_sqrt_d, moved_.data());
+      float* m = moved_.data() + static_cast<size_t>(g) * rows * d;
+      apply(r, stats_.head_mean(layer, q, d), d, inv_sqrt_d, m);
       for (int k = 0; k < rank; ++k)
         apply(r, stats_.head_factors(layer, q, d) + static_cast<size_t>(k) * d, d, inv_sqrt_2d,
-              moved_.data() + static_cast<size_t>(k + 1) * d);
-      double mx = -std::numeric_limits<double>::infinity();
-      for (int i = 0; i < n; ++i) {
-        if (hc.pos[i] < kQueryMomentSinks) continue;
-        const float* key = keys_.data() + static_cast<size_t>(i) * d;
-        double logit = dot_f32(moved_.data(), key, d);
-        for (int k = 1; k <= rank; ++k) {
-          const double p = dot_f32(moved_.data() + static_cast<size_t>(k) * d, key, d);
-          logit += p * p;
-        }
-        logit_[i] = logit;
-        mx = std::max(mx, logit);
+              m + static_cast<size_t>(k + 1) * d);
+    }
+    // proj_[g * rows + k][i] = <row k of query head g, key i>, every key read once.
+    proj_.resize(static_cast<size_t>(group) * rows * n);
+    for_each_key_tile(hc, d, [&](int j0, int m, const float* tile) {
+      project_rows_f32(tile, m, d, moved_.data(), static_cast<size_t>(group) * rows, proj_.data() + j0, n);
+    });
+    acc_.assign(n, 0.0);
+    logit_.resize(n);
+    for (int g = 0; g < group; ++g) {
+      // The logits in float, a projection at a time (contiguous, so the loops vectorise).
+      const float* p = proj_.data() + static_cast<size_t>(g) * rows * n;
+      std::copy(p, p + n, logit_.begin());
+      for (int k = 1; k <= rank; ++k) {
+        const float* pk = p + static_cast<size_t>(k) * n;
+        for (int i = 0; i < n; ++i) logit_[i] += pk[i] * pk[i];
       }
+      float mx = -std::numeric_limits<float>::infinity();
+      for (int i = 0; i < n; ++i)
+        if (hc.pos[i] >= kQueryMomentSinks) mx = std::max(mx, logit_[i]);
       double z = 0;
       for (int i = 0; i < n; ++i)
         if (hc.pos[i] >= kQueryMomentSinks) z += (logit_[i] = std::exp(logit_[i] - mx));
+      const double share = 1.0 / (z * group);
       for (int i = 0; i < n; ++i)
-        if (hc.pos[i] >= kQueryMomentSinks) acc_[i] += logit_[i] / z / group;
+        if (hc.pos[i] >= kQueryMomentSinks) acc_[i] += logit_[i] * share;
     }
     scale_by_value_norms(hc, d, scores);
   }
@@ -397,8 +402,9 @@ class CalibratedExpectedAttention final : public Policy {
 
   QueryStats stats_;
   int future_;
-  std::vector<float> keys_, vals_, moved_;
-  std::vector<double> acc_, logit_;
+  std::vector<float> vals_, moved_, proj_;  // moved_: [group][rank + 1][d]; proj_: [group][rank + 1][n]
+  std::vector<double> acc_;
+  std::vector<float> logit_;
 };
 
 QueryStats stats_of(const PolicyOptions& o, std::string_view policy) {
