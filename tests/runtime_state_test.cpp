@@ -11,6 +11,7 @@
 #include <filesystem>
 #include <fstream>
 #include <memory>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -38,6 +39,7 @@ struct KvSetup {
   float ratio = 0;
   float filter_blend = kv::PolicyOptions{}.filter_blend;  // qfilters_adaptive
   int filter_horizon = kv::PolicyOptions{}.filter_horizon;
+  float filter_decay = kv::PolicyOptions{}.filter_decay;  // qfilters_max
   std::vector<float> layer_weights;                        // per-layer budgets
 };
 
@@ -88,6 +90,7 @@ std::unique_ptr<Session> make_session(const Model& m, const KvSetup& s, ThreadPo
       po.query_future_positions = data.future_positions;
       po.filter_blend = s.filter_blend;
       po.filter_horizon = s.filter_horizon;
+      po.filter_decay = s.filter_decay;
     }
     kv::CompressionConfig cc;
     cc.budget = s.ratio > 0 ? 0 : s.budget;
@@ -193,6 +196,13 @@ void every_policy_and_type(const std::string& fixture) {
     s.policy = "qfilters_adaptive";
     s.filter_blend = 0.5f;
     s.filter_horizon = 16;
+    expect_round_trip(*m, s);
+  }
+  {  // qfilters_max without memory keeps no state
+    SCOPED_TRACE("qfilters_max decay inf");
+    KvSetup s;
+    s.policy = "qfilters_max";
+    s.filter_decay = std::numeric_limits<float>::infinity();
     expect_round_trip(*m, s);
   }
   for (const std::string policy : {"snapkv", "knorm", "h2o"}) {  // prefill compression (--kv-ratio)
@@ -430,6 +440,11 @@ TEST_F(StateErrors, OtherFilterFileData) {
     KvSetup other_horizon = adaptive;
     other_horizon.filter_horizon = 8;
     expect_refused(adaptive_bytes, other_horizon, "saved with --kv-policy " + policy);
+    if (policy == "qfilters_max") {  // and qfilters_max its memory's decay
+      KvSetup other_decay = adaptive;
+      other_decay.filter_decay = 0.5f;
+      expect_refused(adaptive_bytes, other_decay, "saved with --kv-policy " + policy);
+    }
   }
 
   KvSetup qfilters = setup_;

@@ -4,6 +4,7 @@
 // per-cell / per-head CSV that scripts/plot_results.py draws.
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdlib>
 #include <cstdio>
 #include <filesystem>
@@ -46,6 +47,7 @@ struct CommonOptions {
   int future_positions = 512;  // expected_attention and the query-statistics policies
   float filter_blend = kv::PolicyOptions{}.filter_blend;      // qfilters_adaptive, qfilters_max
   int filter_horizon = kv::PolicyOptions{}.filter_horizon;    // qfilters_adaptive, qfilters_max
+  float filter_decay = kv::PolicyOptions{}.filter_decay;      // qfilters_max
   std::string layer_weights;                                  // per-layer budgets: "", "spread" or w0,w1,...
 };
 
@@ -89,6 +91,10 @@ void add_common(CLI::App* cmd, CommonOptions& o) {
   cmd->add_option("--filter-horizon", o.filter_horizon,
                   "qfilters_adaptive, qfilters_max: horizon in tokens of the recent queries' moving average (1 = the last query)")
       ->check(CLI::PositiveNumber)->capture_default_str();
+  cmd->add_option("--filter-decay", o.filter_decay,
+                  "qfilters_max: standard deviations per position by which a kept token's remembered score fades "
+                  "(inf = no memory, each round's score alone)")
+      ->capture_default_str();
   cmd->add_option("--layer-weights", o.layer_weights, kLayerWeightsHelp);
 }
 
@@ -191,6 +197,7 @@ Setup setup(const CommonOptions& o) {
   s.ctx.policy_options.ea_future_positions = o.future_positions;
   s.ctx.policy_options.filter_blend = o.filter_blend;
   s.ctx.policy_options.filter_horizon = o.filter_horizon;
+  s.ctx.policy_options.filter_decay = o.filter_decay;
   s.ctx.layer_weights = runtime::parse_layer_weights(o.layer_weights, &s.query_stats);
   if (!s.ctx.layer_weights.empty()) kv::CompressionConfig{.layer_weights = s.ctx.layer_weights}.validate(c.n_layers);
   s.ctx.kv_types = kv_types(o.model);
@@ -225,6 +232,7 @@ Setup setup(const CommonOptions& o) {
   s.run["future_positions"] = o.future_positions;
   s.run["filter_blend"] = o.filter_blend;
   s.run["filter_horizon"] = o.filter_horizon;
+  s.run["filter_decay"] = std::isfinite(o.filter_decay) ? json(o.filter_decay) : json("inf");
   s.run["layer_weights"] = s.ctx.layer_weights;  // the numbers, also for 'spread'
   s.run["batch"] = o.model.n_batch;
   s.run["cache_type_k"] = o.model.cache_type_k;
@@ -265,6 +273,9 @@ json cell_settings(const Setup& s, const json& eval_settings) {
   if (s.run["filter_blend"] != kv::PolicyOptions{}.filter_blend) settings["filter_blend"] = s.run["filter_blend"];
   if (s.run["filter_horizon"] != kv::PolicyOptions{}.filter_horizon) settings["filter_horizon"] = s.run["filter_horizon"];
   if (!s.run["layer_weights"].empty()) settings["layer_weights"] = s.run["layer_weights"];
+  // qfilters_max remembers scores since 2026-12-01: results made before do not resume as its own.
+  if (std::ranges::any_of(s.policies, [](const std::string& p) { return kv::base_policy_name(p) == "qfilters_max"; }))
+    settings["filter_decay"] = s.run["filter_decay"];
   return settings;
 }
 

@@ -34,6 +34,10 @@ struct PolicyOptions {
   // The defaults are what found the most needles (docs/results.md, "Adaptive filters").
   float filter_blend = 1.0f;
   int filter_horizon = 1;
+  // qfilters_max: how fast a kept token forgets that a query head singled it out, in standard
+  // deviations of its standardised score per position; infinity = no memory (each round's score
+  // alone). Its memory keeps H2O's strength, accumulated attention, without attention weights.
+  float filter_decay = 0.03f;
 };
 
 class Policy {

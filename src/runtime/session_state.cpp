@@ -72,6 +72,10 @@ std::string filters_hash(std::string_view policy, const kv::PolicyOptions& po) {
       h.add(std::span(reinterpret_cast<const uint8_t*>(&blend), sizeof blend));
       h.add_u64(static_cast<uint64_t>(po.filter_horizon));
     }
+    if (policy == "qfilters_max") {  // and how fast its memory fades
+      const double decay = po.filter_decay;
+      h.add(std::span(reinterpret_cast<const uint8_t*>(&decay), sizeof decay));
+    }
   }
   return hex64(h.value());
 }

@@ -30,7 +30,10 @@
 // position advances, so they are recomputed at every eviction round (score_head).
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <limits>
+#include <string>
 
 #include "kv/policies/policies.h"
 #include "tensor/kernels.h"
@@ -197,10 +200,15 @@ class AdaptiveQFilters final : public Policy {
 // that all heads find ordinary, as in TOVA's average of peaked softmax rows, and every KV head of
 // the layer gets the same score for the same token (kept in all or none). group dot products per
 // kept key, no attention weight: the fused kernel stays.
+// Memory (PolicyOptions::filter_decay = D): a kept token's score is max(this round's, its previous
+// score - D x the positions since), so a token a query head singled out stays ranked for a while
+// after, as H2O's accumulated attention keeps it. The memory is per slot of each head, matched by
+// position and by the first bytes of the stored key, so a cache that was reset, refilled, shifted
+// or copied meanwhile never inherits another token's score.
 class QFiltersMax final : public Policy {
  public:
-  QFiltersMax(QueryStats stats, int future, double blend, int horizon)
-      : stats_(stats), future_(future), blend_(blend), horizon_(horizon) {}
+  QFiltersMax(QueryStats stats, int future, double blend, int horizon, double decay)
+      : stats_(stats), future_(future), blend_(blend), horizon_(horizon), decay_(decay) {}
   std::string_view name() const override { return "qfilters_max"; }
   AttentionStats needs(const PolicyOptions&) const override { return {.query_recent = horizon_}; }
 
@@ -226,20 +234,70 @@ class QFiltersMax final : public Policy {
       for (int kv = 1; kv < nkv; ++kv)
         for (size_t j = 0; j < scores[0].size(); ++j) scores[0][j] = std::max(scores[0][j], head_best_[kv][j]);
       for (int kv = 1; kv < nkv; ++kv) scores[kv] = scores[0];
-      return;
+    } else {
+      for (int kv = 0; kv < nkv; ++kv) {
+        const HeadCache& self = cache.head(layer, kv);
+        scores[kv] = head_best_[kv];
+        for (int o = 0; o < nkv; ++o)
+          if (o != kv)
+            for_each_shared_position(self, cache.head(layer, o), [&](int i, int j) {
+              scores[kv][i] = std::max(scores[kv][i], head_best_[o][j]);
+            });
+      }
     }
-    for (int kv = 0; kv < nkv; ++kv) {
-      const HeadCache& self = cache.head(layer, kv);
-      scores[kv] = head_best_[kv];
-      for (int o = 0; o < nkv; ++o)
-        if (o != kv)
-          for_each_shared_position(self, cache.head(layer, o), [&](int i, int j) {
-            scores[kv][i] = std::max(scores[kv][i], head_best_[o][j]);
-          });
-    }
+    if (std::isfinite(decay_)) remember(cache, layer, scores);
   }
 
+  std::string save_state() const override;
+  void load_state(std::string_view state) override;
+
  private:
+  // What a head remembers of its slots after a round: their positions, key fingerprints and scores.
+  struct HeadMemory {
+    std::vector<int32_t> pos;
+    std::vector<uint64_t> key;
+    std::vector<float> score;
+  };
+  struct LayerMemory {
+    int64_t next_position = 0;  // of the round that wrote it
+    std::vector<HeadMemory> heads;
+  };
+
+  // The first (up to) 8 bytes of slot j's stored key: with the position, what identifies the token.
+  static uint64_t key_fingerprint(const HeadCache& hc, int j) {
+    const KvRows rows = hc.keys();
+    uint64_t f = 0;
+    std::memcpy(&f, rows.data + static_cast<size_t>(j) * rows.row_bytes, std::min<size_t>(sizeof f, rows.row_bytes));
+    return f;
+  }
+
+  // scores = max(scores, remembered - decay x positions since) for the slots remembered from the
+  // layer's previous round; then the memory becomes this round's scores.
+  void remember(const Cache& cache, int layer, std::vector<std::vector<float>>& scores) {
+    const int nkv = cache.shape().n_kv_heads;
+    if (memory_.size() != static_cast<size_t>(cache.shape().n_layers)) memory_.assign(cache.shape().n_layers, {});
+    LayerMemory& mem = memory_[layer];
+    const int64_t now = next_position(cache, layer);
+    const double forgotten = decay_ * static_cast<double>(std::max<int64_t>(0, now - mem.next_position));
+    mem.heads.resize(nkv);
+    for (int kv = 0; kv < nkv; ++kv) {
+      const HeadCache& hc = cache.head(layer, kv);
+      HeadMemory& old = mem.heads[kv];
+      HeadMemory next;
+      next.pos.assign(hc.pos.begin(), hc.pos.begin() + hc.n);
+      next.key.resize(hc.n);
+      for (int j = 0, o = 0; j < hc.n; ++j) {
+        next.key[j] = key_fingerprint(hc, j);
+        while (o < static_cast<int>(old.pos.size()) && old.pos[o] < hc.pos[j]) ++o;
+        if (o < static_cast<int>(old.pos.size()) && old.pos[o] == hc.pos[j] && old.key[o] == next.key[j])
+          scores[kv][j] = std::max(scores[kv][j], static_cast<float>(old.score[o] - forgotten));
+      }
+      next.score = scores[kv];
+      old = std::move(next);
+    }
+    mem.next_position = now;
+  }
+
   // moved_[q] = R f_q for every query head q of the layer, f_q = normalize((1 - a) c_q + a r_q).
   void moved_filters(const Cache& cache, int layer, const RopeGeometry::PairMatrix& r) {
     const int d = cache.shape().head_dim, n_heads = stats_.n_heads;
@@ -322,12 +380,78 @@ class QFiltersMax final : public Policy {
   int future_;
   double blend_;
   int horizon_;
+  double decay_;                     // infinity: no memory
+  std::vector<LayerMemory> memory_;  // [layer], empty until the layer's first round
   std::vector<std::vector<double>> unit_means_;  // [layer * n_heads + q]
   std::vector<std::vector<double>> amplitudes_;  // [layer]: the mean rotation's, computed once
   std::vector<double> recent_, blended_;
   std::vector<float> moved_, proj_;  // [n_heads][d], [group][n]
   std::vector<std::vector<float>> head_best_, layer_scores_;
 };
+
+// The memory as bytes: "qfmax1", the layer count, then per layer its round's next position, the
+// head count, and per head the slot count and the slots' positions, key fingerprints and scores.
+// Empty without memory (or before any round).
+std::string QFiltersMax::save_state() const {
+  std::string out;
+  if (memory_.empty()) return out;
+  auto put = [&out](const auto& v) { out.append(reinterpret_cast<const char*>(&v), sizeof v); };
+  auto put_all = [&out](const auto& vec) {
+    out.append(reinterpret_cast<const char*>(vec.data()), vec.size() * sizeof vec[0]);
+  };
+  out = "qfmax1";
+  put(static_cast<uint32_t>(memory_.size()));
+  for (const LayerMemory& l : memory_) {
+    put(l.next_position);
+    put(static_cast<uint32_t>(l.heads.size()));
+    for (const HeadMemory& h : l.heads) {
+      put(static_cast<uint32_t>(h.pos.size()));
+      put_all(h.pos), put_all(h.key), put_all(h.score);
+    }
+  }
+  return out;
+}
+
+void QFiltersMax::load_state(std::string_view state) {
+  if (state.empty()) {
+    memory_.clear();
+    return;
+  }
+  auto bad = [] { fail("qfilters_max: the saved policy state is not valid"); };
+  size_t at = 0;
+  auto take = [&](void* dst, size_t n) {
+    if (n > state.size() - at) bad();
+    std::memcpy(dst, state.data() + at, n);
+    at += n;
+  };
+  auto get_u32 = [&] {
+    uint32_t v;
+    take(&v, sizeof v);
+    return v;
+  };
+  // A count no larger than the bytes left could hold, so a corrupt one cannot ask for gigabytes.
+  auto get_count = [&](size_t min_bytes_each) {
+    const uint32_t n = get_u32();
+    if (n > (state.size() - at) / min_bytes_each) bad();
+    return n;
+  };
+  if (state.substr(0, 6) != "qfmax1") bad();
+  at = 6;
+  std::vector<LayerMemory> memory(get_count(sizeof(int64_t) + sizeof(uint32_t)));
+  for (LayerMemory& l : memory) {
+    take(&l.next_position, sizeof l.next_position);
+    l.heads.resize(get_count(sizeof(uint32_t)));
+    for (HeadMemory& h : l.heads) {
+      const uint32_t n = get_count(sizeof(int32_t) + sizeof(uint64_t) + sizeof(float));
+      h.pos.resize(n), h.key.resize(n), h.score.resize(n);
+      take(h.pos.data(), n * sizeof(int32_t));
+      take(h.key.data(), n * sizeof(uint64_t));
+      take(h.score.data(), n * sizeof(float));
+    }
+  }
+  if (at != state.size()) bad();
+  memory_ = std::move(memory);
+}
 
 class CalibratedExpectedAttention final : public Policy {
  public:
@@ -435,8 +559,9 @@ std::unique_ptr<Policy> make_qfilters_adaptive(const PolicyOptions& o) {
 
 std::unique_ptr<Policy> make_qfilters_max(const PolicyOptions& o) {
   check_recent_options(o, "qfilters_max");
+  if (!(o.filter_decay >= 0)) fail("qfilters_max: --filter-decay must be >= 0, or inf for no memory (got ", o.filter_decay, ")");
   return std::make_unique<QFiltersMax>(stats_of(o, "qfilters_max"), o.query_future_positions, o.filter_blend,
-                                       o.filter_horizon);
+                                       o.filter_horizon, o.filter_decay);
 }
 
 std::unique_ptr<Policy> make_ea_calibrated(const PolicyOptions& o) {
