@@ -283,17 +283,18 @@ class QFiltersMax final : public Policy {
     for (int kv = 0; kv < nkv; ++kv) {
       const HeadCache& hc = cache.head(layer, kv);
       HeadMemory& old = mem.heads[kv];
-      HeadMemory next;
+      HeadMemory& next = next_memory_;  // scratch, swapped in: no allocation once warm
       next.pos.assign(hc.pos.begin(), hc.pos.begin() + hc.n);
       next.key.resize(hc.n);
+      const int n_old = static_cast<int>(old.pos.size());
       for (int j = 0, o = 0; j < hc.n; ++j) {
         next.key[j] = key_fingerprint(hc, j);
-        while (o < static_cast<int>(old.pos.size()) && old.pos[o] < hc.pos[j]) ++o;
-        if (o < static_cast<int>(old.pos.size()) && old.pos[o] == hc.pos[j] && old.key[o] == next.key[j])
+        while (o < n_old && old.pos[o] < hc.pos[j]) ++o;
+        if (o < n_old && old.pos[o] == hc.pos[j] && old.key[o] == next.key[j])
           scores[kv][j] = std::max(scores[kv][j], static_cast<float>(old.score[o] - forgotten));
       }
-      next.score = scores[kv];
-      old = std::move(next);
+      next.score.assign(scores[kv].begin(), scores[kv].end());
+      std::swap(old, next);
     }
     mem.next_position = now;
   }
@@ -382,6 +383,7 @@ class QFiltersMax final : public Policy {
   int horizon_;
   double decay_;                     // infinity: no memory
   std::vector<LayerMemory> memory_;  // [layer], empty until the layer's first round
+  HeadMemory next_memory_;
   std::vector<std::vector<double>> unit_means_;  // [layer * n_heads + q]
   std::vector<std::vector<double>> amplitudes_;  // [layer]: the mean rotation's, computed once
   std::vector<double> recent_, blended_;
