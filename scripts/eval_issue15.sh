@@ -14,6 +14,9 @@
 #                                        (docs/results.md section 5, "One filter per query head"; ~20 min quiet)
 #   scripts/eval_issue15.sh layers       per-layer budgets at equal memory (--layer-weights spread and a
 #                                        middle-layer profile) on seeds 42-44 and held-out 45-47 (~25 min)
+#   scripts/eval_issue15.sh memory       qfilters_max's memory: the --filter-decay sweep, then perplexity at
+#                                        B = 128-512 on the development and held-out documents, and Gemma 3
+#                                        (docs/results.md section 5, "qfilters_max remembers"; ~40 min quiet)
 # Resumable: finished cells are kept in results/issue15-*/<eval>.jsonl.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -113,5 +116,23 @@ if [ "$what" = max ]; then
     nice -n 10 "$qf" eval niah -m "$G" --filters "$GF" -o results/issue15-max-gemma-niah --lengths 1024,2048 --depths 5 \
       --compressions 4,8 --seeds 42,43,44 --digits 7 --skip-layers 2 -t 1 --no-progress \
       --policies none,tova,qfilters_max,ea_calibrated+layer,qfilters
+  fi
+fi
+if [ "$what" = memory ]; then
+  for decay in 0.01 0.03 0.1 inf; do
+    nice -n 10 "$qf" eval ppl -m "$M" --filters "$F" -o "results/issue15-memory-decay$decay" --docs 8 --tokens 1024 \
+      --budgets 128,256 --window 64 --policies qfilters_max --filter-decay "$decay" -t 1 --no-progress
+  done
+  P=none,streaming,h2o,tova,qfilters,qfilters_max
+  nice -n 10 "$qf" eval ppl -m "$M" --filters "$F" -o results/issue15-memory-dev --docs 8 --tokens 1024 \
+    --budgets 128,256,512 --window 64 --policies "$P" -t 1 --no-progress
+  # Held out: addresses of 1950-1999 (calibration reads earlier ones, development later ones).
+  nice -n 10 "$qf" eval ppl -m "$M" --filters "$F" -o results/issue15-memory-held --docs 8 --tokens 1024 \
+    --budgets 128,256,512 --window 64 --policies "$P" --min-year 1950 --max-year 1999 -t 1 --no-progress
+  G=models/gemma-3-270m-q4_k_m.gguf GF=models/gemma-3-270m-q4_k_m.qstats.safetensors
+  if [ -f "$G" ]; then
+    [ -f "$GF" ] || nice -n 10 "$qf" calibrate -m "$G" -o "$GF" --stats-rank 8 -t 1
+    nice -n 10 "$qf" eval ppl -m "$G" --filters "$GF" -o results/issue15-memory-gemma --docs 8 --tokens 1024 \
+      --budgets 128,256 --window 64 --policies none,streaming,h2o,qfilters_max -t 1 --no-progress
   fi
 fi
