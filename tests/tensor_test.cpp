@@ -1076,14 +1076,16 @@ TEST_F(SimdTargets, VectorOps) {
 
 // project_rows_f32: every (row, vector) pair against a double dot product, within float rounding
 // of its terms; block remainders (rows not a multiple of the lanes, dims not a multiple of the
-// lanes) included, and nothing written outside the n_x runs of n_rows outputs.
+// lanes) and the head dimensions compiled for (64, 128, 256) included, and nothing written outside
+// the n_x runs of n_rows outputs.
 TEST_F(SimdTargets, ProjectRowsAreTheDotProductsOfEveryPair) {
   std::mt19937 rng(5);
   std::normal_distribution<float> normal(0.0f, 1.0f);
   for (const std::string& target : available_simd_targets()) {
     ASSERT_TRUE(force_simd_target(target));
     for (const auto& [rows, d, nx] : std::vector<std::tuple<size_t, size_t, size_t>>{
-             {1, 64, 1}, {7, 64, 3}, {16, 64, 3}, {33, 64, 3}, {64, 8, 4}, {5, 33, 2}, {17, 1, 2}, {40, 100, 1}}) {
+             {1, 64, 1}, {7, 64, 3}, {16, 64, 3}, {33, 64, 3}, {20, 128, 2}, {18, 256, 3}, {64, 8, 4}, {5, 33, 2},
+             {17, 1, 2}, {40, 100, 1}}) {
       const size_t stride = rows + 3;
       std::vector<float> a(rows * d), x(nx * d), out(nx * stride, -7.0f);
       for (auto& v : a) v = normal(rng);
