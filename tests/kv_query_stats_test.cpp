@@ -435,6 +435,18 @@ TEST(QueryStatsPolicies, QFiltersMaxRemembersEachSlotsScoreFadingWithPosition) {
   EXPECT_THROW(restored->load_state(saved.substr(0, saved.size() - 1)), Error);
   EXPECT_THROW(restored->load_state("qfmax1 and more"), Error);
   EXPECT_THROW(restored->load_state("nonsense"), Error);
+  // Mutated states (bytes changed, cut short) load or throw Error: never read out of bounds
+  // (ASan) or allocate what the bytes cannot hold.
+  std::mt19937 mut(65);
+  for (int trial = 0; trial < 300; ++trial) {
+    std::string bad = saved;
+    for (int k = 0; k < 1 + trial % 4; ++k) bad[mut() % bad.size()] = static_cast<char>(mut());
+    if (trial % 3 == 0) bad.resize(mut() % bad.size());
+    try {
+      restored->load_state(bad);
+    } catch (const Error&) {
+    }
+  }
 
   // The same positions refilled with other keys inherit nothing.
   Cache refilled = rc.s.cache(c.head(0, 0).n, 0, 64, nullptr, remembering->needs(with));
