@@ -24,7 +24,8 @@
 //
 //  - qfilters_max: qfilters_adaptive's filter per query head (not per group); the projections
 //    standardised per query head, and a token's score the maximum over all the layer's query heads,
-//    so every KV head of the layer keeps the same tokens (see the class).
+//    so every KV head of the layer keeps the same tokens; a kept token remembers its past scores,
+//    fading with position (see the class).
 //
 // None computes an attention weight, so the fused attention kernel stays. Scores change as the
 // position advances, so they are recomputed at every eviction round (score_head).
