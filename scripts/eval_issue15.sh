@@ -15,8 +15,8 @@
 #   scripts/eval_issue15.sh layers       per-layer budgets at equal memory (--layer-weights spread and a
 #                                        middle-layer profile) on seeds 42-44 and held-out 45-47 (~25 min)
 #   scripts/eval_issue15.sh memory       qfilters_max's memory: the --filter-decay sweep, then perplexity at
-#                                        B = 128-512 on the development and held-out documents, and Gemma 3
-#                                        (docs/results.md section 5, "qfilters_max remembers"; ~40 min quiet)
+#                                        B = 128-1,024 on the development and held-out documents, and Gemma 3
+#                                        (docs/results.md section 5, "qfilters_max remembers"; ~60 min quiet)
 # Resumable: finished cells are kept in results/issue15-*/<eval>.jsonl.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -129,6 +129,11 @@ if [ "$what" = memory ]; then
   # Held out: addresses of 1950-1999 (calibration reads earlier ones, development later ones).
   nice -n 10 "$qf" eval ppl -m "$M" --filters "$F" -o results/issue15-memory-held --docs 8 --tokens 1024 \
     --budgets 128,256,512 --window 64 --policies "$P" --min-year 1950 --max-year 1999 -t 1 --no-progress
+  # B = 1,024 needs documents longer than the budget: 2,048 tokens.
+  nice -n 10 "$qf" eval ppl -m "$M" --filters "$F" -o results/issue15-memory-dev-1024 --docs 8 --tokens 2048 \
+    --budgets 1024 --window 64 --policies "$P" -t 1 --no-progress
+  nice -n 10 "$qf" eval ppl -m "$M" --filters "$F" -o results/issue15-memory-held-1024 --docs 8 --tokens 2048 \
+    --budgets 1024 --window 64 --policies "$P" --min-year 1950 --max-year 1999 -t 1 --no-progress
   G=models/gemma-3-270m-q4_k_m.gguf GF=models/gemma-3-270m-q4_k_m.qstats.safetensors
   if [ -f "$G" ]; then
     [ -f "$GF" ] || nice -n 10 "$qf" calibrate -m "$G" -o "$GF" --stats-rank 8 -t 1
