@@ -321,11 +321,22 @@ TEST(QueryStatsPolicies, AdaptiveFilterBlendsTheRecentQueriesAsADirectComputatio
 // qfilters_max from scratch: every query head's own blended filter, its projections standardised
 // (mean 0, population standard deviation 1) over its KV head's keys, the maximum over the group,
 // then over the KV heads holding the same position.
+// Both on the ragged cache (head 1 lost positions: the merge by position) and with every head
+// holding the same positions (the usual case, an element-wise maximum).
 TEST(QueryStatsPolicies, QFiltersMaxIsTheBestStandardisedProjectionOverTheLayersQueryHeads) {
   const int d = StatsCase::d, group = StatsCase::group, nkv = StatsCase::nkv;
+  for (const bool aligned : {false, true})
   for (const auto& [blend, horizon] : std::vector<std::pair<float, int>>{{1.0f, 1}, {0.5f, 8}, {0.0f, 1}}) {
-    SCOPED_TRACE("blend " + std::to_string(blend) + " horizon " + std::to_string(horizon));
+    SCOPED_TRACE("blend " + std::to_string(blend) + " horizon " + std::to_string(horizon) + (aligned ? " aligned" : ""));
     RecentQueriesCase rc = recent_queries_case("qfilters_max", blend, horizon, 51);
+    if (aligned) {  // head 0 keeps the positions head 1 holds
+      std::vector<int> keep;
+      const HeadCache &h0 = rc.cache.head(0, 0), &h1 = rc.cache.head(0, 1);
+      for (int j = 0, o = 0; j < h0.n; ++j)
+        if (o < h1.n && h1.pos[o] == h0.pos[j]) keep.push_back(j), ++o;
+      rc.cache.retain(0, 0, keep);
+      ASSERT_EQ(rc.cache.head(0, 0).n, rc.cache.head(0, 1).n);
+    }
     const Cache& c = rc.cache;
     std::vector<std::vector<double>> best(nkv);  // [kv head][slot]
     for (int h = 0; h < nkv; ++h) {
@@ -363,6 +374,10 @@ TEST(QueryStatsPolicies, QFiltersMaxIsTheBestStandardisedProjectionOverTheLayers
       }
     }
     // A position both heads hold has one score: the layer keeps it in every head or in none.
+    if (aligned) {
+      EXPECT_EQ(layer[0], layer[1]);
+      continue;
+    }
     ASSERT_EQ(c.head(0, 0).pos[3], 3);
     ASSERT_EQ(c.head(0, 1).pos[2], 3);  // head 1 lost position 2
     EXPECT_EQ(layer[0][3], layer[1][2]);
