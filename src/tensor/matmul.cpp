@@ -202,10 +202,15 @@ void ProjectBlocks(const float* HWY_RESTRICT rows, size_t n_blocks, size_t d, co
   }
 }
 
+#endif  // HWY_TARGET != HWY_SCALAR
+
 // out[g * out_stride + j] = <rows[j], x[g]>: whole blocks of lanes rows by ProjectBlocks (the
-// usual head dimensions compiled for), the remaining rows one dot product at a time.
+// usual head dimensions compiled for), the remaining rows (all, without SIMD) one dot product at
+// a time.
 void ProjectRowsF32(const float* HWY_RESTRICT rows, size_t n_rows, size_t d, const float* HWY_RESTRICT x, size_t n_x,
                     float* HWY_RESTRICT out, size_t out_stride) {
+  size_t done = 0;
+#if HWY_TARGET != HWY_SCALAR
   constexpr size_t N = HWY_LANES(float);
   const size_t n_blocks = n_rows / N;
   switch (d) {
@@ -214,16 +219,11 @@ void ProjectRowsF32(const float* HWY_RESTRICT rows, size_t n_rows, size_t d, con
     case 256: ProjectBlocks<256>(rows, n_blocks, d, x, n_x, out, out_stride); break;
     default: ProjectBlocks<0>(rows, n_blocks, d, x, n_x, out, out_stride);
   }
-  for (size_t j = n_blocks * N; j < n_rows; ++j)
+  done = n_blocks * N;
+#endif
+  for (size_t j = done; j < n_rows; ++j)
     for (size_t g = 0; g < n_x; ++g) out[g * out_stride + j] = Dot(rows + j * d, x + g * d, d);
 }
-#else
-void ProjectRowsF32(const float* HWY_RESTRICT rows, size_t n_rows, size_t d, const float* HWY_RESTRICT x, size_t n_x,
-                    float* HWY_RESTRICT out, size_t out_stride) {
-  for (size_t g = 0; g < n_x; ++g)
-    for (size_t j = 0; j < n_rows; ++j) out[g * out_stride + j] = Dot(rows + j * d, x + g * d, d);
-}
-#endif
 
 void AxpyF32(float a, const float* HWY_RESTRICT x, float* HWY_RESTRICT y, size_t n) {
   const hn::ScalableTag<float> d;
