@@ -15,6 +15,21 @@ Standardisation Standardisation::of(double sum, double sum_sq, int n) {
   return {m, var > 0 ? 1.0 / std::sqrt(var) : 0.0};
 }
 
+std::optional<Standardisation> Standardisation::of_finite(std::span<const float> s) {
+  constexpr size_t kLanes = 8;
+  const size_t whole = s.size() / kLanes * kLanes;
+  float lane_sum[kLanes] = {}, lane_sq[kLanes] = {};
+  for (size_t j = 0; j < whole; j += kLanes)
+    for (size_t k = 0; k < kLanes; ++k) lane_sum[k] += s[j + k];
+  for (size_t j = 0; j < whole; j += kLanes)
+    for (size_t k = 0; k < kLanes; ++k) lane_sq[k] += s[j + k] * s[j + k];
+  double sum = 0, sq = 0;
+  for (size_t k = 0; k < kLanes; ++k) sum += lane_sum[k], sq += lane_sq[k];
+  for (size_t j = whole; j < s.size(); ++j) sum += s[j], sq += static_cast<double>(s[j]) * s[j];
+  if (!std::isfinite(sum) || !std::isfinite(sq)) return std::nullopt;
+  return of(sum, sq, static_cast<int>(s.size()));
+}
+
 void standardise(std::span<float> s) {
   double sum = 0, sq = 0;
   int n = 0;

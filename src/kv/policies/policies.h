@@ -2,6 +2,7 @@
 #pragma once
 #include <algorithm>
 #include <memory>
+#include <optional>
 #include <span>
 #include <vector>
 
@@ -63,6 +64,9 @@ void for_each_shared_position(const HeadCache& a, const HeadCache& b, const F& f
 struct Standardisation {
   double mean = 0, inv_sd = 0;
   static Standardisation of(double sum, double sum_sq, int n);
+  // Of the values of s when all are finite (nullopt otherwise; standardise() leaves those out),
+  // from float sums over independent lanes (so the loops vectorise) added up in double.
+  static std::optional<Standardisation> of_finite(std::span<const float> s);
   float operator()(float x) const { return static_cast<float>((x - mean) * inv_sd); }
 };
 

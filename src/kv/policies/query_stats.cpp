@@ -34,6 +34,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <string>
 
 #include "kv/policies/policies.h"
@@ -71,6 +72,24 @@ int64_t next_position(const Cache& cache, int layer) {
   return next;
 }
 
+// The mean rotation over the `future` positions after the layer's newest key (where the next
+// queries will be). Its pair amplitudes depend on the layer and `future` only, so they are
+// computed once per layer, not at every scoring round.
+class FutureRotation {
+ public:
+  explicit FutureRotation(int future) : future_(future) {}
+  RopeGeometry::PairMatrix at(const Cache& cache, int layer) {
+    if (amplitudes_.size() != static_cast<size_t>(cache.shape().n_layers)) amplitudes_.assign(cache.shape().n_layers, {});
+    if (amplitudes_[layer].empty()) amplitudes_[layer] = cache.rope.mean_pair_amplitudes(layer, future_);
+    return cache.rope.mean_pair_rotation(layer, next_position(cache, layer), future_, cache.shape().head_dim,
+                                         amplitudes_[layer]);
+  }
+
+ private:
+  int future_;
+  std::vector<std::vector<double>> amplitudes_;  // [layer]
+};
+
 // out = R x for the sparse mean rotation, scaled by `scale`.
 template <class T>
 void apply(const RopeGeometry::PairMatrix& r, const T* x, int d, double scale, float* out) {
@@ -78,12 +97,11 @@ void apply(const RopeGeometry::PairMatrix& r, const T* x, int d, double scale, f
 }
 
 // scores[j] = <k_j, R f> over the head's keys: the filter f (before the rotary embedding) moved
-// by the mean rotation over the `future` positions after the newest key. `moved` is scratch.
+// by R, the layer's FutureRotation. `moved` is scratch.
 template <class T>
-void score_moved_filter(const Cache& cache, int layer, int kv_head, const T* f, int future, std::vector<float>& moved,
-                        std::span<float> scores) {
+void score_moved_filter(const Cache& cache, int layer, int kv_head, const T* f, const RopeGeometry::PairMatrix& r,
+                        std::vector<float>& moved, std::span<float> scores) {
   const int d = cache.shape().head_dim;
-  const RopeGeometry::PairMatrix r = cache.rope.mean_pair_rotation(layer, next_position(cache, layer), future, d);
   moved.resize(d);
   apply(r, f, d, 1.0, moved.data());
   for_each_key_tile(cache.head(layer, kv_head), d, [&](int j0, int m, const float* tile) {
@@ -93,7 +111,7 @@ void score_moved_filter(const Cache& cache, int layer, int kv_head, const T* f, 
 
 class QFiltersRope final : public Policy {
  public:
-  QFiltersRope(QueryStats stats, int future) : stats_(stats), future_(future) {}
+  QFiltersRope(QueryStats stats, int future) : stats_(stats), rotation_(future) {}
   std::string_view name() const override { return "qfilters_rope"; }
 
   void score_head(const Cache& cache, int layer, int kv_head, std::span<float> scores) override {
@@ -105,12 +123,12 @@ class QFiltersRope final : public Policy {
       const float* mu = stats_.head_mean(layer, kv_head * group + g, d);
       for (int i = 0; i < d; ++i) f[i] += mu[i] / static_cast<float>(group);
     }
-    score_moved_filter(cache, layer, kv_head, f.data(), future_, filter_, scores);
+    score_moved_filter(cache, layer, kv_head, f.data(), rotation_.at(cache, layer), filter_, scores);
   }
 
  private:
   QueryStats stats_;
-  int future_;
+  FutureRotation rotation_;
   std::vector<float> filter_;
 };
 
@@ -149,7 +167,7 @@ const std::vector<double>* recent_queries(const Cache& cache, int layer, const Q
 class AdaptiveQFilters final : public Policy {
  public:
   AdaptiveQFilters(QueryStats stats, int future, double blend, int horizon)
-      : stats_(stats), future_(future), blend_(blend), horizon_(horizon) {}
+      : stats_(stats), rotation_(future), blend_(blend), horizon_(horizon) {}
   std::string_view name() const override { return "qfilters_adaptive"; }
   AttentionStats needs(const PolicyOptions&) const override {
     return {.query_recent = horizon_};  // not the sums: only the recent queries
@@ -158,7 +176,7 @@ class AdaptiveQFilters final : public Policy {
   void score_head(const Cache& cache, int layer, int kv_head, std::span<float> scores) override {
     stats_.check(cache.shape(), name());
     const std::vector<double> f = blended_filter(cache, layer, kv_head);
-    score_moved_filter(cache, layer, kv_head, f.data(), future_, filter_, scores);
+    score_moved_filter(cache, layer, kv_head, f.data(), rotation_.at(cache, layer), filter_, scores);
   }
 
  private:
@@ -186,7 +204,7 @@ class AdaptiveQFilters final : public Policy {
   }
 
   QueryStats stats_;
-  int future_;
+  FutureRotation rotation_;
   double blend_;
   int horizon_;
   std::vector<float> filter_;
@@ -209,7 +227,7 @@ class AdaptiveQFilters final : public Policy {
 class QFiltersMax final : public Policy {
  public:
   QFiltersMax(QueryStats stats, int future, double blend, int horizon, double decay)
-      : stats_(stats), future_(future), blend_(blend), horizon_(horizon), decay_(decay) {}
+      : stats_(stats), rotation_(future), blend_(blend), horizon_(horizon), decay_(decay) {}
   std::string_view name() const override { return "qfilters_max"; }
   AttentionStats needs(const PolicyOptions&) const override { return {.query_recent = horizon_}; }
 
@@ -222,11 +240,7 @@ class QFiltersMax final : public Policy {
     const CacheShape& s = cache.shape();
     stats_.check(s, name());
     const int nkv = s.n_kv_heads;
-    if (amplitudes_.size() != static_cast<size_t>(s.n_layers)) amplitudes_.assign(s.n_layers, {});
-    if (amplitudes_[layer].empty()) amplitudes_[layer] = cache.rope.mean_pair_amplitudes(layer, future_);
-    const RopeGeometry::PairMatrix r =
-        cache.rope.mean_pair_rotation(layer, next_position(cache, layer), future_, s.head_dim, amplitudes_[layer]);
-    moved_filters(cache, layer, r);
+    moved_filters(cache, layer, rotation_.at(cache, layer));
     head_best_.resize(nkv);
     for (int kv = 0; kv < nkv; ++kv) best_of_group(cache, layer, kv, head_best_[kv]);
     scores.resize(nkv);
@@ -340,32 +354,15 @@ class QFiltersMax final : public Policy {
     best.assign(n, -std::numeric_limits<float>::infinity());
     for (int g = 0; g < group; ++g) {
       const std::span<float> p(proj_.data() + static_cast<size_t>(g) * n, n);
-      const Standardisation z = standardisation_of(p);
-      if (z.mean != z.mean) {  // a non-finite key: standardise() leaves it out
+      const std::optional<Standardisation> z = Standardisation::of_finite(p);
+      if (!z) {  // a non-finite key: standardise() leaves it out
         standardise(p);
         for (int j = 0; j < n; ++j) best[j] = std::max(best[j], p[j]);
         continue;
       }
-      const float mean = static_cast<float>(z.mean), inv_sd = static_cast<float>(z.inv_sd);
+      const float mean = static_cast<float>(z->mean), inv_sd = static_cast<float>(z->inv_sd);
       for (int j = 0; j < n; ++j) best[j] = std::max(best[j], (p[j] - mean) * inv_sd);
     }
-  }
-
-  // The standardisation of p (mean NaN when a value is not finite), from float sums over 8
-  // lanes (independent, so each loop vectorises) added up in double.
-  static Standardisation standardisation_of(std::span<const float> p) {
-    constexpr size_t kLanes = 8;
-    const size_t whole = p.size() / kLanes * kLanes;
-    float lane_sum[kLanes] = {}, lane_sq[kLanes] = {};
-    for (size_t j = 0; j < whole; j += kLanes)
-      for (size_t k = 0; k < kLanes; ++k) lane_sum[k] += p[j + k];
-    for (size_t j = 0; j < whole; j += kLanes)
-      for (size_t k = 0; k < kLanes; ++k) lane_sq[k] += p[j + k] * p[j + k];
-    double sum = 0, sq = 0;
-    for (size_t k = 0; k < kLanes; ++k) sum += lane_sum[k], sq += lane_sq[k];
-    for (size_t j = whole; j < p.size(); ++j) sum += p[j], sq += static_cast<double>(p[j]) * p[j];
-    if (!std::isfinite(sum) || !std::isfinite(sq)) return {std::numeric_limits<double>::quiet_NaN(), 0};
-    return Standardisation::of(sum, sq, static_cast<int>(p.size()));
   }
 
   // Whether every KV head of the layer holds the same positions.
@@ -379,14 +376,13 @@ class QFiltersMax final : public Policy {
   }
 
   QueryStats stats_;
-  int future_;
+  FutureRotation rotation_;
   double blend_;
   int horizon_;
   double decay_;                     // infinity: no memory
   std::vector<LayerMemory> memory_;  // [layer], empty until the layer's first round
   HeadMemory next_memory_;
   std::vector<std::vector<double>> unit_means_;  // [layer * n_heads + q]
-  std::vector<std::vector<double>> amplitudes_;  // [layer]: the mean rotation's, computed once
   std::vector<double> recent_, blended_;
   std::vector<float> moved_, proj_;  // [n_heads][d], [group][n]
   std::vector<std::vector<float>> head_best_, layer_scores_;
@@ -458,7 +454,7 @@ void QFiltersMax::load_state(std::string_view state) {
 
 class CalibratedExpectedAttention final : public Policy {
  public:
-  CalibratedExpectedAttention(QueryStats stats, int future) : stats_(stats), future_(future) {}
+  CalibratedExpectedAttention(QueryStats stats, int future) : stats_(stats), rotation_(future) {}
   std::string_view name() const override { return "ea_calibrated"; }
 
   void score_head(const Cache& cache, int layer, int kv_head, std::span<float> scores) override {
@@ -467,7 +463,7 @@ class CalibratedExpectedAttention final : public Policy {
     const HeadCache& hc = cache.head(layer, kv_head);
     const int n = hc.n, d = s.head_dim, rank = stats_.rank, group = stats_.n_heads / s.n_kv_heads;
     if (n == 0) return;
-    const RopeGeometry::PairMatrix r = cache.rope.mean_pair_rotation(layer, next_position(cache, layer), future_, d);
+    const RopeGeometry::PairMatrix r = rotation_.at(cache, layer);
     const double inv_sqrt_d = 1.0 / std::sqrt(static_cast<double>(d)), inv_sqrt_2d = 1.0 / std::sqrt(2.0 * d);
     const int rows = rank + 1;
     moved_.resize(static_cast<size_t>(group) * rows * d);
@@ -528,7 +524,7 @@ class CalibratedExpectedAttention final : public Policy {
   }
 
   QueryStats stats_;
-  int future_;
+  FutureRotation rotation_;
   std::vector<float> vals_, moved_, proj_;  // moved_: [group][rank + 1][d]; proj_: [group][rank + 1][n]
   std::vector<double> acc_;
   std::vector<float> logit_;
