@@ -318,6 +318,18 @@ TEST(QueryStatsPolicies, AdaptiveFilterBlendsTheRecentQueriesAsADirectComputatio
   }
 }
 
+// Head 0 keeps the positions head 1 holds (the case has two KV heads; head 1 lost some): every
+// head of the layer then holds the same positions, as qfilters_max keeps them.
+void align_heads(Cache& c) {
+  ASSERT_EQ(StatsCase::nkv, 2);
+  std::vector<int> keep;
+  const HeadCache &h0 = c.head(0, 0), &h1 = c.head(0, 1);
+  for (int j = 0, o = 0; j < h0.n; ++j)
+    if (o < h1.n && h1.pos[o] == h0.pos[j]) keep.push_back(j), ++o;
+  c.retain(0, 0, keep);
+  ASSERT_EQ(c.head(0, 0).n, c.head(0, 1).n);
+}
+
 // qfilters_max from scratch: every query head's own blended filter, its projections standardised
 // (mean 0, population standard deviation 1) over its KV head's keys, the maximum over the group,
 // then over the KV heads holding the same position.
@@ -329,14 +341,7 @@ TEST(QueryStatsPolicies, QFiltersMaxIsTheBestStandardisedProjectionOverTheLayers
   for (const auto& [blend, horizon] : std::vector<std::pair<float, int>>{{1.0f, 1}, {0.5f, 8}, {0.0f, 1}}) {
     SCOPED_TRACE("blend " + std::to_string(blend) + " horizon " + std::to_string(horizon) + (aligned ? " aligned" : ""));
     RecentQueriesCase rc = recent_queries_case("qfilters_max", blend, horizon, 51);
-    if (aligned) {  // head 0 keeps the positions head 1 holds
-      std::vector<int> keep;
-      const HeadCache &h0 = rc.cache.head(0, 0), &h1 = rc.cache.head(0, 1);
-      for (int j = 0, o = 0; j < h0.n; ++j)
-        if (o < h1.n && h1.pos[o] == h0.pos[j]) keep.push_back(j), ++o;
-      rc.cache.retain(0, 0, keep);
-      ASSERT_EQ(rc.cache.head(0, 0).n, rc.cache.head(0, 1).n);
-    }
+    if (aligned) align_heads(rc.cache);
     const Cache& c = rc.cache;
     std::vector<std::vector<double>> best(nkv);  // [kv head][slot]
     for (int h = 0; h < nkv; ++h) {
@@ -388,92 +393,105 @@ TEST(QueryStatsPolicies, QFiltersMaxIsTheBestStandardisedProjectionOverTheLayers
 // scores max(this round's score, last round's - decay x positions since); a new slot, or one whose
 // key changed at the same position (a refilled cache), scores this round's alone. Without memory
 // (decay inf) every round is its own. The memory survives save_state / load_state.
+// Both on the ragged cache (a memory per KV head) and with every head holding the same positions
+// (one memory for the layer, keyed by head 0's slots).
 TEST(QueryStatsPolicies, QFiltersMaxRemembersEachSlotsScoreFadingWithPosition) {
-  const int d = StatsCase::d, nkv = StatsCase::nkv;
-  const float decay = 0.05f;
-  RecentQueriesCase rc = recent_queries_case("qfilters_max", 1.0f, 1, 61);
-  PolicyOptions with = rc.s.options, without = rc.s.options;
-  with.filter_decay = decay;
-  without.filter_decay = std::numeric_limits<float>::infinity();
-  auto remembering = make_policy("qfilters_max", with), forgetting = make_policy("qfilters_max", without);
-  Cache& c = rc.cache;
-  std::vector<std::vector<float>> first, raw, got;
-  remembering->score_layer(c, 0, first);
-  forgetting->score_layer(c, 0, raw);
-  EXPECT_EQ(first, raw);  // nothing remembered before the first round
-  EXPECT_EQ(forgetting->save_state(), "");
+  size_t remembering_ragged_state_bytes = 0;
+  for (const bool aligned : {false, true}) {
+    SCOPED_TRACE(aligned ? "aligned" : "ragged");
+    const int d = StatsCase::d, nkv = StatsCase::nkv;
+    const float decay = 0.05f;
+    RecentQueriesCase rc = recent_queries_case("qfilters_max", 1.0f, 1, 61);
+    if (aligned) align_heads(rc.cache);
+    PolicyOptions with = rc.s.options, without = rc.s.options;
+    with.filter_decay = decay;
+    without.filter_decay = std::numeric_limits<float>::infinity();
+    auto remembering = make_policy("qfilters_max", with), forgetting = make_policy("qfilters_max", without);
+    Cache& c = rc.cache;
+    std::vector<std::vector<float>> first, raw, got;
+    remembering->score_layer(c, 0, first);
+    forgetting->score_layer(c, 0, raw);
+    EXPECT_EQ(first, raw);  // nothing remembered before the first round
+    EXPECT_EQ(forgetting->save_state(), "");
 
-  // The next round: three slots evicted per head, three tokens appended, another query seen.
-  auto positions = [&](int h) {
-    const HeadCache& hc = c.head(0, h);
-    return std::vector<int32_t>(hc.pos.begin(), hc.pos.begin() + hc.n);
-  };
-  const std::vector<std::vector<int32_t>> before{positions(0), positions(1)};
-  for (int h = 0; h < nkv; ++h) {
-    std::vector<int> keep;
-    for (int j = 0; j < c.head(0, h).n; ++j)
-      if (j != 4 && j != 11 && j != 20) keep.push_back(j);
-    c.retain(0, h, keep);
-  }
-  std::mt19937 rng(62);
-  std::normal_distribution<float> nd;
-  std::vector<float> k(size_t(3) * nkv * d), v(k.size());
-  for (auto& x : k) x = nd(rng);
-  for (auto& x : v) x = nd(rng);
-  const int32_t next[3] = {RecentQueriesCase::T, RecentQueriesCase::T + 1, RecentQueriesCase::T + 2};
-  c.append(0, k.data(), v.data(), next, 3);
-  const std::vector<float> q = random_queries(1, 63);
-  c.query_moments[0].add(q.data(), StatsCase::n_heads, d, 1);
-  const std::string saved = remembering->save_state();
-  remembering->score_layer(c, 0, got);
-  forgetting->score_layer(c, 0, raw);
-  int lifted = 0;
-  for (int h = 0; h < nkv; ++h) {
-    const HeadCache& hc = c.head(0, h);
-    for (int j = 0; j < hc.n; ++j) {
-      const auto was = std::find(before[h].begin(), before[h].end(), hc.pos[j]);
-      float want = raw[h][j];
-      if (was != before[h].end())  // 3 positions later: the newest key moved from T - 1 to T + 2
-        want = std::max(want, static_cast<float>(first[h][was - before[h].begin()] - decay * 3.0));
-      EXPECT_EQ(got[h][j], want) << "head " << h << " pos " << hc.pos[j];
-      lifted += got[h][j] > raw[h][j];
+    // The next round: three slots evicted per head, three tokens appended, another query seen.
+    auto positions = [&](int h) {
+      const HeadCache& hc = c.head(0, h);
+      return std::vector<int32_t>(hc.pos.begin(), hc.pos.begin() + hc.n);
+    };
+    const std::vector<std::vector<int32_t>> before{positions(0), positions(1)};
+    for (int h = 0; h < nkv; ++h) {
+      std::vector<int> keep;
+      for (int j = 0; j < c.head(0, h).n; ++j)
+        if (j != 4 && j != 11 && j != 20) keep.push_back(j);
+      c.retain(0, h, keep);
     }
-  }
-  EXPECT_GT(lifted, 0);  // the case exercises the memory
-
-  // Restored into a fresh policy, the memory scores the round alike.
-  auto restored = make_policy("qfilters_max", with);
-  restored->load_state(saved);
-  std::vector<std::vector<float>> again;
-  restored->score_layer(c, 0, again);
-  EXPECT_EQ(again, got);
-  EXPECT_THROW(restored->load_state(saved.substr(0, saved.size() - 1)), Error);
-  EXPECT_THROW(restored->load_state("qfmax1 and more"), Error);
-  EXPECT_THROW(restored->load_state("nonsense"), Error);
-  // Mutated states (bytes changed, cut short) load or throw Error: never read out of bounds
-  // (ASan) or allocate what the bytes cannot hold.
-  std::mt19937 mut(65);
-  for (int trial = 0; trial < 300; ++trial) {
-    std::string bad = saved;
-    for (int k = 0; k < 1 + trial % 4; ++k) bad[mut() % bad.size()] = static_cast<char>(mut());
-    if (trial % 3 == 0) bad.resize(mut() % bad.size());
-    try {
-      restored->load_state(bad);
-    } catch (const Error&) {
+    std::mt19937 rng(62);
+    std::normal_distribution<float> nd;
+    std::vector<float> k(size_t(3) * nkv * d), v(k.size());
+    for (auto& x : k) x = nd(rng);
+    for (auto& x : v) x = nd(rng);
+    const int32_t next[3] = {RecentQueriesCase::T, RecentQueriesCase::T + 1, RecentQueriesCase::T + 2};
+    c.append(0, k.data(), v.data(), next, 3);
+    const std::vector<float> q = random_queries(1, 63);
+    c.query_moments[0].add(q.data(), StatsCase::n_heads, d, 1);
+    const std::string saved = remembering->save_state();
+    remembering->score_layer(c, 0, got);
+    forgetting->score_layer(c, 0, raw);
+    int lifted = 0;
+    for (int h = 0; h < nkv; ++h) {
+      const HeadCache& hc = c.head(0, h);
+      for (int j = 0; j < hc.n; ++j) {
+        const auto was = std::find(before[h].begin(), before[h].end(), hc.pos[j]);
+        float want = raw[h][j];
+        if (was != before[h].end())  // 3 positions later: the newest key moved from T - 1 to T + 2
+          want = std::max(want, static_cast<float>(first[h][was - before[h].begin()] - decay * 3.0));
+        EXPECT_EQ(got[h][j], want) << "head " << h << " pos " << hc.pos[j];
+        lifted += got[h][j] > raw[h][j];
+      }
     }
+    EXPECT_GT(lifted, 0);  // the case exercises the memory
+    if (aligned) {  // one score per token, remembered once for the layer
+      EXPECT_EQ(got[0], got[1]);
+      EXPECT_LT(saved.size(), remembering_ragged_state_bytes);
+    } else {
+      remembering_ragged_state_bytes = saved.size();
+    }
+
+    // Restored into a fresh policy, the memory scores the round alike.
+    auto restored = make_policy("qfilters_max", with);
+    restored->load_state(saved);
+    std::vector<std::vector<float>> again;
+    restored->score_layer(c, 0, again);
+    EXPECT_EQ(again, got);
+    EXPECT_THROW(restored->load_state(saved.substr(0, saved.size() - 1)), Error);
+    EXPECT_THROW(restored->load_state("qfmax1 and more"), Error);
+    EXPECT_THROW(restored->load_state("nonsense"), Error);
+    // Mutated states (bytes changed, cut short) load or throw Error: never read out of bounds
+    // (ASan) or allocate what the bytes cannot hold.
+    std::mt19937 mut(65);
+    for (int trial = 0; trial < 300; ++trial) {
+      std::string bad = saved;
+      for (int k = 0; k < 1 + trial % 4; ++k) bad[mut() % bad.size()] = static_cast<char>(mut());
+      if (trial % 3 == 0) bad.resize(mut() % bad.size());
+      try {
+        restored->load_state(bad);
+      } catch (const Error&) {
+      }
+    }
+
+    // The same positions refilled with other keys inherit nothing.
+    Cache refilled = rc.s.cache(c.head(0, 0).n, 0, 64, nullptr, remembering->needs(with));
+    refilled.query_moments[0] = c.query_moments[0];
+    remembering->score_layer(refilled, 0, got);
+    forgetting->score_layer(refilled, 0, raw);
+    EXPECT_EQ(got, raw);
+
+    with.filter_decay = -1.0f;
+    EXPECT_THROW(make_policy("qfilters_max", with), Error);
+    with.filter_decay = std::numeric_limits<float>::quiet_NaN();
+    EXPECT_THROW(make_policy("qfilters_max", with), Error);
   }
-
-  // The same positions refilled with other keys inherit nothing.
-  Cache refilled = rc.s.cache(c.head(0, 0).n, 0, 64, nullptr, remembering->needs(with));
-  refilled.query_moments[0] = c.query_moments[0];
-  remembering->score_layer(refilled, 0, got);
-  forgetting->score_layer(refilled, 0, raw);
-  EXPECT_EQ(got, raw);
-
-  with.filter_decay = -1.0f;
-  EXPECT_THROW(make_policy("qfilters_max", with), Error);
-  with.filter_decay = std::numeric_limits<float>::quiet_NaN();
-  EXPECT_THROW(make_policy("qfilters_max", with), Error);
 }
 
 TEST(QueryStatsPolicies, AdaptiveFilterWithoutRecentQueriesRanksAsQFiltersRope) {

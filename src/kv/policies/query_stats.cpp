@@ -246,21 +246,26 @@ class QFiltersMax final : public Policy {
     scores.resize(nkv);
     if (same_positions(cache, layer)) {  // the usual case: this policy keeps the same tokens in every head
       scores[0] = head_best_[0];
-      for (int kv = 1; kv < nkv; ++kv)
-        for (size_t j = 0; j < scores[0].size(); ++j) scores[0][j] = std::max(scores[0][j], head_best_[kv][j]);
-      for (int kv = 1; kv < nkv; ++kv) scores[kv] = scores[0];
-    } else {
-      for (int kv = 0; kv < nkv; ++kv) {
-        const HeadCache& self = cache.head(layer, kv);
-        scores[kv] = head_best_[kv];
-        for (int o = 0; o < nkv; ++o)
-          if (o != kv)
-            for_each_shared_position(self, cache.head(layer, o), [&](int i, int j) {
-              scores[kv][i] = std::max(scores[kv][i], head_best_[o][j]);
-            });
+      float* layer_best = scores[0].data();
+      for (int kv = 1; kv < nkv; ++kv) {
+        const float* b = head_best_[kv].data();
+        for (size_t j = 0; j < scores[0].size(); ++j) layer_best[j] = std::max(layer_best[j], b[j]);
       }
+      // One score per token: head 0's slots stand for the layer's, in the memory too.
+      if (std::isfinite(decay_)) remember(cache, layer, scores, 1);
+      for (int kv = 1; kv < nkv; ++kv) scores[kv] = scores[0];
+      return;
     }
-    if (std::isfinite(decay_)) remember(cache, layer, scores);
+    for (int kv = 0; kv < nkv; ++kv) {
+      const HeadCache& self = cache.head(layer, kv);
+      scores[kv] = head_best_[kv];
+      for (int o = 0; o < nkv; ++o)
+        if (o != kv)
+          for_each_shared_position(self, cache.head(layer, o), [&](int i, int j) {
+            scores[kv][i] = std::max(scores[kv][i], head_best_[o][j]);
+          });
+    }
+    if (std::isfinite(decay_)) remember(cache, layer, scores, nkv);
   }
 
   std::string save_state() const override;
@@ -278,35 +283,43 @@ class QFiltersMax final : public Policy {
     std::vector<HeadMemory> heads;
   };
 
-  // The first (up to) 8 bytes of slot j's stored key: with the position, what identifies the token.
-  static uint64_t key_fingerprint(const HeadCache& hc, int j) {
+  // fingerprints[j] = the first (up to) 8 bytes of slot j's stored key: with the position, what
+  // identifies the token.
+  static void key_fingerprints(const HeadCache& hc, std::vector<uint64_t>& fingerprints) {
     const KvRows rows = hc.keys();
-    uint64_t f = 0;
-    std::memcpy(&f, rows.data + static_cast<size_t>(j) * rows.row_bytes, std::min<size_t>(sizeof f, rows.row_bytes));
-    return f;
+    fingerprints.resize(hc.n);
+    const uint8_t* row = rows.data;
+    if (rows.row_bytes >= sizeof(uint64_t)) {  // every type at head_dim >= 4: a fixed-size copy
+      for (int j = 0; j < hc.n; ++j, row += rows.row_bytes) std::memcpy(&fingerprints[j], row, sizeof(uint64_t));
+      return;
+    }
+    for (int j = 0; j < hc.n; ++j, row += rows.row_bytes) {
+      fingerprints[j] = 0;
+      std::memcpy(&fingerprints[j], row, rows.row_bytes);
+    }
   }
 
-  // scores = max(scores, remembered - decay x positions since) for the slots remembered from the
-  // layer's previous round; then the memory becomes this round's scores.
-  void remember(const Cache& cache, int layer, std::vector<std::vector<float>>& scores) {
-    const int nkv = cache.shape().n_kv_heads;
+  // scores = max(scores, remembered - decay x positions since) for the slots of KV heads
+  // [0, n_heads) remembered from the layer's previous round; then the memory becomes this round's
+  // scores. n_heads = 1 when head 0's slots stand for every head's.
+  void remember(const Cache& cache, int layer, std::vector<std::vector<float>>& scores, int n_heads) {
     if (memory_.size() != static_cast<size_t>(cache.shape().n_layers)) memory_.assign(cache.shape().n_layers, {});
     LayerMemory& mem = memory_[layer];
     const int64_t now = next_position(cache, layer);
     const double forgotten = decay_ * static_cast<double>(std::max<int64_t>(0, now - mem.next_position));
-    mem.heads.resize(nkv);
-    for (int kv = 0; kv < nkv; ++kv) {
+    mem.heads.resize(n_heads);
+    for (int kv = 0; kv < n_heads; ++kv) {
       const HeadCache& hc = cache.head(layer, kv);
       HeadMemory& old = mem.heads[kv];
       HeadMemory& next = next_memory_;  // scratch, swapped in: no allocation once warm
       next.pos.assign(hc.pos.begin(), hc.pos.begin() + hc.n);
-      next.key.resize(hc.n);
+      key_fingerprints(hc, next.key);
+      float* score = scores[kv].data();
       const int n_old = static_cast<int>(old.pos.size());
-      for (int j = 0, o = 0; j < hc.n; ++j) {
-        next.key[j] = key_fingerprint(hc, j);
-        while (o < n_old && old.pos[o] < hc.pos[j]) ++o;
-        if (o < n_old && old.pos[o] == hc.pos[j] && old.key[o] == next.key[j])
-          scores[kv][j] = std::max(scores[kv][j], static_cast<float>(old.score[o] - forgotten));
+      for (int j = 0, o = 0; j < hc.n; ++j) {  // both in position order: a merge
+        while (o < n_old && old.pos[o] < next.pos[j]) ++o;
+        if (o < n_old && old.pos[o] == next.pos[j] && old.key[o] == next.key[j])
+          score[j] = std::max(score[j], static_cast<float>(old.score[o] - forgotten));
       }
       next.score.assign(scores[kv].begin(), scores[kv].end());
       std::swap(old, next);
