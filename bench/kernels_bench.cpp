@@ -17,6 +17,9 @@
 //   BM_ReadBandwidth/<0..3>: streaming read of 1 GiB per thread (1 and 2 threads), plain (0),
 //   in 2 MiB pages with software prefetch as decode reads weights (1): the bound for decode;
 //   2 MiB pages alone (2), prefetch alone (3): which of the two matters.
+//   BM_PeakInt8/<bits>: the core's ceiling for int8 products: independent AVX-512 VNNI
+//     multiply-adds (vpdpbusd, 512- or 256-bit) on registers, no loads, per thread (1 and 2
+//     threads). What a weight kernel reaches is a share of this (GOPS = 2 x multiply-adds).
 //
 // QF_SIMD_TARGET=avx2|avx512|scalar selects a lower SIMD target.
 #include <benchmark/benchmark.h>
@@ -29,6 +32,9 @@
 #include <vector>
 
 #include <sys/mman.h>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include "tensor/kernels.h"
 #include "tensor/threadpool.h"
@@ -356,6 +362,47 @@ void BM_DotF32(benchmark::State& state) {
   for (auto _ : state) benchmark::DoNotOptimize(dot_f32(a.data(), b.data(), n));
 }
 BENCHMARK(BM_DotF32)->Arg(64)->Arg(576);
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// 12 independent accumulators: more than the instruction's latency x issue width, so the chains
+// never wait on each other; the empty asm keeps the compiler from folding the constant inputs.
+#define QF_VNNI_PEAK(NAME, VEC, SET1, ZERO, DPBUSD)                                                   \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) int64_t NAME(int64_t rounds) {  \
+    VEC acc[12];                                                                                 \
+    const VEC a = SET1(3), b = SET1(5);                                                          \
+    for (auto& x : acc) x = ZERO();                                                              \
+    for (int64_t r = 0; r < rounds; ++r) {                                                       \
+      _Pragma("GCC unroll 12") for (auto& x : acc) {                                             \
+        x = DPBUSD(x, a, b);                                                                     \
+        __asm__ volatile("" : "+v"(x));                                                          \
+      }                                                                                          \
+    }                                                                                            \
+    int32_t lanes[sizeof(VEC) / 4];                                                              \
+    int64_t sum = 0;                                                                             \
+    for (auto& x : acc) {                                                                        \
+      std::memcpy(lanes, &x, sizeof lanes);                                                      \
+      for (int32_t v : lanes) sum += v;                                                          \
+    }                                                                                            \
+    return sum;                                                                                  \
+  }
+QF_VNNI_PEAK(vnni_multiply_adds_512, __m512i, _mm512_set1_epi8, _mm512_setzero_si512, _mm512_dpbusd_epi32)
+QF_VNNI_PEAK(vnni_multiply_adds_256, __m256i, _mm256_set1_epi8, _mm256_setzero_si256, _mm256_dpbusd_epi32)
+#undef QF_VNNI_PEAK
+
+void BM_PeakInt8(benchmark::State& state) {
+  if (!__builtin_cpu_supports("avx512vnni") || !__builtin_cpu_supports("avx512vl")) {
+    state.SkipWithError("no AVX-512 VNNI");
+    return;
+  }
+  constexpr int64_t kRounds = 1 << 20;
+  const int bits = static_cast<int>(state.range(0));
+  for (auto _ : state)
+    benchmark::DoNotOptimize(bits == 512 ? vnni_multiply_adds_512(kRounds) : vnni_multiply_adds_256(kRounds));
+  const double multiply_adds = static_cast<double>(state.iterations()) * kRounds * 12 * (bits / 8);
+  state.counters["GOPS"] = benchmark::Counter(2 * multiply_adds / 1e9, benchmark::Counter::kIsRate);
+}
+BENCHMARK(BM_PeakInt8)->Arg(512)->Arg(256)->UseRealTime()->Threads(1)->Threads(2);
+#endif
 
 }  // namespace
 }  // namespace qf

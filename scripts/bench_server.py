@@ -102,12 +102,19 @@ def prompts(n, n_tokens, tokenize):
     text = " ".join(open(f, encoding="utf-8").read() for f in files)
     words = text.split()
     tail = tokenize("\n\nSummary:")
+    want = n_tokens - len(tail)
     out, i = [], 0
-    per = int(n_tokens * 0.7)  # about 1.3-1.4 tokens a word; cut to size below
+    per = int(n_tokens * 0.7)  # about 1.3-1.4 tokens a word: more words until they make n_tokens, then cut
     for _ in range(n):
-        ids = tokenize(" ".join(words[i:i + per]))[: n_tokens - len(tail)]
-        i = (i + per) % max(1, len(words) - per)
-        out.append(ids + tail)
+        while True:
+            ids = tokenize(" ".join((words[i:] + words)[:per]))
+            if len(ids) >= want or per >= len(words):
+                break
+            per = int(per * 1.2) + 1
+        if len(ids) < want:
+            raise RuntimeError(f"the corpus has fewer than {n_tokens} tokens")
+        i = (i + per) % len(words)
+        out.append(ids[:want] + tail)
     return out
 
 
@@ -302,7 +309,8 @@ def main():
                 m = srv.metrics()
                 ttfts = [r[0] for r in first]
                 generated = sum(r[3].completion_tokens for r in second)
-                row = {"kv": name, "ctk": a.cache_type_k, "ctv": a.cache_type_v, "sessions": n, "prompt_tokens": a.prompt_tokens, "gen": a.gen,
+                row = {"kv": name, "ctk": a.cache_type_k, "ctv": a.cache_type_v, "sessions": n, "prompt_tokens": a.prompt_tokens,
+                       "prompt_tokens_measured": statistics.mean(len(p) for p in batch), "gen": a.gen,
                        "ttft_p50_s": statistics.median(ttfts), "ttft_p99_s": pct(ttfts, 0.99),
                        "prefill_tok_s": sum(len(p) for p in batch) / wall1,
                        "aggregate_decode_tok_s": generated / wall2,
