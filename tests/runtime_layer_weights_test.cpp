@@ -117,6 +117,23 @@ TEST_F(EngineLayerWeights, SessionsAreSizedByTheWeights) {
   EXPECT_LT(weighted->cache().bytes_reserved(), engine_.session_kv_bytes(KvOptions{}));  // not a full cache
 }
 
+// qfilters_max keeps a memory per slot (position, key fingerprint, score: 16 bytes) outside the
+// cache: admission charges it on top of what the cache reserves, for every slot of every KV head.
+TEST_F(EngineLayerWeights, AdmissionChargesThePolicysMemory) {
+  KvOptions kv = knorm("");
+  kv.policy = "qfilters_max";
+  kv.filters = write_stats_file(true);
+  auto s = engine_.new_session(kv);
+  const ModelConfig& c = engine_.model().config();
+  int64_t slots = 0;
+  for (int l = 0; l < c.n_layers; ++l) slots += s->cache().capacity(l);
+  EXPECT_EQ(engine_.session_kv_bytes(kv), s->cache().bytes_reserved() + slots * c.n_kv_heads * 16);
+  kv.policy = "qfilters_max+layer";  // the wrapper passes its inner policy's memory on
+  EXPECT_EQ(engine_.session_kv_bytes(kv), s->cache().bytes_reserved() + slots * c.n_kv_heads * 16);
+  kv.policy = "qfilters_adaptive";  // no memory
+  EXPECT_EQ(engine_.session_kv_bytes(kv), engine_.new_session(kv)->cache().bytes_reserved());
+}
+
 TEST_F(EngineLayerWeights, BadWeightsAreOneLineErrors) {
   expect_error([&] { engine_.new_session(knorm("1,2")); }, "--layer-weights: 2 weights for a model of 3 layers");
   expect_error([&] { engine_.session_kv_bytes(knorm("1,0,2")); }, "every weight must be positive and finite");

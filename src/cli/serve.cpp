@@ -84,7 +84,7 @@ void register_serve(CLI::App& app) {
       ->capture_default_str()->check(CLI::Range(1, 1024));
   cmd->add_option("--max-queued", o->server.scheduler.max_queued, "requests waiting for a slot before 503")
       ->capture_default_str()->check(CLI::Range(0, 100000));
-  cmd->add_option("--kv-memory", o->kv_memory_mib, "MiB all sessions' KV caches may reserve; past it new sessions get 503 (0 = no limit)")
+  cmd->add_option("--kv-memory", o->kv_memory_mib, "MiB all sessions' KV caches (and their policies' per-slot state) may reserve; past it new sessions get 503 (0 = no limit)")
       ->capture_default_str();
   cmd->add_option("-a,--alias", o->server.model_id, "model name clients use (default: the file name)");
   cmd->add_option("--slot-save-path", o->server.slot_save_path,

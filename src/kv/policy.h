@@ -64,6 +64,9 @@ class Policy {
   // load_state throws qf::Error (and changes nothing) for a state it did not write.
   virtual std::string save_state() const { return {}; }
   virtual void load_state(std::string_view state);
+  // Bytes the policy itself keeps per cached slot of each KV head, at most (qfilters_max's
+  // memory): admission control charges them beside the keys and values.
+  virtual size_t state_bytes_per_slot() const { return 0; }
 };
 
 // Names accepted by make_policy, e.g. for --help and error messages.

@@ -116,9 +116,10 @@ int64_t Engine::session_kv_bytes(const KvOptions& kv, int n_ctx) {
     slots += cap;
   const kv::KvTypes types = session_kv_types(kv);
   const bool key_scores = comp && comp->needs().key_scores;  // one float per slot (Cache::bytes_reserved)
+  const size_t policy_state = comp ? comp->policy().state_bytes_per_slot() : 0;  // held by the policy, not the cache
   return slots * c.n_kv_heads *
          static_cast<int64_t>(kv::kv_row_bytes(types.k, c.head_dim) + kv::kv_row_bytes(types.v, c.head_dim) +
-                              (key_scores ? sizeof(float) : 0));
+                              (key_scores ? sizeof(float) : 0) + policy_state);
 }
 
 std::string kv_summary(const Session& s) {

@@ -72,8 +72,9 @@ class Engine {
   // inconsistent KV options (the messages name the CLI flags).
   std::unique_ptr<Session> new_session(const KvOptions& kv, int n_ctx = 0);
 
-  // Bytes of keys and values a session with these options reserves (what admission control
-  // charges for it), without building one.
+  // Bytes of keys and values a session with these options reserves, plus what its policy keeps
+  // per slot (Policy::state_bytes_per_slot): what admission control charges for it, without
+  // building one.
   int64_t session_kv_bytes(const KvOptions& kv, int n_ctx = 0);
 
   // The per-layer weights kv.layer_weights names (loading the filter file for "spread").

@@ -52,6 +52,7 @@ class LayerConsistent final : public Policy {
   KeyScorer key_scorer(const CacheShape& shape) const override { return inner_->key_scorer(shape); }
   std::string save_state() const override { return inner_->save_state(); }
   void load_state(std::string_view state) override { inner_->load_state(state); }
+  size_t state_bytes_per_slot() const override { return inner_->state_bytes_per_slot(); }
 
   void score_head(const Cache& cache, int layer, int kv_head, std::span<float> scores) override {
     score_layer(cache, layer, layer_scores_);

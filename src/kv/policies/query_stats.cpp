@@ -270,6 +270,11 @@ class QFiltersMax final : public Policy {
 
   std::string save_state() const override;
   void load_state(std::string_view state) override;
+  // The memory: a position, a key fingerprint and a score per slot; one head's worth per layer
+  // when the heads hold the same positions, every head's at most.
+  size_t state_bytes_per_slot() const override {
+    return std::isfinite(decay_) ? sizeof(int32_t) + sizeof(uint64_t) + sizeof(float) : 0;
+  }
 
  private:
   // What a head remembers of its slots after a round: their positions, key fingerprints and scores.
