@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <cstdint>
+#include <limits>
 #include <filesystem>
 #include <string>
 #include <vector>
@@ -132,6 +133,34 @@ TEST_F(EngineLayerWeights, AdmissionChargesThePolicysMemory) {
   EXPECT_EQ(engine_.session_kv_bytes(kv), s->cache().bytes_reserved() + slots * c.n_kv_heads * 16);
   kv.policy = "qfilters_adaptive";  // no memory
   EXPECT_EQ(engine_.session_kv_bytes(kv), engine_.new_session(kv)->cache().bytes_reserved());
+  kv.policy = "qfilters_max";  // --filter-decay inf: no memory either
+  kv.query_stats.filter_decay = std::numeric_limits<float>::infinity();
+  EXPECT_EQ(engine_.session_kv_bytes(kv), engine_.new_session(kv)->cache().bytes_reserved());
+}
+
+// The query-statistics settings of KvOptions reach the policy: the engine's checks answer for them.
+TEST_F(EngineLayerWeights, QueryStatsSettingsReachThePolicy) {
+  KvOptions kv = knorm("");
+  kv.policy = "qfilters_max";
+  kv.filters = write_stats_file(true);
+  kv.query_stats.filter_blend = 1.5f;
+  expect_error([&] { engine_.new_session(kv); }, "--filter-blend must lie in [0, 1]");
+  kv.query_stats.filter_blend = 0.5f;
+  kv.query_stats.filter_horizon = 0;
+  expect_error([&] { engine_.new_session(kv); }, "--filter-horizon must be >= 1");
+  kv.query_stats.filter_horizon = 2;
+  kv.query_stats.filter_decay = -1.0f;
+  expect_error([&] { engine_.new_session(kv); }, "--filter-decay must be >= 0");
+  kv.query_stats.filter_decay = 0.1f;
+  kv.query_stats.future_positions = 0;
+  expect_error([&] { engine_.new_session(kv); }, "the future positions must be >= 1");
+  kv.query_stats.future_positions = 64;
+  const auto s = engine_.new_session(kv);
+  EXPECT_EQ(s->compressor()->options().query_future_positions, 64);
+  EXPECT_EQ(s->compressor()->options().ea_future_positions, 64);
+  EXPECT_EQ(s->compressor()->options().filter_blend, 0.5f);
+  EXPECT_EQ(s->compressor()->options().filter_horizon, 2);
+  EXPECT_EQ(s->compressor()->options().filter_decay, 0.1f);
 }
 
 TEST_F(EngineLayerWeights, BadWeightsAreOneLineErrors) {

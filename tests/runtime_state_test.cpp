@@ -420,12 +420,14 @@ TEST_F(StateErrors, OtherFilterFileData) {
   auto s = make_session(*model_, rope, pool_, data_);
   s->prefill(tokens(3, 60, model_->config().n_vocab));
   const std::vector<uint8_t> bytes = kv::encode_state(runtime::capture_state(*s, fp_, {}));
+  // Only what the filter file gives differs: the message says which settings to match.
+  const std::string kOtherFilters = "saved with other Q-Filters or query-statistics settings";
   PolicyData other_stats = data_;
   other_stats.query_mean[5] += 0.25f;
-  expect_refused(bytes, rope, "saved with --kv-policy qfilters_rope", other_stats);
+  expect_refused(bytes, rope, kOtherFilters, other_stats);
   PolicyData other_future = data_;
   other_future.future_positions = 64;
-  expect_refused(bytes, rope, "saved with --kv-policy qfilters_rope", other_future);
+  expect_refused(bytes, rope, kOtherFilters, other_future);
 
   // The filters that follow the recent queries also follow their blend and horizon.
   for (const std::string policy : {"qfilters_adaptive", "qfilters_max"}) {
@@ -436,14 +438,14 @@ TEST_F(StateErrors, OtherFilterFileData) {
     const std::vector<uint8_t> adaptive_bytes = kv::encode_state(runtime::capture_state(*a, fp_, {}));
     KvSetup other_blend = adaptive;
     other_blend.filter_blend = 0.25f;
-    expect_refused(adaptive_bytes, other_blend, "saved with --kv-policy " + policy);
+    expect_refused(adaptive_bytes, other_blend, kOtherFilters);
     KvSetup other_horizon = adaptive;
     other_horizon.filter_horizon = 8;
-    expect_refused(adaptive_bytes, other_horizon, "saved with --kv-policy " + policy);
+    expect_refused(adaptive_bytes, other_horizon, kOtherFilters);
     if (policy == "qfilters_max") {  // and qfilters_max its memory's decay
       KvSetup other_decay = adaptive;
       other_decay.filter_decay = 0.5f;
-      expect_refused(adaptive_bytes, other_decay, "saved with --kv-policy " + policy);
+      expect_refused(adaptive_bytes, other_decay, kOtherFilters);
     }
   }
 

@@ -1,6 +1,8 @@
 // The server's request parsing and response shapes, without a model or sockets.
 #include <gtest/gtest.h>
 
+#include <limits>
+
 #include "server/protocol.h"
 
 namespace qf::server {
@@ -67,6 +69,32 @@ TEST(ServerProtocol, LayerWeightsPerRequest) {
   expect_bad(R"({"prompt": "x", "kv_layer_weights": [1, 1e300]})", "kv_layer_weights");
   expect_bad(R"({"prompt": "x", "kv_layer_weights": [1, "2"]})", "kv_layer_weights");
   expect_bad(R"({"prompt": "x", "kv_layer_weights": 5})", "kv_layer_weights");
+}
+
+// The query-statistics settings (--future-positions, --filter-blend, --filter-horizon,
+// --filter-decay) per request; the others keep the server's.
+TEST(ServerProtocol, QueryStatsSettingsPerRequest) {
+  runtime::KvOptions server;
+  server.policy = "qfilters_max";
+  server.query_stats.filter_horizon = 4;
+  auto kv = [&](const char* body) { return parse_completion(json::parse(body), false, {}, server).kv; };
+  EXPECT_FALSE(kv(R"({"prompt": "x"})").has_value());
+  const std::optional<runtime::KvOptions> a = kv(R"({"prompt": "x", "kv_future_positions": 64, "kv_filter_blend": 0.5})");
+  ASSERT_TRUE(a.has_value());
+  EXPECT_EQ(a->query_stats.future_positions, 64);
+  EXPECT_EQ(a->query_stats.filter_blend, 0.5f);
+  EXPECT_EQ(a->query_stats.filter_horizon, 4);  // the server's
+  EXPECT_EQ(a->query_stats.filter_decay, runtime::QueryStatsOptions{}.filter_decay);
+  EXPECT_EQ(kv(R"({"prompt": "x", "kv_filter_horizon": 8})")->query_stats.filter_horizon, 8);
+  EXPECT_EQ(kv(R"({"prompt": "x", "kv_filter_decay": 0.1})")->query_stats.filter_decay, 0.1f);
+  EXPECT_EQ(kv(R"({"prompt": "x", "kv_filter_decay": "inf"})")->query_stats.filter_decay,
+            std::numeric_limits<float>::infinity());
+  expect_bad(R"({"prompt": "x", "kv_future_positions": 0})", "kv_future_positions");
+  expect_bad(R"({"prompt": "x", "kv_filter_blend": 1.5})", "kv_filter_blend");
+  expect_bad(R"({"prompt": "x", "kv_filter_horizon": 0})", "kv_filter_horizon");
+  expect_bad(R"({"prompt": "x", "kv_filter_decay": -0.5})", "kv_filter_decay");
+  expect_bad(R"({"prompt": "x", "kv_filter_decay": "forever"})", "kv_filter_decay");
+  expect_bad(R"({"prompt": "x", "kv_filter_decay": 1e300})", "kv_filter_decay");
 }
 
 TEST(ServerProtocol, DefaultsComeFromTheServer) {

@@ -76,6 +76,31 @@ void add_kv_options(CLI::App* app, KvOptions& o) {
                   "tokens and move the rest back, so generation never ends; keep = positions keep counting (a "
                   "bounded cache goes past -c with positions the model never saw, a full cache stops)")
       ->check(CLI::IsMember({"keep", "shift"}))->capture_default_str()->group("KV cache");
+  add_query_stats_options(app, o.query_stats, "KV cache");
+}
+
+void add_query_stats_options(CLI::App* app, runtime::QueryStatsOptions& o, const std::string& group) {
+  const std::vector<CLI::Option*> added{
+      app->add_option("--future-positions", o.future_positions,
+                      "expected_attention, qfilters_rope, ea_calibrated, qfilters_adaptive, qfilters_max: positions after "
+                      "the newest key the query statistics are moved to (mean rotary rotation)")
+          ->check(CLI::PositiveNumber),
+      app->add_option("--filter-blend", o.filter_blend,
+                      "qfilters_adaptive, qfilters_max: weight in [0, 1] of the recent queries in the filter (0 = "
+                      "qfilters_rope)")
+          ->check(CLI::Range(0.0, 1.0)),
+      app->add_option("--filter-horizon", o.filter_horizon,
+                      "qfilters_adaptive, qfilters_max: horizon in tokens of the recent queries' moving average (1 = "
+                      "the last query)")
+          ->check(CLI::PositiveNumber),
+      app->add_option("--filter-decay", o.filter_decay,
+                      "qfilters_max: standard deviations per position by which a kept token's remembered score fades "
+                      "(inf = no memory, each round's score alone)"),
+  };
+  for (CLI::Option* opt : added) {
+    opt->capture_default_str();
+    if (!group.empty()) opt->group(group);
+  }
 }
 
 void add_sampling_options(CLI::App* app, SamplingFlags& o) {

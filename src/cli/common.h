@@ -38,6 +38,8 @@ void add_model_options(CLI::App* app, ModelOptions& o, bool model_required = tru
 // as bundled one-letter flags, spelled out as their long names.
 std::vector<std::string> spell_out_llama_flags(int argc, char** argv);
 void add_kv_options(CLI::App* app, KvOptions& o);
+// --future-positions, --filter-blend, --filter-horizon, --filter-decay (also qf eval's).
+void add_query_stats_options(CLI::App* app, runtime::QueryStatsOptions& o, const std::string& group);
 void add_sampling_options(CLI::App* app, SamplingFlags& o);
 
 // A runtime with the one session a subcommand runs (declared last: destroyed first, since it

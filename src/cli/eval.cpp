@@ -44,11 +44,8 @@ struct CommonOptions {
   bool fresh = false, quick = false, no_progress = false;
   uint64_t seed = 0;  // random policy
   int snapkv_window = 64;
-  int future_positions = 512;  // expected_attention and the query-statistics policies
-  float filter_blend = kv::PolicyOptions{}.filter_blend;      // qfilters_adaptive, qfilters_max
-  int filter_horizon = kv::PolicyOptions{}.filter_horizon;    // qfilters_adaptive, qfilters_max
-  float filter_decay = kv::PolicyOptions{}.filter_decay;      // qfilters_max
-  std::string layer_weights;                                  // per-layer budgets: "", "spread" or w0,w1,...
+  runtime::QueryStatsOptions query_stats;  // expected_attention and the query-statistics policies
+  std::string layer_weights;               // per-layer budgets: "", "spread" or w0,w1,...
 };
 
 struct EvalOptions {
@@ -81,20 +78,7 @@ void add_common(CLI::App* cmd, CommonOptions& o) {
   cmd->add_flag("--no-progress", o.no_progress, "no progress line on stderr");
   cmd->add_option("--kv-seed", o.seed, "seed of the random policy");
   cmd->add_option("--snapkv-window", o.snapkv_window, "snapkv observation window (queries)")->check(CLI::PositiveNumber);
-  cmd->add_option("--future-positions", o.future_positions,
-                  "expected_attention, qfilters_rope, ea_calibrated, qfilters_adaptive, qfilters_max: positions after the newest key "
-                  "the query statistics are moved to (mean rotary rotation)")
-      ->check(CLI::PositiveNumber);
-  cmd->add_option("--filter-blend", o.filter_blend,
-                  "qfilters_adaptive, qfilters_max: weight in [0, 1] of the recent queries in the filter (0 = qfilters_rope)")
-      ->check(CLI::Range(0.0, 1.0))->capture_default_str();
-  cmd->add_option("--filter-horizon", o.filter_horizon,
-                  "qfilters_adaptive, qfilters_max: horizon in tokens of the recent queries' moving average (1 = the last query)")
-      ->check(CLI::PositiveNumber)->capture_default_str();
-  cmd->add_option("--filter-decay", o.filter_decay,
-                  "qfilters_max: standard deviations per position by which a kept token's remembered score fades "
-                  "(inf = no memory, each round's score alone)")
-      ->capture_default_str();
+  add_query_stats_options(cmd, o.query_stats, "");
   cmd->add_option("--layer-weights", o.layer_weights, kLayerWeightsHelp);
 }
 
@@ -193,11 +177,7 @@ Setup setup(const CommonOptions& o) {
   s.ctx.policy_options.query_factors = s.query_stats.query_factors;
   s.ctx.policy_options.n_query_heads = s.query_stats.n_query_heads;
   s.ctx.policy_options.stats_rank = s.query_stats.stats_rank;
-  s.ctx.policy_options.query_future_positions = o.future_positions;
-  s.ctx.policy_options.ea_future_positions = o.future_positions;
-  s.ctx.policy_options.filter_blend = o.filter_blend;
-  s.ctx.policy_options.filter_horizon = o.filter_horizon;
-  s.ctx.policy_options.filter_decay = o.filter_decay;
+  o.query_stats.apply(s.ctx.policy_options);
   s.ctx.layer_weights = runtime::parse_layer_weights(o.layer_weights, &s.query_stats);
   if (!s.ctx.layer_weights.empty()) kv::CompressionConfig{.layer_weights = s.ctx.layer_weights}.validate(c.n_layers);
   s.ctx.kv_types = kv_types(o.model);
@@ -229,10 +209,11 @@ Setup setup(const CommonOptions& o) {
   s.run["max_year"] = o.max_year;
   s.run["policy_seed"] = o.seed;
   s.run["snapkv_window"] = o.snapkv_window;
-  s.run["future_positions"] = o.future_positions;
-  s.run["filter_blend"] = o.filter_blend;
-  s.run["filter_horizon"] = o.filter_horizon;
-  s.run["filter_decay"] = std::isfinite(o.filter_decay) ? json(o.filter_decay) : json("inf");
+  const runtime::QueryStatsOptions& q = o.query_stats;
+  s.run["future_positions"] = q.future_positions;
+  s.run["filter_blend"] = q.filter_blend;
+  s.run["filter_horizon"] = q.filter_horizon;
+  s.run["filter_decay"] = std::isfinite(q.filter_decay) ? json(q.filter_decay) : json("inf");
   s.run["layer_weights"] = s.ctx.layer_weights;  // the numbers, also for 'spread'
   s.run["batch"] = o.model.n_batch;
   s.run["cache_type_k"] = o.model.cache_type_k;

@@ -9,6 +9,14 @@
 
 namespace qf::runtime {
 
+void QueryStatsOptions::apply(kv::PolicyOptions& po) const {
+  po.query_future_positions = future_positions;
+  po.ea_future_positions = future_positions;
+  po.filter_blend = filter_blend;
+  po.filter_horizon = filter_horizon;
+  po.filter_decay = filter_decay;
+}
+
 kv::KvTypes kv_types(const ModelOptions& o) {
   return {kv::parse_kv_type(o.cache_type_k), kv::parse_kv_type(o.cache_type_v)};
 }
@@ -55,6 +63,7 @@ std::unique_ptr<kv::Compressor> Engine::make_compressor(const KvOptions& kv) {
   if (!compress) fail("--kv-policy ", kv.policy, " needs --kv-budget and/or --kv-ratio");
   kv::PolicyOptions po;
   po.seed = kv.seed;
+  kv.query_stats.apply(po);
   if (!kv.filters.empty()) {
     const calib::Filters& f = filters(kv);
     po.filters = f.data;

@@ -12,6 +12,7 @@
 #include "runtime/layer_weights.h"
 #include "model/model.h"
 #include "kv/cache.h"
+#include "kv/policy.h"
 #include "model/session.h"
 #include "tensor/threadpool.h"
 
@@ -30,6 +31,18 @@ struct ModelOptions {
 
 // The parsed cache types. Throws qf::Error naming the accepted ones for an unknown name.
 kv::KvTypes kv_types(const ModelOptions& o);
+
+// Settings of the policies that score with calibrated query statistics (kv::PolicyOptions; qf
+// eval, every subcommand with --kv-policy, the server's per-request fields and Python alike).
+struct QueryStatsOptions {
+  int future_positions = kv::PolicyOptions{}.query_future_positions;  // also expected_attention's
+  float filter_blend = kv::PolicyOptions{}.filter_blend;              // qfilters_adaptive, qfilters_max
+  int filter_horizon = kv::PolicyOptions{}.filter_horizon;            // qfilters_adaptive, qfilters_max
+  float filter_decay = kv::PolicyOptions{}.filter_decay;              // qfilters_max; infinity: no memory
+
+  void apply(kv::PolicyOptions& po) const;
+  bool operator==(const QueryStatsOptions&) const = default;
+};
 
 // The KV cache of one session: policy and its settings (see kv::CompressionConfig).
 struct KvOptions {
@@ -51,6 +64,7 @@ struct KvOptions {
   // Storage types of this session's keys and values; "" = the engine's (-ctk / -ctv).
   std::string cache_type_k;
   std::string cache_type_v;
+  QueryStatsOptions query_stats;
 
   bool operator==(const KvOptions&) const = default;
 };

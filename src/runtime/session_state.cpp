@@ -119,6 +119,14 @@ void check_config(const kv::StateConfig& file, const kv::StateConfig& mine, std:
   kv::StateConfig a = file, b = mine;
   a.stats = b.stats = {};
   a.layer_weights = b.layer_weights = {};
+  if (a != b && !a.filters_hash.empty() && !b.filters_hash.empty()) {
+    kv::StateConfig same_filters = a;
+    same_filters.filters_hash = b.filters_hash;
+    if (same_filters == b)
+      fail(name, ": saved with other Q-Filters or query-statistics settings (filters ", file.filters_hash, ", this session ",
+           mine.filters_hash, "): use the same --filters, --future-positions, --filter-blend, --filter-horizon and "
+           "--filter-decay");
+  }
   if (a != b) fail(name, ": saved with ", describe_policy(file), "; this session uses ", describe_policy(mine));
   if (file.layer_weights != mine.layer_weights)
     fail(name, ": saved with ", describe_budgets(file.layer_weights), "; this session uses ",

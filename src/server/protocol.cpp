@@ -2,6 +2,7 @@
 
 #include <climits>
 #include <cmath>
+#include <limits>
 
 namespace qf::server {
 
@@ -157,6 +158,16 @@ std::optional<std::string> get_layer_weights(const json& body, const char* key) 
   return runtime::format_layer_weights(w);
 }
 
+// kv_filter_decay: a number >= 0, or "inf" (no memory), as --filter-decay spells it; JSON has no infinity.
+std::optional<float> get_decay(const json& body, const char* key) {
+  const json* v = field(body, key);
+  if (v && v->is_string()) {
+    if (v->get<std::string>() != "inf") bad(key, "must be a number >= 0 or \"inf\"");
+    return std::numeric_limits<float>::infinity();
+  }
+  return get_float(body, key, 0.0, std::numeric_limits<float>::max());
+}
+
 std::optional<runtime::KvOptions> parse_kv(const json& body, const runtime::KvOptions& server_kv) {
   runtime::KvOptions kv = server_kv;
   bool any = false;
@@ -168,6 +179,11 @@ std::optional<runtime::KvOptions> parse_kv(const json& body, const runtime::KvOp
   if (auto s = get_int(body, "kv_skip_layers", 0, INT32_MAX)) kv.skip_layers = static_cast<int>(*s), any = true;
   if (auto w = get_layer_weights(body, "kv_layer_weights")) kv.layer_weights = *w, any = true;
   if (auto p = get_string(body, "kv_positions")) kv.positions = *p, any = true;  // keep | shift, checked at admission
+  runtime::QueryStatsOptions& q = kv.query_stats;
+  if (auto f = get_int(body, "kv_future_positions", 1, INT32_MAX)) q.future_positions = static_cast<int>(*f), any = true;
+  if (auto b = get_float(body, "kv_filter_blend", 0.0, 1.0)) q.filter_blend = *b, any = true;
+  if (auto h = get_int(body, "kv_filter_horizon", 1, INT32_MAX)) q.filter_horizon = static_cast<int>(*h), any = true;
+  if (auto d = get_decay(body, "kv_filter_decay")) q.filter_decay = *d, any = true;
   if (!any) return std::nullopt;
   if (kv.policy == "none") kv.budget = 0, kv.ratio = 0, kv.filters.clear(), kv.layer_weights.clear();
   return kv;

@@ -191,6 +191,13 @@ class KVConfig:
         filter_layout, filter_sign: how to read a filter file not made by qf (published: "hf",
             "keep_smallest_dot").
         cache_type_k, cache_type_v: KV storage types, when this build supports them.
+        future_positions: expected_attention and the policies with query statistics: positions
+            after the newest key the query statistics are moved to (``--future-positions``).
+        filter_blend, filter_horizon: qfilters_adaptive and qfilters_max: weight in [0, 1] of the
+            recent queries in the filter, and how many recent queries they average
+            (``--filter-blend``, ``--filter-horizon``).
+        filter_decay: qfilters_max: standard deviations per position by which a kept token's
+            remembered score fades; ``math.inf`` = no memory (``--filter-decay``).
     """
 
     policy: str = "qfilters"
@@ -206,6 +213,10 @@ class KVConfig:
     filter_sign: Optional[str] = None
     cache_type_k: Optional[str] = None
     cache_type_v: Optional[str] = None
+    future_positions: int = 512
+    filter_blend: float = 1.0
+    filter_horizon: int = 1
+    filter_decay: float = 0.03
 
     def __post_init__(self) -> None:
         if not isinstance(self.policy, str) or not _ext.is_policy_name(self.policy):
@@ -216,8 +227,14 @@ class KVConfig:
             object.__setattr__(self, "budget", 0 if self.policy == "none" or self.ratio is not None else 512)
         if self.window is None:
             object.__setattr__(self, "window", 64 if isinstance(self.budget, int) and self.budget > 0 else 0)
-        for name, minimum in (("budget", 0), ("window", 0), ("evict_every", 1), ("skip_layers", 0), ("seed", 0)):
+        for name, minimum in (("budget", 0), ("window", 0), ("evict_every", 1), ("skip_layers", 0), ("seed", 0),
+                              ("future_positions", 1), ("filter_horizon", 1)):
             _check_int(name, getattr(self, name), minimum)
+        for name, low, high in (("filter_blend", 0.0, 1.0), ("filter_decay", 0.0, math.inf)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+                    or math.isnan(value) or not low <= value <= high:
+                raise ValueError(f"{name} must be a number in [{low}, {high}], got {value!r}")
         if self.ratio is not None:
             if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not math.isfinite(self.ratio):
                 raise ValueError(f"ratio must be a number in [0, 1), got {self.ratio!r}")
@@ -290,6 +307,10 @@ class KVConfig:
             "seed": self.seed,
             "cache_type_k": self.cache_type_k or "",
             "cache_type_v": self.cache_type_v or "",
+            "future_positions": self.future_positions,
+            "filter_blend": float(self.filter_blend),
+            "filter_horizon": self.filter_horizon,
+            "filter_decay": float(self.filter_decay),
         }
 
 

@@ -50,6 +50,10 @@ runtime::KvOptions kv_options(const nb::dict& d) {
   get("skip_layers", kv.skip_layers);
   get("layer_weights", kv.layer_weights);
   get("seed", kv.seed);
+  get("future_positions", kv.query_stats.future_positions);
+  get("filter_blend", kv.query_stats.filter_blend);
+  get("filter_horizon", kv.query_stats.filter_horizon);
+  get("filter_decay", kv.query_stats.filter_decay);
   std::string ctk, ctv;
   get("cache_type_k", ctk);
   get("cache_type_v", ctv);

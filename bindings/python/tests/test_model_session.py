@@ -1,6 +1,7 @@
 """Model and Session: logits against the C++ engine's tool and the numpy reference, generation,
 every KV policy, bad arguments, memory over a long generation, Ctrl-C."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -126,6 +127,26 @@ def test_layer_and_query_statistics_policies_are_accepted(tiny):
     # Without query statistics in a filter file, the engine's one-line error.
     with pytest.raises(ValueError, match="stats-rank"):
         qfilters.Session(tiny, kv=qfilters.KVConfig(policy="qfilters_max", budget=32, window=8))
+
+
+def test_query_statistics_settings_reach_the_engine(tiny):
+    # expected_attention moves its query statistics future_positions ahead: another horizon keeps
+    # other tokens; the defaults are the engine's (--future-positions 512).
+    tokens = [int(t) for t in np.random.default_rng(5).integers(3, 300, 120)]
+
+    def kept(**settings):
+        s = qfilters.Session(tiny, kv=qfilters.KVConfig(policy="expected_attention", budget=32, window=8, **settings))
+        for t in tokens:
+            s.eval([t])
+        return s.kv_positions()
+
+    assert kept() == kept(future_positions=512)
+    assert kept(future_positions=1) != kept()
+    for bad in ({"future_positions": 0}, {"filter_horizon": 0}, {"filter_blend": 1.5}, {"filter_blend": "1"},
+                {"filter_decay": -1.0}, {"filter_decay": math.nan}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            qfilters.KVConfig(policy="qfilters_max", **bad)
+    assert qfilters.KVConfig(policy="qfilters_max", filter_decay=math.inf).filter_decay == math.inf
 
 
 @pytest.mark.parametrize("policy", qfilters.policies())
