@@ -61,14 +61,15 @@ int Compressor::layer_budget(int layer) const {
 }
 
 void Compressor::after_step(Cache& cache) {
-  if (config_.budget <= 0) return;
-  for (int l = config_.skip_layers; l < cache.shape().n_layers; ++l) {
-    if (!compresses(l)) continue;
-    const int budget = layer_budget(l);
-    bool over = false;
-    for (int h = 0; h < cache.shape().n_kv_heads; ++h) over |= cache.head(l, h).n > budget;
-    if (over) compress_layer(cache, l, std::max(config_.window, budget - (config_.evict_every - 1)), config_.window);
-  }
+  for (int l = 0; l < cache.shape().n_layers; ++l) after_layer(cache, l);
+}
+
+void Compressor::after_layer(Cache& cache, int l) {
+  if (config_.budget <= 0 || l < config_.skip_layers || !compresses(l)) return;
+  const int budget = layer_budget(l);
+  bool over = false;
+  for (int h = 0; h < cache.shape().n_kv_heads; ++h) over |= cache.head(l, h).n > budget;
+  if (over) compress_layer(cache, l, std::max(config_.window, budget - (config_.evict_every - 1)), config_.window);
 }
 
 void Compressor::after_prefill(Cache& cache, int n_prompt) {

@@ -66,8 +66,13 @@ class Compressor {
   // Streaming budget of `layer`: round(budget x layer_share), at least window + 1.
   int layer_budget(int layer) const;
 
-  // Streaming: call after every forward step.
+  // Streaming: call after every forward step (or after_layer for every layer during it).
   void after_step(Cache& cache);
+  // Streaming, one layer: evicts it down to its budget when it holds more. The forward pass
+  // calls it right after the layer's attention, while the layer's keys are still in the core's
+  // caches; the layer's slots do not change again until the next step, so the result is
+  // after_step's.
+  void after_layer(Cache& cache, int layer);
   // Prefill: call once after the whole prompt of `n_prompt` tokens is in the cache.
   void after_prefill(Cache& cache, int n_prompt);
 

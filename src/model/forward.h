@@ -42,6 +42,7 @@ class Forward {
 
  private:
   void attention_block(int l, std::span<const Segment> segments, int n, ThreadPool& pool);
+  void evict_layer(int l, std::span<const Segment> segments, ThreadPool& pool);
   void ffn_block(int l, int n, ThreadPool& pool);
   void output_logits(std::span<const Segment> segments, ThreadPool& pool);
   // y = W x over the pass's n rows: one matmul per run of consecutive rows of one TokenKind.
@@ -65,6 +66,7 @@ class Forward {
   std::vector<KindRun> runs_;  // the pass's rows by kind
   std::vector<kv::AttentionArgs> args_;  // attention_block scratch
   std::vector<kv::AttentionJob> jobs_;
+  std::vector<Session*> evicting_;  // evict_layer scratch: the segments' sessions with a compressor
 };
 
 }  // namespace qf

@@ -218,8 +218,7 @@ std::span<const float> Session::eval(std::span<const int32_t> tokens, bool all_l
     const bool last_chunk = i + m == n;
     make_room(m);
     float* out = all_logits ? logits_.data() + static_cast<size_t>(i) * c.n_vocab : (last_chunk ? logits_.data() : nullptr);
-    forward_chunk(tokens.data() + i, m, out, all_logits, kind);
-    if (compressor_) compressor_->after_step(*cache_);
+    forward_chunk(tokens.data() + i, m, out, all_logits, kind);  // evicts each layer after its attention
   }
   return {logits_.data(), rows * c.n_vocab};
 }
@@ -241,16 +240,7 @@ std::vector<std::span<const float>> Session::eval_batch(std::span<const BatchIte
     rows += static_cast<int>(it.tokens.size());
   }
   if (rows > fw.max_rows()) fail("eval_batch: ", rows, " tokens exceed the batch of ", fw.max_rows());
-  fw.run(segments, pool);
-  // Each session evicts from its own cache with its own compressor, so the batch's sessions
-  // evict in parallel: with one eviction per step (the default) scoring, selection and
-  // compaction take ~0.4 ms per session on SmolLM2, 6-7 ms of a 16-session step when serial.
-  pool.parallel_for(static_cast<int64_t>(segments.size()), 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi; ++i) {
-      Session& s = *segments[static_cast<size_t>(i)].session;
-      if (s.compressor_) s.compressor_->after_step(*s.cache_);
-    }
-  });
+  fw.run(segments, pool);  // each session evicts each layer after its attention, the sessions in parallel
   std::vector<std::span<const float>> out;
   for (const Segment& seg : segments) out.emplace_back(seg.session->logits_.data(), seg.session->model_.config().n_vocab);
   return out;
