@@ -250,9 +250,10 @@ json cell_settings(const Setup& s, const json& eval_settings) {
           {"max_year", s.run["max_year"]},
           {"eval", eval_settings}};
   // Only when not the default, so results made before the option existed still resume.
-  if (s.run["future_positions"] != 512) settings["future_positions"] = s.run["future_positions"];
-  if (s.run["filter_blend"] != kv::PolicyOptions{}.filter_blend) settings["filter_blend"] = s.run["filter_blend"];
-  if (s.run["filter_horizon"] != kv::PolicyOptions{}.filter_horizon) settings["filter_horizon"] = s.run["filter_horizon"];
+  const runtime::QueryStatsOptions defaults;
+  if (s.run["future_positions"] != defaults.future_positions) settings["future_positions"] = s.run["future_positions"];
+  if (s.run["filter_blend"] != defaults.filter_blend) settings["filter_blend"] = s.run["filter_blend"];
+  if (s.run["filter_horizon"] != defaults.filter_horizon) settings["filter_horizon"] = s.run["filter_horizon"];
   if (!s.run["layer_weights"].empty()) settings["layer_weights"] = s.run["layer_weights"];
   // qfilters_max remembers scores since 2026-12-01: results made before do not resume as its own.
   if (std::ranges::any_of(s.policies, [](const std::string& p) { return kv::base_policy_name(p) == "qfilters_max"; }))
